@@ -1,0 +1,171 @@
+//! The gateway's configuration: TOML in, a validated [`Config`] out.
+//!
+//! Parsing happens in two steps. [`raw::RawConfig`] mirrors the file (serde,
+//! unknown keys rejected); [`Config::from_raw`] turns it into typed values
+//! (durations, byte sizes, socket addresses, non-zero limits) and reports
+//! every problem at once, each naming its key, the value and what is allowed.
+//! Nothing in the gateway starts before this has succeeded.
+
+mod error;
+pub mod raw;
+mod validate;
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::{ConfigError, Problem};
+use raw::RawConfig;
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub mqtt: MqttConfig,
+    /// `None` when `[metrics] enabled = false`.
+    pub metrics: Option<MetricsConfig>,
+    pub store: StoreConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Stable identity of this gateway; prefix of every forwarded `message_id`.
+    pub id: String,
+    /// Directory holding the store (`edge.redb`).
+    pub data_dir: PathBuf,
+    /// How long shutdown waits for in-flight work before forcing.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+    pub max_connections: NonZeroUsize,
+    /// Largest accepted packet, fixed header included.
+    pub max_packet_size: NonZeroUsize,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout: Duration,
+    /// Unacknowledged QoS 1 deliveries per connection, and QoS 1 publishes
+    /// awaiting their commit before the connection stops reading.
+    pub max_inflight: NonZeroU16,
+    /// Messages queued for one subscriber before new ones are dropped (counted).
+    pub max_queued_messages: NonZeroUsize,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+/// What the store does when a new message would exceed its quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Refuse the message: no acknowledgement, the publisher is told why.
+    Reject,
+}
+
+impl WhenFull {
+    pub const ALLOWED: &'static str = "\"reject\"";
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Quota on live (not yet retired) record bytes.
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    /// Most appends in one group commit.
+    pub batch_max_messages: NonZeroUsize,
+    /// Most payload bytes in one group commit.
+    pub batch_max_bytes: NonZeroUsize,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Broker nodes, tried in order (`amqp://` or `amqps://`).
+    pub uris: Vec<String>,
+    /// Published but unconfirmed messages at most.
+    pub max_in_flight: NonZeroUsize,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Backlog present, link up, no confirm for this long: rebuild the channel.
+    pub confirm_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    /// MQTT topic filter selecting the messages of this route.
+    pub filter: String,
+    /// Name of an `[[upstream]]`.
+    pub upstream: String,
+    pub exchange: String,
+    /// Routing-key template; `{topic}` is the topic mapped to AMQP.
+    pub routing_key: String,
+    /// Higher drains first while a backlog is replayed.
+    pub priority: u8,
+    /// Messages older than this are dropped at forwarding time (counted).
+    pub ttl: Option<Duration>,
+    /// AMQP delivery mode 2 (persistent) when true.
+    pub persistent: bool,
+}
+
+/// The documented defaults, also used by `cargo run` without a file.
+pub mod defaults {
+    pub const MQTT_LISTEN: &str = "127.0.0.1:1883";
+    pub const METRICS_LISTEN: &str = "127.0.0.1:9183";
+    pub const DATA_DIR: &str = "./data";
+    pub const SHUTDOWN_GRACE: &str = "10s";
+    pub const MAX_CONNECTIONS: usize = 1024;
+    pub const MAX_PACKET_SIZE: &str = "1MiB";
+    pub const CONNECT_TIMEOUT: &str = "10s";
+    pub const MAX_INFLIGHT: u16 = 64;
+    pub const MAX_QUEUED_MESSAGES: usize = 1000;
+    pub const STORE_MAX_BYTES: &str = "1GiB";
+    pub const BATCH_MAX_MESSAGES: usize = 4096;
+    pub const BATCH_MAX_BYTES: &str = "8MiB";
+    pub const MAX_IN_FLIGHT: usize = 256;
+    pub const RECONNECT_MIN: &str = "100ms";
+    pub const RECONNECT_MAX: &str = "30s";
+    pub const CONFIRM_TIMEOUT: &str = "30s";
+    pub const EXCHANGE: &str = "amq.topic";
+    pub const ROUTING_KEY: &str = "{topic}";
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: None,
+            message: e.to_string(),
+        })?;
+        Config::from_raw(raw)
+    }
+
+    /// The embedded defaults: what `edge-gateway` runs without `--config`.
+    pub fn defaults() -> Result<Config, ConfigError> {
+        Config::from_raw(RawConfig::default())
+    }
+
+    /// Validates every field, collecting all problems before failing.
+    pub fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        validate::validate(raw)
+    }
+
+    /// The routes that forward to the named upstream.
+    pub fn routes_of<'a>(&'a self, upstream: &'a str) -> impl Iterator<Item = &'a RouteConfig> {
+        self.routes.iter().filter(move |r| r.upstream == upstream)
+    }
+}

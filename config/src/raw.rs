@@ -1,0 +1,80 @@
+//! The file as written: every field optional, strings for durations and
+//! sizes. Unknown keys are errors so a typo never silently means a default.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub gateway: RawGateway,
+    #[serde(default)]
+    pub mqtt: RawMqtt,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<RawUpstream>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub id: Option<String>,
+    pub data_dir: Option<String>,
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    pub listen: Option<String>,
+    pub max_connections: Option<i64>,
+    pub max_packet_size: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub max_inflight: Option<i64>,
+    pub max_queued_messages: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub enabled: Option<bool>,
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub max_bytes: Option<String>,
+    pub when_full: Option<String>,
+    pub batch_max_messages: Option<i64>,
+    pub batch_max_bytes: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub name: Option<String>,
+    pub uris: Option<Vec<String>>,
+    pub max_in_flight: Option<i64>,
+    pub reconnect_min: Option<String>,
+    pub reconnect_max: Option<String>,
+    pub confirm_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Option<String>,
+    pub filter: Option<String>,
+    pub upstream: Option<String>,
+    pub exchange: Option<String>,
+    pub routing_key: Option<String>,
+    pub priority: Option<i64>,
+    pub ttl: Option<String>,
+    pub persistent: Option<bool>,
+}

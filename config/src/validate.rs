@@ -1,0 +1,538 @@
+//! `RawConfig` → `Config`, collecting every problem.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::raw::{RawConfig, RawRoute, RawUpstream};
+use crate::{
+    Config, ConfigError, GatewayConfig, MetricsConfig, MqttConfig, Problem, RouteConfig,
+    StoreConfig, UpstreamConfig, WhenFull, defaults,
+};
+
+#[derive(Default)]
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(
+        &mut self,
+        key: impl Into<String>,
+        value: Option<String>,
+        expected: impl Into<String>,
+    ) {
+        self.problems.push(Problem {
+            key: key.into(),
+            value,
+            expected: expected.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: &str) -> Duration {
+        let text = value.unwrap_or(default);
+        match humantime::parse_duration(text) {
+            Ok(d) => d,
+            Err(_) => {
+                self.problem(
+                    key,
+                    Some(text.to_string()),
+                    "a duration such as \"250ms\", \"10s\" or \"1h\"",
+                );
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn size(&mut self, key: &str, value: Option<&str>, default: &str) -> u64 {
+        let text = value.unwrap_or(default);
+        match text.trim().parse::<bytesize::ByteSize>() {
+            Ok(s) if s.as_u64() > 0 => s.as_u64(),
+            _ => {
+                self.problem(
+                    key,
+                    Some(text.to_string()),
+                    "a non-zero size such as \"512KiB\", \"8MiB\" or \"2GiB\"",
+                );
+                1
+            }
+        }
+    }
+
+    fn non_zero(
+        &mut self,
+        key: &str,
+        value: Option<i64>,
+        default: usize,
+        max: usize,
+    ) -> NonZeroUsize {
+        let v = value.unwrap_or(default as i64);
+        match usize::try_from(v)
+            .ok()
+            .filter(|v| *v <= max)
+            .and_then(NonZeroUsize::new)
+        {
+            Some(n) => n,
+            None => {
+                self.problem(
+                    key,
+                    Some(v.to_string()),
+                    format!("an integer from 1 to {max}"),
+                );
+                NonZeroUsize::MIN
+            }
+        }
+    }
+
+    fn socket(&mut self, key: &str, value: Option<&str>, default: &str) -> SocketAddr {
+        let text = value.unwrap_or(default);
+        match text.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problem(
+                    key,
+                    Some(text.to_string()),
+                    "an IP address and port such as \"127.0.0.1:1883\" or \"[::]:1883\"",
+                );
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        }
+    }
+
+    fn name(&mut self, key: &str, value: Option<&str>) -> String {
+        match value {
+            None => {
+                self.problem(
+                    key,
+                    None,
+                    "is required: a name of letters, digits, '.', '_' or '-'",
+                );
+                String::new()
+            }
+            Some(v) if !is_name(v) => {
+                self.problem(
+                    key,
+                    Some(v.to_string()),
+                    "a name of 1 to 64 letters, digits, '.', '_' or '-'",
+                );
+                v.to_string()
+            }
+            Some(v) => v.to_string(),
+        }
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// MQTT 3.1.1 §4.7 topic filter syntax.
+pub(crate) fn is_valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    let last = levels.len() - 1;
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "#" => i == last,
+        "+" => true,
+        l => !l.contains('#') && !l.contains('+'),
+    })
+}
+
+fn default_gateway_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "edge-gateway".to_string()
+    } else {
+        id
+    }
+}
+
+pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut c = Checker::default();
+
+    let id = match raw.gateway.id.as_deref() {
+        None => default_gateway_id(),
+        Some(v) => c.name("gateway.id", Some(v)),
+    };
+    let data_dir = match raw.gateway.data_dir.as_deref() {
+        Some("") => {
+            c.problem("gateway.data_dir", Some(String::new()), "a directory path");
+            PathBuf::new()
+        }
+        v => PathBuf::from(v.unwrap_or(defaults::DATA_DIR)),
+    };
+    let gateway = GatewayConfig {
+        id,
+        data_dir,
+        shutdown_grace: c.duration(
+            "gateway.shutdown_grace",
+            raw.gateway.shutdown_grace.as_deref(),
+            defaults::SHUTDOWN_GRACE,
+        ),
+    };
+
+    let m = &raw.mqtt;
+    let max_inflight = c.non_zero(
+        "mqtt.max_inflight",
+        m.max_inflight,
+        defaults::MAX_INFLIGHT as usize,
+        u16::MAX as usize,
+    );
+    let max_packet_size = c.size(
+        "mqtt.max_packet_size",
+        m.max_packet_size.as_deref(),
+        defaults::MAX_PACKET_SIZE,
+    );
+    // MQTT's remaining length tops out at 256 MiB.
+    if max_packet_size > 268_435_460 {
+        c.problem(
+            "mqtt.max_packet_size",
+            m.max_packet_size.clone(),
+            "at most \"256MiB\" (the MQTT limit)",
+        );
+    }
+    let mqtt = MqttConfig {
+        listen: c.socket("mqtt.listen", m.listen.as_deref(), defaults::MQTT_LISTEN),
+        max_connections: c.non_zero(
+            "mqtt.max_connections",
+            m.max_connections,
+            defaults::MAX_CONNECTIONS,
+            1_000_000,
+        ),
+        max_packet_size: NonZeroUsize::new(max_packet_size as usize).unwrap_or(NonZeroUsize::MIN),
+        connect_timeout: c.duration(
+            "mqtt.connect_timeout",
+            m.connect_timeout.as_deref(),
+            defaults::CONNECT_TIMEOUT,
+        ),
+        max_inflight: NonZeroU16::new(max_inflight.get() as u16).unwrap_or(NonZeroU16::MIN),
+        max_queued_messages: c.non_zero(
+            "mqtt.max_queued_messages",
+            m.max_queued_messages,
+            defaults::MAX_QUEUED_MESSAGES,
+            10_000_000,
+        ),
+    };
+
+    let metrics = match raw.metrics.enabled {
+        Some(false) => None,
+        _ => Some(MetricsConfig {
+            listen: c.socket(
+                "metrics.listen",
+                raw.metrics.listen.as_deref(),
+                defaults::METRICS_LISTEN,
+            ),
+        }),
+    };
+
+    let s = &raw.store;
+    let when_full = match s.when_full.as_deref() {
+        None | Some("reject") => WhenFull::Reject,
+        Some(other) => {
+            c.problem(
+                "store.when_full",
+                Some(other.to_string()),
+                format!("one of {}", WhenFull::ALLOWED),
+            );
+            WhenFull::Reject
+        }
+    };
+    let store = StoreConfig {
+        max_bytes: c.size(
+            "store.max_bytes",
+            s.max_bytes.as_deref(),
+            defaults::STORE_MAX_BYTES,
+        ),
+        when_full,
+        batch_max_messages: c.non_zero(
+            "store.batch_max_messages",
+            s.batch_max_messages,
+            defaults::BATCH_MAX_MESSAGES,
+            1_000_000,
+        ),
+        batch_max_bytes: NonZeroUsize::new(c.size(
+            "store.batch_max_bytes",
+            s.batch_max_bytes.as_deref(),
+            defaults::BATCH_MAX_BYTES,
+        ) as usize)
+        .unwrap_or(NonZeroUsize::MIN),
+    };
+
+    let mut upstreams = Vec::new();
+    let mut names = HashSet::new();
+    for (i, u) in raw.upstreams.iter().enumerate() {
+        let up = upstream(&mut c, i, u);
+        if !up.name.is_empty() && !names.insert(up.name.clone()) {
+            c.problem(
+                format!("upstream[{i}].name"),
+                Some(up.name.clone()),
+                "a name not used by another [[upstream]]",
+            );
+        }
+        upstreams.push(up);
+    }
+
+    let mut routes = Vec::new();
+    let mut route_names = HashSet::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let route = route(&mut c, i, r, &names);
+        if !route.name.is_empty() && !route_names.insert(route.name.clone()) {
+            c.problem(
+                format!("route[{i}].name"),
+                Some(route.name.clone()),
+                "a name not used by another [[route]]",
+            );
+        }
+        routes.push(route);
+    }
+
+    if c.problems.is_empty() {
+        Ok(Config {
+            gateway,
+            mqtt,
+            metrics,
+            store,
+            upstreams,
+            routes,
+        })
+    } else {
+        Err(ConfigError::Invalid {
+            path: None,
+            problems: c.problems,
+        })
+    }
+}
+
+fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
+    let key = |field: &str| format!("upstream[{i}].{field}");
+    let name = c.name(&key("name"), u.name.as_deref());
+    let uris = u.uris.clone().unwrap_or_default();
+    if uris.is_empty() {
+        c.problem(
+            key("uris"),
+            None,
+            "is required: a list of one or more \"amqp://\" or \"amqps://\" URIs",
+        );
+    }
+    for (j, uri) in uris.iter().enumerate() {
+        if !(uri.starts_with("amqp://") || uri.starts_with("amqps://")) {
+            c.problem(
+                format!("upstream[{i}].uris[{j}]"),
+                Some(uri.clone()),
+                "a URI starting with \"amqp://\" or \"amqps://\"",
+            );
+        }
+    }
+    let reconnect_min = c.duration(
+        &key("reconnect_min"),
+        u.reconnect_min.as_deref(),
+        defaults::RECONNECT_MIN,
+    );
+    let reconnect_max = c.duration(
+        &key("reconnect_max"),
+        u.reconnect_max.as_deref(),
+        defaults::RECONNECT_MAX,
+    );
+    if reconnect_min.is_zero() || reconnect_min > reconnect_max {
+        c.problem(
+            key("reconnect_min"),
+            u.reconnect_min.clone(),
+            "a non-zero duration no longer than reconnect_max",
+        );
+    }
+    UpstreamConfig {
+        name,
+        uris,
+        max_in_flight: c.non_zero(
+            &key("max_in_flight"),
+            u.max_in_flight,
+            defaults::MAX_IN_FLIGHT,
+            65_535,
+        ),
+        reconnect_min,
+        reconnect_max,
+        confirm_timeout: c.duration(
+            &key("confirm_timeout"),
+            u.confirm_timeout.as_deref(),
+            defaults::CONFIRM_TIMEOUT,
+        ),
+    }
+}
+
+fn route(c: &mut Checker, i: usize, r: &RawRoute, upstreams: &HashSet<String>) -> RouteConfig {
+    let key = |field: &str| format!("route[{i}].{field}");
+    let name = c.name(&key("name"), r.name.as_deref());
+    let filter = r.filter.clone().unwrap_or_default();
+    if !is_valid_filter(&filter) {
+        c.problem(key("filter"), r.filter.clone(), "an MQTT topic filter such as \"sensors/+/temp\" or \"#\" ('#' only as the last level, '+' only as a whole level)");
+    }
+    let upstream = r.upstream.clone().unwrap_or_default();
+    if !upstreams.contains(&upstream) {
+        let mut known: Vec<&str> = upstreams.iter().map(String::as_str).collect();
+        known.sort_unstable();
+        let allowed = if known.is_empty() {
+            "the name of an [[upstream]] (none is configured)".to_string()
+        } else {
+            format!("one of the configured upstreams: {}", known.join(", "))
+        };
+        c.problem(key("upstream"), r.upstream.clone(), allowed);
+    }
+    let exchange = r
+        .exchange
+        .clone()
+        .unwrap_or_else(|| defaults::EXCHANGE.to_string());
+    if exchange.len() > 255 {
+        c.problem(
+            key("exchange"),
+            Some(exchange.clone()),
+            "an exchange name of at most 255 bytes",
+        );
+    }
+    let routing_key = r
+        .routing_key
+        .clone()
+        .unwrap_or_else(|| defaults::ROUTING_KEY.to_string());
+    if routing_key.replace("{topic}", "").contains(['{', '}']) {
+        c.problem(
+            key("routing_key"),
+            Some(routing_key.clone()),
+            "a routing key template whose only placeholder is {topic}",
+        );
+    }
+    let priority = match r.priority.unwrap_or(0) {
+        p @ 0..=9 => p as u8,
+        p => {
+            c.problem(
+                key("priority"),
+                Some(p.to_string()),
+                "an integer from 0 to 9 (higher drains first)",
+            );
+            0
+        }
+    };
+    let ttl = r
+        .ttl
+        .as_deref()
+        .map(|t| c.duration(&key("ttl"), Some(t), t));
+    if ttl.is_some_and(|t| t.is_zero()) {
+        c.problem(
+            key("ttl"),
+            r.ttl.clone(),
+            "a non-zero duration, or no ttl key for no expiry",
+        );
+    }
+    RouteConfig {
+        name,
+        filter,
+        upstream,
+        exchange,
+        routing_key,
+        priority,
+        ttl,
+        persistent: r.persistent.unwrap_or(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_loopback_only() {
+        let c = Config::defaults().expect("defaults validate");
+        assert!(c.mqtt.listen.ip().is_loopback());
+        assert!(
+            c.metrics
+                .as_ref()
+                .is_some_and(|m| m.listen.ip().is_loopback())
+        );
+        assert_eq!(c.store.max_bytes, 1 << 30);
+        assert!(c.upstreams.is_empty());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_key_and_allowed_values() {
+        let err = Config::parse(
+            r#"
+            [mqtt]
+            listen = "nowhere"
+            max_inflight = 0
+            [store]
+            when_full = "explode"
+            max_bytes = "lots"
+            [[route]]
+            name = "r"
+            filter = "a/#/b"
+            upstream = "missing"
+            "#,
+        )
+        .expect_err("invalid");
+        let mut keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "mqtt.listen",
+                "mqtt.max_inflight",
+                "route[0].filter",
+                "route[0].upstream",
+                "store.max_bytes",
+                "store.when_full"
+            ]
+        );
+        let text = err.to_string();
+        assert!(text.contains("\"reject\""), "{text}");
+        assert!(text.contains("none is configured"), "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let err = Config::parse("[mqtt]\nlisten_on = \"x\"\n").expect_err("unknown key");
+        assert!(err.to_string().contains("listen_on"), "{err}");
+    }
+
+    #[test]
+    fn routes_resolve_against_upstreams() {
+        let c = Config::parse(
+            r#"
+            [[upstream]]
+            name = "central"
+            uris = ["amqp://127.0.0.1:5672/%2f"]
+            [[route]]
+            name = "telemetry"
+            filter = "sensors/#"
+            upstream = "central"
+            ttl = "1h"
+            "#,
+        )
+        .expect("valid");
+        let r = &c.routes[0];
+        assert_eq!(r.exchange, "amq.topic");
+        assert_eq!(r.routing_key, "{topic}");
+        assert_eq!(r.ttl, Some(Duration::from_secs(3600)));
+        assert_eq!(c.routes_of("central").count(), 1);
+    }
+
+    #[test]
+    fn filter_syntax() {
+        for ok in ["#", "a/+/c", "a/#", "+", "a//b"] {
+            assert!(is_valid_filter(ok), "{ok}");
+        }
+        for bad in ["", "a/#/b", "a+/b", "a/b#"] {
+            assert!(!is_valid_filter(bad), "{bad}");
+        }
+    }
+}
