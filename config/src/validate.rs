@@ -527,6 +527,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("edge-gateway.example.toml");
+        let c = Config::load(&path).expect("example config validates");
+        assert_eq!(c.gateway.id, "edge-01");
+        assert_eq!(c.routes[0].upstream, "central");
+    }
+
+    #[test]
     fn filter_syntax() {
         for ok in ["#", "a/+/c", "a/#", "+", "a//b"] {
             assert!(is_valid_filter(ok), "{ok}");
