@@ -14,6 +14,15 @@ pub enum OpenError {
         #[source]
         source: redb::DatabaseError,
     },
+    /// The database was written by a build with another schema version.
+    #[error(
+        "store {path} has schema version {found}; this build reads version {supported} (move it aside or use a matching build)"
+    )]
+    UnknownSchema {
+        path: std::path::PathBuf,
+        found: String,
+        supported: u32,
+    },
     #[error("store {path}: {message}")]
     Init {
         path: std::path::PathBuf,
@@ -36,6 +45,9 @@ pub enum AppendError {
     /// The writer has stopped (shutdown).
     #[error("store closed")]
     Closed,
+    /// The record cannot be encoded (a field is too long for the format).
+    #[error("record cannot be stored: {0}")]
+    Invalid(crate::DecodeError),
     /// The commit failed; nothing in the batch was made durable.
     #[error("store commit failed: {0}")]
     Io(String),
@@ -45,6 +57,9 @@ pub enum AppendError {
 pub enum StoreError {
     #[error("store closed")]
     Closed,
+    /// `advance_cursor` on a name not in `StoreOptions::cursors`.
+    #[error("cursor {name:?} is not configured")]
+    UnknownCursor { name: String },
     #[error("store read failed: {0}")]
     Read(String),
     #[error("store write failed: {0}")]

@@ -1,18 +1,85 @@
-//! API SKETCH — to be replaced by the real implementation (see record.rs for the
-//! record type). Every signature here is the contract other crates build against.
+//! The durable log of edge-gateway: records, cursors and dead letters in one
+//! redb database, written by one thread with group commit.
+//!
+//! # What persists
+//!
+//! One redb database, `<data_dir>/edge.redb`, with four tables:
+//!
+//! | table          | key                | value                                    |
+//! |----------------|--------------------|------------------------------------------|
+//! | `log`          | `u64` seq          | encoded [`Record`] (format in `record.rs`)|
+//! | `cursors`      | `&str` cursor name | `u64`: next seq its owner has to forward |
+//! | `dead_letters` | `u64` seq          | `u32` LE reason length, reason, record   |
+//! | `meta`         | `&str`             | `schema_version` (`u32` LE, now 1), `retired_below` (`u64` LE) |
+//!
+//! A store with another schema version is refused at open
+//! ([`OpenError::UnknownSchema`]), never guessed at.
+//!
+//! # Invariants
+//!
+//! - Seqs start at 1, are assigned by the writer in inbox order and are never
+//!   reused: after a restart the next seq is above the last record, every
+//!   cursor and `retired_below`. Records queued by one caller commit in the
+//!   order queued.
+//! - An append is acknowledged (its [`Commit`] resolves `Ok(seq)`) only after
+//!   the write transaction holding it committed with `Durability::Immediate`.
+//!   A batch whose commit fails acknowledges nothing: every reply is
+//!   [`AppendError::Io`].
+//! - A cursor is the next seq its owner has to forward: everything below it is
+//!   done. It never moves backwards and never past the next seq to be
+//!   assigned. A cursor never set reads as the first seq in the log. Only the
+//!   cursors named in [`StoreOptions::cursors`] exist; others are deleted at
+//!   open.
+//! - Retirement: after each batch, records below the smallest configured
+//!   cursor are deleted (at most 10 000 per transaction so a commit stays
+//!   short; the writer continues while idle). An unset cursor holds every
+//!   record; with no cursor configured nothing is retired.
+//! - Quota: `live_bytes` is the sum of encoded sizes of the records in the
+//!   log, scanned at open and kept in memory. An append that would take it
+//!   past `max_bytes` is refused with [`AppendError::Full`], and so is every
+//!   later append of the same batch, so a publisher's order has no holes.
+//!   Retirement frees space. Dead letters do not count.
+//!
+//! # Recovery
+//!
+//! Opening is recovery: redb commits are atomic, so the database holds exactly
+//! the committed batches. Open creates missing tables, checks the schema,
+//! drops unconfigured cursors and scans the log for its live figures; there is
+//! no replay step.
+//!
+//! # Concurrency
+//!
+//! One named thread (`edge-store-writer`) owns every write transaction and
+//! reads a bounded inbox; a full inbox is back-pressure on [`Store::submit`].
+//! Reads are redb read transactions and never wait for the writer. The thread
+//! stops on [`Store::close`] or when the last handle is dropped.
 
+mod backend;
 mod error;
+mod reader;
 mod record;
+mod tables;
+mod writer;
 
-use std::future::Future;
 use std::num::NonZeroUsize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use redb::{Database, StorageBackend};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use backend::{BackendCounters, SlowSyncBackend};
 pub use error::{AppendError, OpenError, StoreError};
 pub use record::{DecodeError, Record};
 
+use writer::{Op, Writer};
+
 /// Position in the log. The first appended record gets 1; 0 means "none".
 pub type Seq = u64;
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "edge.redb";
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
@@ -21,7 +88,8 @@ pub struct StoreOptions {
     pub max_bytes: u64,
     /// Most appends in one group commit.
     pub batch_max_messages: NonZeroUsize,
-    /// Most encoded bytes in one group commit.
+    /// Most encoded bytes in one group commit (the op that crosses it is
+    /// still taken).
     pub batch_max_bytes: NonZeroUsize,
     /// Capacity of the writer's inbox; a full inbox is back-pressure on callers.
     pub inbox_capacity: NonZeroUsize,
@@ -43,25 +111,165 @@ pub struct StoreStats {
     pub max_bytes: u64,
 }
 
+/// A parked record, as listed by [`Store::dead_letters`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub seq: Seq,
+    pub reason: String,
+    pub record: Record,
+}
+
+/// State shared by the handles and the writer thread.
+pub(crate) struct Shared {
+    pub(crate) db: Database,
+    pub(crate) options: StoreOptions,
+    pub(crate) stats: Mutex<StoreStats>,
+    /// Write transactions committed since open.
+    pub(crate) commits: AtomicU64,
+    pub(crate) committed: watch::Sender<Seq>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("options", &self.options)
+            .field("commits", &self.commits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Owned by the `Arc` all [`Store`] clones share; dropping it stops the writer.
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+    tx: Option<mpsc::Sender<Op>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // Closing the inbox lets the writer commit what is queued and return.
+        self.tx = None;
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("The store writer thread panicked.");
+        }
+    }
+}
+
 /// Handle to the store; cheap to clone. The writer thread stops when the
 /// last handle is dropped or [`Store::close`] is called.
 #[derive(Debug, Clone)]
-pub struct Store {}
-
-/// Resolves once the append it belongs to is committed (or refused).
-pub trait CommitFuture: Future<Output = Result<Seq, AppendError>> + Send + Unpin + 'static {}
+pub struct Store {
+    inner: Arc<Handle>,
+}
 
 impl Store {
-    pub fn open(_path: &Path, _options: StoreOptions) -> Result<Store, OpenError> {
-        unimplemented!()
+    /// Opens (creating if missing) the store in `data_dir`.
+    pub fn open(data_dir: &Path, options: StoreOptions) -> Result<Store, OpenError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| OpenError::CreateDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join(DB_FILE);
+        let db = Database::create(&path).map_err(|source| OpenError::Database {
+            path: path.clone(),
+            source,
+        })?;
+        Store::start(db, path, options)
+    }
+
+    /// Opens the store on a caller-supplied redb backend (benches, fault
+    /// tests). `label` names it in errors.
+    pub fn open_with_backend(
+        backend: impl StorageBackend,
+        label: &Path,
+        options: StoreOptions,
+    ) -> Result<Store, OpenError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|source| OpenError::Database {
+                path: label.to_path_buf(),
+                source,
+            })?;
+        Store::start(db, label.to_path_buf(), options)
+    }
+
+    fn start(db: Database, path: PathBuf, options: StoreOptions) -> Result<Store, OpenError> {
+        let loaded = tables::init(&db, &options.cursors).map_err(|e| match e {
+            tables::InitError::UnknownSchema { found } => OpenError::UnknownSchema {
+                path: path.clone(),
+                found,
+                supported: tables::SCHEMA_VERSION,
+            },
+            tables::InitError::Redb(e) => OpenError::Init {
+                path: path.clone(),
+                message: e.to_string(),
+            },
+        })?;
+        let stats = StoreStats {
+            first_seq: loaded.first_seq,
+            next_seq: loaded.next_seq,
+            live_messages: loaded.live_messages,
+            live_bytes: loaded.live_bytes,
+            max_bytes: options.max_bytes,
+        };
+        tracing::info!(
+            path = %path.display(),
+            first_seq = stats.first_seq,
+            next_seq = stats.next_seq,
+            live_messages = stats.live_messages,
+            live_bytes = stats.live_bytes,
+            "Store opened."
+        );
+        let (tx, rx) = mpsc::channel(options.inbox_capacity.get());
+        let shared = Arc::new(Shared {
+            db,
+            stats: Mutex::new(stats),
+            commits: AtomicU64::new(0),
+            committed: watch::Sender::new(loaded.next_seq - 1),
+            options,
+        });
+        let writer = Writer::new(Arc::clone(&shared), rx, loaded);
+        let thread = std::thread::Builder::new()
+            .name("edge-store-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| OpenError::Init {
+                path,
+                message: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(Store {
+            inner: Arc::new(Handle {
+                shared,
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        })
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    async fn send(&self, op: Op) -> Result<(), ()> {
+        match &self.inner.tx {
+            Some(tx) => tx.send(op).await.map_err(|_| ()),
+            None => Err(()),
+        }
     }
 
     /// Queues `record` for the next group commit. Waits only for room in
     /// the writer's inbox (back-pressure); the returned future resolves
     /// when the record is durable (`Durability::Immediate`) or refused.
     /// Records queued by one caller are committed in the order queued.
-    pub async fn submit(&self, _record: Record) -> Result<Commit, AppendError> {
-        unimplemented!()
+    pub async fn submit(&self, record: Record) -> Result<Commit, AppendError> {
+        let bytes = record.encode().map_err(AppendError::Invalid)?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Append { bytes, reply })
+            .await
+            .map_err(|()| AppendError::Closed)?;
+        Ok(Commit { rx })
     }
 
     /// `submit` then wait for the commit.
@@ -69,62 +277,108 @@ impl Store {
         self.submit(record).await?.await
     }
 
-    /// Reads up to `max_messages` records (and roughly `max_bytes`) with
-    /// seq >= `from`, in order. Blocking: call from `spawn_blocking`.
+    /// Reads up to `max_messages` records (and roughly `max_bytes`: at least
+    /// one record is returned when there is one) with seq >= `from`, in
+    /// order. Blocking: call from `spawn_blocking`.
     pub fn read(
         &self,
-        _from: Seq,
-        _max_messages: usize,
-        _max_bytes: usize,
+        from: Seq,
+        max_messages: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(Seq, Record)>, StoreError> {
-        unimplemented!()
+        reader::read(&self.shared().db, from, max_messages, max_bytes)
     }
 
     /// The durable value of a cursor: the next seq its owner has to forward
     /// (everything below it is done). A cursor never set reads as the first
-    /// seq in the log.
-    pub fn cursor(&self, _name: &str) -> Result<Seq, StoreError> {
-        unimplemented!()
+    /// seq in the log (the next seq when the log is empty). Blocking (one
+    /// read transaction).
+    pub fn cursor(&self, name: &str) -> Result<Seq, StoreError> {
+        reader::cursor(&self.shared().db, name, || self.stats().next_seq)
     }
 
-    /// Moves a cursor forward (never backward) in the next group commit and
-    /// resolves once durable. Retires records no cursor needs any more.
-    pub async fn advance_cursor(&self, _name: &str, _next: Seq) -> Result<(), StoreError> {
-        unimplemented!()
+    /// Moves a cursor forward (never backward, never past the next seq) in
+    /// the next group commit and resolves once durable. Retires records no
+    /// cursor needs any more.
+    pub async fn advance_cursor(&self, name: &str, next: Seq) -> Result<(), StoreError> {
+        if !self.shared().options.cursors.iter().any(|c| c == name) {
+            return Err(StoreError::UnknownCursor {
+                name: name.to_string(),
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        let op = Op::AdvanceCursor {
+            name: name.to_string(),
+            next,
+            reply,
+        };
+        self.send(op).await.map_err(|()| StoreError::Closed)?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
-    /// Parks a record in the dead-letter table with a reason.
-    pub async fn park(
-        &self,
-        _seq: Seq,
-        _record: Record,
-        _reason: String,
-    ) -> Result<(), StoreError> {
-        unimplemented!()
+    /// Parks a record in the dead-letter table with a reason; resolves once
+    /// durable. Parking does not remove the record from the log.
+    pub async fn park(&self, seq: Seq, record: Record, reason: String) -> Result<(), StoreError> {
+        let bytes = record
+            .encode()
+            .map_err(|source| StoreError::Decode { seq, source })?;
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Park {
+            seq,
+            value: tables::encode_dead_letter(&reason, &bytes),
+            reply,
+        };
+        self.send(op).await.map_err(|()| StoreError::Closed)?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
-    /// Watch of the last committed seq; changes after every commit.
-    pub fn committed(&self) -> tokio::sync::watch::Receiver<Seq> {
-        unimplemented!()
+    /// Lists up to `max` dead letters with seq >= `from`, in seq order.
+    /// Blocking (one read transaction).
+    pub fn dead_letters(&self, from: Seq, max: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        reader::dead_letters(&self.shared().db, from, max)
+    }
+
+    /// Watch of the last committed seq; changes after every commit that
+    /// appended.
+    pub fn committed(&self) -> watch::Receiver<Seq> {
+        self.shared().committed.subscribe()
     }
 
     pub fn stats(&self) -> StoreStats {
-        unimplemented!()
+        match self.shared().stats.lock() {
+            Ok(g) => *g,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
     }
 
-    /// Lets queued work commit, then stops the writer thread.
+    /// Write transactions committed since open (each one fsync). Appends
+    /// divided by this is the mean group-commit batch.
+    pub fn commits(&self) -> u64 {
+        self.shared().commits.load(Ordering::Relaxed)
+    }
+
+    /// Lets queued work commit, then stops the writer thread. Other clones
+    /// of this handle see [`AppendError::Closed`] / [`StoreError::Closed`]
+    /// from then on; the database file is closed with the last handle.
     pub async fn close(self) -> Result<(), StoreError> {
-        unimplemented!()
+        let (reply, rx) = oneshot::channel();
+        if self.send(Op::Close { reply }).await.is_ok() {
+            // An error means the writer already stopped: also closed.
+            let _ = rx.await;
+        }
+        // Joins the (finished) thread if this was the last handle.
+        drop(self);
+        Ok(())
     }
 }
 
 /// See [`Store::submit`].
 #[derive(Debug)]
 pub struct Commit {
-    rx: tokio::sync::oneshot::Receiver<Result<Seq, AppendError>>,
+    rx: oneshot::Receiver<Result<Seq, AppendError>>,
 }
 
-impl Future for Commit {
+impl std::future::Future for Commit {
     type Output = Result<Seq, AppendError>;
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
@@ -135,3 +389,6 @@ impl Future for Commit {
             .map(|r| r.unwrap_or(Err(AppendError::Closed)))
     }
 }
+
+#[cfg(test)]
+mod tests;

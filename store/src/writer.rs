@@ -1,0 +1,364 @@
+//! The writer thread: the only owner of redb write transactions.
+//!
+//! It takes one op from the inbox, drains whatever else is pending (up to the
+//! batch limits), applies all of it in one write transaction, commits with
+//! `Durability::Immediate` (one fsync per batch), and only then completes the
+//! replies. Seqs are assigned here, in inbox order.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use redb::{Durability, ReadableTable, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::tables::{CURSORS, DEAD_LETTERS, LOG, Loaded, META, RETIRED_BELOW_KEY};
+use crate::{AppendError, Seq, Shared, StoreError, StoreStats};
+
+/// Most log records deleted in one transaction, so one commit stays short;
+/// the rest is retired by the following transactions.
+pub(crate) const RETIRE_PER_TXN: usize = 10_000;
+/// At most one "store full" warning per this period.
+const FULL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+pub(crate) enum Op {
+    Append {
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<Seq, AppendError>>,
+    },
+    AdvanceCursor {
+        name: String,
+        next: Seq,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Park {
+        seq: Seq,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Append { bytes, .. } => bytes.len(),
+            Op::Park { value, .. } => value.len(),
+            Op::AdvanceCursor { .. } | Op::Close { .. } => 0,
+        }
+    }
+}
+
+/// A reply held until its batch is durable.
+enum Pending {
+    Append(oneshot::Sender<Result<Seq, AppendError>>, Seq),
+    Done(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// The figures a batch changes, applied only once it committed.
+#[derive(Debug, Clone)]
+struct State {
+    first_seq: Seq,
+    next_seq: Seq,
+    live_messages: u64,
+    live_bytes: u64,
+    cursors: BTreeMap<String, Seq>,
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Op>,
+    state: State,
+    retire_pending: bool,
+    last_full_warn: Option<Instant>,
+    full_since_warn: u64,
+}
+
+impl Writer {
+    pub(crate) fn new(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, loaded: Loaded) -> Writer {
+        Writer {
+            shared,
+            rx,
+            state: State {
+                first_seq: loaded.first_seq,
+                next_seq: loaded.next_seq,
+                live_messages: loaded.live_messages,
+                live_bytes: loaded.live_bytes,
+                cursors: loaded.cursors,
+            },
+            // Retirement may have been cut short before a restart.
+            retire_pending: true,
+            last_full_warn: None,
+            full_since_warn: 0,
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        let mut close_reply = None;
+        loop {
+            let first = if self.retire_pending {
+                match self.rx.try_recv() {
+                    Ok(op) => op,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        self.commit_batch(Vec::new());
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.blocking_recv() {
+                    Some(op) => op,
+                    None => break,
+                }
+            };
+            let mut batch = vec![first];
+            let mut bytes = batch[0].bytes();
+            let limits = &self.shared.options;
+            while batch.len() < limits.batch_max_messages.get()
+                && bytes < limits.batch_max_bytes.get()
+                && !matches!(batch.last(), Some(Op::Close { .. }))
+            {
+                match self.rx.try_recv() {
+                    Ok(op) => {
+                        bytes += op.bytes();
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            close_reply = self.commit_batch(batch);
+            if close_reply.is_some() {
+                break;
+            }
+        }
+        // Ops still queued behind a close resolve as `Closed` when dropped.
+        self.rx.close();
+        tracing::debug!(next_seq = self.state.next_seq, "Store writer stopped.");
+        if let Some(reply) = close_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Applies `ops` in one transaction; returns the close reply if the batch
+    /// held a close.
+    fn commit_batch(&mut self, ops: Vec<Op>) -> Option<oneshot::Sender<()>> {
+        if ops.is_empty() && !self.must_retire(&self.state) {
+            self.retire_pending = false;
+            return None;
+        }
+        let started = Instant::now();
+        let mut next = self.state.clone();
+        let mut pending = Vec::with_capacity(ops.len());
+        let mut close = None;
+        let mut appended = 0u64;
+        let mut ops = ops.into_iter();
+        let result = self.apply(&mut ops, &mut next, &mut pending, &mut close, &mut appended);
+        match result {
+            Ok(retire_more) => {
+                let elapsed = started.elapsed();
+                self.retire_pending = retire_more;
+                self.state = next;
+                self.publish_stats();
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                metrics::histogram!("edge_store_batch_size").record(appended as f64);
+                metrics::histogram!("edge_store_commit_seconds").record(elapsed.as_secs_f64());
+                for p in pending {
+                    match p {
+                        Pending::Append(reply, seq) => {
+                            let _ = reply.send(Ok(seq));
+                        }
+                        Pending::Done(reply) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+                if appended > 0 {
+                    self.shared.committed.send_replace(self.state.next_seq - 1);
+                }
+            }
+            Err(e) => {
+                self.retire_pending = false;
+                // Ops the failure cut off fail the same way.
+                for op in ops {
+                    match op {
+                        Op::Append { reply, .. } => pending.push(Pending::Append(reply, 0)),
+                        Op::AdvanceCursor { reply, .. } | Op::Park { reply, .. } => {
+                            pending.push(Pending::Done(reply));
+                        }
+                        Op::Close { reply } => close = Some(reply),
+                    }
+                }
+                tracing::warn!(error = %e, ops = pending.len(), "Store commit failed; nothing in the batch was acknowledged.");
+                let msg = e.to_string();
+                for p in pending {
+                    match p {
+                        Pending::Append(reply, _) => {
+                            let _ = reply.send(Err(AppendError::Io(msg.clone())));
+                        }
+                        Pending::Done(reply) => {
+                            let _ = reply.send(Err(StoreError::Write(msg.clone())));
+                        }
+                    }
+                }
+            }
+        }
+        close
+    }
+
+    /// Writes the batch and commits. Returns whether retirement was cut short.
+    fn apply(
+        &mut self,
+        ops: &mut std::vec::IntoIter<Op>,
+        next: &mut State,
+        pending: &mut Vec<Pending>,
+        close: &mut Option<oneshot::Sender<()>>,
+        appended: &mut u64,
+    ) -> Result<bool, redb::Error> {
+        let mut txn = self.shared.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let mut refused = false;
+        {
+            let mut log = txn.open_table(LOG)?;
+            let mut cursors = txn.open_table(CURSORS)?;
+            let mut dead = txn.open_table(DEAD_LETTERS)?;
+            for op in ops {
+                match op {
+                    Op::Append { bytes, reply } => {
+                        let len = bytes.len() as u64;
+                        let max = self.shared.options.max_bytes;
+                        if refused || next.live_bytes.saturating_add(len) > max {
+                            refused = true;
+                            self.refuse_full(next.live_bytes, max, len);
+                            let _ = reply.send(Err(AppendError::Full {
+                                live_bytes: next.live_bytes,
+                                max_bytes: max,
+                                record_bytes: len,
+                            }));
+                            continue;
+                        }
+                        let seq = next.next_seq;
+                        log.insert(seq, bytes.as_slice())?;
+                        next.next_seq += 1;
+                        next.live_bytes += len;
+                        next.live_messages += 1;
+                        if next.first_seq == 0 {
+                            next.first_seq = seq;
+                        }
+                        *appended += 1;
+                        pending.push(Pending::Append(reply, seq));
+                    }
+                    Op::AdvanceCursor {
+                        name,
+                        next: to,
+                        reply,
+                    } => {
+                        let old = next.cursors.get(&name).copied().unwrap_or(0);
+                        // Never backwards, never past the next seq to be assigned.
+                        let to = to.min(next.next_seq).max(old);
+                        if to != old {
+                            cursors.insert(name.as_str(), to)?;
+                            next.cursors.insert(name, to);
+                        }
+                        pending.push(Pending::Done(reply));
+                    }
+                    Op::Park { seq, value, reply } => {
+                        dead.insert(seq, value.as_slice())?;
+                        pending.push(Pending::Done(reply));
+                    }
+                    Op::Close { reply } => *close = Some(reply),
+                }
+            }
+        }
+        let more = self.retire(&txn, next)?;
+        txn.commit()?;
+        Ok(more)
+    }
+
+    /// The seq below which no cursor needs records (0: none configured).
+    fn retire_below(&self, state: &State) -> Seq {
+        let configured = &self.shared.options.cursors;
+        if configured.is_empty() {
+            return 0;
+        }
+        configured
+            .iter()
+            // An unset cursor needs everything from the first record on.
+            .map(|name| state.cursors.get(name).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+    }
+
+    fn must_retire(&self, state: &State) -> bool {
+        state.first_seq != 0 && state.first_seq < self.retire_below(state)
+    }
+
+    /// Deletes records below the smallest cursor, at most [`RETIRE_PER_TXN`].
+    fn retire(&self, txn: &WriteTransaction, next: &mut State) -> Result<bool, redb::Error> {
+        if !self.must_retire(next) {
+            return Ok(false);
+        }
+        let below = self.retire_below(next);
+        let mut log = txn.open_table(LOG)?;
+        let mut retired = 0usize;
+        let mut last = None;
+        while retired < RETIRE_PER_TXN {
+            let Some((k, v)) = log.first()? else { break };
+            let seq = k.value();
+            if seq >= below {
+                break;
+            }
+            let len = v.value().len() as u64;
+            drop((k, v));
+            log.remove(seq)?;
+            next.live_bytes = next.live_bytes.saturating_sub(len);
+            next.live_messages = next.live_messages.saturating_sub(1);
+            retired += 1;
+            last = Some(seq);
+        }
+        next.first_seq = log.first()?.map_or(0, |(k, _)| k.value());
+        if let Some(last) = last {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(RETIRED_BELOW_KEY, (last + 1).to_le_bytes().as_slice())?;
+        }
+        Ok(self.must_retire(next))
+    }
+
+    fn refuse_full(&mut self, live: u64, max: u64, len: u64) {
+        metrics::counter!("edge_store_rejected_total", "reason" => "full").increment(1);
+        self.full_since_warn += 1;
+        let due = self
+            .last_full_warn
+            .is_none_or(|t| t.elapsed() >= FULL_WARN_EVERY);
+        if due {
+            tracing::warn!(
+                live_bytes = live,
+                max_bytes = max,
+                record_bytes = len,
+                refused = self.full_since_warn,
+                "Store full: refusing appends until upstream cursors advance."
+            );
+            self.last_full_warn = Some(Instant::now());
+            self.full_since_warn = 0;
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.state;
+        let stats = StoreStats {
+            first_seq: s.first_seq,
+            next_seq: s.next_seq,
+            live_messages: s.live_messages,
+            live_bytes: s.live_bytes,
+            max_bytes: self.shared.options.max_bytes,
+        };
+        metrics::gauge!("edge_store_live_bytes").set(s.live_bytes as f64);
+        metrics::gauge!("edge_store_live_messages").set(s.live_messages as f64);
+        match self.shared.stats.lock() {
+            Ok(mut g) => *g = stats,
+            Err(poisoned) => *poisoned.into_inner() = stats,
+        }
+    }
+}
