@@ -1,0 +1,345 @@
+//! Private RabbitMQ nodes: own node name, ports, data and log directories,
+//! so a test can stop, kill and restart its broker without touching anyone
+//! else's. Nodes never outlive the test process: a small watchdog shell
+//! loop stops the node once the process is gone, and dedicated nodes also
+//! stop on drop.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::free_port;
+
+/// How long a node gets to boot (`rabbitmqctl wait --timeout`).
+const BOOT_TIMEOUT_SECS: u32 = 60;
+/// Longest a watchdog outlives its test process if nothing else ends it.
+const WATCHDOG_MAX_SECS: u32 = 3600;
+
+static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+static SHARED: OnceLock<std::result::Result<RabbitNode, String>> = OnceLock::new();
+
+/// One private RabbitMQ node.
+#[derive(Debug)]
+pub struct RabbitNode {
+    name: String,
+    amqp_port: u16,
+    dist_port: u16,
+    base: PathBuf,
+    /// Removes `base` when a dedicated node is dropped.
+    _dir: Option<tempfile::TempDir>,
+    running: bool,
+}
+
+impl RabbitNode {
+    /// The process-wide node for ordinary tests, started on first use.
+    /// Tests on it must use their own queue names and topic prefixes.
+    pub fn shared() -> Result<&'static RabbitNode> {
+        let node = SHARED.get_or_init(|| {
+            RabbitNode::create("shared")
+                .and_then(|mut n| {
+                    n.start()?;
+                    // The shared node is never dropped: let the watchdog
+                    // delete its directory too.
+                    if let Some(dir) = n._dir.take() {
+                        let _ = dir.keep();
+                    }
+                    Ok(n)
+                })
+                .map_err(|e| format!("{e:#}"))
+        });
+        node.as_ref()
+            .map_err(|e| anyhow::anyhow!("shared RabbitMQ node failed to start: {e}"))
+    }
+
+    /// A node only this test uses (it may stop, kill and restart it),
+    /// started and ready.
+    pub fn dedicated(label: &str) -> Result<RabbitNode> {
+        let mut node = RabbitNode::create(label)?;
+        node.start()?;
+        Ok(node)
+    }
+
+    /// Allocates name, ports and directories without starting anything.
+    pub fn create(label: &str) -> Result<RabbitNode> {
+        let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let name = format!("edgetest-{label}-{pid}-{n}@localhost");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("edgetest-rabbit-{label}-{pid}-{n}-"))
+            .tempdir()
+            .context("creating node directory")?;
+        let base = dir.path().to_path_buf();
+        for sub in ["mnesia", "log", "home"] {
+            std::fs::create_dir_all(base.join(sub))
+                .with_context(|| format!("creating {}", base.join(sub).display()))?;
+        }
+        std::fs::write(base.join("enabled_plugins"), "[].\n").context("writing enabled_plugins")?;
+        if is_root() {
+            // The Debian wrapper drops to the `rabbitmq` user.
+            run_checked(Command::new("chown").arg("-R").arg("rabbitmq:rabbitmq").arg(&base))?;
+            // TempDir is created 0700; the node's user must be able to enter it.
+            run_checked(Command::new("chmod").arg("0755").arg(&base))?;
+        }
+        let node = RabbitNode {
+            name,
+            amqp_port: free_port()?,
+            dist_port: free_port()?,
+            base,
+            _dir: Some(dir),
+            running: false,
+        };
+        node.spawn_watchdog()?;
+        Ok(node)
+    }
+
+    /// The Erlang node name (`name@localhost`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn amqp_port(&self) -> u16 {
+        self.amqp_port
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:PORT/%2f`
+    pub fn amqp_uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.base.join("node.pid")
+    }
+
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.base.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.base.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.base.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", self.pid_file())
+            .env("HOME", self.base.join("home"))
+            .stdin(Stdio::null());
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(tool_path(tool));
+        self.env(&mut cmd);
+        cmd
+    }
+
+    /// Boots the node and waits until it accepts AMQP connections.
+    pub fn start(&mut self) -> Result<()> {
+        if self.running {
+            return Ok(());
+        }
+        let started = Instant::now();
+        // A stale pid file (after kill) would make `wait` watch a dead pid.
+        let _ = std::fs::remove_file(self.pid_file());
+        // Not piped: the detached node could hold a pipe open forever.
+        let out = std::fs::File::create(self.base.join("startup.out"))?;
+        let status = self
+            .command("rabbitmq-server")
+            .arg("-detached")
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .status()
+            .with_context(|| format!("starting RabbitMQ node {}", self.name))?;
+        if !status.success() {
+            bail!(
+                "rabbitmq-server -detached for {} failed ({status}); see {}",
+                self.name,
+                self.base.join("startup.out").display()
+            );
+        }
+        run_checked(
+            self.command("rabbitmqctl")
+                .args(["-n", &self.name, "wait"])
+                .arg(self.pid_file())
+                .args(["--timeout", &BOOT_TIMEOUT_SECS.to_string()]),
+        )
+        .with_context(|| {
+            format!(
+                "waiting for RabbitMQ node {} (logs in {})",
+                self.name,
+                self.base.join("log").display()
+            )
+        })?;
+        self.running = true;
+        self.wait_for_port(Duration::from_secs(30))?;
+        eprintln!(
+            "rabbit: node {} up on port {} in {:.1?}",
+            self.name,
+            self.amqp_port,
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Same environment, same data: durable queues and persistent messages
+    /// survive.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.start()
+    }
+
+    /// Stops then starts the node (a clean broker restart).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.start()
+    }
+
+    /// Graceful stop; returns once the node's OS process has exited.
+    pub fn stop(&mut self) -> Result<()> {
+        if !self.running {
+            return Ok(());
+        }
+        run_checked(
+            self.command("rabbitmqctl")
+                .args(["-n", &self.name, "stop"])
+                .arg(self.pid_file()),
+        )
+        .with_context(|| format!("stopping RabbitMQ node {}", self.name))?;
+        self.running = false;
+        self.wait_port_closed(Duration::from_secs(30))
+    }
+
+    /// `kill -9` of the node's beam process: a broker crash.
+    pub fn kill(&mut self) -> Result<()> {
+        if !self.running {
+            return Ok(());
+        }
+        let pid = self.os_pid()?;
+        run_checked(Command::new("kill").args(["-9", &pid.to_string()]))?;
+        self.running = false;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+            if Instant::now() > deadline {
+                bail!("RabbitMQ node {} (pid {pid}) survived kill -9", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.wait_port_closed(Duration::from_secs(30))
+    }
+
+    /// The beam process id, from the node's pid file.
+    pub fn os_pid(&self) -> Result<u32> {
+        let text = std::fs::read_to_string(self.pid_file())
+            .with_context(|| format!("reading {}", self.pid_file().display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("pid file {} holds {text:?}", self.pid_file().display()))
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    fn wait_for_port(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.amqp_port)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("node {} does not listen on {}", self.name, self.amqp_port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_port_closed(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while std::net::TcpStream::connect(("127.0.0.1", self.amqp_port)).is_ok() {
+            if Instant::now() > deadline {
+                bail!("node {} still listens on {}", self.name, self.amqp_port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// A detached shell loop that stops the node and removes its directory
+    /// once this test process is gone. It ends by itself.
+    fn spawn_watchdog(&self) -> Result<()> {
+        let script = format!(
+            "i=0; while [ $i -lt {max} ] && kill -0 {pid} 2>/dev/null; do sleep 1; i=$((i+1)); done; \
+             if [ -f '{pidfile}' ]; then {ctl} -n '{name}' stop '{pidfile}' >/dev/null 2>&1; fi; \
+             rm -rf '{base}'",
+            max = WATCHDOG_MAX_SECS,
+            pid = std::process::id(),
+            pidfile = self.pid_file().display(),
+            ctl = tool_path("rabbitmqctl"),
+            name = self.name,
+            base = self.base.display(),
+        );
+        let mut cmd = Command::new("sh");
+        self.env(&mut cmd);
+        cmd.arg("-c")
+            .arg(script)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // Own process group: a Ctrl-C to the test run does not kill the
+        // watchdog before it has done its job.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.spawn().context("spawning the node watchdog")?;
+        Ok(())
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        if self.running {
+            if let Err(e) = self.stop() {
+                eprintln!("rabbit: {e:#}; killing it");
+                let _ = self.kill();
+            }
+        }
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// As root the `/usr/sbin` wrappers drop to the `rabbitmq` user; as anyone
+/// else they refuse, so call the real scripts directly.
+fn tool_path(tool: &str) -> String {
+    let direct = format!("/usr/lib/rabbitmq/bin/{tool}");
+    if !is_root() && Path::new(&direct).exists() {
+        direct
+    } else {
+        tool.to_string()
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+fn run_checked(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed ({}): {}{}",
+            cmd.get_program(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
