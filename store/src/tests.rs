@@ -1,0 +1,333 @@
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+
+mod model;
+
+pub(super) fn options(max_bytes: u64, cursors: &[&str]) -> StoreOptions {
+    StoreOptions {
+        max_bytes,
+        batch_max_messages: NonZeroUsize::new(1000).unwrap(),
+        batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap(),
+        inbox_capacity: NonZeroUsize::new(1024).unwrap(),
+        cursors: cursors.iter().map(|c| c.to_string()).collect(),
+    }
+}
+
+pub(super) fn record(n: u64, payload_len: usize) -> Record {
+    Record {
+        timestamp_ms: 1_700_000_000_000 + n,
+        qos: 1,
+        retain: false,
+        topic: format!("t/{n}"),
+        publisher: "dev-1".into(),
+        headers: Vec::new(),
+        payload: Bytes::from(vec![(n % 251) as u8; payload_len]),
+    }
+}
+
+fn all(store: &Store) -> Vec<(Seq, Record)> {
+    store.read(0, usize::MAX, usize::MAX).unwrap()
+}
+
+fn slow(dir: &Path, delay_ms: u64, opts: StoreOptions) -> Store {
+    let backend =
+        SlowSyncBackend::open(&dir.join(DB_FILE), Duration::from_millis(delay_ms)).unwrap();
+    Store::open_with_backend(backend, dir, opts).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submits_share_commits_and_keep_per_caller_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = slow(dir.path(), 20, options(u64::MAX, &[]));
+    let mut tasks = Vec::new();
+    for caller in 0..8u64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut commits = Vec::new();
+            for i in 0..25 {
+                commits.push(store.submit(record(caller * 100 + i, 32)).await.unwrap());
+            }
+            let mut seqs = Vec::new();
+            for c in commits {
+                seqs.push(c.await.unwrap());
+            }
+            seqs
+        }));
+    }
+    let mut every = Vec::new();
+    for t in tasks {
+        let seqs = t.await.unwrap();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "order per caller: {seqs:?}"
+        );
+        every.extend(seqs);
+    }
+    every.sort_unstable();
+    assert_eq!(every, (1..=200).collect::<Vec<_>>());
+    let commits = store.commits();
+    assert!(commits < 50, "200 appends took {commits} commits");
+    assert_eq!(store.stats().next_seq, 201);
+    assert_eq!(*store.committed().borrow(), 200);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn full_store_refuses_then_reuses_space_after_cursor_advance() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = record(0, 100).encoded_len() as u64;
+    let store = Store::open(dir.path(), options(3 * size, &["up"])).unwrap();
+    for n in 1..=3 {
+        assert_eq!(store.append(record(n, 100)).await.unwrap(), n);
+    }
+    match store.append(record(4, 100)).await {
+        Err(AppendError::Full {
+            live_bytes,
+            max_bytes,
+            record_bytes,
+        }) => {
+            assert_eq!(
+                (live_bytes, max_bytes, record_bytes),
+                (3 * size, 3 * size, size)
+            );
+        }
+        other => panic!("expected Full, got {other:?}"),
+    }
+    store.advance_cursor("up", 3).await.unwrap();
+    let stats = store.stats();
+    assert_eq!(
+        (stats.first_seq, stats.live_messages, stats.live_bytes),
+        (3, 1, size)
+    );
+    assert_eq!(store.append(record(4, 100)).await.unwrap(), 4);
+    assert_eq!(store.append(record(5, 100)).await.unwrap(), 5);
+    let seqs: Vec<Seq> = all(&store).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(seqs, vec![3, 4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_after_a_refusal_in_the_same_batch_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = record(0, 10).encoded_len() as u64;
+    let store = slow(dir.path(), 50, options(small * 3, &[]));
+    // The first commit holds the writer in its slow fsync while the rest queue.
+    let first = store.submit(record(1, 10)).await.unwrap();
+    let big = store.submit(record(2, 500)).await.unwrap();
+    let after = store.submit(record(3, 10)).await.unwrap();
+    assert_eq!(first.await.unwrap(), 1);
+    assert!(matches!(big.await, Err(AppendError::Full { .. })));
+    assert!(matches!(after.await, Err(AppendError::Full { .. })));
+    assert_eq!(store.append(record(4, 10)).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn cursors_survive_reopen_and_unconfigured_ones_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &["a", "b"])).unwrap();
+    for n in 1..=5 {
+        store.append(record(n, 8)).await.unwrap();
+    }
+    assert_eq!(
+        store.cursor("a").unwrap(),
+        1,
+        "unset reads as the first seq"
+    );
+    store.advance_cursor("a", 4).await.unwrap();
+    store.advance_cursor("a", 2).await.unwrap();
+    store.advance_cursor("b", 3).await.unwrap();
+    assert_eq!(store.cursor("a").unwrap(), 4, "never backwards");
+    assert!(matches!(
+        store.advance_cursor("zzz", 1).await,
+        Err(StoreError::UnknownCursor { .. })
+    ));
+    store.close().await.unwrap();
+
+    let store = Store::open(dir.path(), options(u64::MAX, &["a"])).unwrap();
+    assert_eq!(store.cursor("a").unwrap(), 4);
+    // With only "a" configured, records below 4 retire on the next batch.
+    store.append(record(6, 8)).await.unwrap();
+    assert_eq!(store.stats().first_seq, 4);
+    drop(store);
+
+    let store = Store::open(dir.path(), options(u64::MAX, &["a", "b"])).unwrap();
+    assert_eq!(
+        store.cursor("b").unwrap(),
+        4,
+        "b was removed: reads as the first seq"
+    );
+    assert_eq!(store.cursor("a").unwrap(), 4);
+}
+
+#[tokio::test]
+async fn reopen_after_drop_keeps_every_committed_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    let mut expected = Vec::new();
+    for n in 1..=100 {
+        let r = record(n, (n as usize * 7) % 300);
+        assert_eq!(store.append(r.clone()).await.unwrap(), n);
+        expected.push((n, r));
+    }
+    drop(store);
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    assert_eq!(all(&store), expected);
+    let stats = store.stats();
+    let bytes: u64 = expected.iter().map(|(_, r)| r.encoded_len() as u64).sum();
+    assert_eq!(
+        (stats.first_seq, stats.next_seq, stats.live_bytes),
+        (1, 101, bytes)
+    );
+    assert_eq!(store.append(record(101, 1)).await.unwrap(), 101);
+}
+
+#[tokio::test]
+async fn read_honours_its_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    for n in 1..=10 {
+        store.append(record(n, 100)).await.unwrap();
+    }
+    assert_eq!(store.read(4, 3, usize::MAX).unwrap().len(), 3);
+    assert_eq!(store.read(4, 3, usize::MAX).unwrap()[0].0, 4);
+    assert_eq!(
+        store.read(1, 100, 1).unwrap().len(),
+        1,
+        "at least one record"
+    );
+    let size = record(1, 100).encoded_len();
+    assert_eq!(store.read(1, 100, 2 * size).unwrap().len(), 2);
+    assert!(store.read(11, 100, usize::MAX).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn parked_records_are_listed_with_their_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    let seq = store.append(record(1, 5)).await.unwrap();
+    store
+        .park(seq, record(1, 5), "unroutable: no queue bound".into())
+        .await
+        .unwrap();
+    let dead = store.dead_letters(0, 10).unwrap();
+    assert_eq!(
+        dead,
+        vec![DeadLetter {
+            seq,
+            reason: "unroutable: no queue bound".into(),
+            record: record(1, 5),
+        }]
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path(), options(u64::MAX, &[])).unwrap());
+    {
+        let db = redb::Database::create(dir.path().join(DB_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(tables::META)
+            .unwrap()
+            .insert(tables::SCHEMA_KEY, 99u32.to_le_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    match Store::open(dir.path(), options(u64::MAX, &[])) {
+        Err(e @ OpenError::UnknownSchema { .. }) => {
+            assert!(e.to_string().contains("schema version 99"), "{e}");
+        }
+        other => panic!("expected UnknownSchema, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn retirement_is_bounded_per_transaction_and_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    let total = writer::RETIRE_PER_TXN as u64 * 2 + 500;
+    let mut commits = Vec::new();
+    for n in 0..total {
+        commits.push(store.submit(record(n, 0)).await.unwrap());
+    }
+    for c in commits {
+        c.await.unwrap();
+    }
+    store.advance_cursor("up", total + 1).await.unwrap();
+    assert!(store.stats().live_messages <= total - writer::RETIRE_PER_TXN as u64);
+    // Every later commit (and the idle writer) retires the next slice.
+    store.append(record(0, 0)).await.unwrap();
+    store.append(record(0, 0)).await.unwrap();
+    let stats = store.stats();
+    assert_eq!((stats.live_messages, stats.first_seq), (2, total + 1));
+    drop(store);
+    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    assert_eq!(store.stats().next_seq, total + 3);
+}
+
+#[tokio::test]
+async fn close_commits_queued_work_and_later_calls_see_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    let other = store.clone();
+    let pending = store.submit(record(1, 1)).await.unwrap();
+    store.close().await.unwrap();
+    assert_eq!(pending.await.unwrap(), 1);
+    assert!(matches!(
+        other.append(record(2, 1)).await,
+        Err(AppendError::Closed)
+    ));
+    drop(other);
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    assert_eq!(all(&store).len(), 1);
+}
+
+/// In-memory backend whose fsync fails while `fail` is set.
+#[derive(Debug, Default)]
+struct FailingSync {
+    inner: redb::backends::InMemoryBackend,
+    fail: Arc<AtomicBool>,
+}
+
+impl redb::StorageBackend for FailingSync {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write(offset, data)
+    }
+}
+
+#[tokio::test]
+async fn a_failed_commit_acknowledges_nothing_in_its_batch() {
+    let backend = FailingSync::default();
+    let fail = Arc::clone(&backend.fail);
+    let store =
+        Store::open_with_backend(backend, Path::new("mem"), options(u64::MAX, &[])).unwrap();
+    assert_eq!(store.append(record(1, 1)).await.unwrap(), 1);
+    fail.store(true, Ordering::SeqCst);
+    let a = store.submit(record(2, 1)).await.unwrap();
+    let b = store.submit(record(3, 1)).await.unwrap();
+    assert!(matches!(a.await, Err(AppendError::Io(_))));
+    assert!(matches!(b.await, Err(AppendError::Io(_))));
+    assert_eq!(*store.committed().borrow(), 1);
+    assert_eq!(store.stats().next_seq, 2);
+}
