@@ -1,0 +1,314 @@
+//! One client connection: the CONNECT handshake, then a loop that reads
+//! packets, acknowledges committed publishes, writes deliveries and
+//! enforces keep-alive, until the client leaves, breaks the protocol, is
+//! taken over, or the gateway shuts down.
+//!
+//! The connection owns its read buffer, so the socket read in `select!` is
+//! cancel-safe: bytes of a partial packet stay in the buffer across turns.
+//! Replies are encoded into a write buffer and flushed once per turn.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use edge_core::{Delivery, Router};
+use futures::{FutureExt, StreamExt};
+use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{self, Hello};
+use crate::error::Close;
+use crate::session::{self, Session};
+
+/// How long a shutting-down connection waits for outstanding commits.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing connection may take to flush its last acks.
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Deliveries taken from the router in one loop turn.
+const DELIVERY_BATCH: usize = 64;
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Per-connection limits, from `MqttConfig`.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub max_packet_size: usize,
+    pub connect_timeout: Duration,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+}
+
+static ASSIGNED_IDS: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug)]
+pub(crate) struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    settings: Arc<Settings>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl Connection {
+    pub(crate) fn new(stream: TcpStream, peer: SocketAddr, settings: Arc<Settings>) -> Connection {
+        Connection {
+            stream,
+            peer,
+            settings,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: BytesMut::with_capacity(READ_CHUNK),
+        }
+    }
+
+    /// Serves the connection to its end and logs why it ended.
+    pub(crate) async fn serve(mut self, router: Router, shutdown: CancellationToken) {
+        let mut client_id = None;
+        let close = self.run(&router, &shutdown, &mut client_id).await;
+        if !matches!(close, Close::Io(_)) && !self.wbuf.is_empty() {
+            // Acks earned before the close still go out.
+            let _ = timeout(FINAL_FLUSH_TIMEOUT, self.flush()).await;
+        }
+        let _ = timeout(FINAL_FLUSH_TIMEOUT, self.stream.shutdown()).await;
+        self.log_close(&close, client_id.as_deref());
+    }
+
+    fn log_close(&self, close: &Close, client_id: Option<&str>) {
+        let peer = self.peer;
+        let client_id = client_id.unwrap_or("");
+        metrics::counter!("edge_mqtt_disconnects_total", "reason" => close.reason()).increment(1);
+        match close {
+            Close::Protocol(e) => {
+                metrics::counter!("edge_mqtt_protocol_errors_total", "reason" => e.reason())
+                    .increment(1);
+                tracing::info!(%peer, client_id, reason = e.reason(), error = %e, "protocol error: connection closed");
+            }
+            Close::KeepAlive(_)
+            | Close::ConnectTimeout(_)
+            | Close::TakenOver
+            | Close::Refused(_) => {
+                tracing::info!(%peer, client_id, reason = close.reason(), "{close}: connection closed");
+            }
+            // Logged at WARN where the refusal was seen.
+            Close::Store(_) => {}
+            Close::Encode(e) => {
+                tracing::warn!(%peer, client_id, error = %e, "cannot encode a packet: connection closed");
+            }
+            Close::Disconnect | Close::PeerClosed | Close::Shutdown | Close::Io(_) => {
+                tracing::debug!(%peer, client_id, reason = close.reason(), "{close}: connection closed");
+            }
+        }
+    }
+
+    async fn run(
+        &mut self,
+        router: &Router,
+        shutdown: &CancellationToken,
+        client_id_out: &mut Option<Arc<str>>,
+    ) -> Close {
+        let connect_timeout = self.settings.connect_timeout;
+        let hello = tokio::select! {
+            _ = shutdown.cancelled() => return Close::Shutdown,
+            hello = timeout(connect_timeout, self.read_connect()) => match hello {
+                Err(_) => return Close::ConnectTimeout(connect_timeout),
+                Ok(Err(close)) => return close,
+                Ok(Ok(hello)) => hello,
+            },
+        };
+        let connect = match hello {
+            Hello::V311(connect, _login) => connect,
+            Hello::Unsupported { level } => {
+                return self
+                    .refuse(
+                        ConnectReturnCode::RefusedProtocolVersion,
+                        format!("unsupported protocol level {level}"),
+                    )
+                    .await;
+            }
+        };
+        let client_id: Arc<str> = match (connect.client_id.is_empty(), connect.clean_session) {
+            (false, _) => connect.client_id.into(),
+            (true, true) => {
+                format!("edge-auto-{}", ASSIGNED_IDS.fetch_add(1, Ordering::Relaxed)).into()
+            }
+            (true, false) => {
+                return self
+                    .refuse(
+                        ConnectReturnCode::ClientIdentifierNotValid,
+                        "empty client id without clean session".to_string(),
+                    )
+                    .await;
+            }
+        };
+        *client_id_out = Some(client_id.clone());
+        if !connect.clean_session {
+            tracing::info!(peer = %self.peer, client_id = %client_id, "persistent sessions are not supported yet: serving clean_session=false as a clean session");
+        }
+        let (subscriber, deliveries) =
+            router.connect(client_id.clone(), self.settings.max_queued_messages);
+        let connack = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success,
+        };
+        if let Err(close) = session::write(Packet::ConnAck(connack, None), &mut self.wbuf) {
+            return close;
+        }
+        tracing::debug!(peer = %self.peer, client_id = %client_id, keep_alive = connect.keep_alive, "client connected");
+        let keep_alive = (connect.keep_alive > 0)
+            .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+        let mut session = Session::new(
+            client_id,
+            router.clone(),
+            subscriber,
+            self.settings.max_inflight,
+        );
+        let close = self
+            .session_loop(&mut session, deliveries, keep_alive, shutdown)
+            .await;
+        match close {
+            Close::Shutdown => self.drain(&mut session).await,
+            close => close,
+        }
+    }
+
+    async fn refuse(&mut self, code: ConnectReturnCode, why: String) -> Close {
+        let connack = ConnAck {
+            session_present: false,
+            code,
+        };
+        match session::write(Packet::ConnAck(connack, None), &mut self.wbuf) {
+            Ok(()) => Close::Refused(why),
+            Err(close) => close,
+        }
+    }
+
+    async fn read_connect(&mut self) -> Result<Hello, Close> {
+        loop {
+            if let Some(hello) =
+                codec::decode_connect(&mut self.rbuf, self.settings.max_packet_size)?
+            {
+                return Ok(hello);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads more bytes into the read buffer. Cancel-safe.
+    async fn fill(&mut self) -> Result<(), Close> {
+        self.rbuf.reserve(READ_CHUNK);
+        match self.stream.read_buf(&mut self.rbuf).await? {
+            0 => Err(Close::PeerClosed),
+            _ => Ok(()),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Close> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    async fn session_loop(
+        &mut self,
+        session: &mut Session,
+        mut deliveries: mpsc::Receiver<Delivery>,
+        keep_alive: Option<Duration>,
+        shutdown: &CancellationToken,
+    ) -> Close {
+        let idle_limit = keep_alive.unwrap_or(Duration::from_secs(86_400));
+        let idle = sleep_until(Instant::now() + idle_limit);
+        tokio::pin!(idle);
+        loop {
+            // Packets already buffered, as far as back-pressure allows.
+            while session.can_read() {
+                match codec::decode(&mut self.rbuf, self.settings.max_packet_size) {
+                    Ok(Some(inbound)) => {
+                        idle.as_mut().reset(Instant::now() + idle_limit);
+                        if let Err(close) = session.on_packet(inbound, &mut self.wbuf).await {
+                            return close;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return e.into(),
+                }
+            }
+            if let Err(close) = self.flush().await {
+                return close;
+            }
+            let reading = session.can_read();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Close::Shutdown,
+                _ = session.subscriber.taken_over() => return Close::TakenOver,
+                Some(committed) = session.pending.next(), if !session.pending.is_empty() => {
+                    if let Err(close) = session.on_committed(committed, &mut self.wbuf) {
+                        return close;
+                    }
+                    while let Some(Some(committed)) = session.pending.next().now_or_never() {
+                        if let Err(close) = session.on_committed(committed, &mut self.wbuf) {
+                            return close;
+                        }
+                    }
+                    if !reading {
+                        // The wait was ours, not the client's silence.
+                        idle.as_mut().reset(Instant::now() + idle_limit);
+                    }
+                }
+                read = self.stream.read_buf(&mut self.rbuf), if reading => match read {
+                    Ok(0) => return Close::PeerClosed,
+                    Ok(_) => self.rbuf.reserve(READ_CHUNK),
+                    Err(e) => return e.into(),
+                },
+                Some(delivery) = deliveries.recv(), if session.outbox.has_room() => {
+                    let mut next = Some(delivery);
+                    let mut taken = 0;
+                    while let Some(delivery) = next.take() {
+                        if let Err(e) = session.outbox.push(&delivery, &mut self.wbuf) {
+                            tracing::warn!(peer = %self.peer, client_id = %session.client_id, topic = %delivery.message.topic, error = %e, "cannot encode a delivery: dropped");
+                            metrics::counter!("edge_messages_dropped_total", "reason" => "unencodable").increment(1);
+                        } else {
+                            metrics::counter!("edge_messages_out_total", "protocol" => "mqtt").increment(1);
+                        }
+                        taken += 1;
+                        if taken < DELIVERY_BATCH && session.outbox.has_room() {
+                            next = deliveries.try_recv().ok();
+                        }
+                    }
+                }
+                _ = &mut idle, if keep_alive.is_some() && reading => {
+                    return Close::KeepAlive(idle_limit);
+                }
+            }
+        }
+    }
+
+    /// Shutdown: read nothing more, acknowledge what commits within the
+    /// drain timeout, then close.
+    async fn drain(&mut self, session: &mut Session) -> Close {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !session.pending.is_empty() {
+            match tokio::time::timeout_at(deadline, session.pending.next()).await {
+                Ok(Some(committed)) => {
+                    if let Err(close) = session.on_committed(committed, &mut self.wbuf) {
+                        return close;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(peer = %self.peer, client_id = %session.client_id, outstanding = session.pending.len(), "shutdown: commits still outstanding after {DRAIN_TIMEOUT:?}; closing without their acknowledgements");
+                    break;
+                }
+            }
+        }
+        match self.flush().await {
+            Ok(()) => Close::Shutdown,
+            Err(close) => close,
+        }
+    }
+}

@@ -1,0 +1,106 @@
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use edge_store::AppendError;
+
+/// Errors of the public API.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("cannot bind the MQTT listener on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the local address of the MQTT listener bound on {addr}: {source}")]
+    LocalAddr {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A client broke the protocol; the connection is closed, nothing else is affected.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProtocolError {
+    #[error("packet of {size} bytes exceeds max_packet_size of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    #[error("malformed packet: {0}")]
+    Malformed(rumqttd::protocol::Error),
+    #[error("unknown protocol name in CONNECT")]
+    UnknownProtocol,
+    #[error("first packet was not CONNECT (packet type {0})")]
+    NotConnect(u8),
+    #[error("second CONNECT on one connection")]
+    DuplicateConnect,
+    #[error("topic name is not UTF-8")]
+    TopicNotUtf8,
+    #[error("invalid topic name {0:?} (empty, wildcard or NUL)")]
+    InvalidTopic(String),
+    #[error("unexpected {0} packet from a client")]
+    Unexpected(&'static str),
+}
+
+impl ProtocolError {
+    /// Label of `edge_mqtt_protocol_errors_total`.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            ProtocolError::TooLarge { .. } => "packet_too_large",
+            ProtocolError::Malformed(_) => "malformed",
+            ProtocolError::UnknownProtocol => "unknown_protocol",
+            ProtocolError::NotConnect(_) => "not_connect",
+            ProtocolError::DuplicateConnect => "duplicate_connect",
+            ProtocolError::TopicNotUtf8 => "topic_not_utf8",
+            ProtocolError::InvalidTopic(_) => "invalid_topic",
+            ProtocolError::Unexpected(_) => "unexpected_packet",
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Close {
+    #[error("client sent DISCONNECT")]
+    Disconnect,
+    #[error("peer closed the socket")]
+    PeerClosed,
+    #[error("no CONNECT within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("no packet within 1.5 x keep-alive ({0:?})")]
+    KeepAlive(Duration),
+    #[error("CONNECT refused: {0}")]
+    Refused(String),
+    #[error("client id taken over by a newer connection")]
+    TakenOver,
+    #[error("gateway shutting down")]
+    Shutdown,
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("store refused a message: {0}")]
+    Store(AppendError),
+    #[error("cannot encode a packet: {0}")]
+    Encode(rumqttd::protocol::Error),
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl Close {
+    /// Label of `edge_mqtt_disconnects_total`.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Close::Disconnect => "client_disconnect",
+            Close::PeerClosed => "peer_closed",
+            Close::ConnectTimeout(_) => "connect_timeout",
+            Close::KeepAlive(_) => "keep_alive_timeout",
+            Close::Refused(_) => "connect_refused",
+            Close::TakenOver => "taken_over",
+            Close::Shutdown => "shutdown",
+            Close::Protocol(_) => "protocol_error",
+            Close::Store(AppendError::Full { .. }) => "store_full",
+            Close::Store(_) => "store_error",
+            Close::Encode(_) => "encode_error",
+            Close::Io(_) => "io_error",
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! One connected client's protocol state: publishes waiting for their
+//! commit, QoS 2 packet ids awaiting PUBREL, subscriptions (held by the
+//! router through the [`Subscriber`]) and the outbox of deliveries.
+//!
+//! Invariants:
+//! - A PUBACK/PUBREC is written only after the receipt of its PUBLISH
+//!   resolved `Ok` (the message is on disk), and acks leave in the order the
+//!   publishes arrived: `pending` is a FIFO that yields in push order.
+//! - `pending` holds at most `max_inflight` receipts; the connection stops
+//!   reading the socket while it is full.
+//! - A QoS 2 packet id is in `qos2` from its PUBLISH until its PUBREL; a
+//!   PUBLISH with an id already there is a retransmission and is not routed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use edge_core::receipt::ReceiptResult;
+use edge_core::{Message, PublishError, QoS, Receipt, Router, Subscriber, topic};
+use edge_store::AppendError;
+use futures::stream::FuturesOrdered;
+use rumqttd::protocol::{
+    self, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
+    Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
+};
+
+use crate::codec::{self, Inbound};
+use crate::error::{Close, ProtocolError};
+use crate::outbox::Outbox;
+
+/// The acknowledgement a committed publish earns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    PubAck,
+    PubRec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Qos2 {
+    /// Routed, waiting for the commit; PUBREC not sent yet.
+    Committing,
+    /// PUBREC sent, waiting for PUBREL.
+    Received,
+}
+
+/// A publish waiting for its commit.
+#[derive(Debug)]
+pub(crate) struct PendingAck {
+    pkid: u16,
+    ack: Ack,
+    topic: Arc<str>,
+    receipt: Receipt,
+}
+
+#[derive(Debug)]
+pub(crate) struct Committed {
+    pkid: u16,
+    ack: Ack,
+    topic: Arc<str>,
+    result: ReceiptResult,
+}
+
+impl Future for PendingAck {
+    type Output = Committed;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Committed> {
+        let this = self.get_mut();
+        Pin::new(&mut this.receipt)
+            .poll(cx)
+            .map(|result| Committed {
+                pkid: this.pkid,
+                ack: this.ack,
+                topic: this.topic.clone(),
+                result,
+            })
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub client_id: Arc<str>,
+    router: Router,
+    pub subscriber: Subscriber,
+    /// Receipts of QoS 1/2 publishes, in arrival order.
+    pub pending: FuturesOrdered<PendingAck>,
+    max_inflight: usize,
+    qos2: HashMap<u16, Qos2>,
+    pub outbox: Outbox,
+}
+
+impl Session {
+    pub(crate) fn new(
+        client_id: Arc<str>,
+        router: Router,
+        subscriber: Subscriber,
+        max_inflight: u16,
+    ) -> Session {
+        Session {
+            client_id,
+            router,
+            subscriber,
+            pending: FuturesOrdered::new(),
+            max_inflight: usize::from(max_inflight.max(1)),
+            qos2: HashMap::new(),
+            outbox: Outbox::new(max_inflight),
+        }
+    }
+
+    /// Whether another publish may be read (back-pressure on the socket).
+    pub(crate) fn can_read(&self) -> bool {
+        self.pending.len() < self.max_inflight
+    }
+
+    /// Handles one packet from the client, writing any reply into `out`.
+    pub(crate) async fn on_packet(
+        &mut self,
+        inbound: Inbound,
+        out: &mut BytesMut,
+    ) -> Result<(), Close> {
+        match inbound.packet {
+            Packet::Publish(publish, _) => {
+                self.on_publish(publish, inbound.qos, inbound.pkid, out)
+                    .await
+            }
+            Packet::PubAck(ack, _) => {
+                if !self.outbox.acked(ack.pkid) {
+                    tracing::debug!(client_id = %self.client_id, pkid = ack.pkid, "PUBACK for a packet id not in flight");
+                }
+                Ok(())
+            }
+            Packet::PubRel(rel, _) => {
+                self.qos2.remove(&rel.pkid);
+                let comp = PubComp {
+                    pkid: rel.pkid,
+                    reason: PubCompReason::Success,
+                };
+                write(Packet::PubComp(comp, None), out)
+            }
+            Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe, out),
+            Packet::Unsubscribe(unsubscribe, _) => self.on_unsubscribe(unsubscribe, out),
+            Packet::PingReq(_) => write(Packet::PingResp(PingResp), out),
+            Packet::Disconnect(..) => Err(Close::Disconnect),
+            Packet::Connect(..) => Err(ProtocolError::DuplicateConnect.into()),
+            // We never send QoS 2, so the client has nothing to PUBREC/PUBCOMP.
+            Packet::PubRec(..) => Err(ProtocolError::Unexpected("PUBREC").into()),
+            Packet::PubComp(..) => Err(ProtocolError::Unexpected("PUBCOMP").into()),
+            Packet::ConnAck(..) => Err(ProtocolError::Unexpected("CONNACK").into()),
+            Packet::SubAck(..) => Err(ProtocolError::Unexpected("SUBACK").into()),
+            Packet::UnsubAck(..) => Err(ProtocolError::Unexpected("UNSUBACK").into()),
+            Packet::PingResp(..) => Err(ProtocolError::Unexpected("PINGRESP").into()),
+        }
+    }
+
+    async fn on_publish(
+        &mut self,
+        publish: Publish,
+        qos: u8,
+        pkid: u16,
+        out: &mut BytesMut,
+    ) -> Result<(), Close> {
+        let topic = std::str::from_utf8(&publish.topic).map_err(|_| ProtocolError::TopicNotUtf8)?;
+        if !topic::is_valid_topic(topic) {
+            return Err(ProtocolError::InvalidTopic(topic.to_string()).into());
+        }
+        let qos =
+            QoS::from_u8(qos).ok_or(ProtocolError::Malformed(protocol::Error::InvalidQoS(qos)))?;
+        if qos == QoS::ExactlyOnce {
+            match self.qos2.get(&pkid) {
+                Some(Qos2::Committing) => return Ok(()),
+                Some(Qos2::Received) => return write(pubrec(pkid), out),
+                None => {}
+            }
+        }
+        let mut message = Message::new(topic, publish.payload, qos, self.client_id.clone());
+        message.retain = publish.retain;
+        let topic = message.topic.clone();
+        metrics::counter!("edge_messages_in_total", "protocol" => "mqtt").increment(1);
+        let receipt = match self.router.publish(message).await {
+            Ok(receipt) => receipt,
+            Err(PublishError::Store(e)) => return Err(self.refused(e, &topic)),
+        };
+        let ack = match qos {
+            // Nothing to acknowledge; the store counts what it refuses.
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => Ack::PubAck,
+            QoS::ExactlyOnce => {
+                self.qos2.insert(pkid, Qos2::Committing);
+                Ack::PubRec
+            }
+        };
+        self.pending.push_back(PendingAck {
+            pkid,
+            ack,
+            topic,
+            receipt,
+        });
+        Ok(())
+    }
+
+    /// A receipt resolved: acknowledge, or close on a refusal.
+    pub(crate) fn on_committed(
+        &mut self,
+        committed: Committed,
+        out: &mut BytesMut,
+    ) -> Result<(), Close> {
+        if let Err(e) = committed.result {
+            return Err(self.refused(e, &committed.topic));
+        }
+        match committed.ack {
+            Ack::PubAck => {
+                let ack = PubAck {
+                    pkid: committed.pkid,
+                    reason: PubAckReason::Success,
+                };
+                write(Packet::PubAck(ack, None), out)
+            }
+            Ack::PubRec => {
+                self.qos2.insert(committed.pkid, Qos2::Received);
+                write(pubrec(committed.pkid), out)
+            }
+        }
+    }
+
+    fn refused(&self, error: AppendError, topic: &str) -> Close {
+        match &error {
+            AppendError::Full {
+                live_bytes,
+                max_bytes,
+                record_bytes,
+            } => {
+                metrics::counter!("edge_messages_dropped_total", "reason" => "store_full")
+                    .increment(1);
+                tracing::warn!(
+                    client_id = %self.client_id,
+                    topic,
+                    live_bytes,
+                    max_bytes,
+                    record_bytes,
+                    "store full: message refused, not acknowledged; closing the connection"
+                );
+            }
+            _ => {
+                tracing::warn!(
+                    client_id = %self.client_id,
+                    topic,
+                    error = %error,
+                    "store did not commit the message; not acknowledged, closing the connection"
+                );
+            }
+        }
+        Close::Store(error)
+    }
+
+    fn on_subscribe(&mut self, subscribe: Subscribe, out: &mut BytesMut) -> Result<(), Close> {
+        let return_codes = subscribe
+            .filters
+            .iter()
+            .map(|filter| {
+                if !topic::is_valid_filter(&filter.path) {
+                    tracing::info!(client_id = %self.client_id, filter = %filter.path, "invalid topic filter refused");
+                    return SubscribeReasonCode::Failure;
+                }
+                let requested = QoS::from_u8(filter.qos as u8).unwrap_or(QoS::AtMostOnce);
+                let granted = self.subscriber.subscribe(&filter.path, requested);
+                tracing::debug!(client_id = %self.client_id, filter = %filter.path, granted = granted as u8, "subscribed");
+                SubscribeReasonCode::Success(match granted {
+                    QoS::AtMostOnce => protocol::QoS::AtMostOnce,
+                    QoS::AtLeastOnce => protocol::QoS::AtLeastOnce,
+                    QoS::ExactlyOnce => protocol::QoS::ExactlyOnce,
+                })
+            })
+            .collect();
+        let suback = SubAck {
+            pkid: subscribe.pkid,
+            return_codes,
+        };
+        write(Packet::SubAck(suback, None), out)
+    }
+
+    fn on_unsubscribe(
+        &mut self,
+        unsubscribe: Unsubscribe,
+        out: &mut BytesMut,
+    ) -> Result<(), Close> {
+        for filter in &unsubscribe.filters {
+            self.subscriber.unsubscribe(filter);
+        }
+        let unsuback = UnsubAck {
+            pkid: unsubscribe.pkid,
+            reasons: Vec::new(),
+        };
+        write(Packet::UnsubAck(unsuback, None), out)
+    }
+}
+
+fn pubrec(pkid: u16) -> Packet {
+    Packet::PubRec(
+        PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        },
+        None,
+    )
+}
+
+pub(crate) fn write(packet: Packet, out: &mut BytesMut) -> Result<(), Close> {
+    codec::encode(packet, out).map_err(Close::Encode)
+}
