@@ -1,1 +1,22 @@
+//! edge-upstream: forwards the durable log to a central RabbitMQ.
+//!
+//! One [`Replicator`] per configured upstream reads the log from its cursor,
+//! publishes each record over lapin with publisher confirms (at most
+//! `max_in_flight` unconfirmed), and moves the durable cursor over the
+//! contiguous prefix the broker confirmed. Returned (unroutable) records are
+//! parked in the store's dead-letter table; expired ones are dropped and
+//! counted. On link trouble it reconnects to the configured nodes in turn,
+//! with exponential back-off and jitter, and republishes from the cursor
+//! with the same `message_id`s (`<gateway id>:<seq>`).
 
+mod connector;
+mod convert;
+mod cursor;
+mod error;
+mod metrics;
+mod replicator;
+mod window;
+
+pub use convert::PUBLISHER_HEADER;
+pub use error::LinkError;
+pub use replicator::{LinkStatus, Replicator};

@@ -1,0 +1,273 @@
+//! Getting a link to the upstream: each broker node in turn, exponential
+//! back-off with jitter between failures, forever (until shutdown).
+
+use std::time::Duration;
+
+use edge_config::UpstreamConfig;
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::LinkError;
+
+/// Longest wait for one connection attempt (TCP, TLS, AMQP handshake, channel).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a clean close of a link.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Exponential back-off: the n-th consecutive failure waits a random time in
+/// `[max(min, d/2), d]` with `d = min(min * 2^n, max)`.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max: max.max(min),
+            failures: 0,
+        }
+    }
+
+    /// The delay before the next attempt; each call counts one more failure.
+    pub(crate) fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
+        let factor = 2u32.saturating_pow(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        let ceiling = self.min.saturating_mul(factor).min(self.max);
+        let floor = (ceiling / 2).max(self.min);
+        if ceiling <= floor {
+            return ceiling;
+        }
+        let span = u64::try_from((ceiling - floor).as_millis()).unwrap_or(u64::MAX);
+        floor + Duration::from_millis(rng.random_range(0..=span))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// `uri` with the password replaced by `***`, for logs.
+pub(crate) fn redact(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return uri.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+        None => uri.to_string(),
+    }
+}
+
+/// An open connection with a channel in confirm mode.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub connection: Connection,
+    pub channel: Channel,
+    /// The URI without password.
+    pub uri: String,
+}
+
+impl Link {
+    async fn open(uri: &str, properties: ConnectionProperties) -> Result<Link, lapin::Error> {
+        let connection = Connection::connect(uri, properties).await?;
+        let channel = match connection.create_channel().await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = connection.close(0, "channel failed".into()).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+        {
+            let _ = connection.close(0, "confirm.select failed".into()).await;
+            return Err(e);
+        }
+        Ok(Link {
+            connection,
+            channel,
+            uri: redact(uri),
+        })
+    }
+
+    /// Both the connection and the channel are usable.
+    pub(crate) fn is_usable(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+
+    /// Closes channel and connection, each bounded by a short timeout;
+    /// errors (the link may already be dead) are ignored.
+    pub(crate) async fn close(self, reason: &str) {
+        if self.channel.status().connected() {
+            let _ =
+                tokio::time::timeout(CLOSE_TIMEOUT, self.channel.close(200, reason.into())).await;
+        }
+        if self.connection.status().connected() {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.connection.close(200, reason.into()))
+                .await;
+        }
+    }
+}
+
+/// Opens links to one upstream, trying its nodes in turn.
+#[derive(Debug)]
+pub(crate) struct Connector {
+    upstream: String,
+    uris: Vec<String>,
+    next_uri: usize,
+    backoff: Backoff,
+    connection_name: String,
+}
+
+impl Connector {
+    pub(crate) fn new(config: &UpstreamConfig, gateway_id: &str) -> Connector {
+        Connector {
+            upstream: config.name.clone(),
+            uris: config.uris.clone(),
+            next_uri: 0,
+            backoff: Backoff::new(config.reconnect_min, config.reconnect_max),
+            connection_name: format!("edge-gateway {gateway_id} upstream {}", config.name),
+        }
+    }
+
+    /// The link has proven itself (a confirm arrived): the next failure
+    /// starts the back-off from the minimum again.
+    pub(crate) fn link_healthy(&mut self) {
+        self.backoff.reset();
+    }
+
+    /// Waits the back-off delay; false when shutdown came first.
+    pub(crate) async fn pause(&mut self, shutdown: &CancellationToken) -> bool {
+        let delay = self.backoff.next_delay(&mut rand::rng());
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// Connects to the next node, retrying forever; `None` on shutdown.
+    pub(crate) async fn connect(&mut self, shutdown: &CancellationToken) -> Option<Link> {
+        loop {
+            if self.uris.is_empty() {
+                warn!(upstream = %self.upstream, "no broker URI configured; not forwarding");
+                shutdown.cancelled().await;
+                return None;
+            }
+            let uri = self.uris[self.next_uri % self.uris.len()].clone();
+            self.next_uri = (self.next_uri + 1) % self.uris.len();
+            let properties = ConnectionProperties::default()
+                .with_connection_name(self.connection_name.as_str().into());
+            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Link::open(&uri, properties));
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                r = attempt => r,
+            };
+            let error = match result {
+                Ok(Ok(link)) => {
+                    metrics::counter!("edge_upstream_connects_total",
+                        "upstream" => self.upstream.clone(), "result" => "ok")
+                    .increment(1);
+                    info!(upstream = %self.upstream, uri = %link.uri, "upstream link up");
+                    return Some(link);
+                }
+                Ok(Err(e)) => LinkError::Connect(e),
+                Err(_) => LinkError::ConnectTimeout(CONNECT_TIMEOUT),
+            };
+            metrics::counter!("edge_upstream_connects_total",
+                "upstream" => self.upstream.clone(), "result" => "error")
+            .increment(1);
+            let delay = self.backoff.next_delay(&mut rand::rng());
+            warn!(upstream = %self.upstream, uri = %redact(&uri), %error,
+                retry_in_ms = delay.as_millis() as u64, "cannot connect to upstream broker");
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    #[test]
+    fn backoff_grows_within_bounds_with_jitter() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..50 {
+            let mut b = Backoff::new(min, max);
+            let mut ceiling = min;
+            for _ in 0..20 {
+                let d = b.next_delay(&mut rng);
+                assert!(d >= min && d <= max, "{d:?} outside [{min:?}, {max:?}]");
+                assert!(d <= ceiling, "{d:?} above this step's ceiling {ceiling:?}");
+                assert!(
+                    d >= (ceiling / 2).max(min),
+                    "{d:?} below half of {ceiling:?}"
+                );
+                ceiling = (ceiling * 2).min(max);
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_jitters_and_resets() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let max = Duration::from_secs(10);
+        let delays: std::collections::BTreeSet<Duration> = (0..20)
+            .map(|_| {
+                let mut b = Backoff::new(Duration::from_millis(100), max);
+                for _ in 0..9 {
+                    b.next_delay(&mut rng);
+                }
+                b.next_delay(&mut rng)
+            })
+            .collect();
+        assert!(delays.len() > 1, "the same step gives different delays");
+        assert!(delays.iter().all(|d| *d >= max / 2 && *d <= max));
+
+        let mut b = Backoff::new(Duration::from_millis(100), max);
+        for _ in 0..10 {
+            b.next_delay(&mut rng);
+        }
+        b.reset();
+        assert_eq!(b.next_delay(&mut rng), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn backoff_survives_huge_failure_counts() {
+        let mut b = Backoff::new(Duration::from_millis(1), Duration::from_secs(1));
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..200 {
+            assert!(b.next_delay(&mut rng) <= Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        assert_eq!(
+            redact("amqp://edge:s3cret@broker-1:5672/%2f"),
+            "amqp://edge:***@broker-1:5672/%2f"
+        );
+        assert_eq!(redact("amqps://u:p:q@h/v?x=a@b"), "amqps://u:***@h/v?x=a@b");
+        assert_eq!(redact("amqp://edge@h"), "amqp://edge@h");
+        assert_eq!(redact("amqp://h:5672"), "amqp://h:5672");
+        assert_eq!(redact("not a uri"), "not a uri");
+    }
+}

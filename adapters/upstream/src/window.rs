@@ -1,0 +1,230 @@
+//! The window of forwarded-but-not-yet-done records.
+//!
+//! Records enter in seq order. Each is either published (pending until its
+//! confirm arrives) or done at once (no route, expired). Confirms arrive in
+//! any order; the cursor moves only over the contiguous prefix of done
+//! records, so an ack for seq 7 while 5 is pending leaves the cursor at 5.
+//!
+//! Invariant: every seq below [`Window::next`] is done, and the slots hold
+//! strictly increasing seqs, all >= `next`.
+
+use std::collections::VecDeque;
+
+use edge_store::Seq;
+
+#[derive(Debug)]
+struct Slot<T> {
+    seq: Seq,
+    /// `None` for records that were done without being published.
+    item: Option<T>,
+    done: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Window<T> {
+    slots: VecDeque<Slot<T>>,
+    next: Seq,
+    in_flight: usize,
+}
+
+impl<T> Window<T> {
+    /// An empty window whose cursor is `next` (the next seq to forward).
+    pub(crate) fn new(next: Seq) -> Window<T> {
+        Window {
+            slots: VecDeque::new(),
+            next,
+            in_flight: 0,
+        }
+    }
+
+    /// The cursor: every seq below it is done.
+    pub(crate) fn next(&self) -> Seq {
+        self.next
+    }
+
+    /// Published records still waiting for their confirm.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn accepts(&self, seq: Seq) -> bool {
+        seq >= self.next && self.slots.back().is_none_or(|s| s.seq < seq)
+    }
+
+    /// Adds a published record waiting for its confirm. Seqs must increase;
+    /// a seq at or below the last one is ignored (returns false).
+    pub(crate) fn push(&mut self, seq: Seq, item: T) -> bool {
+        if !self.accepts(seq) {
+            return false;
+        }
+        self.slots.push_back(Slot {
+            seq,
+            item: Some(item),
+            done: false,
+        });
+        self.in_flight += 1;
+        true
+    }
+
+    /// Adds a record that is done without a confirm but still has to be
+    /// handled when the prefix reaches it (e.g. parked).
+    pub(crate) fn push_done(&mut self, seq: Seq, item: T) -> bool {
+        if !self.accepts(seq) {
+            return false;
+        }
+        self.slots.push_back(Slot {
+            seq,
+            item: Some(item),
+            done: true,
+        });
+        true
+    }
+
+    /// Marks a record done that needs no further handling (no route,
+    /// expired). With nothing pending the cursor moves at once.
+    pub(crate) fn skip(&mut self, seq: Seq) {
+        if !self.accepts(seq) {
+            return;
+        }
+        if self.slots.is_empty() {
+            self.next = seq + 1;
+        } else {
+            self.slots.push_back(Slot {
+                seq,
+                item: None,
+                done: true,
+            });
+        }
+    }
+
+    fn slot_mut(&mut self, seq: Seq) -> Option<&mut Slot<T>> {
+        let i = self.slots.binary_search_by_key(&seq, |s| s.seq).ok()?;
+        self.slots.get_mut(i)
+    }
+
+    /// The item of a record still in the window.
+    pub(crate) fn get_mut(&mut self, seq: Seq) -> Option<&mut T> {
+        self.slot_mut(seq)?.item.as_mut()
+    }
+
+    /// Records the confirm of `seq`; returns its item, or `None` when the
+    /// seq is unknown or was already confirmed.
+    pub(crate) fn confirm(&mut self, seq: Seq) -> Option<&mut T> {
+        let i = self.slots.binary_search_by_key(&seq, |s| s.seq).ok()?;
+        let slot = self.slots.get_mut(i)?;
+        if slot.done {
+            return None;
+        }
+        slot.done = true;
+        self.in_flight -= 1;
+        slot.item.as_mut()
+    }
+
+    /// Removes the first record if it is done and moves the cursor past it.
+    pub(crate) fn pop_done(&mut self) -> Option<(Seq, Option<T>)> {
+        if !self.slots.front().is_some_and(|s| s.done) {
+            return None;
+        }
+        let slot = self.slots.pop_front()?;
+        self.next = slot.seq + 1;
+        Some((slot.seq, slot.item))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(w: &mut Window<&'static str>) -> Vec<Seq> {
+        let mut out = Vec::new();
+        while let Some((seq, _)) = w.pop_done() {
+            out.push(seq);
+        }
+        out
+    }
+
+    #[test]
+    fn out_of_order_confirms_move_the_cursor_over_the_contiguous_prefix_only() {
+        let mut w = Window::new(5);
+        for seq in 5..=8 {
+            assert!(w.push(seq, "r"));
+        }
+        assert_eq!(w.in_flight(), 4);
+        assert!(w.confirm(7).is_some());
+        assert!(drain(&mut w).is_empty());
+        assert_eq!(w.next(), 5, "an ack for 7 while 5 is pending moves nothing");
+        assert!(w.confirm(6).is_some());
+        assert!(drain(&mut w).is_empty());
+        assert!(w.confirm(5).is_some());
+        assert_eq!(drain(&mut w), vec![5, 6, 7]);
+        assert_eq!(w.next(), 8);
+        assert_eq!(w.in_flight(), 1);
+        assert!(w.confirm(8).is_some());
+        assert_eq!(drain(&mut w), vec![8]);
+        assert_eq!(w.next(), 9);
+        assert_eq!(w.pop_done().map(|(s, _)| s), None);
+    }
+
+    #[test]
+    fn skipped_records_wait_behind_pending_ones() {
+        let mut w = Window::new(1);
+        w.skip(1);
+        assert_eq!(w.next(), 2, "nothing pending: the cursor moves at once");
+        assert!(w.push(2, "a"));
+        w.skip(3);
+        w.skip(4);
+        assert_eq!(w.next(), 2);
+        assert_eq!(w.in_flight(), 1);
+        w.confirm(2);
+        assert_eq!(drain(&mut w), vec![2, 3, 4]);
+        assert_eq!(w.next(), 5);
+    }
+
+    #[test]
+    fn gaps_in_the_log_are_jumped() {
+        let mut w = Window::new(1);
+        assert!(w.push(10, "a"));
+        w.confirm(10);
+        assert_eq!(drain(&mut w), vec![10]);
+        assert_eq!(w.next(), 11);
+        w.skip(20);
+        assert_eq!(w.next(), 21);
+    }
+
+    #[test]
+    fn duplicate_and_unknown_confirms_are_ignored() {
+        let mut w = Window::new(1);
+        assert!(w.push(1, "a"));
+        assert!(w.confirm(2).is_none());
+        assert!(w.confirm(1).is_some());
+        assert!(w.confirm(1).is_none());
+        assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn seqs_must_increase() {
+        let mut w = Window::new(3);
+        assert!(!w.push(2, "below the cursor"));
+        assert!(w.push(3, "a"));
+        assert!(!w.push(3, "again"));
+        assert!(w.push_done(4, "parked"));
+        assert_eq!(w.in_flight(), 1);
+        assert!(w.pop_done().is_none(), "3 is pending, 4 waits behind it");
+        w.confirm(3);
+        assert_eq!(drain(&mut w), vec![3, 4]);
+    }
+
+    #[test]
+    fn returned_marks_can_reach_any_slot_in_the_window() {
+        let mut w: Window<(u32, bool)> = Window::new(1);
+        w.push(1, (1, false));
+        w.push(2, (2, false));
+        if let Some(item) = w.get_mut(2) {
+            item.1 = true;
+        }
+        w.confirm(1);
+        w.confirm(2);
+        let popped: Vec<_> = std::iter::from_fn(|| w.pop_done()).collect();
+        assert_eq!(popped, vec![(1, Some((1, false))), (2, Some((2, true)))]);
+    }
+}
