@@ -192,7 +192,7 @@ mod tests {
     fn partial_packet_waits_for_more_bytes() {
         let mut buf = BytesMut::from(&[0x30, 5, 0, 1][..]);
         assert!(decode(&mut buf, 1024).unwrap().is_none());
-        buf.extend_from_slice(&[b't', b'x', b'y']);
+        buf.extend_from_slice(b"txy");
         assert!(decode(&mut buf, 1024).unwrap().is_some());
     }
 

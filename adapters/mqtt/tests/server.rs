@@ -1,0 +1,382 @@
+//! The MQTT adapter against a real store and router, with rumqttc and raw bytes.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use support::*;
+
+fn client(server: &Server, id: &str) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(id, "127.0.0.1", server.addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    AsyncClient::new(options, 64)
+}
+
+/// Polls until `f` returns Some; any connection error fails the test.
+async fn poll_until<T>(
+    events: &mut EventLoop,
+    mut f: impl FnMut(&Event) -> Option<T>,
+) -> Result<T> {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let event = events.poll().await?;
+            if let Some(t) = f(&event) {
+                return Ok(t);
+            }
+        }
+    })
+    .await
+    .context("timed out polling the client")?
+}
+
+#[tokio::test]
+async fn qos1_puback_means_the_message_is_in_the_store() -> Result<()> {
+    let server = Server::start().await?;
+    let (client, mut events) = client(&server, "durable");
+    client
+        .publish("plant/line1/temp", QoS::AtLeastOnce, false, "21.5")
+        .await?;
+    poll_until(&mut events, |e| {
+        matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())
+    })
+    .await?;
+
+    let records = server.records().await?;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].topic, "plant/line1/temp");
+    assert_eq!(&records[0].payload[..], b"21.5");
+    assert_eq!(records[0].publisher, "durable");
+    assert_eq!(records[0].qos, 1);
+    server.stop().await
+}
+
+#[tokio::test]
+async fn pipelined_qos1_publishes_are_acked_in_order_after_commit() -> Result<()> {
+    let server = Server::with(Options {
+        max_inflight: 4,
+        ..Options::default()
+    })
+    .await?;
+    let mut raw = Raw::session(server.addr, "pipeline", 30).await?;
+    // 40 publishes in one write: more than max_inflight, so the connection
+    // has to stop reading and resume as commits complete.
+    let mut burst = Vec::new();
+    for pkid in 1..=40u16 {
+        burst.extend(publish("bulk/data", &pkid.to_be_bytes(), 1, pkid, false));
+    }
+    raw.send(&burst).await?;
+    for pkid in 1..=40u16 {
+        raw.expect(&ack(PUBACK, pkid)).await?;
+    }
+    let records = server.records().await?;
+    let payloads: Vec<u16> = records
+        .iter()
+        .map(|r| u16::from_be_bytes([r.payload[0], r.payload[1]]))
+        .collect();
+    assert_eq!(payloads, (1..=40).collect::<Vec<_>>());
+    server.stop().await
+}
+
+#[tokio::test]
+async fn subscribers_receive_by_wildcard_filters() -> Result<()> {
+    let server = Server::start().await?;
+    let (sub, mut sub_events) = client(&server, "subscriber");
+    sub.subscribe("sensors/+/temp", QoS::AtLeastOnce).await?;
+    sub.subscribe("alarms/#", QoS::AtMostOnce).await?;
+    let mut subacks = 0;
+    poll_until(&mut sub_events, |e| {
+        if let Event::Incoming(Packet::SubAck(ack)) = e {
+            assert_eq!(ack.return_codes.len(), 1);
+            subacks += 1;
+        }
+        (subacks == 2).then_some(())
+    })
+    .await?;
+
+    let (publisher, mut pub_events) = client(&server, "publisher");
+    publisher
+        .publish("sensors/a/temp", QoS::AtLeastOnce, false, "1")
+        .await?;
+    publisher
+        .publish("sensors/a/humidity", QoS::AtLeastOnce, false, "2")
+        .await?;
+    publisher
+        .publish("alarms/door/open", QoS::AtMostOnce, false, "3")
+        .await?;
+    let publisher_task = tokio::spawn(async move {
+        let mut acks = 0;
+        poll_until(&mut pub_events, |e| {
+            if let Event::Incoming(Packet::PubAck(_)) = e {
+                acks += 1;
+            }
+            (acks == 2).then_some(())
+        })
+        .await
+    });
+
+    let mut received = Vec::new();
+    poll_until(&mut sub_events, |e| {
+        if let Event::Incoming(Packet::Publish(p)) = e {
+            received.push((p.topic.clone(), p.payload.clone(), p.qos));
+        }
+        (received.len() == 2).then_some(())
+    })
+    .await?;
+    // One publisher's messages fan out in order, so a wrongly matched
+    // `sensors/a/humidity` would have arrived before `alarms/door/open`.
+    assert_eq!(received[0].0, "sensors/a/temp");
+    assert_eq!(&received[0].1[..], b"1");
+    assert_eq!(received[0].2, QoS::AtLeastOnce);
+    assert_eq!(received[1].0, "alarms/door/open");
+    assert_eq!(received[1].2, QoS::AtMostOnce);
+    publisher_task.await??;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn ping_and_disconnect() -> Result<()> {
+    let server = Server::start().await?;
+    let (client, mut events) = client(&server, "pinger");
+    poll_until(&mut events, |e| {
+        matches!(e, Event::Incoming(Packet::ConnAck(_))).then_some(())
+    })
+    .await?;
+    drop(client);
+
+    let mut raw = Raw::session(server.addr, "raw-pinger", 30).await?;
+    raw.send(&PINGREQ).await?;
+    raw.expect(&PINGRESP).await?;
+    raw.send(&DISCONNECT).await?;
+    raw.expect_closed().await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn malformed_packet_closes_only_that_connection() -> Result<()> {
+    let server = Server::start().await?;
+    let mut healthy = Raw::session(server.addr, "healthy", 30).await?;
+    let mut broken = Raw::session(server.addr, "broken", 30).await?;
+    // Packet type 15 does not exist in MQTT 3.1.1.
+    broken.send(&[0xF0, 0x00]).await?;
+    broken.expect_closed().await?;
+    // A QoS 1 publish without its packet id is malformed too.
+    let mut broken = Raw::session(server.addr, "broken-2", 30).await?;
+    broken.send(&[0x32, 0x03, 0x00, 0x01, b't']).await?;
+    broken.expect_closed().await?;
+
+    healthy.send(&PINGREQ).await?;
+    healthy.expect(&PINGRESP).await?;
+    healthy
+        .send(&publish("still/working", b"ok", 1, 9, false))
+        .await?;
+    healthy.expect(&ack(PUBACK, 9)).await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn oversized_packet_closes_the_connection() -> Result<()> {
+    let server = Server::with(Options {
+        max_packet_size: 1024,
+        ..Options::default()
+    })
+    .await?;
+    let mut raw = Raw::session(server.addr, "big", 30).await?;
+    raw.send(&publish("t", &[0u8; 100], 0, 0, false)).await?;
+    raw.send(&PINGREQ).await?;
+    raw.expect(&PINGRESP).await?;
+    // Announces 4 KiB; refused from the header, before the body is sent.
+    raw.send(&[0x30, 0x80, 0x20]).await?;
+    raw.expect_closed().await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn invalid_topic_name_closes_the_connection() -> Result<()> {
+    let server = Server::start().await?;
+    let mut raw = Raw::session(server.addr, "wild", 30).await?;
+    raw.send(&publish("a/+/b", b"x", 1, 1, false)).await?;
+    raw.expect_closed().await?;
+    assert!(server.records().await?.is_empty());
+    server.stop().await
+}
+
+#[tokio::test]
+async fn silent_connection_is_closed_after_one_and_a_half_keep_alives() -> Result<()> {
+    let server = Server::start().await?;
+    let mut raw = Raw::session(server.addr, "sleepy", 1).await?;
+    let started = Instant::now();
+    raw.expect_closed().await?;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed after {waited:?}"
+    );
+    server.stop().await
+}
+
+#[tokio::test]
+async fn unsupported_protocol_levels_get_connack_0x01() -> Result<()> {
+    let server = Server::start().await?;
+    for (name, level) in [(&b"MQTT"[..], 5u8), (&b"MQIsdp"[..], 3)] {
+        let mut raw = Raw::connect(server.addr).await?;
+        raw.send(&connect(name, level, "modern", 30, true)).await?;
+        raw.expect(&[0x20, 2, 0, 0x01]).await?;
+        raw.expect_closed().await?;
+    }
+    server.stop().await
+}
+
+#[tokio::test]
+async fn client_ids() -> Result<()> {
+    let server = Server::start().await?;
+    // Empty id with clean session: one is assigned.
+    let mut raw = Raw::connect(server.addr).await?;
+    raw.send(&connect(b"MQTT", 4, "", 30, true)).await?;
+    raw.expect(&[0x20, 2, 0, 0]).await?;
+    // Empty id without clean session: identifier rejected.
+    let mut raw = Raw::connect(server.addr).await?;
+    raw.send(&connect(b"MQTT", 4, "", 30, false)).await?;
+    raw.expect(&[0x20, 2, 0, 0x02]).await?;
+    raw.expect_closed().await?;
+    // clean_session = false with an id is served (as a clean session).
+    let mut raw = Raw::connect(server.addr).await?;
+    raw.send(&connect(b"MQTT", 4, "keeper", 30, false)).await?;
+    raw.expect(&[0x20, 2, 0, 0]).await?;
+    // The first packet must be CONNECT.
+    let mut raw = Raw::connect(server.addr).await?;
+    raw.send(&PINGREQ).await?;
+    raw.expect_closed().await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn qos2_is_stored_once_and_completed() -> Result<()> {
+    let server = Server::start().await?;
+    let mut raw = Raw::session(server.addr, "exactly", 30).await?;
+    raw.send(&publish("q2/topic", b"once", 2, 5, false)).await?;
+    raw.expect(&ack(PUBREC, 5)).await?;
+    // A retransmission before PUBREL is answered but not routed again.
+    raw.send(&publish("q2/topic", b"once", 2, 5, true)).await?;
+    raw.expect(&ack(PUBREC, 5)).await?;
+    raw.send(&ack(PUBREL, 5)).await?;
+    raw.expect(&ack(PUBCOMP, 5)).await?;
+    let records = server.records().await?;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].qos, 2);
+    server.stop().await
+}
+
+#[tokio::test]
+async fn invalid_filter_gets_a_failure_code() -> Result<()> {
+    let server = Server::start().await?;
+    let mut raw = Raw::session(server.addr, "filters", 30).await?;
+    raw.send(&subscribe(3, &[("a/#/b", 1), ("a/+", 2), ("x/#", 0)]))
+        .await?;
+    // 0x80 for the invalid one; QoS 2 is granted as 1.
+    raw.expect(&[0x90, 5, 0, 3, 0x80, 0x01, 0x00]).await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn qos1_delivery_window_and_acks() -> Result<()> {
+    let server = Server::with(Options {
+        max_inflight: 2,
+        ..Options::default()
+    })
+    .await?;
+    let mut sub = Raw::session(server.addr, "slow-sub", 30).await?;
+    sub.send(&subscribe(1, &[("feed", 1)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 1]).await?;
+    let mut publisher = Raw::session(server.addr, "feeder", 30).await?;
+    for pkid in 1..=3u16 {
+        publisher
+            .send(&publish("feed", &[pkid as u8], 1, pkid, false))
+            .await?;
+        publisher.expect(&ack(PUBACK, pkid)).await?;
+    }
+    // Two in flight; the third waits for an ack.
+    sub.expect(&publish("feed", &[1], 1, 1, false)).await?;
+    sub.expect(&publish("feed", &[2], 1, 2, false)).await?;
+    sub.send(&ack(PUBACK, 1)).await?;
+    sub.expect(&publish("feed", &[3], 1, 3, false)).await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn same_client_id_takes_over_the_old_connection() -> Result<()> {
+    let server = Server::start().await?;
+    let mut old = Raw::session(server.addr, "twin", 30).await?;
+    let mut new = Raw::session(server.addr, "twin", 30).await?;
+    old.expect_closed().await?;
+    new.send(&PINGREQ).await?;
+    new.expect(&PINGRESP).await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed() -> Result<()> {
+    let server = Server::with(Options {
+        max_connections: 1,
+        ..Options::default()
+    })
+    .await?;
+    let mut first = Raw::session(server.addr, "first", 30).await?;
+    let mut second = Raw::connect(server.addr).await?;
+    second.expect_closed().await?;
+    first.send(&PINGREQ).await?;
+    first.expect(&PINGRESP).await?;
+    // The slot is free again once the first leaves.
+    first.send(&DISCONNECT).await?;
+    first.expect_closed().await?;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut third = Raw::connect(server.addr).await?;
+        third.send(&connect(b"MQTT", 4, "third", 30, true)).await?;
+        // The permit is released just after the socket closes; retry until then.
+        if third.expect(&[0x20, 2, 0, 0]).await.is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("slot never freed");
+        }
+        tokio::task::yield_now().await;
+    }
+    server.stop().await
+}
+
+#[tokio::test]
+async fn store_full_closes_without_puback() -> Result<()> {
+    let server = Server::with(Options {
+        max_bytes: 4096,
+        ..Options::default()
+    })
+    .await?;
+    let mut raw = Raw::session(server.addr, "filler", 30).await?;
+    raw.send(&publish("fill", &[7u8; 1000], 1, 1, false))
+        .await?;
+    raw.expect(&ack(PUBACK, 1)).await?;
+    raw.send(&publish("fill", &[7u8; 8000], 1, 2, false))
+        .await?;
+    raw.expect_closed().await?;
+    assert_eq!(server.records().await?.len(), 1);
+    server.stop().await
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_and_returns() -> Result<()> {
+    let server = Server::start().await?;
+    let mut raw = Raw::session(server.addr, "leaver", 30).await?;
+    raw.send(&publish("last/words", b"bye", 1, 1, false))
+        .await?;
+    raw.expect(&ack(PUBACK, 1)).await?;
+    let addr = server.addr;
+    server.stop().await?;
+    raw.expect_closed().await?;
+    assert!(
+        Raw::connect(addr).await.is_err(),
+        "listener still accepting"
+    );
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! A real store, router and listener on 127.0.0.1:0, and a raw-bytes client.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use edge_config::MqttConfig;
+use edge_core::{Router, Routes};
+use edge_mqtt::MqttListener;
+use edge_store::{Record, Store, StoreOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound on any single wait in these tests; expiring it is a failure.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub store: Store,
+    pub router: Router,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Clone)]
+pub struct Options {
+    pub max_bytes: u64,
+    pub max_packet_size: usize,
+    pub max_connections: usize,
+    pub max_inflight: u16,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            max_bytes: 64 << 20,
+            max_packet_size: 64 * 1024,
+            max_connections: 100,
+            max_inflight: 16,
+        }
+    }
+}
+
+impl Server {
+    pub async fn start() -> Result<Server> {
+        Server::with(Options::default()).await
+    }
+
+    pub async fn with(options: Options) -> Result<Server> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(
+            dir.path(),
+            StoreOptions {
+                max_bytes: options.max_bytes,
+                batch_max_messages: NonZeroUsize::new(1024).context("nonzero")?,
+                batch_max_bytes: NonZeroUsize::new(4 << 20).context("nonzero")?,
+                inbox_capacity: NonZeroUsize::new(1024).context("nonzero")?,
+                cursors: Vec::new(),
+            },
+        )?;
+        let router = Router::new(store.clone(), Routes::new(Vec::new()));
+        let config = MqttConfig {
+            listen: "127.0.0.1:0".parse()?,
+            max_connections: NonZeroUsize::new(options.max_connections).context("nonzero")?,
+            max_packet_size: NonZeroUsize::new(options.max_packet_size).context("nonzero")?,
+            connect_timeout: Duration::from_secs(5),
+            max_inflight: NonZeroU16::new(options.max_inflight).context("nonzero")?,
+            max_queued_messages: NonZeroUsize::new(1000).context("nonzero")?,
+        };
+        let listener = MqttListener::bind(&config).await?;
+        let addr = listener.local_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(listener.run(router.clone(), shutdown.clone()));
+        Ok(Server {
+            addr,
+            store,
+            router,
+            shutdown,
+            task,
+            _dir: dir,
+        })
+    }
+
+    /// Every record in the log, in order.
+    pub async fn records(&self) -> Result<Vec<Record>> {
+        let store = self.store.clone();
+        let records =
+            tokio::task::spawn_blocking(move || store.read(1, 10_000, usize::MAX)).await??;
+        Ok(records.into_iter().map(|(_, r)| r).collect())
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .context("listener did not stop")??;
+        Ok(())
+    }
+}
+
+/// A client speaking raw bytes.
+pub struct Raw {
+    pub stream: TcpStream,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Result<Raw> {
+        Ok(Raw {
+            stream: TcpStream::connect(addr).await?,
+        })
+    }
+
+    /// Connects and completes a 3.1.1 handshake.
+    pub async fn session(addr: SocketAddr, client_id: &str, keep_alive: u16) -> Result<Raw> {
+        let mut raw = Raw::connect(addr).await?;
+        raw.send(&connect(b"MQTT", 4, client_id, keep_alive, true))
+            .await?;
+        raw.expect(&[0x20, 2, 0, 0]).await?;
+        Ok(raw)
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Reads exactly `expected.len()` bytes and compares them.
+    pub async fn expect(&mut self, expected: &[u8]) -> Result<()> {
+        let mut got = vec![0; expected.len()];
+        tokio::time::timeout(PATIENCE, self.stream.read_exact(&mut got))
+            .await
+            .context("timed out waiting for bytes")??;
+        if got != expected {
+            bail!("expected {expected:02x?}, got {got:02x?}");
+        }
+        Ok(())
+    }
+
+    /// Waits until the server closes the connection, failing on any byte.
+    pub async fn expect_closed(&mut self) -> Result<()> {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(PATIENCE, self.stream.read(&mut buf)).await {
+            Err(_) => bail!("connection still open after {PATIENCE:?}"),
+            Ok(Ok(0)) => Ok(()),
+            Ok(Ok(n)) => bail!("expected close, got {:02x?}", &buf[..n]),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+}
+
+fn remaining_length(out: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            return;
+        }
+    }
+}
+
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    remaining_length(&mut out, body.len());
+    out.extend_from_slice(body);
+    out
+}
+
+fn string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+pub fn connect(name: &[u8], level: u8, client_id: &str, keep_alive: u16, clean: bool) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(&mut body, name);
+    body.push(level);
+    body.push(if clean { 0x02 } else { 0 });
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    if level == 5 {
+        body.push(0); // no properties
+    }
+    string(&mut body, client_id.as_bytes());
+    packet(0x10, &body)
+}
+
+pub fn publish(topic: &str, payload: &[u8], qos: u8, pkid: u16, dup: bool) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(&mut body, topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1) | (u8::from(dup) << 3), &body)
+}
+
+pub fn subscribe(pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    for (filter, qos) in filters {
+        string(&mut body, filter.as_bytes());
+        body.push(*qos);
+    }
+    packet(0x82, &body)
+}
+
+pub fn ack(kind: u8, pkid: u16) -> Vec<u8> {
+    let [hi, lo] = pkid.to_be_bytes();
+    vec![kind, 2, hi, lo]
+}
+
+pub const PUBACK: u8 = 0x40;
+pub const PUBREC: u8 = 0x50;
+pub const PUBREL: u8 = 0x62;
+pub const PUBCOMP: u8 = 0x70;
+pub const PINGREQ: [u8; 2] = [0xC0, 0];
+pub const PINGRESP: [u8; 2] = [0xD0, 0];
+pub const DISCONNECT: [u8; 2] = [0xE0, 0];
