@@ -74,7 +74,9 @@ impl TestGatewayBuilder {
 
     /// Sets `table.key = value`, `value` being raw TOML (`"\"4KiB\""`, `16`).
     pub fn set(mut self, dotted_key: &str, toml_value: &str) -> Self {
-        let (table, key) = dotted_key.split_once('.').unwrap_or(("gateway", dotted_key));
+        let (table, key) = dotted_key
+            .split_once('.')
+            .unwrap_or(("gateway", dotted_key));
         self.settings
             .push((table.to_string(), key.to_string(), toml_value.to_string()));
         self
@@ -151,7 +153,10 @@ impl TestGatewayBuilder {
                     "shutdown_grace = \"5s\"".into(),
                 ],
             ),
-            ("mqtt".into(), vec![format!("listen = {}", quote(mqtt_listen))]),
+            (
+                "mqtt".into(),
+                vec![format!("listen = {}", quote(mqtt_listen))],
+            ),
             (
                 "metrics".into(),
                 vec![format!("listen = {}", quote(metrics_listen))],
@@ -315,19 +320,21 @@ impl GatewayProcess {
         let addr = self.metrics_addr();
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    self.child = None;
-                    bail!(
-                        "gateway exited during startup ({status}); log:\n{}",
-                        self.log()
-                    );
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                bail!(
+                    "gateway exited during startup ({status}); log:\n{}",
+                    self.log()
+                );
             }
-            if crate::http::get(addr, "/healthz").await.is_ok() {
-                if tokio::net::TcpStream::connect(self.mqtt_addr()).await.is_ok() {
-                    return Ok(());
-                }
+            if crate::http::get(addr, "/healthz").await.is_ok()
+                && tokio::net::TcpStream::connect(self.mqtt_addr())
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 bail!(

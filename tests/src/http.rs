@@ -59,7 +59,11 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         if !labels.iter().all(|l| label_set.contains(l)) {
             continue;
         }
-        if let Some(v) = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) {
+        if let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
             *found.get_or_insert(0.0) += v;
         }
     }

@@ -47,6 +47,7 @@ pub struct Publisher {
     client_id: String,
     inflight: u16,
     stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
 }
 
 impl Publisher {
@@ -56,6 +57,7 @@ impl Publisher {
             client_id: client_id.to_string(),
             inflight: 100,
             stop: Arc::new(AtomicBool::new(false)),
+            acked: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -69,6 +71,11 @@ impl Publisher {
     /// still get their PUBACKs awaited.
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
+    }
+
+    /// PUBACKs received so far (live, while `run` is going).
+    pub fn acked_counter(&self) -> Arc<AtomicU64> {
+        self.acked.clone()
     }
 
     /// Publishes `count` QoS 1 messages in order and waits for their
@@ -106,7 +113,15 @@ impl Publisher {
                 done.store(true, Ordering::Release);
             })
         };
-        let report = drive(eventloop, count, timeout, &enqueued, &done_sending).await;
+        let report = drive(
+            eventloop,
+            count,
+            timeout,
+            &enqueued,
+            &done_sending,
+            &self.acked,
+        )
+        .await;
         sender.abort();
         let _ = client.try_disconnect();
         report
@@ -119,6 +134,7 @@ async fn drive(
     timeout: Duration,
     enqueued: &AtomicU64,
     done_sending: &AtomicBool,
+    acked: &AtomicU64,
 ) -> PublishReport {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut report = PublishReport::default();
@@ -156,6 +172,7 @@ async fn drive(
             Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
                 if let Some(i) = in_flight.remove(&ack.pkid) {
                     report.acked.push(i);
+                    acked.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Ok(Ok(_)) => {}

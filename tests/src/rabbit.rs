@@ -81,7 +81,12 @@ impl RabbitNode {
         std::fs::write(base.join("enabled_plugins"), "[].\n").context("writing enabled_plugins")?;
         if is_root() {
             // The Debian wrapper drops to the `rabbitmq` user.
-            run_checked(Command::new("chown").arg("-R").arg("rabbitmq:rabbitmq").arg(&base))?;
+            run_checked(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg("rabbitmq:rabbitmq")
+                    .arg(&base),
+            )?;
             // TempDir is created 0700; the node's user must be able to enter it.
             run_checked(Command::new("chmod").arg("0755").arg(&base))?;
         }
@@ -122,7 +127,10 @@ impl RabbitNode {
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_MNESIA_BASE", self.base.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", self.base.join("log"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.base.join("enabled_plugins"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.base.join("enabled_plugins"),
+            )
             .env("RABBITMQ_PID_FILE", self.pid_file())
             .env("HOME", self.base.join("home"))
             .stdin(Stdio::null());
@@ -294,11 +302,11 @@ impl RabbitNode {
 
 impl Drop for RabbitNode {
     fn drop(&mut self) {
-        if self.running {
-            if let Err(e) = self.stop() {
-                eprintln!("rabbit: {e:#}; killing it");
-                let _ = self.kill();
-            }
+        if self.running
+            && let Err(e) = self.stop()
+        {
+            eprintln!("rabbit: {e:#}; killing it");
+            let _ = self.kill();
         }
     }
 }

@@ -1,0 +1,125 @@
+//! Bad configuration: exit code 64, every problem named, nothing started.
+
+use edge_tests::free_port;
+use edge_tests::gateway::run_binary;
+
+use crate::gateway_bin;
+
+const EX_CONFIG: i32 = 64;
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn check_config_lists_every_problem_with_key_and_allowed_values() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = write(
+        &dir,
+        "bad.toml",
+        r##"
+[mqtt]
+listen = "everywhere"
+
+[store]
+when_full = "explode"
+
+[[route]]
+name = "r"
+filter = "a/#/b"
+upstream = "nowhere"
+"##,
+    );
+    let (code, out) = run_binary(gateway_bin(), &["check-config", &file]).await?;
+    assert_eq!(code, Some(EX_CONFIG), "output:\n{out}");
+    for needle in [
+        "mqtt.listen",
+        "everywhere",
+        "store.when_full",
+        "explode",
+        "\"reject\"",
+        "route[0].filter",
+        "route[0].upstream",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn check_config_accepts_a_good_file() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = write(
+        &dir,
+        "good.toml",
+        r##"
+[gateway]
+id = "edge-1"
+
+[[upstream]]
+name = "central"
+uris = ["amqp://guest:guest@127.0.0.1:5672/%2f"]
+
+[[route]]
+name = "all"
+filter = "#"
+upstream = "central"
+"##,
+    );
+    let (code, out) = run_binary(gateway_bin(), &["check-config", &file]).await?;
+    assert_eq!(code, Some(0), "output:\n{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_key_is_named() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = write(
+        &dir,
+        "typo.toml",
+        "[mqtt]\nlisten_addr = \"127.0.0.1:1883\"\n",
+    );
+    let (code, out) = run_binary(gateway_bin(), &["check-config", &file]).await?;
+    assert_eq!(code, Some(EX_CONFIG), "output:\n{out}");
+    assert!(out.contains("listen_addr"), "unknown key not named:\n{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn running_with_a_bad_config_exits_64_before_starting_anything() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let data_dir = dir.path().join("data");
+    let file = write(
+        &dir,
+        "bad.toml",
+        &format!(
+            "[gateway]\ndata_dir = {:?}\n\n[mqtt]\nlisten = \"127.0.0.1:{port}\"\n\n[store]\nmax_bytes = \"lots\"\n",
+            data_dir.display().to_string()
+        ),
+    );
+    let (code, out) = run_binary(gateway_bin(), &["--config", &file]).await?;
+    assert_eq!(code, Some(EX_CONFIG), "output:\n{out}");
+    assert!(out.contains("store.max_bytes"), "bad key not named:\n{out}");
+    assert!(
+        !data_dir.exists(),
+        "the store was created despite the bad config"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_config_file_is_named_and_fails() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("nope.toml").display().to_string();
+    let (code, out) = run_binary(gateway_bin(), &["--config", &missing]).await?;
+    // EX_CONFIG or EX_NOINPUT (sysexits.h) both say what happened.
+    assert!(
+        matches!(code, Some(64 | 66)),
+        "exit code {code:?}, output:\n{out}"
+    );
+    assert!(out.contains("nope.toml"), "file not named:\n{out}");
+    Ok(())
+}
