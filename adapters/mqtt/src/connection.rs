@@ -206,10 +206,11 @@ impl Connection {
         }
     }
 
+    /// Writes the write buffer out. Cancel-safe: the buffer is advanced by
+    /// what was written, so a later flush continues where this one stopped.
     async fn flush(&mut self) -> Result<(), Close> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
+            self.stream.write_all_buf(&mut self.wbuf).await?;
         }
         Ok(())
     }
@@ -238,7 +239,13 @@ impl Connection {
                     Err(e) => return e.into(),
                 }
             }
-            if let Err(close) = self.flush().await {
+            // A client that does not read must not hold up shutdown.
+            let flushed = tokio::select! {
+                biased;
+                flushed = self.flush() => flushed,
+                _ = shutdown.cancelled() => return Close::Shutdown,
+            };
+            if let Err(close) = flushed {
                 return close;
             }
             let reading = session.can_read();
@@ -288,8 +295,8 @@ impl Connection {
         }
     }
 
-    /// Shutdown: read nothing more, acknowledge what commits within the
-    /// drain timeout, then close.
+    /// Shutdown: read nothing more, and acknowledge what commits within the
+    /// drain timeout; `serve` then flushes (bounded) and closes.
     async fn drain(&mut self, session: &mut Session) -> Close {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while !session.pending.is_empty() {
@@ -306,9 +313,6 @@ impl Connection {
                 }
             }
         }
-        match self.flush().await {
-            Ok(()) => Close::Shutdown,
-            Err(close) => close,
-        }
+        Close::Shutdown
     }
 }

@@ -380,3 +380,38 @@ async fn shutdown_closes_connections_and_returns() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn shutdown_still_acks_publishes_whose_commit_is_under_way() -> Result<()> {
+    let (server, gate) = Server::gated(Options::default()).await?;
+    let mut raw = Raw::session(server.addr, "in-flight", 30).await?;
+    gate.close();
+    raw.send(&publish("late/commit", b"1", 1, 1, false)).await?;
+    gate.holding().await?;
+    // The publish is read and its commit is under way: shut down now.
+    server.shutdown.cancel();
+    gate.open();
+    raw.expect(&ack(PUBACK, 1)).await?;
+    raw.expect_closed().await?;
+    assert_eq!(server.records().await?.len(), 1);
+    server.stop().await
+}
+
+#[tokio::test]
+async fn puback_waits_for_the_commit_while_reading_goes_on() -> Result<()> {
+    let (server, gate) = Server::gated(Options::default()).await?;
+    let mut raw = Raw::session(server.addr, "patient", 30).await?;
+    gate.close();
+    raw.send(&publish("held/1", b"a", 1, 1, false)).await?;
+    gate.holding().await?;
+    raw.send(&publish("held/2", b"b", 1, 2, false)).await?;
+    raw.send(&PINGREQ).await?;
+    // Both publishes were read before the ping, yet nothing is committed:
+    // the ping is answered first and no PUBACK precedes it.
+    raw.expect(&PINGRESP).await?;
+    gate.open();
+    raw.expect(&ack(PUBACK, 1)).await?;
+    raw.expect(&ack(PUBACK, 2)).await?;
+    assert_eq!(server.records().await?.len(), 2);
+    server.stop().await
+}

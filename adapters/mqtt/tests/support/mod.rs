@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroUsize};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -11,6 +12,8 @@ use edge_config::MqttConfig;
 use edge_core::{Router, Routes};
 use edge_mqtt::MqttListener;
 use edge_store::{Record, Store, StoreOptions};
+use redb::StorageBackend;
+use redb::backends::InMemoryBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -54,16 +57,23 @@ impl Server {
 
     pub async fn with(options: Options) -> Result<Server> {
         let dir = tempfile::tempdir()?;
-        let store = Store::open(
-            dir.path(),
-            StoreOptions {
-                max_bytes: options.max_bytes,
-                batch_max_messages: NonZeroUsize::new(1024).context("nonzero")?,
-                batch_max_bytes: NonZeroUsize::new(4 << 20).context("nonzero")?,
-                inbox_capacity: NonZeroUsize::new(1024).context("nonzero")?,
-                cursors: Vec::new(),
-            },
-        )?;
+        let store = Store::open(dir.path(), store_options(&options)?)?;
+        Server::on(store, dir, options).await
+    }
+
+    /// A server whose store commits only while `gate` is open.
+    pub async fn gated(options: Options) -> Result<(Server, Gate)> {
+        let dir = tempfile::tempdir()?;
+        let gate = Gate::default();
+        let backend = GatedBackend {
+            inner: InMemoryBackend::new(),
+            gate: gate.clone(),
+        };
+        let store = Store::open_with_backend(backend, dir.path(), store_options(&options)?)?;
+        Ok((Server::on(store, dir, options).await?, gate))
+    }
+
+    async fn on(store: Store, dir: tempfile::TempDir, options: Options) -> Result<Server> {
         let router = Router::new(store.clone(), Routes::new(Vec::new()));
         let config = MqttConfig {
             listen: "127.0.0.1:0".parse()?,
@@ -101,6 +111,99 @@ impl Server {
             .await
             .context("listener did not stop")??;
         Ok(())
+    }
+}
+
+fn store_options(options: &Options) -> Result<StoreOptions> {
+    Ok(StoreOptions {
+        max_bytes: options.max_bytes,
+        batch_max_messages: NonZeroUsize::new(1024).context("nonzero")?,
+        batch_max_bytes: NonZeroUsize::new(4 << 20).context("nonzero")?,
+        inbox_capacity: NonZeroUsize::new(1024).context("nonzero")?,
+        cursors: Vec::new(),
+    })
+}
+
+/// Holds the store's fsyncs (and so its commits) while closed.
+#[derive(Debug, Clone, Default)]
+pub struct Gate {
+    inner: Arc<GateInner>,
+}
+
+#[derive(Debug, Default)]
+struct GateInner {
+    closed: Mutex<bool>,
+    opened: Condvar,
+    /// Notified whenever a sync finds the gate closed.
+    held: tokio::sync::Notify,
+}
+
+impl Gate {
+    pub fn close(&self) {
+        *self
+            .inner
+            .closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
+    }
+
+    pub fn open(&self) {
+        *self
+            .inner
+            .closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = false;
+        self.inner.opened.notify_all();
+    }
+
+    /// Resolves once a commit is waiting at the closed gate.
+    pub async fn holding(&self) -> Result<()> {
+        tokio::time::timeout(PATIENCE, self.inner.held.notified())
+            .await
+            .context("no commit reached the gate")
+    }
+
+    fn pass(&self) {
+        let mut closed = self
+            .inner
+            .closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *closed {
+            self.inner.held.notify_one();
+        }
+        while *closed {
+            closed = self
+                .inner
+                .opened
+                .wait(closed)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GatedBackend {
+    inner: InMemoryBackend,
+    gate: Gate,
+}
+
+impl StorageBackend for GatedBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.gate.pass();
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write(offset, data)
     }
 }
 
