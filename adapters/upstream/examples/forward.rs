@@ -35,7 +35,7 @@ const QUEUE: &str = "edge-forward-example";
 const GATEWAY: &str = "gw-example";
 
 fn topic_of(i: u64) -> String {
-    if i % 100 == 0 {
+    if matches!(i % 100, 0) {
         format!("other/{i}")
     } else if i % 250 == 125 {
         format!("lost/{i}")
@@ -45,7 +45,7 @@ fn topic_of(i: u64) -> String {
 }
 
 fn forwarded(i: u64) -> bool {
-    !(i % 100 == 0 || i % 250 == 125)
+    !(matches!(i % 100, 0) || i % 250 == 125)
 }
 
 /// Consumes the queue until cancelled, reconnecting while the broker is away;

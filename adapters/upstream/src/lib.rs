@@ -13,6 +13,7 @@ mod connector;
 mod convert;
 mod cursor;
 mod error;
+mod forwarder;
 mod metrics;
 mod replicator;
 mod window;

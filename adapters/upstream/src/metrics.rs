@@ -33,10 +33,13 @@ impl UpstreamMetrics {
         let u = upstream.to_string();
         UpstreamMetrics {
             link_up: metrics::gauge!("edge_upstream_link_up", "upstream" => u.clone()),
-            backlog_messages: metrics::gauge!("edge_upstream_backlog_messages", "upstream" => u.clone()),
+            backlog_messages: metrics::gauge!("edge_upstream_backlog_messages",
+                "upstream" => u.clone()),
             backlog_bytes: metrics::gauge!("edge_upstream_backlog_bytes", "upstream" => u.clone()),
-            oldest_unforwarded: metrics::gauge!("edge_upstream_oldest_unforwarded_seconds", "upstream" => u.clone()),
-            confirm_seconds: metrics::histogram!("edge_upstream_confirm_seconds", "upstream" => u.clone()),
+            oldest_unforwarded: metrics::gauge!("edge_upstream_oldest_unforwarded_seconds",
+                "upstream" => u.clone()),
+            confirm_seconds: metrics::histogram!("edge_upstream_confirm_seconds",
+                "upstream" => u.clone()),
             nacks: metrics::counter!("edge_upstream_nacks_total", "upstream" => u.clone()),
             forwarded: HashMap::new(),
             expired: HashMap::new(),

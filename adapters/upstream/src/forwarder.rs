@@ -1,0 +1,447 @@
+//! The forwarding loop over one link: read the log, publish, collect
+//! confirms, settle the done prefix. The invariants are listed in
+//! `replicator.rs`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use edge_core::Routes;
+use edge_store::{Record, Seq, Store, StoreError};
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use lapin::options::BasicPublishOptions;
+use lapin::{Confirmation, PublisherConfirm};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::connector::{Connector, Link};
+use crate::convert::{self, Lifetime};
+use crate::cursor::CursorFlusher;
+use crate::error::LinkError;
+use crate::metrics::UpstreamMetrics;
+use crate::window::Window;
+
+/// How often the watchdog, the link check and the expiry summary run.
+const TICK: Duration = Duration::from_secs(1);
+/// How long shutdown waits for outstanding confirms.
+const SHUTDOWN_CONFIRM_WAIT: Duration = Duration::from_secs(2);
+/// Most records read from the log at once.
+const READ_MAX_MESSAGES: usize = 1024;
+/// Roughly the most bytes read from the log at once.
+const READ_MAX_BYTES: usize = 4 << 20;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A record in the window.
+#[derive(Debug)]
+struct InFlight {
+    record: Record,
+    route: String,
+    published_at: Instant,
+    /// Set when the record goes to the dead-letter table instead.
+    park: Option<Park>,
+}
+
+#[derive(Debug)]
+struct Park {
+    kind: &'static str,
+    reason: String,
+}
+
+/// A publisher confirm that knows its seq.
+struct Tagged {
+    seq: Seq,
+    confirm: PublisherConfirm,
+}
+
+impl Future for Tagged {
+    type Output = (Seq, lapin::Result<Confirmation>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let seq = self.seq;
+        Pin::new(&mut self.confirm).poll(cx).map(|r| (seq, r))
+    }
+}
+
+/// Records expired in the current stretch, summarised in one log line per route.
+#[derive(Debug, Default)]
+struct Expired(BTreeMap<String, (u64, Seq, Seq)>);
+
+impl Expired {
+    fn note(&mut self, route: &str, seq: Seq) {
+        let e = self.0.entry(route.to_string()).or_insert((0, seq, seq));
+        e.0 += 1;
+        e.2 = seq;
+    }
+
+    fn log(&mut self, upstream: &str) {
+        for (route, (count, first, last)) in std::mem::take(&mut self.0) {
+            warn!(upstream, route = %route, count, first_seq = first, last_seq = last,
+                "messages expired before they could be forwarded; dropped");
+        }
+    }
+}
+
+/// Per-link state; dropped with the link.
+struct Session {
+    window: Window<InFlight>,
+    /// Read from the log, not yet published.
+    buffer: VecDeque<(Seq, Record)>,
+    read_from: Seq,
+    confirms: FuturesUnordered<Tagged>,
+    /// Last confirm, or the publish that started a wait for one.
+    last_progress: Instant,
+    expired: Expired,
+}
+
+enum Flow {
+    Continue,
+    Shutdown,
+}
+
+/// Forwarding state that outlives a link.
+pub(crate) struct Forwarder {
+    pub(crate) name: String,
+    pub(crate) gateway_id: String,
+    pub(crate) routes: Routes,
+    pub(crate) store: Store,
+    pub(crate) max_in_flight: usize,
+    pub(crate) confirm_timeout: Duration,
+    pub(crate) metrics: UpstreamMetrics,
+    pub(crate) flusher: CursorFlusher,
+    /// First seq not done (the in-memory cursor); shared with the reporter.
+    pub(crate) position: Arc<AtomicU64>,
+}
+
+impl Forwarder {
+    pub(crate) fn position(&self) -> Seq {
+        self.position.load(Ordering::Relaxed)
+    }
+
+    fn set_position(&self, next: Seq) {
+        self.position.store(next, Ordering::Relaxed);
+        self.flusher.set(next);
+    }
+
+    /// Forwards over one link until shutdown (`Ok`) or link trouble (`Err`).
+    pub(crate) async fn session(
+        &mut self,
+        link: &Link,
+        connector: &mut Connector,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LinkError> {
+        let start = self.position();
+        let mut s = Session {
+            window: Window::new(start),
+            buffer: VecDeque::new(),
+            read_from: start,
+            confirms: FuturesUnordered::new(),
+            last_progress: Instant::now(),
+            expired: Expired::default(),
+        };
+        let mut committed = self.store.committed();
+        let mut committed_open = true;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            while s.window.in_flight() < self.max_in_flight && !shutdown.is_cancelled() {
+                if s.buffer.is_empty() {
+                    s.expired.log(&self.name);
+                    let last_committed = *committed.borrow_and_update();
+                    if !self.refill(&mut s, last_committed).await {
+                        break;
+                    }
+                    continue;
+                }
+                let Some((seq, record)) = s.buffer.pop_front() else {
+                    break;
+                };
+                if let Flow::Shutdown = self.forward(link, &mut s, seq, record, shutdown).await? {
+                    break;
+                }
+            }
+            self.settle(&mut s).await?;
+            let idle = s.buffer.is_empty() && s.window.in_flight() < self.max_in_flight;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.drain(&mut s).await;
+                    return Ok(());
+                }
+                Some((seq, result)) = s.confirms.next(), if !s.confirms.is_empty() => {
+                    self.on_confirm(&mut s, seq, result)?;
+                    while let Some(Some((seq, result))) = s.confirms.next().now_or_never() {
+                        self.on_confirm(&mut s, seq, result)?;
+                    }
+                    connector.link_healthy();
+                }
+                changed = committed.changed(), if idle && committed_open => {
+                    committed_open = changed.is_ok();
+                }
+                _ = tick.tick() => {
+                    s.expired.log(&self.name);
+                    if !link.is_usable() {
+                        return Err(LinkError::Lost);
+                    }
+                    if link.connection.status().blocked() {
+                        // Confirms cannot come while the broker blocks us.
+                        s.last_progress = Instant::now();
+                    }
+                    let waited = s.last_progress.elapsed();
+                    if s.window.in_flight() > 0 && waited > self.confirm_timeout {
+                        return Err(LinkError::Watchdog { waited, in_flight: s.window.in_flight() });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the next batch into the buffer; false when there is nothing
+    /// (more) to read now.
+    async fn refill(&mut self, s: &mut Session, last_committed: Seq) -> bool {
+        let mut max = READ_MAX_MESSAGES.min(self.max_in_flight.max(64));
+        loop {
+            let from = s.read_from;
+            if from > last_committed {
+                return false;
+            }
+            let store = self.store.clone();
+            let read =
+                tokio::task::spawn_blocking(move || store.read(from, max, READ_MAX_BYTES)).await;
+            match read {
+                Ok(Ok(batch)) => {
+                    let Some(&(last, _)) = batch.last() else {
+                        return false;
+                    };
+                    s.read_from = last + 1;
+                    s.buffer.extend(batch);
+                    return true;
+                }
+                Ok(Err(StoreError::Decode { seq, .. })) if seq > from => {
+                    // Forward the readable records before the bad one first.
+                    max = usize::try_from(seq - from).unwrap_or(max).min(max);
+                }
+                Ok(Err(StoreError::Decode { seq, source })) => {
+                    error!(upstream = %self.name, seq, %source,
+                        "record in the log is unreadable; skipped, it cannot be forwarded");
+                    metrics::counter!("edge_messages_dropped_total", "reason" => "unreadable")
+                        .increment(1);
+                    s.window.skip(seq);
+                    s.read_from = seq + 1;
+                    return true;
+                }
+                Ok(Err(error)) => {
+                    warn!(upstream = %self.name, from, %error, "cannot read the log; retrying");
+                    return false;
+                }
+                Err(error) => {
+                    warn!(upstream = %self.name, from, %error, "log read task failed; retrying");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Publishes one record, or settles it at once (no route, expired,
+    /// unconvertible).
+    async fn forward(
+        &mut self,
+        link: &Link,
+        s: &mut Session,
+        seq: Seq,
+        record: Record,
+        shutdown: &CancellationToken,
+    ) -> Result<Flow, LinkError> {
+        let Some(route) = self.routes.first_match(&record.topic) else {
+            s.window.skip(seq);
+            return Ok(Flow::Continue);
+        };
+        let lifetime = convert::lifetime(route.ttl, record.timestamp_ms, now_ms());
+        if lifetime == Lifetime::Expired {
+            self.metrics.expired(&route.name, 1);
+            s.expired.note(&route.name, seq);
+            s.window.skip(seq);
+            return Ok(Flow::Continue);
+        }
+        let route_name = route.name.clone();
+        let publish = match convert::to_publish(&self.gateway_id, seq, &record, route, lifetime) {
+            Ok(p) => p,
+            Err(e) => {
+                let park = Park {
+                    kind: "unconvertible",
+                    reason: format!("cannot be expressed in AMQP: {e}"),
+                };
+                s.window.push_done(
+                    seq,
+                    InFlight {
+                        record,
+                        route: route_name,
+                        published_at: Instant::now(),
+                        park: Some(park),
+                    },
+                );
+                return Ok(Flow::Continue);
+            }
+        };
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let confirm = {
+            let sent = link.channel.basic_publish(
+                publish.exchange,
+                publish.routing_key,
+                options,
+                &record.payload,
+                publish.properties,
+            );
+            tokio::pin!(sent);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(Flow::Shutdown),
+                    r = tokio::time::timeout(self.confirm_timeout, &mut sent) => match r {
+                        Ok(Ok(confirm)) => break confirm,
+                        Ok(Err(source)) => return Err(LinkError::Publish { seq, source }),
+                        // A resource alarm blocks every connection: a new one
+                        // would not help, so wait it out.
+                        Err(_) if link.connection.status().blocked() => {
+                            warn!(upstream = %self.name, seq, in_flight = s.window.in_flight(),
+                                "broker blocks publishing (resource alarm); waiting");
+                        }
+                        Err(_) => {
+                            let waited = self.confirm_timeout;
+                            return Err(LinkError::PublishTimeout { seq, waited });
+                        }
+                    },
+                }
+            }
+        };
+        if s.window.in_flight() == 0 {
+            s.last_progress = Instant::now();
+        }
+        let published_at = Instant::now();
+        s.window.push(
+            seq,
+            InFlight {
+                record,
+                route: route_name,
+                published_at,
+                park: None,
+            },
+        );
+        s.confirms.push(Tagged { seq, confirm });
+        Ok(Flow::Continue)
+    }
+
+    fn on_confirm(
+        &mut self,
+        s: &mut Session,
+        seq: Seq,
+        result: lapin::Result<Confirmation>,
+    ) -> Result<(), LinkError> {
+        let returned = match result {
+            Ok(Confirmation::Ack(returned)) => returned,
+            Ok(Confirmation::Nack(_)) => return Err(LinkError::Nack { seq }),
+            Ok(Confirmation::NotRequested) => return Err(LinkError::Lost),
+            Err(source) => return Err(LinkError::Confirm { seq, source }),
+        };
+        if let Some(message) = returned {
+            // lapin hands a returned message to the next confirm that
+            // resolves, which may belong to another seq: our message_id
+            // names the record it really is.
+            let target = message
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|id| convert::seq_of_message_id(&self.gateway_id, id.as_str()))
+                .unwrap_or(seq);
+            let reason = format!(
+                "unroutable: exchange {:?}, routing key {:?}: {} {}",
+                message.delivery.exchange.as_str(),
+                message.delivery.routing_key.as_str(),
+                message.reply_code,
+                message.reply_text,
+            );
+            match s.window.get_mut(target) {
+                Some(item) => {
+                    item.park = Some(Park {
+                        kind: "unroutable",
+                        reason,
+                    })
+                }
+                None => warn!(upstream = %self.name, seq = target, %reason,
+                    "broker returned a message that is no longer in flight"),
+            }
+        }
+        if let Some(item) = s.window.confirm(seq) {
+            self.metrics.confirmed(item.published_at.elapsed());
+        }
+        s.last_progress = Instant::now();
+        Ok(())
+    }
+
+    /// Moves the cursor over the done prefix, parking returned records first.
+    async fn settle(&mut self, s: &mut Session) -> Result<(), LinkError> {
+        let mut result = Ok(());
+        while let Some((seq, item)) = s.window.pop_done() {
+            let Some(item) = item else { continue };
+            match item.park {
+                None => self.metrics.forwarded(&item.route),
+                Some(park) => {
+                    let topic = item.record.topic.clone();
+                    if let Err(source) =
+                        self.store.park(seq, item.record, park.reason.clone()).await
+                    {
+                        self.set_position(seq);
+                        result = Err(LinkError::Park { seq, source });
+                        break;
+                    }
+                    self.metrics.parked(park.kind);
+                    error!(upstream = %self.name, route = %item.route, seq, topic = %topic,
+                        reason = %park.reason, "message parked in the dead-letter table");
+                }
+            }
+        }
+        if result.is_ok() && s.window.next() > self.position() {
+            self.set_position(s.window.next());
+        }
+        result
+    }
+
+    /// Shutdown: publish nothing more, wait briefly for the outstanding
+    /// confirms, settle what is done.
+    async fn drain(&mut self, s: &mut Session) {
+        let deadline = tokio::time::sleep(SHUTDOWN_CONFIRM_WAIT);
+        tokio::pin!(deadline);
+        while s.window.in_flight() > 0 {
+            tokio::select! {
+                _ = &mut deadline => {
+                    warn!(upstream = %self.name, in_flight = s.window.in_flight(),
+                        "shutdown: confirms still outstanding; they will be forwarded again");
+                    break;
+                }
+                next = s.confirms.next() => {
+                    let Some((seq, result)) = next else { break };
+                    if let Err(error) = self.on_confirm(s, seq, result) {
+                        warn!(upstream = %self.name, %error, "shutdown: link failed while draining");
+                        break;
+                    }
+                }
+            }
+        }
+        s.expired.log(&self.name);
+        if let Err(error) = self.settle(s).await {
+            warn!(upstream = %self.name, %error, "shutdown: cannot settle confirmed messages");
+        }
+    }
+}
