@@ -148,6 +148,24 @@ impl Forwarder {
             last_progress: Instant::now(),
             expired: Expired::default(),
         };
+        let result = self.pump(link, connector, shutdown, &mut s).await;
+        if matches!(result, Err(ref e) if !matches!(e, LinkError::Park { .. })) {
+            // Keep what was confirmed before the failure, so fewer
+            // messages are forwarded twice. (Not after a failed park: the
+            // cursor must stay on the record that is not parked.)
+            let _ = self.settle(&mut s).await;
+            s.expired.log(&self.name);
+        }
+        result
+    }
+
+    async fn pump(
+        &mut self,
+        link: &Link,
+        connector: &mut Connector,
+        shutdown: &CancellationToken,
+        s: &mut Session,
+    ) -> Result<(), LinkError> {
         let mut committed = self.store.committed();
         let mut committed_open = true;
         let mut tick = tokio::time::interval(TICK);
@@ -157,7 +175,7 @@ impl Forwarder {
                 if s.buffer.is_empty() {
                     s.expired.log(&self.name);
                     let last_committed = *committed.borrow_and_update();
-                    if !self.refill(&mut s, last_committed).await {
+                    if !self.refill(s, last_committed).await {
                         break;
                     }
                     continue;
@@ -165,22 +183,22 @@ impl Forwarder {
                 let Some((seq, record)) = s.buffer.pop_front() else {
                     break;
                 };
-                if let Flow::Shutdown = self.forward(link, &mut s, seq, record, shutdown).await? {
+                if let Flow::Shutdown = self.forward(link, s, seq, record, shutdown).await? {
                     break;
                 }
             }
-            self.settle(&mut s).await?;
+            self.settle(s).await?;
             let idle = s.buffer.is_empty() && s.window.in_flight() < self.max_in_flight;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    self.drain(&mut s).await;
+                    self.drain(s).await;
                     return Ok(());
                 }
                 Some((seq, result)) = s.confirms.next(), if !s.confirms.is_empty() => {
-                    self.on_confirm(&mut s, seq, result)?;
+                    self.on_confirm(s, seq, result)?;
                     while let Some(Some((seq, result))) = s.confirms.next().now_or_never() {
-                        self.on_confirm(&mut s, seq, result)?;
+                        self.on_confirm(s, seq, result)?;
                     }
                     connector.link_healthy();
                 }
