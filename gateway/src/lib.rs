@@ -1,39 +1,184 @@
-//! API SKETCH of the gateway library (the real one replaces this).
-//! `Gateway::start` opens the store, binds every listener and spawns the
-//! tasks; the returned handle tells where it listens and shuts it down.
+//! The gateway process: build every part from a validated [`Config`], run
+//! until told to stop, then drain in order under a grace timeout.
+//!
+//! Start: open the store (its cursors are the configured upstreams) → build
+//! the router from the routes → bind the MQTT and metrics listeners (so a
+//! bad address fails before anything runs) → spawn the MQTT server and one
+//! replicator per upstream.
+//!
+//! Shutdown: stop the MQTT listener and let connections send the acks of
+//! what is already committed → stop the replicators (they wait briefly for
+//! outstanding confirms and persist their cursors) → close the store.
+
+mod cli;
+mod telemetry;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::time::Duration;
 
+use anyhow::Context;
 use edge_config::Config;
+use edge_core::{Router, Routes};
+use edge_mqtt::MqttListener;
+use edge_store::{Store, StoreOptions};
+use edge_upstream::Replicator;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use cli::cli_main;
+pub use telemetry::init_logging;
+
+/// Writer inbox capacity: enough for several full batches in flight.
+const STORE_INBOX: usize = 8192;
 
 /// A running gateway.
 #[derive(Debug)]
-pub struct Gateway {}
+pub struct Gateway {
+    mqtt_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    grace: Duration,
+    store: Store,
+    mqtt_stop: CancellationToken,
+    mqtt_tasks: TaskTracker,
+    upstream_stop: CancellationToken,
+    upstream_tasks: TaskTracker,
+    telemetry_stop: CancellationToken,
+}
 
 impl Gateway {
     /// Opens the store, binds the MQTT and metrics listeners (port 0 picks
     /// a free port) and spawns the MQTT server and one replicator per upstream.
-    pub async fn start(_config: Config) -> anyhow::Result<Gateway> {
-        unimplemented!()
+    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        let metrics = match &config.metrics {
+            Some(_) => Some(telemetry::metrics_handle()?),
+            None => None,
+        };
+
+        let options = StoreOptions {
+            max_bytes: config.store.max_bytes,
+            batch_max_messages: config.store.batch_max_messages,
+            batch_max_bytes: config.store.batch_max_bytes,
+            inbox_capacity: NonZeroUsize::new(STORE_INBOX).unwrap_or(NonZeroUsize::MIN),
+            cursors: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+        };
+        let data_dir = &config.gateway.data_dir;
+        let store = Store::open(data_dir, options)
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+        let routes = Routes::from_config(&config.routes);
+        let router = Router::new(store.clone(), routes.clone());
+
+        let mqtt = MqttListener::bind(&config.mqtt)
+            .await
+            .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
+        let mqtt_addr = mqtt.local_addr();
+
+        let telemetry_listener = match &config.metrics {
+            Some(m) => Some(telemetry::bind(m.listen).await?),
+            None => None,
+        };
+        let metrics_addr = telemetry_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok());
+
+        let mqtt_stop = CancellationToken::new();
+        let mqtt_tasks = TaskTracker::new();
+        mqtt_tasks.spawn(mqtt.run(router, mqtt_stop.clone()));
+        mqtt_tasks.close();
+
+        let upstream_stop = CancellationToken::new();
+        let upstream_tasks = TaskTracker::new();
+        let mut links = Vec::new();
+        for upstream in &config.upstreams {
+            let own = routes.of_upstream(&upstream.name);
+            for r in own.iter() {
+                tracing::info!(
+                    route = %r.name, filter = %r.filter, upstream = %upstream.name,
+                    exchange = %r.exchange, routing_key = %r.routing_key,
+                    "forwarding"
+                );
+            }
+            let replicator = Replicator::new(
+                upstream.clone(),
+                own,
+                store.clone(),
+                config.gateway.id.clone(),
+            );
+            links.push((upstream.name.clone(), replicator.link()));
+            upstream_tasks.spawn(replicator.run(upstream_stop.clone()));
+        }
+        upstream_tasks.close();
+        if config.upstreams.is_empty() {
+            tracing::info!(
+                "no upstream configured: messages are kept in the local log up to the store quota"
+            );
+        }
+
+        let telemetry_stop = CancellationToken::new();
+        if let (Some(listener), Some(handle)) = (telemetry_listener, metrics) {
+            tokio::spawn(telemetry::serve(
+                listener,
+                handle,
+                links,
+                telemetry_stop.clone(),
+            ));
+            if let Some(addr) = metrics_addr {
+                tracing::info!(listen = %addr, "metrics on /metrics, health on /healthz");
+            }
+        }
+
+        Ok(Gateway {
+            mqtt_addr,
+            metrics_addr,
+            grace: config.gateway.shutdown_grace,
+            store,
+            mqtt_stop,
+            mqtt_tasks,
+            upstream_stop,
+            upstream_tasks,
+            telemetry_stop,
+        })
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {
-        unimplemented!()
+        self.mqtt_addr
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        unimplemented!()
+        self.metrics_addr
+    }
+
+    /// The store, for inspection (tests, admin tools).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Stops accepting, lets in-flight commits finish, flushes cursors,
     /// closes upstream links; bounded by `gateway.shutdown_grace`.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        unimplemented!()
+        let deadline = tokio::time::Instant::now() + self.grace;
+        self.mqtt_stop.cancel();
+        if tokio::time::timeout_at(deadline, self.mqtt_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?self.grace, "MQTT connections did not finish within the grace period");
+        }
+        self.upstream_stop.cancel();
+        if tokio::time::timeout_at(deadline, self.upstream_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?self.grace, "replicators did not finish within the grace period");
+        }
+        self.telemetry_stop.cancel();
+        match tokio::time::timeout_at(deadline + Duration::from_secs(1), self.store.close()).await {
+            Ok(result) => result.context("closing the store")?,
+            Err(_) => tracing::warn!(
+                "store did not close in time; committed data is safe, pending appends were not acknowledged"
+            ),
+        }
+        tracing::info!("stopped");
+        Ok(())
     }
-}
-
-/// The command line entry point (`edge-gateway [--config FILE]`,
-/// `edge-gateway check-config FILE`); returns the process exit code.
-pub fn cli_main() -> std::process::ExitCode {
-    unimplemented!()
 }

@@ -1,0 +1,133 @@
+//! `edge-gateway [--config FILE]` and `edge-gateway check-config FILE`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edge_config::{Config, ConfigError};
+
+use crate::Gateway;
+
+/// Exit status for a bad configuration (sysexits `EX_USAGE`).
+const EXIT_CONFIG: u8 = 64;
+/// Exit status when the gateway could not start or failed at run time.
+const EXIT_FAILURE: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edge-gateway",
+    version,
+    about = "MQTT/AMQP edge gateway with a durable store-and-forward log"
+)]
+struct Cli {
+    /// TOML configuration file; without it the embedded defaults are used
+    /// (MQTT on 127.0.0.1:1883, metrics on 127.0.0.1:9183, data in ./data, no upstream).
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a configuration file and exit: 0 when valid, 64 listing every problem.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+pub fn cli_main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        None => run(cli.config.as_deref()),
+    }
+}
+
+fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    match file {
+        Some(path) => Config::load(path),
+        None => Config::defaults(),
+    }
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(config) => {
+            println!(
+                "{}: ok (gateway id {:?}, MQTT on {}, {} upstream(s), {} route(s))",
+                file.display(),
+                config.gateway.id,
+                config.mqtt.listen,
+                config.upstreams.len(),
+                config.routes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn run(file: Option<&Path>) -> ExitCode {
+    crate::init_logging();
+    let config = match load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "gateway failed");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    tracing::info!(id = %config.gateway.id, version = env!("CARGO_PKG_VERSION"), "edge-gateway starting");
+    let gateway = Gateway::start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    gateway.shutdown().await
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
