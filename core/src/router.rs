@@ -230,3 +230,136 @@ impl Drop for Subscriber {
         self.router.disconnect(self.id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use bytes::Bytes;
+    use edge_store::StoreOptions;
+
+    use super::*;
+    use crate::route::Route;
+
+    fn store(dir: &std::path::Path) -> Store {
+        Store::open(
+            dir,
+            StoreOptions {
+                max_bytes: 1 << 20,
+                batch_max_messages: NonZeroUsize::new(64).expect("non-zero"),
+                batch_max_bytes: NonZeroUsize::new(1 << 20).expect("non-zero"),
+                inbox_capacity: NonZeroUsize::new(64).expect("non-zero"),
+                cursors: vec![],
+            },
+        )
+        .expect("open store")
+    }
+
+    fn route(filter: &str) -> Route {
+        Route {
+            name: "r".into(),
+            filter: filter.into(),
+            upstream: "up".into(),
+            exchange: "amq.topic".into(),
+            routing_key: "{topic}".into(),
+            priority: 0,
+            ttl: None,
+            persistent: true,
+        }
+    }
+
+    fn msg(topic: &str, qos: QoS) -> Message {
+        Message::new(topic, Bytes::from_static(b"x"), qos, "pub".into())
+    }
+
+    #[tokio::test]
+    async fn logs_qos1_and_routed_messages_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let router = Router::new(store(dir.path()), Routes::new(vec![route("up/#")]));
+
+        let r = router
+            .publish(msg("local/a", QoS::AtMostOnce))
+            .await
+            .expect("publish");
+        assert!(matches!(r, Receipt::Done), "unrouted QoS 0 is not logged");
+        let seq = router
+            .publish(msg("local/b", QoS::AtLeastOnce))
+            .await
+            .expect("publish")
+            .await;
+        assert_eq!(seq.expect("committed"), Some(1));
+        let seq = router
+            .publish(msg("up/c", QoS::AtMostOnce))
+            .await
+            .expect("publish")
+            .await;
+        assert_eq!(seq.expect("committed"), Some(2));
+
+        let stored = router.store().read(1, 10, 1 << 20).expect("read");
+        let topics: Vec<&str> = stored.iter().map(|(_, r)| r.topic.as_str()).collect();
+        assert_eq!(topics, ["local/b", "up/c"]);
+    }
+
+    #[tokio::test]
+    async fn fans_out_once_per_session_at_the_granted_qos() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let router = Router::new(store(dir.path()), Routes::default());
+        let (sub, mut rx) = router.connect("s".into(), 8);
+        assert_eq!(sub.subscribe("a/+", QoS::AtMostOnce), QoS::AtMostOnce);
+        assert_eq!(sub.subscribe("a/#", QoS::ExactlyOnce), QoS::AtLeastOnce);
+        let (other, mut other_rx) = router.connect("o".into(), 8);
+        other.subscribe("b/#", QoS::AtLeastOnce);
+
+        router
+            .publish(msg("a/x", QoS::AtLeastOnce))
+            .await
+            .expect("publish");
+        let d = rx.recv().await.expect("delivery");
+        assert_eq!(&*d.message.topic, "a/x");
+        assert_eq!(d.qos, QoS::AtLeastOnce);
+        assert!(rx.try_recv().is_err(), "overlapping filters deliver once");
+        assert!(
+            other_rx.try_recv().is_err(),
+            "non-matching session gets nothing"
+        );
+
+        sub.unsubscribe("a/#");
+        sub.unsubscribe("a/+");
+        router
+            .publish(msg("a/y", QoS::AtMostOnce))
+            .await
+            .expect("publish");
+        assert!(rx.try_recv().is_err(), "unsubscribed");
+    }
+
+    #[tokio::test]
+    async fn full_subscriber_queue_drops_instead_of_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let router = Router::new(store(dir.path()), Routes::default());
+        let (sub, mut rx) = router.connect("slow".into(), 1);
+        sub.subscribe("#", QoS::AtMostOnce);
+        for _ in 0..3 {
+            router
+                .publish(msg("t", QoS::AtMostOnce))
+                .await
+                .expect("publish");
+        }
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err(), "only the queue's capacity was kept");
+    }
+
+    #[tokio::test]
+    async fn same_client_id_takes_over_and_drop_unregisters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let router = Router::new(store(dir.path()), Routes::default());
+        let (first, _rx1) = router.connect("dev".into(), 1);
+        let (second, _rx2) = router.connect("dev".into(), 1);
+        tokio::time::timeout(std::time::Duration::from_secs(5), first.taken_over())
+            .await
+            .expect("first session is told it was taken over");
+        drop(first);
+        assert_eq!(router.inner.sessions.read().expect("lock").len(), 1);
+        drop(second);
+        assert!(router.inner.sessions.read().expect("lock").is_empty());
+    }
+}
