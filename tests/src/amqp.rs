@@ -91,30 +91,22 @@ pub async fn connect(uri: &str) -> Result<Connection> {
 }
 
 impl AmqpQueue {
+    /// Declares and binds the queue without consuming from it, so it keeps
+    /// what is routed to it (for durable queues, across broker restarts).
+    pub async fn declare(uri: &str, spec: &QueueSpec) -> Result<()> {
+        let conn = connect(uri).await?;
+        let channel = conn.create_channel().await?;
+        declare_and_bind(&channel, spec).await?;
+        conn.close(200, "declared".into()).await?;
+        Ok(())
+    }
+
     /// Declares the queue (idempotent), binds it and starts consuming.
     /// Calling it again after a broker restart reattaches to a durable queue.
     pub async fn open(uri: &str, spec: &QueueSpec) -> Result<AmqpQueue> {
         let conn = connect(uri).await?;
         let channel = conn.create_channel().await?;
-        let options = QueueDeclareOptions {
-            durable: spec.durable,
-            auto_delete: !spec.durable,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(spec.name.as_str().into(), options, FieldTable::default())
-            .await
-            .with_context(|| format!("declaring queue {}", spec.name))?;
-        channel
-            .queue_bind(
-                spec.name.as_str().into(),
-                spec.exchange.as_str().into(),
-                spec.binding_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("binding queue {} to {}", spec.name, spec.exchange))?;
+        declare_and_bind(&channel, spec).await?;
         let consumer = channel
             .basic_consume(
                 spec.name.as_str().into(),
@@ -199,6 +191,38 @@ impl AmqpQueue {
         self.conn.close(200, "bye".into()).await?;
         Ok(())
     }
+}
+
+async fn declare_and_bind(channel: &Channel, spec: &QueueSpec) -> Result<()> {
+    let options = QueueDeclareOptions {
+        durable: spec.durable,
+        auto_delete: !spec.durable,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(spec.name.as_str().into(), options, FieldTable::default())
+        .await
+        .with_context(|| format!("declaring queue {}", spec.name))?;
+    channel
+        .queue_bind(
+            spec.name.as_str().into(),
+            spec.exchange.as_str().into(),
+            spec.binding_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("binding queue {} to {}", spec.name, spec.exchange))?;
+    Ok(())
+}
+
+/// Connects, publishes one persistent message with a confirm, closes.
+pub async fn publish_once(uri: &str, exchange: &str, key: &str, body: &[u8]) -> Result<()> {
+    let conn = connect(uri).await?;
+    let channel = conn.create_channel().await?;
+    publish_confirmed(&channel, exchange, key, body).await?;
+    conn.close(200, "published".into()).await?;
+    Ok(())
 }
 
 /// One confirmed publish on `channel` (puts it in confirm mode first).

@@ -1,6 +1,6 @@
 //! The harness on its own: private RabbitMQ nodes and the AMQP helpers.
 
-use edge_tests::amqp::{AmqpQueue, QueueSpec};
+use edge_tests::amqp::{AmqpQueue, QueueSpec, publish_once};
 use edge_tests::{RabbitNode, unique};
 
 use crate::{LONG, SHORT, blocking, shared_node};
@@ -26,11 +26,8 @@ async fn dedicated_node_keeps_durable_messages_across_kill_and_restart() -> anyh
     let mut node = blocking(|| RabbitNode::dedicated("harness")).await?;
     let uri = node.amqp_uri();
     let spec = QueueSpec::topic("harness.#").durable();
-    let queue = AmqpQueue::open(&uri, &spec).await?;
-    queue
-        .publish_confirmed("amq.topic", "harness.kept", b"persistent")
-        .await?;
-    drop(queue);
+    AmqpQueue::declare(&uri, &spec).await?;
+    publish_once(&uri, "amq.topic", "harness.kept", b"persistent").await?;
 
     let mut node = blocking(move || node.kill().map(|()| node)).await?;
     assert!(
