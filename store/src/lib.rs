@@ -51,8 +51,12 @@
 //!
 //! One named thread (`edge-store-writer`) owns every write transaction and
 //! reads a bounded inbox; a full inbox is back-pressure on [`Store::submit`].
-//! Reads are redb read transactions and never wait for the writer. The thread
-//! stops on [`Store::close`] or when the last handle is dropped.
+//! A batch is what is pending when the writer turns to the inbox; when that is
+//! under half the previous batch it waits up to 0.5 ms for callers woken by the
+//! last commit to queue again (see `writer.rs`). Reads are redb read
+//! transactions and never wait for the writer. The thread stops on
+//! [`Store::close`] or when the last handle is dropped; dropping the last
+//! handle joins it, which waits for the batch in flight (one commit).
 
 mod backend;
 mod error;
