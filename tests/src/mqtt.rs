@@ -311,8 +311,10 @@ const MSG_PREFIX: &str = "MSG\t";
 
 impl MosquittoSub {
     pub async fn start(port: u16, filters: &[&str]) -> Result<MosquittoSub> {
-        let mut cmd = Command::new("mosquitto_sub");
-        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-d"])
+        // mosquitto_sub block-buffers a piped stdout: ask for lines.
+        let mut cmd = Command::new("stdbuf");
+        cmd.args(["-oL", "mosquitto_sub"])
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-d"])
             .args(["-i", &crate::unique("mqsub")])
             .args(["-F", "MSG\t%t\t%p"]);
         for f in filters {

@@ -45,11 +45,12 @@ async fn full_store_refuses_publishes_and_says_so_in_metrics() -> anyhow::Result
         report.acked.len()
     );
 
-    // A new publisher is refused too.
+    // A new publisher of the same kind of message is refused too.
     assert!(
-        publish_one(gw.mqtt_addr(), "quota/more", b"x")
+        publish_one(gw.mqtt_addr(), "quota/more", &[b'y'; 1024])
             .await
-            .is_err()
+            .is_err(),
+        "a new connection got a KiB message past the full store"
     );
 
     let rejected = wait_for("edge_store_rejected_total on /metrics", SHORT, || async {
