@@ -100,6 +100,9 @@ async fn running_with_a_bad_config_exits_64_before_starting_anything() -> anyhow
             data_dir.display().to_string()
         ),
     );
+    // Hold the MQTT port: a gateway that bound before validating would
+    // fail on it instead of reporting the config problem.
+    let _held = std::net::TcpListener::bind(("127.0.0.1", port))?;
     let (code, out) = run_binary(gateway_bin(), &["--config", &file]).await?;
     assert_eq!(code, Some(EX_CONFIG), "output:\n{out}");
     assert!(out.contains("store.max_bytes"), "bad key not named:\n{out}");

@@ -13,9 +13,12 @@ async fn healthz_and_metrics_answer() -> anyhow::Result<()> {
     let prefix = unique("obs");
     let mut queue =
         AmqpQueue::open(&node.amqp_uri(), &QueueSpec::topic(&format!("{prefix}.#"))).await?;
+    // Metrics are process-wide and other in-process gateways report on
+    // their upstreams too: a name of our own keeps this series ours.
+    let upstream = unique("central");
     let gw = TestGateway::builder()
-        .upstream("central", &[node.amqp_uri()])
-        .route("all", &format!("{prefix}/#"), "central")
+        .upstream(&upstream, &[node.amqp_uri()])
+        .route("all", &format!("{prefix}/#"), &upstream)
         .start()
         .await?;
     let metrics_addr = gw.metrics_addr().expect("metrics are enabled");
@@ -55,7 +58,12 @@ async fn healthz_and_metrics_answer() -> anyhow::Result<()> {
     };
     assert!(metric(&text, "edge_messages_in_total", &[]).unwrap_or(0.0) >= 1.0);
     assert_eq!(
-        metric(&text, "edge_upstream_link_up", &["upstream=\"central\""]).map(|v| v > 0.0),
+        metric(
+            &text,
+            "edge_upstream_link_up",
+            &[&format!("upstream=\"{upstream}\"")]
+        )
+        .map(|v| v > 0.0),
         Some(true),
         "link not reported up"
     );
