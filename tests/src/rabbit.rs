@@ -80,6 +80,7 @@ impl RabbitNode {
         }
         std::fs::write(base.join("enabled_plugins"), "[].\n").context("writing enabled_plugins")?;
         if is_root() {
+            ensure_shared_cookie()?;
             // The Debian wrapper drops to the `rabbitmq` user.
             run_checked(
                 Command::new("chown")
@@ -311,6 +312,41 @@ impl Drop for RabbitNode {
     }
 }
 
+/// As root every node and `rabbitmqctl` run as `rabbitmq` with its home
+/// (`su` resets HOME), so they share one cookie there. Nodes booting in
+/// parallel on a fresh machine would race to create it: create it first.
+fn ensure_shared_cookie() -> Result<()> {
+    static COOKIE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = COOKIE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    ensure_cookie_in(Path::new("/var/lib/rabbitmq"), Some("rabbitmq:rabbitmq"))
+}
+
+fn ensure_cookie_in(home: &Path, owner: Option<&str>) -> Result<()> {
+    let cookie = home.join(".erlang.cookie");
+    if cookie.exists() || !home.is_dir() {
+        return Ok(());
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut text = String::new();
+    while text.len() < 20 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        text.extend(
+            h.finish()
+                .to_le_bytes()
+                .iter()
+                .map(|b| char::from(b'A' + b % 26)),
+        );
+    }
+    std::fs::write(&cookie, &text[..20]).context("writing the Erlang cookie")?;
+    if let Some(owner) = owner {
+        run_checked(Command::new("chown").arg(owner).arg(&cookie))?;
+    }
+    run_checked(Command::new("chmod").arg("0400").arg(&cookie))
+}
+
 fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
@@ -350,4 +386,21 @@ fn run_checked(cmd: &mut Command) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ensure_cookie_in;
+
+    #[test]
+    fn cookie_is_created_once_and_kept() {
+        let home = tempfile::tempdir().unwrap();
+        ensure_cookie_in(home.path(), None).unwrap();
+        let path = home.path().join(".erlang.cookie");
+        let first = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(first.len(), 20);
+        assert!(first.chars().all(|c| c.is_ascii_uppercase()));
+        ensure_cookie_in(home.path(), None).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), first);
+    }
 }
