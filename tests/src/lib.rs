@@ -24,10 +24,23 @@ pub use gateway::{GatewayProcess, TestGateway, TestGatewayBuilder};
 pub use mqtt::{MqttSubscriber, PublishReport, Publisher};
 pub use rabbit::RabbitNode;
 
-/// A port that was free a moment ago (bound on 127.0.0.1:0, then released).
+/// A port that was free a moment ago (bound on 127.0.0.1:0, then released),
+/// and never handed out before by this process, so two parts of one test
+/// run do not both get it.
 pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..100 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no fresh free port in 100 tries")
 }
 
 /// A name unique to this test process and call: `<label>_<pid>_<n>`.

@@ -1,6 +1,5 @@
 //! Bad configuration: exit code 64, every problem named, nothing started.
 
-use edge_tests::free_port;
 use edge_tests::gateway::run_binary;
 
 use crate::gateway_bin;
@@ -90,7 +89,10 @@ async fn unknown_key_is_named() -> anyhow::Result<()> {
 #[tokio::test]
 async fn running_with_a_bad_config_exits_64_before_starting_anything() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
+    // Hold the MQTT port: a gateway that bound before validating would
+    // fail on it instead of reporting the config problem.
+    let held = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = held.local_addr()?.port();
     let data_dir = dir.path().join("data");
     let file = write(
         &dir,
@@ -100,9 +102,6 @@ async fn running_with_a_bad_config_exits_64_before_starting_anything() -> anyhow
             data_dir.display().to_string()
         ),
     );
-    // Hold the MQTT port: a gateway that bound before validating would
-    // fail on it instead of reporting the config problem.
-    let _held = std::net::TcpListener::bind(("127.0.0.1", port))?;
     let (code, out) = run_binary(gateway_bin(), &["--config", &file]).await?;
     assert_eq!(code, Some(EX_CONFIG), "output:\n{out}");
     assert!(out.contains("store.max_bytes"), "bad key not named:\n{out}");
