@@ -123,6 +123,7 @@ async fn run(args: Args) -> anyhow::Result<String> {
             qos,
             payload: payload.clone(),
             connected: Arc::clone(&connected),
+            timeout_secs: args.timeout,
         };
         tasks.spawn(job.run(options));
     }
@@ -192,12 +193,19 @@ struct Job {
     qos: QoS,
     payload: Bytes,
     connected: Arc<Barrier>,
+    timeout_secs: u64,
 }
 
 impl Job {
     async fn run(self, options: MqttOptions) -> anyhow::Result<Outcome> {
         let capacity = options.request_channel_capacity();
         let (client, mut eventloop) = AsyncClient::new(options, capacity);
+        // A broker that throttles a fast publisher (RabbitMQ's flow control)
+        // can stall a flush for seconds: only the global timeout ends the run.
+        let mut network = eventloop.network_options();
+        network.set_connection_timeout(self.timeout_secs);
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         wait_connack(&mut eventloop)
             .await
             .with_context(|| format!("publisher {} could not connect", self.index))?;
