@@ -43,6 +43,7 @@ chmod 755 "$WORK"
 RESULTS=$WORK/results
 : >"$RESULTS"
 SERVER_PID=""
+LOAD_PID=""
 RMQ_NODE=""
 RMQ_ENV=()
 
@@ -69,6 +70,10 @@ stop_server() {
 }
 
 cleanup() {
+    if [[ -n $LOAD_PID ]]; then
+        kill -TERM "$LOAD_PID" 2>/dev/null || true
+        wait "$LOAD_PID" 2>/dev/null || true
+    fi
     stop_server
     rm -rf "$WORK"
 }
@@ -195,12 +200,18 @@ run_loads() { # target round
     for spec in "${specs[@]}"; do
         read -r qos pubs msgs <<<"$spec"
         if [[ $target == rabbitmq ]]; then before_load_rabbitmq; fi
-        if line=$("$LOAD" --port "$PORT" --publishers "$pubs" --messages "$msgs" \
-            --payload "$PAYLOAD" --qos "$qos" --timeout "$TIMEOUT" --label "$target"); then
+        # In the background, so a signal runs the EXIT trap at once.
+        "$LOAD" --port "$PORT" --publishers "$pubs" --messages "$msgs" --payload "$PAYLOAD" \
+            --qos "$qos" --timeout "$TIMEOUT" --label "$target" >"$WORK/line" &
+        LOAD_PID=$!
+        if wait "$LOAD_PID"; then
+            LOAD_PID=""
+            line=$(cat "$WORK/line")
             echo "   $line" >&2
             echo "$round $line" >>"$RESULTS"
             if [[ $target == rabbitmq ]]; then after_load_rabbitmq; fi
         else
+            LOAD_PID=""
             echo "   $target qos=$qos publishers=$pubs: FAILED" >&2
             echo "$round label=$target qos=$qos publishers=$pubs msgs_per_s=FAILED" >>"$RESULTS"
         fi

@@ -528,7 +528,8 @@ mod tests {
 
     #[test]
     fn the_example_file_is_valid() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("edge-gateway.example.toml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("edge-gateway.example.toml");
         let c = Config::load(&path).expect("example config validates");
         assert_eq!(c.gateway.id, "edge-01");
         assert_eq!(c.routes[0].upstream, "central");

@@ -1,37 +1,31 @@
 //! Routes: which messages are forwarded to which upstream, and how.
 
-use std::time::Duration;
-
 use edge_config::RouteConfig;
 
 use crate::topic;
 
-/// One configured route.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One configured route: its [`RouteConfig`] plus the matching and
+/// routing-key logic. Derefs to the configuration's fields.
+#[derive(Debug, Clone)]
 pub struct Route {
-    pub name: String,
-    pub filter: String,
-    pub upstream: String,
-    pub exchange: String,
-    /// Template; `{topic}` is replaced by the mapped topic.
-    pub routing_key: String,
-    pub priority: u8,
-    pub ttl: Option<Duration>,
-    pub persistent: bool,
+    config: RouteConfig,
+}
+
+impl std::ops::Deref for Route {
+    type Target = RouteConfig;
+
+    fn deref(&self) -> &RouteConfig {
+        &self.config
+    }
 }
 
 impl Route {
+    pub fn new(config: RouteConfig) -> Route {
+        Route { config }
+    }
+
     pub fn from_config(c: &RouteConfig) -> Route {
-        Route {
-            name: c.name.clone(),
-            filter: c.filter.clone(),
-            upstream: c.upstream.clone(),
-            exchange: c.exchange.clone(),
-            routing_key: c.routing_key.clone(),
-            priority: c.priority,
-            ttl: c.ttl,
-            persistent: c.persistent,
-        }
+        Route::new(c.clone())
     }
 
     pub fn matches(&self, topic: &str) -> bool {

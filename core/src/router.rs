@@ -256,7 +256,7 @@ mod tests {
     }
 
     fn route(filter: &str) -> Route {
-        Route {
+        Route::new(edge_config::RouteConfig {
             name: "r".into(),
             filter: filter.into(),
             upstream: "up".into(),
@@ -265,7 +265,7 @@ mod tests {
             priority: 0,
             ttl: None,
             persistent: true,
-        }
+        })
     }
 
     fn msg(topic: &str, qos: QoS) -> Message {

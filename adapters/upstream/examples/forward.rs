@@ -144,15 +144,17 @@ async fn main() -> anyhow::Result<()> {
         reconnect_max: Duration::from_secs(2),
         confirm_timeout: Duration::from_secs(10),
     };
-    let route = |name: &str, filter: &str, key: &str| Route {
-        name: name.into(),
-        filter: filter.into(),
-        upstream: "central".into(),
-        exchange: "amq.topic".into(),
-        routing_key: key.into(),
-        priority: 0,
-        ttl: Some(Duration::from_secs(3600)),
-        persistent: true,
+    let route = |name: &str, filter: &str, key: &str| {
+        Route::new(edge_config::RouteConfig {
+            name: name.into(),
+            filter: filter.into(),
+            upstream: "central".into(),
+            exchange: "amq.topic".into(),
+            routing_key: key.into(),
+            priority: 0,
+            ttl: Some(Duration::from_secs(3600)),
+            persistent: true,
+        })
     };
     let routes = Routes::new(vec![
         route("telemetry", "sensors/#", "edge.{topic}"),

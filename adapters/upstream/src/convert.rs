@@ -129,7 +129,7 @@ mod tests {
     use bytes::Bytes;
 
     fn route(ttl: Option<Duration>, persistent: bool) -> Route {
-        Route {
+        Route::new(edge_config::RouteConfig {
             name: "telemetry".into(),
             filter: "sensors/#".into(),
             upstream: "central".into(),
@@ -138,7 +138,7 @@ mod tests {
             priority: 0,
             ttl,
             persistent,
-        }
+        })
     }
 
     fn record() -> Record {
