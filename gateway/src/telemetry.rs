@@ -14,10 +14,16 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Installs the log subscriber (`RUST_LOG`, default `info`). Safe to call twice.
+/// Default log filter. lapin logs a dropped upstream link at ERROR from
+/// its I/O loop; the replicator already reports it at WARN with context,
+/// and ERROR is reserved for data loss or operator action.
+const DEFAULT_LOG_FILTER: &str = "info,lapin=off";
+
+/// Installs the log subscriber (`RUST_LOG`, default [`DEFAULT_LOG_FILTER`]).
+/// Safe to call twice.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
