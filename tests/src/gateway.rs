@@ -247,6 +247,11 @@ impl TestGateway {
         TestGatewayBuilder::default()
     }
 
+    /// The running gateway's store, for its live figures.
+    pub fn store(&self) -> &edge_store::Store {
+        self.running().store()
+    }
+
     fn running(&self) -> &Gateway {
         // Only `shutdown(self)` takes it, which consumes the handle.
         self.gateway.as_ref().unwrap()

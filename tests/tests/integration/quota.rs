@@ -62,3 +62,118 @@ async fn full_store_refuses_publishes_and_says_so_in_metrics() -> anyhow::Result
     gw.shutdown().await?;
     Ok(())
 }
+
+/// The quota counts what is not yet forwarded: once the upstream has
+/// confirmed the backlog, the same gateway accepts publishes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn space_is_reused_once_the_upstream_confirms() -> anyhow::Result<()> {
+    use edge_tests::amqp::{AmqpQueue, QueueSpec, connect};
+    use lapin::ExchangeKind;
+    use lapin::options::ExchangeDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let uri = crate::shared_node().await?.amqp_uri();
+    // The route's exchange does not exist yet: the broker refuses every
+    // publish (404), so the backlog stays in the store until it is declared.
+    let exchange = unique("late-exchange");
+    let prefix = unique("reuse");
+    let gw = TestGateway::builder()
+        .set("store.max_bytes", "\"32KiB\"")
+        .upstream("reuse", std::slice::from_ref(&uri))
+        .route_with(
+            "all",
+            &format!("{prefix}/#"),
+            "reuse",
+            &[("exchange", &format!("{exchange:?}"))],
+        )
+        .start()
+        .await?;
+    let topic = format!("{prefix}/fill");
+    // About 1 KiB per message: a publisher name padded out, then the counter.
+    let filler = "f".repeat(1000);
+
+    let (fill_topic, fill_name) = (topic.clone(), filler.clone());
+    let report = Publisher::new(gw.mqtt_addr(), &unique("filler"))
+        .inflight(1)
+        .run(1_000, Duration::from_secs(30), move |i| {
+            (fill_topic.clone(), crate::payload(&fill_name, i))
+        })
+        .await;
+    let accepted = report.acked.len() as u64;
+    assert!(
+        accepted > 0 && accepted < 1_000,
+        "the quota did not bite: {report:?}"
+    );
+    assert!(
+        publish_one(gw.mqtt_addr(), &topic, &[b'y'; 1024])
+            .await
+            .is_err(),
+        "a publish past the full store was acknowledged"
+    );
+
+    // The exchange appears, already routing (through its alternate exchange,
+    // so there is no moment without a binding): the replicator's next attempt
+    // drains the backlog.
+    let sink = unique("sink-exchange");
+    let conn = connect(&uri).await?;
+    let channel = conn.create_channel().await?;
+    let exchange_options = ExchangeDeclareOptions {
+        auto_delete: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            sink.as_str().into(),
+            ExchangeKind::Topic,
+            exchange_options,
+            FieldTable::default(),
+        )
+        .await?;
+    let spec = QueueSpec {
+        exchange: sink.clone(),
+        ..QueueSpec::topic(&format!("{prefix}.#"))
+    };
+    let mut queue = AmqpQueue::open(&uri, &spec).await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString(sink.as_str().into()),
+    );
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            exchange_options,
+            arguments,
+        )
+        .await?;
+    let last = crate::payload(&filler, accepted - 1);
+    let drained = queue
+        .take_until(crate::LONG, |got| got.iter().any(|m| m.body == last))
+        .await?;
+    let per_publisher = crate::check_order_and_identity(gw.id(), &drained)?;
+    assert_eq!(
+        per_publisher.values().map(Vec::len).sum::<usize>() as u64,
+        accepted
+    );
+
+    // Confirmed means retired: the space is free for new messages.
+    wait_for(
+        "the store to release the confirmed backlog",
+        SHORT,
+        || async { (gw.store().stats().live_bytes == 0).then_some(()) },
+    )
+    .await?;
+    publish_one(gw.mqtt_addr(), &format!("{prefix}/again"), &[b'z'; 1024]).await?;
+    let again = queue
+        .take_until(SHORT, |got| {
+            got.iter()
+                .any(|m| m.mqtt_topic() == Some(&format!("{prefix}/again")))
+        })
+        .await?;
+    assert!(!again.is_empty());
+    queue.delete().await?;
+    conn.close(200, "done".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
