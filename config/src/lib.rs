@@ -71,11 +71,27 @@ impl WhenFull {
     pub const ALLOWED: &'static str = "\"reject\"";
 }
 
+/// What start-up does with a store file that is damaged (not merely locked
+/// or of another schema).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCorrupt {
+    /// Rename it to `edge.redb.corrupt-<unix seconds>`, log at ERROR, count
+    /// it, and start on a fresh store: the gateway keeps accepting data.
+    MoveAside,
+    /// Refuse to start.
+    Refuse,
+}
+
+impl OnCorrupt {
+    pub const ALLOWED: &'static str = "\"move-aside\" or \"refuse\"";
+}
+
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// Quota on live (not yet retired) record bytes.
     pub max_bytes: u64,
     pub when_full: WhenFull,
+    pub on_corrupt: OnCorrupt,
     /// Most appends in one group commit.
     pub batch_max_messages: NonZeroUsize,
     /// Most payload bytes in one group commit.

@@ -51,6 +51,7 @@ pub struct RawMetrics {
 pub struct RawStore {
     pub max_bytes: Option<String>,
     pub when_full: Option<String>,
+    pub on_corrupt: Option<String>,
     pub batch_max_messages: Option<i64>,
     pub batch_max_bytes: Option<String>,
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::raw::{RawConfig, RawRoute, RawUpstream};
 use crate::{
-    Config, ConfigError, GatewayConfig, MetricsConfig, MqttConfig, Problem, RouteConfig,
+    Config, ConfigError, GatewayConfig, MetricsConfig, MqttConfig, OnCorrupt, Problem, RouteConfig,
     StoreConfig, UpstreamConfig, WhenFull, defaults,
 };
 
@@ -250,6 +250,18 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             WhenFull::Reject
         }
     };
+    let on_corrupt = match s.on_corrupt.as_deref() {
+        None | Some("move-aside") => OnCorrupt::MoveAside,
+        Some("refuse") => OnCorrupt::Refuse,
+        Some(other) => {
+            c.problem(
+                "store.on_corrupt",
+                Some(other.to_string()),
+                format!("one of {}", OnCorrupt::ALLOWED),
+            );
+            OnCorrupt::MoveAside
+        }
+    };
     let store = StoreConfig {
         max_bytes: c.size(
             "store.max_bytes",
@@ -257,6 +269,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             defaults::STORE_MAX_BYTES,
         ),
         when_full,
+        on_corrupt,
         batch_max_messages: c.non_zero(
             "store.batch_max_messages",
             s.batch_max_messages,

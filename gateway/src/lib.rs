@@ -15,10 +15,11 @@ mod telemetry;
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use edge_config::Config;
+use edge_config::{Config, OnCorrupt};
 use edge_core::{Router, Routes};
 use edge_mqtt::MqttListener;
 use edge_store::{Store, StoreOptions};
@@ -31,6 +32,62 @@ pub use telemetry::init_logging;
 
 /// Writer inbox capacity: enough for several full batches in flight.
 const STORE_INBOX: usize = 8192;
+
+/// Outcome of one attempt to open the store.
+enum Opened {
+    Store(Store),
+    /// The file is damaged; the text says how.
+    Damaged(String),
+    /// Any other failure (locked, permissions, schema): never moved aside.
+    Failed(edge_store::OpenError),
+}
+
+fn try_open(data_dir: &Path, options: StoreOptions) -> Opened {
+    match std::panic::catch_unwind(|| Store::open(data_dir, options)) {
+        Ok(Ok(store)) => Opened::Store(store),
+        Ok(Err(e)) if e.is_corruption() => Opened::Damaged(e.to_string()),
+        Ok(Err(e)) => Opened::Failed(e),
+        Err(_) => Opened::Damaged("the storage engine panicked while reading the file".to_string()),
+    }
+}
+
+/// Opens the store; a damaged file is handled by the `on_corrupt` policy.
+/// A panic inside the storage engine while it reads a damaged file counts
+/// as damage too (release builds unwind for this reason).
+fn open_store(
+    data_dir: &Path,
+    options: StoreOptions,
+    on_corrupt: OnCorrupt,
+) -> anyhow::Result<Store> {
+    let context = || format!("opening the store in {}", data_dir.display());
+    let damage = match try_open(data_dir, options.clone()) {
+        Opened::Store(store) => return Ok(store),
+        Opened::Failed(e) => return Err(e).with_context(context),
+        Opened::Damaged(damage) => damage,
+    };
+    if on_corrupt == OnCorrupt::Refuse {
+        anyhow::bail!(
+            "the store in {} is damaged ({damage}); store.on_corrupt = \"refuse\": move it aside by hand or set \"move-aside\"",
+            data_dir.display()
+        );
+    }
+    let aside = Store::move_aside(data_dir)
+        .with_context(|| format!("moving the damaged store in {} aside", data_dir.display()))?;
+    metrics::counter!("edge_store_corruptions_total").increment(1);
+    tracing::error!(
+        damage = %damage,
+        moved_to = %aside.display(),
+        "store file is damaged: moved aside, starting on a fresh store; messages in the old file are not forwarded"
+    );
+    match try_open(data_dir, options) {
+        Opened::Store(store) => Ok(store),
+        Opened::Failed(e) => Err(e).with_context(context),
+        Opened::Damaged(damage) => Err(anyhow::anyhow!(
+            "{}: a fresh store is damaged too: {damage}",
+            context()
+        )),
+    }
+}
 
 /// A running gateway.
 #[derive(Debug)]
@@ -62,9 +119,7 @@ impl Gateway {
             inbox_capacity: NonZeroUsize::new(STORE_INBOX).unwrap_or(NonZeroUsize::MIN),
             cursors: config.upstreams.iter().map(|u| u.name.clone()).collect(),
         };
-        let data_dir = &config.gateway.data_dir;
-        let store = Store::open(data_dir, options)
-            .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+        let store = open_store(&config.gateway.data_dir, options, config.store.on_corrupt)?;
         let routes = Routes::from_config(&config.routes);
         let router = Router::new(store.clone(), routes.clone());
 

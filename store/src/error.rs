@@ -27,7 +27,35 @@ pub enum OpenError {
     Init {
         path: std::path::PathBuf,
         message: String,
+        /// The tables could not be read because the file is damaged.
+        corrupt: bool,
     },
+}
+
+impl OpenError {
+    /// Whether the database file itself is damaged — as opposed to locked
+    /// by another process, unreadable for lack of permission, or written by
+    /// a build with another schema. Only damage justifies moving it aside.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            OpenError::Database {
+                source: redb::DatabaseError::Storage(storage),
+                ..
+            } => storage_is_corrupt(storage),
+            OpenError::Init { corrupt, .. } => *corrupt,
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn storage_is_corrupt(e: &redb::StorageError) -> bool {
+    match e {
+        redb::StorageError::Corrupted(_) => true,
+        // redb reports a foreign or mangled header ("magic number
+        // mismatch") as invalid data.
+        redb::StorageError::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
+    }
 }
 
 /// Why an append was not committed. Expected conditions are variants.

@@ -184,6 +184,20 @@ impl Store {
         Store::start(db, path, options)
     }
 
+    /// Renames a damaged database file in `data_dir` to
+    /// `edge.redb.corrupt-<unix seconds>` so a fresh store can be opened,
+    /// keeping the old one for recovery. Returns the new name.
+    pub fn move_aside(data_dir: &Path) -> std::io::Result<PathBuf> {
+        let path = data_dir.join(DB_FILE);
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let aside = data_dir.join(format!("{DB_FILE}.corrupt-{secs}"));
+        std::fs::rename(&path, &aside)?;
+        Ok(aside)
+    }
+
     /// Opens the store on a caller-supplied redb backend (benches, fault
     /// tests). `label` names it in errors.
     pub fn open_with_backend(
@@ -210,6 +224,8 @@ impl Store {
             tables::InitError::Redb(e) => OpenError::Init {
                 path: path.clone(),
                 message: e.to_string(),
+                corrupt: matches!(e, redb::Error::Corrupted(_))
+                    || matches!(&e, redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData),
             },
         })?;
         let stats = StoreStats {
@@ -242,6 +258,7 @@ impl Store {
             .map_err(|e| OpenError::Init {
                 path,
                 message: format!("cannot start the writer thread: {e}"),
+                corrupt: false,
             })?;
         Ok(Store {
             inner: Arc::new(Handle {

@@ -331,3 +331,25 @@ async fn a_failed_commit_acknowledges_nothing_in_its_batch() {
     assert_eq!(*store.committed().borrow(), 1);
     assert_eq!(store.stats().next_seq, 2);
 }
+
+#[test]
+fn a_damaged_file_is_corruption_and_can_be_moved_aside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(DB_FILE), vec![0xAB_u8; 64 * 1024]).expect("write garbage");
+    let err = Store::open(dir.path(), options(1 << 20, &[])).expect_err("garbage must not open");
+    assert!(err.is_corruption(), "{err}");
+
+    let aside = Store::move_aside(dir.path()).expect("move aside");
+    assert!(aside.exists() && !dir.path().join(DB_FILE).exists());
+    let store = Store::open(dir.path(), options(1 << 20, &[])).expect("a fresh store opens");
+    assert_eq!(store.stats().next_seq, 1);
+}
+
+#[test]
+fn a_locked_database_is_not_corruption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _first = Store::open(dir.path(), options(1 << 20, &[])).expect("open");
+    let err =
+        Store::open(dir.path(), options(1 << 20, &[])).expect_err("second open of the same file");
+    assert!(!err.is_corruption(), "a lock is not damage: {err}");
+}

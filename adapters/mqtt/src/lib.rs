@@ -15,3 +15,57 @@ mod session;
 
 pub use error::MqttError;
 pub use listener::MqttListener;
+
+/// The packet decoder the connections use, reachable from property tests
+/// and fuzz targets. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use bytes::BytesMut;
+    pub use rumqttd::protocol::{Connect, Login, Packet};
+
+    /// A decoding failure: the metric label of the protocol error and its message.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct DecodeError {
+        /// `packet_too_large`, `malformed`, `unknown_protocol`, `not_connect`, ...
+        pub reason: &'static str,
+        pub message: String,
+    }
+
+    impl From<crate::error::ProtocolError> for DecodeError {
+        fn from(e: crate::error::ProtocolError) -> Self {
+            DecodeError {
+                reason: e.reason(),
+                message: e.to_string(),
+            }
+        }
+    }
+
+    /// The first packet of a connection, as `decode_connect` sees it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Hello {
+        V311(Connect, Option<Login>),
+        Unsupported { level: u8 },
+    }
+
+    /// Decodes the next packet of `buf`, consuming it: the packet, its QoS
+    /// and packet id (0 when not a QoS 1/2 PUBLISH). `None` until whole.
+    pub fn decode(
+        buf: &mut BytesMut,
+        max_packet_size: usize,
+    ) -> Result<Option<(Packet, u8, u16)>, DecodeError> {
+        Ok(crate::codec::decode(buf, max_packet_size)?.map(|i| (i.packet, i.qos, i.pkid)))
+    }
+
+    /// Decodes the first packet of a connection, which must be CONNECT.
+    pub fn decode_connect(
+        buf: &mut BytesMut,
+        max_packet_size: usize,
+    ) -> Result<Option<Hello>, DecodeError> {
+        Ok(
+            crate::codec::decode_connect(buf, max_packet_size)?.map(|h| match h {
+                crate::codec::Hello::V311(c, l) => Hello::V311(c, l),
+                crate::codec::Hello::Unsupported { level } => Hello::Unsupported { level },
+            }),
+        )
+    }
+}

@@ -7,20 +7,21 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edge_core::Routes;
+use bytes::Bytes;
 use edge_store::{Record, Seq, Store, StoreError};
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::BasicPublishOptions;
-use lapin::{Confirmation, PublisherConfirm};
+use lapin::{Channel, Confirmation};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::connector::{Connector, Link};
-use crate::convert::{self, Lifetime};
+use crate::convert::{self, Lifetime, Publish};
 use crate::cursor::CursorFlusher;
 use crate::error::LinkError;
 use crate::metrics::UpstreamMetrics;
@@ -57,18 +58,62 @@ struct Park {
     reason: String,
 }
 
-/// A publisher confirm that knows its seq.
-struct Tagged {
+/// One publish from the moment its frames are queued until the broker
+/// confirms it: the write of the frames by lapin's I/O loop, then the
+/// publisher confirm. Resolves to the seq and the confirmation, or to the
+/// link error that stopped it.
+type Publishing<'l> = Pin<Box<dyn Future<Output = (Seq, Result<Confirmation, LinkError>)> + Send + 'l>>;
+
+/// Starts the publish of `seq`.
+///
+/// lapin's `basic_publish` does its real work on the FIRST poll, without
+/// suspending: it checks the channel, registers the next delivery tag for
+/// the confirm and pushes the method, header and body frames onto the
+/// connection's FIFO of publish frames; only then does it wait for the I/O
+/// loop to have written them. So this polls the new future once, right
+/// away: when it returns, the frames are queued behind those of the
+/// previous seq (the order on the wire is the seq order) and the delivery
+/// tag is taken, while the write and the confirm are collected later with
+/// the other outstanding publishes. Returns the future if it is still
+/// running, or its outcome if it already has one (e.g. the channel is
+/// closed).
+fn start_publish<'l>(
+    channel: &'l Channel,
     seq: Seq,
-    confirm: PublisherConfirm,
-}
-
-impl Future for Tagged {
-    type Output = (Seq, lapin::Result<Confirmation>);
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let seq = self.seq;
-        Pin::new(&mut self.confirm).poll(cx).map(|r| (seq, r))
+    publish: Publish,
+    payload: Bytes,
+) -> Result<Publishing<'l>, (Seq, Result<Confirmation, LinkError>)> {
+    let mut publishing: Publishing<'l> = Box::pin(async move {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let sent = channel
+            .basic_publish(
+                publish.exchange,
+                publish.routing_key,
+                options,
+                &payload,
+                publish.properties,
+            )
+            .await;
+        drop(payload);
+        let outcome = match sent {
+            Ok(confirm) => confirm
+                .await
+                .map_err(|source| LinkError::Confirm { seq, source }),
+            Err(source) => Err(LinkError::Publish { seq, source }),
+        };
+        (seq, outcome)
+    });
+    // The no-op waker is enough: the future goes into a FuturesUnordered,
+    // which polls every newly added future again with its own waker.
+    match publishing
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Pending => Ok(publishing),
+        Poll::Ready(outcome) => Err(outcome),
     }
 }
 
@@ -92,20 +137,18 @@ impl Expired {
 }
 
 /// Per-link state; dropped with the link.
-struct Session {
+struct Session<'l> {
     window: Window<InFlight>,
     /// Read from the log, not yet published.
     buffer: VecDeque<(Seq, Record)>,
     read_from: Seq,
-    confirms: FuturesUnordered<Tagged>,
+    /// The outstanding publishes (frames queued, not yet confirmed).
+    publishing: FuturesUnordered<Publishing<'l>>,
     /// Last confirm, or the publish that started a wait for one.
     last_progress: Instant,
+    /// The broker blocked the connection (resource alarm) at the last tick.
+    blocked: bool,
     expired: Expired,
-}
-
-enum Flow {
-    Continue,
-    Shutdown,
 }
 
 /// Forwarding state that outlives a link.
@@ -144,8 +187,9 @@ impl Forwarder {
             window: Window::new(start),
             buffer: VecDeque::new(),
             read_from: start,
-            confirms: FuturesUnordered::new(),
+            publishing: FuturesUnordered::new(),
             last_progress: Instant::now(),
+            blocked: false,
             expired: Expired::default(),
         };
         let result = self.pump(link, connector, shutdown, &mut s).await;
@@ -159,12 +203,12 @@ impl Forwarder {
         result
     }
 
-    async fn pump(
+    async fn pump<'l>(
         &mut self,
-        link: &Link,
+        link: &'l Link,
         connector: &mut Connector,
         shutdown: &CancellationToken,
-        s: &mut Session,
+        s: &mut Session<'l>,
     ) -> Result<(), LinkError> {
         let mut committed = self.store.committed();
         let mut committed_open = true;
@@ -183,9 +227,7 @@ impl Forwarder {
                 let Some((seq, record)) = s.buffer.pop_front() else {
                     break;
                 };
-                if let Flow::Shutdown = self.forward(link, s, seq, record, shutdown).await? {
-                    break;
-                }
+                self.forward(link, s, seq, record)?;
             }
             self.settle(s).await?;
             let idle = s.buffer.is_empty() && s.window.in_flight() < self.max_in_flight;
@@ -195,9 +237,9 @@ impl Forwarder {
                     self.drain(s).await;
                     return Ok(());
                 }
-                Some((seq, result)) = s.confirms.next(), if !s.confirms.is_empty() => {
+                Some((seq, result)) = s.publishing.next(), if !s.publishing.is_empty() => {
                     self.on_confirm(s, seq, result)?;
-                    while let Some(Some((seq, result))) = s.confirms.next().now_or_never() {
+                    while let Some(Some((seq, result))) = s.publishing.next().now_or_never() {
                         self.on_confirm(s, seq, result)?;
                     }
                     connector.link_healthy();
@@ -210,10 +252,17 @@ impl Forwarder {
                     if !link.is_usable() {
                         return Err(LinkError::Lost);
                     }
-                    if link.connection.status().blocked() {
-                        // Confirms cannot come while the broker blocks us.
+                    let blocked = link.connection.status().blocked();
+                    if blocked {
+                        // Confirms cannot come while the broker blocks us,
+                        // and a new connection would be blocked as well.
                         s.last_progress = Instant::now();
+                        if !s.blocked && s.window.in_flight() > 0 {
+                            warn!(upstream = %self.name, in_flight = s.window.in_flight(),
+                                "broker blocks publishing (resource alarm); waiting");
+                        }
                     }
+                    s.blocked = blocked;
                     let waited = s.last_progress.elapsed();
                     if s.window.in_flight() > 0 && waited > self.confirm_timeout {
                         return Err(LinkError::Watchdog { waited, in_flight: s.window.in_flight() });
@@ -225,7 +274,7 @@ impl Forwarder {
 
     /// Reads the next batch into the buffer; false when there is nothing
     /// (more) to read now.
-    async fn refill(&mut self, s: &mut Session, last_committed: Seq) -> bool {
+    async fn refill(&mut self, s: &mut Session<'_>, last_committed: Seq) -> bool {
         let mut max = READ_MAX_MESSAGES.min(self.max_in_flight.max(64));
         loop {
             let from = s.read_from;
@@ -269,26 +318,25 @@ impl Forwarder {
         }
     }
 
-    /// Publishes one record, or settles it at once (no route, expired,
-    /// unconvertible).
-    async fn forward(
+    /// Starts the publish of one record, or settles it at once (no route,
+    /// expired, unconvertible).
+    fn forward<'l>(
         &mut self,
-        link: &Link,
-        s: &mut Session,
+        link: &'l Link,
+        s: &mut Session<'l>,
         seq: Seq,
         record: Record,
-        shutdown: &CancellationToken,
-    ) -> Result<Flow, LinkError> {
+    ) -> Result<(), LinkError> {
         let Some(route) = self.routes.first_match(&record.topic) else {
             s.window.skip(seq);
-            return Ok(Flow::Continue);
+            return Ok(());
         };
         let lifetime = convert::lifetime(route.ttl, record.timestamp_ms, now_ms());
         if lifetime == Lifetime::Expired {
             self.metrics.expired(&route.name, 1);
             s.expired.note(&route.name, seq);
             s.window.skip(seq);
-            return Ok(Flow::Continue);
+            return Ok(());
         }
         let route_name = route.name.clone();
         let publish = match convert::to_publish(&self.gateway_id, seq, &record, route, lifetime) {
@@ -307,46 +355,14 @@ impl Forwarder {
                         park: Some(park),
                     },
                 );
-                return Ok(Flow::Continue);
+                return Ok(());
             }
         };
-        let options = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        };
-        let confirm = {
-            let sent = link.channel.basic_publish(
-                publish.exchange,
-                publish.routing_key,
-                options,
-                &record.payload,
-                publish.properties,
-            );
-            tokio::pin!(sent);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(Flow::Shutdown),
-                    r = tokio::time::timeout(self.confirm_timeout, &mut sent) => match r {
-                        Ok(Ok(confirm)) => break confirm,
-                        Ok(Err(source)) => return Err(LinkError::Publish { seq, source }),
-                        // A resource alarm blocks every connection: a new one
-                        // would not help, so wait it out.
-                        Err(_) if link.connection.status().blocked() => {
-                            warn!(upstream = %self.name, seq, in_flight = s.window.in_flight(),
-                                "broker blocks publishing (resource alarm); waiting");
-                        }
-                        Err(_) => {
-                            let waited = self.confirm_timeout;
-                            return Err(LinkError::PublishTimeout { seq, waited });
-                        }
-                    },
-                }
-            }
-        };
-        if s.window.in_flight() == 0 {
-            s.last_progress = Instant::now();
-        }
+        let started = start_publish(&link.channel, seq, publish, record.payload.clone());
         let published_at = Instant::now();
+        if s.window.in_flight() == 0 {
+            s.last_progress = published_at;
+        }
         s.window.push(
             seq,
             InFlight {
@@ -356,21 +372,25 @@ impl Forwarder {
                 park: None,
             },
         );
-        s.confirms.push(Tagged { seq, confirm });
-        Ok(Flow::Continue)
+        match started {
+            Ok(publishing) => {
+                s.publishing.push(publishing);
+                Ok(())
+            }
+            Err((seq, outcome)) => self.on_confirm(s, seq, outcome),
+        }
     }
 
     fn on_confirm(
         &mut self,
-        s: &mut Session,
+        s: &mut Session<'_>,
         seq: Seq,
-        result: lapin::Result<Confirmation>,
+        result: Result<Confirmation, LinkError>,
     ) -> Result<(), LinkError> {
-        let returned = match result {
-            Ok(Confirmation::Ack(returned)) => returned,
-            Ok(Confirmation::Nack(_)) => return Err(LinkError::Nack { seq }),
-            Ok(Confirmation::NotRequested) => return Err(LinkError::Lost),
-            Err(source) => return Err(LinkError::Confirm { seq, source }),
+        let returned = match result? {
+            Confirmation::Ack(returned) => returned,
+            Confirmation::Nack(_) => return Err(LinkError::Nack { seq }),
+            Confirmation::NotRequested => return Err(LinkError::Lost),
         };
         if let Some(message) = returned {
             // lapin hands a returned message to the next confirm that
@@ -409,7 +429,7 @@ impl Forwarder {
     }
 
     /// Moves the cursor over the done prefix, parking returned records first.
-    async fn settle(&mut self, s: &mut Session) -> Result<(), LinkError> {
+    async fn settle(&mut self, s: &mut Session<'_>) -> Result<(), LinkError> {
         let mut result = Ok(());
         while let Some((seq, item)) = s.window.pop_done() {
             let Some(item) = item else { continue };
@@ -438,7 +458,7 @@ impl Forwarder {
 
     /// Shutdown: publish nothing more, wait briefly for the outstanding
     /// confirms, settle what is done.
-    async fn drain(&mut self, s: &mut Session) {
+    async fn drain(&mut self, s: &mut Session<'_>) {
         let deadline = tokio::time::sleep(SHUTDOWN_CONFIRM_WAIT);
         tokio::pin!(deadline);
         while s.window.in_flight() > 0 {
@@ -448,7 +468,7 @@ impl Forwarder {
                         "shutdown: confirms still outstanding; they will be forwarded again");
                     break;
                 }
-                next = s.confirms.next() => {
+                next = s.publishing.next() => {
                     let Some((seq, result)) = next else { break };
                     if let Err(error) = self.on_confirm(s, seq, result) {
                         warn!(upstream = %self.name, %error, "shutdown: link failed while draining");

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod config;
+mod corrupt;
 mod crash;
 mod forward;
 mod harness;
