@@ -127,8 +127,8 @@ proptest! {
         // Every cut inside the fixed fields and the lengths, and a sample
         // of cuts inside long payloads (a full sweep of a 200 kB record
         // would be quadratic).
-        let step = (bytes.len() / 2_000).max(1);
-        let cuts = (0..bytes.len().min(4_096))
+        let step = (bytes.len() / 1_000).max(1);
+        let cuts = (0..bytes.len().min(1_024))
             .chain((0..bytes.len()).step_by(step))
             .chain(bytes.len().saturating_sub(64)..bytes.len());
         for cut in cuts {
@@ -195,7 +195,7 @@ fn fields_over_their_length_prefix_are_refused_not_truncated() {
 }
 
 #[test]
-fn a_header_count_larger_than_the_input_is_truncated_not_a_huge_allocation_panic() {
+fn a_header_count_larger_than_the_input_is_truncated() {
     // version, timestamp, qos, flags, empty topic, empty publisher, 65535 headers.
     let mut bytes = vec![1u8];
     bytes.extend_from_slice(&[0; 10]);
