@@ -12,6 +12,14 @@ use crate::{
     StoreConfig, UpstreamConfig, WhenFull, defaults,
 };
 
+const MILLI: Duration = Duration::from_millis(1);
+const MILLIS_100: Duration = Duration::from_millis(100);
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+/// Largest group commit in bytes; also keeps the value within `usize` on
+/// 32-bit targets.
+const MAX_BATCH_BYTES: u64 = 1 << 30;
+
 #[derive(Default)]
 struct Checker {
     problems: Vec<Problem>,
@@ -42,6 +50,34 @@ impl Checker {
                     "a duration such as \"250ms\", \"10s\" or \"1h\"",
                 );
                 Duration::ZERO
+            }
+        }
+    }
+
+    /// A duration within `[min, max]`: zero or absurd values break timers
+    /// and back-off rather than meaning anything useful.
+    fn duration_within(
+        &mut self,
+        key: &str,
+        value: Option<&str>,
+        default: &str,
+        min: Duration,
+        max: Duration,
+    ) -> Duration {
+        let text = value.unwrap_or(default);
+        match humantime::parse_duration(text) {
+            Ok(d) if d >= min && d <= max => d,
+            _ => {
+                self.problem(
+                    key,
+                    Some(text.to_string()),
+                    format!(
+                        "a duration from {} to {}, such as \"{default}\"",
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                );
+                min
             }
         }
     }
@@ -177,10 +213,12 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let gateway = GatewayConfig {
         id,
         data_dir,
-        shutdown_grace: c.duration(
+        shutdown_grace: c.duration_within(
             "gateway.shutdown_grace",
             raw.gateway.shutdown_grace.as_deref(),
             defaults::SHUTDOWN_GRACE,
+            MILLIS_100,
+            HOUR,
         ),
     };
 
@@ -213,10 +251,12 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             1_000_000,
         ),
         max_packet_size: NonZeroUsize::new(max_packet_size as usize).unwrap_or(NonZeroUsize::MIN),
-        connect_timeout: c.duration(
+        connect_timeout: c.duration_within(
             "mqtt.connect_timeout",
             m.connect_timeout.as_deref(),
             defaults::CONNECT_TIMEOUT,
+            MILLIS_100,
+            HOUR,
         ),
         max_inflight: NonZeroU16::new(max_inflight.get() as u16).unwrap_or(NonZeroU16::MIN),
         max_queued_messages: c.non_zero(
@@ -262,6 +302,22 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             OnCorrupt::MoveAside
         }
     };
+    let batch_bytes = c.size(
+        "store.batch_max_bytes",
+        s.batch_max_bytes.as_deref(),
+        defaults::BATCH_MAX_BYTES,
+    );
+    if batch_bytes > MAX_BATCH_BYTES {
+        c.problem(
+            "store.batch_max_bytes",
+            s.batch_max_bytes.clone(),
+            "at most \"1GiB\"",
+        );
+    }
+    let batch_max_bytes = usize::try_from(batch_bytes.min(MAX_BATCH_BYTES))
+        .ok()
+        .and_then(NonZeroUsize::new)
+        .unwrap_or(NonZeroUsize::MIN);
     let store = StoreConfig {
         max_bytes: c.size(
             "store.max_bytes",
@@ -276,12 +332,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             defaults::BATCH_MAX_MESSAGES,
             1_000_000,
         ),
-        batch_max_bytes: NonZeroUsize::new(c.size(
-            "store.batch_max_bytes",
-            s.batch_max_bytes.as_deref(),
-            defaults::BATCH_MAX_BYTES,
-        ) as usize)
-        .unwrap_or(NonZeroUsize::MIN),
+        batch_max_bytes,
     };
 
     let mut upstreams = Vec::new();
@@ -349,21 +400,26 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
             );
         }
     }
-    let reconnect_min = c.duration(
+    let problems_before = c.problems.len();
+    let reconnect_min = c.duration_within(
         &key("reconnect_min"),
         u.reconnect_min.as_deref(),
         defaults::RECONNECT_MIN,
+        MILLI,
+        HOUR,
     );
-    let reconnect_max = c.duration(
+    let reconnect_max = c.duration_within(
         &key("reconnect_max"),
         u.reconnect_max.as_deref(),
         defaults::RECONNECT_MAX,
+        MILLI,
+        HOUR,
     );
-    if reconnect_min.is_zero() || reconnect_min > reconnect_max {
+    if c.problems.len() == problems_before && reconnect_min > reconnect_max {
         c.problem(
             key("reconnect_min"),
             u.reconnect_min.clone(),
-            "a non-zero duration no longer than reconnect_max",
+            "a duration no longer than reconnect_max",
         );
     }
     UpstreamConfig {
@@ -377,10 +433,12 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
         ),
         reconnect_min,
         reconnect_max,
-        confirm_timeout: c.duration(
+        confirm_timeout: c.duration_within(
             &key("confirm_timeout"),
             u.confirm_timeout.as_deref(),
             defaults::CONFIRM_TIMEOUT,
+            SECOND,
+            HOUR,
         ),
     }
 }
@@ -440,7 +498,7 @@ fn route(c: &mut Checker, i: usize, r: &RawRoute, upstreams: &HashSet<String>) -
         .ttl
         .as_deref()
         .map(|t| c.duration(&key("ttl"), Some(t), t));
-    if ttl.is_some_and(|t| t.is_zero()) {
+    if ttl.is_some_and(|t| t < MILLI) {
         c.problem(
             key("ttl"),
             r.ttl.clone(),
@@ -509,6 +567,36 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("\"reject\""), "{text}");
         assert!(text.contains("none is configured"), "{text}");
+    }
+
+    #[test]
+    fn durations_and_sizes_out_of_range_are_named() {
+        let err = Config::parse(
+            r#"
+            [gateway]
+            shutdown_grace = "0s"
+            [store]
+            batch_max_bytes = "2GiB"
+            [[upstream]]
+            name = "u"
+            uris = ["amqp://127.0.0.1"]
+            confirm_timeout = "0s"
+            reconnect_max = "1000000000y"
+            "#,
+        )
+        .expect_err("invalid");
+        let mut keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "gateway.shutdown_grace",
+                "store.batch_max_bytes",
+                "upstream[0].confirm_timeout",
+                "upstream[0].reconnect_max"
+            ]
+        );
+        assert!(err.to_string().contains("from 1s to 1h"), "{err}");
     }
 
     #[test]

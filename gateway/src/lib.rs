@@ -33,6 +33,20 @@ pub use telemetry::init_logging;
 /// Writer inbox capacity: enough for several full batches in flight.
 const STORE_INBOX: usize = 8192;
 
+/// First seq of a store created now: the wall clock in microseconds. A store
+/// that replaces a lost or damaged one thus starts above every seq its
+/// predecessor could have used (it would have needed more than a million
+/// appends a second), so `<gateway id>:<seq>` stays unique for downstream
+/// de-duplication — provided the clock does not go back past the old
+/// store's creation.
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// Outcome of one attempt to open the store.
 enum Opened {
     Store(Store),
@@ -43,7 +57,7 @@ enum Opened {
 }
 
 fn try_open(data_dir: &Path, options: StoreOptions) -> Opened {
-    match std::panic::catch_unwind(|| Store::open(data_dir, options)) {
+    match std::panic::catch_unwind(|| Store::open_seeded(data_dir, options, clock_seed())) {
         Ok(Ok(store)) => Opened::Store(store),
         Ok(Err(e)) if e.is_corruption() => Opened::Damaged(e.to_string()),
         Ok(Err(e)) => Opened::Failed(e),
@@ -211,23 +225,34 @@ impl Gateway {
     /// Stops accepting, lets in-flight commits finish, flushes cursors,
     /// closes upstream links; bounded by `gateway.shutdown_grace`.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + self.grace;
+        // Each stage gets its own share of the grace period, so a slow MQTT
+        // drain cannot leave the replicators without time to settle their
+        // confirms and flush their cursors (fewer duplicates after restart).
+        let start = tokio::time::Instant::now();
+        let mqtt_deadline = start + self.grace.mul_f32(0.4);
+        let upstream_deadline = start + self.grace.mul_f32(0.9);
+        let store_deadline = start + self.grace;
         self.mqtt_stop.cancel();
-        if tokio::time::timeout_at(deadline, self.mqtt_tasks.wait())
+        if tokio::time::timeout_at(mqtt_deadline, self.mqtt_tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!(grace = ?self.grace, "MQTT connections did not finish within the grace period");
+            tracing::warn!(grace = ?self.grace, "MQTT connections did not finish within their share of the grace period");
         }
         self.upstream_stop.cancel();
-        if tokio::time::timeout_at(deadline, self.upstream_tasks.wait())
+        if tokio::time::timeout_at(upstream_deadline, self.upstream_tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!(grace = ?self.grace, "replicators did not finish within the grace period");
+            tracing::warn!(grace = ?self.grace, "replicators did not finish within their share of the grace period");
         }
         self.telemetry_stop.cancel();
-        match tokio::time::timeout_at(deadline + Duration::from_secs(1), self.store.close()).await {
+        match tokio::time::timeout_at(
+            store_deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)),
+            self.store.close(),
+        )
+        .await
+        {
             Ok(result) => result.context("closing the store")?,
             Err(_) => tracing::warn!(
                 "store did not close in time; committed data is safe, pending appends were not acknowledged"

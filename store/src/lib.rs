@@ -17,7 +17,9 @@
 //!
 //! # Invariants
 //!
-//! - Seqs start at 1, are assigned by the writer in inbox order and are never
+//! - Seqs start at the seed a new store is created with (1 by default; the
+//!   gateway seeds from the clock so a replacement store never repeats the
+//!   ids of a lost one), are assigned by the writer in inbox order and are never
 //!   reused: after a restart the next seq is above the last record, every
 //!   cursor and `retired_below`. Records queued by one caller commit in the
 //!   order queued.
@@ -170,8 +172,21 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if missing) the store in `data_dir`.
+    /// Opens (creating if missing) the store in `data_dir`. A new store's
+    /// first seq is 1.
     pub fn open(data_dir: &Path, options: StoreOptions) -> Result<Store, OpenError> {
+        Store::open_seeded(data_dir, options, 1)
+    }
+
+    /// Like [`Store::open`], but a store created now starts at `first_seq`.
+    /// The gateway seeds new stores from the clock so that a store which
+    /// replaces a lost or damaged one never reuses its seqs (message ids
+    /// are `<gateway id>:<seq>`). An existing store ignores the seed.
+    pub fn open_seeded(
+        data_dir: &Path,
+        options: StoreOptions,
+        first_seq: Seq,
+    ) -> Result<Store, OpenError> {
         std::fs::create_dir_all(data_dir).map_err(|source| OpenError::CreateDir {
             path: data_dir.to_path_buf(),
             source,
@@ -181,19 +196,24 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        Store::start(db, path, options)
+        Store::start(db, path, options, first_seq)
     }
 
     /// Renames a damaged database file in `data_dir` to
-    /// `edge.redb.corrupt-<unix seconds>` so a fresh store can be opened,
+    /// `edge.redb.corrupt-<unix seconds>[.<n>]` so a fresh store can be opened,
     /// keeping the old one for recovery. Returns the new name.
     pub fn move_aside(data_dir: &Path) -> std::io::Result<PathBuf> {
         let path = data_dir.join(DB_FILE);
-        let secs = std::time::SystemTime::now()
+        let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let aside = data_dir.join(format!("{DB_FILE}.corrupt-{secs}"));
+            .unwrap_or_default();
+        let mut aside = data_dir.join(format!("{DB_FILE}.corrupt-{}", now.as_secs()));
+        // Never overwrite a file kept from an earlier move.
+        let mut n = 1;
+        while aside.exists() {
+            aside = data_dir.join(format!("{DB_FILE}.corrupt-{}.{n}", now.as_secs()));
+            n += 1;
+        }
         std::fs::rename(&path, &aside)?;
         Ok(aside)
     }
@@ -211,11 +231,16 @@ impl Store {
                 path: label.to_path_buf(),
                 source,
             })?;
-        Store::start(db, label.to_path_buf(), options)
+        Store::start(db, label.to_path_buf(), options, 1)
     }
 
-    fn start(db: Database, path: PathBuf, options: StoreOptions) -> Result<Store, OpenError> {
-        let loaded = tables::init(&db, &options.cursors).map_err(|e| match e {
+    fn start(
+        db: Database,
+        path: PathBuf,
+        options: StoreOptions,
+        first_seq: Seq,
+    ) -> Result<Store, OpenError> {
+        let loaded = tables::init(&db, &options.cursors, first_seq).map_err(|e| match e {
             tables::InitError::UnknownSchema { found } => OpenError::UnknownSchema {
                 path: path.clone(),
                 found,

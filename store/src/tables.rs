@@ -47,7 +47,15 @@ fn redb_err(e: impl Into<redb::Error>) -> InitError {
 /// Creates missing tables, checks the schema version, drops cursors that are
 /// not configured, and scans the log for its live figures. One write
 /// transaction: opening is recovery.
-pub(crate) fn init(db: &Database, configured: &[String]) -> Result<Loaded, InitError> {
+///
+/// A store created by this call starts its seqs at `first_seq` (recorded as
+/// `retired_below`), so a store that replaces a lost one does not hand out
+/// the seqs — and message ids — of its predecessor again.
+pub(crate) fn init(
+    db: &Database,
+    configured: &[String],
+    first_seq: Seq,
+) -> Result<Loaded, InitError> {
     let txn = db.begin_write().map_err(redb_err)?;
     let loaded = {
         let mut meta = txn.open_table(META).map_err(redb_err)?;
@@ -58,6 +66,8 @@ pub(crate) fn init(db: &Database, configured: &[String]) -> Result<Loaded, InitE
         match found {
             None => {
                 meta.insert(SCHEMA_KEY, SCHEMA_VERSION.to_le_bytes().as_slice())
+                    .map_err(redb_err)?;
+                meta.insert(RETIRED_BELOW_KEY, first_seq.max(1).to_le_bytes().as_slice())
                     .map_err(redb_err)?;
             }
             Some(v) if v.as_slice() == SCHEMA_VERSION.to_le_bytes().as_slice() => {}

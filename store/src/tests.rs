@@ -353,3 +353,14 @@ fn a_locked_database_is_not_corruption() {
         Store::open(dir.path(), options(1 << 20, &[])).expect_err("second open of the same file");
     assert!(!err.is_corruption(), "a lock is not damage: {err}");
 }
+
+#[tokio::test]
+async fn a_new_store_starts_at_its_seed_and_an_existing_one_ignores_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open_seeded(dir.path(), options(1 << 20, &[]), 1_000).expect("open");
+    assert_eq!(store.append(record(1, 8)).await.expect("append"), 1_000);
+    store.close().await.expect("close");
+
+    let store = Store::open_seeded(dir.path(), options(1 << 20, &[]), 5).expect("reopen");
+    assert_eq!(store.append(record(2, 8)).await.expect("append"), 1_001);
+}
