@@ -80,6 +80,15 @@ impl Router {
         &self.inner.routes
     }
 
+    /// Sessions currently registered.
+    pub fn session_count(&self) -> usize {
+        self.inner
+            .sessions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
     /// Registers a session. Its deliveries arrive on the returned receiver,
     /// which holds at most `queue` of them. A session already registered
     /// under the same client id is told it was taken over (MQTT §3.1.4).

@@ -113,7 +113,13 @@ pub(crate) fn decode_connect(
         .ok_or(ProtocolError::Malformed(protocol::Error::MalformedPacket))?;
     match (name, level) {
         (b"MQTT", 4) => match V4.read_mut(buf, max).map_err(ProtocolError::Malformed)? {
-            Packet::Connect(connect, _, _, _, login) => Ok(Some(Hello::V311(connect, login))),
+            Packet::Connect(connect, _, will, _, login) => {
+                if let Some(will) = will {
+                    tracing::info!(client_id = %connect.client_id, will_topic = %String::from_utf8_lossy(&will.topic),
+                        "last will is not supported yet: it will not be published");
+                }
+                Ok(Some(Hello::V311(connect, login)))
+            }
             _ => Err(ProtocolError::NotConnect(kind)),
         },
         (b"MQTT", _) | (b"MQIsdp", _) => {

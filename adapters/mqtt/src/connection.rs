@@ -33,6 +33,13 @@ const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Deliveries taken from the router in one loop turn.
 const DELIVERY_BATCH: usize = 64;
 const READ_CHUNK: usize = 8 * 1024;
+/// Bytes waiting for a slow client before the connection stops reading it
+/// and stops taking deliveries (back-pressure instead of buffering).
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// A client without keep-alive that reads nothing of what waits for it for
+/// this long is closed: it holds a connection slot and a delivery queue for
+/// nothing. With keep-alive, the limit is 1.5 x keep-alive, like silence.
+const WRITE_STALL: Duration = Duration::from_secs(30);
 
 /// Per-connection limits, from `MqttConfig`.
 #[derive(Debug, Clone)]
@@ -90,6 +97,7 @@ impl Connection {
             Close::KeepAlive(_)
             | Close::ConnectTimeout(_)
             | Close::TakenOver
+            | Close::WriteStalled(_)
             | Close::Refused(_) => {
                 tracing::info!(%peer, client_id, reason = close.reason(), "{close}: connection closed");
             }
@@ -215,6 +223,10 @@ impl Connection {
         Ok(())
     }
 
+    /// The connection's main loop. Reading, writing, commits, deliveries and
+    /// timers are all branches of one `select!`, so a client that stops
+    /// reading cannot stop the gateway from reading it (and the other way
+    /// round), and both keep-alive and a write stall are noticed.
     async fn session_loop(
         &mut self,
         session: &mut Session,
@@ -223,11 +235,15 @@ impl Connection {
         shutdown: &CancellationToken,
     ) -> Close {
         let idle_limit = keep_alive.unwrap_or(Duration::from_secs(86_400));
+        let stall_limit = keep_alive.unwrap_or(WRITE_STALL);
         let idle = sleep_until(Instant::now() + idle_limit);
-        tokio::pin!(idle);
+        let stall = sleep_until(Instant::now() + stall_limit);
+        tokio::pin!(idle, stall);
+        let (mut reader, mut writer) = self.stream.split();
+        let mut was_writing = false;
         loop {
             // Packets already buffered, as far as back-pressure allows.
-            while session.can_read() {
+            while session.can_read() && self.wbuf.len() < WRITE_HIGH_WATER {
                 match codec::decode(&mut self.rbuf, self.settings.max_packet_size) {
                     Ok(Some(inbound)) => {
                         idle.as_mut().reset(Instant::now() + idle_limit);
@@ -239,20 +255,23 @@ impl Connection {
                     Err(e) => return e.into(),
                 }
             }
-            // A client that does not read must not hold up shutdown.
-            let flushed = tokio::select! {
-                biased;
-                flushed = self.flush() => flushed,
-                _ = shutdown.cancelled() => return Close::Shutdown,
-            };
-            if let Err(close) = flushed {
-                return close;
+            let writing = !self.wbuf.is_empty();
+            if writing && !was_writing {
+                stall.as_mut().reset(Instant::now() + stall_limit);
             }
-            let reading = session.can_read();
+            was_writing = writing;
+            // Stop taking work while the client is this far behind.
+            let room = self.wbuf.len() < WRITE_HIGH_WATER;
+            let reading = session.can_read() && room;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Close::Shutdown,
                 _ = session.subscriber.taken_over() => return Close::TakenOver,
+                written = writer.write_buf(&mut self.wbuf), if writing => match written {
+                    Ok(0) => return Close::PeerClosed,
+                    Ok(_) => stall.as_mut().reset(Instant::now() + stall_limit),
+                    Err(e) => return e.into(),
+                },
                 Some(committed) = session.pending.next(), if !session.pending.is_empty() => {
                     if let Err(close) = session.on_committed(committed, &mut self.wbuf) {
                         return close;
@@ -267,12 +286,12 @@ impl Connection {
                         idle.as_mut().reset(Instant::now() + idle_limit);
                     }
                 }
-                read = self.stream.read_buf(&mut self.rbuf), if reading => match read {
+                read = reader.read_buf(&mut self.rbuf), if reading => match read {
                     Ok(0) => return Close::PeerClosed,
                     Ok(_) => self.rbuf.reserve(READ_CHUNK),
                     Err(e) => return e.into(),
                 },
-                Some(delivery) = deliveries.recv(), if session.outbox.has_room() => {
+                Some(delivery) = deliveries.recv(), if room && session.outbox.has_room() => {
                     let mut next = Some(delivery);
                     let mut taken = 0;
                     while let Some(delivery) = next.take() {
@@ -291,6 +310,7 @@ impl Connection {
                 _ = &mut idle, if keep_alive.is_some() && reading => {
                     return Close::KeepAlive(idle_limit);
                 }
+                _ = &mut stall, if writing => return Close::WriteStalled(stall_limit),
             }
         }
     }

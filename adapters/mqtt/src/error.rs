@@ -73,6 +73,8 @@ pub(crate) enum Close {
     Refused(String),
     #[error("client id taken over by a newer connection")]
     TakenOver,
+    #[error("client read nothing for {0:?} while packets waited for it")]
+    WriteStalled(Duration),
     #[error("gateway shutting down")]
     Shutdown,
     #[error("protocol error: {0}")]
@@ -95,6 +97,7 @@ impl Close {
             Close::KeepAlive(_) => "keep_alive_timeout",
             Close::Refused(_) => "connect_refused",
             Close::TakenOver => "taken_over",
+            Close::WriteStalled(_) => "write_stalled",
             Close::Shutdown => "shutdown",
             Close::Protocol(_) => "protocol_error",
             Close::Store(AppendError::Full { .. }) => "store_full",

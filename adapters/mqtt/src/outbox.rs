@@ -58,7 +58,10 @@ impl Outbox {
             &message.payload,
             qos,
             pkid,
-            message.retain,
+            // MQTT 3.1.1 §3.3.1.3: RETAIN is 0 on deliveries to established
+            // subscriptions; it is set only when a retained message is sent
+            // for a new subscription (retained messages come later).
+            false,
         )?;
         if qos > 0 {
             self.inflight.insert(pkid);

@@ -415,3 +415,49 @@ async fn puback_waits_for_the_commit_while_reading_goes_on() -> Result<()> {
     assert_eq!(server.records().await?.len(), 2);
     server.stop().await
 }
+
+/// A subscriber that stops reading while deliveries pile up for it must not
+/// pin its connection: the gateway keeps reading it (keep-alive still
+/// counts) and closes it once nothing it is sent moves.
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_closed_not_kept_forever() -> Result<()> {
+    let server = Server::start().await?;
+    let mut stuck = Raw::session(server.addr, "stuck", 1).await?;
+    stuck.send(&subscribe(1, &[("flood/#", 0)])).await?;
+    stuck.expect(&[0x90, 3, 0, 1, 0]).await?;
+    // From here on `stuck` reads nothing and sends nothing.
+
+    let mut flooder = Raw::session(server.addr, "flooder", 60).await?;
+    let chunk = vec![b'x'; 60 * 1024];
+    for _ in 0..256 {
+        flooder
+            .send(&publish("flood/x", &chunk, 0, 0, false))
+            .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.router.session_count() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck subscriber is still connected {:?} after the flood",
+            Duration::from_secs(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(stuck);
+    server.stop().await
+}
+
+#[tokio::test]
+async fn live_deliveries_have_retain_cleared() -> Result<()> {
+    let server = Server::start().await?;
+    let mut sub = Raw::session(server.addr, "sub", 30).await?;
+    sub.send(&subscribe(1, &[("r/#", 0)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 0]).await?;
+    let mut publisher = Raw::session(server.addr, "pub", 30).await?;
+    let mut retained = publish("r/1", b"v", 0, 0, false);
+    retained[0] |= 0x01;
+    publisher.send(&retained).await?;
+    // PUBLISH, QoS 0, RETAIN 0: topic "r/1", payload "v".
+    sub.expect(&[0x30, 6, 0, 3, b'r', b'/', b'1', b'v']).await?;
+    server.stop().await
+}
