@@ -39,8 +39,11 @@
 //! - Quota: `live_bytes` is the sum of encoded sizes of the records in the
 //!   log, scanned at open and kept in memory. An append that would take it
 //!   past `max_bytes` is refused with [`AppendError::Full`], and so is every
-//!   later append of the same batch, so a publisher's order has no holes.
-//!   Retirement frees space. Dead letters do not count.
+//!   later append of the same batch; after that, every append is refused
+//!   until retirement has made room for the largest refused record. So a
+//!   small message cannot slip in behind a refused larger one of the same
+//!   publisher, and its order has no holes. (A record larger than the whole
+//!   quota is refused alone.) Dead letters do not count.
 //!
 //! # Recovery
 //!

@@ -364,3 +364,34 @@ async fn a_new_store_starts_at_its_seed_and_an_existing_one_ignores_it() {
     let store = Store::open_seeded(dir.path(), options(1 << 20, &[]), 5).expect("reopen");
     assert_eq!(store.append(record(2, 8)).await.expect("append"), 1_001);
 }
+
+#[tokio::test]
+async fn after_a_refusal_appends_wait_until_the_refused_record_would_fit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = record(0, 10).encoded_len() as u64;
+    let big = record(0, 2 * small as usize).encoded_len() as u64;
+    let store = Store::open(dir.path(), options(8 * small + small / 2, &["up"])).expect("open");
+    for n in 1..=8 {
+        store.append(record(n, 10)).await.expect("fits");
+    }
+    let refused = store.append(record(9, 2 * small as usize)).await;
+    assert!(
+        matches!(refused, Err(AppendError::Full { .. })),
+        "{big} bytes: {refused:?}"
+    );
+    // A small one would fit, but it would overtake the refused one.
+    assert!(matches!(
+        store.append(record(10, 10)).await,
+        Err(AppendError::Full { .. })
+    ));
+    store.advance_cursor("up", 2).await.expect("advance"); // 7 small live: no room for big
+    assert!(matches!(
+        store.append(record(11, 10)).await,
+        Err(AppendError::Full { .. })
+    ));
+    store.advance_cursor("up", 4).await.expect("advance"); // 5 small live: big fits
+    assert_eq!(
+        store.append(record(12, 10)).await.expect("accepted again"),
+        9
+    );
+}

@@ -81,6 +81,12 @@ pub(crate) struct Writer {
     last_batch: usize,
     last_full_warn: Option<Instant>,
     full_since_warn: u64,
+    /// Size of the largest record refused at the quota that could fit once
+    /// space is freed. Until it would fit, every append is refused, so a
+    /// small message cannot slip in after a refused larger one of the same
+    /// publisher (which would reorder that publisher once it retries).
+    /// Records larger than the whole quota never fit and do not count.
+    waiting_for: Option<u64>,
 }
 
 impl Writer {
@@ -100,10 +106,13 @@ impl Writer {
             last_batch: 0,
             last_full_warn: None,
             full_since_warn: 0,
+            waiting_for: None,
         }
     }
 
     pub(crate) fn run(mut self) {
+        // The gauges show the store as opened, before any traffic.
+        self.publish_stats();
         let mut close_reply = None;
         loop {
             let first = if self.retire_pending {
@@ -200,7 +209,9 @@ impl Writer {
                 self.state = next;
                 self.publish_stats();
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
-                metrics::histogram!("edge_store_batch_size").record(appended as f64);
+                if appended > 0 {
+                    metrics::histogram!("edge_store_batch_size").record(appended as f64);
+                }
                 metrics::histogram!("edge_store_commit_seconds").record(elapsed.as_secs_f64());
                 for p in pending {
                     match p {
@@ -266,8 +277,15 @@ impl Writer {
                     Op::Append { bytes, reply } => {
                         let len = bytes.len() as u64;
                         let max = self.shared.options.max_bytes;
-                        if refused || next.live_bytes.saturating_add(len) > max {
+                        let fits = |n: u64| next.live_bytes.saturating_add(n) <= max;
+                        if self.waiting_for.is_some_and(fits) {
+                            self.waiting_for = None;
+                        }
+                        if refused || self.waiting_for.is_some() || !fits(len) {
                             refused = true;
+                            if len <= max && !fits(len) {
+                                self.waiting_for = self.waiting_for.max(Some(len));
+                            }
                             self.refuse_full(next.live_bytes, max, len);
                             let _ = reply.send(Err(AppendError::Full {
                                 live_bytes: next.live_bytes,

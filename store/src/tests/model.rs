@@ -30,6 +30,8 @@ struct Model {
     log: BTreeMap<Seq, Record>,
     cursors: BTreeMap<String, Seq>,
     next_seq: Seq,
+    /// Size of a refused record the store waits to have room for.
+    waiting_for: Option<u64>,
 }
 
 impl Model {
@@ -68,8 +70,15 @@ async fn check(steps: Vec<Step>) {
                 let r = record(n as u64, payload);
                 let len = r.encoded_len() as u64;
                 let got = store.append(r.clone()).await;
-                if model.live_bytes() + len > MAX_BYTES {
+                let live = model.live_bytes();
+                if model.waiting_for.is_some_and(|w| live + w <= MAX_BYTES) {
+                    model.waiting_for = None;
+                }
+                if model.waiting_for.is_some() || live + len > MAX_BYTES {
                     assert!(matches!(got, Err(AppendError::Full { .. })), "{got:?}");
+                    if len <= MAX_BYTES && live + len > MAX_BYTES {
+                        model.waiting_for = model.waiting_for.max(Some(len));
+                    }
                 } else {
                     assert_eq!(got.unwrap(), model.next_seq);
                     model.log.insert(model.next_seq, r);
@@ -91,6 +100,7 @@ async fn check(steps: Vec<Step>) {
             Step::Reopen => {
                 drop(store);
                 store = Store::open(dir.path(), opts()).unwrap();
+                model.waiting_for = None;
             }
         }
         model.retire();
