@@ -104,9 +104,21 @@ fn run(file: Option<&Path>) -> ExitCode {
 async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(id = %config.gateway.id, version = env!("CARGO_PKG_VERSION"), "edge-gateway starting");
     let gateway = Gateway::start(config).await?;
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    gateway.shutdown().await
+    let failure = tokio::select! {
+        _ = wait_for_signal() => None,
+        reason = gateway.store_failed() => Some(reason),
+    };
+    match failure {
+        None => {
+            tracing::info!("shutting down");
+            gateway.shutdown().await
+        }
+        Some(reason) => {
+            tracing::error!(%reason, "the store failed: stopping so the supervisor restarts the gateway (reopening the store recovers it)");
+            gateway.shutdown().await?;
+            anyhow::bail!("store failed: {reason}")
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -217,6 +217,22 @@ impl Gateway {
         self.metrics_addr
     }
 
+    /// Resolves with the reason when the store fails (a commit hit an I/O
+    /// error). Nothing can be stored after that; the process should stop so
+    /// that its supervisor restarts it: reopening the store is the recovery.
+    pub async fn store_failed(&self) -> String {
+        let mut failure = self.store.failure();
+        loop {
+            if let Some(reason) = failure.borrow_and_update().clone() {
+                return reason;
+            }
+            if failure.changed().await.is_err() {
+                // The store is gone without a failure: wait forever.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// The store, for inspection (tests, admin tools).
     pub fn store(&self) -> &Store {
         &self.store

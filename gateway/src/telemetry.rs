@@ -117,6 +117,7 @@ fn describe() {
 struct HttpState {
     metrics: PrometheusHandle,
     links: Vec<(String, LinkStatus)>,
+    store_failure: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Binds the telemetry listener; `serve` runs it.
@@ -130,12 +131,17 @@ pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
     links: Vec<(String, LinkStatus)>,
+    store_failure: tokio::sync::watch::Receiver<Option<String>>,
     shutdown: CancellationToken,
 ) {
     let app = HttpRouter::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
-        .with_state(HttpState { metrics, links });
+        .with_state(HttpState {
+            metrics,
+            links,
+            store_failure,
+        });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
@@ -148,13 +154,21 @@ async fn render_metrics(State(state): State<HttpState>) -> String {
     state.metrics.render()
 }
 
-/// 200 while the gateway runs: a down upstream is what the gateway exists
-/// to ride out, so it is reported in the body, not as unhealthy.
+/// 200 while the gateway can take data: a down upstream is what the
+/// gateway exists to ride out, so it is reported in the body, not as
+/// unhealthy. 503 once the store has failed.
 async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
-    let mut body = String::from("ok\n");
+    let failure = state.store_failure.borrow().clone();
+    let (status, mut body) = match failure {
+        None => (StatusCode::OK, String::from("ok\n")),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store failed: {reason}\n"),
+        ),
+    };
     for (name, link) in &state.links {
         let state = if link.is_up() { "up" } else { "down" };
         body.push_str(&format!("upstream {name}: {state}\n"));
     }
-    (StatusCode::OK, body)
+    (status, body)
 }

@@ -136,6 +136,9 @@ pub(crate) struct Shared {
     /// Write transactions committed since open.
     pub(crate) commits: AtomicU64,
     pub(crate) committed: watch::Sender<Seq>,
+    /// Set when a commit failed: redb refuses every later write after an
+    /// I/O error, so the store is unusable until reopened.
+    pub(crate) failure: watch::Sender<Option<String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -277,6 +280,7 @@ impl Store {
             stats: Mutex::new(stats),
             commits: AtomicU64::new(0),
             committed: watch::Sender::new(loaded.next_seq - 1),
+            failure: watch::Sender::new(None),
             options,
         });
         let writer = Writer::new(Arc::clone(&shared), rx, loaded);
@@ -391,6 +395,13 @@ impl Store {
     /// appended.
     pub fn committed(&self) -> watch::Receiver<Seq> {
         self.shared().committed.subscribe()
+    }
+
+    /// Watch of the store's failure: `Some(reason)` once a commit failed.
+    /// From then on nothing can be stored; reopening the store (restarting
+    /// the process) is the recovery, and the gateway exits for it.
+    pub fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.shared().failure.subscribe()
     }
 
     pub fn stats(&self) -> StoreStats {

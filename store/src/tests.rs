@@ -330,6 +330,10 @@ async fn a_failed_commit_acknowledges_nothing_in_its_batch() {
     assert!(matches!(b.await, Err(AppendError::Io(_))));
     assert_eq!(*store.committed().borrow(), 1);
     assert_eq!(store.stats().next_seq, 2);
+    assert!(
+        store.failure().borrow().is_some(),
+        "the failure is reported"
+    );
 }
 
 #[test]

@@ -239,8 +239,13 @@ impl Writer {
                         Op::Close { reply } => close = Some(reply),
                     }
                 }
-                tracing::warn!(error = %e, ops = pending.len(), "Store commit failed; nothing in the batch was acknowledged.");
                 let msg = e.to_string();
+                metrics::counter!("edge_store_commit_failures_total").increment(1);
+                if self.shared.failure.borrow().is_none() {
+                    tracing::error!(error = %e, ops = pending.len(),
+                        "Store commit failed: nothing in the batch was acknowledged, and the store takes no more writes until it is reopened.");
+                }
+                self.shared.failure.send_replace(Some(msg.clone()));
                 for p in pending {
                     match p {
                         Pending::Append(reply, _) => {
