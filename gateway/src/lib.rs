@@ -189,6 +189,7 @@ impl Gateway {
                 listener,
                 handle,
                 links,
+                store.failure(),
                 telemetry_stop.clone(),
             ));
             if let Some(addr) = metrics_addr {
