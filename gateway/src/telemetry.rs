@@ -38,19 +38,22 @@ const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
 
-/// The process-wide Prometheus recorder. Installed once: several gateways in
-/// one process (the integration tests) share it.
+/// The process-wide Prometheus recorder. Installed once, by whichever
+/// gateway starts first: several gateways in one process (the integration
+/// tests) share it, and concurrent starts wait for the one installation.
 pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(h) = HANDLE.get() {
-        return Ok(h.clone());
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    match HANDLE.get_or_init(|| install_recorder().map_err(|e| format!("{e:#}"))) {
+        Ok(handle) => Ok(handle.clone()),
+        Err(e) => anyhow::bail!("installing the metrics recorder: {e}"),
     }
+}
+
+fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full("edge_store_batch_size".into()), BATCH_BUCKETS)?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let handle = HANDLE.get_or_init(|| handle).clone();
+        .install_recorder()?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
