@@ -103,7 +103,9 @@ impl Record {
         let publisher = get_str16(&mut b, "publisher")?;
         need(b, 2)?;
         let count = b.get_u16_le();
-        let mut headers = Vec::with_capacity(usize::from(count));
+        // Each header takes at least 6 bytes: never reserve more than the
+        // input could hold, whatever the count claims.
+        let mut headers = Vec::with_capacity(usize::from(count).min(b.len() / 6));
         for _ in 0..count {
             let k = get_str16(&mut b, "header key")?;
             need(b, 4)?;
