@@ -17,6 +17,9 @@ pub enum LinkError {
         #[source]
         source: lapin::Error,
     },
+    /// No longer produced: publishes are pipelined, so frames that are
+    /// never written show up as [`LinkError::Watchdog`]. Kept for
+    /// compatibility.
     #[error("publish of seq {seq} not sent within {waited:?} (connection blocked?)")]
     PublishTimeout { seq: Seq, waited: Duration },
     #[error("confirm of seq {seq} failed: {source}")]

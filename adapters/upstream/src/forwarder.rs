@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use edge_core::Routes;
 use bytes::Bytes;
+use edge_core::Routes;
 use edge_store::{Record, Seq, Store, StoreError};
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -62,7 +62,8 @@ struct Park {
 /// confirms it: the write of the frames by lapin's I/O loop, then the
 /// publisher confirm. Resolves to the seq and the confirmation, or to the
 /// link error that stopped it.
-type Publishing<'l> = Pin<Box<dyn Future<Output = (Seq, Result<Confirmation, LinkError>)> + Send + 'l>>;
+type Publishing<'l> =
+    Pin<Box<dyn Future<Output = (Seq, Result<Confirmation, LinkError>)> + Send + 'l>>;
 
 /// Starts the publish of `seq`.
 ///
@@ -74,15 +75,13 @@ type Publishing<'l> = Pin<Box<dyn Future<Output = (Seq, Result<Confirmation, Lin
 /// away: when it returns, the frames are queued behind those of the
 /// previous seq (the order on the wire is the seq order) and the delivery
 /// tag is taken, while the write and the confirm are collected later with
-/// the other outstanding publishes. Returns the future if it is still
-/// running, or its outcome if it already has one (e.g. the channel is
-/// closed).
+/// the other outstanding publishes.
 fn start_publish<'l>(
     channel: &'l Channel,
     seq: Seq,
     publish: Publish,
     payload: Bytes,
-) -> Result<Publishing<'l>, (Seq, Result<Confirmation, LinkError>)> {
+) -> Publishing<'l> {
     let mut publishing: Publishing<'l> = Box::pin(async move {
         let options = BasicPublishOptions {
             mandatory: true,
@@ -112,8 +111,10 @@ fn start_publish<'l>(
         .as_mut()
         .poll(&mut Context::from_waker(Waker::noop()))
     {
-        Poll::Pending => Ok(publishing),
-        Poll::Ready(outcome) => Err(outcome),
+        Poll::Pending => publishing,
+        // Done already (e.g. the channel is closed): the outcome is
+        // collected like any other.
+        Poll::Ready(outcome) => Box::pin(std::future::ready(outcome)),
     }
 }
 
@@ -358,7 +359,7 @@ impl Forwarder {
                 return Ok(());
             }
         };
-        let started = start_publish(&link.channel, seq, publish, record.payload.clone());
+        let publishing = start_publish(&link.channel, seq, publish, record.payload.clone());
         let published_at = Instant::now();
         if s.window.in_flight() == 0 {
             s.last_progress = published_at;
@@ -372,13 +373,8 @@ impl Forwarder {
                 park: None,
             },
         );
-        match started {
-            Ok(publishing) => {
-                s.publishing.push(publishing);
-                Ok(())
-            }
-            Err((seq, outcome)) => self.on_confirm(s, seq, outcome),
-        }
+        s.publishing.push(publishing);
+        Ok(())
     }
 
     fn on_confirm(
