@@ -32,8 +32,10 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// Stable identity of this gateway; prefix of every forwarded `message_id`.
-    pub id: String,
+    /// Identity of this gateway; prefix of every forwarded `message_id`.
+    /// `None`: use the identity recorded in the store, or make one up at
+    /// the first start (`<host name>-<6 hex digits>`) and record it.
+    pub id: Option<String>,
     /// Directory holding the store (`edge.redb`).
     pub data_dir: PathBuf,
     /// How long shutdown waits for in-flight work before forcing.

@@ -181,28 +181,14 @@ pub(crate) fn is_valid_filter(filter: &str) -> bool {
     })
 }
 
-fn default_gateway_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let id: String = host
-        .trim()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        .take(64)
-        .collect();
-    if id.is_empty() {
-        "edge-gateway".to_string()
-    } else {
-        id
-    }
-}
-
 pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut c = Checker::default();
 
-    let id = match raw.gateway.id.as_deref() {
-        None => default_gateway_id(),
-        Some(v) => c.name("gateway.id", Some(v)),
-    };
+    let id = raw
+        .gateway
+        .id
+        .as_deref()
+        .map(|v| c.name("gateway.id", Some(v)));
     let data_dir = match raw.gateway.data_dir.as_deref() {
         Some("") => {
             c.problem("gateway.data_dir", Some(String::new()), "a directory path");
@@ -632,7 +618,7 @@ mod tests {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("edge-gateway.example.toml");
         let c = Config::load(&path).expect("example config validates");
-        assert_eq!(c.gateway.id, "edge-01");
+        assert_eq!(c.gateway.id.as_deref(), Some("edge-01"));
         assert_eq!(c.routes[0].upstream, "central");
     }
 

@@ -57,9 +57,12 @@ fn check_config(file: &Path) -> ExitCode {
     match Config::load(file) {
         Ok(config) => {
             println!(
-                "{}: ok (gateway id {:?}, MQTT on {}, {} upstream(s), {} route(s))",
+                "{}: ok (gateway id {}, MQTT on {}, {} upstream(s), {} route(s))",
                 file.display(),
-                config.gateway.id,
+                config.gateway.id.as_deref().map_or(
+                    "recorded in the store or generated".to_string(),
+                    |id| format!("{id:?}")
+                ),
                 config.mqtt.listen,
                 config.upstreams.len(),
                 config.routes.len()
@@ -102,7 +105,7 @@ fn run(file: Option<&Path>) -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    tracing::info!(id = %config.gateway.id, version = env!("CARGO_PKG_VERSION"), "edge-gateway starting");
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "edge-gateway starting");
     let gateway = Gateway::start(config).await?;
     let failure = tokio::select! {
         _ = wait_for_signal() => None,

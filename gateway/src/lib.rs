@@ -33,6 +33,58 @@ pub use telemetry::init_logging;
 /// Writer inbox capacity: enough for several full batches in flight.
 const STORE_INBOX: usize = 8192;
 
+/// The gateway identity: the configured one, else the one recorded in the
+/// store, else a new one (`<host name>-<6 hex digits>`, unique across a fleet
+/// of identically named boxes). Whatever is used is recorded in the store.
+async fn resolve_id(store: &Store, configured: Option<&str>) -> anyhow::Result<String> {
+    let reader = store.clone();
+    let recorded = tokio::task::spawn_blocking(move || reader.gateway_id())
+        .await
+        .context("reading the recorded gateway id")?
+        .context("reading the recorded gateway id")?;
+    let id = match (configured, recorded.as_deref()) {
+        (Some(c), Some(r)) if c != r => {
+            tracing::warn!(
+                configured = c,
+                recorded = r,
+                "gateway.id differs from the id this store's messages were made with; new messages use the configured id"
+            );
+            c.to_string()
+        }
+        (Some(c), _) => c.to_string(),
+        (None, Some(r)) => r.to_string(),
+        (None, None) => generated_id(),
+    };
+    if recorded.as_deref() != Some(id.as_str()) {
+        store
+            .set_gateway_id(&id)
+            .await
+            .context("recording the gateway id")?;
+    }
+    Ok(id)
+}
+
+fn generated_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(48)
+        .collect();
+    let host = if host.is_empty() {
+        "edge".to_string()
+    } else {
+        host
+    };
+    // RandomState is seeded from the OS's randomness.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{host}-{:06x}", random & 0xff_ffff)
+}
+
 /// First seq of a store created now: the wall clock in microseconds. A store
 /// that replaces a lost or damaged one thus starts above every seq its
 /// predecessor could have used (it would have needed more than a million
@@ -106,6 +158,7 @@ fn open_store(
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
+    id: String,
     mqtt_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     grace: Duration,
@@ -134,6 +187,8 @@ impl Gateway {
             cursors: config.upstreams.iter().map(|u| u.name.clone()).collect(),
         };
         let store = open_store(&config.gateway.data_dir, options, config.store.on_corrupt)?;
+        let id = resolve_id(&store, config.gateway.id.as_deref()).await?;
+        tracing::info!(id = %id, "gateway identity");
         let routes = Routes::from_config(&config.routes);
         let router = Router::new(store.clone(), routes.clone());
 
@@ -167,12 +222,7 @@ impl Gateway {
                     "forwarding"
                 );
             }
-            let replicator = Replicator::new(
-                upstream.clone(),
-                own,
-                store.clone(),
-                config.gateway.id.clone(),
-            );
+            let replicator = Replicator::new(upstream.clone(), own, store.clone(), id.clone());
             links.push((upstream.name.clone(), replicator.link()));
             upstream_tasks.spawn(replicator.run(upstream_stop.clone()));
         }
@@ -198,6 +248,7 @@ impl Gateway {
         }
 
         Ok(Gateway {
+            id,
             mqtt_addr,
             metrics_addr,
             grace: config.gateway.shutdown_grace,
@@ -208,6 +259,11 @@ impl Gateway {
             upstream_tasks,
             telemetry_stop,
         })
+    }
+
+    /// The gateway identity in use (configured, recorded or generated).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {

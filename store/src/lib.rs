@@ -10,7 +10,7 @@
 //! | `log`          | `u64` seq          | encoded [`Record`] (format in `record.rs`)|
 //! | `cursors`      | `&str` cursor name | `u64`: next seq its owner has to forward |
 //! | `dead_letters` | `u64` seq          | `u32` LE reason length, reason, record   |
-//! | `meta`         | `&str`             | `schema_version` (`u32` LE, now 1), `retired_below` (`u64` LE) |
+//! | `meta`         | `&str`             | `schema_version` (`u32` LE, now 1), `retired_below` (`u64` LE), `gateway_id` (UTF-8) |
 //!
 //! A store with another schema version is refused at open
 //! ([`OpenError::UnknownSchema`]), never guessed at.
@@ -379,6 +379,24 @@ impl Store {
         let op = Op::Park {
             seq,
             value: tables::encode_dead_letter(&reason, &bytes),
+            reply,
+        };
+        self.send(op).await.map_err(|()| StoreError::Closed)?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// The gateway identity recorded in this store, if any. Blocking (one
+    /// read transaction).
+    pub fn gateway_id(&self) -> Result<Option<String>, StoreError> {
+        reader::meta_string(&self.shared().db, tables::GATEWAY_ID_KEY)
+    }
+
+    /// Records the gateway identity (durable on return). Message ids are
+    /// `<gateway id>:<seq>`, so the identity belongs with the log.
+    pub async fn set_gateway_id(&self, id: &str) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::SetGatewayId {
+            id: id.to_string(),
             reply,
         };
         self.send(op).await.map_err(|()| StoreError::Closed)?;

@@ -3,7 +3,7 @@
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
-use crate::tables::{CURSORS, DEAD_LETTERS, LOG, decode_dead_letter};
+use crate::tables::{CURSORS, DEAD_LETTERS, LOG, META, decode_dead_letter};
 use crate::{DeadLetter, DecodeError, Record, Seq, StoreError};
 
 fn read_err(e: impl Into<redb::Error>) -> StoreError {
@@ -74,4 +74,12 @@ pub(crate) fn dead_letters(
         });
     }
     Ok(out)
+}
+
+/// A UTF-8 value of the `meta` table.
+pub(crate) fn meta_string(db: &Database, key: &str) -> Result<Option<String>, StoreError> {
+    let txn = db.begin_read().map_err(read_err)?;
+    let meta = txn.open_table(META).map_err(read_err)?;
+    let value = meta.get(key).map_err(read_err)?;
+    Ok(value.map(|v| String::from_utf8_lossy(v.value()).into_owned()))
 }

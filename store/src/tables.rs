@@ -19,6 +19,8 @@ pub(crate) const SCHEMA_KEY: &str = "schema_version";
 /// Every seq below this value was retired (u64 LE); keeps seqs unique when
 /// retirement empties the log.
 pub(crate) const RETIRED_BELOW_KEY: &str = "retired_below";
+/// The gateway identity this store's message ids were made with (UTF-8).
+pub(crate) const GATEWAY_ID_KEY: &str = "gateway_id";
 pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 /// What the writer and the handles start from, as found on disk.

@@ -399,3 +399,14 @@ async fn after_a_refusal_appends_wait_until_the_refused_record_would_fit() {
         9
     );
 }
+
+#[tokio::test]
+async fn the_gateway_id_is_recorded_with_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), options(1 << 20, &[])).expect("open");
+    assert_eq!(store.gateway_id().expect("read"), None);
+    store.set_gateway_id("edge-7").await.expect("record");
+    store.close().await.expect("close");
+    let store = Store::open(dir.path(), options(1 << 20, &[])).expect("reopen");
+    assert_eq!(store.gateway_id().expect("read").as_deref(), Some("edge-7"));
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use redb::{Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::tables::{CURSORS, DEAD_LETTERS, LOG, Loaded, META, RETIRED_BELOW_KEY};
+use crate::tables::{CURSORS, DEAD_LETTERS, GATEWAY_ID_KEY, LOG, Loaded, META, RETIRED_BELOW_KEY};
 use crate::{AppendError, Seq, Shared, StoreError, StoreStats};
 
 /// Most log records deleted in one transaction, so one commit stays short;
@@ -41,6 +41,11 @@ pub(crate) enum Op {
         value: Vec<u8>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Records the gateway's identity in `meta`.
+    SetGatewayId {
+        id: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },
@@ -51,6 +56,7 @@ impl Op {
         match self {
             Op::Append { bytes, .. } => bytes.len(),
             Op::Park { value, .. } => value.len(),
+            Op::SetGatewayId { id, .. } => id.len(),
             Op::AdvanceCursor { .. } | Op::Close { .. } => 0,
         }
     }
@@ -233,7 +239,9 @@ impl Writer {
                 for op in ops {
                     match op {
                         Op::Append { reply, .. } => pending.push(Pending::Append(reply, 0)),
-                        Op::AdvanceCursor { reply, .. } | Op::Park { reply, .. } => {
+                        Op::AdvanceCursor { reply, .. }
+                        | Op::Park { reply, .. }
+                        | Op::SetGatewayId { reply, .. } => {
                             pending.push(Pending::Done(reply));
                         }
                         Op::Close { reply } => close = Some(reply),
@@ -326,6 +334,11 @@ impl Writer {
                     }
                     Op::Park { seq, value, reply } => {
                         dead.insert(seq, value.as_slice())?;
+                        pending.push(Pending::Done(reply));
+                    }
+                    Op::SetGatewayId { id, reply } => {
+                        let mut meta = txn.open_table(META)?;
+                        meta.insert(GATEWAY_ID_KEY, id.as_bytes())?;
                         pending.push(Pending::Done(reply));
                     }
                     Op::Close { reply } => *close = Some(reply),

@@ -266,7 +266,7 @@ impl TestGateway {
     }
 
     pub fn id(&self) -> &str {
-        &self.config.gateway.id
+        self.running().id()
     }
 
     pub fn config(&self) -> &Config {

@@ -9,6 +9,7 @@ mod corrupt;
 mod crash;
 mod forward;
 mod harness;
+mod identity;
 mod link;
 mod local;
 mod malformed;
