@@ -156,16 +156,37 @@ struct Handle {
     shared: Arc<Shared>,
     tx: Option<mpsc::Sender<Op>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Disconnected when the writer thread has returned.
+    /// (A `Mutex` only to make the handle `Sync`.)
+    exited: Mutex<std::sync::mpsc::Receiver<()>>,
 }
+
+/// How long dropping the last handle waits for the writer to finish what
+/// is queued. Bounded so that a hung disk cannot hang the caller (often an
+/// async task at shutdown) for ever.
+const DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for Handle {
     fn drop(&mut self) {
         // Closing the inbox lets the writer commit what is queued and return.
         self.tx = None;
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!("The store writer thread panicked.");
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let exited = match self.exited.get_mut() {
+            Ok(rx) => rx.recv_timeout(DROP_WAIT),
+            Err(poisoned) => poisoned.into_inner().recv_timeout(DROP_WAIT),
+        };
+        match exited {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::error!(waited = ?DROP_WAIT,
+                    "The store writer is stuck in a commit; leaving it. Nothing it had not committed was acknowledged.");
+            }
+            _ => {
+                if thread.join().is_err() {
+                    tracing::error!("The store writer thread panicked.");
+                }
+            }
         }
     }
 }
@@ -284,9 +305,13 @@ impl Store {
             options,
         });
         let writer = Writer::new(Arc::clone(&shared), rx, loaded);
+        let (exit_tx, exited) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("edge-store-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                writer.run();
+                drop(exit_tx);
+            })
             .map_err(|e| OpenError::Init {
                 path,
                 message: format!("cannot start the writer thread: {e}"),
@@ -297,6 +322,7 @@ impl Store {
                 shared,
                 tx: Some(tx),
                 thread: Some(thread),
+                exited: Mutex::new(exited),
             }),
         })
     }

@@ -410,3 +410,47 @@ async fn the_gateway_id_is_recorded_with_the_log() {
     let store = Store::open(dir.path(), options(1 << 20, &[])).expect("reopen");
     assert_eq!(store.gateway_id().expect("read").as_deref(), Some("edge-7"));
 }
+
+/// In-memory backend whose fsync hangs for a minute once `stuck` is set.
+#[derive(Debug, Default)]
+struct StuckSync {
+    inner: redb::backends::InMemoryBackend,
+    stuck: Arc<AtomicBool>,
+}
+
+impl redb::StorageBackend for StuckSync {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        if self.stuck.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write(offset, data)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_does_not_wait_for_ever_on_a_stuck_commit() {
+    let backend = StuckSync::default();
+    let stuck = Arc::clone(&backend.stuck);
+    let store =
+        Store::open_with_backend(backend, Path::new("mem"), options(1 << 20, &[])).expect("open");
+    stuck.store(true, Ordering::SeqCst);
+    let commit = store.submit(record(1, 8)).await.expect("queued");
+    let dropped = tokio::task::spawn_blocking(move || drop(store));
+    tokio::time::timeout(Duration::from_secs(30), dropped)
+        .await
+        .expect("drop returned instead of joining the stuck writer")
+        .expect("drop did not panic");
+    drop(commit);
+}
