@@ -2,7 +2,7 @@
 //! confirms, settle the done prefix. The invariants are listed in
 //! `replicator.rs`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,10 +15,11 @@ use edge_core::Routes;
 use edge_store::{Record, Seq, Store, StoreError};
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lapin::options::BasicPublishOptions;
-use lapin::{Channel, Confirmation};
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Confirmation, Connection, ExchangeKind};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::connector::{Connector, Link};
 use crate::convert::{self, Lifetime, Publish};
@@ -35,6 +36,20 @@ const SHUTDOWN_CONFIRM_WAIT: Duration = Duration::from_secs(2);
 const READ_MAX_MESSAGES: usize = 1024;
 /// Roughly the most bytes read from the log at once.
 const READ_MAX_BYTES: usize = 4 << 20;
+/// Most records taken from the log in one turn of the forwarding loop
+/// before confirms, the timer and shutdown are looked at again.
+const TURN_MAX_RECORDS: usize = 4096;
+/// Window slots allowed beyond `max_in_flight`: records parked without a
+/// publish and runs of skipped records between pending ones. Bounds the
+/// window's memory whatever the backlog holds.
+const SLOT_ALLOWANCE: usize = 1024;
+/// Most records looked at per tick, while the link is down, for records
+/// no route of the upstream matches.
+const DOWN_SKIP_MAX_RECORDS: usize = 8192;
+/// Longest wait for the check of one exchange.
+const EXCHANGE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often exchanges found missing are checked again while connected.
+const EXCHANGE_RECHECK: Duration = Duration::from_secs(10);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -137,6 +152,48 @@ impl Expired {
     }
 }
 
+/// Records parked in the current stretch, summarised in one ERROR line per
+/// route and kind (a route nobody bound parks every message: one line per
+/// message would flood the log).
+#[derive(Debug, Default)]
+struct Parked(BTreeMap<(String, &'static str), ParkedRun>);
+
+#[derive(Debug)]
+struct ParkedRun {
+    count: u64,
+    first: Seq,
+    last: Seq,
+    topic: String,
+    reason: String,
+}
+
+impl Parked {
+    fn note(&mut self, route: &str, kind: &'static str, seq: Seq, topic: &str, reason: &str) {
+        let run = self
+            .0
+            .entry((route.to_string(), kind))
+            .or_insert_with(|| ParkedRun {
+                count: 0,
+                first: seq,
+                last: seq,
+                topic: String::new(),
+                reason: String::new(),
+            });
+        run.count += 1;
+        run.last = seq;
+        topic.clone_into(&mut run.topic);
+        reason.clone_into(&mut run.reason);
+    }
+
+    fn log(&mut self, upstream: &str) {
+        for ((route, kind), run) in std::mem::take(&mut self.0) {
+            error!(upstream, route = %route, kind, count = run.count, first_seq = run.first,
+                last_seq = run.last, last_topic = %run.topic, last_reason = %run.reason,
+                "messages parked in the dead-letter table");
+        }
+    }
+}
+
 /// Per-link state; dropped with the link.
 struct Session<'l> {
     window: Window<InFlight>,
@@ -150,6 +207,12 @@ struct Session<'l> {
     /// The broker blocked the connection (resource alarm) at the last tick.
     blocked: bool,
     expired: Expired,
+    parked: Parked,
+    /// Exchanges of this upstream's routes that the broker does not have;
+    /// records for them are parked instead of published.
+    missing: BTreeSet<String>,
+    /// When `missing` was last checked.
+    checked_at: Instant,
 }
 
 /// Forwarding state that outlives a link.
@@ -176,6 +239,119 @@ impl Forwarder {
         self.flusher.set(next);
     }
 
+    /// Room in the window for one more record: fewer than `max_in_flight`
+    /// pending, and the slots within their bound.
+    fn has_room(&self, s: &Session<'_>) -> bool {
+        s.window.in_flight() < self.max_in_flight
+            && s.window.slots() < self.max_in_flight.saturating_add(SLOT_ALLOWANCE)
+    }
+
+    /// Runs `link_attempt` (a connect or the pause before one) and, while it
+    /// runs, moves the cursor over records that no route of this upstream
+    /// matches, so traffic never bound here does not hold the log while the
+    /// link is down.
+    pub(crate) async fn while_down<F: Future>(&mut self, link_attempt: F) -> F::Output {
+        tokio::pin!(link_attempt);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut link_attempt => return out,
+                _ = tick.tick() => self.skip_unmatched(DOWN_SKIP_MAX_RECORDS).await,
+            }
+        }
+    }
+
+    /// Moves the cursor over the leading run of records that no route of
+    /// this upstream matches, looking at most at `max` records. Stops at
+    /// the first record that needs forwarding, and at anything it cannot
+    /// read (the next link handles that).
+    pub(crate) async fn skip_unmatched(&mut self, max: usize) {
+        let start = self.position();
+        let mut from = start;
+        let mut left = max;
+        'read: while left > 0 {
+            let store = self.store.clone();
+            let n = left.min(READ_MAX_MESSAGES);
+            let batch = match tokio::task::spawn_blocking(move || {
+                store.read(from, n, READ_MAX_BYTES)
+            })
+            .await
+            {
+                Ok(Ok(batch)) if !batch.is_empty() => batch,
+                _ => break,
+            };
+            left = left.saturating_sub(batch.len());
+            for (seq, record) in &batch {
+                if self.routes.first_match(&record.topic).is_some() {
+                    from = *seq;
+                    break 'read;
+                }
+                from = seq + 1;
+            }
+        }
+        if from > start {
+            debug!(upstream = %self.name, from = start, to = from,
+                "link down: cursor moved over messages no route of this upstream takes");
+            self.set_position(from);
+        }
+    }
+
+    /// The exchanges among `exchanges` that the broker does not have. An
+    /// exchange that cannot be checked counts as present: its publishes
+    /// tell.
+    async fn missing_exchanges<'a>(
+        &self,
+        connection: &Connection,
+        exchanges: impl IntoIterator<Item = &'a str>,
+    ) -> BTreeSet<String> {
+        let mut missing = BTreeSet::new();
+        // The default exchange always exists (and refuses declares).
+        let names: BTreeSet<&str> = exchanges.into_iter().filter(|x| !x.is_empty()).collect();
+        for exchange in names {
+            let check = exchange_exists(connection, exchange);
+            match tokio::time::timeout(EXCHANGE_CHECK_TIMEOUT, check).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
+                    missing.insert(exchange.to_string());
+                }
+                Ok(Err(error)) => warn!(upstream = %self.name, exchange, %error,
+                    "cannot check whether the exchange exists; publishing to it"),
+                Err(_) => warn!(upstream = %self.name, exchange,
+                    "no answer checking whether the exchange exists; publishing to it"),
+            }
+        }
+        missing
+    }
+
+    /// After a connect: which route exchanges are missing. Logged at ERROR
+    /// once per route and connect; their records are parked.
+    async fn check_exchanges(&self, link: &Link) -> BTreeSet<String> {
+        let exchanges = self.routes.iter().map(|r| r.exchange.as_str());
+        let missing = self.missing_exchanges(&link.connection, exchanges).await;
+        for route in self.routes.iter().filter(|r| missing.contains(&r.exchange)) {
+            error!(upstream = %self.name, route = %route.name, exchange = %route.exchange,
+                "exchange not found on the upstream broker; the route's messages are parked \
+                 in the dead-letter table until it exists");
+        }
+        missing
+    }
+
+    /// While connected: checks the missing exchanges again; those that
+    /// exist now are forwarded to again.
+    async fn recheck_exchanges(&self, link: &Link, s: &mut Session<'_>) {
+        s.checked_at = Instant::now();
+        let still = self
+            .missing_exchanges(&link.connection, s.missing.iter().map(String::as_str))
+            .await;
+        for exchange in s.missing.difference(&still) {
+            info!(upstream = %self.name, exchange = %exchange,
+                "exchange exists now; forwarding its routes again");
+        }
+        s.missing = still;
+    }
+
     /// Forwards over one link until shutdown (`Ok`) or link trouble (`Err`).
     pub(crate) async fn session(
         &mut self,
@@ -184,6 +360,7 @@ impl Forwarder {
         shutdown: &CancellationToken,
     ) -> Result<(), LinkError> {
         let start = self.position();
+        let missing = self.check_exchanges(link).await;
         let mut s = Session {
             window: Window::new(start),
             buffer: VecDeque::new(),
@@ -192,6 +369,9 @@ impl Forwarder {
             last_progress: Instant::now(),
             blocked: false,
             expired: Expired::default(),
+            parked: Parked::default(),
+            missing,
+            checked_at: Instant::now(),
         };
         let result = self.pump(link, connector, shutdown, &mut s).await;
         if matches!(result, Err(ref e) if !matches!(e, LinkError::Park { .. })) {
@@ -201,6 +381,7 @@ impl Forwarder {
             let _ = self.settle(&mut s).await;
             s.expired.log(&self.name);
         }
+        s.parked.log(&self.name);
         result
     }
 
@@ -216,22 +397,30 @@ impl Forwarder {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            while s.window.in_flight() < self.max_in_flight && !shutdown.is_cancelled() {
+            // Bounded work per turn: a long run of records skipped or
+            // parked without a publish must not keep confirms, the timer
+            // and shutdown waiting.
+            let mut left = TURN_MAX_RECORDS;
+            while left > 0 && self.has_room(s) && !shutdown.is_cancelled() {
                 if s.buffer.is_empty() {
                     s.expired.log(&self.name);
                     let last_committed = *committed.borrow_and_update();
                     if !self.refill(s, last_committed).await {
                         break;
                     }
+                    // Confirms that came in while reading.
+                    self.harvest(s, connector)?;
                     continue;
                 }
                 let Some((seq, record)) = s.buffer.pop_front() else {
                     break;
                 };
                 self.forward(link, s, seq, record)?;
+                left -= 1;
             }
             self.settle(s).await?;
-            let idle = s.buffer.is_empty() && s.window.in_flight() < self.max_in_flight;
+            let more = left == 0;
+            let idle = s.buffer.is_empty() && self.has_room(s);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -240,18 +429,19 @@ impl Forwarder {
                 }
                 Some((seq, result)) = s.publishing.next(), if !s.publishing.is_empty() => {
                     self.on_confirm(s, seq, result)?;
-                    while let Some(Some((seq, result))) = s.publishing.next().now_or_never() {
-                        self.on_confirm(s, seq, result)?;
-                    }
-                    connector.link_healthy();
+                    self.harvest(s, connector)?;
                 }
                 changed = committed.changed(), if idle && committed_open => {
                     committed_open = changed.is_ok();
                 }
                 _ = tick.tick() => {
                     s.expired.log(&self.name);
+                    s.parked.log(&self.name);
                     if !link.is_usable() {
                         return Err(LinkError::Lost);
+                    }
+                    if !s.missing.is_empty() && s.checked_at.elapsed() >= EXCHANGE_RECHECK {
+                        self.recheck_exchanges(link, s).await;
                     }
                     let blocked = link.connection.status().blocked();
                     if blocked {
@@ -269,8 +459,24 @@ impl Forwarder {
                         return Err(LinkError::Watchdog { waited, in_flight: s.window.in_flight() });
                     }
                 }
+                // The turn stopped on its bound: go on after the above had
+                // their chance.
+                () = std::future::ready(()), if more => {}
             }
         }
+    }
+
+    /// Handles the confirms that are already in, without waiting.
+    fn harvest(&mut self, s: &mut Session<'_>, connector: &mut Connector) -> Result<(), LinkError> {
+        let mut any = false;
+        while let Some(Some((seq, result))) = s.publishing.next().now_or_never() {
+            self.on_confirm(s, seq, result)?;
+            any = true;
+        }
+        if any {
+            connector.link_healthy();
+        }
+        Ok(())
     }
 
     /// Reads the next batch into the buffer; false when there is nothing
@@ -340,13 +546,20 @@ impl Forwarder {
             return Ok(());
         }
         let route_name = route.name.clone();
-        let publish = match convert::to_publish(&self.gateway_id, seq, &record, route, lifetime) {
+        let converted = if s.missing.contains(&route.exchange) {
+            Err(Park {
+                kind: "exchange_not_found",
+                reason: format!("exchange {:?} not found", route.exchange),
+            })
+        } else {
+            convert::to_publish(&self.gateway_id, seq, &record, route, lifetime).map_err(|e| Park {
+                kind: "unconvertible",
+                reason: format!("cannot be expressed in AMQP: {e}"),
+            })
+        };
+        let publish = match converted {
             Ok(p) => p,
-            Err(e) => {
-                let park = Park {
-                    kind: "unconvertible",
-                    reason: format!("cannot be expressed in AMQP: {e}"),
-                };
+            Err(park) => {
                 s.window.push_done(
                     seq,
                     InFlight {
@@ -441,8 +654,8 @@ impl Forwarder {
                         break;
                     }
                     self.metrics.parked(park.kind);
-                    error!(upstream = %self.name, route = %item.route, seq, topic = %topic,
-                        reason = %park.reason, "message parked in the dead-letter table");
+                    s.parked
+                        .note(&item.route, park.kind, seq, &topic, &park.reason);
                 }
             }
         }
@@ -477,5 +690,124 @@ impl Forwarder {
         if let Err(error) = self.settle(s).await {
             warn!(upstream = %self.name, %error, "shutdown: cannot settle confirmed messages");
         }
+        s.parked.log(&self.name);
+    }
+}
+
+/// Whether `exchange` exists, by a passive declare on a channel of its own
+/// (the broker closes that channel when the exchange is missing).
+async fn exchange_exists(connection: &Connection, exchange: &str) -> Result<bool, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let options = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let declared = channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            options,
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(()) => {
+            let _ = channel.close(200, "exchange checked".into()).await;
+            Ok(true)
+        }
+        Err(error) if is_not_found(&error) => Ok(false),
+        Err(error) => {
+            if channel.status().connected() {
+                let _ = channel.close(200, "exchange check failed".into()).await;
+            }
+            Err(error)
+        }
+    }
+}
+
+/// The broker's 404 NOT_FOUND (channel closed for a missing exchange).
+pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use edge_core::Route;
+    use edge_store::StoreOptions;
+
+    use super::*;
+
+    fn record(topic: &str) -> Record {
+        Record {
+            timestamp_ms: 1_700_000_000_000,
+            qos: 1,
+            retain: false,
+            topic: topic.into(),
+            publisher: "dev-1".into(),
+            headers: Vec::new(),
+            payload: Bytes::from_static(b"x"),
+        }
+    }
+
+    fn forwarder(store: &Store, filter: &str) -> Forwarder {
+        let route = Route::new(edge_config::RouteConfig {
+            name: "up".into(),
+            filter: filter.into(),
+            upstream: "central".into(),
+            exchange: "amq.topic".into(),
+            routing_key: "{topic}".into(),
+            priority: 0,
+            ttl: None,
+            persistent: true,
+        });
+        let start = store.cursor("central").unwrap();
+        Forwarder {
+            name: "central".into(),
+            gateway_id: "gw".into(),
+            routes: Routes::new(vec![route]),
+            store: store.clone(),
+            max_in_flight: 16,
+            confirm_timeout: Duration::from_secs(5),
+            metrics: UpstreamMetrics::new("central"),
+            flusher: CursorFlusher::spawn(store.clone(), "central".into(), start),
+            position: Arc::new(AtomicU64::new(start)),
+        }
+    }
+
+    #[tokio::test]
+    async fn while_down_the_cursor_passes_records_no_route_takes_up_to_the_first_it_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            max_bytes: 1 << 30,
+            batch_max_messages: NonZeroUsize::new(1000).unwrap(),
+            batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap(),
+            inbox_capacity: NonZeroUsize::new(1024).unwrap(),
+            cursors: vec!["central".into()],
+        };
+        let store = Store::open(dir.path(), options).unwrap();
+        let mut f = forwarder(&store, "up/#");
+        let first = f.position();
+        let mut commits = Vec::new();
+        for i in 0..3000 {
+            commits.push(store.submit(record(&format!("local/{i}"))).await.unwrap());
+        }
+        for commit in commits {
+            commit.await.unwrap();
+        }
+        let wanted = store.append(record("up/1")).await.unwrap();
+        store.append(record("local/after")).await.unwrap();
+
+        f.skip_unmatched(1000).await;
+        assert_eq!(f.position(), first + 1000, "bounded work per call");
+        f.skip_unmatched(DOWN_SKIP_MAX_RECORDS).await;
+        assert_eq!(f.position(), wanted, "stops at the first record to forward");
+        f.skip_unmatched(DOWN_SKIP_MAX_RECORDS).await;
+        assert_eq!(f.position(), wanted);
+
+        let Forwarder { flusher, .. } = f;
+        flusher.finish().await;
+        assert_eq!(store.cursor("central").unwrap(), wanted, "persisted");
     }
 }

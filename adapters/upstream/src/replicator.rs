@@ -10,6 +10,16 @@
 //! - Any link trouble (nack, channel or connection error, watchdog) drops
 //!   the link; after the reconnect forwarding restarts from the first
 //!   record not done, with the same message ids.
+//! - After each connect the exchanges of the routes are checked (passive
+//!   declare); the records of a route whose exchange is missing are parked
+//!   (`exchange "x" not found`) so the other routes keep flowing. An
+//!   exchange deleted while connected closes the channel (404): the link is
+//!   rebuilt and the check after the reconnect parks its records.
+//! - The window holds at most `max_in_flight` pending records and a bounded
+//!   number of other slots (runs of skipped records take one slot), so
+//!   memory does not grow with the backlog.
+//! - While the link is down the cursor still moves over leading records no
+//!   route of this upstream matches (bounded work per second).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -105,7 +115,9 @@ impl Replicator {
             position,
         };
         let mut connector = Connector::new(&self.config, &self.gateway_id);
-        while let Some(link) = connector.connect(&shutdown).await {
+        // While the link is down the forwarder still moves its cursor over
+        // records none of its routes take (see `Forwarder::while_down`).
+        while let Some(link) = forwarder.while_down(connector.connect(&shutdown)).await {
             self.link.set(true);
             forwarder.metrics.link_up(true);
             let outcome = forwarder.session(&link, &mut connector, &shutdown).await;
@@ -125,7 +137,7 @@ impl Replicator {
                         resume_from = forwarder.position(),
                         "upstream link dropped; reconnecting");
                     link.close("edge-gateway link error").await;
-                    if !connector.pause(&shutdown).await {
+                    if !forwarder.while_down(connector.pause(&shutdown)).await {
                         break;
                     }
                 }

@@ -5,8 +5,13 @@
 //! any order; the cursor moves only over the contiguous prefix of done
 //! records, so an ack for seq 7 while 5 is pending leaves the cursor at 5.
 //!
+//! Records done without an item (no route, expired, unreadable) behind a
+//! pending one are kept as one slot per run, so the window does not grow
+//! with a backlog of records this upstream skips; the forwarder bounds the
+//! other slots (see [`Window::slots`]).
+//!
 //! Invariant: every seq below [`Window::next`] is done, and the slots hold
-//! strictly increasing seqs, all >= `next`.
+//! strictly increasing, non-overlapping seq ranges, all >= `next`.
 
 use std::collections::VecDeque;
 
@@ -15,6 +20,9 @@ use edge_store::Seq;
 #[derive(Debug)]
 struct Slot<T> {
     seq: Seq,
+    /// Last seq of the slot: `seq` itself, except for a run of skipped
+    /// records (no item), which covers `seq..=last`.
+    last: Seq,
     /// `None` for records that were done without being published.
     item: Option<T>,
     done: bool,
@@ -47,8 +55,14 @@ impl<T> Window<T> {
         self.in_flight
     }
 
+    /// Slots held: pending and parked records one each, a run of skipped
+    /// records one in all. What the window costs in memory.
+    pub(crate) fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
     fn accepts(&self, seq: Seq) -> bool {
-        seq >= self.next && self.slots.back().is_none_or(|s| s.seq < seq)
+        seq >= self.next && self.slots.back().is_none_or(|s| s.last < seq)
     }
 
     /// Adds a published record waiting for its confirm. Seqs must increase;
@@ -59,6 +73,7 @@ impl<T> Window<T> {
         }
         self.slots.push_back(Slot {
             seq,
+            last: seq,
             item: Some(item),
             done: false,
         });
@@ -74,6 +89,7 @@ impl<T> Window<T> {
         }
         self.slots.push_back(Slot {
             seq,
+            last: seq,
             item: Some(item),
             done: true,
         });
@@ -81,19 +97,23 @@ impl<T> Window<T> {
     }
 
     /// Marks a record done that needs no further handling (no route,
-    /// expired). With nothing pending the cursor moves at once.
+    /// expired). With nothing pending the cursor moves at once; otherwise
+    /// it joins the run of skipped records at the back, if there is one.
     pub(crate) fn skip(&mut self, seq: Seq) {
         if !self.accepts(seq) {
             return;
         }
-        if self.slots.is_empty() {
-            self.next = seq + 1;
-        } else {
-            self.slots.push_back(Slot {
+        match self.slots.back_mut() {
+            None => self.next = seq + 1,
+            // Seqs between the run and `seq` are not in the log: the run
+            // may cover them.
+            Some(run) if run.item.is_none() => run.last = seq,
+            Some(_) => self.slots.push_back(Slot {
                 seq,
+                last: seq,
                 item: None,
                 done: true,
-            });
+            }),
         }
     }
 
@@ -120,14 +140,16 @@ impl<T> Window<T> {
         slot.item.as_mut()
     }
 
-    /// Removes the first record if it is done and moves the cursor past it.
+    /// Removes the first slot if it is done and moves the cursor past it:
+    /// its seq and item, or for a run of skipped records the last seq of
+    /// the run and `None`.
     pub(crate) fn pop_done(&mut self) -> Option<(Seq, Option<T>)> {
         if !self.slots.front().is_some_and(|s| s.done) {
             return None;
         }
         let slot = self.slots.pop_front()?;
-        self.next = slot.seq + 1;
-        Some((slot.seq, slot.item))
+        self.next = slot.last + 1;
+        Some((slot.last, slot.item))
     }
 }
 
@@ -176,8 +198,33 @@ mod tests {
         assert_eq!(w.next(), 2);
         assert_eq!(w.in_flight(), 1);
         w.confirm(2);
-        assert_eq!(drain(&mut w), vec![2, 3, 4]);
+        assert_eq!(drain(&mut w), vec![2, 4], "3 and 4 are one run");
         assert_eq!(w.next(), 5);
+    }
+
+    #[test]
+    fn skipped_backlog_behind_a_pending_record_takes_one_slot() {
+        let mut w = Window::new(1);
+        assert!(w.push(1, "pending"));
+        for seq in 2..=100_000 {
+            w.skip(seq);
+        }
+        assert_eq!(w.slots(), 2, "one pending slot and one run");
+        assert!(w.push(100_001, "b"));
+        w.skip(100_003); // 100_002 is a gap in the log
+        assert!(w.push_done(100_004, "parked"));
+        w.skip(100_005);
+        w.skip(100_006);
+        assert_eq!(w.slots(), 6);
+        assert!(!w.push(100_006, "inside the last run"));
+        assert!(w.confirm(50).is_none(), "a seq inside a run is not pending");
+        w.confirm(1);
+        assert_eq!(drain(&mut w), vec![1, 100_000]);
+        assert_eq!(w.next(), 100_001);
+        w.confirm(100_001);
+        assert_eq!(drain(&mut w), vec![100_001, 100_003, 100_004, 100_006]);
+        assert_eq!(w.next(), 100_007);
+        assert_eq!(w.slots(), 0);
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod local;
 mod malformed;
 mod observability;
 mod quota;
+mod upstream_faults;
 
 use std::collections::HashMap;
 use std::path::Path;
