@@ -218,6 +218,17 @@ impl RabbitNode {
         self.wait_port_closed(Duration::from_secs(30))
     }
 
+    /// Runs `rabbitmqctl -n <node> <args>` (e.g. `add_user`), failing on a
+    /// non-zero exit. Blocking.
+    pub fn ctl(&self, args: &[&str]) -> Result<()> {
+        run_checked(
+            self.command("rabbitmqctl")
+                .args(["-n", &self.name])
+                .args(args),
+        )
+        .with_context(|| format!("rabbitmqctl {args:?} on {}", self.name))
+    }
+
     /// `kill -9` of the node's beam process: a broker crash.
     pub fn kill(&mut self) -> Result<()> {
         if !self.running {

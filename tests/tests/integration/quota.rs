@@ -67,25 +67,20 @@ async fn full_store_refuses_publishes_and_says_so_in_metrics() -> anyhow::Result
 /// confirmed the backlog, the same gateway accepts publishes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn space_is_reused_once_the_upstream_confirms() -> anyhow::Result<()> {
-    use edge_tests::amqp::{AmqpQueue, QueueSpec, connect};
-    use lapin::ExchangeKind;
-    use lapin::options::ExchangeDeclareOptions;
-    use lapin::types::{AMQPValue, FieldTable};
+    use edge_tests::amqp::{AmqpQueue, QueueSpec};
 
-    let uri = crate::shared_node().await?.amqp_uri();
-    // The route's exchange does not exist yet: the broker refuses every
-    // publish (404), so the backlog stays in the store until it is declared.
-    let exchange = unique("late-exchange");
+    let node = crate::shared_node().await?;
+    // The gateway logs in as a user that does not exist yet: the broker
+    // refuses it, so the backlog stays in the store until the user appears.
+    let user = unique("edge-user");
+    let uri = format!("amqp://{user}:secret@127.0.0.1:{}/%2f", node.amqp_port());
     let prefix = unique("reuse");
+    let spec = QueueSpec::topic(&format!("{prefix}.#"));
+    let mut queue = AmqpQueue::open(&node.amqp_uri(), &spec).await?;
     let gw = TestGateway::builder()
         .set("store.max_bytes", "\"32KiB\"")
         .upstream("reuse", std::slice::from_ref(&uri))
-        .route_with(
-            "all",
-            &format!("{prefix}/#"),
-            "reuse",
-            &[("exchange", &format!("{exchange:?}"))],
-        )
+        .route("all", &format!("{prefix}/#"), "reuse")
         .start()
         .await?;
     let topic = format!("{prefix}/fill");
@@ -111,42 +106,13 @@ async fn space_is_reused_once_the_upstream_confirms() -> anyhow::Result<()> {
         "a publish past the full store was acknowledged"
     );
 
-    // The exchange appears, already routing (through its alternate exchange,
-    // so there is no moment without a binding): the replicator's next attempt
-    // drains the backlog.
-    let sink = unique("sink-exchange");
-    let conn = connect(&uri).await?;
-    let channel = conn.create_channel().await?;
-    let exchange_options = ExchangeDeclareOptions {
-        auto_delete: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            sink.as_str().into(),
-            ExchangeKind::Topic,
-            exchange_options,
-            FieldTable::default(),
-        )
-        .await?;
-    let spec = QueueSpec {
-        exchange: sink.clone(),
-        ..QueueSpec::topic(&format!("{prefix}.#"))
-    };
-    let mut queue = AmqpQueue::open(&uri, &spec).await?;
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "alternate-exchange".into(),
-        AMQPValue::LongString(sink.as_str().into()),
-    );
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Topic,
-            exchange_options,
-            arguments,
-        )
-        .await?;
+    // The user appears: the replicator's next attempt drains the backlog.
+    let ctl_user = user.clone();
+    crate::blocking(move || {
+        node.ctl(&["add_user", &ctl_user, "secret"])?;
+        node.ctl(&["set_permissions", "-p", "/", &ctl_user, ".*", ".*", ".*"])
+    })
+    .await?;
     let last = crate::payload(&filler, accepted - 1);
     let drained = queue
         .take_until(crate::LONG, |got| got.iter().any(|m| m.body == last))
@@ -164,16 +130,15 @@ async fn space_is_reused_once_the_upstream_confirms() -> anyhow::Result<()> {
         || async { (gw.store().stats().live_bytes == 0).then_some(()) },
     )
     .await?;
-    publish_one(gw.mqtt_addr(), &format!("{prefix}/again"), &[b'z'; 1024]).await?;
-    let again = queue
+    let again = format!("{prefix}/again");
+    publish_one(gw.mqtt_addr(), &again, &[b'z'; 1024]).await?;
+    let arrived = queue
         .take_until(SHORT, |got| {
-            got.iter()
-                .any(|m| m.mqtt_topic() == Some(&format!("{prefix}/again")))
+            got.iter().any(|m| m.mqtt_topic() == Some(again.as_str()))
         })
         .await?;
-    assert!(!again.is_empty());
+    assert!(!arrived.is_empty());
     queue.delete().await?;
-    conn.close(200, "done".into()).await?;
     gw.shutdown().await?;
-    Ok(())
+    crate::blocking(move || node.ctl(&["delete_user", &user])).await
 }
