@@ -2,7 +2,7 @@
 //! confirms, settle the done prefix. The invariants are listed in
 //! `replicator.rs`.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,9 +15,8 @@ use edge_core::Routes;
 use edge_store::{Record, Seq, Store, StoreError};
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Confirmation, Connection, ExchangeKind};
+use lapin::options::BasicPublishOptions;
+use lapin::{Channel, Confirmation, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -25,7 +24,9 @@ use crate::connector::{Connector, Link};
 use crate::convert::{self, Lifetime, Publish};
 use crate::cursor::CursorFlusher;
 use crate::error::LinkError;
+use crate::exchanges::exchange_exists;
 use crate::metrics::UpstreamMetrics;
+use crate::summary::{Expired, Parked};
 use crate::window::Window;
 
 /// How often the watchdog, the link check and the expiry summary run.
@@ -130,67 +131,6 @@ fn start_publish<'l>(
         // Done already (e.g. the channel is closed): the outcome is
         // collected like any other.
         Poll::Ready(outcome) => Box::pin(std::future::ready(outcome)),
-    }
-}
-
-/// Records expired in the current stretch, summarised in one log line per route.
-#[derive(Debug, Default)]
-struct Expired(BTreeMap<String, (u64, Seq, Seq)>);
-
-impl Expired {
-    fn note(&mut self, route: &str, seq: Seq) {
-        let e = self.0.entry(route.to_string()).or_insert((0, seq, seq));
-        e.0 += 1;
-        e.2 = seq;
-    }
-
-    fn log(&mut self, upstream: &str) {
-        for (route, (count, first, last)) in std::mem::take(&mut self.0) {
-            warn!(upstream, route = %route, count, first_seq = first, last_seq = last,
-                "messages expired before they could be forwarded; dropped");
-        }
-    }
-}
-
-/// Records parked in the current stretch, summarised in one ERROR line per
-/// route and kind (a route nobody bound parks every message: one line per
-/// message would flood the log).
-#[derive(Debug, Default)]
-struct Parked(BTreeMap<(String, &'static str), ParkedRun>);
-
-#[derive(Debug)]
-struct ParkedRun {
-    count: u64,
-    first: Seq,
-    last: Seq,
-    topic: String,
-    reason: String,
-}
-
-impl Parked {
-    fn note(&mut self, route: &str, kind: &'static str, seq: Seq, topic: &str, reason: &str) {
-        let run = self
-            .0
-            .entry((route.to_string(), kind))
-            .or_insert_with(|| ParkedRun {
-                count: 0,
-                first: seq,
-                last: seq,
-                topic: String::new(),
-                reason: String::new(),
-            });
-        run.count += 1;
-        run.last = seq;
-        topic.clone_into(&mut run.topic);
-        reason.clone_into(&mut run.reason);
-    }
-
-    fn log(&mut self, upstream: &str) {
-        for ((route, kind), run) in std::mem::take(&mut self.0) {
-            error!(upstream, route = %route, kind, count = run.count, first_seq = run.first,
-                last_seq = run.last, last_topic = %run.topic, last_reason = %run.reason,
-                "messages parked in the dead-letter table");
-        }
     }
 }
 
@@ -692,42 +632,6 @@ impl Forwarder {
         }
         s.parked.log(&self.name);
     }
-}
-
-/// Whether `exchange` exists, by a passive declare on a channel of its own
-/// (the broker closes that channel when the exchange is missing).
-async fn exchange_exists(connection: &Connection, exchange: &str) -> Result<bool, lapin::Error> {
-    let channel = connection.create_channel().await?;
-    let options = ExchangeDeclareOptions {
-        passive: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    let declared = channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Topic,
-            options,
-            FieldTable::default(),
-        )
-        .await;
-    match declared {
-        Ok(()) => {
-            let _ = channel.close(200, "exchange checked".into()).await;
-            Ok(true)
-        }
-        Err(error) if is_not_found(&error) => Ok(false),
-        Err(error) => {
-            if channel.status().connected() {
-                let _ = channel.close(200, "exchange check failed".into()).await;
-            }
-            Err(error)
-        }
-    }
-}
-
-/// The broker's 404 NOT_FOUND (channel closed for a missing exchange).
-pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
-    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
 }
 
 #[cfg(test)]

@@ -13,9 +13,11 @@ mod connector;
 mod convert;
 mod cursor;
 mod error;
+mod exchanges;
 mod forwarder;
 mod metrics;
 mod replicator;
+mod summary;
 mod window;
 
 pub use convert::PUBLISHER_HEADER;
