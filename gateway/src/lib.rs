@@ -237,6 +237,7 @@ impl Gateway {
         if let (Some(listener), Some(handle)) = (telemetry_listener, metrics) {
             tokio::spawn(telemetry::serve(
                 listener,
+                store.clone(),
                 handle,
                 links,
                 store.failure(),

@@ -8,7 +8,7 @@ use anyhow::Context;
 use axum::Router as HttpRouter;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use edge_upstream::LinkStatus;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -118,6 +118,7 @@ fn describe() {
 
 #[derive(Clone)]
 struct HttpState {
+    store: edge_store::Store,
     metrics: PrometheusHandle,
     links: Vec<(String, LinkStatus)>,
     store_failure: tokio::sync::watch::Receiver<Option<String>>,
@@ -132,6 +133,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 pub async fn serve(
     listener: TcpListener,
+    store: edge_store::Store,
     metrics: PrometheusHandle,
     links: Vec<(String, LinkStatus)>,
     store_failure: tokio::sync::watch::Receiver<Option<String>>,
@@ -140,7 +142,11 @@ pub async fn serve(
     let app = HttpRouter::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
+        .route("/dead-letters", get(list_dead_letters))
+        .route("/dead-letters/replay", post(replay_dead_letters))
+        .route("/dead-letters/purge", post(purge_dead_letters))
         .with_state(HttpState {
+            store,
             metrics,
             links,
             store_failure,
@@ -174,4 +180,91 @@ async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
         body.push_str(&format!("upstream {name}: {state}\n"));
     }
     (status, body)
+}
+
+/// Dead letters listed per request at most.
+const DEAD_LETTER_PAGE: usize = 1000;
+/// Dead letters replayed or purged per store operation.
+const DEAD_LETTER_CHUNK: usize = 10_000;
+
+/// `GET /dead-letters`: one line per parked message, oldest first:
+/// `<seq> <topic> <payload bytes> <reason>`.
+async fn list_dead_letters(State(state): State<HttpState>) -> (StatusCode, String) {
+    let store = state.store.clone();
+    let listed = tokio::task::spawn_blocking(move || store.dead_letters(0, DEAD_LETTER_PAGE)).await;
+    match listed {
+        Ok(Ok(letters)) => {
+            let stats = state.store.stats();
+            let mut body = format!(
+                "{} dead letter(s), {} bytes; showing the first {}\n",
+                stats.dead_letters,
+                stats.dead_letter_bytes,
+                letters.len()
+            );
+            for d in letters {
+                body.push_str(&format!(
+                    "{} {} {} {}\n",
+                    d.seq,
+                    d.record.topic,
+                    d.record.payload.len(),
+                    d.reason
+                ));
+            }
+            (StatusCode::OK, body)
+        }
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+/// `POST /dead-letters/replay`: every dead letter goes back into the log
+/// (new seqs) to be forwarded again, e.g. after a missing exchange or
+/// binding was created.
+async fn replay_dead_letters(State(state): State<HttpState>) -> (StatusCode, String) {
+    drain_dead_letters(&state.store, "replayed", |store, max| async move {
+        store.replay_dead_letters(max).await
+    })
+    .await
+}
+
+/// `POST /dead-letters/purge`: deletes every dead letter.
+async fn purge_dead_letters(State(state): State<HttpState>) -> (StatusCode, String) {
+    drain_dead_letters(&state.store, "purged", |store, max| async move {
+        store.purge_dead_letters(max).await
+    })
+    .await
+}
+
+async fn drain_dead_letters<F, Fut>(
+    store: &edge_store::Store,
+    verb: &str,
+    step: F,
+) -> (StatusCode, String)
+where
+    F: Fn(edge_store::Store, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, edge_store::StoreError>>,
+{
+    // Only what is parked now: replayed messages that get parked again
+    // (the cause is not fixed yet) wait for the next request.
+    let present = store.stats().dead_letters;
+    let mut total = 0u64;
+    while total < present {
+        match step(
+            store.clone(),
+            (present - total).min(DEAD_LETTER_CHUNK as u64) as usize,
+        )
+        .await
+        {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{verb} {total}, then: {e}\n"),
+                );
+            }
+        }
+    }
+    tracing::warn!(count = total, "dead letters {verb} on request");
+    (StatusCode::OK, format!("{verb} {total}\n"))
 }

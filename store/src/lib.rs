@@ -43,7 +43,9 @@
 //!   until retirement has made room for the largest refused record. So a
 //!   small message cannot slip in behind a refused larger one of the same
 //!   publisher, and its order has no holes. (A record larger than the whole
-//!   quota is refused alone.) Dead letters do not count.
+//!   quota is refused alone.) Dead letters count toward the quota too, so
+//!   parking cannot grow the disk without bound; they can be purged or
+//!   replayed (appended to the log again under new seqs).
 //!
 //! # Recovery
 //!
@@ -82,7 +84,7 @@ pub use backend::{BackendCounters, SlowSyncBackend};
 pub use error::{AppendError, OpenError, StoreError};
 pub use record::{DecodeError, Record};
 
-use writer::{Op, Writer};
+use writer::{DeadLetterAction, Op, Writer};
 
 /// Position in the log. The first appended record gets 1; 0 means "none".
 pub type Seq = u64;
@@ -117,6 +119,9 @@ pub struct StoreStats {
     pub next_seq: Seq,
     pub live_messages: u64,
     pub live_bytes: u64,
+    /// Parked records and their bytes; they count toward the quota.
+    pub dead_letters: u64,
+    pub dead_letter_bytes: u64,
     pub max_bytes: u64,
 }
 
@@ -285,6 +290,8 @@ impl Store {
             next_seq: loaded.next_seq,
             live_messages: loaded.live_messages,
             live_bytes: loaded.live_bytes,
+            dead_letters: loaded.dead_letters,
+            dead_letter_bytes: loaded.dead_bytes,
             max_bytes: options.max_bytes,
         };
         tracing::info!(
@@ -426,6 +433,30 @@ impl Store {
             reply,
         };
         self.send(op).await.map_err(|()| StoreError::Closed)?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Deletes up to `max` dead letters, oldest first; returns how many.
+    pub async fn purge_dead_letters(&self, max: usize) -> Result<u64, StoreError> {
+        self.dead_letter_op(DeadLetterAction::Purge, max).await
+    }
+
+    /// Appends the records of up to `max` dead letters to the log again
+    /// (oldest first, new seqs, so new message ids) and deletes them;
+    /// returns how many. Every upstream whose routes match forwards them.
+    pub async fn replay_dead_letters(&self, max: usize) -> Result<u64, StoreError> {
+        self.dead_letter_op(DeadLetterAction::Replay, max).await
+    }
+
+    async fn dead_letter_op(
+        &self,
+        action: DeadLetterAction,
+        max: usize,
+    ) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::DeadLetters { action, max, reply })
+            .await
+            .map_err(|()| StoreError::Closed)?;
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 

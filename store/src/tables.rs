@@ -30,6 +30,8 @@ pub(crate) struct Loaded {
     pub next_seq: Seq,
     pub live_messages: u64,
     pub live_bytes: u64,
+    pub dead_letters: u64,
+    pub dead_bytes: u64,
     /// Value of every configured cursor that is set.
     pub cursors: BTreeMap<String, Seq>,
 }
@@ -100,7 +102,13 @@ pub(crate) fn init(
         }
 
         let log = txn.open_table(LOG).map_err(redb_err)?;
-        txn.open_table(DEAD_LETTERS).map_err(redb_err)?;
+        let dead = txn.open_table(DEAD_LETTERS).map_err(redb_err)?;
+        let dead_letters = dead.len().map_err(redb_err)?;
+        let mut dead_bytes = 0u64;
+        for entry in dead.iter().map_err(redb_err)? {
+            let (_, v) = entry.map_err(redb_err)?;
+            dead_bytes += v.value().len() as u64;
+        }
         let live_messages = log.len().map_err(redb_err)?;
         let mut live_bytes = 0u64;
         for entry in log.iter().map_err(redb_err)? {
@@ -126,6 +134,8 @@ pub(crate) fn init(
             next_seq,
             live_messages,
             live_bytes,
+            dead_letters,
+            dead_bytes,
             cursors: kept,
         }
     };

@@ -454,3 +454,70 @@ async fn dropping_the_last_handle_does_not_wait_for_ever_on_a_stuck_commit() {
         .expect("drop did not panic");
     drop(commit);
 }
+
+#[tokio::test]
+async fn dead_letters_count_toward_the_quota_and_can_be_purged_or_replayed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), options(1 << 20, &["up"])).expect("open");
+    for n in 1..=3 {
+        let seq = store.append(record(n, 50)).await.expect("append");
+        store
+            .park(seq, record(n, 50), format!("reason {n}"))
+            .await
+            .expect("park");
+    }
+    store.advance_cursor("up", 4).await.expect("advance"); // the log is retired
+    let stats = store.stats();
+    assert_eq!((stats.live_messages, stats.dead_letters), (0, 3));
+    assert!(stats.dead_letter_bytes > 3 * 50, "{stats:?}");
+    drop(store);
+
+    // Counted again at open.
+    let store = Store::open(dir.path(), options(1 << 20, &["up"])).expect("reopen");
+    assert_eq!(store.stats().dead_letters, 3);
+
+    // Replay one: it is appended to the log under a new seq.
+    assert_eq!(store.replay_dead_letters(1).await.expect("replay"), 1);
+    let replayed: Vec<(Seq, Record)> = store.read(0, 10, usize::MAX).expect("read");
+    assert_eq!(replayed, vec![(4, record(1, 50))]);
+    assert_eq!(store.stats().dead_letters, 2);
+    assert_eq!(*store.committed().borrow(), 4, "replicators are woken");
+
+    // Purge the rest.
+    assert_eq!(
+        store.purge_dead_letters(usize::MAX).await.expect("purge"),
+        2
+    );
+    let stats = store.stats();
+    assert_eq!((stats.dead_letters, stats.dead_letter_bytes), (0, 0));
+    assert!(store.dead_letters(0, 10).expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn parked_bytes_fill_the_quota_like_log_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = record(0, 100).encoded_len() as u64;
+    let store = Store::open(dir.path(), options(3 * size, &["up"])).expect("open");
+    let seq = store.append(record(1, 100)).await.expect("append");
+    store
+        .park(seq, record(1, 100), "r".into())
+        .await
+        .expect("park");
+    store.advance_cursor("up", seq + 1).await.expect("advance");
+    store
+        .append(record(2, 100))
+        .await
+        .expect("room for one more");
+    assert!(
+        matches!(
+            store.append(record(3, 100)).await,
+            Err(AppendError::Full { .. })
+        ),
+        "the parked record takes its share of the quota"
+    );
+    store.purge_dead_letters(usize::MAX).await.expect("purge");
+    store
+        .append(record(4, 100))
+        .await
+        .expect("room again after the purge");
+}

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use redb::{Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::tables::{CURSORS, DEAD_LETTERS, GATEWAY_ID_KEY, LOG, Loaded, META, RETIRED_BELOW_KEY};
+use crate::tables::{
+    self, CURSORS, DEAD_LETTERS, GATEWAY_ID_KEY, LOG, Loaded, META, RETIRED_BELOW_KEY,
+};
 use crate::{AppendError, Seq, Shared, StoreError, StoreStats};
 
 /// Most log records deleted in one transaction, so one commit stays short;
@@ -41,6 +43,12 @@ pub(crate) enum Op {
         value: Vec<u8>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Purges or replays up to `max` dead letters, oldest first.
+    DeadLetters {
+        action: DeadLetterAction,
+        max: usize,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
     /// Records the gateway's identity in `meta`.
     SetGatewayId {
         id: String,
@@ -57,6 +65,7 @@ impl Op {
             Op::Append { bytes, .. } => bytes.len(),
             Op::Park { value, .. } => value.len(),
             Op::SetGatewayId { id, .. } => id.len(),
+            Op::DeadLetters { .. } => 0,
             Op::AdvanceCursor { .. } | Op::Close { .. } => 0,
         }
     }
@@ -66,6 +75,17 @@ impl Op {
 enum Pending {
     Append(oneshot::Sender<Result<Seq, AppendError>>, Seq),
     Done(oneshot::Sender<Result<(), StoreError>>),
+    Count(oneshot::Sender<Result<u64, StoreError>>, u64),
+}
+
+/// What [`Op::DeadLetters`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeadLetterAction {
+    /// Delete them.
+    Purge,
+    /// Append their records to the log again (new seqs), so every upstream
+    /// whose routes match forwards them; then delete them.
+    Replay,
 }
 
 /// The figures a batch changes, applied only once it committed.
@@ -75,6 +95,8 @@ struct State {
     next_seq: Seq,
     live_messages: u64,
     live_bytes: u64,
+    dead_letters: u64,
+    dead_bytes: u64,
     cursors: BTreeMap<String, Seq>,
 }
 
@@ -105,6 +127,8 @@ impl Writer {
                 next_seq: loaded.next_seq,
                 live_messages: loaded.live_messages,
                 live_bytes: loaded.live_bytes,
+                dead_letters: loaded.dead_letters,
+                dead_bytes: loaded.dead_bytes,
                 cursors: loaded.cursors,
             },
             // Retirement may have been cut short before a restart.
@@ -227,6 +251,9 @@ impl Writer {
                         Pending::Done(reply) => {
                             let _ = reply.send(Ok(()));
                         }
+                        Pending::Count(reply, n) => {
+                            let _ = reply.send(Ok(n));
+                        }
                     }
                 }
                 if appended > 0 {
@@ -244,6 +271,7 @@ impl Writer {
                         | Op::SetGatewayId { reply, .. } => {
                             pending.push(Pending::Done(reply));
                         }
+                        Op::DeadLetters { reply, .. } => pending.push(Pending::Count(reply, 0)),
                         Op::Close { reply } => close = Some(reply),
                     }
                 }
@@ -260,6 +288,9 @@ impl Writer {
                             let _ = reply.send(Err(AppendError::Io(msg.clone())));
                         }
                         Pending::Done(reply) => {
+                            let _ = reply.send(Err(StoreError::Write(msg.clone())));
+                        }
+                        Pending::Count(reply, _) => {
                             let _ = reply.send(Err(StoreError::Write(msg.clone())));
                         }
                     }
@@ -290,7 +321,8 @@ impl Writer {
                     Op::Append { bytes, reply } => {
                         let len = bytes.len() as u64;
                         let max = self.shared.options.max_bytes;
-                        let fits = |n: u64| next.live_bytes.saturating_add(n) <= max;
+                        let used = next.live_bytes.saturating_add(next.dead_bytes);
+                        let fits = |n: u64| used.saturating_add(n) <= max;
                         if self.waiting_for.is_some_and(fits) {
                             self.waiting_for = None;
                         }
@@ -299,9 +331,9 @@ impl Writer {
                             if len <= max && !fits(len) {
                                 self.waiting_for = self.waiting_for.max(Some(len));
                             }
-                            self.refuse_full(next.live_bytes, max, len);
+                            self.refuse_full(used, max, len);
                             let _ = reply.send(Err(AppendError::Full {
-                                live_bytes: next.live_bytes,
+                                live_bytes: used,
                                 max_bytes: max,
                                 record_bytes: len,
                             }));
@@ -333,8 +365,44 @@ impl Writer {
                         pending.push(Pending::Done(reply));
                     }
                     Op::Park { seq, value, reply } => {
-                        dead.insert(seq, value.as_slice())?;
+                        match dead.insert(seq, value.as_slice())? {
+                            Some(old) => {
+                                next.dead_bytes =
+                                    next.dead_bytes.saturating_sub(old.value().len() as u64);
+                            }
+                            None => next.dead_letters += 1,
+                        }
+                        next.dead_bytes += value.len() as u64;
                         pending.push(Pending::Done(reply));
+                    }
+                    Op::DeadLetters { action, max, reply } => {
+                        let mut done = 0u64;
+                        while (done as usize) < max {
+                            let Some((_, value)) = dead.pop_first()? else {
+                                break;
+                            };
+                            let value = value.value().to_vec();
+                            next.dead_letters = next.dead_letters.saturating_sub(1);
+                            next.dead_bytes = next.dead_bytes.saturating_sub(value.len() as u64);
+                            done += 1;
+                            if action == DeadLetterAction::Replay {
+                                // A value that does not decode was never
+                                // written by this store: nothing to replay.
+                                let Some((_, record)) = tables::decode_dead_letter(&value) else {
+                                    continue;
+                                };
+                                let seq = next.next_seq;
+                                log.insert(seq, record)?;
+                                next.next_seq += 1;
+                                next.live_bytes += record.len() as u64;
+                                next.live_messages += 1;
+                                if next.first_seq == 0 {
+                                    next.first_seq = seq;
+                                }
+                                *appended += 1;
+                            }
+                        }
+                        pending.push(Pending::Count(reply, done));
                     }
                     Op::SetGatewayId { id, reply } => {
                         let mut meta = txn.open_table(META)?;
@@ -425,8 +493,12 @@ impl Writer {
             next_seq: s.next_seq,
             live_messages: s.live_messages,
             live_bytes: s.live_bytes,
+            dead_letters: s.dead_letters,
+            dead_letter_bytes: s.dead_bytes,
             max_bytes: self.shared.options.max_bytes,
         };
+        metrics::gauge!("edge_store_dead_letters").set(s.dead_letters as f64);
+        metrics::gauge!("edge_store_dead_letter_bytes").set(s.dead_bytes as f64);
         metrics::gauge!("edge_store_live_bytes").set(s.live_bytes as f64);
         metrics::gauge!("edge_store_live_messages").set(s.live_messages as f64);
         match self.shared.stats.lock() {

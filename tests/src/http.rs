@@ -1,5 +1,5 @@
-//! A tiny HTTP/1.0 GET over a TCP stream, enough for `/healthz` and
-//! `/metrics`, plus a Prometheus text lookup.
+//! A tiny HTTP/1.0 client over a TCP stream, enough for `/healthz`,
+//! `/metrics` and the dead-letter endpoints, plus a Prometheus text lookup.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,16 +10,30 @@ use tokio::net::TcpStream;
 
 /// `GET path` → (status code, body). Bounded by 10 s.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    tokio::time::timeout(Duration::from_secs(10), get_unbounded(addr, path))
-        .await
-        .map_err(|_| anyhow!("GET http://{addr}{path} timed out"))?
+    request(addr, "GET", path).await
 }
 
-async fn get_unbounded(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+/// `POST path` with an empty body → (status code, body). Bounded by 10 s.
+pub async fn post(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    request(addr, "POST", path).await
+}
+
+async fn request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        request_unbounded(addr, method, path),
+    )
+    .await
+    .map_err(|_| anyhow!("{method} http://{addr}{path} timed out"))?
+}
+
+async fn request_unbounded(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;

@@ -187,6 +187,7 @@ mod tests {
             live_messages: next_seq.saturating_sub(first_seq.max(1)),
             live_bytes,
             max_bytes: 1 << 30,
+            ..StoreStats::default()
         }
     }
 

@@ -7,6 +7,7 @@
 mod config;
 mod corrupt;
 mod crash;
+mod dead_letters;
 mod forward;
 mod harness;
 mod identity;
