@@ -156,7 +156,8 @@ pub(crate) fn encode_dead_letter(reason: &str, record: &[u8]) -> Vec<u8> {
 /// Splits a dead-letter value into (reason, encoded record).
 pub(crate) fn decode_dead_letter(value: &[u8]) -> Option<(String, &[u8])> {
     let len = u32::from_le_bytes(value.get(..4)?.try_into().ok()?) as usize;
-    let reason = value.get(4..4 + len)?;
+    let end = len.checked_add(4)?;
+    let reason = value.get(4..end)?;
     let reason = std::str::from_utf8(reason).ok()?.to_string();
-    Some((reason, &value[4 + len..]))
+    Some((reason, value.get(end..)?))
 }

@@ -521,3 +521,21 @@ async fn parked_bytes_fill_the_quota_like_log_bytes() {
         .await
         .expect("room again after the purge");
 }
+
+#[tokio::test]
+async fn a_refused_record_that_cannot_fit_beside_the_dead_letters_locks_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = record(0, 10).encoded_len() as u64;
+    let store = Store::open(dir.path(), options(20 * small, &["up"])).expect("open");
+    // Dead letters take most of the quota; the log is empty.
+    for n in 1..=12 {
+        let seq = store.append(record(n, 10)).await.expect("append");
+        store.park(seq, record(n, 10), "r".into()).await.expect("park");
+        store.advance_cursor("up", seq + 1).await.expect("advance");
+    }
+    assert_eq!(store.stats().live_messages, 0);
+    let big = 8 * small as usize;
+    assert!(matches!(store.append(record(16, big)).await, Err(AppendError::Full { .. })));
+    // The big one can never fit until dead letters go: small ones still do.
+    store.append(record(17, 10)).await.expect("a small record is not locked out");
+}

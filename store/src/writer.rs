@@ -110,10 +110,11 @@ pub(crate) struct Writer {
     last_full_warn: Option<Instant>,
     full_since_warn: u64,
     /// Size of the largest record refused at the quota that could fit once
-    /// space is freed. Until it would fit, every append is refused, so a
+    /// the log is retired. Until it would fit, every append is refused, so a
     /// small message cannot slip in after a refused larger one of the same
     /// publisher (which would reorder that publisher once it retries).
-    /// Records larger than the whole quota never fit and do not count.
+    /// Records that could never fit (larger than the quota less the dead
+    /// letters) do not count, or the store would refuse everything for ever.
     waiting_for: Option<u64>,
 }
 
@@ -323,12 +324,15 @@ impl Writer {
                         let max = self.shared.options.max_bytes;
                         let used = next.live_bytes.saturating_add(next.dead_bytes);
                         let fits = |n: u64| used.saturating_add(n) <= max;
-                        if self.waiting_for.is_some_and(fits) {
+                        // Retiring the log can only ever make room for a
+                        // record that fits beside the dead letters.
+                        let can_fit = |n: u64| next.dead_bytes.saturating_add(n) <= max;
+                        if self.waiting_for.is_some_and(|w| fits(w) || !can_fit(w)) {
                             self.waiting_for = None;
                         }
                         if refused || self.waiting_for.is_some() || !fits(len) {
                             refused = true;
-                            if len <= max && !fits(len) {
+                            if can_fit(len) && !fits(len) {
                                 self.waiting_for = self.waiting_for.max(Some(len));
                             }
                             self.refuse_full(used, max, len);
