@@ -34,7 +34,7 @@ pub struct Config {
 pub struct GatewayConfig {
     /// Identity of this gateway; prefix of every forwarded `message_id`.
     /// `None`: use the identity recorded in the store, or make one up at
-    /// the first start (`<host name>-<6 hex digits>`) and record it.
+    /// the first start (`<host name>-<8 hex digits>`) and record it.
     pub id: Option<String>,
     /// Directory holding the store (`edge.redb`).
     pub data_dir: PathBuf,

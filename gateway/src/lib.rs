@@ -34,7 +34,7 @@ pub use telemetry::init_logging;
 const STORE_INBOX: usize = 8192;
 
 /// The gateway identity: the configured one, else the one recorded in the
-/// store, else a new one (`<host name>-<6 hex digits>`, unique across a fleet
+/// store, else a new one (`<host name>-<8 hex digits>`, unique across a fleet
 /// of identically named boxes). Whatever is used is recorded in the store.
 async fn resolve_id(store: &Store, configured: Option<&str>) -> anyhow::Result<String> {
     let reader = store.clone();
@@ -82,7 +82,7 @@ fn generated_id() -> String {
     let random = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
-    format!("{host}-{:06x}", random & 0xff_ffff)
+    format!("{host}-{:08x}", random & 0xffff_ffff)
 }
 
 /// First seq of a store created now: the wall clock in microseconds. A store

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router as HttpRouter;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use edge_upstream::LinkStatus;
@@ -151,6 +151,7 @@ pub async fn serve(
             links,
             store_failure,
         });
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
@@ -182,14 +183,34 @@ async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
     (status, body)
 }
 
-/// Dead letters listed per request at most.
-const DEAD_LETTER_PAGE: usize = 1000;
-/// Dead letters replayed or purged per store operation.
-const DEAD_LETTER_CHUNK: usize = 10_000;
+/// Dead letters listed per request at most (each is decoded whole).
+const DEAD_LETTER_PAGE: usize = 100;
+/// Dead letters replayed or purged per store operation (one commit).
+const DEAD_LETTER_CHUNK: usize = 1000;
+
+/// The dead-letter endpoints change data and have no authentication yet:
+/// they answer only to clients on this machine, even when the metrics
+/// listener is opened to the network for Prometheus.
+fn local_only(peer: SocketAddr) -> Result<(), (StatusCode, String)> {
+    if peer.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::FORBIDDEN,
+            "the dead-letter endpoints answer only to loopback clients\n".to_string(),
+        ))
+    }
+}
 
 /// `GET /dead-letters`: one line per parked message, oldest first:
 /// `<seq> <topic> <payload bytes> <reason>`.
-async fn list_dead_letters(State(state): State<HttpState>) -> (StatusCode, String) {
+async fn list_dead_letters(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(state): State<HttpState>,
+) -> (StatusCode, String) {
+    if let Err(refused) = local_only(peer) {
+        return refused;
+    }
     let store = state.store.clone();
     let listed = tokio::task::spawn_blocking(move || store.dead_letters(0, DEAD_LETTER_PAGE)).await;
     match listed {
@@ -220,7 +241,13 @@ async fn list_dead_letters(State(state): State<HttpState>) -> (StatusCode, Strin
 /// `POST /dead-letters/replay`: every dead letter goes back into the log
 /// (new seqs) to be forwarded again, e.g. after a missing exchange or
 /// binding was created.
-async fn replay_dead_letters(State(state): State<HttpState>) -> (StatusCode, String) {
+async fn replay_dead_letters(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(state): State<HttpState>,
+) -> (StatusCode, String) {
+    if let Err(refused) = local_only(peer) {
+        return refused;
+    }
     drain_dead_letters(&state.store, "replayed", |store, max| async move {
         store.replay_dead_letters(max).await
     })
@@ -228,7 +255,13 @@ async fn replay_dead_letters(State(state): State<HttpState>) -> (StatusCode, Str
 }
 
 /// `POST /dead-letters/purge`: deletes every dead letter.
-async fn purge_dead_letters(State(state): State<HttpState>) -> (StatusCode, String) {
+async fn purge_dead_letters(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(state): State<HttpState>,
+) -> (StatusCode, String) {
+    if let Err(refused) = local_only(peer) {
+        return refused;
+    }
     drain_dead_letters(&state.store, "purged", |store, max| async move {
         store.purge_dead_letters(max).await
     })

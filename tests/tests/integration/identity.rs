@@ -19,7 +19,7 @@ async fn an_unconfigured_id_is_generated_once_and_kept() -> anyhow::Result<()> {
     let first = start(root.path(), None).await?;
     let id = first.id().to_string();
     let (host, suffix) = id.rsplit_once('-').expect("<host>-<hex>");
-    assert!(!host.is_empty() && suffix.len() == 6, "{id}");
+    assert!(!host.is_empty() && suffix.len() == 8, "{id}");
     assert!(suffix.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
     first.shutdown().await?;
 
