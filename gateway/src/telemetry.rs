@@ -301,3 +301,16 @@ where
     tracing::warn!(count = total, "dead letters {verb} on request");
     (StatusCode::OK, format!("{verb} {total}\n"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_endpoints_are_for_loopback_clients_only() {
+        assert!(local_only(SocketAddr::from(([127, 0, 0, 1], 4000))).is_ok());
+        assert!(local_only("[::1]:4000".parse().expect("addr")).is_ok());
+        let refused = local_only(SocketAddr::from(([192, 0, 2, 7], 4000)));
+        assert_eq!(refused.map_err(|(status, _)| status), Err(StatusCode::FORBIDDEN));
+    }
+}
