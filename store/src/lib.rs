@@ -45,7 +45,12 @@
 //!   publisher, and its order has no holes. (A record larger than the whole
 //!   quota is refused alone.) Dead letters count toward the quota too, so
 //!   parking cannot grow the disk without bound; they can be purged or
-//!   replayed (appended to the log again under new seqs).
+//!   replayed.
+//! - Replay appends a dead letter's record to the log again exactly as it
+//!   was parked, headers included, under a new seq. The store gives headers
+//!   no meaning; the forwarder that parks a record marks it
+//!   (`x-edge-upstream`, `x-edge-seq`), so that after a replay only that
+//!   upstream forwards it, under its original message id.
 //!
 //! # Recovery
 //!
@@ -442,8 +447,11 @@ impl Store {
     }
 
     /// Appends the records of up to `max` dead letters to the log again
-    /// (oldest first, new seqs, so new message ids) and deletes them;
-    /// returns how many. Every upstream whose routes match forwards them.
+    /// (oldest first, under new seqs) and deletes them, in one commit;
+    /// returns how many. Each record is appended byte for byte as parked,
+    /// headers included: the marks the forwarder added when parking
+    /// (`x-edge-upstream`, `x-edge-seq`) make only the upstream that parked
+    /// it forward it again, with its original message id.
     pub async fn replay_dead_letters(&self, max: usize) -> Result<u64, StoreError> {
         self.dead_letter_op(DeadLetterAction::Replay, max).await
     }

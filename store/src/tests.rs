@@ -530,12 +530,50 @@ async fn a_refused_record_that_cannot_fit_beside_the_dead_letters_locks_nothing(
     // Dead letters take most of the quota; the log is empty.
     for n in 1..=12 {
         let seq = store.append(record(n, 10)).await.expect("append");
-        store.park(seq, record(n, 10), "r".into()).await.expect("park");
+        store
+            .park(seq, record(n, 10), "r".into())
+            .await
+            .expect("park");
         store.advance_cursor("up", seq + 1).await.expect("advance");
     }
     assert_eq!(store.stats().live_messages, 0);
     let big = 8 * small as usize;
-    assert!(matches!(store.append(record(16, big)).await, Err(AppendError::Full { .. })));
+    assert!(matches!(
+        store.append(record(16, big)).await,
+        Err(AppendError::Full { .. })
+    ));
     // The big one can never fit until dead letters go: small ones still do.
-    store.append(record(17, 10)).await.expect("a small record is not locked out");
+    store
+        .append(record(17, 10))
+        .await
+        .expect("a small record is not locked out");
+}
+
+#[tokio::test]
+async fn replay_appends_the_parked_record_as_is_headers_included() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), options(1 << 20, &["up"])).expect("open");
+    let mut marked = Vec::new();
+    for n in 1..=2 {
+        let seq = store.append(record(n, 20)).await.expect("append");
+        let mut parked = record(n, 20);
+        parked.headers = vec![
+            ("unit".into(), Bytes::from_static(b"C")),
+            ("x-edge-upstream".into(), Bytes::from_static(b"central")),
+            ("x-edge-seq".into(), Bytes::from(seq.to_string())),
+        ];
+        store
+            .park(seq, parked.clone(), "unroutable".into())
+            .await
+            .expect("park");
+        marked.push(parked);
+    }
+    store.advance_cursor("up", 3).await.expect("advance");
+    let commits = store.commits();
+
+    assert_eq!(store.replay_dead_letters(10).await.expect("replay"), 2);
+    assert_eq!(store.commits(), commits + 1, "one commit for the replay");
+    let replayed: Vec<Record> = all(&store).into_iter().map(|(_, r)| r).collect();
+    assert_eq!(replayed, marked, "oldest first, byte for byte as parked");
+    assert_eq!(store.stats().dead_letters, 0);
 }

@@ -83,8 +83,8 @@ enum Pending {
 pub(crate) enum DeadLetterAction {
     /// Delete them.
     Purge,
-    /// Append their records to the log again (new seqs), so every upstream
-    /// whose routes match forwards them; then delete them.
+    /// Append their records to the log again (new seqs), byte for byte as
+    /// parked, headers included; then delete them.
     Replay,
 }
 

@@ -4,9 +4,20 @@
 //! restarts, so a duplicate can be recognised downstream. The original MQTT
 //! topic travels in `x-mqtt-topic` so the lossless topic mapping can always
 //! be undone.
+//!
+//! Dead letters: when a forwarder parks a record it adds two internal
+//! headers to the parked copy ([`mark_parked`]): [`UPSTREAM_HEADER`], the
+//! upstream that parked it, and [`SEQ_HEADER`], the seq it had when first
+//! forwarded (kept across further parks). A replay appends that copy to the
+//! log under a new seq; then only the named upstream forwards it (the others
+//! skip it as done: they had delivered or parked it themselves), and it
+//! goes out with its ORIGINAL message id `<gateway id>:<x-edge-seq>`, so
+//! downstream can recognise it as the same message. Headers named
+//! `x-edge-*` are internal and never sent to the broker.
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use edge_core::{Route, topic::MQTT_TOPIC_HEADER};
 use edge_store::{Record, Seq};
 use lapin::BasicProperties;
@@ -14,6 +25,54 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 /// Header carrying the publisher of the original message (MQTT client id).
 pub const PUBLISHER_HEADER: &str = "x-publisher";
+
+/// Internal header of a parked record: the upstream that parked it.
+pub(crate) const UPSTREAM_HEADER: &str = "x-edge-upstream";
+/// Internal header of a parked record: its seq when first forwarded, the
+/// seq of its message id.
+pub(crate) const SEQ_HEADER: &str = "x-edge-seq";
+/// Prefix of the internal headers, which are never sent to the broker.
+const INTERNAL_PREFIX: &str = "x-edge-";
+
+fn record_header<'r>(record: &'r Record, name: &str) -> Option<&'r [u8]> {
+    record
+        .headers
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_ref())
+}
+
+/// Whether `record` is for `upstream`: false only for a replayed dead
+/// letter that another upstream parked.
+pub(crate) fn is_for(record: &Record, upstream: &str) -> bool {
+    record_header(record, UPSTREAM_HEADER).is_none_or(|parked_by| parked_by == upstream.as_bytes())
+}
+
+/// The seq the record had when first forwarded (a replayed dead letter), if
+/// it is not its own.
+pub(crate) fn original_seq(record: &Record) -> Option<Seq> {
+    std::str::from_utf8(record_header(record, SEQ_HEADER)?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The copy of `record` (log position `seq`) that `upstream` parks: marked
+/// with the upstream and, unless it is a replay that has it already, the
+/// original seq.
+pub(crate) fn mark_parked(record: &mut Record, upstream: &str, seq: Seq) {
+    record.headers.retain(|(key, _)| key != UPSTREAM_HEADER);
+    record.headers.push((
+        UPSTREAM_HEADER.to_string(),
+        Bytes::copy_from_slice(upstream.as_bytes()),
+    ));
+    if original_seq(record).is_none() {
+        record.headers.retain(|(key, _)| key != SEQ_HEADER);
+        record
+            .headers
+            .push((SEQ_HEADER.to_string(), Bytes::from(seq.to_string())));
+    }
+}
 
 /// How much of a route's TTL a record has left at forwarding time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +137,9 @@ pub(crate) fn seq_of_message_id(gateway_id: &str, message_id: &str) -> Option<Se
 
 /// The publish of `record` (log position `seq`) over `route`; `lifetime` is
 /// the record's [`lifetime`] (an expired record should not get here; it is
-/// published without expiration if it does).
+/// published without expiration if it does). A replayed dead letter keeps
+/// its original message id ([`original_seq`]); internal `x-edge-*` headers
+/// stay behind.
 pub(crate) fn to_publish(
     gateway_id: &str,
     seq: Seq,
@@ -91,6 +152,9 @@ pub(crate) fn to_publish(
 
     let mut headers = FieldTable::default();
     for (key, value) in &record.headers {
+        if key.starts_with(INTERNAL_PREFIX) {
+            continue;
+        }
         headers.insert(
             short("header name", key.clone())?,
             AMQPValue::LongString(LongString::from(value.to_vec())),
@@ -106,7 +170,10 @@ pub(crate) fn to_publish(
     );
 
     let mut properties = BasicProperties::default()
-        .with_message_id(short("message_id", message_id(gateway_id, seq))?)
+        .with_message_id(short(
+            "message_id",
+            message_id(gateway_id, original_seq(record).unwrap_or(seq)),
+        )?)
         .with_app_id(short("app_id", gateway_id.to_string())?)
         .with_timestamp(record.timestamp_ms / 1000)
         .with_headers(headers);
@@ -126,7 +193,6 @@ pub(crate) fn to_publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn route(ttl: Option<Duration>, persistent: bool) -> Route {
         Route::new(edge_config::RouteConfig {
@@ -240,5 +306,55 @@ mod tests {
         assert_eq!(seq_of_message_id("gw:a", "gw:a:9"), Some(9));
         assert_eq!(seq_of_message_id("gw", "other:9"), None);
         assert_eq!(seq_of_message_id("gw", "gw:x"), None);
+    }
+
+    #[test]
+    fn a_parked_record_names_its_upstream_and_keeps_its_first_seq() {
+        let mut r = record();
+        assert!(
+            is_for(&r, "central") && is_for(&r, "backup"),
+            "unmarked: for all"
+        );
+        assert_eq!(original_seq(&r), None);
+        mark_parked(&mut r, "central", 42);
+        assert!(is_for(&r, "central"));
+        assert!(!is_for(&r, "backup"), "another upstream skips it");
+        assert_eq!(original_seq(&r), Some(42));
+        // Replayed as seq 90 and parked again: still the first seq.
+        mark_parked(&mut r, "central", 90);
+        assert_eq!(original_seq(&r), Some(42));
+        assert_eq!(
+            r.headers
+                .iter()
+                .filter(|(k, _)| k.starts_with("x-edge-"))
+                .count(),
+            2,
+            "no duplicate headers"
+        );
+        assert_eq!(
+            record_header(&r, "unit"),
+            Some(&b"C"[..]),
+            "own headers kept"
+        );
+    }
+
+    #[test]
+    fn a_replayed_record_goes_out_with_its_original_id_and_no_internal_headers() {
+        let mut r = record();
+        mark_parked(&mut r, "central", 42);
+        let p = to_publish("gw-7", 90, &r, &route(None, true), Lifetime::Unlimited)
+            .expect("convertible");
+        let props = &p.properties;
+        assert_eq!(
+            props.message_id().as_ref().map(ShortString::as_str),
+            Some("gw-7:42")
+        );
+        assert_eq!(seq_of_message_id("gw-7", "gw-7:42"), Some(42));
+        let sent = props.headers().as_ref().expect("headers").inner();
+        assert!(
+            sent.keys().all(|k| !k.as_str().starts_with("x-edge-")),
+            "{sent:?}"
+        );
+        assert!(sent.contains_key("unit"));
     }
 }

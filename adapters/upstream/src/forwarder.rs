@@ -2,7 +2,7 @@
 //! confirms, settle the done prefix. The invariants are listed in
 //! `replicator.rs`.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,12 +11,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use edge_core::Routes;
+use edge_core::{Route, Routes};
 use edge_store::{Record, Seq, Store, StoreError};
 use futures_util::FutureExt;
+use futures_util::future::join_all;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::BasicPublishOptions;
-use lapin::{Channel, Confirmation, Connection};
+use lapin::{Channel, Confirmation};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -24,7 +25,7 @@ use crate::connector::{Connector, Link};
 use crate::convert::{self, Lifetime, Publish};
 use crate::cursor::CursorFlusher;
 use crate::error::LinkError;
-use crate::exchanges::exchange_exists;
+use crate::exchanges;
 use crate::metrics::UpstreamMetrics;
 use crate::summary::{Expired, Parked};
 use crate::window::Window;
@@ -47,15 +48,31 @@ const SLOT_ALLOWANCE: usize = 1024;
 /// Most records looked at per tick, while the link is down, for records
 /// no route of the upstream matches.
 const DOWN_SKIP_MAX_RECORDS: usize = 8192;
-/// Longest wait for the check of one exchange.
-const EXCHANGE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often exchanges found missing are checked again while connected.
 const EXCHANGE_RECHECK: Duration = Duration::from_secs(10);
+/// A record bound for an exchange found missing is parked only after a
+/// check at most this old. So right after the operator creates the
+/// exchange, a replay of its dead letters goes through instead of being
+/// parked again (a re-check on demand, rather than a signal from the store
+/// on replay: it also covers an exchange created before new traffic, needs
+/// nothing from the store, and costs at most one check per second while an
+/// exchange stays missing).
+const PARK_RECHECK: Duration = Duration::from_secs(1);
 
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The route of `upstream` that takes `record`: none when no route matches,
+/// or when the record is a replayed dead letter of another upstream (that
+/// upstream forwards it; this one delivered or parked it before).
+fn route_for<'r>(routes: &'r Routes, upstream: &str, record: &Record) -> Option<&'r Route> {
+    if !convert::is_for(record, upstream) {
+        return None;
+    }
+    routes.first_match(&record.topic)
 }
 
 /// A record in the window.
@@ -64,6 +81,8 @@ struct InFlight {
     record: Record,
     route: String,
     published_at: Instant,
+    /// The seq of its message id, when that is not its own (a replay).
+    original: Option<Seq>,
     /// Set when the record goes to the dead-letter table instead.
     park: Option<Park>,
 }
@@ -80,6 +99,18 @@ struct Park {
 /// link error that stopped it.
 type Publishing<'l> =
     Pin<Box<dyn Future<Output = (Seq, Result<Confirmation, LinkError>)> + Send + 'l>>;
+
+/// A check of the exchanges found missing, running beside the forwarding
+/// loop; resolves to those still missing.
+type Check<'l> = Pin<Box<dyn Future<Output = BTreeSet<String>> + Send + 'l>>;
+
+/// Waits for the check in progress; never resolves without one.
+async fn check_done(check: &mut Option<Check<'_>>) -> BTreeSet<String> {
+    match check {
+        Some(check) => check.await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Starts the publish of `seq`.
 ///
@@ -153,6 +184,30 @@ struct Session<'l> {
     missing: BTreeSet<String>,
     /// When `missing` was last checked.
     checked_at: Instant,
+    /// The check of `missing` in progress.
+    check: Option<Check<'l>>,
+    /// Replayed records in the window: original seq (of the message id) →
+    /// log seq, to find the record a returned message names.
+    replayed: HashMap<Seq, Seq>,
+}
+
+impl Session<'_> {
+    fn new(start: Seq, missing: BTreeSet<String>) -> Self {
+        Session {
+            window: Window::new(start),
+            buffer: VecDeque::new(),
+            read_from: start,
+            publishing: FuturesUnordered::new(),
+            last_progress: Instant::now(),
+            blocked: false,
+            expired: Expired::default(),
+            parked: Parked::default(),
+            missing,
+            checked_at: Instant::now(),
+            check: None,
+            replayed: HashMap::new(),
+        }
+    }
 }
 
 /// Forwarding state that outlives a link.
@@ -224,7 +279,7 @@ impl Forwarder {
             };
             left = left.saturating_sub(batch.len());
             for (seq, record) in &batch {
-                if self.routes.first_match(&record.topic).is_some() {
+                if route_for(&self.routes, &self.name, record).is_some() {
                     from = *seq;
                     break 'read;
                 }
@@ -238,38 +293,11 @@ impl Forwarder {
         }
     }
 
-    /// The exchanges among `exchanges` that the broker does not have. An
-    /// exchange that cannot be checked counts as present: its publishes
-    /// tell.
-    async fn missing_exchanges<'a>(
-        &self,
-        connection: &Connection,
-        exchanges: impl IntoIterator<Item = &'a str>,
-    ) -> BTreeSet<String> {
-        let mut missing = BTreeSet::new();
-        // The default exchange always exists (and refuses declares).
-        let names: BTreeSet<&str> = exchanges.into_iter().filter(|x| !x.is_empty()).collect();
-        for exchange in names {
-            let check = exchange_exists(connection, exchange);
-            match tokio::time::timeout(EXCHANGE_CHECK_TIMEOUT, check).await {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => {
-                    missing.insert(exchange.to_string());
-                }
-                Ok(Err(error)) => warn!(upstream = %self.name, exchange, %error,
-                    "cannot check whether the exchange exists; publishing to it"),
-                Err(_) => warn!(upstream = %self.name, exchange,
-                    "no answer checking whether the exchange exists; publishing to it"),
-            }
-        }
-        missing
-    }
-
     /// After a connect: which route exchanges are missing. Logged at ERROR
     /// once per route and connect; their records are parked.
     async fn check_exchanges(&self, link: &Link) -> BTreeSet<String> {
-        let exchanges = self.routes.iter().map(|r| r.exchange.as_str());
-        let missing = self.missing_exchanges(&link.connection, exchanges).await;
+        let exchanges = self.routes.iter().map(|r| r.exchange.clone()).collect();
+        let missing = exchanges::missing(self.name.clone(), &link.connection, exchanges).await;
         for route in self.routes.iter().filter(|r| missing.contains(&r.exchange)) {
             error!(upstream = %self.name, route = %route.name, exchange = %route.exchange,
                 "exchange not found on the upstream broker; the route's messages are parked \
@@ -278,18 +306,49 @@ impl Forwarder {
         missing
     }
 
-    /// While connected: checks the missing exchanges again; those that
-    /// exist now are forwarded to again.
-    async fn recheck_exchanges(&self, link: &Link, s: &mut Session<'_>) {
+    /// While connected: starts a check of the missing exchanges (unless one
+    /// runs); [`Forwarder::checked`] takes its outcome.
+    fn start_check<'l>(&self, link: &'l Link, s: &mut Session<'l>) {
+        if s.check.is_none() {
+            let check = exchanges::missing(self.name.clone(), &link.connection, s.missing.clone());
+            s.check = Some(Box::pin(check));
+        }
+    }
+
+    /// The outcome of a check: exchanges that exist now are forwarded to again.
+    fn checked(&self, s: &mut Session<'_>, still: BTreeSet<String>) {
+        s.check = None;
         s.checked_at = Instant::now();
-        let still = self
-            .missing_exchanges(&link.connection, s.missing.iter().map(String::as_str))
-            .await;
         for exchange in s.missing.difference(&still) {
             info!(upstream = %self.name, exchange = %exchange,
                 "exchange exists now; forwarding its routes again");
         }
         s.missing = still;
+    }
+
+    /// Whether `record` has to wait for a check before it is parked for a
+    /// missing exchange: one is in progress, or the last is older than
+    /// [`PARK_RECHECK`] (then one starts).
+    fn must_wait_for_check<'l>(
+        &self,
+        link: &'l Link,
+        s: &mut Session<'l>,
+        record: &Record,
+    ) -> bool {
+        if s.missing.is_empty() {
+            return false;
+        }
+        let Some(route) = route_for(&self.routes, &self.name, record) else {
+            return false;
+        };
+        if !s.missing.contains(&route.exchange) {
+            return false;
+        }
+        if s.check.is_none() && s.checked_at.elapsed() < PARK_RECHECK {
+            return false;
+        }
+        self.start_check(link, s);
+        true
     }
 
     /// Forwards over one link until shutdown (`Ok`) or link trouble (`Err`).
@@ -299,20 +358,8 @@ impl Forwarder {
         connector: &mut Connector,
         shutdown: &CancellationToken,
     ) -> Result<(), LinkError> {
-        let start = self.position();
         let missing = self.check_exchanges(link).await;
-        let mut s = Session {
-            window: Window::new(start),
-            buffer: VecDeque::new(),
-            read_from: start,
-            publishing: FuturesUnordered::new(),
-            last_progress: Instant::now(),
-            blocked: false,
-            expired: Expired::default(),
-            parked: Parked::default(),
-            missing,
-            checked_at: Instant::now(),
-        };
+        let mut s = Session::new(self.position(), missing);
         let result = self.pump(link, connector, shutdown, &mut s).await;
         if matches!(result, Err(ref e) if !matches!(e, LinkError::Park { .. })) {
             // Keep what was confirmed before the failure, so fewer
@@ -355,6 +402,10 @@ impl Forwarder {
                 let Some((seq, record)) = s.buffer.pop_front() else {
                     break;
                 };
+                if self.must_wait_for_check(link, s, &record) {
+                    s.buffer.push_front((seq, record));
+                    break;
+                }
                 self.forward(link, s, seq, record)?;
                 left -= 1;
             }
@@ -371,6 +422,9 @@ impl Forwarder {
                     self.on_confirm(s, seq, result)?;
                     self.harvest(s, connector)?;
                 }
+                still = check_done(&mut s.check), if s.check.is_some() => {
+                    self.checked(s, still);
+                }
                 changed = committed.changed(), if idle && committed_open => {
                     committed_open = changed.is_ok();
                 }
@@ -381,8 +435,10 @@ impl Forwarder {
                         return Err(LinkError::Lost);
                     }
                     if !s.missing.is_empty() && s.checked_at.elapsed() >= EXCHANGE_RECHECK {
-                        self.recheck_exchanges(link, s).await;
+                        self.start_check(link, s);
                     }
+                    // Confirms already in count before the watchdog judges.
+                    self.harvest(s, connector)?;
                     let blocked = link.connection.status().blocked();
                     if blocked {
                         // Confirms cannot come while the broker blocks us,
@@ -474,7 +530,7 @@ impl Forwarder {
         seq: Seq,
         record: Record,
     ) -> Result<(), LinkError> {
-        let Some(route) = self.routes.first_match(&record.topic) else {
+        let Some(route) = route_for(&self.routes, &self.name, &record) else {
             s.window.skip(seq);
             return Ok(());
         };
@@ -506,12 +562,17 @@ impl Forwarder {
                         record,
                         route: route_name,
                         published_at: Instant::now(),
+                        original: None,
                         park: Some(park),
                     },
                 );
                 return Ok(());
             }
         };
+        let original = convert::original_seq(&record);
+        if let Some(original) = original {
+            s.replayed.insert(original, seq);
+        }
         let publishing = start_publish(&link.channel, seq, publish, record.payload.clone());
         let published_at = Instant::now();
         if s.window.in_flight() == 0 {
@@ -523,6 +584,7 @@ impl Forwarder {
                 record,
                 route: route_name,
                 published_at,
+                original,
                 park: None,
             },
         );
@@ -544,14 +606,14 @@ impl Forwarder {
         if let Some(message) = returned {
             // lapin hands a returned message to the next confirm that
             // resolves, which may belong to another seq: our message_id
-            // names the record it really is.
+            // names the record it really is (a replay by its original seq).
             let target = message
                 .delivery
                 .properties
                 .message_id()
                 .as_ref()
                 .and_then(|id| convert::seq_of_message_id(&self.gateway_id, id.as_str()))
-                .unwrap_or(seq);
+                .map_or(seq, |id| s.replayed.get(&id).copied().unwrap_or(id));
             let reason = format!(
                 "unroutable: exchange {:?}, routing key {:?}: {} {}",
                 message.delivery.exchange.as_str(),
@@ -577,26 +639,40 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Moves the cursor over the done prefix, parking returned records first.
+    /// Moves the cursor over the done prefix, parking the records in it that
+    /// are to be parked first. Their parks are queued together so that they
+    /// share one group commit (one fsync), not one each.
     async fn settle(&mut self, s: &mut Session<'_>) -> Result<(), LinkError> {
-        let mut result = Ok(());
+        let mut parks = Vec::new();
+        let mut notes = Vec::new();
         while let Some((seq, item)) = s.window.pop_done() {
             let Some(item) = item else { continue };
+            if let Some(original) = item.original.filter(|o| s.replayed.get(o) == Some(&seq)) {
+                s.replayed.remove(&original);
+            }
             match item.park {
                 None => self.metrics.forwarded(&item.route),
                 Some(park) => {
-                    let topic = item.record.topic.clone();
-                    if let Err(source) =
-                        self.store.park(seq, item.record, park.reason.clone()).await
-                    {
-                        self.set_position(seq);
-                        result = Err(LinkError::Park { seq, source });
-                        break;
-                    }
-                    self.metrics.parked(park.kind);
-                    s.parked
-                        .note(&item.route, park.kind, seq, &topic, &park.reason);
+                    let mut record = item.record;
+                    let topic = record.topic.clone();
+                    convert::mark_parked(&mut record, &self.name, seq);
+                    parks.push(self.store.park(seq, record, park.reason.clone()));
+                    notes.push((seq, item.route, topic, park));
                 }
+            }
+        }
+        let mut result = Ok(());
+        if !parks.is_empty() {
+            let parked = join_all(parks).await;
+            for ((seq, route, topic, park), parked) in notes.into_iter().zip(parked) {
+                if let Err(source) = parked {
+                    // The cursor stays on the first record not parked.
+                    self.set_position(seq);
+                    result = Err(LinkError::Park { seq, source });
+                    break;
+                }
+                self.metrics.parked(park.kind);
+                s.parked.note(&route, park.kind, seq, &topic, &park.reason);
             }
         }
         if result.is_ok() && s.window.next() > self.position() {
@@ -713,5 +789,102 @@ mod tests {
         let Forwarder { flusher, .. } = f;
         flusher.finish().await;
         assert_eq!(store.cursor("central").unwrap(), wanted, "persisted");
+    }
+
+    fn open(dir: &std::path::Path) -> Store {
+        let options = StoreOptions {
+            max_bytes: 1 << 30,
+            batch_max_messages: NonZeroUsize::new(1000).unwrap(),
+            batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap(),
+            inbox_capacity: NonZeroUsize::new(1024).unwrap(),
+            cursors: vec!["central".into()],
+        };
+        Store::open(dir, options).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_replay_parked_by_another_upstream_is_passed_one_parked_here_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut f = forwarder(&store, "up/#");
+        let mut theirs = record("up/1");
+        convert::mark_parked(&mut theirs, "backup", 3);
+        let mut ours = record("up/2");
+        convert::mark_parked(&mut ours, "central", 4);
+        store.append(theirs.clone()).await.unwrap();
+        let wanted = store.append(ours.clone()).await.unwrap();
+
+        f.skip_unmatched(DOWN_SKIP_MAX_RECORDS).await;
+        assert_eq!(
+            f.position(),
+            wanted,
+            "only the other upstream's replay is passed"
+        );
+        assert!(route_for(&f.routes, "central", &theirs).is_none());
+        assert!(route_for(&f.routes, "central", &ours).is_some());
+        assert!(route_for(&f.routes, "backup", &theirs).is_some());
+        f.flusher.finish().await;
+    }
+
+    #[tokio::test]
+    async fn parks_of_a_settled_prefix_share_a_commit_and_are_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        // A slow fsync, as on an SD card: parks queued while one commits
+        // all go into the next.
+        let backend = edge_store::SlowSyncBackend::open(
+            &dir.path().join(edge_store::DB_FILE),
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        let options = StoreOptions {
+            max_bytes: 1 << 30,
+            batch_max_messages: NonZeroUsize::new(1000).unwrap(),
+            batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap(),
+            inbox_capacity: NonZeroUsize::new(1024).unwrap(),
+            cursors: vec!["central".into()],
+        };
+        let store = Store::open_with_backend(backend, dir.path(), options).unwrap();
+        let mut f = forwarder(&store, "up/#");
+        let mut seqs = Vec::new();
+        for i in 0..5 {
+            seqs.push(store.append(record(&format!("up/{i}"))).await.unwrap());
+        }
+        let mut s = Session::new(seqs[0], BTreeSet::new());
+        for &seq in &seqs {
+            let mut r = record("up/x");
+            if seq == seqs[4] {
+                // A replay of seq 2 parked again keeps its original seq.
+                convert::mark_parked(&mut r, "central", 2);
+            }
+            let item = InFlight {
+                record: r,
+                route: "up".into(),
+                published_at: Instant::now(),
+                original: None,
+                park: Some(Park {
+                    kind: "unroutable",
+                    reason: format!("no queue for {seq}"),
+                }),
+            };
+            assert!(s.window.push_done(seq, item));
+        }
+        let commits = store.commits();
+        f.settle(&mut s).await.unwrap();
+        // Awaited one by one they took five commits; queued together at
+        // most the first goes alone (the writer may wake between queueing).
+        let used = store.commits() - commits;
+        assert!(used <= 2, "five parks took {used} commits");
+        assert_eq!(f.position(), seqs[4] + 1);
+
+        let dead = store.dead_letters(0, 10).unwrap();
+        assert_eq!(dead.len(), 5);
+        for (letter, &seq) in dead.iter().zip(&seqs) {
+            assert_eq!(letter.seq, seq);
+            assert!(convert::is_for(&letter.record, "central"));
+            assert!(!convert::is_for(&letter.record, "backup"));
+            let first = if seq == seqs[4] { 2 } else { seq };
+            assert_eq!(convert::original_seq(&letter.record), Some(first));
+        }
+        f.flusher.finish().await;
     }
 }

@@ -14,7 +14,15 @@
 //!   declare); the records of a route whose exchange is missing are parked
 //!   (`exchange "x" not found`) so the other routes keep flowing. An
 //!   exchange deleted while connected closes the channel (404): the link is
-//!   rebuilt and the check after the reconnect parks its records.
+//!   rebuilt and the check after the reconnect parks its records. Before
+//!   parking for a missing exchange, the exchange is checked again when the
+//!   last check is over a second old; the checks run beside the loop, so
+//!   confirms are collected meanwhile.
+//! - A parked record carries `x-edge-upstream` (the upstream that parked
+//!   it) and `x-edge-seq` (its first seq). Replayed, it is forwarded only by
+//!   that upstream, with its original message id; the others pass it as
+//!   done (see `convert.rs`). The parks of one settled prefix are queued
+//!   together and share a group commit.
 //! - The window holds at most `max_in_flight` pending records and a bounded
 //!   number of other slots (runs of skipped records take one slot), so
 //!   memory does not grow with the backlog.
