@@ -21,6 +21,9 @@ use crate::receipt::Receipt;
 use crate::route::Routes;
 use crate::topic;
 
+/// Prefix of the headers the gateway reserves for itself.
+pub const RESERVED_HEADER_PREFIX: &str = "x-edge-";
+
 /// Identifies one connected session inside the router.
 pub type SessionId = u64;
 
@@ -129,7 +132,12 @@ impl Router {
 
     /// Routes one message. Waits only while the store's inbox is full
     /// (back-pressure); the receipt resolves once the message is durable.
-    pub async fn publish(&self, message: Message) -> Result<Receipt, PublishError> {
+    pub async fn publish(&self, mut message: Message) -> Result<Receipt, PublishError> {
+        // `x-edge-*` headers are the gateway's own bookkeeping (which
+        // upstream parked a record, its original seq): a client cannot set them.
+        message
+            .headers
+            .retain(|(key, _)| !key.starts_with(RESERVED_HEADER_PREFIX));
         let logged = message.qos != QoS::AtMostOnce
             || self.inner.routes.matching(&message.topic).next().is_some();
         let record = logged.then(|| message.to_record());
@@ -339,6 +347,31 @@ mod tests {
             .await
             .expect("publish");
         assert!(rx.try_recv().is_err(), "unsubscribed");
+    }
+
+    #[tokio::test]
+    async fn clients_cannot_set_reserved_headers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let router = Router::new(store(dir.path()), Routes::default());
+        let mut m = msg("a", QoS::AtLeastOnce);
+        m.headers
+            .push(("x-edge-upstream".into(), Bytes::from_static(b"other")));
+        m.headers
+            .push(("content-type".into(), Bytes::from_static(b"text/plain")));
+        router
+            .publish(m)
+            .await
+            .expect("publish")
+            .await
+            .expect("committed");
+        let stored = router.store().read(1, 1, 1 << 20).expect("read");
+        let keys: Vec<&str> = stored[0]
+            .1
+            .headers
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(keys, ["content-type"]);
     }
 
     #[tokio::test]

@@ -88,6 +88,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use backend::{BackendCounters, SlowSyncBackend};
 pub use error::{AppendError, OpenError, StoreError};
 pub use record::{DecodeError, Record};
+pub use tables::PARKED_BY_HEADER;
 
 use writer::{DeadLetterAction, Op, Writer};
 

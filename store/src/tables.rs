@@ -161,3 +161,49 @@ pub(crate) fn decode_dead_letter(value: &[u8]) -> Option<(String, &[u8])> {
     let reason = std::str::from_utf8(reason).ok()?.to_string();
     Some((reason, value.get(end..)?))
 }
+
+/// Header of a parked record naming the cursor(s) (upstreams) that parked
+/// it, comma-separated; a replay is forwarded only by them.
+pub const PARKED_BY_HEADER: &str = "x-edge-upstream";
+
+/// The dead letter for a seq parked again: reasons joined, and the
+/// [`PARKED_BY_HEADER`] names of both copies kept. `None` if either value
+/// does not decode (the newer value then simply replaces the older).
+pub(crate) fn merge_dead_letters(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
+    let (old_reason, old_record) = decode_dead_letter(old)?;
+    let (new_reason, new_record) = decode_dead_letter(new)?;
+    let old_record = crate::Record::decode(old_record).ok()?;
+    let mut record = crate::Record::decode(new_record).ok()?;
+    let names = |r: &crate::Record| -> Vec<String> {
+        r.headers
+            .iter()
+            .filter(|(k, _)| k == PARKED_BY_HEADER)
+            .flat_map(|(_, v)| {
+                String::from_utf8_lossy(v)
+                    .split(',')
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|n| !n.is_empty())
+            .collect()
+    };
+    let mut parked_by = names(&old_record);
+    for name in names(&record) {
+        if !parked_by.contains(&name) {
+            parked_by.push(name);
+        }
+    }
+    if !parked_by.is_empty() {
+        record.headers.retain(|(k, _)| k != PARKED_BY_HEADER);
+        record.headers.push((
+            PARKED_BY_HEADER.to_string(),
+            bytes::Bytes::from(parked_by.join(",")),
+        ));
+    }
+    let reason = if old_reason == new_reason {
+        new_reason
+    } else {
+        format!("{old_reason} | {new_reason}")
+    };
+    Some(encode_dead_letter(&reason, &record.encode().ok()?))
+}

@@ -577,3 +577,36 @@ async fn replay_appends_the_parked_record_as_is_headers_included() {
     assert_eq!(replayed, marked, "oldest first, byte for byte as parked");
     assert_eq!(store.stats().dead_letters, 0);
 }
+
+#[tokio::test]
+async fn a_seq_parked_by_two_upstreams_keeps_both_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), options(1 << 20, &[])).expect("open");
+    let seq = store.append(record(1, 5)).await.expect("append");
+    for upstream in ["a", "b", "a"] {
+        let mut parked = record(1, 5);
+        parked
+            .headers
+            .push((PARKED_BY_HEADER.to_string(), Bytes::from(upstream)));
+        store
+            .park(seq, parked, format!("{upstream} failed"))
+            .await
+            .expect("park");
+    }
+    let dead = store.dead_letters(0, 10).expect("list");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(store.stats().dead_letters, 1);
+    let names: Vec<&[u8]> = dead[0]
+        .record
+        .headers
+        .iter()
+        .filter(|(k, _)| k == PARKED_BY_HEADER)
+        .map(|(_, v)| v.as_ref())
+        .collect();
+    assert_eq!(names, [b"a,b".as_slice()]);
+    assert!(
+        dead[0].reason.contains("a failed") && dead[0].reason.contains("b failed"),
+        "{}",
+        dead[0].reason
+    );
+}

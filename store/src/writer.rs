@@ -369,6 +369,12 @@ impl Writer {
                         pending.push(Pending::Done(reply));
                     }
                     Op::Park { seq, value, reply } => {
+                        // Parked twice (by two upstreams): keep both names.
+                        let existing = dead.get(seq)?.map(|old| old.value().to_vec());
+                        let value = match existing {
+                            Some(old) => tables::merge_dead_letters(&old, &value).unwrap_or(value),
+                            None => value,
+                        };
                         match dead.insert(seq, value.as_slice())? {
                             Some(old) => {
                                 next.dead_bytes =

@@ -27,7 +27,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 pub const PUBLISHER_HEADER: &str = "x-publisher";
 
 /// Internal header of a parked record: the upstream that parked it.
-pub(crate) const UPSTREAM_HEADER: &str = "x-edge-upstream";
+pub(crate) const UPSTREAM_HEADER: &str = edge_store::PARKED_BY_HEADER;
 /// Internal header of a parked record: its seq when first forwarded, the
 /// seq of its message id.
 pub(crate) const SEQ_HEADER: &str = "x-edge-seq";
@@ -45,7 +45,13 @@ fn record_header<'r>(record: &'r Record, name: &str) -> Option<&'r [u8]> {
 /// Whether `record` is for `upstream`: false only for a replayed dead
 /// letter that another upstream parked.
 pub(crate) fn is_for(record: &Record, upstream: &str) -> bool {
-    record_header(record, UPSTREAM_HEADER).is_none_or(|parked_by| parked_by == upstream.as_bytes())
+    // Several upstreams may have parked the same record: the store keeps
+    // their names comma-separated (upstream names have no commas).
+    record_header(record, UPSTREAM_HEADER).is_none_or(|parked_by| {
+        parked_by
+            .split(|b| *b == b',')
+            .any(|name| name == upstream.as_bytes())
+    })
 }
 
 /// The seq the record had when first forwarded (a replayed dead letter), if
@@ -356,5 +362,14 @@ mod tests {
             "{sent:?}"
         );
         assert!(sent.contains_key("unit"));
+    }
+
+    #[test]
+    fn a_record_parked_by_several_upstreams_is_for_each_of_them() {
+        let mut r = Record::default();
+        r.headers
+            .push((UPSTREAM_HEADER.to_string(), Bytes::from_static(b"a,b")));
+        assert!(is_for(&r, "a") && is_for(&r, "b"));
+        assert!(!is_for(&r, "c") && !is_for(&r, "a,b,c"));
     }
 }
