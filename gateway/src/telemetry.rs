@@ -311,6 +311,9 @@ mod tests {
         assert!(local_only(SocketAddr::from(([127, 0, 0, 1], 4000))).is_ok());
         assert!(local_only("[::1]:4000".parse().expect("addr")).is_ok());
         let refused = local_only(SocketAddr::from(([192, 0, 2, 7], 4000)));
-        assert_eq!(refused.map_err(|(status, _)| status), Err(StatusCode::FORBIDDEN));
+        assert_eq!(
+            refused.map_err(|(status, _)| status),
+            Err(StatusCode::FORBIDDEN)
+        );
     }
 }

@@ -431,7 +431,9 @@ async fn a_subscriber_that_stops_reading_is_closed_not_kept_forever() -> Result<
     let mut flooder = Raw::session(server.addr, "flooder", 60).await?;
     let chunk = vec![b'x'; 60 * 1024];
     for _ in 0..256 {
-        flooder.send(&publish("flood/x", &chunk, 0, 0, false)).await?;
+        flooder
+            .send(&publish("flood/x", &chunk, 0, 0, false))
+            .await?;
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while server.router.session_count() > 1 {
