@@ -288,14 +288,16 @@ async fn close_commits_queued_work_and_later_calls_see_closed() {
     assert_eq!(all(&store).len(), 1);
 }
 
-/// In-memory backend whose fsync fails while `fail` is set.
+/// In-memory backend whose fsync fails while `fail` is set, and hangs for
+/// a minute while `stuck` is set.
 #[derive(Debug, Default)]
-struct FailingSync {
+struct FaultySync {
     inner: redb::backends::InMemoryBackend,
     fail: Arc<AtomicBool>,
+    stuck: Arc<AtomicBool>,
 }
 
-impl redb::StorageBackend for FailingSync {
+impl redb::StorageBackend for FaultySync {
     fn len(&self) -> std::io::Result<u64> {
         self.inner.len()
     }
@@ -306,6 +308,9 @@ impl redb::StorageBackend for FailingSync {
         self.inner.set_len(len)
     }
     fn sync_data(&self) -> std::io::Result<()> {
+        if self.stuck.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_secs(60));
+        }
         if self.fail.load(Ordering::SeqCst) {
             return Err(std::io::Error::other("injected fsync failure"));
         }
@@ -318,7 +323,7 @@ impl redb::StorageBackend for FailingSync {
 
 #[tokio::test]
 async fn a_failed_commit_acknowledges_nothing_in_its_batch() {
-    let backend = FailingSync::default();
+    let backend = FaultySync::default();
     let fail = Arc::clone(&backend.fail);
     let store =
         Store::open_with_backend(backend, Path::new("mem"), options(u64::MAX, &[])).unwrap();
@@ -411,37 +416,9 @@ async fn the_gateway_id_is_recorded_with_the_log() {
     assert_eq!(store.gateway_id().expect("read").as_deref(), Some("edge-7"));
 }
 
-/// In-memory backend whose fsync hangs for a minute once `stuck` is set.
-#[derive(Debug, Default)]
-struct StuckSync {
-    inner: redb::backends::InMemoryBackend,
-    stuck: Arc<AtomicBool>,
-}
-
-impl redb::StorageBackend for StuckSync {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        if self.stuck.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_secs(60));
-        }
-        self.inner.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.inner.write(offset, data)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_last_handle_does_not_wait_for_ever_on_a_stuck_commit() {
-    let backend = StuckSync::default();
+    let backend = FaultySync::default();
     let stuck = Arc::clone(&backend.stuck);
     let store =
         Store::open_with_backend(backend, Path::new("mem"), options(1 << 20, &[])).expect("open");
