@@ -58,6 +58,7 @@ pub fn options() -> StoreOptions {
         batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap_or(NonZeroUsize::MIN),
         inbox_capacity: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
         cursors: Vec::new(),
+        when_full: Default::default(),
     }
 }
 

@@ -67,10 +67,13 @@ pub struct MetricsConfig {
 pub enum WhenFull {
     /// Refuse the message: no acknowledgement, the publisher is told why.
     Reject,
+    /// Delete the oldest unforwarded messages to make room (counted, logged
+    /// at ERROR): for data where the newest matters most.
+    DropOldest,
 }
 
 impl WhenFull {
-    pub const ALLOWED: &'static str = "\"reject\"";
+    pub const ALLOWED: &'static str = "\"reject\" or \"drop-oldest\"";
 }
 
 /// What start-up does with a store file that is damaged (not merely locked

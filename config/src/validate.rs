@@ -267,6 +267,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let s = &raw.store;
     let when_full = match s.when_full.as_deref() {
         None | Some("reject") => WhenFull::Reject,
+        Some("drop-oldest") => WhenFull::DropOldest,
         Some(other) => {
             c.problem(
                 "store.when_full",
@@ -583,6 +584,17 @@ mod tests {
             ]
         );
         assert!(err.to_string().contains("from 1s to 1h"), "{err}");
+    }
+
+    #[test]
+    fn when_full_policies() {
+        let c = Config::parse("[store]\nwhen_full = \"drop-oldest\"\n").expect("valid");
+        assert_eq!(c.store.when_full, WhenFull::DropOldest);
+        let err = Config::parse("[store]\nwhen_full = \"drop-newest\"\n").expect_err("invalid");
+        assert!(
+            err.to_string().contains("\"reject\" or \"drop-oldest\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -267,6 +267,7 @@ mod tests {
                 batch_max_bytes: NonZeroUsize::new(1 << 20).expect("non-zero"),
                 inbox_capacity: NonZeroUsize::new(64).expect("non-zero"),
                 cursors: vec![],
+                when_full: Default::default(),
             },
         )
         .expect("open store")

@@ -43,7 +43,10 @@
 //!   until retirement has made room for the largest refused record. So a
 //!   small message cannot slip in behind a refused larger one of the same
 //!   publisher, and its order has no holes. (A record larger than the whole
-//!   quota is refused alone.) Dead letters count toward the quota too, so
+//!   quota is refused alone.) With `WhenFull::DropOldest` the oldest log
+//!   records are deleted instead until the append fits (cursors below the
+//!   new first record move up to it; `retired_below` is raised so no seq is
+//!   reused). Dead letters count toward the quota too, so
 //!   parking cannot grow the disk without bound; they can be purged or
 //!   replayed.
 //! - Replay appends a dead letter's record to the log again exactly as it
@@ -114,6 +117,21 @@ pub struct StoreOptions {
     /// Records below the smallest of them are retired. Cursors stored under
     /// other names are deleted at open. With no cursor nothing is retired.
     pub cursors: Vec<String>,
+    /// What an append does when it would exceed `max_bytes`.
+    pub when_full: WhenFull,
+}
+
+/// The policy at the quota.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Refuse the append ([`AppendError::Full`]).
+    #[default]
+    Reject,
+    /// Delete the oldest records of the log (forwarded or not) until the
+    /// append fits; cursors below the new first record move up to it. Each
+    /// dropped record is counted and logged at ERROR. Dead letters are
+    /// never dropped: if the log is empty and it still does not fit, refuse.
+    DropOldest,
 }
 
 /// Live figures, cheap to read.

@@ -17,6 +17,7 @@ pub(super) fn options(max_bytes: u64, cursors: &[&str]) -> StoreOptions {
         batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap(),
         inbox_capacity: NonZeroUsize::new(1024).unwrap(),
         cursors: cursors.iter().map(|c| c.to_string()).collect(),
+        when_full: Default::default(),
     }
 }
 
@@ -586,4 +587,47 @@ async fn a_seq_parked_by_two_upstreams_keeps_both_names() {
         "{}",
         dead[0].reason
     );
+}
+
+#[tokio::test]
+async fn drop_oldest_makes_room_moves_cursors_and_never_reuses_seqs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = record(0, 100).encoded_len() as u64;
+    let opts = || StoreOptions {
+        when_full: WhenFull::DropOldest,
+        ..options(3 * size, &["up"])
+    };
+    let store = Store::open(dir.path(), opts()).expect("open");
+    for n in 1..=3 {
+        store.append(record(n, 100)).await.expect("fits");
+    }
+    store
+        .advance_cursor("up", 2)
+        .await
+        .expect("seq 1 forwarded"); // retires seq 1
+    // Seqs 4 and 5 each push out the oldest unforwarded record.
+    assert_eq!(store.append(record(4, 100)).await.expect("accepted"), 4);
+    assert_eq!(store.append(record(5, 100)).await.expect("accepted"), 5);
+    let seqs: Vec<Seq> = all(&store).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(seqs, [3, 4, 5]);
+    assert_eq!(
+        store.cursor("up").expect("cursor"),
+        3,
+        "the cursor skips what was dropped"
+    );
+    let stats = store.stats();
+    assert_eq!(
+        (stats.first_seq, stats.live_messages, stats.live_bytes),
+        (3, 3, 3 * size)
+    );
+
+    // A record larger than the whole quota is refused; reopened, seqs continue.
+    let big = record(6, 3 * 100 + 100);
+    assert!(
+        matches!(store.append(big).await, Err(AppendError::Full { .. })),
+        "larger than the quota"
+    );
+    store.close().await.expect("close");
+    let store = Store::open(dir.path(), opts()).expect("reopen");
+    assert_eq!(store.append(record(7, 100)).await.expect("accepted"), 6);
 }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::tables::{
     self, CURSORS, DEAD_LETTERS, GATEWAY_ID_KEY, LOG, Loaded, META, RETIRED_BELOW_KEY,
 };
-use crate::{AppendError, Seq, Shared, StoreError, StoreStats};
+use crate::{AppendError, Seq, Shared, StoreError, StoreStats, WhenFull};
 
 /// Most log records deleted in one transaction, so one commit stays short;
 /// the rest is retired by the following transactions.
@@ -116,6 +116,8 @@ pub(crate) struct Writer {
     /// Records that could never fit (larger than the quota less the dead
     /// letters) do not count, or the store would refuse everything for ever.
     waiting_for: Option<u64>,
+    last_drop_warn: Option<Instant>,
+    dropped_since_warn: u64,
 }
 
 impl Writer {
@@ -138,6 +140,8 @@ impl Writer {
             last_full_warn: None,
             full_since_warn: 0,
             waiting_for: None,
+            last_drop_warn: None,
+            dropped_since_warn: 0,
         }
     }
 
@@ -326,10 +330,20 @@ impl Writer {
                         let fits = |n: u64| used.saturating_add(n) <= max;
                         // Retiring the log can only ever make room for a
                         // record that fits beside the dead letters.
-                        let can_fit = |n: u64| next.dead_bytes.saturating_add(n) <= max;
+                        let dead = next.dead_bytes;
+                        let can_fit = move |n: u64| dead.saturating_add(n) <= max;
                         if self.waiting_for.is_some_and(|w| fits(w) || !can_fit(w)) {
                             self.waiting_for = None;
                         }
+                        if self.shared.options.when_full == WhenFull::DropOldest
+                            && !refused
+                            && !fits(len)
+                            && can_fit(len)
+                        {
+                            self.drop_oldest(&txn, &mut log, &mut cursors, next, len)?;
+                        }
+                        let used = next.live_bytes.saturating_add(next.dead_bytes);
+                        let fits = |n: u64| used.saturating_add(n) <= max;
                         if refused || self.waiting_for.is_some() || !fits(len) {
                             refused = true;
                             if can_fit(len) && !fits(len) {
@@ -475,6 +489,68 @@ impl Writer {
             meta.insert(RETIRED_BELOW_KEY, (last + 1).to_le_bytes().as_slice())?;
         }
         Ok(self.must_retire(next))
+    }
+
+    /// `when_full = drop-oldest`: deletes the oldest log records until `len`
+    /// more bytes fit, and moves every cursor below the new first record up
+    /// to it. Counted and logged (rate-limited) at ERROR: this is data loss
+    /// the operator chose.
+    fn drop_oldest(
+        &mut self,
+        txn: &redb::WriteTransaction,
+        log: &mut redb::Table<u64, &[u8]>,
+        cursors: &mut redb::Table<&str, u64>,
+        next: &mut State,
+        len: u64,
+    ) -> Result<(), redb::Error> {
+        let max = self.shared.options.max_bytes;
+        let mut dropped = 0u64;
+        while next.live_bytes + next.dead_bytes + len > max {
+            let Some((_, value)) = log.pop_first()? else {
+                break;
+            };
+            next.live_bytes = next.live_bytes.saturating_sub(value.value().len() as u64);
+            next.live_messages = next.live_messages.saturating_sub(1);
+            dropped += 1;
+        }
+        next.first_seq = log.first()?.map_or(0, |(k, _)| k.value());
+        let floor = if next.first_seq == 0 {
+            next.next_seq
+        } else {
+            next.first_seq
+        };
+        // Like retirement: seqs below the floor are never handed out again.
+        txn.open_table(META)?
+            .insert(RETIRED_BELOW_KEY, floor.to_le_bytes().as_slice())?;
+        for (name, at) in next.cursors.iter_mut() {
+            if *at < floor {
+                *at = floor;
+                cursors.insert(name.as_str(), floor)?;
+            }
+        }
+        for name in &self.shared.options.cursors {
+            if !next.cursors.contains_key(name) {
+                next.cursors.insert(name.clone(), floor);
+                cursors.insert(name.as_str(), floor)?;
+            }
+        }
+        metrics::counter!("edge_messages_dropped_total", "reason" => "drop_oldest")
+            .increment(dropped);
+        self.dropped_since_warn += dropped;
+        if self
+            .last_drop_warn
+            .is_none_or(|t| t.elapsed() >= FULL_WARN_EVERY)
+        {
+            tracing::error!(
+                dropped = self.dropped_since_warn,
+                first_seq = next.first_seq,
+                max_bytes = max,
+                "Store full: dropped the oldest messages (when_full = drop-oldest); they will not be forwarded."
+            );
+            self.last_drop_warn = Some(Instant::now());
+            self.dropped_since_warn = 0;
+        }
+        Ok(())
     }
 
     fn refuse_full(&mut self, live: u64, max: u64, len: u64) {

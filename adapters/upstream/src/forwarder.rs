@@ -765,6 +765,7 @@ mod tests {
             batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap(),
             inbox_capacity: NonZeroUsize::new(1024).unwrap(),
             cursors: vec!["central".into()],
+            when_full: Default::default(),
         };
         let store = Store::open(dir.path(), options).unwrap();
         let mut f = forwarder(&store, "up/#");
@@ -798,6 +799,7 @@ mod tests {
             batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap(),
             inbox_capacity: NonZeroUsize::new(1024).unwrap(),
             cursors: vec!["central".into()],
+            when_full: Default::default(),
         };
         Store::open(dir, options).unwrap()
     }
@@ -842,6 +844,7 @@ mod tests {
             batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap(),
             inbox_capacity: NonZeroUsize::new(1024).unwrap(),
             cursors: vec!["central".into()],
+            when_full: Default::default(),
         };
         let store = Store::open_with_backend(backend, dir.path(), options).unwrap();
         let mut f = forwarder(&store, "up/#");

@@ -142,3 +142,45 @@ async fn space_is_reused_once_the_upstream_confirms() -> anyhow::Result<()> {
     gw.shutdown().await?;
     crate::blocking(move || node.ctl(&["delete_user", &user])).await
 }
+
+/// `when_full = "drop-oldest"`: devices are never refused; the oldest
+/// messages make room, and the metric says how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_keeps_accepting_and_counts_what_it_drops() -> anyhow::Result<()> {
+    let gw = TestGateway::builder()
+        .set("store.max_bytes", "\"32KiB\"")
+        .set("store.when_full", "\"drop-oldest\"")
+        .start()
+        .await?;
+    const COUNT: u64 = 200; // ~200 KiB through a 32 KiB store
+    let report = Publisher::new(gw.mqtt_addr(), &unique("newest"))
+        .run(COUNT, Duration::from_secs(60), |i| {
+            ("drop/oldest".to_string(), vec![b'0' + (i % 10) as u8; 1024])
+        })
+        .await;
+    assert!(report.all_acked(COUNT), "a publish was refused: {report:?}");
+    let stats = gw.store().stats();
+    assert!(stats.live_bytes <= 32 * 1024, "{stats:?}");
+    assert_eq!(
+        stats.next_seq - stats.first_seq,
+        stats.live_messages,
+        "the newest are kept, contiguous"
+    );
+    let dropped = wait_for("the drop_oldest counter on /metrics", SHORT, || async {
+        let text = gw.metrics().await.ok()?;
+        metric(
+            &text,
+            "edge_messages_dropped_total",
+            &["reason=\"drop_oldest\""],
+        )
+        .filter(|v| *v > 0.0)
+    })
+    .await?;
+    assert!(
+        dropped >= (COUNT - stats.live_messages) as f64,
+        "dropped {dropped}, kept {}",
+        stats.live_messages
+    );
+    gw.shutdown().await?;
+    Ok(())
+}

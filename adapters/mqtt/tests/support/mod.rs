@@ -121,6 +121,7 @@ fn store_options(options: &Options) -> Result<StoreOptions> {
         batch_max_bytes: NonZeroUsize::new(4 << 20).context("nonzero")?,
         inbox_capacity: NonZeroUsize::new(1024).context("nonzero")?,
         cursors: Vec::new(),
+        when_full: Default::default(),
     })
 }
 
