@@ -4,39 +4,15 @@
 //! exactly as the same stream fed at once, and refuses an oversized packet
 //! from its fixed header alone.
 
+mod support;
+
 use bytes::{BufMut, BytesMut};
 use edge_mqtt::fuzzing::{self, Connect, DecodeError, Hello, Login, Packet};
 use proptest::prelude::*;
+use support::{packet, remaining_length, string};
 
 /// What one call of a decoder did.
 type Outcome<T> = Result<Option<T>, DecodeError>;
-
-/// Appends an MQTT remaining length (variable byte integer).
-fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-}
-
-fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte1];
-    put_remaining_length(&mut out, body.len());
-    out.extend_from_slice(body);
-    out
-}
-
-fn put_str(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
-}
 
 /// Size of the frame at the start of `buf` according to its fixed header,
 /// when the header is complete and well formed (computed independently of
@@ -85,32 +61,32 @@ impl Sent {
                 payload,
             } => {
                 let mut body = Vec::new();
-                put_str(&mut body, topic.as_bytes());
+                string(&mut body, topic.as_bytes());
                 if *qos > 0 {
                     body.extend_from_slice(&pkid.to_be_bytes());
                 }
                 body.extend_from_slice(payload);
                 let byte1 = 0x30 | (u8::from(*dup) << 3) | (qos << 1) | u8::from(*retain);
-                frame(byte1, &body)
+                packet(byte1, &body)
             }
-            Sent::PubAck(id) => frame(0x40, &id.to_be_bytes()),
-            Sent::PubRec(id) => frame(0x50, &id.to_be_bytes()),
-            Sent::PubRel(id) => frame(0x62, &id.to_be_bytes()),
-            Sent::PubComp(id) => frame(0x70, &id.to_be_bytes()),
+            Sent::PubAck(id) => packet(0x40, &id.to_be_bytes()),
+            Sent::PubRec(id) => packet(0x50, &id.to_be_bytes()),
+            Sent::PubRel(id) => packet(0x62, &id.to_be_bytes()),
+            Sent::PubComp(id) => packet(0x70, &id.to_be_bytes()),
             Sent::Subscribe(id, filters) => {
                 let mut body = id.to_be_bytes().to_vec();
                 for (f, qos) in filters {
-                    put_str(&mut body, f.as_bytes());
+                    string(&mut body, f.as_bytes());
                     body.push(*qos);
                 }
-                frame(0x82, &body)
+                packet(0x82, &body)
             }
             Sent::Unsubscribe(id, filters) => {
                 let mut body = id.to_be_bytes().to_vec();
                 for f in filters {
-                    put_str(&mut body, f.as_bytes());
+                    string(&mut body, f.as_bytes());
                 }
-                frame(0xA2, &body)
+                packet(0xA2, &body)
             }
             Sent::PingReq => vec![0xC0, 0],
             Sent::Disconnect => vec![0xE0, 0],
@@ -221,23 +197,23 @@ fn connect() -> impl Strategy<Value = (Vec<u8>, Hello)> {
             let mut tail = Vec::new();
             if let Some((topic, message, qos, retain)) = &will {
                 flags |= 0x04 | (qos << 3) | (u8::from(*retain) << 5);
-                put_str(&mut tail, topic.as_bytes());
-                put_str(&mut tail, message);
+                string(&mut tail, topic.as_bytes());
+                string(&mut tail, message);
             }
             if let Some(u) = &user {
                 flags |= 0x80;
-                put_str(&mut tail, u.as_bytes());
+                string(&mut tail, u.as_bytes());
             }
             if let Some(p) = &pass {
                 flags |= 0x40;
-                put_str(&mut tail, p.as_bytes());
+                string(&mut tail, p.as_bytes());
             }
             let mut body = Vec::new();
-            put_str(&mut body, b"MQTT");
+            string(&mut body, b"MQTT");
             body.push(4);
             body.push(flags);
             body.extend_from_slice(&keep_alive.to_be_bytes());
-            put_str(&mut body, client_id.as_bytes());
+            string(&mut body, client_id.as_bytes());
             body.extend_from_slice(&tail);
             let username = user.unwrap_or_default();
             let password = pass.unwrap_or_default();
@@ -251,7 +227,7 @@ fn connect() -> impl Strategy<Value = (Vec<u8>, Hello)> {
                 },
                 login,
             );
-            (frame(0x10, &body), hello)
+            (packet(0x10, &body), hello)
         })
 }
 
@@ -437,7 +413,7 @@ proptest! {
     ) {
         let remaining = (max + extra).min(268_435_455);
         let mut bytes = vec![byte1];
-        put_remaining_length(&mut bytes, remaining);
+        remaining_length(&mut bytes, remaining);
         let size = bytes.len() + remaining;
         prop_assume!(size > max);
         bytes.extend(std::iter::repeat_n(0u8, body_part.min(remaining)));

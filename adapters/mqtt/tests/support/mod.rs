@@ -259,7 +259,8 @@ impl Raw {
     }
 }
 
-fn remaining_length(out: &mut Vec<u8>, mut len: usize) {
+/// Appends an MQTT remaining length (variable byte integer).
+pub fn remaining_length(out: &mut Vec<u8>, mut len: usize) {
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;
@@ -273,14 +274,16 @@ fn remaining_length(out: &mut Vec<u8>, mut len: usize) {
     }
 }
 
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+/// A whole packet: first byte, remaining length, body.
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
     remaining_length(&mut out, body.len());
     out.extend_from_slice(body);
     out
 }
 
-fn string(out: &mut Vec<u8>, s: &[u8]) {
+/// Appends a length-prefixed MQTT string.
+pub fn string(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s);
 }
