@@ -19,13 +19,12 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, warn};
 
 use crate::connector::{Connector, Link};
 use crate::convert::{self, Lifetime, Publish};
 use crate::cursor::CursorFlusher;
 use crate::error::LinkError;
-use crate::exchanges;
 use crate::metrics::UpstreamMetrics;
 use crate::summary::{Expired, Parked};
 use crate::window::Window;
@@ -239,116 +238,6 @@ impl Forwarder {
     fn has_room(&self, s: &Session<'_>) -> bool {
         s.window.in_flight() < self.max_in_flight
             && s.window.slots() < self.max_in_flight.saturating_add(SLOT_ALLOWANCE)
-    }
-
-    /// Runs `link_attempt` (a connect or the pause before one) and, while it
-    /// runs, moves the cursor over records that no route of this upstream
-    /// matches, so traffic never bound here does not hold the log while the
-    /// link is down.
-    pub(crate) async fn while_down<F: Future>(&mut self, link_attempt: F) -> F::Output {
-        tokio::pin!(link_attempt);
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                out = &mut link_attempt => return out,
-                _ = tick.tick() => self.skip_unmatched(DOWN_SKIP_MAX_RECORDS).await,
-            }
-        }
-    }
-
-    /// Moves the cursor over the leading run of records that no route of
-    /// this upstream matches, looking at most at `max` records. Stops at
-    /// the first record that needs forwarding, and at anything it cannot
-    /// read (the next link handles that).
-    pub(crate) async fn skip_unmatched(&mut self, max: usize) {
-        let start = self.position();
-        let mut from = start;
-        let mut left = max;
-        'read: while left > 0 {
-            let store = self.store.clone();
-            let n = left.min(READ_MAX_MESSAGES);
-            let batch = match tokio::task::spawn_blocking(move || {
-                store.read(from, n, READ_MAX_BYTES)
-            })
-            .await
-            {
-                Ok(Ok(batch)) if !batch.is_empty() => batch,
-                _ => break,
-            };
-            left = left.saturating_sub(batch.len());
-            for (seq, record) in &batch {
-                if route_for(&self.routes, &self.name, record).is_some() {
-                    from = *seq;
-                    break 'read;
-                }
-                from = seq + 1;
-            }
-        }
-        if from > start {
-            debug!(upstream = %self.name, from = start, to = from,
-                "link down: cursor moved over messages no route of this upstream takes");
-            self.set_position(from);
-        }
-    }
-
-    /// After a connect: which route exchanges are missing. Logged at ERROR
-    /// once per route and connect; their records are parked.
-    async fn check_exchanges(&self, link: &Link) -> BTreeSet<String> {
-        let exchanges = self.routes.iter().map(|r| r.exchange.clone()).collect();
-        let missing = exchanges::missing(self.name.clone(), &link.connection, exchanges).await;
-        for route in self.routes.iter().filter(|r| missing.contains(&r.exchange)) {
-            error!(upstream = %self.name, route = %route.name, exchange = %route.exchange,
-                "exchange not found on the upstream broker; the route's messages are parked \
-                 in the dead-letter table until it exists");
-        }
-        missing
-    }
-
-    /// While connected: starts a check of the missing exchanges (unless one
-    /// runs); [`Forwarder::checked`] takes its outcome.
-    fn start_check<'l>(&self, link: &'l Link, s: &mut Session<'l>) {
-        if s.check.is_none() {
-            let check = exchanges::missing(self.name.clone(), &link.connection, s.missing.clone());
-            s.check = Some(Box::pin(check));
-        }
-    }
-
-    /// The outcome of a check: exchanges that exist now are forwarded to again.
-    fn checked(&self, s: &mut Session<'_>, still: BTreeSet<String>) {
-        s.check = None;
-        s.checked_at = Instant::now();
-        for exchange in s.missing.difference(&still) {
-            info!(upstream = %self.name, exchange = %exchange,
-                "exchange exists now; forwarding its routes again");
-        }
-        s.missing = still;
-    }
-
-    /// Whether `record` has to wait for a check before it is parked for a
-    /// missing exchange: one is in progress, or the last is older than
-    /// [`PARK_RECHECK`] (then one starts).
-    fn must_wait_for_check<'l>(
-        &self,
-        link: &'l Link,
-        s: &mut Session<'l>,
-        record: &Record,
-    ) -> bool {
-        if s.missing.is_empty() {
-            return false;
-        }
-        let Some(route) = route_for(&self.routes, &self.name, record) else {
-            return false;
-        };
-        if !s.missing.contains(&route.exchange) {
-            return false;
-        }
-        if s.check.is_none() && s.checked_at.elapsed() < PARK_RECHECK {
-            return false;
-        }
-        self.start_check(link, s);
-        true
     }
 
     /// Forwards over one link until shutdown (`Ok`) or link trouble (`Err`).
@@ -710,5 +599,7 @@ impl Forwarder {
     }
 }
 
+mod down;
+mod exchange_checks;
 #[cfg(test)]
 mod tests;

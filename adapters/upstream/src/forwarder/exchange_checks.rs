@@ -1,0 +1,72 @@
+//! Route exchanges missing on the broker: checked after each connect and
+//! again while connected, so their routes park, then resume.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use edge_store::Record;
+use tracing::{error, info};
+
+use super::{Forwarder, PARK_RECHECK, Session, route_for};
+use crate::connector::Link;
+use crate::exchanges;
+
+impl Forwarder {
+    /// After a connect: which route exchanges are missing. Logged at ERROR
+    /// once per route and connect; their records are parked.
+    pub(super) async fn check_exchanges(&self, link: &Link) -> BTreeSet<String> {
+        let exchanges = self.routes.iter().map(|r| r.exchange.clone()).collect();
+        let missing = exchanges::missing(self.name.clone(), &link.connection, exchanges).await;
+        for route in self.routes.iter().filter(|r| missing.contains(&r.exchange)) {
+            error!(upstream = %self.name, route = %route.name, exchange = %route.exchange,
+                "exchange not found on the upstream broker; the route's messages are parked \
+                 in the dead-letter table until it exists");
+        }
+        missing
+    }
+
+    /// While connected: starts a check of the missing exchanges (unless one
+    /// runs); [`Forwarder::checked`] takes its outcome.
+    pub(super) fn start_check<'l>(&self, link: &'l Link, s: &mut Session<'l>) {
+        if s.check.is_none() {
+            let check = exchanges::missing(self.name.clone(), &link.connection, s.missing.clone());
+            s.check = Some(Box::pin(check));
+        }
+    }
+
+    /// The outcome of a check: exchanges that exist now are forwarded to again.
+    pub(super) fn checked(&self, s: &mut Session<'_>, still: BTreeSet<String>) {
+        s.check = None;
+        s.checked_at = Instant::now();
+        for exchange in s.missing.difference(&still) {
+            info!(upstream = %self.name, exchange = %exchange,
+                "exchange exists now; forwarding its routes again");
+        }
+        s.missing = still;
+    }
+
+    /// Whether `record` has to wait for a check before it is parked for a
+    /// missing exchange: one is in progress, or the last is older than
+    /// [`PARK_RECHECK`] (then one starts).
+    pub(super) fn must_wait_for_check<'l>(
+        &self,
+        link: &'l Link,
+        s: &mut Session<'l>,
+        record: &Record,
+    ) -> bool {
+        if s.missing.is_empty() {
+            return false;
+        }
+        let Some(route) = route_for(&self.routes, &self.name, record) else {
+            return false;
+        };
+        if !s.missing.contains(&route.exchange) {
+            return false;
+        }
+        if s.check.is_none() && s.checked_at.elapsed() < PARK_RECHECK {
+            return false;
+        }
+        self.start_check(link, s);
+        true
+    }
+}
