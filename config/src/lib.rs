@@ -72,10 +72,6 @@ pub enum WhenFull {
     DropOldest,
 }
 
-impl WhenFull {
-    pub const ALLOWED: &'static str = "\"reject\" or \"drop-oldest\"";
-}
-
 /// What start-up does with a store file that is damaged (not merely locked
 /// or of another schema).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,10 +81,6 @@ pub enum OnCorrupt {
     MoveAside,
     /// Refuse to start.
     Refuse,
-}
-
-impl OnCorrupt {
-    pub const ALLOWED: &'static str = "\"move-aside\" or \"refuse\"";
 }
 
 #[derive(Debug, Clone)]

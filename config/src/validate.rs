@@ -54,6 +54,26 @@ impl Checker {
         }
     }
 
+    /// One of a closed set of names; the first is the default. A problem
+    /// lists every allowed name.
+    fn choice<T: Copy>(&mut self, key: &str, value: Option<&str>, allowed: &[(&str, T)]) -> T {
+        let default = allowed[0].1;
+        let Some(text) = value else { return default };
+        if let Some((_, v)) = allowed.iter().find(|(name, _)| *name == text) {
+            return *v;
+        }
+        let names: Vec<String> = allowed
+            .iter()
+            .map(|(name, _)| format!("{name:?}"))
+            .collect();
+        self.problem(
+            key,
+            Some(text.to_string()),
+            format!("one of {}", names.join(" or ")),
+        );
+        default
+    }
+
     /// A duration within `[min, max]`: zero or absurd values break timers
     /// and back-off rather than meaning anything useful.
     fn duration_within(
@@ -265,30 +285,22 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     };
 
     let s = &raw.store;
-    let when_full = match s.when_full.as_deref() {
-        None | Some("reject") => WhenFull::Reject,
-        Some("drop-oldest") => WhenFull::DropOldest,
-        Some(other) => {
-            c.problem(
-                "store.when_full",
-                Some(other.to_string()),
-                format!("one of {}", WhenFull::ALLOWED),
-            );
-            WhenFull::Reject
-        }
-    };
-    let on_corrupt = match s.on_corrupt.as_deref() {
-        None | Some("move-aside") => OnCorrupt::MoveAside,
-        Some("refuse") => OnCorrupt::Refuse,
-        Some(other) => {
-            c.problem(
-                "store.on_corrupt",
-                Some(other.to_string()),
-                format!("one of {}", OnCorrupt::ALLOWED),
-            );
-            OnCorrupt::MoveAside
-        }
-    };
+    let when_full = c.choice(
+        "store.when_full",
+        s.when_full.as_deref(),
+        &[
+            ("reject", WhenFull::Reject),
+            ("drop-oldest", WhenFull::DropOldest),
+        ],
+    );
+    let on_corrupt = c.choice(
+        "store.on_corrupt",
+        s.on_corrupt.as_deref(),
+        &[
+            ("move-aside", OnCorrupt::MoveAside),
+            ("refuse", OnCorrupt::Refuse),
+        ],
+    );
     let batch_bytes = c.size(
         "store.batch_max_bytes",
         s.batch_max_bytes.as_deref(),
