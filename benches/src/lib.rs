@@ -59,6 +59,7 @@ pub fn options() -> StoreOptions {
         inbox_capacity: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
         cursors: Vec::new(),
         when_full: Default::default(),
+        min_free: 0,
     }
 }
 

@@ -45,7 +45,14 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
     pub listen: SocketAddr,
+    /// Clients past CONNECT, at most.
     pub max_connections: NonZeroUsize,
+    /// Connections that have not sent CONNECT yet, at most; at the limit the
+    /// oldest of them is closed to make room, so idle sockets cannot keep a
+    /// real client out.
+    pub max_handshakes: NonZeroUsize,
+    /// The same, per source address.
+    pub max_handshakes_per_source: NonZeroUsize,
     /// Largest accepted packet, fixed header included.
     pub max_packet_size: NonZeroUsize,
     /// Time a new connection has to send CONNECT.
@@ -87,6 +94,9 @@ pub enum OnCorrupt {
 pub struct StoreConfig {
     /// Quota on live (not yet retired) record bytes.
     pub max_bytes: u64,
+    /// Free space kept on the data directory's filesystem: below it the
+    /// store refuses data rather than filling the disk.
+    pub min_free: u64,
     pub when_full: WhenFull,
     pub on_corrupt: OnCorrupt,
     /// Most appends in one group commit.
@@ -133,11 +143,14 @@ pub mod defaults {
     pub const DATA_DIR: &str = "./data";
     pub const SHUTDOWN_GRACE: &str = "10s";
     pub const MAX_CONNECTIONS: usize = 1024;
+    pub const MAX_HANDSHAKES: usize = 256;
+    pub const MAX_HANDSHAKES_PER_SOURCE: usize = 32;
     pub const MAX_PACKET_SIZE: &str = "1MiB";
-    pub const CONNECT_TIMEOUT: &str = "10s";
+    pub const CONNECT_TIMEOUT: &str = "5s";
     pub const MAX_INFLIGHT: u16 = 64;
     pub const MAX_QUEUED_MESSAGES: usize = 1000;
     pub const STORE_MAX_BYTES: &str = "1GiB";
+    pub const STORE_MIN_FREE: &str = "32MiB";
     pub const BATCH_MAX_MESSAGES: usize = 4096;
     pub const BATCH_MAX_BYTES: &str = "8MiB";
     pub const MAX_IN_FLIGHT: usize = 256;

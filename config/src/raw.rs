@@ -33,6 +33,8 @@ pub struct RawGateway {
 pub struct RawMqtt {
     pub listen: Option<String>,
     pub max_connections: Option<i64>,
+    pub max_handshakes: Option<i64>,
+    pub max_handshakes_per_source: Option<i64>,
     pub max_packet_size: Option<String>,
     pub connect_timeout: Option<String>,
     pub max_inflight: Option<i64>,
@@ -50,6 +52,7 @@ pub struct RawMetrics {
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
     pub max_bytes: Option<String>,
+    pub min_free: Option<String>,
     pub when_full: Option<String>,
     pub on_corrupt: Option<String>,
     pub batch_max_messages: Option<i64>,

@@ -117,6 +117,22 @@ impl Checker {
         }
     }
 
+    /// A size where 0 (`"0"`, `"0B"`) means "off".
+    fn size_or_zero(&mut self, key: &str, value: Option<&str>, default: &str) -> u64 {
+        let text = value.unwrap_or(default);
+        match text.trim().parse::<bytesize::ByteSize>() {
+            Ok(s) => s.as_u64(),
+            _ => {
+                self.problem(
+                    key,
+                    Some(text.to_string()),
+                    "a size such as \"0\" (off), \"512KiB\", \"32MiB\" or \"1GiB\"",
+                );
+                0
+            }
+        }
+    }
+
     fn non_zero(
         &mut self,
         key: &str,
@@ -256,6 +272,18 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             defaults::MAX_CONNECTIONS,
             1_000_000,
         ),
+        max_handshakes: c.non_zero(
+            "mqtt.max_handshakes",
+            m.max_handshakes,
+            defaults::MAX_HANDSHAKES,
+            1_000_000,
+        ),
+        max_handshakes_per_source: c.non_zero(
+            "mqtt.max_handshakes_per_source",
+            m.max_handshakes_per_source,
+            defaults::MAX_HANDSHAKES_PER_SOURCE,
+            1_000_000,
+        ),
         max_packet_size: NonZeroUsize::new(max_packet_size as usize).unwrap_or(NonZeroUsize::MIN),
         connect_timeout: c.duration_within(
             "mqtt.connect_timeout",
@@ -322,6 +350,11 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "store.max_bytes",
             s.max_bytes.as_deref(),
             defaults::STORE_MAX_BYTES,
+        ),
+        min_free: c.size_or_zero(
+            "store.min_free",
+            s.min_free.as_deref(),
+            defaults::STORE_MIN_FREE,
         ),
         when_full,
         on_corrupt,

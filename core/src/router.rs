@@ -21,6 +21,12 @@ use crate::receipt::Receipt;
 use crate::route::Routes;
 use crate::topic;
 
+/// Deliveries dropped because a subscriber's queue was full, summarised.
+static QUEUE_FULL: edge_log::Summary = edge_log::Summary::new(
+    "subscriber queues full: deliveries dropped",
+    edge_log::Level::Warn,
+);
+
 /// Prefix of the headers the gateway reserves for itself.
 pub const RESERVED_HEADER_PREFIX: &str = "x-edge-";
 
@@ -65,6 +71,9 @@ pub struct Router {
 
 impl Router {
     pub fn new(store: Store, routes: Routes) -> Router {
+        // Exists at zero from the start, for alerts.
+        metrics::counter!("edge_messages_dropped_total", "reason" => "subscriber_queue_full")
+            .increment(0);
         Router {
             inner: Arc::new(Inner {
                 store,
@@ -163,16 +172,20 @@ impl Router {
                 .map(|(_, q)| *q)
                 .max();
             let Some(granted) = granted else { continue };
-            let message = shared
-                .get_or_insert_with(|| Arc::new(message.clone()))
-                .clone();
             let delivery = Delivery {
                 qos: granted.min(message.qos),
-                message,
+                message: shared
+                    .get_or_insert_with(|| Arc::new(message.clone()))
+                    .clone(),
             };
             if session.tx.try_send(delivery).is_err() {
                 metrics::counter!("edge_messages_dropped_total", "reason" => "subscriber_queue_full").increment(1);
-                tracing::warn!(session = id, client_id = %session.client_id, "subscriber queue full: delivery dropped");
+                QUEUE_FULL.record("subscriber_queue_full", || {
+                    format!(
+                        "session={id} client_id={} topic={}",
+                        session.client_id, message.topic
+                    )
+                });
             }
         }
     }
@@ -268,6 +281,7 @@ mod tests {
                 inbox_capacity: NonZeroUsize::new(64).expect("non-zero"),
                 cursors: vec![],
                 when_full: Default::default(),
+                min_free: 0,
             },
         )
         .expect("open store")

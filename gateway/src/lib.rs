@@ -181,6 +181,7 @@ impl Gateway {
 
         let options = StoreOptions {
             max_bytes: config.store.max_bytes,
+            min_free: config.store.min_free,
             batch_max_messages: config.store.batch_max_messages,
             batch_max_bytes: config.store.batch_max_bytes,
             inbox_capacity: NonZeroUsize::new(STORE_INBOX).unwrap_or(NonZeroUsize::MIN),
@@ -238,6 +239,7 @@ impl Gateway {
         }
 
         let telemetry_stop = CancellationToken::new();
+        tokio::spawn(flush_log_summaries(telemetry_stop.clone()));
         if let (Some(listener), Some(handle)) = (telemetry_listener, metrics) {
             tokio::spawn(telemetry::serve(
                 listener,
@@ -336,7 +338,20 @@ impl Gateway {
                 "store did not close in time; committed data is safe, pending appends were not acknowledged"
             ),
         }
+        edge_log::flush_all();
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Writes the rate-limited log summaries that are due, once a second, so a
+/// burst of refusals is reported even if nothing follows it.
+async fn flush_log_summaries(stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => edge_log::flush_due(),
+        }
     }
 }

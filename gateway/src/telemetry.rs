@@ -164,17 +164,24 @@ async fn render_metrics(State(state): State<HttpState>) -> String {
     state.metrics.render()
 }
 
-/// 200 while the gateway can take data: a down upstream is what the
-/// gateway exists to ride out, so it is reported in the body, not as
-/// unhealthy. 503 once the store has failed.
+/// 200 while the gateway is up: a down upstream is what the gateway
+/// exists to ride out, and a full store (quota or disk) empties itself as
+/// upstreams confirm, so both are reported in the body, not as unhealthy —
+/// a supervisor restarting on them would only make things worse. 503 once
+/// the store has failed (a restart is the recovery).
 async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
     let failure = state.store_failure.borrow().clone();
-    let (status, mut body) = match failure {
-        None => (StatusCode::OK, String::from("ok\n")),
-        Some(reason) => (
+    let full = state.store.full().borrow().clone();
+    let (status, mut body) = match (failure, full) {
+        (Some(reason), _) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("store failed: {reason}\n"),
         ),
+        (None, Some(reason)) => (
+            StatusCode::OK,
+            format!("store: full ({reason}): new messages are refused\n"),
+        ),
+        (None, None) => (StatusCode::OK, String::from("ok\n")),
     };
     for (name, link) in &state.links {
         let state = if link.is_up() { "up" } else { "down" };

@@ -58,14 +58,46 @@ pub(crate) fn storage_is_corrupt(e: &redb::StorageError) -> bool {
     }
 }
 
+/// Why the store is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullReason {
+    /// `max_bytes` would be exceeded (`when_full = "reject"`).
+    Quota,
+    /// The filesystem is short of space (`min_free`, or a commit ran out):
+    /// `max_bytes` is then the bytes the store held when it ran short.
+    Disk,
+}
+
+impl FullReason {
+    /// Label of `edge_store_rejected_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FullReason::Quota => "full",
+            FullReason::Disk => "disk_full",
+        }
+    }
+}
+
+impl std::fmt::Display for FullReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FullReason::Quota => "quota reached",
+            FullReason::Disk => "filesystem out of space",
+        })
+    }
+}
+
 /// Why an append was not committed. Expected conditions are variants.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AppendError {
-    /// The quota would be exceeded (`when_full = "reject"`).
+    /// Refused for room: the quota would be exceeded, or the disk is short
+    /// of space. Nothing stored is touched; space comes back as upstreams
+    /// confirm.
     #[error(
-        "store full: {live_bytes} of {max_bytes} bytes live, record of {record_bytes} bytes refused"
+        "store full ({reason}): {live_bytes} of {max_bytes} bytes used, record of {record_bytes} bytes refused"
     )]
     Full {
+        reason: FullReason,
         live_bytes: u64,
         max_bytes: u64,
         record_bytes: u64,

@@ -77,19 +77,20 @@ mod backend;
 mod error;
 mod reader;
 mod record;
+mod space;
 mod tables;
 mod writer;
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{Database, StorageBackend};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use backend::{BackendCounters, SlowSyncBackend};
-pub use error::{AppendError, OpenError, StoreError};
+pub use error::{AppendError, FullReason, OpenError, StoreError};
 pub use record::{DecodeError, Record};
 pub use tables::PARKED_BY_HEADER;
 
@@ -119,6 +120,12 @@ pub struct StoreOptions {
     pub cursors: Vec<String>,
     /// What an append does when it would exceed `max_bytes`.
     pub when_full: WhenFull,
+    /// Free space to keep on the data directory's filesystem. Below it the
+    /// store takes no more bytes than it held when space ran short (its
+    /// freed pages are reused; see [`Store`] "Disk space"); below half of
+    /// it every append is refused. 0 turns the check off. Only stores
+    /// opened on a directory check it.
+    pub min_free: u64,
 }
 
 /// The policy at the quota.
@@ -159,7 +166,13 @@ pub struct DeadLetter {
 
 /// State shared by the handles and the writer thread.
 pub(crate) struct Shared {
-    pub(crate) db: Database,
+    /// `None` only while the writer reopens the database after a commit
+    /// ran out of disk space (redb takes no writes after an I/O error).
+    pub(crate) db: RwLock<Option<Arc<Database>>>,
+    /// Opens the database again; `None` for a caller-supplied backend.
+    pub(crate) reopen: Option<Reopen>,
+    /// The data directory, whose filesystem's free space is checked.
+    pub(crate) data_dir: Option<PathBuf>,
     pub(crate) options: StoreOptions,
     pub(crate) stats: Mutex<StoreStats>,
     /// Write transactions committed since open.
@@ -168,6 +181,21 @@ pub(crate) struct Shared {
     /// Set when a commit failed: redb refuses every later write after an
     /// I/O error, so the store is unusable until reopened.
     pub(crate) failure: watch::Sender<Option<String>>,
+    /// `Some(reason)` while appends are refused (quota or disk space).
+    pub(crate) full: watch::Sender<Option<String>>,
+}
+
+pub(crate) type Reopen = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
+impl Shared {
+    /// The open database (a cheap clone of its handle).
+    pub(crate) fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| StoreError::Read("the store is being reopened".into()))
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -177,6 +205,12 @@ impl std::fmt::Debug for Shared {
             .field("commits", &self.commits)
             .finish_non_exhaustive()
     }
+}
+
+/// Where the database came from, and so what the store can do with it.
+struct Source {
+    reopen: Option<Reopen>,
+    data_dir: Option<PathBuf>,
 }
 
 /// Owned by the `Arc` all [`Store`] clones share; dropping it stops the writer.
@@ -252,7 +286,12 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        Store::start(db, path, options, first_seq)
+        let reopen_path = path.clone();
+        let source = Source {
+            reopen: Some(Box::new(move || Database::create(&reopen_path))),
+            data_dir: Some(data_dir.to_path_buf()),
+        };
+        Store::start(db, path, source, options, first_seq)
     }
 
     /// Renames a damaged database file in `data_dir` to
@@ -287,12 +326,40 @@ impl Store {
                 path: label.to_path_buf(),
                 source,
             })?;
-        Store::start(db, label.to_path_buf(), options, 1)
+        let source = Source {
+            reopen: None,
+            data_dir: None,
+        };
+        Store::start(db, label.to_path_buf(), source, options, 1)
+    }
+
+    /// Like [`Store::open_with_backend`], with a function that makes a new
+    /// backend on the same file: the store can then reopen the database
+    /// after a commit ran out of space (fault tests of that path).
+    pub fn open_with_backend_factory<B: StorageBackend>(
+        factory: impl Fn() -> std::io::Result<B> + Send + Sync + 'static,
+        label: &Path,
+        options: StoreOptions,
+    ) -> Result<Store, OpenError> {
+        let open = move || -> Result<Database, redb::DatabaseError> {
+            let backend = factory().map_err(|e| redb::DatabaseError::Storage(e.into()))?;
+            Database::builder().create_with_backend(backend)
+        };
+        let db = open().map_err(|source| OpenError::Database {
+            path: label.to_path_buf(),
+            source,
+        })?;
+        let source = Source {
+            reopen: Some(Box::new(open)),
+            data_dir: None,
+        };
+        Store::start(db, label.to_path_buf(), source, options, 1)
     }
 
     fn start(
         db: Database,
         path: PathBuf,
+        source: Source,
         options: StoreOptions,
         first_seq: Seq,
     ) -> Result<Store, OpenError> {
@@ -326,9 +393,16 @@ impl Store {
             live_bytes = stats.live_bytes,
             "Store opened."
         );
+        if let Some(dir) = &source.data_dir {
+            space::warn_if_quota_exceeds_disk(dir, &path, &options);
+        }
+        zero_failure_counters();
         let (tx, rx) = mpsc::channel(options.inbox_capacity.get());
         let shared = Arc::new(Shared {
-            db,
+            db: RwLock::new(Some(Arc::new(db))),
+            reopen: source.reopen,
+            data_dir: source.data_dir,
+            full: watch::Sender::new(None),
             stats: Mutex::new(stats),
             commits: AtomicU64::new(0),
             committed: watch::Sender::new(loaded.next_seq - 1),
@@ -396,7 +470,7 @@ impl Store {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<Vec<(Seq, Record)>, StoreError> {
-        reader::read(&self.shared().db, from, max_messages, max_bytes)
+        reader::read(&*self.shared().db()?, from, max_messages, max_bytes)
     }
 
     /// The durable value of a cursor: the next seq its owner has to forward
@@ -404,7 +478,7 @@ impl Store {
     /// seq in the log (the next seq when the log is empty). Blocking (one
     /// read transaction).
     pub fn cursor(&self, name: &str) -> Result<Seq, StoreError> {
-        reader::cursor(&self.shared().db, name, || self.stats().next_seq)
+        reader::cursor(&*self.shared().db()?, name, || self.stats().next_seq)
     }
 
     /// Moves a cursor forward (never backward, never past the next seq) in
@@ -445,7 +519,7 @@ impl Store {
     /// The gateway identity recorded in this store, if any. Blocking (one
     /// read transaction).
     pub fn gateway_id(&self) -> Result<Option<String>, StoreError> {
-        reader::meta_string(&self.shared().db, tables::GATEWAY_ID_KEY)
+        reader::meta_string(&*self.shared().db()?, tables::GATEWAY_ID_KEY)
     }
 
     /// Records the gateway identity (durable on return). Message ids are
@@ -490,7 +564,7 @@ impl Store {
     /// Lists up to `max` dead letters with seq >= `from`, in seq order.
     /// Blocking (one read transaction).
     pub fn dead_letters(&self, from: Seq, max: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        reader::dead_letters(&self.shared().db, from, max)
+        reader::dead_letters(&*self.shared().db()?, from, max)
     }
 
     /// Watch of the last committed seq; changes after every commit that
@@ -504,6 +578,14 @@ impl Store {
     /// the process) is the recovery, and the gateway exits for it.
     pub fn failure(&self) -> watch::Receiver<Option<String>> {
         self.shared().failure.subscribe()
+    }
+
+    /// Watch of refusals: `Some(reason)` while appends are refused because
+    /// the quota or the disk is full, `None` again once one is accepted.
+    /// The store stays up meanwhile: forwarding retires records and the
+    /// space comes back by itself.
+    pub fn full(&self) -> watch::Receiver<Option<String>> {
+        self.shared().full.subscribe()
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -531,6 +613,19 @@ impl Store {
         // Joins the (finished) thread if this was the last handle.
         drop(self);
         Ok(())
+    }
+}
+
+/// The store's failure counters exist at zero from the start, so that an
+/// alert on them can be written before the first failure.
+fn zero_failure_counters() {
+    metrics::counter!("edge_store_corruptions_total").increment(0);
+    metrics::counter!("edge_store_commit_failures_total").increment(0);
+    for reason in [FullReason::Quota, FullReason::Disk] {
+        metrics::counter!("edge_store_rejected_total", "reason" => reason.label()).increment(0);
+    }
+    for reason in ["store_full", "drop_oldest"] {
+        metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(0);
     }
 }
 

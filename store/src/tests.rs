@@ -18,6 +18,7 @@ pub(super) fn options(max_bytes: u64, cursors: &[&str]) -> StoreOptions {
         inbox_capacity: NonZeroUsize::new(1024).unwrap(),
         cursors: cursors.iter().map(|c| c.to_string()).collect(),
         when_full: Default::default(),
+        min_free: 0,
     }
 }
 
@@ -90,10 +91,12 @@ async fn full_store_refuses_then_reuses_space_after_cursor_advance() {
     }
     match store.append(record(4, 100)).await {
         Err(AppendError::Full {
+            reason,
             live_bytes,
             max_bytes,
             record_bytes,
         }) => {
+            assert_eq!(reason, FullReason::Quota);
             assert_eq!(
                 (live_bytes, max_bytes, record_bytes),
                 (3 * size, 3 * size, size)
@@ -595,6 +598,7 @@ async fn drop_oldest_makes_room_moves_cursors_and_never_reuses_seqs() {
     let size = record(0, 100).encoded_len() as u64;
     let opts = || StoreOptions {
         when_full: WhenFull::DropOldest,
+        min_free: 0,
         ..options(3 * size, &["up"])
     };
     let store = Store::open(dir.path(), opts()).expect("open");

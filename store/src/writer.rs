@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::tables::{
     self, CURSORS, DEAD_LETTERS, GATEWAY_ID_KEY, LOG, Loaded, META, RETIRED_BELOW_KEY,
 };
-use crate::{AppendError, Seq, Shared, StoreError, StoreStats, WhenFull};
+use crate::{AppendError, FullReason, Seq, Shared, StoreError, StoreStats, WhenFull, space};
 
 /// Most log records deleted in one transaction, so one commit stays short;
 /// the rest is retired by the following transactions.
@@ -25,8 +25,21 @@ pub(crate) const RETIRE_PER_TXN: usize = 10_000;
 /// one before (see [`Writer::linger`]).
 const LINGER: Duration = Duration::from_micros(500);
 const LINGER_STEP: Duration = Duration::from_micros(50);
-/// At most one "store full" warning per this period.
-const FULL_WARN_EVERY: Duration = Duration::from_secs(10);
+/// How long a reopen waits for readers still holding the old database.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+
+static REFUSED: edge_log::Summary = edge_log::Summary::new(
+    "Store full: refusing appends (nothing stored is touched; space comes back as upstreams confirm)",
+    edge_log::Level::Warn,
+);
+static DROPPED: edge_log::Summary = edge_log::Summary::new(
+    "Store full: dropped the oldest messages (when_full = drop-oldest); they will not be forwarded",
+    edge_log::Level::Error,
+);
+static DISK: edge_log::Summary = edge_log::Summary::new(
+    "Filesystem short of space: the store takes no more than it holds (store.min_free)",
+    edge_log::Level::Warn,
+);
 
 pub(crate) enum Op {
     Append {
@@ -73,7 +86,8 @@ impl Op {
 
 /// A reply held until its batch is durable.
 enum Pending {
-    Append(oneshot::Sender<Result<Seq, AppendError>>, Seq),
+    /// Reply, seq, encoded length.
+    Append(oneshot::Sender<Result<Seq, AppendError>>, Seq, u64),
     Done(oneshot::Sender<Result<(), StoreError>>),
     Count(oneshot::Sender<Result<u64, StoreError>>, u64),
 }
@@ -107,8 +121,6 @@ pub(crate) struct Writer {
     retire_pending: bool,
     /// Ops in the previous batch.
     last_batch: usize,
-    last_full_warn: Option<Instant>,
-    full_since_warn: u64,
     /// Size of the largest record refused at the quota that could fit once
     /// the log is retired. Until it would fit, every append is refused, so a
     /// small message cannot slip in after a refused larger one of the same
@@ -116,8 +128,22 @@ pub(crate) struct Writer {
     /// Records that could never fit (larger than the quota less the dead
     /// letters) do not count, or the store would refuse everything for ever.
     waiting_for: Option<u64>,
-    last_drop_warn: Option<Instant>,
-    dropped_since_warn: u64,
+    disk: Disk,
+    /// Appends refused in the current batch, and whether one was taken.
+    refused_in_batch: Option<FullReason>,
+}
+
+/// The filesystem as the writer last saw it (see `space.rs`).
+#[derive(Debug, Default)]
+struct Disk {
+    /// While less than `min_free` is available: the bytes the store held
+    /// when that began, which it does not grow past.
+    cap: Option<u64>,
+    /// Less than half of `min_free` is available: refuse every append.
+    critical: bool,
+    /// The database is closed after a commit ran out of space and could not
+    /// be reopened yet.
+    closed: bool,
 }
 
 impl Writer {
@@ -137,11 +163,9 @@ impl Writer {
             // Retirement may have been cut short before a restart.
             retire_pending: true,
             last_batch: 0,
-            last_full_warn: None,
-            full_since_warn: 0,
             waiting_for: None,
-            last_drop_warn: None,
-            dropped_since_warn: 0,
+            disk: Disk::default(),
+            refused_in_batch: None,
         }
     }
 
@@ -235,6 +259,14 @@ impl Writer {
         let mut pending = Vec::with_capacity(ops.len());
         let mut close = None;
         let mut appended = 0u64;
+        self.refused_in_batch = None;
+        if ops.iter().any(|op| matches!(op, Op::Append { .. })) {
+            self.check_space();
+        }
+        if self.disk.closed && !self.reopen() {
+            self.refuse_closed(ops, &mut close);
+            return close;
+        }
         let mut ops = ops.into_iter();
         let result = self.apply(&mut ops, &mut next, &mut pending, &mut close, &mut appended);
         match result {
@@ -248,9 +280,10 @@ impl Writer {
                     metrics::histogram!("edge_store_batch_size").record(appended as f64);
                 }
                 metrics::histogram!("edge_store_commit_seconds").record(elapsed.as_secs_f64());
+                self.report_full(appended);
                 for p in pending {
                     match p {
-                        Pending::Append(reply, seq) => {
+                        Pending::Append(reply, seq, _) => {
                             let _ = reply.send(Ok(seq));
                         }
                         Pending::Done(reply) => {
@@ -265,12 +298,17 @@ impl Writer {
                     self.shared.committed.send_replace(self.state.next_seq - 1);
                 }
             }
+            Err(e) if space::is_no_space(&e) && self.shared.reopen.is_some() => {
+                self.out_of_space(&e, ops, pending, &mut close);
+            }
             Err(e) => {
                 self.retire_pending = false;
                 // Ops the failure cut off fail the same way.
                 for op in ops {
                     match op {
-                        Op::Append { reply, .. } => pending.push(Pending::Append(reply, 0)),
+                        Op::Append { bytes, reply } => {
+                            pending.push(Pending::Append(reply, 0, bytes.len() as u64));
+                        }
                         Op::AdvanceCursor { reply, .. }
                         | Op::Park { reply, .. }
                         | Op::SetGatewayId { reply, .. } => {
@@ -289,7 +327,7 @@ impl Writer {
                 self.shared.failure.send_replace(Some(msg.clone()));
                 for p in pending {
                     match p {
-                        Pending::Append(reply, _) => {
+                        Pending::Append(reply, ..) => {
                             let _ = reply.send(Err(AppendError::Io(msg.clone())));
                         }
                         Pending::Done(reply) => {
@@ -314,7 +352,11 @@ impl Writer {
         close: &mut Option<oneshot::Sender<()>>,
         appended: &mut u64,
     ) -> Result<bool, redb::Error> {
-        let mut txn = self.shared.db.begin_write()?;
+        let db = self
+            .shared
+            .db()
+            .map_err(|e| redb::Error::Io(std::io::Error::other(e.to_string())))?;
+        let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         let mut refused = false;
         {
@@ -325,7 +367,7 @@ impl Writer {
                 match op {
                     Op::Append { bytes, reply } => {
                         let len = bytes.len() as u64;
-                        let max = self.shared.options.max_bytes;
+                        let (max, reason) = self.limit();
                         let used = next.live_bytes.saturating_add(next.dead_bytes);
                         let fits = |n: u64| used.saturating_add(n) <= max;
                         // Retiring the log can only ever make room for a
@@ -340,7 +382,7 @@ impl Writer {
                             && !fits(len)
                             && can_fit(len)
                         {
-                            self.drop_oldest(&txn, &mut log, &mut cursors, next, len)?;
+                            self.drop_oldest(&txn, &mut log, &mut cursors, next, len, max)?;
                         }
                         let used = next.live_bytes.saturating_add(next.dead_bytes);
                         let fits = |n: u64| used.saturating_add(n) <= max;
@@ -349,8 +391,9 @@ impl Writer {
                             if can_fit(len) && !fits(len) {
                                 self.waiting_for = self.waiting_for.max(Some(len));
                             }
-                            self.refuse_full(used, max, len);
+                            self.refuse_full(reason, used, max, len);
                             let _ = reply.send(Err(AppendError::Full {
+                                reason,
                                 live_bytes: used,
                                 max_bytes: max,
                                 record_bytes: len,
@@ -366,7 +409,7 @@ impl Writer {
                             next.first_seq = seq;
                         }
                         *appended += 1;
-                        pending.push(Pending::Append(reply, seq));
+                        pending.push(Pending::Append(reply, seq, len));
                     }
                     Op::AdvanceCursor {
                         name,
@@ -384,7 +427,8 @@ impl Writer {
                     }
                     Op::Park { seq, value, reply } => {
                         // Parked twice (by two upstreams): keep both names.
-                        let existing = dead.get(seq)?.map(|old| old.value().to_vec());
+                        let existing: Option<Vec<u8>> =
+                            dead.get(seq)?.map(|old| old.value().to_vec());
                         let value = match existing {
                             Some(old) => tables::merge_dead_letters(&old, &value).unwrap_or(value),
                             None => value,
@@ -502,8 +546,8 @@ impl Writer {
         cursors: &mut redb::Table<&str, u64>,
         next: &mut State,
         len: u64,
+        max: u64,
     ) -> Result<(), redb::Error> {
-        let max = self.shared.options.max_bytes;
         let mut dropped = 0u64;
         while next.live_bytes + next.dead_bytes + len > max {
             let Some((_, value)) = log.pop_first()? else {
@@ -536,39 +580,202 @@ impl Writer {
         }
         metrics::counter!("edge_messages_dropped_total", "reason" => "drop_oldest")
             .increment(dropped);
-        self.dropped_since_warn += dropped;
-        if self
-            .last_drop_warn
-            .is_none_or(|t| t.elapsed() >= FULL_WARN_EVERY)
-        {
-            tracing::error!(
-                dropped = self.dropped_since_warn,
-                first_seq = next.first_seq,
-                max_bytes = max,
-                "Store full: dropped the oldest messages (when_full = drop-oldest); they will not be forwarded."
-            );
-            self.last_drop_warn = Some(Instant::now());
-            self.dropped_since_warn = 0;
-        }
+        let first_seq = next.first_seq;
+        DROPPED.record_n("drop_oldest", dropped, || {
+            format!("first_seq={first_seq} max_bytes={max}")
+        });
         Ok(())
     }
 
-    fn refuse_full(&mut self, live: u64, max: u64, len: u64) {
-        metrics::counter!("edge_store_rejected_total", "reason" => "full").increment(1);
-        self.full_since_warn += 1;
-        let due = self
-            .last_full_warn
-            .is_none_or(|t| t.elapsed() >= FULL_WARN_EVERY);
-        if due {
-            tracing::warn!(
-                live_bytes = live,
-                max_bytes = max,
-                record_bytes = len,
-                refused = self.full_since_warn,
-                "Store full: refusing appends until upstream cursors advance."
-            );
-            self.last_full_warn = Some(Instant::now());
-            self.full_since_warn = 0;
+    /// One refused append: one count in both counters, one summarised line.
+    fn refuse_full(&mut self, reason: FullReason, used: u64, max: u64, len: u64) {
+        metrics::counter!("edge_store_rejected_total", "reason" => reason.label()).increment(1);
+        metrics::counter!("edge_messages_dropped_total", "reason" => "store_full").increment(1);
+        REFUSED.record(reason.label(), || {
+            format!("used_bytes={used} max_bytes={max} record_bytes={len} ({reason})")
+        });
+        self.refused_in_batch = Some(reason);
+    }
+
+    /// The bytes the store may hold now, and what sets that bound.
+    fn limit(&self) -> (u64, FullReason) {
+        let quota = self.shared.options.max_bytes;
+        if self.disk.critical || self.disk.closed {
+            return (0, FullReason::Disk);
+        }
+        match self.disk.cap {
+            Some(cap) if cap < quota => (cap, FullReason::Disk),
+            _ => (quota, FullReason::Quota),
+        }
+    }
+
+    /// Reads the filesystem's free space before a batch of appends.
+    fn check_space(&mut self) {
+        let min_free = self.shared.options.min_free;
+        let Some(dir) = self.shared.data_dir.as_deref() else {
+            return;
+        };
+        if min_free == 0 {
+            return;
+        }
+        let available = match space::available(dir) {
+            Ok(a) => a,
+            // Unknown: rely on out-of-space errors.
+            Err(_) => return,
+        };
+        if available >= min_free {
+            if self.disk.cap.take().is_some() {
+                tracing::info!(
+                    available,
+                    min_free,
+                    "Filesystem has room again: the store.max_bytes quota applies."
+                );
+            }
+            self.disk.critical = false;
+            return;
+        }
+        let used = self.state.live_bytes.saturating_add(self.state.dead_bytes);
+        let cap = *self.disk.cap.get_or_insert(used);
+        self.disk.critical = available < min_free / 2;
+        let critical = self.disk.critical;
+        DISK.record(if critical { "critical" } else { "low" }, || {
+            format!(
+                "available={available} min_free={min_free} held_bytes={cap} refuse_all={critical}"
+            )
+        });
+    }
+
+    /// A commit ran out of space: refuse its appends like a full quota
+    /// (nothing of the batch is stored; what was stored is untouched), fail
+    /// its other ops (their callers retry), and reopen the database, which
+    /// redb requires after an I/O error. The store stays up.
+    fn out_of_space(
+        &mut self,
+        error: &redb::Error,
+        ops: std::vec::IntoIter<Op>,
+        pending: Vec<Pending>,
+        close: &mut Option<oneshot::Sender<()>>,
+    ) {
+        let used = self.state.live_bytes.saturating_add(self.state.dead_bytes);
+        let cap = self.disk.cap.map_or(used, |c| c.min(used));
+        self.disk.cap = Some(cap);
+        tracing::warn!(%error, used_bytes = used, "A commit ran out of disk space: its messages are refused as store full, and the store is reopened.");
+        let msg = format!("no space left on the store's filesystem: {error}");
+        let refuse =
+            |me: &mut Writer, reply: oneshot::Sender<Result<Seq, AppendError>>, len: u64| {
+                me.refuse_full(FullReason::Disk, used, cap, len);
+                if me.state.dead_bytes.saturating_add(len) <= cap {
+                    me.waiting_for = me.waiting_for.max(Some(len));
+                }
+                let _ = reply.send(Err(AppendError::Full {
+                    reason: FullReason::Disk,
+                    live_bytes: used,
+                    max_bytes: cap,
+                    record_bytes: len,
+                }));
+            };
+        for p in pending {
+            match p {
+                Pending::Append(reply, _, len) => refuse(self, reply, len),
+                Pending::Done(reply) => {
+                    let _ = reply.send(Err(StoreError::Write(msg.clone())));
+                }
+                Pending::Count(reply, _) => {
+                    let _ = reply.send(Err(StoreError::Write(msg.clone())));
+                }
+            }
+        }
+        for op in ops {
+            match op {
+                Op::Append { bytes, reply } => refuse(self, reply, bytes.len() as u64),
+                other => fail_op(other, &msg, close),
+            }
+        }
+        self.report_full(0);
+        self.disk.closed = true;
+        self.reopen();
+    }
+
+    /// The database is closed (out of space, not yet reopened): refuse
+    /// appends as full, fail the rest.
+    fn refuse_closed(&mut self, ops: Vec<Op>, close: &mut Option<oneshot::Sender<()>>) {
+        let used = self.state.live_bytes.saturating_add(self.state.dead_bytes);
+        let msg = "the store is being reopened after running out of disk space".to_string();
+        for op in ops {
+            match op {
+                Op::Append { bytes, reply } => {
+                    let len = bytes.len() as u64;
+                    self.refuse_full(FullReason::Disk, used, 0, len);
+                    let _ = reply.send(Err(AppendError::Full {
+                        reason: FullReason::Disk,
+                        live_bytes: used,
+                        max_bytes: 0,
+                        record_bytes: len,
+                    }));
+                }
+                other => fail_op(other, &msg, close),
+            }
+        }
+        self.report_full(0);
+    }
+
+    /// Drops the database and opens it again (redb's recovery runs on
+    /// open). Waits up to [`REOPEN_WAIT`] for readers that still hold the
+    /// old one. Returns whether the store is open; if not, the next batch
+    /// tries again, and a failure that is not lack of space stops the store.
+    fn reopen(&mut self) -> bool {
+        let Some(reopen) = self.shared.reopen.as_ref() else {
+            return false;
+        };
+        let mut slot = self
+            .shared
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(slot.take());
+        let deadline = Instant::now() + REOPEN_WAIT;
+        loop {
+            match reopen() {
+                Ok(db) => {
+                    *slot = Some(Arc::new(db));
+                    self.disk.closed = false;
+                    self.retire_pending = true;
+                    tracing::info!("Store reopened after running out of disk space.");
+                    return true;
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    let e = redb::Error::from(e);
+                    if space::is_no_space(&e) || matches!(e, redb::Error::DatabaseAlreadyOpen) {
+                        self.disk.closed = true;
+                        return false;
+                    }
+                    let msg = format!("cannot reopen the store after running out of space: {e}");
+                    tracing::error!(error = %e, "Cannot reopen the store after running out of space; it takes no more writes.");
+                    metrics::counter!("edge_store_commit_failures_total").increment(1);
+                    self.shared.failure.send_replace(Some(msg));
+                    self.disk.closed = true;
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Keeps the `full` watch true to what this batch did.
+    fn report_full(&mut self, appended: u64) {
+        match self.refused_in_batch {
+            Some(reason) => {
+                let text = reason.to_string();
+                if self.shared.full.borrow().as_deref() != Some(text.as_str()) {
+                    self.shared.full.send_replace(Some(text));
+                }
+            }
+            None if appended > 0 && self.shared.full.borrow().is_some() => {
+                self.shared.full.send_replace(None);
+            }
+            None => {}
         }
     }
 
@@ -591,5 +798,23 @@ impl Writer {
             Ok(mut g) => *g = stats,
             Err(poisoned) => *poisoned.into_inner() = stats,
         }
+    }
+}
+
+/// Fails an op that is not an append with `msg` (a close is kept).
+fn fail_op(op: Op, msg: &str, close: &mut Option<oneshot::Sender<()>>) {
+    match op {
+        Op::Append { reply, .. } => {
+            let _ = reply.send(Err(AppendError::Io(msg.to_string())));
+        }
+        Op::AdvanceCursor { reply, .. }
+        | Op::Park { reply, .. }
+        | Op::SetGatewayId { reply, .. } => {
+            let _ = reply.send(Err(StoreError::Write(msg.to_string())));
+        }
+        Op::DeadLetters { reply, .. } => {
+            let _ = reply.send(Err(StoreError::Write(msg.to_string())));
+        }
+        Op::Close { reply } => *close = Some(reply),
     }
 }

@@ -115,8 +115,13 @@ pub(crate) fn decode_connect(
         (b"MQTT", 4) => match V4.read_mut(buf, max).map_err(ProtocolError::Malformed)? {
             Packet::Connect(connect, _, will, _, login) => {
                 if let Some(will) = will {
-                    tracing::info!(client_id = %connect.client_id, will_topic = %String::from_utf8_lossy(&will.topic),
-                        "last will is not supported yet: it will not be published");
+                    crate::logs::UNSUPPORTED.record("last_will", || {
+                        format!(
+                            "client_id={} will_topic={}",
+                            connect.client_id,
+                            String::from_utf8_lossy(&will.topic)
+                        )
+                    });
                 }
                 Ok(Some(Hello::V311(connect, login)))
             }

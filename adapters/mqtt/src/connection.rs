@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, Hello};
 use crate::error::Close;
+use crate::listener::Admission;
+use crate::logs;
 use crate::session::{self, Session};
 
 /// How long a shutting-down connection waits for outstanding commits.
@@ -73,9 +75,16 @@ impl Connection {
     }
 
     /// Serves the connection to its end and logs why it ended.
-    pub(crate) async fn serve(mut self, router: Router, shutdown: CancellationToken) {
+    pub(crate) async fn serve(
+        mut self,
+        router: Router,
+        admission: Admission,
+        shutdown: CancellationToken,
+    ) {
         let mut client_id = None;
-        let close = self.run(&router, &shutdown, &mut client_id).await;
+        let close = self
+            .run(&router, admission, &shutdown, &mut client_id)
+            .await;
         if !matches!(close, Close::Io(_)) && !self.wbuf.is_empty() {
             // Acks earned before the close still go out.
             let _ = timeout(FINAL_FLUSH_TIMEOUT, self.flush()).await;
@@ -92,19 +101,26 @@ impl Connection {
             Close::Protocol(e) => {
                 metrics::counter!("edge_mqtt_protocol_errors_total", "reason" => e.reason())
                     .increment(1);
-                tracing::info!(%peer, client_id, reason = e.reason(), error = %e, "protocol error: connection closed");
+                logs::PROTOCOL_ERRORS.record(e.reason(), || {
+                    format!("peer={peer} client_id={client_id:?} error={e}")
+                });
             }
             Close::KeepAlive(_)
+            | Close::HandshakeEvicted
             | Close::ConnectTimeout(_)
             | Close::TakenOver
             | Close::WriteStalled(_)
             | Close::Refused(_) => {
-                tracing::info!(%peer, client_id, reason = close.reason(), "{close}: connection closed");
+                logs::CLOSED.record(close.reason(), || {
+                    format!("peer={peer} client_id={client_id:?} why={close}")
+                });
             }
-            // Logged at WARN where the refusal was seen.
+            // Logged where the refusal was seen.
             Close::Store(_) => {}
             Close::Encode(e) => {
-                tracing::warn!(%peer, client_id, error = %e, "cannot encode a packet: connection closed");
+                logs::ENCODE_FAILED.record("packet", || {
+                    format!("peer={peer} client_id={client_id:?} error={e}")
+                });
             }
             Close::Disconnect | Close::PeerClosed | Close::Shutdown | Close::Io(_) => {
                 tracing::debug!(%peer, client_id, reason = close.reason(), "{close}: connection closed");
@@ -115,17 +131,38 @@ impl Connection {
     async fn run(
         &mut self,
         router: &Router,
+        admission: Admission,
         shutdown: &CancellationToken,
         client_id_out: &mut Option<Arc<str>>,
     ) -> Close {
         let connect_timeout = self.settings.connect_timeout;
+        let Admission {
+            handshake,
+            limit,
+            max_connections,
+        } = admission;
         let hello = tokio::select! {
             _ = shutdown.cancelled() => return Close::Shutdown,
+            _ = handshake.evicted() => return Close::HandshakeEvicted,
             hello = timeout(connect_timeout, self.read_connect()) => match hello {
                 Err(_) => return Close::ConnectTimeout(connect_timeout),
                 Ok(Err(close)) => return close,
                 Ok(Ok(hello)) => hello,
             },
+        };
+        drop(handshake);
+        // Held until the connection ends.
+        let Ok(_permit) = limit.try_acquire_owned() else {
+            metrics::counter!("edge_connections_rejected_total", "protocol" => "mqtt", "reason" => "max_connections").increment(1);
+            logs::REFUSED.record("max_connections", || {
+                format!("peer={} max_connections={max_connections}", self.peer)
+            });
+            return self
+                .refuse(
+                    ConnectReturnCode::ServiceUnavailable,
+                    format!("{max_connections} clients connected (mqtt.max_connections)"),
+                )
+                .await;
         };
         let connect = match hello {
             Hello::V311(connect, _login) => connect,
@@ -154,7 +191,9 @@ impl Connection {
         };
         *client_id_out = Some(client_id.clone());
         if !connect.clean_session {
-            tracing::info!(peer = %self.peer, client_id = %client_id, "persistent sessions are not supported yet: serving clean_session=false as a clean session");
+            logs::UNSUPPORTED.record("persistent_session", || {
+                format!("peer={} client_id={client_id}", self.peer)
+            });
         }
         let (subscriber, deliveries) =
             router.connect(client_id.clone(), self.settings.max_queued_messages);
@@ -296,7 +335,9 @@ impl Connection {
                     let mut taken = 0;
                     while let Some(delivery) = next.take() {
                         if let Err(e) = session.outbox.push(&delivery, &mut self.wbuf) {
-                            tracing::warn!(peer = %self.peer, client_id = %session.client_id, topic = %delivery.message.topic, error = %e, "cannot encode a delivery: dropped");
+                            logs::ENCODE_FAILED.record("delivery", || {
+                                format!("peer={} client_id={} topic={} error={e}", self.peer, session.client_id, delivery.message.topic)
+                            });
                             metrics::counter!("edge_messages_dropped_total", "reason" => "unencodable").increment(1);
                         } else {
                             metrics::counter!("edge_messages_out_total", "protocol" => "mqtt").increment(1);
@@ -328,7 +369,16 @@ impl Connection {
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    tracing::warn!(peer = %self.peer, client_id = %session.client_id, outstanding = session.pending.len(), "shutdown: commits still outstanding after {DRAIN_TIMEOUT:?}; closing without their acknowledgements");
+                    logs::SHUTDOWN_UNACKED.record_n(
+                        "drain_timeout",
+                        session.pending.len() as u64,
+                        || {
+                            format!(
+                                "peer={} client_id={} waited={DRAIN_TIMEOUT:?}",
+                                self.peer, session.client_id
+                            )
+                        },
+                    );
                     break;
                 }
             }

@@ -43,6 +43,18 @@ pub(crate) enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// Every label [`ProtocolError::reason`] gives.
+    pub(crate) const REASONS: [&'static str; 8] = [
+        "packet_too_large",
+        "malformed",
+        "unknown_protocol",
+        "not_connect",
+        "duplicate_connect",
+        "topic_not_utf8",
+        "invalid_topic",
+        "unexpected_packet",
+    ];
+
     /// Label of `edge_mqtt_protocol_errors_total`.
     pub(crate) fn reason(&self) -> &'static str {
         match self {
@@ -67,6 +79,8 @@ pub(crate) enum Close {
     PeerClosed,
     #[error("no CONNECT within {0:?}")]
     ConnectTimeout(Duration),
+    #[error("no CONNECT yet, closed to make room for newer connections")]
+    HandshakeEvicted,
     #[error("no packet within 1.5 x keep-alive ({0:?})")]
     KeepAlive(Duration),
     #[error("CONNECT refused: {0}")]
@@ -94,6 +108,7 @@ impl Close {
             Close::Disconnect => "client_disconnect",
             Close::PeerClosed => "peer_closed",
             Close::ConnectTimeout(_) => "connect_timeout",
+            Close::HandshakeEvicted => "handshake_evicted",
             Close::KeepAlive(_) => "keep_alive_timeout",
             Close::Refused(_) => "connect_refused",
             Close::TakenOver => "taken_over",

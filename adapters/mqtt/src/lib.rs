@@ -9,7 +9,9 @@
 mod codec;
 mod connection;
 mod error;
+mod handshakes;
 mod listener;
+mod logs;
 mod outbox;
 mod session;
 

@@ -1,4 +1,6 @@
-//! Accepts TCP connections, at most `max_connections` at a time, one task each.
+//! Accepts TCP connections, one task each. Connections that have not sent
+//! CONNECT yet are held to their own budget (`handshakes.rs`); the others to
+//! `max_connections`, checked once CONNECT has been read.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +15,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::connection::{Connection, Settings};
 use crate::error::MqttError;
+use crate::handshakes::{Handshake, Handshakes};
+
+/// What a new connection needs to become a client: its place among pending
+/// handshakes, then a place among established connections.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    pub(crate) handshake: Handshake,
+    pub(crate) limit: Arc<Semaphore>,
+    pub(crate) max_connections: usize,
+}
 
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -23,6 +35,7 @@ pub struct MqttListener {
     listener: TcpListener,
     local_addr: SocketAddr,
     max_connections: usize,
+    handshakes: Arc<Handshakes>,
     settings: Arc<Settings>,
 }
 
@@ -37,10 +50,15 @@ impl MqttListener {
             .local_addr()
             .map_err(|source| MqttError::LocalAddr { addr, source })?;
         tracing::info!(listen = %local_addr, "MQTT listener bound");
+        zero_failure_counters();
         Ok(MqttListener {
             listener,
             local_addr,
             max_connections: config.max_connections.get(),
+            handshakes: Handshakes::new(
+                config.max_handshakes.get(),
+                config.max_handshakes_per_source.get(),
+            ),
             settings: Arc::new(Settings {
                 max_packet_size: config.max_packet_size.get(),
                 connect_timeout: config.connect_timeout,
@@ -50,6 +68,7 @@ impl MqttListener {
         })
     }
 
+    /// Local address the listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
@@ -68,20 +87,31 @@ impl MqttListener {
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(listen = %self.local_addr, %error, "MQTT accept failed; retrying");
+                    crate::logs::ACCEPT_FAILED.record("accept", || {
+                        format!("listen={} error={error}", self.local_addr)
+                    });
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
                     }
                 }
             };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                metrics::counter!("edge_connections_rejected_total", "protocol" => "mqtt", "reason" => "max_connections").increment(1);
-                tracing::warn!(%peer, max_connections = self.max_connections, "connection limit reached: connection refused");
-                drop(stream);
-                continue;
+            let (handshake, evicted) = self.handshakes.admit(peer.ip());
+            for e in evicted {
+                metrics::counter!("edge_connections_rejected_total", "protocol" => "mqtt", "reason" => e.reason()).increment(1);
+                crate::logs::REFUSED.record(e.reason(), || {
+                    format!(
+                        "closed the oldest connection without CONNECT to make room for peer={peer}"
+                    )
+                });
+            }
+            metrics::gauge!("edge_mqtt_handshakes").set(self.handshakes.pending() as f64);
+            let admission = Admission {
+                handshake,
+                limit: limit.clone(),
+                max_connections: self.max_connections,
             };
-            self.spawn(&tracker, stream, peer, permit, &router, &shutdown);
+            self.spawn(&tracker, stream, peer, admission, &router, &shutdown);
         }
         drop(self.listener);
         tracing::info!(listen = %self.local_addr, connections = tracker.len(), "MQTT listener stopped accepting; waiting for connections to finish");
@@ -95,7 +125,7 @@ impl MqttListener {
         tracker: &TaskTracker,
         stream: TcpStream,
         peer: SocketAddr,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        admission: Admission,
         router: &Router,
         shutdown: &CancellationToken,
     ) {
@@ -109,9 +139,25 @@ impl MqttListener {
         let router = router.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            connection.serve(router, shutdown).await;
+            connection.serve(router, admission, shutdown).await;
             metrics::gauge!("edge_connections", "protocol" => "mqtt").decrement(1.0);
-            drop(permit);
         });
     }
+}
+
+/// Failure counters exist at zero from the start (alerts can be written
+/// before the first event).
+fn zero_failure_counters() {
+    for reason in [
+        "max_connections",
+        "max_handshakes",
+        "max_handshakes_per_source",
+    ] {
+        metrics::counter!("edge_connections_rejected_total", "protocol" => "mqtt", "reason" => reason)
+            .increment(0);
+    }
+    for reason in crate::error::ProtocolError::REASONS {
+        metrics::counter!("edge_mqtt_protocol_errors_total", "reason" => reason).increment(0);
+    }
+    metrics::counter!("edge_messages_dropped_total", "reason" => "unencodable").increment(0);
 }

@@ -227,28 +227,20 @@ impl Session {
     fn refused(&self, error: AppendError, topic: &str) -> Close {
         match &error {
             AppendError::Full {
+                reason,
                 live_bytes,
                 max_bytes,
                 record_bytes,
             } => {
-                metrics::counter!("edge_messages_dropped_total", "reason" => "store_full")
-                    .increment(1);
-                tracing::warn!(
-                    client_id = %self.client_id,
-                    topic,
-                    live_bytes,
-                    max_bytes,
-                    record_bytes,
-                    "store full: message refused, not acknowledged; closing the connection"
-                );
+                // Counted by the store, once per refused append.
+                crate::logs::STORE_REFUSED.record("store_full", || {
+                    format!("client_id={} topic={topic} ({reason}) used_bytes={live_bytes} max_bytes={max_bytes} record_bytes={record_bytes}", self.client_id)
+                });
             }
             _ => {
-                tracing::warn!(
-                    client_id = %self.client_id,
-                    topic,
-                    error = %error,
-                    "store did not commit the message; not acknowledged, closing the connection"
-                );
+                crate::logs::STORE_REFUSED.record("store_error", || {
+                    format!("client_id={} topic={topic} error={error}", self.client_id)
+                });
             }
         }
         Close::Store(error)
@@ -260,7 +252,9 @@ impl Session {
             .iter()
             .map(|filter| {
                 if !topic::is_valid_filter(&filter.path) {
-                    tracing::info!(client_id = %self.client_id, filter = %filter.path, "invalid topic filter refused");
+                    crate::logs::FILTER_REFUSED.record("invalid_filter", || {
+                        format!("client_id={} filter={}", self.client_id, filter.path)
+                    });
                     return SubscribeReasonCode::Failure;
                 }
                 let requested = QoS::from_u8(filter.qos as u8).unwrap_or(QoS::AtMostOnce);

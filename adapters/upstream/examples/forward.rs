@@ -135,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
             inbox_capacity: NonZeroUsize::new(4096).context("non-zero")?,
             cursors: vec!["central".into()],
             when_full: Default::default(),
+            min_free: 0,
         },
     )?;
     let config = UpstreamConfig {

@@ -11,6 +11,9 @@ use metrics::{Counter, Gauge, Histogram};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Every `reason` of `edge_messages_parked_total`.
+pub(crate) const PARK_REASONS: [&str; 3] = ["exchange_not_found", "unconvertible", "unroutable"];
+
 /// How often backlog figures are refreshed.
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -31,6 +34,14 @@ pub(crate) struct UpstreamMetrics {
 impl UpstreamMetrics {
     pub(crate) fn new(upstream: &str) -> UpstreamMetrics {
         let u = upstream.to_string();
+        // Failure counters exist at zero, so alerts can be written before
+        // the first failure.
+        for reason in PARK_REASONS {
+            metrics::counter!("edge_messages_parked_total",
+                "upstream" => u.clone(), "reason" => reason)
+            .increment(0);
+        }
+        metrics::counter!("edge_messages_dropped_total", "reason" => "unreadable").increment(0);
         UpstreamMetrics {
             link_up: metrics::gauge!("edge_upstream_link_up", "upstream" => u.clone()),
             backlog_messages: metrics::gauge!("edge_upstream_backlog_messages",

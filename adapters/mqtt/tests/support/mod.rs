@@ -78,6 +78,8 @@ impl Server {
         let config = MqttConfig {
             listen: "127.0.0.1:0".parse()?,
             max_connections: NonZeroUsize::new(options.max_connections).context("nonzero")?,
+            max_handshakes: NonZeroUsize::new(256).context("nonzero")?,
+            max_handshakes_per_source: NonZeroUsize::new(256).context("nonzero")?,
             max_packet_size: NonZeroUsize::new(options.max_packet_size).context("nonzero")?,
             connect_timeout: Duration::from_secs(5),
             max_inflight: NonZeroU16::new(options.max_inflight).context("nonzero")?,
@@ -122,6 +124,7 @@ fn store_options(options: &Options) -> Result<StoreOptions> {
         inbox_capacity: NonZeroUsize::new(1024).context("nonzero")?,
         cursors: Vec::new(),
         when_full: Default::default(),
+        min_free: 0,
     })
 }
 

@@ -79,6 +79,7 @@ fn options() -> StoreOptions {
         inbox_capacity: NonZeroUsize::new(1024).unwrap(),
         cursors: vec!["central".into()],
         when_full: Default::default(),
+        min_free: 0,
     }
 }
 

@@ -1,0 +1,28 @@
+//! The log lines that clients can trigger, each a rate-limited summary
+//! (one line per reason per 10 s with the count and an example; see
+//! `edge_log`). Metrics count every event exactly.
+
+use edge_log::{Level, Summary};
+
+pub(crate) static REFUSED: Summary = Summary::new("MQTT connections refused", Level::Warn);
+pub(crate) static ACCEPT_FAILED: Summary =
+    Summary::new("MQTT accept failed; retrying", Level::Warn);
+pub(crate) static PROTOCOL_ERRORS: Summary =
+    Summary::new("MQTT protocol errors: connections closed", Level::Info);
+pub(crate) static CLOSED: Summary = Summary::new("MQTT connections closed", Level::Info);
+pub(crate) static ENCODE_FAILED: Summary =
+    Summary::new("cannot encode an MQTT packet", Level::Warn);
+pub(crate) static UNSUPPORTED: Summary = Summary::new(
+    "MQTT feature not supported yet: served without it",
+    Level::Info,
+);
+pub(crate) static STORE_REFUSED: Summary = Summary::new(
+    "store refused messages: not acknowledged, connections closed",
+    Level::Warn,
+);
+pub(crate) static FILTER_REFUSED: Summary =
+    Summary::new("invalid topic filters refused", Level::Info);
+pub(crate) static SHUTDOWN_UNACKED: Summary = Summary::new(
+    "shutdown: commits still outstanding; closing without their acknowledgements",
+    Level::Warn,
+);
