@@ -14,6 +14,10 @@ use std::path::Path;
 
 use crate::StoreOptions;
 
+/// After a commit ran out of space (with `min_free` 0 or too small), the
+/// store holds to what it had until at least this much is free again.
+pub(crate) const ROOM_AGAIN: u64 = 4 << 20;
+
 /// Bytes available to this process on the filesystem holding `dir`.
 pub(crate) fn available(dir: &Path) -> io::Result<u64> {
     let st = rustix::fs::statvfs(dir)?;

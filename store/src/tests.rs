@@ -635,3 +635,107 @@ async fn drop_oldest_makes_room_moves_cursors_and_never_reuses_seqs() {
     let store = Store::open(dir.path(), opts()).expect("reopen");
     assert_eq!(store.append(record(7, 100)).await.expect("accepted"), 6);
 }
+
+/// File backend whose writes fail with "no space left on device" while
+/// `full` is set, like a filesystem that filled up.
+#[derive(Debug)]
+struct FillingDisk {
+    inner: redb::backends::FileBackend,
+    full: Arc<AtomicBool>,
+}
+
+impl FillingDisk {
+    fn factory(
+        path: std::path::PathBuf,
+        full: Arc<AtomicBool>,
+    ) -> impl Fn() -> std::io::Result<FillingDisk> + Send + Sync + 'static {
+        move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            let inner = redb::backends::FileBackend::new(file).map_err(|e| match e {
+                redb::DatabaseError::Storage(redb::StorageError::Io(io)) => io,
+                other => std::io::Error::other(other.to_string()),
+            })?;
+            Ok(FillingDisk {
+                inner,
+                full: Arc::clone(&full),
+            })
+        }
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
+        Ok(())
+    }
+}
+
+impl redb::StorageBackend for FillingDisk {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.write(offset, data)
+    }
+}
+
+#[tokio::test]
+async fn running_out_of_disk_space_refuses_like_the_quota_and_the_store_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = Arc::new(AtomicBool::new(false));
+    let factory = FillingDisk::factory(dir.path().join(DB_FILE), Arc::clone(&full));
+    let store =
+        Store::open_with_backend_factory(factory, dir.path(), options(u64::MAX, &["up"])).unwrap();
+    for n in 1..=3 {
+        assert_eq!(store.append(record(n, 100)).await.unwrap(), n);
+    }
+    full.store(true, Ordering::SeqCst);
+    // The failing commit, then a batch while the database cannot be reopened.
+    for n in 4..=5 {
+        match store.append(record(n, 100)).await {
+            Err(AppendError::Full { reason, .. }) => assert_eq!(reason, FullReason::Disk),
+            other => panic!("expected a disk-full refusal, got {other:?}"),
+        }
+    }
+    assert!(store.failure().borrow().is_none(), "not a store failure");
+    assert!(store.full().borrow().is_some(), "reported as full");
+    full.store(false, Ordering::SeqCst);
+    // The store takes no more than it held when the disk filled: the next
+    // append waits for retirement to make room.
+    assert!(matches!(
+        store.append(record(6, 100)).await,
+        Err(AppendError::Full { .. })
+    ));
+    store.advance_cursor("up", 3).await.unwrap();
+    let seq = store.append(record(7, 100)).await.unwrap();
+    assert_eq!(seq, 4, "no seq was spent on refused appends");
+    assert!(store.full().borrow().is_none(), "accepting again");
+    let kept: Vec<u64> = all(&store)
+        .into_iter()
+        .map(|(s, r)| {
+            assert_eq!(r.topic, format!("t/{}", if s == 4 { 7 } else { s }));
+            s
+        })
+        .collect();
+    assert_eq!(kept, vec![3, 4], "1 and 2 retired, 3 kept, 7 appended");
+    drop(store);
+    // Nothing committed was lost across the reopen.
+    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    assert_eq!(all(&store).len(), 2);
+}

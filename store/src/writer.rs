@@ -615,7 +615,7 @@ impl Writer {
         let Some(dir) = self.shared.data_dir.as_deref() else {
             return;
         };
-        if min_free == 0 {
+        if min_free == 0 && self.disk.cap.is_none() {
             return;
         }
         let available = match space::available(dir) {
@@ -623,7 +623,7 @@ impl Writer {
             // Unknown: rely on out-of-space errors.
             Err(_) => return,
         };
-        if available >= min_free {
+        if available >= min_free.max(space::ROOM_AGAIN) {
             if self.disk.cap.take().is_some() {
                 tracing::info!(
                     available,
@@ -632,6 +632,10 @@ impl Writer {
                 );
             }
             self.disk.critical = false;
+            return;
+        }
+        if available >= min_free {
+            // Only a cap left by an out-of-space commit, not yet lifted.
             return;
         }
         let used = self.state.live_bytes.saturating_add(self.state.dead_bytes);

@@ -8,6 +8,7 @@ mod config;
 mod corrupt;
 mod crash;
 mod dead_letters;
+mod disk_full;
 mod forward;
 mod harness;
 mod identity;
