@@ -108,7 +108,9 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub name: String,
-    /// Broker nodes, tried in order (`amqp://` or `amqps://`).
+    /// Broker nodes, tried in order. Only `amqp://`: `amqps://` is refused
+    /// by validation until TLS to upstreams exists, rather than being
+    /// connected without TLS.
     pub uris: Vec<String>,
     /// Published but unconfirmed messages at most.
     pub max_in_flight: NonZeroUsize,

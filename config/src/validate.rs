@@ -420,15 +420,25 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
         c.problem(
             key("uris"),
             None,
-            "is required: a list of one or more \"amqp://\" or \"amqps://\" URIs",
+            "is required: a list of one or more \"amqp://\" URIs",
         );
     }
     for (j, uri) in uris.iter().enumerate() {
-        if !(uri.starts_with("amqp://") || uri.starts_with("amqps://")) {
+        // The AMQP client is built without a TLS connector: an amqps:// URI
+        // would be served by a plain TCP connection, credentials in clear.
+        // Refused until TLS exists, so that nothing is silently downgraded.
+        if uri.starts_with("amqps://") {
             c.problem(
                 format!("upstream[{i}].uris[{j}]"),
-                Some(uri.clone()),
-                "a URI starting with \"amqp://\" or \"amqps://\"",
+                Some(redact_password(uri)),
+                "an \"amqp://\" URI: TLS to upstreams is not available yet \
+                 (use \"amqp://\" deliberately)",
+            );
+        } else if !uri.starts_with("amqp://") {
+            c.problem(
+                format!("upstream[{i}].uris[{j}]"),
+                Some(redact_password(uri)),
+                "a URI starting with \"amqp://\"",
             );
         }
     }
@@ -472,6 +482,23 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
             SECOND,
             HOUR,
         ),
+    }
+}
+
+/// `uri` with the password of its user information replaced by `***`, for
+/// problem messages. Errs on the side of hiding: the user information ends at
+/// the last `@`, so a password holding an unescaped `/`, `?`, `#` or `@` is
+/// hidden too, and a URI without `://` is treated as if it were all
+/// authority.
+fn redact_password(uri: &str) -> String {
+    let start = uri.find("://").map_or(0, |i| i + 3);
+    let rest = &uri[start..];
+    let Some((userinfo, after)) = rest.rsplit_once('@') else {
+        return uri.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{}{user}:***@{after}", &uri[..start]),
+        None => uri.to_string(),
     }
 }
 
@@ -677,6 +704,64 @@ mod tests {
         let c = Config::load(&path).expect("example config validates");
         assert_eq!(c.gateway.id.as_deref(), Some("edge-01"));
         assert_eq!(c.routes[0].upstream, "central");
+    }
+
+    /// Issue 5: without a TLS connector an amqps:// upstream would be a
+    /// plain connection; refused, and its password is not printed.
+    #[test]
+    fn amqps_uris_are_refused_without_printing_the_password() {
+        let err = Config::parse(
+            r#"
+            [[upstream]]
+            name = "central"
+            uris = ["amqp://guest:guest@10.0.0.1:5672/%2f", "amqps://guest:s3cret@10.0.0.2:5671/%2f"]
+            "#,
+        )
+        .expect_err("amqps is refused");
+        let [problem] = err.problems() else {
+            panic!("one problem expected: {err}");
+        };
+        assert_eq!(problem.key, "upstream[0].uris[1]");
+        assert_eq!(
+            problem.value.as_deref(),
+            Some("amqps://guest:***@10.0.0.2:5671/%2f")
+        );
+        assert!(problem.expected.contains("TLS"), "{problem}");
+        let text = err.to_string();
+        assert!(text.contains("upstream[0].uris[1]"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+
+    #[test]
+    fn other_schemes_are_refused_without_printing_the_password() {
+        let err = Config::parse(
+            r#"
+            [[upstream]]
+            name = "central"
+            uris = ["http://guest:s3cret@10.0.0.1/"]
+            "#,
+        )
+        .expect_err("http is refused");
+        assert!(err.to_string().contains("upstream[0].uris[0]"), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn redacting_hides_every_password_shape() {
+        for (uri, shown) in [
+            ("amqps://u:p@h:5671/%2f", "amqps://u:***@h:5671/%2f"),
+            ("amqp://u:p:q@h/v?x=1", "amqp://u:***@h/v?x=1"),
+            // Unescaped characters that end the authority in a URI parser.
+            ("amqps://u:p/q@h/v", "amqps://u:***@h/v"),
+            ("amqps://u:p@q#r@h/v", "amqps://u:***@h/v"),
+            // No "://": the whole text is taken as authority.
+            ("amqps:/u:p@h", "amqps:***@h"),
+            // Nothing to hide.
+            ("amqps://h:5671/%2f", "amqps://h:5671/%2f"),
+            ("amqps://u@h/v", "amqps://u@h/v"),
+        ] {
+            assert_eq!(redact_password(uri), shown, "{uri}");
+        }
     }
 
     #[test]

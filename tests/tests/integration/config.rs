@@ -1,6 +1,10 @@
 //! Bad configuration: exit code 64, every problem named, nothing started.
 
+use std::time::Duration;
+
+use anyhow::bail;
 use edge_tests::gateway::run_binary;
+use tokio::io::AsyncReadExt;
 
 use crate::gateway_bin;
 
@@ -123,5 +127,83 @@ async fn missing_config_file_is_named_and_fails() -> anyhow::Result<()> {
         "exit code {code:?}, output:\n{out}"
     );
     assert!(out.contains("nope.toml"), "file not named:\n{out}");
+    Ok(())
+}
+
+/// Issue 5: an `amqps://` upstream must not be served by a plain TCP
+/// connection. Until TLS exists the URI is refused as a config problem, with
+/// the password kept out of the output, and nothing reaches the broker's port.
+#[tokio::test]
+async fn amqps_upstream_is_refused_and_never_contacted_in_clear() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Stands in for a TLS broker: whatever connects to it is a downgrade.
+    let broker = std::net::TcpListener::bind("127.0.0.1:0")?;
+    broker.set_nonblocking(true)?;
+    let port = broker.local_addr()?.port();
+    let data_dir = dir.path().join("data");
+    let file = write(
+        &dir,
+        "amqps.toml",
+        &format!(
+            r##"
+[gateway]
+id = "edge-1"
+data_dir = {data_dir:?}
+
+[mqtt]
+listen = "127.0.0.1:0"
+
+[metrics]
+enabled = false
+
+[[upstream]]
+name = "central"
+uris = ["amqp://guest:guest@127.0.0.1:1/%2f", "amqps://guest:secret@127.0.0.1:{port}/%2f"]
+
+[[route]]
+name = "all"
+filter = "#"
+upstream = "central"
+"##,
+            data_dir = data_dir.display().to_string()
+        ),
+    );
+
+    for args in [["check-config", file.as_str()], ["--config", file.as_str()]] {
+        let (code, out) = run_binary(gateway_bin(), &args).await?;
+        assert_eq!(code, Some(EX_CONFIG), "{args:?}, output:\n{out}");
+        assert!(
+            out.contains("upstream[0].uris[1]"),
+            "{args:?}: key not named:\n{out}"
+        );
+        assert!(
+            out.contains("amqps://"),
+            "{args:?}: value not shown:\n{out}"
+        );
+        assert!(
+            !out.contains("secret"),
+            "{args:?}: password printed:\n{out}"
+        );
+    }
+    assert!(
+        !data_dir.exists(),
+        "the store was created despite the bad config"
+    );
+
+    // Both processes have exited, so any connection they made has completed
+    // its handshake and waits in the accept queue; the deadline is margin.
+    let broker = tokio::net::TcpListener::from_std(broker)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    if let Ok(accepted) = tokio::time::timeout_at(deadline, broker.accept()).await {
+        let (mut stream, peer) = accepted?;
+        let mut sent = Vec::new();
+        // The peer has exited: the read ends at EOF or a reset.
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut sent)).await;
+        bail!(
+            "the gateway connected to the amqps:// port from {peer} and sent {sent:?} \
+             (AMQP 0-9-1 protocol header in clear: {})",
+            sent.starts_with(b"AMQP\x00\x00\x09\x01")
+        );
+    }
     Ok(())
 }
