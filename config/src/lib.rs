@@ -16,6 +16,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::{ConfigError, Problem};
+
+/// `uri` with the password of its user info replaced by `***`, for logs and
+/// error messages. Errs on the side of hiding: the user info is taken to end
+/// at the last `@`, so a password with unescaped `/`, `?`, `#` or `@` is
+/// hidden too.
+pub fn redact_uri(uri: &str) -> String {
+    validate::redact_password(uri)
+}
 use raw::RawConfig;
 
 /// The whole, validated configuration.

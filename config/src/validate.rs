@@ -490,7 +490,7 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
 /// the last `@`, so a password holding an unescaped `/`, `?`, `#` or `@` is
 /// hidden too, and a URI without `://` is treated as if it were all
 /// authority.
-fn redact_password(uri: &str) -> String {
+pub(crate) fn redact_password(uri: &str) -> String {
     let start = uri.find("://").map_or(0, |i| i + 3);
     let rest = &uri[start..];
     let Some((userinfo, after)) = rest.rsplit_once('@') else {

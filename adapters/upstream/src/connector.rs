@@ -55,18 +55,7 @@ impl Backoff {
 
 /// `uri` with the password replaced by `***`, for logs.
 pub(crate) fn redact(uri: &str) -> String {
-    let Some((scheme, rest)) = uri.split_once("://") else {
-        return uri.to_string();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return uri.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-        None => uri.to_string(),
-    }
+    edge_config::redact_uri(uri)
 }
 
 /// An open connection with a channel in confirm mode.
@@ -265,7 +254,9 @@ mod tests {
             redact("amqp://edge:s3cret@broker-1:5672/%2f"),
             "amqp://edge:***@broker-1:5672/%2f"
         );
-        assert_eq!(redact("amqps://u:p:q@h/v?x=a@b"), "amqps://u:***@h/v?x=a@b");
+        // Hides too much rather than too little.
+        assert_eq!(redact("amqps://u:p:q@h/v?x=a@b"), "amqps://u:***@b");
+        assert_eq!(redact("amqp://u:pa/ss@h"), "amqp://u:***@h");
         assert_eq!(redact("amqp://edge@h"), "amqp://edge@h");
         assert_eq!(redact("amqp://h:5672"), "amqp://h:5672");
         assert_eq!(redact("not a uri"), "not a uri");

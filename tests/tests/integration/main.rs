@@ -9,6 +9,7 @@ mod corrupt;
 mod crash;
 mod dead_letters;
 mod disk_full;
+mod flood;
 mod forward;
 mod harness;
 mod identity;
