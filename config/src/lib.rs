@@ -70,6 +70,12 @@ pub struct MqttConfig {
     pub max_inflight: NonZeroU16,
     /// Messages queued for one subscriber before new ones are dropped (counted).
     pub max_queued_messages: NonZeroUsize,
+    /// How long a persistent session (clean session = 0) is kept after its
+    /// client left.
+    pub session_expiry: Duration,
+    /// Messages a persistent session's queue holds at most; newer ones are
+    /// not queued for it (counted, `session_queue_full`).
+    pub max_session_queue: NonZeroUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +165,8 @@ pub mod defaults {
     pub const CONNECT_TIMEOUT: &str = "5s";
     pub const MAX_INFLIGHT: u16 = 64;
     pub const MAX_QUEUED_MESSAGES: usize = 1000;
+    pub const SESSION_EXPIRY: &str = "2h";
+    pub const MAX_SESSION_QUEUE: usize = 100_000;
     pub const STORE_MAX_BYTES: &str = "1GiB";
     pub const STORE_MIN_FREE: &str = "32MiB";
     pub const BATCH_MAX_MESSAGES: usize = 4096;

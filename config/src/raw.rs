@@ -39,6 +39,8 @@ pub struct RawMqtt {
     pub connect_timeout: Option<String>,
     pub max_inflight: Option<i64>,
     pub max_queued_messages: Option<i64>,
+    pub session_expiry: Option<String>,
+    pub max_session_queue: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -299,6 +299,19 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             defaults::MAX_QUEUED_MESSAGES,
             10_000_000,
         ),
+        session_expiry: c.duration_within(
+            "mqtt.session_expiry",
+            m.session_expiry.as_deref(),
+            defaults::SESSION_EXPIRY,
+            SECOND,
+            Duration::from_secs(10 * 365 * 24 * 3600),
+        ),
+        max_session_queue: c.non_zero(
+            "mqtt.max_session_queue",
+            m.max_session_queue,
+            defaults::MAX_SESSION_QUEUE,
+            100_000_000,
+        ),
     };
 
     let metrics = match raw.metrics.enabled {

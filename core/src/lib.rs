@@ -1,14 +1,21 @@
 //! The routing core: what a message is once a protocol adapter has decoded
-//! it, where it goes, and the receipt that tells the adapter when it may
-//! acknowledge. Knows nothing of wire formats.
+//! it, the sessions it goes to, where it is forwarded, and the receipt that
+//! tells the adapter when it may acknowledge. Knows nothing of wire formats.
 
+pub mod error;
 pub mod message;
 pub mod receipt;
+mod retained;
 pub mod route;
 pub mod router;
+pub mod session;
 pub mod topic;
+pub mod trie;
 
+pub use error::PublishError;
 pub use message::{Message, QoS};
 pub use receipt::Receipt;
 pub use route::{Route, Routes};
-pub use router::{Delivery, PublishError, Router, SessionId, Subscriber};
+pub use router::{Delivery, Router, RouterOptions, SessionId};
+pub use session::{AttachOptions, Attached, Backlogged, SessionError, Subscriber};
+pub use trie::TopicTrie;

@@ -1,23 +1,28 @@
 //! Acknowledgements as values: an adapter acknowledges its client only when
-//! the receipt of that message resolves.
+//! the receipt of that message resolves — after the message is durable and
+//! has been handed to the online subscribers.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use edge_store::{AppendError, Commit, Seq};
+use edge_store::Seq;
+use tokio::sync::oneshot;
+
+use crate::error::PublishError;
 
 /// What the router promises for one published message.
 #[derive(Debug)]
 pub enum Receipt {
-    /// Nothing durable was needed (QoS 0, or no route and QoS 0): ack at once.
+    /// Nothing durable was needed: ack at once.
     Done,
-    /// Resolves when the message is committed to the log.
-    Pending(Commit),
+    /// Resolves once the message is committed (its log seq, 0 when only
+    /// delivered or retained) and fanned out, or refused.
+    Pending(oneshot::Receiver<Result<Seq, PublishError>>),
 }
 
 /// Outcome of a receipt: the log position, if the message was logged.
-pub type ReceiptResult = Result<Option<Seq>, AppendError>;
+pub type ReceiptResult = Result<Option<Seq>, PublishError>;
 
 impl Future for Receipt {
     type Output = ReceiptResult;
@@ -25,7 +30,12 @@ impl Future for Receipt {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ReceiptResult> {
         match self.get_mut() {
             Receipt::Done => Poll::Ready(Ok(None)),
-            Receipt::Pending(commit) => Pin::new(commit).poll(cx).map(|r| r.map(Some)),
+            Receipt::Pending(rx) => Pin::new(rx).poll(cx).map(|r| match r {
+                Ok(Ok(0)) => Ok(None),
+                Ok(Ok(seq)) => Ok(Some(seq)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(PublishError::Closed),
+            }),
         }
     }
 }

@@ -1,87 +1,197 @@
-//! The router: fans a published message out to online subscribers and hands
-//! everything that must be durable to the store.
+//! The router: hands what must be durable to the store, then fans each
+//! message out to the sessions whose subscriptions match it.
 //!
 //! A message is logged when it is QoS 1 or 2 (its acknowledgement promises
-//! durability) or when any route matches it (it is bound upstream). The
-//! returned [`Receipt`] resolves when the log commit is done; adapters
-//! acknowledge only then. Online subscribers are fed from memory through a
-//! bounded queue per session; a full queue drops the delivery for that
-//! session, counted and logged (QoS 0 semantics for slow consumers until
-//! persistent sessions exist).
+//! durability), when a route matches it (it is bound upstream) or when a
+//! persistent session takes it (its queue entry references the log). A
+//! retained message also sets (or, with an empty payload, clears) the
+//! retained message of its topic, in the same commit.
+//!
+//! **Delivery after acceptance.** Nothing is handed to a subscriber before
+//! the store accepted it: [`Router::publish`] queues the commit with one
+//! dispatcher task, which awaits commits in publish order and only then fans
+//! out and resolves the publisher's [`Receipt`]. So an online subscriber never
+//! sees a message the store refused (and the publisher's retry would
+//! duplicate), and every publisher's order is kept, QoS 0 included.
+//!
+//! Matching uses one [`TopicTrie`] over every session's filters, online or
+//! not: its cost does not grow with non-matching subscriptions. A session
+//! matched by several filters gets one copy at the highest QoS granted
+//! (MQTT-3.3.5-1).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
-use edge_store::{AppendError, Store};
-use tokio::sync::{Notify, mpsc};
+use edge_store::{Placement, Retain, Seq, Store};
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::error::PublishError;
 use crate::message::{Message, QoS};
 use crate::receipt::Receipt;
+use crate::retained::RetainedIndex;
 use crate::route::Routes;
-use crate::topic;
+use crate::trie::TopicTrie;
 
 /// Deliveries dropped because a subscriber's queue was full, summarised.
-static QUEUE_FULL: edge_log::Summary = edge_log::Summary::new(
+pub(crate) static QUEUE_FULL: edge_log::Summary = edge_log::Summary::new(
     "subscriber queues full: deliveries dropped",
     edge_log::Level::Warn,
 );
 
-/// Prefix of the headers the gateway reserves for itself.
+/// Prefix of the headers the gateway reserved for itself in schema 1.
 pub const RESERVED_HEADER_PREFIX: &str = "x-edge-";
 
-/// Identifies one connected session inside the router.
+/// Identifies one connection's attachment to a session.
 pub type SessionId = u64;
+
+/// Commits awaiting fan-out, at most (back-pressure on publishers).
+const DISPATCH_QUEUE: usize = 4096;
 
 /// A message on its way to one subscriber, at the QoS granted to it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub message: Arc<Message>,
     pub qos: QoS,
+    /// Set for a persistent session's QoS ≥ 1 delivery: the queue entry to
+    /// acknowledge ([`crate::Subscriber::ack`]) once the client has it.
+    pub seq: Option<Seq>,
+    /// Sent because of a subscription's retained message, not a publish.
+    pub retained: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// The store did not take the message (closed while shutting down).
-    #[error(transparent)]
-    Store(#[from] AppendError),
+/// Router-wide settings.
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    /// How long a persistent session is kept after its client left.
+    pub session_expiry: Duration,
+    /// Queue entries a persistent session holds at most; further messages
+    /// are not queued for it (counted: `session_queue_full`).
+    pub max_session_queue: usize,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        RouterOptions {
+            session_expiry: Duration::from_secs(2 * 3600),
+            max_session_queue: 100_000,
+        }
+    }
+}
+
+/// One session in the registry.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub key: u64,
+    pub client_id: Arc<str>,
+    pub filters: BTreeMap<String, QoS>,
+    pub durable: Option<Durable>,
+    pub online: Option<Online>,
+}
+
+/// What a persistent session keeps in the store.
+#[derive(Debug, Clone)]
+pub(crate) struct Durable {
+    pub queue: u64,
+    /// Entries in its queue (approximately: counted here).
+    pub queued: Arc<AtomicU64>,
+    /// When its client left (Unix ms), if offline.
+    pub disconnected_at_ms: Option<u64>,
 }
 
 #[derive(Debug)]
-struct Session {
-    client_id: Arc<str>,
-    tx: mpsc::Sender<Delivery>,
-    filters: Vec<(String, QoS)>,
-    taken_over: Arc<Notify>,
+pub(crate) struct Online {
+    pub conn: SessionId,
+    pub tx: mpsc::Sender<Delivery>,
+    pub taken_over: Arc<Notify>,
+    /// A durable delivery did not fit the queue: the session must read its
+    /// queue from the store to catch up.
+    pub lagged: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    pub trie: TopicTrie<QoS>,
+    pub sessions: HashMap<Arc<str>, Slot>,
+    pub by_key: HashMap<u64, Arc<str>>,
 }
 
 #[derive(Debug)]
-struct Inner {
-    store: Store,
-    routes: Routes,
-    sessions: RwLock<HashMap<SessionId, Session>>,
-    next_id: AtomicU64,
+pub(crate) struct Inner {
+    pub store: Store,
+    pub routes: Routes,
+    pub options: RouterOptions,
+    pub registry: RwLock<Registry>,
+    pub retained: RwLock<RetainedIndex>,
+    pub next_id: AtomicU64,
+    dispatch: mpsc::Sender<Dispatch>,
+}
+
+/// One published message between its submit and its fan-out.
+struct Dispatch {
+    commit: Option<edge_store::Commit>,
+    message: Arc<Message>,
+    targets: Vec<Target>,
+    retain: bool,
+    reply: oneshot::Sender<Result<Seq, PublishError>>,
+}
+
+/// A session a message goes to, at the QoS it gets there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target {
+    pub key: u64,
+    pub qos: QoS,
+    /// Queued durably for a persistent session.
+    pub queued: bool,
 }
 
 /// Cheap to clone; one per gateway.
 #[derive(Debug, Clone)]
 pub struct Router {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl Router {
+    /// A router with default options and nothing loaded from the store
+    /// (tests; the gateway uses [`Router::start`]). Needs a tokio runtime.
     pub fn new(store: Store, routes: Routes) -> Router {
-        // Exists at zero from the start, for alerts.
-        metrics::counter!("edge_messages_dropped_total", "reason" => "subscriber_queue_full")
-            .increment(0);
-        Router {
-            inner: Arc::new(Inner {
-                store,
-                routes,
-                sessions: RwLock::new(HashMap::new()),
-                next_id: AtomicU64::new(1),
-            }),
+        Router::with_options(store, routes, RouterOptions::default())
+    }
+
+    pub fn with_options(store: Store, routes: Routes, options: RouterOptions) -> Router {
+        // Exist at zero from the start, for alerts.
+        for reason in ["subscriber_queue_full", "session_queue_full"] {
+            metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(0);
         }
+        let (dispatch, rx) = mpsc::channel(DISPATCH_QUEUE);
+        let inner = Arc::new(Inner {
+            store,
+            routes,
+            options,
+            registry: RwLock::new(Registry::default()),
+            retained: RwLock::new(RetainedIndex::default()),
+            next_id: AtomicU64::new(1),
+            dispatch,
+        });
+        tokio::spawn(dispatcher(Arc::downgrade(&inner), rx));
+        Router { inner }
+    }
+
+    /// A router with the persistent sessions and retained messages of the
+    /// store loaded, and the expiry of offline sessions running.
+    pub async fn start(
+        store: Store,
+        routes: Routes,
+        options: RouterOptions,
+    ) -> Result<Router, edge_store::StoreError> {
+        let router = Router::with_options(store, routes, options);
+        router.load().await?;
+        tokio::spawn(crate::session::expire_sessions(Arc::downgrade(
+            &router.inner,
+        )));
+        Ok(router)
     }
 
     pub fn store(&self) -> &Store {
@@ -92,331 +202,199 @@ impl Router {
         &self.inner.routes
     }
 
-    /// Sessions currently registered.
+    /// Sessions known (online, and persistent ones offline).
     pub fn session_count(&self) -> usize {
-        self.inner
-            .sessions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.inner.registry().sessions.len()
     }
 
-    /// Registers a session. Its deliveries arrive on the returned receiver,
-    /// which holds at most `queue` of them. A session already registered
-    /// under the same client id is told it was taken over (MQTT §3.1.4).
-    pub fn connect(
-        &self,
-        client_id: Arc<str>,
-        queue: usize,
-    ) -> (Subscriber, mpsc::Receiver<Delivery>) {
-        let (tx, rx) = mpsc::channel(queue.max(1));
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let taken_over = Arc::new(Notify::new());
-        let mut sessions = self
-            .inner
-            .sessions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        for s in sessions.values().filter(|s| s.client_id == client_id) {
-            s.taken_over.notify_one();
-        }
-        sessions.insert(
-            id,
-            Session {
-                client_id: client_id.clone(),
-                tx,
-                filters: Vec::new(),
-                taken_over: taken_over.clone(),
-            },
-        );
-        metrics::gauge!("edge_sessions").set(sessions.len() as f64);
-        let subscriber = Subscriber {
-            id,
-            client_id,
-            taken_over,
-            router: self.clone(),
-        };
-        (subscriber, rx)
-    }
-
-    /// Routes one message. Waits only while the store's inbox is full
-    /// (back-pressure); the receipt resolves once the message is durable.
+    /// Routes one message. Waits only while the store's inbox or the
+    /// dispatcher is full (back-pressure); the receipt resolves once the
+    /// message is durable and handed to online subscribers.
     pub async fn publish(&self, mut message: Message) -> Result<Receipt, PublishError> {
-        // `x-edge-*` headers are the gateway's own bookkeeping (which
-        // upstream parked a record, its original seq): a client cannot set them.
         message
             .headers
             .retain(|(key, _)| !key.starts_with(RESERVED_HEADER_PREFIX));
-        let logged = message.qos != QoS::AtMostOnce
-            || self.inner.routes.matching(&message.topic).next().is_some();
-        let record = logged.then(|| message.to_record());
-        self.fan_out(message);
-        match record {
-            Some(record) => Ok(Receipt::Pending(self.inner.store.submit(record).await?)),
-            None => Ok(Receipt::Done),
-        }
+        let targets = self.targets(&message.topic, message.qos);
+        let queues: Vec<u64> = {
+            let registry = self.inner.registry();
+            targets
+                .iter()
+                .filter(|t| t.queued)
+                .filter_map(|t| {
+                    let id = registry.by_key.get(&t.key)?;
+                    registry.sessions.get(id)?.durable.as_ref().map(|d| d.queue)
+                })
+                .collect()
+        };
+        let retain = message.retain.then(|| {
+            if message.payload.is_empty() {
+                Retain::Clear(message.topic.to_string())
+            } else {
+                Retain::Set(message.topic.to_string())
+            }
+        });
+        let log = message.qos != QoS::AtMostOnce
+            || self.inner.routes.matching(&message.topic).next().is_some()
+            || !queues.is_empty();
+        let commit = if log || retain.is_some() {
+            let placement = Placement {
+                log,
+                queues,
+                retain,
+            };
+            Some(
+                self.inner
+                    .store
+                    .submit_with(message.to_record(), placement)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        let (reply, rx) = oneshot::channel();
+        let dispatch = Dispatch {
+            commit,
+            retain: message.retain,
+            message: Arc::new(message),
+            targets,
+            reply,
+        };
+        self.inner
+            .dispatch
+            .send(dispatch)
+            .await
+            .map_err(|_| PublishError::Closed)?;
+        Ok(Receipt::Pending(rx))
     }
 
-    fn fan_out(&self, message: Message) {
-        let sessions = self
-            .inner
-            .sessions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut shared: Option<Arc<Message>> = None;
-        for (id, session) in sessions.iter() {
-            let granted = session
-                .filters
-                .iter()
-                .filter(|(f, _)| topic::matches(f, &message.topic))
-                .map(|(_, q)| *q)
-                .max();
-            let Some(granted) = granted else { continue };
-            let delivery = Delivery {
-                qos: granted.min(message.qos),
-                message: shared
-                    .get_or_insert_with(|| Arc::new(message.clone()))
-                    .clone(),
+    /// The sessions `topic` goes to, once each at the highest QoS any of
+    /// their matching filters grants (capped at the message's QoS).
+    fn targets(&self, topic: &str, qos: QoS) -> Vec<Target> {
+        let registry = self.inner.registry();
+        let mut best: Vec<(u64, QoS)> = Vec::new();
+        registry.trie.for_each_match(topic, |_, key, granted| {
+            match best.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, q)) => *q = (*q).max(*granted),
+                None => best.push((key, *granted)),
+            }
+        });
+        let max = self.inner.options.max_session_queue as u64;
+        best.into_iter()
+            .map(|(key, granted)| {
+                let qos = granted.min(qos);
+                let durable = registry
+                    .by_key
+                    .get(&key)
+                    .and_then(|id| registry.sessions.get(id))
+                    .and_then(|s| s.durable.as_ref());
+                let queued = qos != QoS::AtMostOnce
+                    && durable.is_some_and(|d| {
+                        if d.queued.load(Ordering::Relaxed) >= max {
+                            metrics::counter!("edge_messages_dropped_total", "reason" => "session_queue_full").increment(1);
+                            QUEUE_FULL.record("session_queue_full", || {
+                                format!("session key {key}: {max} messages queued (mqtt.max_session_queue)")
+                            });
+                            false
+                        } else {
+                            d.queued.fetch_add(1, Ordering::Relaxed);
+                            true
+                        }
+                    });
+                Target { key, qos, queued }
+            })
+            .collect()
+    }
+}
+
+impl Inner {
+    pub(crate) fn registry(&self) -> RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn registry_mut(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.registry
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands a committed message to the online sessions it targets.
+    fn fan_out(&self, message: &Arc<Message>, seq: Seq, targets: &[Target]) {
+        let registry = self.registry();
+        for t in targets {
+            let Some(slot) = registry
+                .by_key
+                .get(&t.key)
+                .and_then(|id| registry.sessions.get(id))
+            else {
+                continue;
             };
-            if session.tx.try_send(delivery).is_err() {
+            let Some(online) = &slot.online else { continue };
+            let delivery = Delivery {
+                message: Arc::clone(message),
+                qos: t.qos,
+                seq: (t.queued && seq != 0).then_some(seq),
+                retained: false,
+            };
+            if online.tx.try_send(delivery).is_err() {
+                if t.queued {
+                    // Still in its queue: the session reads it from there.
+                    online.lagged.store(true, Ordering::Release);
+                    continue;
+                }
                 metrics::counter!("edge_messages_dropped_total", "reason" => "subscriber_queue_full").increment(1);
                 QUEUE_FULL.record("subscriber_queue_full", || {
-                    format!(
-                        "session={id} client_id={} topic={}",
-                        session.client_id, message.topic
-                    )
+                    format!("client_id={} topic={}", slot.client_id, message.topic)
                 });
             }
         }
     }
+}
 
-    fn update(&self, id: SessionId, f: impl FnOnce(&mut Vec<(String, QoS)>)) {
-        let mut sessions = self
-            .inner
-            .sessions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(s) = sessions.get_mut(&id) {
-            f(&mut s.filters);
+/// Awaits commits in publish order; after each, updates the retained
+/// index, fans out, and resolves the publisher's receipt.
+async fn dispatcher(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Dispatch>) {
+    type Done = (
+        Result<Seq, PublishError>,
+        Arc<Message>,
+        Vec<Target>,
+        bool,
+        oneshot::Sender<Result<Seq, PublishError>>,
+    );
+    let mut waiting: FuturesOrdered<futures::future::BoxFuture<'static, Done>> =
+        FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            next = rx.recv() => {
+                let Some(d) = next else { break };
+                waiting.push_back(Box::pin(async move {
+                    let result = match d.commit {
+                        Some(commit) => commit.await.map_err(PublishError::from),
+                        None => Ok(0),
+                    };
+                    (result, d.message, d.targets, d.retain, d.reply)
+                }));
+            }
+            Some((result, message, targets, retain, reply)) = waiting.next(), if !waiting.is_empty() => {
+                let Some(inner) = inner.upgrade() else { break };
+                match &result {
+                    Ok(seq) => {
+                        if retain {
+                            inner
+                                .retained
+                                .write()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .apply(&message);
+                        }
+                        inner.fan_out(&message, *seq, &targets);
+                    }
+                    Err(_) => inner.unqueue(&targets),
+                }
+                let _ = reply.send(result);
+            }
         }
     }
-
-    fn disconnect(&self, id: SessionId) {
-        let mut sessions = self
-            .inner
-            .sessions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        sessions.remove(&id);
-        metrics::gauge!("edge_sessions").set(sessions.len() as f64);
-    }
-}
-
-/// A session's registration with the router; dropping it unregisters.
-#[derive(Debug)]
-pub struct Subscriber {
-    id: SessionId,
-    client_id: Arc<str>,
-    taken_over: Arc<Notify>,
-    router: Router,
-}
-
-impl Subscriber {
-    pub fn id(&self) -> SessionId {
-        self.id
-    }
-
-    pub fn client_id(&self) -> &Arc<str> {
-        &self.client_id
-    }
-
-    /// Adds or replaces a subscription; returns the QoS granted (at most 1
-    /// until QoS 2 delivery exists). `filter` must be valid.
-    pub fn subscribe(&self, filter: &str, qos: QoS) -> QoS {
-        let granted = qos.min(QoS::AtLeastOnce);
-        self.router.update(self.id, |filters| {
-            match filters.iter_mut().find(|(f, _)| f == filter) {
-                Some(existing) => existing.1 = granted,
-                None => filters.push((filter.to_string(), granted)),
-            }
-        });
-        granted
-    }
-
-    pub fn unsubscribe(&self, filter: &str) {
-        self.router
-            .update(self.id, |filters| filters.retain(|(f, _)| f != filter));
-    }
-
-    /// Resolves when another connection registered the same client id.
-    /// Cancel-safe.
-    pub async fn taken_over(&self) {
-        self.taken_over.notified().await
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        self.router.disconnect(self.id);
-    }
+    // Receipts still waiting resolve as closed when dropped.
 }
 
 #[cfg(test)]
-mod tests {
-    use std::num::NonZeroUsize;
-
-    use bytes::Bytes;
-    use edge_store::StoreOptions;
-
-    use super::*;
-    use crate::route::Route;
-
-    fn store(dir: &std::path::Path) -> Store {
-        Store::open(
-            dir,
-            StoreOptions {
-                max_bytes: 1 << 20,
-                batch_max_messages: NonZeroUsize::new(64).expect("non-zero"),
-                batch_max_bytes: NonZeroUsize::new(1 << 20).expect("non-zero"),
-                inbox_capacity: NonZeroUsize::new(64).expect("non-zero"),
-                cursors: vec![],
-                when_full: Default::default(),
-                min_free: 0,
-            },
-        )
-        .expect("open store")
-    }
-
-    fn route(filter: &str) -> Route {
-        Route::new(edge_config::RouteConfig {
-            name: "r".into(),
-            filter: filter.into(),
-            upstream: "up".into(),
-            exchange: "amq.topic".into(),
-            routing_key: "{topic}".into(),
-            priority: 0,
-            ttl: None,
-            persistent: true,
-        })
-    }
-
-    fn msg(topic: &str, qos: QoS) -> Message {
-        Message::new(topic, Bytes::from_static(b"x"), qos, "pub".into())
-    }
-
-    #[tokio::test]
-    async fn logs_qos1_and_routed_messages_only() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let router = Router::new(store(dir.path()), Routes::new(vec![route("up/#")]));
-
-        let r = router
-            .publish(msg("local/a", QoS::AtMostOnce))
-            .await
-            .expect("publish");
-        assert!(matches!(r, Receipt::Done), "unrouted QoS 0 is not logged");
-        let seq = router
-            .publish(msg("local/b", QoS::AtLeastOnce))
-            .await
-            .expect("publish")
-            .await;
-        assert_eq!(seq.expect("committed"), Some(1));
-        let seq = router
-            .publish(msg("up/c", QoS::AtMostOnce))
-            .await
-            .expect("publish")
-            .await;
-        assert_eq!(seq.expect("committed"), Some(2));
-
-        let stored = router.store().read(1, 10, 1 << 20).expect("read");
-        let topics: Vec<&str> = stored.iter().map(|(_, r)| r.topic.as_str()).collect();
-        assert_eq!(topics, ["local/b", "up/c"]);
-    }
-
-    #[tokio::test]
-    async fn fans_out_once_per_session_at_the_granted_qos() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let router = Router::new(store(dir.path()), Routes::default());
-        let (sub, mut rx) = router.connect("s".into(), 8);
-        assert_eq!(sub.subscribe("a/+", QoS::AtMostOnce), QoS::AtMostOnce);
-        assert_eq!(sub.subscribe("a/#", QoS::ExactlyOnce), QoS::AtLeastOnce);
-        let (other, mut other_rx) = router.connect("o".into(), 8);
-        other.subscribe("b/#", QoS::AtLeastOnce);
-
-        router
-            .publish(msg("a/x", QoS::AtLeastOnce))
-            .await
-            .expect("publish");
-        let d = rx.recv().await.expect("delivery");
-        assert_eq!(&*d.message.topic, "a/x");
-        assert_eq!(d.qos, QoS::AtLeastOnce);
-        assert!(rx.try_recv().is_err(), "overlapping filters deliver once");
-        assert!(
-            other_rx.try_recv().is_err(),
-            "non-matching session gets nothing"
-        );
-
-        sub.unsubscribe("a/#");
-        sub.unsubscribe("a/+");
-        router
-            .publish(msg("a/y", QoS::AtMostOnce))
-            .await
-            .expect("publish");
-        assert!(rx.try_recv().is_err(), "unsubscribed");
-    }
-
-    #[tokio::test]
-    async fn clients_cannot_set_reserved_headers() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let router = Router::new(store(dir.path()), Routes::default());
-        let mut m = msg("a", QoS::AtLeastOnce);
-        m.headers
-            .push(("x-edge-upstream".into(), Bytes::from_static(b"other")));
-        m.headers
-            .push(("content-type".into(), Bytes::from_static(b"text/plain")));
-        router
-            .publish(m)
-            .await
-            .expect("publish")
-            .await
-            .expect("committed");
-        let stored = router.store().read(1, 1, 1 << 20).expect("read");
-        let keys: Vec<&str> = stored[0]
-            .1
-            .headers
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect();
-        assert_eq!(keys, ["content-type"]);
-    }
-
-    #[tokio::test]
-    async fn full_subscriber_queue_drops_instead_of_blocking() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let router = Router::new(store(dir.path()), Routes::default());
-        let (sub, mut rx) = router.connect("slow".into(), 1);
-        sub.subscribe("#", QoS::AtMostOnce);
-        for _ in 0..3 {
-            router
-                .publish(msg("t", QoS::AtMostOnce))
-                .await
-                .expect("publish");
-        }
-        assert!(rx.try_recv().is_ok());
-        assert!(rx.try_recv().is_err(), "only the queue's capacity was kept");
-    }
-
-    #[tokio::test]
-    async fn same_client_id_takes_over_and_drop_unregisters() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let router = Router::new(store(dir.path()), Routes::default());
-        let (first, _rx1) = router.connect("dev".into(), 1);
-        let (second, _rx2) = router.connect("dev".into(), 1);
-        tokio::time::timeout(std::time::Duration::from_secs(5), first.taken_over())
-            .await
-            .expect("first session is told it was taken over");
-        drop(first);
-        assert_eq!(router.inner.sessions.read().expect("lock").len(), 1);
-        drop(second);
-        assert!(router.inner.sessions.read().expect("lock").is_empty());
-    }
-}
+mod tests;

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edge_config::{Config, OnCorrupt};
-use edge_core::{Router, Routes};
+use edge_core::{Router, RouterOptions, Routes};
 use edge_mqtt::MqttListener;
 use edge_store::{Store, StoreOptions};
 use edge_upstream::Replicator;
@@ -195,7 +195,16 @@ impl Gateway {
         let id = resolve_id(&store, config.gateway.id.as_deref()).await?;
         tracing::info!(id = %id, "gateway identity");
         let routes = Routes::from_config(&config.routes);
-        let router = Router::new(store.clone(), routes.clone());
+        let router = Router::start(
+            store.clone(),
+            routes.clone(),
+            RouterOptions {
+                session_expiry: config.mqtt.session_expiry,
+                max_session_queue: config.mqtt.max_session_queue.get(),
+            },
+        )
+        .await
+        .context("loading sessions and retained messages")?;
 
         let mqtt = MqttListener::bind(&config.mqtt)
             .await

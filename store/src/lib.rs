@@ -1,19 +1,31 @@
-//! The durable log of edge-gateway: records, cursors and dead letters in one
-//! redb database, written by one thread with group commit.
+//! The durable store of edge-gateway: the message log, its cursors, durable
+//! queues, retained messages, sessions and dead letters in one redb
+//! database, written by one thread with group commit.
 //!
-//! # What persists
+//! # What persists (schema 2)
 //!
-//! One redb database, `<data_dir>/edge.redb`, with four tables:
+//! One redb database, `<data_dir>/edge.redb`:
 //!
-//! | table          | key                | value                                    |
-//! |----------------|--------------------|------------------------------------------|
-//! | `log`          | `u64` seq          | encoded [`Record`] (format in `record.rs`)|
-//! | `cursors`      | `&str` cursor name | `u64`: next seq its owner has to forward |
-//! | `dead_letters` | `u64` seq          | `u32` LE reason length, reason, record   |
-//! | `meta`         | `&str`             | `schema_version` (`u32` LE, now 1), `retired_below` (`u64` LE), `gateway_id` (UTF-8) |
+//! | table           | key                  | value                                       |
+//! |-----------------|----------------------|---------------------------------------------|
+//! | `log`           | `u64` seq            | encoded [`Record`] (format in `record.rs`)  |
+//! | `cursors`       | `&str` name          | `u64`: next seq its owner has to forward    |
+//! | `queues`        | `&str` name          | `u64` queue id                              |
+//! | `queue_entries` | `(u64 queue, u64 seq)` | `u32` owner state (0 = queued)            |
+//! | `refs`          | `u64` seq            | `u32`: queue entries referencing the record |
+//! | `retained`      | `&str` topic         | encoded [`Record`]                          |
+//! | `sessions`      | `&str` client id     | the owner's encoding (opaque here)          |
+//! | `dead_letters`  | `u64` seq parked at  | typed dead letter + record (`dead.rs`)      |
+//! | `replays`       | `u64` seq            | replay mark of a replayed dead letter       |
+//! | `meta`          | `&str`               | `schema_version` (`u32` LE, 2), `retired_below` (`u64` LE), `gateway_id`, `stats` (six `u64` LE: live messages/bytes, dead letters/bytes, retained/bytes), `next_queue_id` |
 //!
-//! A store with another schema version is refused at open
-//! ([`OpenError::UnknownSchema`]), never guessed at.
+//! The store gives records no meaning: it never parses a message's
+//! headers. What it needs itself (who parked a record, which seq its
+//! message id has, what references it) lives in typed columns.
+//!
+//! A store of schema 1 is migrated at open, in the opening transaction
+//! (`migrate.rs`); another version is refused ([`OpenError::UnknownSchema`]),
+//! never guessed at.
 //!
 //! # Invariants
 //!
@@ -24,43 +36,48 @@
 //!   cursor and `retired_below`. Records queued by one caller commit in the
 //!   order queued.
 //! - An append is acknowledged (its [`Commit`] resolves `Ok(seq)`) only after
-//!   the write transaction holding it committed with `Durability::Immediate`.
-//!   A batch whose commit fails acknowledges nothing: every reply is
-//!   [`AppendError::Io`].
+//!   the write transaction holding it — with its queue entries and its
+//!   retained-table change — committed with `Durability::Immediate`. A batch
+//!   whose commit fails acknowledges nothing.
 //! - A cursor is the next seq its owner has to forward: everything below it is
 //!   done. It never moves backwards and never past the next seq to be
-//!   assigned. A cursor never set reads as the first seq in the log. Only the
-//!   cursors named in [`StoreOptions::cursors`] exist; others are deleted at
-//!   open.
-//! - Retirement: after each batch, records below the smallest configured
-//!   cursor are deleted (at most 10 000 per transaction so a commit stays
-//!   short; the writer continues while idle). An unset cursor holds every
-//!   record; with no cursor configured nothing is retired.
-//! - Quota: `live_bytes` is the sum of encoded sizes of the records in the
-//!   log, scanned at open and kept in memory. An append that would take it
-//!   past `max_bytes` is refused with [`AppendError::Full`], and so is every
-//!   later append of the same batch; after that, every append is refused
-//!   until retirement has made room for the largest refused record. So a
-//!   small message cannot slip in behind a refused larger one of the same
-//!   publisher, and its order has no holes. (A record larger than the whole
-//!   quota is refused alone.) With `WhenFull::DropOldest` the oldest log
-//!   records are deleted instead until the append fits (cursors below the
-//!   new first record move up to it; `retired_below` is raised so no seq is
-//!   reused). Dead letters count toward the quota too, so
-//!   parking cannot grow the disk without bound; they can be purged or
-//!   replayed.
-//! - Replay appends a dead letter's record to the log again exactly as it
-//!   was parked, headers included, under a new seq. The store gives headers
-//!   no meaning; the forwarder that parks a record marks it
-//!   (`x-edge-upstream`, `x-edge-seq`), so that after a replay only that
-//!   upstream forwards it, under its original message id.
+//!   assigned. The cursors named in [`StoreOptions::cursors`] are created at
+//!   open (at the first record) and others deleted; more can be created
+//!   (at the next seq) and dropped at run time.
+//! - **Reference rule.** A message fanned out to N durable queues is stored
+//!   once: each queue holds an entry `(queue, seq)` and `refs[seq]` counts
+//!   them. A record is retired when every cursor is past it AND no entry
+//!   references it: retirement deletes the unreferenced records below the
+//!   smallest cursor (at most 10 000 per transaction; the writer continues
+//!   while idle) and passes over the referenced ones; the entry that drops a
+//!   passed record's count to zero deletes it. With no cursor nothing is
+//!   retired.
+//! - Quota: the encoded bytes of the log, the dead letters and the retained
+//!   messages, kept in `meta` with every commit (opening does not scan). An
+//!   append that would take them past `max_bytes` (or past what the disk
+//!   allows, `space.rs`) is refused with [`AppendError::Full`], and so is
+//!   every later append of the same batch; after that, every append is
+//!   refused until retirement has made room for the largest refused record.
+//!   So a small message cannot slip in behind a refused larger one of the
+//!   same publisher, and its order has no holes. (A record larger than the
+//!   whole quota is refused alone.) With `WhenFull::DropOldest` the oldest
+//!   log records are deleted instead until the append fits (cursors below
+//!   the new first record move up to it; queue entries of a dropped record
+//!   read as gone; `retired_below` is raised so no seq is reused).
+//! - Replay appends a dead letter's record to the log again under a new seq,
+//!   with a [`Replay`] mark naming the upstreams that parked it and its
+//!   original seq, so that only they forward it, under its original message
+//!   id.
 //!
 //! # Recovery
 //!
 //! Opening is recovery: redb commits are atomic, so the database holds exactly
-//! the committed batches. Open creates missing tables, checks the schema,
-//! drops unconfigured cursors and scans the log for its live figures; there is
-//! no replay step.
+//! the committed batches (entries, references, retained changes and stats
+//! included). Open migrates an older schema, creates missing tables, drops
+//! unconfigured cursors and loads the figures from `meta`, the referenced
+//! seqs from `refs` and the queue names; there is no replay step. A commit
+//! that runs out of disk space is refused as full and the database is
+//! reopened (`space.rs`), which is the same recovery.
 //!
 //! # Concurrency
 //!
@@ -74,7 +91,9 @@
 //! handle joins it, which waits for the batch in flight (one commit).
 
 mod backend;
+mod dead;
 mod error;
+mod migrate;
 mod reader;
 mod record;
 mod space;
@@ -90,11 +109,60 @@ use redb::{Database, StorageBackend};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use backend::{BackendCounters, SlowSyncBackend};
+pub use dead::{Parked, Replay};
 pub use error::{AppendError, FullReason, OpenError, StoreError};
 pub use record::{DecodeError, Record};
-pub use tables::PARKED_BY_HEADER;
 
 use writer::{DeadLetterAction, Op, Writer};
+
+/// Where an appended record goes. See [`Store::submit_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// Into the log (implied when `queues` is not empty).
+    pub log: bool,
+    /// Durable queues whose entries reference the record.
+    pub queues: Vec<u64>,
+    /// Sets or clears the retained message of a topic with this record.
+    pub retain: Option<Retain>,
+}
+
+impl Placement {
+    /// The log only.
+    pub fn log() -> Placement {
+        Placement {
+            log: true,
+            ..Placement::default()
+        }
+    }
+}
+
+/// A change to the retained table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retain {
+    /// The record becomes the retained message of this topic.
+    Set(String),
+    /// The topic has no retained message any more.
+    Clear(String),
+}
+
+/// One log entry as read: seq, record, and the replay mark of a replayed
+/// dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: Seq,
+    pub record: Record,
+    pub replay: Option<Replay>,
+}
+
+/// One entry of a durable queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub seq: Seq,
+    /// The owner's state (0 when queued; see [`Store::queue_set`]).
+    pub state: u32,
+    /// `None` when the record is gone (`drop-oldest` made room).
+    pub record: Option<Record>,
+}
 
 /// Position in the log. The first appended record gets 1; 0 means "none".
 pub type Seq = u64;
@@ -153,13 +221,22 @@ pub struct StoreStats {
     /// Parked records and their bytes; they count toward the quota.
     pub dead_letters: u64,
     pub dead_letter_bytes: u64,
+    /// Retained messages and their bytes (topic + record); they count
+    /// toward the quota.
+    pub retained: u64,
+    pub retained_bytes: u64,
     pub max_bytes: u64,
 }
 
 /// A parked record, as listed by [`Store::dead_letters`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
+    /// The log seq it was parked at.
     pub seq: Seq,
+    /// The seq of its message id.
+    pub original_seq: Seq,
+    /// The upstreams that parked it (a replay goes to them only).
+    pub upstreams: Vec<String>,
     pub reason: String,
     pub record: Record,
 }
@@ -379,10 +456,12 @@ impl Store {
         let stats = StoreStats {
             first_seq: loaded.first_seq,
             next_seq: loaded.next_seq,
-            live_messages: loaded.live_messages,
-            live_bytes: loaded.live_bytes,
-            dead_letters: loaded.dead_letters,
-            dead_letter_bytes: loaded.dead_bytes,
+            live_messages: loaded.stats.live_messages,
+            live_bytes: loaded.stats.live_bytes,
+            dead_letters: loaded.stats.dead_letters,
+            dead_letter_bytes: loaded.stats.dead_bytes,
+            retained: loaded.stats.retained,
+            retained_bytes: loaded.stats.retained_bytes,
             max_bytes: options.max_bytes,
         };
         tracing::info!(
@@ -448,11 +527,27 @@ impl Store {
     /// when the record is durable (`Durability::Immediate`) or refused.
     /// Records queued by one caller are committed in the order queued.
     pub async fn submit(&self, record: Record) -> Result<Commit, AppendError> {
+        self.submit_with(record, Placement::log()).await
+    }
+
+    /// Like [`Store::submit`], with where the record goes: the log (its
+    /// seq is the commit's value; 0 when not logged), queue entries
+    /// referencing it, and the retained table — all in one commit.
+    pub async fn submit_with(
+        &self,
+        record: Record,
+        placement: Placement,
+    ) -> Result<Commit, AppendError> {
         let bytes = record.encode().map_err(AppendError::Invalid)?;
         let (reply, rx) = oneshot::channel();
-        self.send(Op::Append { bytes, reply })
-            .await
-            .map_err(|()| AppendError::Closed)?;
+        let op = Op::Append(writer::AppendOp {
+            bytes,
+            log: placement.log || !placement.queues.is_empty(),
+            queues: placement.queues,
+            retain: placement.retain,
+            reply,
+        });
+        self.send(op).await.map_err(|()| AppendError::Closed)?;
         Ok(Commit { rx })
     }
 
@@ -461,58 +556,167 @@ impl Store {
         self.submit(record).await?.await
     }
 
-    /// Reads up to `max_messages` records (and roughly `max_bytes`: at least
-    /// one record is returned when there is one) with seq >= `from`, in
+    /// Reads up to `max_messages` log entries (and roughly `max_bytes`: at
+    /// least one is returned when there is one) with seq >= `from`, in
     /// order. Blocking: call from `spawn_blocking`.
     pub fn read(
         &self,
         from: Seq,
         max_messages: usize,
         max_bytes: usize,
-    ) -> Result<Vec<(Seq, Record)>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         reader::read(&*self.shared().db()?, from, max_messages, max_bytes)
     }
 
     /// The durable value of a cursor: the next seq its owner has to forward
-    /// (everything below it is done). A cursor never set reads as the first
-    /// seq in the log (the next seq when the log is empty). Blocking (one
-    /// read transaction).
+    /// (everything below it is done). Blocking (one read transaction).
     pub fn cursor(&self, name: &str) -> Result<Seq, StoreError> {
         reader::cursor(&*self.shared().db()?, name, || self.stats().next_seq)
     }
 
     /// Moves a cursor forward (never backward, never past the next seq) in
     /// the next group commit and resolves once durable. Retires records no
-    /// cursor needs any more.
+    /// cursor or queue needs any more.
     pub async fn advance_cursor(&self, name: &str, next: Seq) -> Result<(), StoreError> {
-        if !self.shared().options.cursors.iter().any(|c| c == name) {
-            return Err(StoreError::UnknownCursor {
-                name: name.to_string(),
-            });
-        }
-        let (reply, rx) = oneshot::channel();
-        let op = Op::AdvanceCursor {
+        self.done_op(|reply| Op::AdvanceCursor {
             name: name.to_string(),
             next,
             reply,
+        })
+        .await
+    }
+
+    /// Creates a cursor at the next seq (nothing before it is kept for it);
+    /// an existing one is left as it is.
+    pub async fn create_cursor(&self, name: &str) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::CreateCursor {
+            name: name.to_string(),
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes a cursor: the records it held may be retired.
+    pub async fn drop_cursor(&self, name: &str) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::DropCursor {
+            name: name.to_string(),
+            reply,
+        })
+        .await
+    }
+
+    /// Parks a record in the dead-letter table; resolves once durable.
+    /// Parking does not remove the record from the log. A seq parked again
+    /// (by another upstream) keeps every upstream's name.
+    pub async fn park(&self, seq: Seq, record: Record, parked: Parked) -> Result<(), StoreError> {
+        let record = record
+            .encode()
+            .map_err(|source| StoreError::Decode { seq, source })?;
+        let meta = dead::Meta {
+            original_seq: parked.original_seq,
+            upstreams: vec![parked.upstream],
+            reason: parked.reason,
         };
-        self.send(op).await.map_err(|()| StoreError::Closed)?;
+        self.done_op(|reply| Op::Park {
+            seq,
+            meta,
+            record,
+            reply,
+        })
+        .await
+    }
+
+    /// Returns the id of the durable queue `name`, creating it if needed.
+    pub async fn create_queue(&self, name: &str) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::CreateQueue {
+            name: name.to_string(),
+            reply,
+        })
+        .await
+        .map_err(|()| StoreError::Closed)?;
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
-    /// Parks a record in the dead-letter table with a reason; resolves once
-    /// durable. Parking does not remove the record from the log.
-    pub async fn park(&self, seq: Seq, record: Record, reason: String) -> Result<(), StoreError> {
-        let bytes = record
-            .encode()
-            .map_err(|source| StoreError::Decode { seq, source })?;
-        let (reply, rx) = oneshot::channel();
-        let op = Op::Park {
-            seq,
-            value: tables::encode_dead_letter(&reason, &bytes),
+    /// Deletes a queue and its entries (records only it held may be retired).
+    pub async fn delete_queue(&self, name: &str) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::DeleteQueue {
+            name: name.to_string(),
             reply,
-        };
-        self.send(op).await.map_err(|()| StoreError::Closed)?;
+        })
+        .await
+    }
+
+    /// Removes entries of a queue (delivered and acknowledged, or dropped).
+    pub async fn queue_ack(&self, queue: u64, seqs: Vec<Seq>) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::QueueAck { queue, seqs, reply })
+            .await
+    }
+
+    /// Records the owner's state of an entry (sent, packet id, ...).
+    pub async fn queue_set(&self, queue: u64, seq: Seq, state: u32) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::QueueSet {
+            queue,
+            seq,
+            state,
+            reply,
+        })
+        .await
+    }
+
+    /// Up to `max` entries of `queue` with seq >= `from`, in seq order, each
+    /// with its record (`None` if the record was dropped: `drop-oldest`).
+    /// Blocking (one read transaction).
+    pub fn queue_entries(
+        &self,
+        queue: u64,
+        from: Seq,
+        max: usize,
+    ) -> Result<Vec<QueueEntry>, StoreError> {
+        reader::queue_entries(&*self.shared().db()?, queue, from, max)
+    }
+
+    /// Every durable queue: (name, id). Blocking.
+    pub fn queues(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        reader::queues(&*self.shared().db()?)
+    }
+
+    /// Stores a session as its owner encoded it (durable on return).
+    pub async fn put_session(&self, id: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::PutSession {
+            id: id.to_string(),
+            value,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn delete_session(&self, id: &str) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::DeleteSession {
+            id: id.to_string(),
+            reply,
+        })
+        .await
+    }
+
+    /// Every stored session: (id, value). Blocking.
+    pub fn sessions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        reader::sessions(&*self.shared().db()?)
+    }
+
+    /// Every retained message: (topic, record). Blocking.
+    pub fn retained(&self) -> Result<Vec<(String, Record)>, StoreError> {
+        reader::retained(&*self.shared().db()?)
+    }
+
+    async fn done_op(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Op,
+    ) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(op(reply))
+            .await
+            .map_err(|()| StoreError::Closed)?;
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
@@ -525,13 +729,11 @@ impl Store {
     /// Records the gateway identity (durable on return). Message ids are
     /// `<gateway id>:<seq>`, so the identity belongs with the log.
     pub async fn set_gateway_id(&self, id: &str) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let op = Op::SetGatewayId {
+        self.done_op(|reply| Op::SetGatewayId {
             id: id.to_string(),
             reply,
-        };
-        self.send(op).await.map_err(|()| StoreError::Closed)?;
-        rx.await.unwrap_or(Err(StoreError::Closed))
+        })
+        .await
     }
 
     /// Deletes up to `max` dead letters, oldest first; returns how many.
@@ -541,10 +743,9 @@ impl Store {
 
     /// Appends the records of up to `max` dead letters to the log again
     /// (oldest first, under new seqs) and deletes them, in one commit;
-    /// returns how many. Each record is appended byte for byte as parked,
-    /// headers included: the marks the forwarder added when parking
-    /// (`x-edge-upstream`, `x-edge-seq`) make only the upstream that parked
-    /// it forward it again, with its original message id.
+    /// returns how many. Each replayed entry carries a [`Replay`] mark: only
+    /// the upstreams that parked it forward it again, under its original
+    /// message id.
     pub async fn replay_dead_letters(&self, max: usize) -> Result<u64, StoreError> {
         self.dead_letter_op(DeadLetterAction::Replay, max).await
     }

@@ -3,8 +3,11 @@
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
-use crate::tables::{CURSORS, DEAD_LETTERS, LOG, META, decode_dead_letter};
-use crate::{DeadLetter, DecodeError, Record, Seq, StoreError};
+use crate::dead;
+use crate::tables::{
+    CURSORS, DEAD_LETTERS, LOG, META, QUEUE_ENTRIES, QUEUES, REPLAYS, RETAINED, SESSIONS,
+};
+use crate::{DeadLetter, DecodeError, Entry, QueueEntry, Record, Seq, StoreError};
 
 fn read_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Read(e.into().to_string())
@@ -15,9 +18,10 @@ pub(crate) fn read(
     from: Seq,
     max_messages: usize,
     max_bytes: usize,
-) -> Result<Vec<(Seq, Record)>, StoreError> {
+) -> Result<Vec<Entry>, StoreError> {
     let txn = db.begin_read().map_err(read_err)?;
     let log = txn.open_table(LOG).map_err(read_err)?;
+    let replays = txn.open_table(REPLAYS).map_err(read_err)?;
     let mut out = Vec::new();
     let mut bytes = 0usize;
     for entry in log.range(from..).map_err(read_err)? {
@@ -29,7 +33,15 @@ pub(crate) fn read(
         let value = v.value();
         bytes += value.len();
         let record = Record::decode(value).map_err(|source| StoreError::Decode { seq, source })?;
-        out.push((seq, record));
+        let replay = replays
+            .get(seq)
+            .map_err(read_err)?
+            .and_then(|v| dead::decode_replay(v.value()));
+        out.push(Entry {
+            seq,
+            record,
+            replay,
+        });
     }
     Ok(out)
 }
@@ -62,14 +74,16 @@ pub(crate) fn dead_letters(
     for entry in table.range(from..).map_err(read_err)?.take(max) {
         let (k, v) = entry.map_err(read_err)?;
         let seq = k.value();
-        let (reason, bytes) = decode_dead_letter(v.value()).ok_or(StoreError::Decode {
+        let (meta, bytes) = dead::decode(v.value()).ok_or(StoreError::Decode {
             seq,
             source: DecodeError::Truncated,
         })?;
         let record = Record::decode(bytes).map_err(|source| StoreError::Decode { seq, source })?;
         out.push(DeadLetter {
             seq,
-            reason,
+            original_seq: meta.original_seq,
+            upstreams: meta.upstreams,
+            reason: meta.reason,
             record,
         });
     }
@@ -82,4 +96,73 @@ pub(crate) fn meta_string(db: &Database, key: &str) -> Result<Option<String>, St
     let meta = txn.open_table(META).map_err(read_err)?;
     let value = meta.get(key).map_err(read_err)?;
     Ok(value.map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+}
+
+pub(crate) fn queue_entries(
+    db: &Database,
+    queue: u64,
+    from: Seq,
+    max: usize,
+) -> Result<Vec<QueueEntry>, StoreError> {
+    let txn = db.begin_read().map_err(read_err)?;
+    let entries = txn.open_table(QUEUE_ENTRIES).map_err(read_err)?;
+    let log = txn.open_table(LOG).map_err(read_err)?;
+    let mut out = Vec::new();
+    for entry in entries
+        .range((queue, from)..=(queue, u64::MAX))
+        .map_err(read_err)?
+        .take(max)
+    {
+        let (k, v) = entry.map_err(read_err)?;
+        let seq = k.value().1;
+        let record = match log.get(seq).map_err(read_err)? {
+            Some(bytes) => Some(
+                Record::decode(bytes.value())
+                    .map_err(|source| StoreError::Decode { seq, source })?,
+            ),
+            None => None,
+        };
+        out.push(QueueEntry {
+            seq,
+            state: v.value(),
+            record,
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) fn queues(db: &Database) -> Result<Vec<(String, u64)>, StoreError> {
+    let txn = db.begin_read().map_err(read_err)?;
+    let table = txn.open_table(QUEUES).map_err(read_err)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(read_err)? {
+        let (k, v) = entry.map_err(read_err)?;
+        out.push((k.value().to_string(), v.value()));
+    }
+    Ok(out)
+}
+
+pub(crate) fn sessions(db: &Database) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let txn = db.begin_read().map_err(read_err)?;
+    let table = txn.open_table(SESSIONS).map_err(read_err)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(read_err)? {
+        let (k, v) = entry.map_err(read_err)?;
+        out.push((k.value().to_string(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
+pub(crate) fn retained(db: &Database) -> Result<Vec<(String, Record)>, StoreError> {
+    let txn = db.begin_read().map_err(read_err)?;
+    let table = txn.open_table(RETAINED).map_err(read_err)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(read_err)? {
+        let (k, v) = entry.map_err(read_err)?;
+        // The seq of a retained record is not a log seq: report 0.
+        let record =
+            Record::decode(v.value()).map_err(|source| StoreError::Decode { seq: 0, source })?;
+        out.push((k.value().to_string(), record));
+    }
+    Ok(out)
 }

@@ -1,8 +1,8 @@
 //! Table definitions, the schema check and the open-time scan.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 
 use crate::Seq;
 
@@ -10,8 +10,21 @@ use crate::Seq;
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// cursor name -> next seq its owner has to forward.
 pub(crate) const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
-/// seq -> dead letter (see [`encode_dead_letter`]).
+/// seq it was parked at -> typed dead letter (see `dead.rs`).
 pub(crate) const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// seq of a replayed dead letter in the log -> its replay mark (`dead.rs`).
+pub(crate) const REPLAYS: TableDefinition<u64, &[u8]> = TableDefinition::new("replays");
+/// topic -> encoded record: the retained message of that topic.
+pub(crate) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+/// client id -> the session as its owner encoded it (opaque to the store).
+pub(crate) const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// queue name -> queue id.
+pub(crate) const QUEUES: TableDefinition<&str, u64> = TableDefinition::new("queues");
+/// (queue id, seq) -> entry state (owner-defined `u32`; 0 when queued).
+pub(crate) const QUEUE_ENTRIES: TableDefinition<(u64, u64), u32> =
+    TableDefinition::new("queue_entries");
+/// seq -> number of queue entries referencing it (absent: none).
+pub(crate) const REFS: TableDefinition<u64, u32> = TableDefinition::new("refs");
 /// key -> value; holds [`SCHEMA_KEY`].
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -21,19 +34,72 @@ pub(crate) const SCHEMA_KEY: &str = "schema_version";
 pub(crate) const RETIRED_BELOW_KEY: &str = "retired_below";
 /// The gateway identity this store's message ids were made with (UTF-8).
 pub(crate) const GATEWAY_ID_KEY: &str = "gateway_id";
-pub(crate) const SCHEMA_VERSION: u32 = 1;
+/// The live figures ([`Stats`]), kept with every commit so that opening a
+/// large store does not scan it.
+pub(crate) const STATS_KEY: &str = "stats";
+/// The id the next new queue gets (u64 LE).
+pub(crate) const NEXT_QUEUE_KEY: &str = "next_queue_id";
+pub(crate) const SCHEMA_VERSION: u32 = 2;
+
+/// Figures persisted in `meta` under [`STATS_KEY`]: six u64 LE.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Stats {
+    pub live_messages: u64,
+    pub live_bytes: u64,
+    pub dead_letters: u64,
+    pub dead_bytes: u64,
+    pub retained: u64,
+    pub retained_bytes: u64,
+}
+
+impl Stats {
+    pub(crate) fn encode(&self) -> [u8; 48] {
+        let mut out = [0u8; 48];
+        let fields = [
+            self.live_messages,
+            self.live_bytes,
+            self.dead_letters,
+            self.dead_bytes,
+            self.retained,
+            self.retained_bytes,
+        ];
+        for (i, f) in fields.iter().enumerate() {
+            out[i * 8..(i + 1) * 8].copy_from_slice(&f.to_le_bytes());
+        }
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Stats> {
+        let f = |i: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(
+                bytes.get(i * 8..(i + 1) * 8)?.try_into().ok()?,
+            ))
+        };
+        Some(Stats {
+            live_messages: f(0)?,
+            live_bytes: f(1)?,
+            dead_letters: f(2)?,
+            dead_bytes: f(3)?,
+            retained: f(4)?,
+            retained_bytes: f(5)?,
+        })
+    }
+}
 
 /// What the writer and the handles start from, as found on disk.
 #[derive(Debug, Clone)]
 pub(crate) struct Loaded {
     pub first_seq: Seq,
     pub next_seq: Seq,
-    pub live_messages: u64,
-    pub live_bytes: u64,
-    pub dead_letters: u64,
-    pub dead_bytes: u64,
-    /// Value of every configured cursor that is set.
+    pub stats: Stats,
+    /// Every cursor (configured ones created at open).
     pub cursors: BTreeMap<String, Seq>,
+    /// Seqs referenced by queue entries: retirement keeps them.
+    pub held: BTreeSet<Seq>,
+    pub queues: BTreeMap<String, u64>,
+    pub next_queue_id: u64,
+    /// Every record below this seq that no queue references was retired.
+    pub retired_upto: Seq,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,13 +110,22 @@ pub(crate) enum InitError {
     Redb(#[from] redb::Error),
 }
 
-fn redb_err(e: impl Into<redb::Error>) -> InitError {
+pub(crate) fn redb_err(e: impl Into<redb::Error>) -> InitError {
     InitError::Redb(e.into())
 }
 
-/// Creates missing tables, checks the schema version, drops cursors that are
-/// not configured, and scans the log for its live figures. One write
-/// transaction: opening is recovery.
+fn meta_u64(meta: &redb::Table<&str, &[u8]>, key: &str) -> Result<Option<u64>, InitError> {
+    Ok(meta
+        .get(key)
+        .map_err(redb_err)?
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map(u64::from_le_bytes))
+}
+
+/// Creates missing tables, checks the schema version (migrating a v1 store),
+/// drops cursors that are not configured and creates those that are, and
+/// loads the live figures from `meta`. One write transaction: opening is
+/// recovery.
 ///
 /// A store created by this call starts its seqs at `first_seq` (recorded as
 /// `retired_below`), so a store that replaces a lost one does not hand out
@@ -62,27 +137,52 @@ pub(crate) fn init(
 ) -> Result<Loaded, InitError> {
     let txn = db.begin_write().map_err(redb_err)?;
     let loaded = {
-        let mut meta = txn.open_table(META).map_err(redb_err)?;
-        let found = meta
-            .get(SCHEMA_KEY)
-            .map_err(redb_err)?
-            .map(|v| v.value().to_vec());
-        match found {
+        let found = {
+            let meta = txn.open_table(META).map_err(redb_err)?;
+            meta.get(SCHEMA_KEY)
+                .map_err(redb_err)?
+                .map(|v| v.value().to_vec())
+        };
+        let version = match found {
+            None => None,
+            Some(v) => match <[u8; 4]>::try_from(v.as_slice()) {
+                Ok(b) => Some(u32::from_le_bytes(b)),
+                Err(_) => {
+                    return Err(InitError::UnknownSchema {
+                        found: format!("{v:02x?}"),
+                    });
+                }
+            },
+        };
+        match version {
             None => {
+                let mut meta = txn.open_table(META).map_err(redb_err)?;
                 meta.insert(SCHEMA_KEY, SCHEMA_VERSION.to_le_bytes().as_slice())
                     .map_err(redb_err)?;
                 meta.insert(RETIRED_BELOW_KEY, first_seq.max(1).to_le_bytes().as_slice())
                     .map_err(redb_err)?;
+                meta.insert(STATS_KEY, Stats::default().encode().as_slice())
+                    .map_err(redb_err)?;
             }
-            Some(v) if v.as_slice() == SCHEMA_VERSION.to_le_bytes().as_slice() => {}
-            Some(v) => {
-                let found = match <[u8; 4]>::try_from(v.as_slice()) {
-                    Ok(b) => u32::from_le_bytes(b).to_string(),
-                    Err(_) => format!("{v:02x?}"),
-                };
-                return Err(InitError::UnknownSchema { found });
+            Some(1) => crate::migrate::v1_to_v2(&txn)?,
+            Some(SCHEMA_VERSION) => {}
+            Some(other) => {
+                return Err(InitError::UnknownSchema {
+                    found: other.to_string(),
+                });
             }
         }
+        // Every table exists from here on.
+        for table in [LOG, DEAD_LETTERS, REPLAYS] {
+            txn.open_table(table).map_err(redb_err)?;
+        }
+        txn.open_table(RETAINED).map_err(redb_err)?;
+        txn.open_table(SESSIONS).map_err(redb_err)?;
+        txn.open_table(QUEUE_ENTRIES).map_err(redb_err)?;
+
+        let log = txn.open_table(LOG).map_err(redb_err)?;
+        let first = log.first().map_err(redb_err)?.map(|(k, _)| k.value());
+        let last = log.last().map_err(redb_err)?.map(|(k, _)| k.value());
 
         let keep: HashSet<&str> = configured.iter().map(String::as_str).collect();
         let mut cursors = txn.open_table(CURSORS).map_err(redb_err)?;
@@ -101,109 +201,96 @@ pub(crate) fn init(
             tracing::info!(cursor = %name, at, "Removed a stored cursor that is no longer configured.");
         }
 
-        let log = txn.open_table(LOG).map_err(redb_err)?;
-        let dead = txn.open_table(DEAD_LETTERS).map_err(redb_err)?;
-        let dead_letters = dead.len().map_err(redb_err)?;
-        let mut dead_bytes = 0u64;
-        for entry in dead.iter().map_err(redb_err)? {
-            let (_, v) = entry.map_err(redb_err)?;
-            dead_bytes += v.value().len() as u64;
-        }
-        let live_messages = log.len().map_err(redb_err)?;
-        let mut live_bytes = 0u64;
-        for entry in log.iter().map_err(redb_err)? {
-            let (_, v) = entry.map_err(redb_err)?;
-            live_bytes += v.value().len() as u64;
-        }
-        let first = log.first().map_err(redb_err)?.map(|(k, _)| k.value());
-        let last = log.last().map_err(redb_err)?.map(|(k, _)| k.value());
+        let mut meta = txn.open_table(META).map_err(redb_err)?;
         // The log may be empty because everything was retired: the next seq
         // never goes below a retired seq or a cursor, so no seq is reused.
-        let retired_below = meta
-            .get(RETIRED_BELOW_KEY)
-            .map_err(redb_err)?
-            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-            .map_or(1, u64::from_le_bytes);
+        let retired_below = meta_u64(&meta, RETIRED_BELOW_KEY)?.unwrap_or(1);
         let highest_cursor = kept.values().copied().max().unwrap_or(1);
         let next_seq = last
             .map_or(1, |l| l + 1)
             .max(highest_cursor)
             .max(retired_below);
+        // A configured cursor that was never set starts at the first record.
+        for name in configured {
+            if !kept.contains_key(name) {
+                let at = first.unwrap_or(next_seq);
+                cursors.insert(name.as_str(), at).map_err(redb_err)?;
+                kept.insert(name.clone(), at);
+            }
+        }
+        let stats = match meta.get(STATS_KEY).map_err(redb_err)? {
+            Some(v) => Stats::decode(v.value()),
+            None => None,
+        };
+        let stats = match stats {
+            Some(s) => s,
+            None => {
+                let s = scan_stats(&txn)?;
+                meta.insert(STATS_KEY, s.encode().as_slice())
+                    .map_err(redb_err)?;
+                s
+            }
+        };
+        let next_queue_id = meta_u64(&meta, NEXT_QUEUE_KEY)?.unwrap_or(1);
+
+        let refs = txn.open_table(REFS).map_err(redb_err)?;
+        let mut held = BTreeSet::new();
+        for entry in refs.iter().map_err(redb_err)? {
+            let (k, _) = entry.map_err(redb_err)?;
+            held.insert(k.value());
+        }
+        let queues_table = txn.open_table(QUEUES).map_err(redb_err)?;
+        let mut queues = BTreeMap::new();
+        for entry in queues_table.iter().map_err(redb_err)? {
+            let (k, v) = entry.map_err(redb_err)?;
+            queues.insert(k.value().to_string(), v.value());
+        }
+        // Retirement resumes at the first record no queue holds, and never
+        // above a cursor (a released record below it is deleted at once).
+        let mut retired_upto = next_seq;
+        for entry in log.iter().map_err(redb_err)? {
+            let (k, _) = entry.map_err(redb_err)?;
+            if !held.contains(&k.value()) {
+                retired_upto = k.value();
+                break;
+            }
+        }
+        let retired_upto = retired_upto.min(kept.values().copied().min().unwrap_or(0));
         Loaded {
             first_seq: first.unwrap_or(0),
             next_seq,
-            live_messages,
-            live_bytes,
-            dead_letters,
-            dead_bytes,
+            stats,
             cursors: kept,
+            held,
+            queues,
+            next_queue_id,
+            retired_upto,
         }
     };
     txn.commit().map_err(redb_err)?;
     Ok(loaded)
 }
 
-/// Dead-letter value: `u32` reason length (LE), reason (UTF-8), then the
-/// encoded record.
-pub(crate) fn encode_dead_letter(reason: &str, record: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + reason.len() + record.len());
-    out.extend_from_slice(&(reason.len() as u32).to_le_bytes());
-    out.extend_from_slice(reason.as_bytes());
-    out.extend_from_slice(record);
-    out
-}
-
-/// Splits a dead-letter value into (reason, encoded record).
-pub(crate) fn decode_dead_letter(value: &[u8]) -> Option<(String, &[u8])> {
-    let len = u32::from_le_bytes(value.get(..4)?.try_into().ok()?) as usize;
-    let end = len.checked_add(4)?;
-    let reason = value.get(4..end)?;
-    let reason = std::str::from_utf8(reason).ok()?.to_string();
-    Some((reason, value.get(end..)?))
-}
-
-/// Header of a parked record naming the cursor(s) (upstreams) that parked
-/// it, comma-separated; a replay is forwarded only by them.
-pub const PARKED_BY_HEADER: &str = "x-edge-upstream";
-
-/// The dead letter for a seq parked again: reasons joined, and the
-/// [`PARKED_BY_HEADER`] names of both copies kept. `None` if either value
-/// does not decode (the newer value then simply replaces the older).
-pub(crate) fn merge_dead_letters(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
-    let (old_reason, old_record) = decode_dead_letter(old)?;
-    let (new_reason, new_record) = decode_dead_letter(new)?;
-    let old_record = crate::Record::decode(old_record).ok()?;
-    let mut record = crate::Record::decode(new_record).ok()?;
-    let names = |r: &crate::Record| -> Vec<String> {
-        r.headers
-            .iter()
-            .filter(|(k, _)| k == PARKED_BY_HEADER)
-            .flat_map(|(_, v)| {
-                String::from_utf8_lossy(v)
-                    .split(',')
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .filter(|n| !n.is_empty())
-            .collect()
-    };
-    let mut parked_by = names(&old_record);
-    for name in names(&record) {
-        if !parked_by.contains(&name) {
-            parked_by.push(name);
-        }
+/// The live figures by scanning the tables (a store without them recorded).
+pub(crate) fn scan_stats(txn: &redb::WriteTransaction) -> Result<Stats, InitError> {
+    let mut s = Stats::default();
+    let log = txn.open_table(LOG).map_err(redb_err)?;
+    for entry in log.iter().map_err(redb_err)? {
+        let (_, v) = entry.map_err(redb_err)?;
+        s.live_messages += 1;
+        s.live_bytes += v.value().len() as u64;
     }
-    if !parked_by.is_empty() {
-        record.headers.retain(|(k, _)| k != PARKED_BY_HEADER);
-        record.headers.push((
-            PARKED_BY_HEADER.to_string(),
-            bytes::Bytes::from(parked_by.join(",")),
-        ));
+    let dead = txn.open_table(DEAD_LETTERS).map_err(redb_err)?;
+    for entry in dead.iter().map_err(redb_err)? {
+        let (_, v) = entry.map_err(redb_err)?;
+        s.dead_letters += 1;
+        s.dead_bytes += v.value().len() as u64;
     }
-    let reason = if old_reason == new_reason {
-        new_reason
-    } else {
-        format!("{old_reason} | {new_reason}")
-    };
-    Some(encode_dead_letter(&reason, &record.encode().ok()?))
+    let retained = txn.open_table(RETAINED).map_err(redb_err)?;
+    for entry in retained.iter().map_err(redb_err)? {
+        let (k, v) = entry.map_err(redb_err)?;
+        s.retained += 1;
+        s.retained_bytes += (k.value().len() + v.value().len()) as u64;
+    }
+    Ok(s)
 }

@@ -35,7 +35,21 @@ pub(super) fn record(n: u64, payload_len: usize) -> Record {
 }
 
 fn all(store: &Store) -> Vec<(Seq, Record)> {
-    store.read(0, usize::MAX, usize::MAX).unwrap()
+    store
+        .read(0, usize::MAX, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, e.record))
+        .collect()
+}
+
+/// Parked by `upstream` at its own seq.
+fn parked(upstream: &str, seq: Seq, reason: &str) -> Parked {
+    Parked {
+        upstream: upstream.into(),
+        original_seq: seq,
+        reason: reason.into(),
+    }
 }
 
 fn slow(dir: &Path, delay_ms: u64, opts: StoreOptions) -> Store {
@@ -199,7 +213,7 @@ async fn read_honours_its_limits() {
         store.append(record(n, 100)).await.unwrap();
     }
     assert_eq!(store.read(4, 3, usize::MAX).unwrap().len(), 3);
-    assert_eq!(store.read(4, 3, usize::MAX).unwrap()[0].0, 4);
+    assert_eq!(store.read(4, 3, usize::MAX).unwrap()[0].seq, 4);
     assert_eq!(
         store.read(1, 100, 1).unwrap().len(),
         1,
@@ -216,7 +230,11 @@ async fn parked_records_are_listed_with_their_reason() {
     let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
     let seq = store.append(record(1, 5)).await.unwrap();
     store
-        .park(seq, record(1, 5), "unroutable: no queue bound".into())
+        .park(
+            seq,
+            record(1, 5),
+            parked("up", seq, "unroutable: no queue bound"),
+        )
         .await
         .unwrap();
     let dead = store.dead_letters(0, 10).unwrap();
@@ -224,6 +242,8 @@ async fn parked_records_are_listed_with_their_reason() {
         dead,
         vec![DeadLetter {
             seq,
+            original_seq: seq,
+            upstreams: vec!["up".into()],
             reason: "unroutable: no queue bound".into(),
             record: record(1, 5),
         }]
@@ -443,7 +463,11 @@ async fn dead_letters_count_toward_the_quota_and_can_be_purged_or_replayed() {
     for n in 1..=3 {
         let seq = store.append(record(n, 50)).await.expect("append");
         store
-            .park(seq, record(n, 50), format!("reason {n}"))
+            .park(
+                seq,
+                record(n, 50),
+                parked("up", seq, &format!("reason {n}")),
+            )
             .await
             .expect("park");
     }
@@ -459,8 +483,18 @@ async fn dead_letters_count_toward_the_quota_and_can_be_purged_or_replayed() {
 
     // Replay one: it is appended to the log under a new seq.
     assert_eq!(store.replay_dead_letters(1).await.expect("replay"), 1);
-    let replayed: Vec<(Seq, Record)> = store.read(0, 10, usize::MAX).expect("read");
-    assert_eq!(replayed, vec![(4, record(1, 50))]);
+    let replayed = store.read(0, 10, usize::MAX).expect("read");
+    assert_eq!(
+        replayed,
+        vec![Entry {
+            seq: 4,
+            record: record(1, 50),
+            replay: Some(Replay {
+                original_seq: 1,
+                upstreams: vec!["up".into()],
+            }),
+        }]
+    );
     assert_eq!(store.stats().dead_letters, 2);
     assert_eq!(*store.committed().borrow(), 4, "replicators are woken");
 
@@ -481,7 +515,7 @@ async fn parked_bytes_fill_the_quota_like_log_bytes() {
     let store = Store::open(dir.path(), options(3 * size, &["up"])).expect("open");
     let seq = store.append(record(1, 100)).await.expect("append");
     store
-        .park(seq, record(1, 100), "r".into())
+        .park(seq, record(1, 100), parked("up", seq, "r"))
         .await
         .expect("park");
     store.advance_cursor("up", seq + 1).await.expect("advance");
@@ -512,7 +546,7 @@ async fn a_refused_record_that_cannot_fit_beside_the_dead_letters_locks_nothing(
     for n in 1..=12 {
         let seq = store.append(record(n, 10)).await.expect("append");
         store
-            .park(seq, record(n, 10), "r".into())
+            .park(seq, record(n, 10), parked("up", seq, "r"))
             .await
             .expect("park");
         store.advance_cursor("up", seq + 1).await.expect("advance");
@@ -531,31 +565,43 @@ async fn a_refused_record_that_cannot_fit_beside_the_dead_letters_locks_nothing(
 }
 
 #[tokio::test]
-async fn replay_appends_the_parked_record_as_is_headers_included() {
+async fn replay_appends_the_parked_record_as_is_marked_for_its_upstreams() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path(), options(1 << 20, &["up"])).expect("open");
     let mut marked = Vec::new();
     for n in 1..=2 {
         let seq = store.append(record(n, 20)).await.expect("append");
-        let mut parked = record(n, 20);
-        parked.headers = vec![
-            ("unit".into(), Bytes::from_static(b"C")),
-            ("x-edge-upstream".into(), Bytes::from_static(b"central")),
-            ("x-edge-seq".into(), Bytes::from(seq.to_string())),
-        ];
+        let mut parked_record = record(n, 20);
+        parked_record.headers = vec![("unit".into(), Bytes::from_static(b"C"))];
         store
-            .park(seq, parked.clone(), "unroutable".into())
+            .park(
+                seq,
+                parked_record.clone(),
+                parked("central", seq, "unroutable"),
+            )
             .await
             .expect("park");
-        marked.push(parked);
+        marked.push((parked_record, seq));
     }
     store.advance_cursor("up", 3).await.expect("advance");
     let commits = store.commits();
 
     assert_eq!(store.replay_dead_letters(10).await.expect("replay"), 2);
     assert_eq!(store.commits(), commits + 1, "one commit for the replay");
-    let replayed: Vec<Record> = all(&store).into_iter().map(|(_, r)| r).collect();
-    assert_eq!(replayed, marked, "oldest first, byte for byte as parked");
+    let replayed: Vec<(Record, Seq)> = store
+        .read(0, 10, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|e| {
+            let replay = e.replay.expect("marked as a replay");
+            assert!(replay.is_for("central") && !replay.is_for("backup"));
+            (e.record, replay.original_seq)
+        })
+        .collect();
+    assert_eq!(
+        replayed, marked,
+        "oldest first, as parked, with their first seqs"
+    );
     assert_eq!(store.stats().dead_letters, 0);
 }
 
@@ -565,26 +611,20 @@ async fn a_seq_parked_by_two_upstreams_keeps_both_names() {
     let store = Store::open(dir.path(), options(1 << 20, &[])).expect("open");
     let seq = store.append(record(1, 5)).await.expect("append");
     for upstream in ["a", "b", "a"] {
-        let mut parked = record(1, 5);
-        parked
-            .headers
-            .push((PARKED_BY_HEADER.to_string(), Bytes::from(upstream)));
         store
-            .park(seq, parked, format!("{upstream} failed"))
+            .park(
+                seq,
+                record(1, 5),
+                parked(upstream, seq, &format!("{upstream} failed")),
+            )
             .await
             .expect("park");
     }
     let dead = store.dead_letters(0, 10).expect("list");
     assert_eq!(dead.len(), 1);
     assert_eq!(store.stats().dead_letters, 1);
-    let names: Vec<&[u8]> = dead[0]
-        .record
-        .headers
-        .iter()
-        .filter(|(k, _)| k == PARKED_BY_HEADER)
-        .map(|(_, v)| v.as_ref())
-        .collect();
-    assert_eq!(names, [b"a,b".as_slice()]);
+    assert_eq!(dead[0].upstreams, ["a", "b"]);
+    assert!(dead[0].record.headers.is_empty(), "no marks in the message");
     assert!(
         dead[0].reason.contains("a failed") && dead[0].reason.contains("b failed"),
         "{}",
@@ -738,4 +778,158 @@ async fn running_out_of_disk_space_refuses_like_the_quota_and_the_store_stays_up
     // Nothing committed was lost across the reopen.
     let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
     assert_eq!(all(&store).len(), 2);
+}
+
+#[tokio::test]
+async fn a_record_queued_for_many_is_stored_once_and_retired_when_the_last_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    let mut queues = Vec::new();
+    for n in 0..100 {
+        queues.push(store.create_queue(&format!("session/{n}")).await.unwrap());
+    }
+    assert_eq!(
+        store.create_queue("session/7").await.unwrap(),
+        queues[7],
+        "idempotent"
+    );
+    let placement = Placement {
+        log: true,
+        queues: queues.clone(),
+        retain: None,
+    };
+    let seq = store
+        .submit_with(record(1, 1000), placement)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(store.stats().live_messages, 1);
+    assert!(
+        store.stats().live_bytes < 1100,
+        "stored once: {:?}",
+        store.stats()
+    );
+    // The upstream is done with it; the queues still hold it.
+    store.advance_cursor("up", seq + 1).await.unwrap();
+    assert_eq!(store.stats().live_messages, 1);
+    for q in &queues[..99] {
+        let entries = store.queue_entries(*q, 0, 10).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].record.as_ref(), Some(&record(1, 1000)));
+        store.queue_ack(*q, vec![seq]).await.unwrap();
+    }
+    assert_eq!(store.stats().live_messages, 1, "one queue still holds it");
+    store.queue_set(queues[99], seq, 7).await.unwrap();
+    drop(store);
+
+    // Entries, their state and the hold survive a reopen.
+    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    let last = queues[99];
+    let entries = store.queue_entries(last, 0, 10).unwrap();
+    assert_eq!((entries.len(), entries[0].state), (1, 7));
+    assert_eq!(store.queues().unwrap().len(), 100);
+    store.queue_ack(last, vec![seq]).await.unwrap();
+    assert_eq!(store.stats().live_messages, 0, "retired with the last ack");
+    assert!(store.queue_entries(last, 0, 10).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_held_record_is_not_retired_before_the_upstream_is_done_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    let q = store.create_queue("s").await.unwrap();
+    let placement = Placement {
+        log: true,
+        queues: vec![q],
+        retain: None,
+    };
+    let seq = store
+        .submit_with(record(1, 10), placement)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    store.queue_ack(q, vec![seq]).await.unwrap();
+    assert_eq!(all(&store).len(), 1, "the upstream has not forwarded it");
+    store.advance_cursor("up", seq + 1).await.unwrap();
+    assert!(all(&store).is_empty());
+    // Deleting a queue releases what it held.
+    let seq = store
+        .submit_with(
+            record(2, 10),
+            Placement {
+                log: true,
+                queues: vec![q],
+                retain: None,
+            },
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    store.advance_cursor("up", seq + 1).await.unwrap();
+    assert_eq!(all(&store).len(), 1);
+    store.delete_queue("s").await.unwrap();
+    assert!(all(&store).is_empty());
+    assert!(store.queues().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn retained_messages_are_set_replaced_and_cleared_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    let retain = |topic: &str, clear: bool| Placement {
+        log: false,
+        queues: Vec::new(),
+        retain: Some(if clear {
+            Retain::Clear(topic.into())
+        } else {
+            Retain::Set(topic.into())
+        }),
+    };
+    for (n, topic) in [(1, "a/b"), (2, "a/c"), (3, "a/b")] {
+        let seq = store
+            .submit_with(record(n, 5), retain(topic, false))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(seq, 0, "not logged");
+    }
+    assert_eq!(store.stats().live_messages, 0);
+    drop(store);
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    let mut kept = store.retained().unwrap();
+    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        kept,
+        vec![("a/b".into(), record(3, 5)), ("a/c".into(), record(2, 5))],
+        "only the newest per topic"
+    );
+    assert_eq!(store.stats().retained, 2);
+    store
+        .submit_with(record(4, 0), retain("a/c", true))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(store.retained().unwrap().len(), 1);
+    assert_eq!(store.stats().retained, 1);
+}
+
+#[tokio::test]
+async fn sessions_are_stored_opaque_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    store.put_session("dev-1", b"one".to_vec()).await.unwrap();
+    store.put_session("dev-2", b"two".to_vec()).await.unwrap();
+    store.put_session("dev-1", b"uno".to_vec()).await.unwrap();
+    store.delete_session("dev-2").await.unwrap();
+    drop(store);
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    assert_eq!(
+        store.sessions().unwrap(),
+        vec![("dev-1".into(), b"uno".to_vec())]
+    );
 }

@@ -294,6 +294,13 @@ impl Connection {
                     Err(e) => return e.into(),
                 }
             }
+            // Retained messages of new subscriptions go first.
+            while self.wbuf.len() < WRITE_HIGH_WATER && session.outbox.has_room() {
+                let Some(delivery) = session.queued.pop_front() else {
+                    break;
+                };
+                deliver(session, &delivery, &mut self.wbuf, self.peer);
+            }
             let writing = !self.wbuf.is_empty();
             if writing && !was_writing {
                 stall.as_mut().reset(Instant::now() + stall_limit);
@@ -334,14 +341,7 @@ impl Connection {
                     let mut next = Some(delivery);
                     let mut taken = 0;
                     while let Some(delivery) = next.take() {
-                        if let Err(e) = session.outbox.push(&delivery, &mut self.wbuf) {
-                            logs::ENCODE_FAILED.record("delivery", || {
-                                format!("peer={} client_id={} topic={} error={e}", self.peer, session.client_id, delivery.message.topic)
-                            });
-                            metrics::counter!("edge_messages_dropped_total", "reason" => "unencodable").increment(1);
-                        } else {
-                            metrics::counter!("edge_messages_out_total", "protocol" => "mqtt").increment(1);
-                        }
+                        deliver(session, &delivery, &mut self.wbuf, self.peer);
                         taken += 1;
                         if taken < DELIVERY_BATCH && session.outbox.has_room() {
                             next = deliveries.try_recv().ok();
@@ -384,5 +384,21 @@ impl Connection {
             }
         }
         Close::Shutdown
+    }
+}
+
+/// Encodes one delivery into the write buffer (the caller checked the
+/// outbox has room); an unencodable one is dropped, counted.
+fn deliver(session: &mut Session, delivery: &Delivery, wbuf: &mut BytesMut, peer: SocketAddr) {
+    if let Err(e) = session.outbox.push(delivery, wbuf) {
+        logs::ENCODE_FAILED.record("delivery", || {
+            format!(
+                "peer={peer} client_id={} topic={} error={e}",
+                session.client_id, delivery.message.topic
+            )
+        });
+        metrics::counter!("edge_messages_dropped_total", "reason" => "unencodable").increment(1);
+    } else {
+        metrics::counter!("edge_messages_out_total", "protocol" => "mqtt").increment(1);
     }
 }

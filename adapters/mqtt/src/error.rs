@@ -2,7 +2,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use edge_store::AppendError;
+use edge_core::PublishError;
 
 /// Errors of the public API.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +94,7 @@ pub(crate) enum Close {
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtocolError),
     #[error("store refused a message: {0}")]
-    Store(AppendError),
+    Store(PublishError),
     #[error("cannot encode a packet: {0}")]
     Encode(rumqttd::protocol::Error),
     #[error("socket error: {0}")]
@@ -115,7 +115,7 @@ impl Close {
             Close::WriteStalled(_) => "write_stalled",
             Close::Shutdown => "shutdown",
             Close::Protocol(_) => "protocol_error",
-            Close::Store(AppendError::Full { .. }) => "store_full",
+            Close::Store(PublishError::Full { .. }) => "store_full",
             Close::Store(_) => "store_error",
             Close::Encode(_) => "encode_error",
             Close::Io(_) => "io_error",

@@ -58,10 +58,9 @@ impl Outbox {
             &message.payload,
             qos,
             pkid,
-            // MQTT 3.1.1 §3.3.1.3: RETAIN is 0 on deliveries to established
-            // subscriptions; it is set only when a retained message is sent
-            // for a new subscription (retained messages come later).
-            false,
+            // MQTT-3.3.1-8/9: RETAIN is set only when a retained message
+            // is sent for a new subscription, 0 on live deliveries.
+            delivery.retained,
         )?;
         if qos > 0 {
             self.inflight.insert(pkid);
@@ -88,6 +87,8 @@ mod tests {
         Delivery {
             message: Arc::new(Message::new("t", Bytes::from_static(b"p"), qos, "c".into())),
             qos,
+            seq: None,
+            retained: false,
         }
     }
 

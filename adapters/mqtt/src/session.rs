@@ -11,7 +11,7 @@
 //! - A QoS 2 packet id is in `qos2` from its PUBLISH until its PUBREL; a
 //!   PUBLISH with an id already there is a retransmission and is not routed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,8 +19,7 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use edge_core::receipt::ReceiptResult;
-use edge_core::{Message, PublishError, QoS, Receipt, Router, Subscriber, topic};
-use edge_store::AppendError;
+use edge_core::{Delivery, Message, PublishError, QoS, Receipt, Router, Subscriber, topic};
 use futures::stream::FuturesOrdered;
 use rumqttd::protocol::{
     self, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
@@ -89,6 +88,9 @@ pub(crate) struct Session {
     max_inflight: usize,
     qos2: HashMap<u16, Qos2>,
     pub outbox: Outbox,
+    /// Deliveries that go out before the router's: retained messages of new
+    /// subscriptions (MQTT-3.3.1-6).
+    pub queued: VecDeque<Delivery>,
 }
 
 impl Session {
@@ -106,6 +108,7 @@ impl Session {
             max_inflight: usize::from(max_inflight.max(1)),
             qos2: HashMap::new(),
             outbox: Outbox::new(max_inflight),
+            queued: VecDeque::new(),
         }
     }
 
@@ -139,8 +142,8 @@ impl Session {
                 };
                 write(Packet::PubComp(comp, None), out)
             }
-            Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe, out),
-            Packet::Unsubscribe(unsubscribe, _) => self.on_unsubscribe(unsubscribe, out),
+            Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe, out).await,
+            Packet::Unsubscribe(unsubscribe, _) => self.on_unsubscribe(unsubscribe, out).await,
             Packet::PingReq(_) => write(Packet::PingResp(PingResp), out),
             Packet::Disconnect(..) => Err(Close::Disconnect),
             Packet::Connect(..) => Err(ProtocolError::DuplicateConnect.into()),
@@ -180,7 +183,7 @@ impl Session {
         metrics::counter!("edge_messages_in_total", "protocol" => "mqtt").increment(1);
         let receipt = match self.router.publish(message).await {
             Ok(receipt) => receipt,
-            Err(PublishError::Store(e)) => return Err(self.refused(e, &topic)),
+            Err(e) => return Err(self.refused(e, &topic)),
         };
         let ack = match qos {
             // Nothing to acknowledge; the store counts what it refuses.
@@ -224,49 +227,61 @@ impl Session {
         }
     }
 
-    fn refused(&self, error: AppendError, topic: &str) -> Close {
-        match &error {
-            AppendError::Full {
-                reason,
-                live_bytes,
-                max_bytes,
-                record_bytes,
-            } => {
-                // Counted by the store, once per refused append.
-                crate::logs::STORE_REFUSED.record("store_full", || {
-                    format!("client_id={} topic={topic} ({reason}) used_bytes={live_bytes} max_bytes={max_bytes} record_bytes={record_bytes}", self.client_id)
-                });
-            }
-            _ => {
-                crate::logs::STORE_REFUSED.record("store_error", || {
-                    format!("client_id={} topic={topic} error={error}", self.client_id)
-                });
-            }
-        }
+    fn refused(&self, error: PublishError, topic: &str) -> Close {
+        // A full store is counted by the store, once per refused append.
+        crate::logs::STORE_REFUSED.record(error.reason(), || {
+            format!("client_id={} topic={topic} error={error}", self.client_id)
+        });
         Close::Store(error)
     }
 
-    fn on_subscribe(&mut self, subscribe: Subscribe, out: &mut BytesMut) -> Result<(), Close> {
-        let return_codes = subscribe
-            .filters
-            .iter()
-            .map(|filter| {
-                if !topic::is_valid_filter(&filter.path) {
-                    crate::logs::FILTER_REFUSED.record("invalid_filter", || {
-                        format!("client_id={} filter={}", self.client_id, filter.path)
+    async fn on_subscribe(
+        &mut self,
+        subscribe: Subscribe,
+        out: &mut BytesMut,
+    ) -> Result<(), Close> {
+        let mut return_codes = Vec::with_capacity(subscribe.filters.len());
+        for filter in &subscribe.filters {
+            if !topic::is_valid_filter(&filter.path) {
+                crate::logs::FILTER_REFUSED.record("invalid_filter", || {
+                    format!("client_id={} filter={}", self.client_id, filter.path)
+                });
+                return_codes.push(SubscribeReasonCode::Failure);
+                continue;
+            }
+            // QoS 2 is granted as 1 until outbound QoS 2 exists.
+            let requested = QoS::from_u8(filter.qos as u8)
+                .unwrap_or(QoS::AtMostOnce)
+                .min(QoS::AtLeastOnce);
+            let (granted, retained) = match self.subscriber.subscribe(&filter.path, requested).await
+            {
+                Ok(granted) => granted,
+                Err(error) => {
+                    crate::logs::FILTER_REFUSED.record("session_store", || {
+                        format!(
+                            "client_id={} filter={} error={error}",
+                            self.client_id, filter.path
+                        )
                     });
-                    return SubscribeReasonCode::Failure;
+                    return_codes.push(SubscribeReasonCode::Failure);
+                    continue;
                 }
-                let requested = QoS::from_u8(filter.qos as u8).unwrap_or(QoS::AtMostOnce);
-                let granted = self.subscriber.subscribe(&filter.path, requested);
-                tracing::debug!(client_id = %self.client_id, filter = %filter.path, granted = granted as u8, "subscribed");
-                SubscribeReasonCode::Success(match granted {
-                    QoS::AtMostOnce => protocol::QoS::AtMostOnce,
-                    QoS::AtLeastOnce => protocol::QoS::AtLeastOnce,
-                    QoS::ExactlyOnce => protocol::QoS::ExactlyOnce,
-                })
-            })
-            .collect();
+            };
+            tracing::debug!(client_id = %self.client_id, filter = %filter.path, granted = granted as u8, retained = retained.len(), "subscribed");
+            for message in retained {
+                self.queued.push_back(Delivery {
+                    qos: granted.min(message.qos),
+                    message,
+                    seq: None,
+                    retained: true,
+                });
+            }
+            return_codes.push(SubscribeReasonCode::Success(match granted {
+                QoS::AtMostOnce => protocol::QoS::AtMostOnce,
+                QoS::AtLeastOnce => protocol::QoS::AtLeastOnce,
+                QoS::ExactlyOnce => protocol::QoS::ExactlyOnce,
+            }));
+        }
         let suback = SubAck {
             pkid: subscribe.pkid,
             return_codes,
@@ -274,13 +289,17 @@ impl Session {
         write(Packet::SubAck(suback, None), out)
     }
 
-    fn on_unsubscribe(
+    async fn on_unsubscribe(
         &mut self,
         unsubscribe: Unsubscribe,
         out: &mut BytesMut,
     ) -> Result<(), Close> {
         for filter in &unsubscribe.filters {
-            self.subscriber.unsubscribe(filter);
+            if let Err(error) = self.subscriber.unsubscribe(filter).await {
+                crate::logs::FILTER_REFUSED.record("session_store", || {
+                    format!("client_id={} filter={filter} error={error}", self.client_id)
+                });
+            }
         }
         let unsuback = UnsubAck {
             pkid: unsubscribe.pkid,

@@ -5,19 +5,15 @@
 //! topic travels in `x-mqtt-topic` so the lossless topic mapping can always
 //! be undone.
 //!
-//! Dead letters: when a forwarder parks a record it adds two internal
-//! headers to the parked copy ([`mark_parked`]): [`UPSTREAM_HEADER`], the
-//! upstream that parked it, and [`SEQ_HEADER`], the seq it had when first
-//! forwarded (kept across further parks). A replay appends that copy to the
-//! log under a new seq; then only the named upstream forwards it (the others
-//! skip it as done: they had delivered or parked it themselves), and it
-//! goes out with its ORIGINAL message id `<gateway id>:<x-edge-seq>`, so
-//! downstream can recognise it as the same message. Headers named
-//! `x-edge-*` are internal and never sent to the broker.
+//! Dead letters: a parked record keeps, in the store's typed columns, the
+//! upstreams that parked it and the seq of its message id. A replay appends
+//! it under a new seq with that mark ([`edge_store::Replay`]); then only the
+//! named upstreams forward it (the others skip it as done: they had
+//! delivered or parked it themselves), and it goes out with its ORIGINAL
+//! message id, so downstream can recognise it as the same message.
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use edge_core::{Route, topic::MQTT_TOPIC_HEADER};
 use edge_store::{Record, Seq};
 use lapin::BasicProperties;
@@ -26,59 +22,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 /// Header carrying the publisher of the original message (MQTT client id).
 pub const PUBLISHER_HEADER: &str = "x-publisher";
 
-/// Internal header of a parked record: the upstream that parked it.
-pub(crate) const UPSTREAM_HEADER: &str = edge_store::PARKED_BY_HEADER;
-/// Internal header of a parked record: its seq when first forwarded, the
-/// seq of its message id.
-pub(crate) const SEQ_HEADER: &str = "x-edge-seq";
-/// Prefix of the internal headers, which are never sent to the broker.
+/// Headers with this prefix were the gateway's own bookkeeping in schema 1
+/// and are never sent to the broker.
 const INTERNAL_PREFIX: &str = "x-edge-";
-
-fn record_header<'r>(record: &'r Record, name: &str) -> Option<&'r [u8]> {
-    record
-        .headers
-        .iter()
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.as_ref())
-}
-
-/// Whether `record` is for `upstream`: false only for a replayed dead
-/// letter that another upstream parked.
-pub(crate) fn is_for(record: &Record, upstream: &str) -> bool {
-    // Several upstreams may have parked the same record: the store keeps
-    // their names comma-separated (upstream names have no commas).
-    record_header(record, UPSTREAM_HEADER).is_none_or(|parked_by| {
-        parked_by
-            .split(|b| *b == b',')
-            .any(|name| name == upstream.as_bytes())
-    })
-}
-
-/// The seq the record had when first forwarded (a replayed dead letter), if
-/// it is not its own.
-pub(crate) fn original_seq(record: &Record) -> Option<Seq> {
-    std::str::from_utf8(record_header(record, SEQ_HEADER)?)
-        .ok()?
-        .parse()
-        .ok()
-}
-
-/// The copy of `record` (log position `seq`) that `upstream` parks: marked
-/// with the upstream and, unless it is a replay that has it already, the
-/// original seq.
-pub(crate) fn mark_parked(record: &mut Record, upstream: &str, seq: Seq) {
-    record.headers.retain(|(key, _)| key != UPSTREAM_HEADER);
-    record.headers.push((
-        UPSTREAM_HEADER.to_string(),
-        Bytes::copy_from_slice(upstream.as_bytes()),
-    ));
-    if original_seq(record).is_none() {
-        record.headers.retain(|(key, _)| key != SEQ_HEADER);
-        record
-            .headers
-            .push((SEQ_HEADER.to_string(), Bytes::from(seq.to_string())));
-    }
-}
 
 /// How much of a route's TTL a record has left at forwarding time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,14 +87,13 @@ pub(crate) fn seq_of_message_id(gateway_id: &str, message_id: &str) -> Option<Se
         .ok()
 }
 
-/// The publish of `record` (log position `seq`) over `route`; `lifetime` is
-/// the record's [`lifetime`] (an expired record should not get here; it is
-/// published without expiration if it does). A replayed dead letter keeps
-/// its original message id ([`original_seq`]); internal `x-edge-*` headers
-/// stay behind.
+/// The publish of `record` over `route`, with message id
+/// `<gateway id>:<id_seq>` (its log seq, or a replay's original seq);
+/// `lifetime` is the record's [`lifetime`] (an expired record should not get
+/// here; it is published without expiration if it does).
 pub(crate) fn to_publish(
     gateway_id: &str,
-    seq: Seq,
+    id_seq: Seq,
     record: &Record,
     route: &Route,
     lifetime: Lifetime,
@@ -176,10 +121,7 @@ pub(crate) fn to_publish(
     );
 
     let mut properties = BasicProperties::default()
-        .with_message_id(short(
-            "message_id",
-            message_id(gateway_id, original_seq(record).unwrap_or(seq)),
-        )?)
+        .with_message_id(short("message_id", message_id(gateway_id, id_seq))?)
         .with_app_id(short("app_id", gateway_id.to_string())?)
         .with_timestamp(record.timestamp_ms / 1000)
         .with_headers(headers);
@@ -198,6 +140,8 @@ pub(crate) fn to_publish(
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn route(ttl: Option<Duration>, persistent: bool) -> Route {
@@ -315,40 +259,11 @@ mod tests {
     }
 
     #[test]
-    fn a_parked_record_names_its_upstream_and_keeps_its_first_seq() {
-        let mut r = record();
-        assert!(
-            is_for(&r, "central") && is_for(&r, "backup"),
-            "unmarked: for all"
-        );
-        assert_eq!(original_seq(&r), None);
-        mark_parked(&mut r, "central", 42);
-        assert!(is_for(&r, "central"));
-        assert!(!is_for(&r, "backup"), "another upstream skips it");
-        assert_eq!(original_seq(&r), Some(42));
-        // Replayed as seq 90 and parked again: still the first seq.
-        mark_parked(&mut r, "central", 90);
-        assert_eq!(original_seq(&r), Some(42));
-        assert_eq!(
-            r.headers
-                .iter()
-                .filter(|(k, _)| k.starts_with("x-edge-"))
-                .count(),
-            2,
-            "no duplicate headers"
-        );
-        assert_eq!(
-            record_header(&r, "unit"),
-            Some(&b"C"[..]),
-            "own headers kept"
-        );
-    }
-
-    #[test]
     fn a_replayed_record_goes_out_with_its_original_id_and_no_internal_headers() {
         let mut r = record();
-        mark_parked(&mut r, "central", 42);
-        let p = to_publish("gw-7", 90, &r, &route(None, true), Lifetime::Unlimited)
+        r.headers
+            .push(("x-edge-upstream".into(), Bytes::from_static(b"central")));
+        let p = to_publish("gw-7", 42, &r, &route(None, true), Lifetime::Unlimited)
             .expect("convertible");
         let props = &p.properties;
         assert_eq!(
@@ -362,14 +277,5 @@ mod tests {
             "{sent:?}"
         );
         assert!(sent.contains_key("unit"));
-    }
-
-    #[test]
-    fn a_record_parked_by_several_upstreams_is_for_each_of_them() {
-        let mut r = Record::default();
-        r.headers
-            .push((UPSTREAM_HEADER.to_string(), Bytes::from_static(b"a,b")));
-        assert!(is_for(&r, "a") && is_for(&r, "b"));
-        assert!(!is_for(&r, "c") && !is_for(&r, "a,b,c"));
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use edge_core::{Route, Routes};
-use edge_store::{Record, Seq, Store, StoreError};
+use edge_store::{Entry, Record, Seq, Store, StoreError};
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -67,11 +67,11 @@ fn now_ms() -> u64 {
 /// The route of `upstream` that takes `record`: none when no route matches,
 /// or when the record is a replayed dead letter of another upstream (that
 /// upstream forwards it; this one delivered or parked it before).
-fn route_for<'r>(routes: &'r Routes, upstream: &str, record: &Record) -> Option<&'r Route> {
-    if !convert::is_for(record, upstream) {
+fn route_for<'r>(routes: &'r Routes, upstream: &str, entry: &Entry) -> Option<&'r Route> {
+    if entry.replay.as_ref().is_some_and(|r| !r.is_for(upstream)) {
         return None;
     }
-    routes.first_match(&record.topic)
+    routes.first_match(&entry.record.topic)
 }
 
 /// A record in the window.
@@ -168,7 +168,7 @@ fn start_publish<'l>(
 struct Session<'l> {
     window: Window<InFlight>,
     /// Read from the log, not yet published.
-    buffer: VecDeque<(Seq, Record)>,
+    buffer: VecDeque<Entry>,
     read_from: Seq,
     /// The outstanding publishes (frames queued, not yet confirmed).
     publishing: FuturesUnordered<Publishing<'l>>,
@@ -288,14 +288,14 @@ impl Forwarder {
                     self.harvest(s, connector)?;
                     continue;
                 }
-                let Some((seq, record)) = s.buffer.pop_front() else {
+                let Some(entry) = s.buffer.pop_front() else {
                     break;
                 };
-                if self.must_wait_for_check(link, s, &record) {
-                    s.buffer.push_front((seq, record));
+                if self.must_wait_for_check(link, s, &entry) {
+                    s.buffer.push_front(entry);
                     break;
                 }
-                self.forward(link, s, seq, record)?;
+                self.forward(link, s, entry)?;
                 left -= 1;
             }
             self.settle(s).await?;
@@ -378,7 +378,7 @@ impl Forwarder {
                 tokio::task::spawn_blocking(move || store.read(from, max, READ_MAX_BYTES)).await;
             match read {
                 Ok(Ok(batch)) => {
-                    let Some(&(last, _)) = batch.last() else {
+                    let Some(last) = batch.last().map(|e| e.seq) else {
                         return false;
                     };
                     s.read_from = last + 1;
@@ -416,13 +416,18 @@ impl Forwarder {
         &mut self,
         link: &'l Link,
         s: &mut Session<'l>,
-        seq: Seq,
-        record: Record,
+        entry: Entry,
     ) -> Result<(), LinkError> {
-        let Some(route) = route_for(&self.routes, &self.name, &record) else {
-            s.window.skip(seq);
+        let Some(route) = route_for(&self.routes, &self.name, &entry) else {
+            s.window.skip(entry.seq);
             return Ok(());
         };
+        let Entry {
+            seq,
+            record,
+            replay,
+        } = entry;
+        let original = replay.map(|r| r.original_seq);
         let lifetime = convert::lifetime(route.ttl, record.timestamp_ms, now_ms());
         if lifetime == Lifetime::Expired {
             self.metrics.expired(&route.name, 1);
@@ -437,7 +442,14 @@ impl Forwarder {
                 reason: format!("exchange {:?} not found", route.exchange),
             })
         } else {
-            convert::to_publish(&self.gateway_id, seq, &record, route, lifetime).map_err(|e| Park {
+            convert::to_publish(
+                &self.gateway_id,
+                original.unwrap_or(seq),
+                &record,
+                route,
+                lifetime,
+            )
+            .map_err(|e| Park {
                 kind: "unconvertible",
                 reason: format!("cannot be expressed in AMQP: {e}"),
             })
@@ -451,14 +463,13 @@ impl Forwarder {
                         record,
                         route: route_name,
                         published_at: Instant::now(),
-                        original: None,
+                        original,
                         park: Some(park),
                     },
                 );
                 return Ok(());
             }
         };
-        let original = convert::original_seq(&record);
         if let Some(original) = original {
             s.replayed.insert(original, seq);
         }
@@ -542,10 +553,14 @@ impl Forwarder {
             match item.park {
                 None => self.metrics.forwarded(&item.route),
                 Some(park) => {
-                    let mut record = item.record;
+                    let record = item.record;
                     let topic = record.topic.clone();
-                    convert::mark_parked(&mut record, &self.name, seq);
-                    parks.push(self.store.park(seq, record, park.reason.clone()));
+                    let parked = edge_store::Parked {
+                        upstream: self.name.clone(),
+                        original_seq: item.original.unwrap_or(seq),
+                        reason: park.reason.clone(),
+                    };
+                    parks.push(self.store.park(seq, record, parked));
                     notes.push((seq, item.route, topic, park));
                 }
             }

@@ -104,7 +104,12 @@ async fn check(steps: Vec<Step>) {
             }
         }
         model.retire();
-        let got = store.read(0, usize::MAX, usize::MAX).unwrap();
+        let got: Vec<(Seq, Record)> = store
+            .read(0, usize::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.seq, e.record))
+            .collect();
         let want: Vec<(Seq, Record)> = model.log.iter().map(|(s, r)| (*s, r.clone())).collect();
         assert_eq!(got, want);
         let stats = store.stats();

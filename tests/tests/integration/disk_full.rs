@@ -105,16 +105,16 @@ async fn a_full_filesystem_refuses_publishes_keeps_every_acked_one_and_recovers(
     );
     eprintln!("disk_full: {accepted} messages of 4 KiB accepted on a 16 MiB filesystem");
 
-    // Still up, says why, refuses more, counts each refusal once.
-    let (status, body) = get(gw.metrics_addr(), "/healthz").await?;
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("store: full"), "{body}");
+    // Still up, refuses more, says why, counts each refusal once.
     assert!(
         publish_one(gw.mqtt_addr(), &topic, filler.as_bytes())
             .await
             .is_err(),
         "a publish past the full disk was acknowledged"
     );
+    let (status, body) = get(gw.metrics_addr(), "/healthz").await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("store: full"), "{body}");
     let text = gw.metrics().await?;
     let rejected = metric(
         &text,

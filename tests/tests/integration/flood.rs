@@ -168,6 +168,11 @@ async fn refusal_and_drop_storms_write_a_bounded_number_of_log_lines() -> Result
         .await;
     assert!(report.all_acked(BURST), "{report:?}");
     // The publisher has gone: another client takes the second place.
+    wait_for("the publisher's connection to end", SHORT, || async {
+        let text = gw.metrics().await.ok()?;
+        metric(&text, "edge_connections", &["protocol=\"mqtt\""]).filter(|v| *v == 1.0)
+    })
+    .await?;
     let mut holder = TcpStream::connect(addr).await?;
     holder.write_all(&connect_packet("holder")).await?;
     let mut connack = [0u8; 4];

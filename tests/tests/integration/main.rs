@@ -18,6 +18,7 @@ mod local;
 mod malformed;
 mod observability;
 mod quota;
+mod retained;
 mod upstream_faults;
 
 use std::collections::HashMap;

@@ -84,6 +84,8 @@ impl Server {
             connect_timeout: Duration::from_secs(5),
             max_inflight: NonZeroU16::new(options.max_inflight).context("nonzero")?,
             max_queued_messages: NonZeroUsize::new(1000).context("nonzero")?,
+            session_expiry: Duration::from_secs(3600),
+            max_session_queue: NonZeroUsize::new(1000).context("nonzero")?,
         };
         let listener = MqttListener::bind(&config).await?;
         let addr = listener.local_addr();
@@ -104,7 +106,7 @@ impl Server {
         let store = self.store.clone();
         let records =
             tokio::task::spawn_blocking(move || store.read(1, 10_000, usize::MAX)).await??;
-        Ok(records.into_iter().map(|(_, r)| r).collect())
+        Ok(records.into_iter().map(|e| e.record).collect())
     }
 
     pub async fn stop(self) -> Result<()> {

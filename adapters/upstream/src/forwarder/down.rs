@@ -45,12 +45,12 @@ impl Forwarder {
                 _ => break,
             };
             left = left.saturating_sub(batch.len());
-            for (seq, record) in &batch {
-                if route_for(&self.routes, &self.name, record).is_some() {
-                    from = *seq;
+            for entry in &batch {
+                if route_for(&self.routes, &self.name, entry).is_some() {
+                    from = entry.seq;
                     break 'read;
                 }
-                from = seq + 1;
+                from = entry.seq + 1;
             }
         }
         if from > start {

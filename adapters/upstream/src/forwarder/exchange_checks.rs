@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use edge_store::Record;
+use edge_store::Entry;
 use tracing::{error, info};
 
 use super::{Forwarder, PARK_RECHECK, Session, route_for};
@@ -52,12 +52,12 @@ impl Forwarder {
         &self,
         link: &'l Link,
         s: &mut Session<'l>,
-        record: &Record,
+        entry: &Entry,
     ) -> bool {
         if s.missing.is_empty() {
             return false;
         }
-        let Some(route) = route_for(&self.routes, &self.name, record) else {
+        let Some(route) = route_for(&self.routes, &self.name, entry) else {
             return false;
         };
         if !s.missing.contains(&route.exchange) {

@@ -87,27 +87,43 @@ fn open(dir: &std::path::Path) -> Store {
     Store::open(dir, options()).unwrap()
 }
 
+fn parked(upstream: &str, original_seq: Seq) -> edge_store::Parked {
+    edge_store::Parked {
+        upstream: upstream.into(),
+        original_seq,
+        reason: "unroutable".into(),
+    }
+}
+
 #[tokio::test]
 async fn a_replay_parked_by_another_upstream_is_passed_one_parked_here_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
+    let theirs = store.append(record("up/1")).await.unwrap();
+    let ours = store.append(record("up/2")).await.unwrap();
+    store
+        .park(theirs, record("up/1"), parked("backup", theirs))
+        .await
+        .unwrap();
+    store
+        .park(ours, record("up/2"), parked("central", ours))
+        .await
+        .unwrap();
+    store.advance_cursor("central", ours + 1).await.unwrap();
+    assert_eq!(store.replay_dead_letters(10).await.unwrap(), 2);
     let mut f = forwarder(&store, "up/#");
-    let mut theirs = record("up/1");
-    convert::mark_parked(&mut theirs, "backup", 3);
-    let mut ours = record("up/2");
-    convert::mark_parked(&mut ours, "central", 4);
-    store.append(theirs.clone()).await.unwrap();
-    let wanted = store.append(ours.clone()).await.unwrap();
+    let replays = store.read(ours + 1, 10, usize::MAX).unwrap();
+    assert_eq!(replays.len(), 2);
 
     f.skip_unmatched(DOWN_SKIP_MAX_RECORDS).await;
     assert_eq!(
         f.position(),
-        wanted,
+        replays[1].seq,
         "only the other upstream's replay is passed"
     );
-    assert!(route_for(&f.routes, "central", &theirs).is_none());
-    assert!(route_for(&f.routes, "central", &ours).is_some());
-    assert!(route_for(&f.routes, "backup", &theirs).is_some());
+    assert!(route_for(&f.routes, "central", &replays[0]).is_none());
+    assert!(route_for(&f.routes, "central", &replays[1]).is_some());
+    assert!(route_for(&f.routes, "backup", &replays[0]).is_some());
     f.flusher.finish().await;
 }
 
@@ -130,16 +146,13 @@ async fn parks_of_a_settled_prefix_share_a_commit_and_are_marked() {
     }
     let mut s = Session::new(seqs[0], BTreeSet::new());
     for &seq in &seqs {
-        let mut r = record("up/x");
-        if seq == seqs[4] {
-            // A replay of seq 2 parked again keeps its original seq.
-            convert::mark_parked(&mut r, "central", 2);
-        }
+        // A replay of seq 2 parked again keeps its original seq.
+        let original = (seq == seqs[4]).then_some(2);
         let item = InFlight {
-            record: r,
+            record: record("up/x"),
             route: "up".into(),
             published_at: Instant::now(),
-            original: None,
+            original,
             park: Some(Park {
                 kind: "unroutable",
                 reason: format!("no queue for {seq}"),
@@ -159,10 +172,9 @@ async fn parks_of_a_settled_prefix_share_a_commit_and_are_marked() {
     assert_eq!(dead.len(), 5);
     for (letter, &seq) in dead.iter().zip(&seqs) {
         assert_eq!(letter.seq, seq);
-        assert!(convert::is_for(&letter.record, "central"));
-        assert!(!convert::is_for(&letter.record, "backup"));
+        assert_eq!(letter.upstreams, ["central"]);
         let first = if seq == seqs[4] { 2 } else { seq };
-        assert_eq!(convert::original_seq(&letter.record), Some(first));
+        assert_eq!(letter.original_seq, first);
     }
     f.flusher.finish().await;
 }

@@ -1,0 +1,316 @@
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use bytes::Bytes;
+use edge_store::StoreOptions;
+
+use super::*;
+use crate::route::Route;
+use crate::session::AttachOptions;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn store_with(dir: &std::path::Path, max_bytes: u64) -> Store {
+    Store::open(
+        dir,
+        StoreOptions {
+            max_bytes,
+            batch_max_messages: NonZeroUsize::new(64).expect("non-zero"),
+            batch_max_bytes: NonZeroUsize::new(1 << 20).expect("non-zero"),
+            inbox_capacity: NonZeroUsize::new(64).expect("non-zero"),
+            cursors: vec![],
+            when_full: Default::default(),
+            min_free: 0,
+        },
+    )
+    .expect("open store")
+}
+
+fn store(dir: &std::path::Path) -> Store {
+    store_with(dir, 1 << 20)
+}
+
+fn route(filter: &str) -> Route {
+    Route::new(edge_config::RouteConfig {
+        name: "r".into(),
+        filter: filter.into(),
+        upstream: "up".into(),
+        exchange: "amq.topic".into(),
+        routing_key: "{topic}".into(),
+        priority: 0,
+        ttl: None,
+        persistent: true,
+    })
+}
+
+const PERSISTENT: AttachOptions = AttachOptions {
+    clean: false,
+    queue: 8,
+};
+
+fn msg(topic: &str, qos: QoS) -> Message {
+    Message::new(topic, Bytes::from_static(b"x"), qos, "pub".into())
+}
+
+/// Publishes and waits for the receipt; the log seq if logged.
+async fn publish(router: &Router, message: Message) -> Option<Seq> {
+    router
+        .publish(message)
+        .await
+        .expect("publish")
+        .await
+        .expect("accepted")
+}
+
+async fn recv(rx: &mut mpsc::Receiver<Delivery>) -> Delivery {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("a delivery in time")
+        .expect("open")
+}
+
+#[tokio::test]
+async fn logs_qos1_and_routed_messages_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::new(vec![route("up/#")]));
+    let r = publish(&router, msg("local/a", QoS::AtMostOnce)).await;
+    assert_eq!(r, None, "unrouted QoS 0 is not logged");
+    let seq = router
+        .publish(msg("local/b", QoS::AtLeastOnce))
+        .await
+        .expect("publish")
+        .await;
+    assert_eq!(seq.expect("committed"), Some(1));
+    let seq = router
+        .publish(msg("up/c", QoS::AtMostOnce))
+        .await
+        .expect("publish")
+        .await;
+    assert_eq!(seq.expect("committed"), Some(2));
+    let stored = router.store().read(1, 10, 1 << 20).expect("read");
+    let topics: Vec<&str> = stored.iter().map(|e| e.record.topic.as_str()).collect();
+    assert_eq!(topics, ["local/b", "up/c"]);
+}
+
+#[tokio::test]
+async fn fans_out_once_per_session_at_the_highest_granted_qos() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let (sub, mut rx) = router.connect("s".into(), 8);
+    sub.subscribe("a/+", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    sub.subscribe("a/#", QoS::ExactlyOnce)
+        .await
+        .expect("subscribe");
+    let (other, mut other_rx) = router.connect("o".into(), 8);
+    other
+        .subscribe("b/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+
+    publish(&router, msg("a/x", QoS::ExactlyOnce)).await;
+    let d = recv(&mut rx).await;
+    assert_eq!(&*d.message.topic, "a/x");
+    assert_eq!(d.qos, QoS::ExactlyOnce);
+    assert!(rx.try_recv().is_err(), "overlapping filters deliver once");
+    assert!(
+        other_rx.try_recv().is_err(),
+        "non-matching session gets nothing"
+    );
+
+    sub.unsubscribe("a/#").await.expect("unsubscribe");
+    sub.unsubscribe("a/+").await.expect("unsubscribe");
+    publish(&router, msg("a/y", QoS::AtMostOnce)).await;
+    assert!(rx.try_recv().is_err(), "unsubscribed");
+}
+
+#[tokio::test]
+async fn a_message_the_store_refuses_is_delivered_to_nobody() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store_with(dir.path(), 200), Routes::default());
+    let (sub, mut rx) = router.connect("s".into(), 8);
+    sub.subscribe("#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let mut big = msg("t", QoS::AtLeastOnce);
+    big.payload = Bytes::from(vec![0u8; 1000]);
+    let refused = router.publish(big).await.expect("queued").await;
+    assert!(
+        matches!(refused, Err(PublishError::Full { .. })),
+        "{refused:?}"
+    );
+    publish(&router, msg("t", QoS::AtLeastOnce)).await;
+    let d = recv(&mut rx).await;
+    assert_eq!(d.message.payload.len(), 1, "only the accepted one arrives");
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn a_full_subscriber_queue_drops_instead_of_blocking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let (sub, mut rx) = router.connect("slow".into(), 1);
+    sub.subscribe("#", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    for _ in 0..3 {
+        publish(&router, msg("t", QoS::AtMostOnce)).await;
+    }
+    assert!(rx.try_recv().is_ok());
+    assert!(rx.try_recv().is_err(), "only the queue's capacity was kept");
+}
+
+#[tokio::test]
+async fn the_same_client_id_takes_over_and_drop_unregisters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let (first, _rx1) = router.connect("dev".into(), 1);
+    let (second, _rx2) = router.connect("dev".into(), 1);
+    tokio::time::timeout(WAIT, first.taken_over())
+        .await
+        .expect("first session is told it was taken over");
+    drop(first);
+    assert_eq!(router.session_count(), 1, "the newer connection keeps it");
+    drop(second);
+    assert_eq!(router.session_count(), 0);
+}
+
+#[tokio::test]
+async fn a_persistent_session_keeps_what_came_while_it_was_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let persistent = PERSISTENT;
+    let a = router
+        .attach("dev".into(), persistent)
+        .await
+        .expect("attach");
+    assert!(!a.session_present);
+    a.subscriber
+        .subscribe("cmd/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    drop(a);
+    for n in 0..3u8 {
+        let mut m = msg("cmd/x", QoS::AtLeastOnce);
+        m.payload = Bytes::from(vec![n]);
+        publish(&router, m).await;
+    }
+    // QoS 0 is not queued for an absent session.
+    publish(&router, msg("cmd/x", QoS::AtMostOnce)).await;
+
+    let mut b = router
+        .attach("dev".into(), persistent)
+        .await
+        .expect("attach");
+    assert!(b.session_present);
+    let backlog = b.subscriber.backlog(0, 100).await.expect("backlog");
+    let payloads: Vec<u8> = backlog.iter().map(|e| e.message.payload[0]).collect();
+    assert_eq!(payloads, [0, 1, 2], "in order");
+    b.subscriber
+        .ack(backlog.iter().map(|e| e.seq).collect())
+        .await
+        .expect("ack");
+    assert!(
+        b.subscriber
+            .backlog(0, 100)
+            .await
+            .expect("backlog")
+            .is_empty()
+    );
+    // Online: a live delivery carries its seq, to be acknowledged.
+    publish(&router, msg("cmd/y", QoS::AtLeastOnce)).await;
+    let d = recv(&mut b.deliveries).await;
+    let seq = d.seq.expect("a queued delivery");
+    b.subscriber.ack(vec![seq]).await.expect("ack");
+
+    // A clean start discards the session.
+    drop(b);
+    let c = router
+        .attach(
+            "dev".into(),
+            AttachOptions {
+                clean: true,
+                queue: 8,
+            },
+        )
+        .await
+        .expect("attach");
+    assert!(!c.session_present);
+    drop(c);
+    assert_eq!(router.session_count(), 0);
+}
+
+#[tokio::test]
+async fn sessions_and_retained_messages_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let router = Router::new(store(dir.path()), Routes::default());
+        let a = router
+            .attach("dev".into(), PERSISTENT)
+            .await
+            .expect("attach");
+        a.subscriber
+            .subscribe("s/#", QoS::ExactlyOnce)
+            .await
+            .expect("subscribe");
+        drop(a);
+        let mut r = msg("s/1", QoS::AtLeastOnce);
+        r.retain = true;
+        publish(&router, r).await;
+        router.store().clone().close().await.expect("close");
+    }
+    let router = Router::start(
+        store(dir.path()),
+        Routes::default(),
+        RouterOptions::default(),
+    )
+    .await
+    .expect("start");
+    assert_eq!(router.session_count(), 1);
+    let a = router
+        .attach("dev".into(), PERSISTENT)
+        .await
+        .expect("attach");
+    assert!(a.session_present);
+    let backlog = a.subscriber.backlog(0, 10).await.expect("backlog");
+    assert_eq!(backlog.len(), 1);
+    assert!(backlog[0].message.retain);
+    let (_, retained) = a
+        .subscriber
+        .subscribe("s/+", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    assert_eq!(retained.len(), 1);
+    assert_eq!(&*retained[0].topic, "s/1");
+}
+
+#[tokio::test]
+async fn an_empty_retained_payload_clears_the_topic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let (sub, _rx) = router.connect("s".into(), 8);
+    let mut r = msg("t/a", QoS::AtMostOnce);
+    r.retain = true;
+    publish(&router, r).await;
+    assert_eq!(
+        sub.subscribe("t/#", QoS::AtMostOnce)
+            .await
+            .expect("sub")
+            .1
+            .len(),
+        1
+    );
+    let mut clear = msg("t/a", QoS::AtMostOnce);
+    clear.retain = true;
+    clear.payload = Bytes::new();
+    publish(&router, clear).await;
+    assert!(
+        sub.subscribe("t/#", QoS::AtMostOnce)
+            .await
+            .expect("sub")
+            .1
+            .is_empty()
+    );
+    assert_eq!(router.store().retained().expect("read").len(), 0);
+}

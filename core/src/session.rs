@@ -1,0 +1,619 @@
+//! Sessions, protocol-neutral: a client's subscriptions and, when it is
+//! persistent, its durable queue in the store. An adapter connection
+//! attaches to a session ([`Router::attach`]) and keeps only wire state.
+//!
+//! A persistent session outlives its connections: its subscriptions stay in
+//! the trie while its client is away, every QoS ≥ 1 message for it gets a
+//! queue entry in the same commit as the message (stored once, however many
+//! sessions take it), and on reconnect the adapter reads the queue
+//! ([`Subscriber::backlog`]) before live deliveries. It is persisted in the
+//! store's `sessions` table (layout below) and expires `session_expiry`
+//! after its client left.
+//!
+//! Persisted session, version 1 (little-endian):
+//!
+//! ```text
+//! u8   version = 1
+//! u64  queue id
+//! u64  disconnected at, Unix ms (0: connected when last written)
+//! u16  filter count, then per filter: u16 length, filter (UTF-8), u8 QoS
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut};
+use edge_store::{Seq, StoreError};
+use tokio::sync::{Notify, mpsc};
+
+use crate::message::{Message, QoS, now_ms};
+use crate::router::{Delivery, Durable, Inner, Online, Router, SessionId, Slot};
+
+/// How often offline persistent sessions are checked for expiry.
+const EXPIRY_CHECK: Duration = Duration::from_secs(1);
+
+/// A session operation the store could not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("session store: {0}")]
+    Store(String),
+    #[error("invalid topic filter {0:?}")]
+    InvalidFilter(String),
+}
+
+impl From<StoreError> for SessionError {
+    fn from(e: StoreError) -> Self {
+        SessionError::Store(e.to_string())
+    }
+}
+
+/// How a connection attaches.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachOptions {
+    /// Start a session that ends with the connection, discarding any
+    /// earlier one (MQTT clean session).
+    pub clean: bool,
+    /// Deliveries buffered in memory for the connection.
+    pub queue: usize,
+}
+
+/// A connection attached to its session.
+#[derive(Debug)]
+pub struct Attached {
+    pub subscriber: Subscriber,
+    pub deliveries: mpsc::Receiver<Delivery>,
+    /// An earlier session was resumed (MQTT CONNACK session present).
+    pub session_present: bool,
+}
+
+/// One queue entry read back for a resumed session.
+#[derive(Debug, Clone)]
+pub struct Backlogged {
+    pub seq: Seq,
+    /// What the adapter recorded with [`Subscriber::set_state`] (0: queued).
+    pub state: u32,
+    pub message: Arc<Message>,
+}
+
+/// A connection's attachment to its session; dropping it detaches (a
+/// persistent session stays, offline).
+#[derive(Debug)]
+pub struct Subscriber {
+    conn: SessionId,
+    key: u64,
+    client_id: Arc<str>,
+    queue: Option<u64>,
+    taken_over: Arc<Notify>,
+    lagged: Arc<AtomicBool>,
+    router: Router,
+}
+
+fn queue_name(client_id: &str) -> String {
+    format!("session/{client_id}")
+}
+
+impl Router {
+    /// A clean session for `client_id` (tests and simple callers).
+    pub fn connect(
+        &self,
+        client_id: Arc<str>,
+        queue: usize,
+    ) -> (Subscriber, mpsc::Receiver<Delivery>) {
+        let (subscriber, rx, _) = self.attach_slot(client_id, queue, None, true);
+        (subscriber, rx)
+    }
+
+    /// Attaches a connection to the session of `client_id`: a new one, the
+    /// persistent one it left (clean = false), or a fresh one replacing it
+    /// (clean = true: the old queue and subscriptions are discarded). A
+    /// connection already attached to it is told it was taken over.
+    pub async fn attach(
+        &self,
+        client_id: Arc<str>,
+        options: AttachOptions,
+    ) -> Result<Attached, SessionError> {
+        let store = &self.inner.store;
+        let existing = self
+            .inner
+            .registry()
+            .sessions
+            .get(&client_id)
+            .map(|s| s.durable.is_some());
+        if options.clean {
+            if existing == Some(true) {
+                self.forget(&client_id);
+                store.delete_queue(&queue_name(&client_id)).await?;
+                store.delete_session(&client_id).await?;
+            }
+            let (subscriber, deliveries, _) =
+                self.attach_slot(client_id, options.queue, None, true);
+            return Ok(Attached {
+                subscriber,
+                deliveries,
+                session_present: false,
+            });
+        }
+        let queue = store.create_queue(&queue_name(&client_id)).await?;
+        let (subscriber, deliveries, present) =
+            self.attach_slot(client_id, options.queue, Some(queue), false);
+        self.persist(&subscriber.client_id).await?;
+        Ok(Attached {
+            subscriber,
+            deliveries,
+            session_present: present,
+        })
+    }
+
+    /// Registers the connection with the slot of `client_id` (made if
+    /// missing; a clean attach replaces a non-persistent one). Returns
+    /// whether a persistent session was resumed.
+    fn attach_slot(
+        &self,
+        client_id: Arc<str>,
+        queue: usize,
+        durable_queue: Option<u64>,
+        clean: bool,
+    ) -> (Subscriber, mpsc::Receiver<Delivery>, bool) {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let conn = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let taken_over = Arc::new(Notify::new());
+        let lagged = Arc::new(AtomicBool::new(false));
+        let mut registry = self.inner.registry_mut();
+        let mut present = false;
+        if let Some(slot) = registry.sessions.get_mut(&client_id) {
+            if let Some(old) = slot.online.take() {
+                old.taken_over.notify_one();
+            }
+            present = !clean && slot.durable.is_some();
+            if clean || slot.durable.is_none() {
+                // A clean start: the old subscriptions go.
+                let key = slot.key;
+                registry.trie.remove_key(key);
+                if let Some(slot) = registry.sessions.get_mut(&client_id) {
+                    slot.filters.clear();
+                }
+            }
+        }
+        let key = match registry.sessions.get(&client_id) {
+            Some(slot) => slot.key,
+            None => {
+                let key = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+                registry.by_key.insert(key, Arc::clone(&client_id));
+                registry.sessions.insert(
+                    Arc::clone(&client_id),
+                    Slot {
+                        key,
+                        client_id: Arc::clone(&client_id),
+                        filters: BTreeMap::new(),
+                        durable: None,
+                        online: None,
+                    },
+                );
+                key
+            }
+        };
+        if let Some(slot) = registry.sessions.get_mut(&client_id) {
+            slot.durable = match (durable_queue, slot.durable.take()) {
+                (None, _) => None,
+                (Some(queue), Some(mut d)) if d.queue == queue => {
+                    d.disconnected_at_ms = None;
+                    Some(d)
+                }
+                (Some(queue), _) => Some(Durable {
+                    queue,
+                    queued: Arc::new(AtomicU64::new(0)),
+                    disconnected_at_ms: None,
+                }),
+            };
+            slot.online = Some(Online {
+                conn,
+                tx,
+                taken_over: Arc::clone(&taken_over),
+                lagged: Arc::clone(&lagged),
+            });
+        }
+        metrics::gauge!("edge_sessions").set(registry.sessions.len() as f64);
+        drop(registry);
+        let subscriber = Subscriber {
+            conn,
+            key,
+            client_id,
+            queue: durable_queue,
+            taken_over,
+            lagged,
+            router: self.clone(),
+        };
+        (subscriber, rx, present)
+    }
+
+    /// Removes a session from the registry and the trie.
+    fn forget(&self, client_id: &str) {
+        let mut registry = self.inner.registry_mut();
+        if let Some(slot) = registry.sessions.remove(client_id) {
+            registry.trie.remove_key(slot.key);
+            registry.by_key.remove(&slot.key);
+        }
+        metrics::gauge!("edge_sessions").set(registry.sessions.len() as f64);
+    }
+
+    /// Writes a persistent session's record (no-op for a clean one).
+    async fn persist(&self, client_id: &str) -> Result<(), SessionError> {
+        let value = {
+            let registry = self.inner.registry();
+            let Some(slot) = registry.sessions.get(client_id) else {
+                return Ok(());
+            };
+            let Some(durable) = &slot.durable else {
+                return Ok(());
+            };
+            encode(durable.queue, durable.disconnected_at_ms, &slot.filters)
+        };
+        self.inner.store.put_session(client_id, value).await?;
+        Ok(())
+    }
+
+    /// Loads the persistent sessions and retained messages of the store.
+    pub(crate) async fn load(&self) -> Result<(), StoreError> {
+        let store = self.inner.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let sessions = store.sessions()?;
+            let mut out = Vec::new();
+            for (id, value) in sessions {
+                let Some((queue, disconnected, filters)) = decode(&value) else {
+                    tracing::warn!(client_id = %id, "unreadable stored session: dropped");
+                    continue;
+                };
+                let queued = store.queue_entries(queue, 0, usize::MAX)?.len() as u64;
+                out.push((id, queue, disconnected, filters, queued));
+            }
+            Ok((out, store.retained()?))
+        })
+        .await
+        .map_err(|e| StoreError::Read(e.to_string()))??;
+        let (sessions, retained) = loaded;
+        let now = now_ms();
+        let count = sessions.len();
+        {
+            let mut registry = self.inner.registry_mut();
+            for (id, queue, disconnected, filters, queued) in sessions {
+                let id: Arc<str> = id.into();
+                let key = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+                for (filter, qos) in &filters {
+                    if registry.trie.insert(filter, key, *qos).is_err() {
+                        tracing::warn!(client_id = %id, filter = %filter, "invalid stored filter: dropped");
+                    }
+                }
+                registry.by_key.insert(key, Arc::clone(&id));
+                registry.sessions.insert(
+                    Arc::clone(&id),
+                    Slot {
+                        key,
+                        client_id: id,
+                        filters,
+                        durable: Some(Durable {
+                            queue,
+                            queued: Arc::new(AtomicU64::new(queued)),
+                            // Connected when the gateway stopped: away since now.
+                            disconnected_at_ms: Some(disconnected.unwrap_or(now)),
+                        }),
+                        online: None,
+                    },
+                );
+            }
+        }
+        {
+            let mut index = self
+                .inner
+                .retained
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (_, record) in retained {
+                index.apply(&Arc::new(Message::from_record(record)));
+            }
+            tracing::info!(
+                sessions = count,
+                retained = index.len(),
+                "sessions and retained messages loaded"
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// A refused append: the queue entries counted for it were not made.
+    pub(crate) fn unqueue(&self, targets: &[crate::router::Target]) {
+        let registry = self.registry();
+        for t in targets.iter().filter(|t| t.queued) {
+            if let Some(d) = registry
+                .by_key
+                .get(&t.key)
+                .and_then(|id| registry.sessions.get(id))
+                .and_then(|s| s.durable.as_ref())
+            {
+                d.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Deletes persistent sessions whose client has been away longer than
+/// `session_expiry`, until the router is gone.
+pub(crate) async fn expire_sessions(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(EXPIRY_CHECK);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let expiry = u64::try_from(inner.options.session_expiry.as_millis()).unwrap_or(u64::MAX);
+        let now = now_ms();
+        let expired: Vec<Arc<str>> = inner
+            .registry()
+            .sessions
+            .values()
+            .filter(|s| s.online.is_none())
+            .filter(|s| {
+                s.durable
+                    .as_ref()
+                    .and_then(|d| d.disconnected_at_ms)
+                    .is_some_and(|at| now.saturating_sub(at) >= expiry)
+            })
+            .map(|s| Arc::clone(&s.client_id))
+            .collect();
+        for id in expired {
+            let router = Router {
+                inner: Arc::clone(&inner),
+            };
+            router.forget(&id);
+            let store = &inner.store;
+            let result = async {
+                store.delete_queue(&queue_name(&id)).await?;
+                store.delete_session(&id).await
+            }
+            .await;
+            metrics::counter!("edge_sessions_expired_total").increment(1);
+            match result {
+                Ok(()) => tracing::info!(client_id = %id, "persistent session expired"),
+                Err(error) => {
+                    tracing::warn!(client_id = %id, %error, "cannot delete an expired session")
+                }
+            }
+        }
+    }
+}
+
+impl Subscriber {
+    pub fn id(&self) -> SessionId {
+        self.conn
+    }
+
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.client_id
+    }
+
+    /// Whether the session outlives the connection.
+    pub fn is_persistent(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// Adds or replaces a subscription (`filter` must be valid); returns the
+    /// QoS granted and the retained messages it matches, to be sent now.
+    /// A persistent session's subscription is durable on return.
+    pub async fn subscribe(
+        &self,
+        filter: &str,
+        qos: QoS,
+    ) -> Result<(QoS, Vec<Arc<Message>>), SessionError> {
+        {
+            let mut registry = self.router.inner.registry_mut();
+            registry
+                .trie
+                .insert(filter, self.key, qos)
+                .map_err(|_| SessionError::InvalidFilter(filter.to_string()))?;
+            if let Some(slot) = registry.sessions.get_mut(&self.client_id) {
+                slot.filters.insert(filter.to_string(), qos);
+            }
+        }
+        self.router.persist(&self.client_id).await?;
+        let retained = self
+            .router
+            .inner
+            .retained
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .matching(filter);
+        Ok((qos, retained))
+    }
+
+    pub async fn unsubscribe(&self, filter: &str) -> Result<(), SessionError> {
+        {
+            let mut registry = self.router.inner.registry_mut();
+            registry.trie.remove(filter, self.key);
+            if let Some(slot) = registry.sessions.get_mut(&self.client_id) {
+                slot.filters.remove(filter);
+            }
+        }
+        self.router.persist(&self.client_id).await
+    }
+
+    /// Resolves when another connection attached to this session.
+    /// Cancel-safe.
+    pub async fn taken_over(&self) {
+        self.taken_over.notified().await
+    }
+
+    /// Whether durable deliveries were left in the queue because the
+    /// in-memory queue was full since the last call: then read the backlog.
+    pub fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
+
+    /// Up to `max` entries of the session's queue from `from` on, in order.
+    /// Entries whose message is gone (`drop-oldest`) are acknowledged and
+    /// skipped.
+    pub async fn backlog(&self, from: Seq, max: usize) -> Result<Vec<Backlogged>, SessionError> {
+        let Some(queue) = self.queue else {
+            return Ok(Vec::new());
+        };
+        let store = self.router.inner.store.clone();
+        let entries = tokio::task::spawn_blocking(move || store.queue_entries(queue, from, max))
+            .await
+            .map_err(|e| SessionError::Store(e.to_string()))??;
+        let mut gone = Vec::new();
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            match e.record {
+                Some(record) => out.push(Backlogged {
+                    seq: e.seq,
+                    state: e.state,
+                    message: Arc::new(Message::from_record(record)),
+                }),
+                None => gone.push(e.seq),
+            }
+        }
+        if !gone.is_empty() {
+            self.ack(gone).await?;
+        }
+        Ok(out)
+    }
+
+    /// The client has these durable deliveries: their queue entries go.
+    pub async fn ack(&self, seqs: Vec<Seq>) -> Result<(), SessionError> {
+        let Some(queue) = self.queue else {
+            return Ok(());
+        };
+        let n = seqs.len() as u64;
+        self.router.inner.store.queue_ack(queue, seqs).await?;
+        if let Some(d) = self
+            .router
+            .inner
+            .registry()
+            .sessions
+            .get(&self.client_id)
+            .and_then(|s| s.durable.as_ref())
+        {
+            let _ = d
+                .queued
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                    Some(q.saturating_sub(n))
+                });
+        }
+        Ok(())
+    }
+
+    /// Records the adapter's state of a queued delivery (e.g. MQTT QoS 2
+    /// PUBREC received), read back by [`Subscriber::backlog`].
+    pub async fn set_state(&self, seq: Seq, state: u32) -> Result<(), SessionError> {
+        let Some(queue) = self.queue else {
+            return Ok(());
+        };
+        Ok(self.router.inner.store.queue_set(queue, seq, state).await?)
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let router = &self.router;
+        let mut registry = router.inner.registry_mut();
+        let Some(slot) = registry.sessions.get_mut(&self.client_id) else {
+            return;
+        };
+        if slot.online.as_ref().is_none_or(|o| o.conn != self.conn) {
+            // Taken over: the session belongs to the newer connection.
+            return;
+        }
+        slot.online = None;
+        match slot.durable.as_mut() {
+            None => {
+                let key = slot.key;
+                registry.sessions.remove(&self.client_id);
+                registry.trie.remove_key(key);
+                registry.by_key.remove(&key);
+            }
+            Some(d) => {
+                d.disconnected_at_ms = Some(now_ms());
+                let value = encode(d.queue, d.disconnected_at_ms, &slot.filters);
+                let store = router.inner.store.clone();
+                let id = self.client_id.to_string();
+                // Best effort: a session found connected at start counts as
+                // away since that start.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = store.put_session(&id, value).await;
+                    });
+                }
+            }
+        }
+        metrics::gauge!("edge_sessions").set(registry.sessions.len() as f64);
+    }
+}
+
+fn encode(queue: u64, disconnected_at_ms: Option<u64>, filters: &BTreeMap<String, QoS>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(19 + filters.keys().map(|f| f.len() + 3).sum::<usize>());
+    out.put_u8(1);
+    out.put_u64_le(queue);
+    out.put_u64_le(disconnected_at_ms.unwrap_or(0));
+    let filters: Vec<_> = filters
+        .iter()
+        .filter(|(f, _)| f.len() <= usize::from(u16::MAX))
+        .take(usize::from(u16::MAX))
+        .collect();
+    out.put_u16_le(filters.len() as u16);
+    for (filter, qos) in filters {
+        out.put_u16_le(filter.len() as u16);
+        out.put_slice(filter.as_bytes());
+        out.put_u8(*qos as u8);
+    }
+    out
+}
+
+type Decoded = (u64, Option<u64>, BTreeMap<String, QoS>);
+
+fn decode(mut v: &[u8]) -> Option<Decoded> {
+    if v.len() < 19 || v.get_u8() != 1 {
+        return None;
+    }
+    let queue = v.get_u64_le();
+    let disconnected = Some(v.get_u64_le()).filter(|at| *at != 0);
+    let count = v.get_u16_le();
+    let mut filters = BTreeMap::new();
+    for _ in 0..count {
+        if v.len() < 2 {
+            return None;
+        }
+        let len = usize::from(v.get_u16_le());
+        let filter = std::str::from_utf8(v.get(..len)?).ok()?.to_string();
+        v.advance(len);
+        if v.is_empty() {
+            return None;
+        }
+        let qos = QoS::from_u8(v.get_u8())?;
+        filters.insert(filter, qos);
+    }
+    Some((queue, disconnected, filters))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn persisted_session_round_trips_and_cuts_are_refused() {
+        let mut filters = BTreeMap::new();
+        filters.insert("a/+".to_string(), QoS::AtLeastOnce);
+        filters.insert("b/#".to_string(), QoS::ExactlyOnce);
+        let bytes = encode(7, Some(1_700_000_000_000), &filters);
+        assert_eq!(
+            decode(&bytes),
+            Some((7, Some(1_700_000_000_000), filters.clone()))
+        );
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_none(), "cut at {cut}");
+        }
+        assert_eq!(
+            decode(&encode(1, None, &BTreeMap::new())),
+            Some((1, None, BTreeMap::new()))
+        );
+    }
+}

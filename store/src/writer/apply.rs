@@ -1,0 +1,489 @@
+//! One batch inside one write transaction.
+
+use redb::{ReadableTable, Table, WriteTransaction};
+use tokio::sync::oneshot;
+
+use super::{AppendOp, DROPPED, DeadLetterAction, Op, Pending, RETIRE_PER_TXN, State, Writer};
+use crate::dead::{self, Replay};
+use crate::tables::{
+    CURSORS, DEAD_LETTERS, GATEWAY_ID_KEY, LOG, META, NEXT_QUEUE_KEY, QUEUE_ENTRIES, QUEUES, REFS,
+    REPLAYS, RETAINED, RETIRED_BELOW_KEY, SESSIONS, STATS_KEY,
+};
+use crate::{AppendError, Retain, Seq, StoreError, WhenFull};
+
+/// The tables a batch writes, opened once per transaction.
+struct Tables<'t> {
+    log: Table<'t, u64, &'static [u8]>,
+    cursors: Table<'t, &'static str, u64>,
+    dead: Table<'t, u64, &'static [u8]>,
+    replays: Table<'t, u64, &'static [u8]>,
+    retained: Table<'t, &'static str, &'static [u8]>,
+    entries: Table<'t, (u64, u64), u32>,
+    refs: Table<'t, u64, u32>,
+    meta: Table<'t, &'static str, &'static [u8]>,
+}
+
+impl Writer {
+    /// Writes the batch and commits. Returns whether retirement was cut short.
+    pub(super) fn apply(
+        &mut self,
+        ops: &mut std::vec::IntoIter<Op>,
+        next: &mut State,
+        pending: &mut Vec<Pending>,
+        close: &mut Option<oneshot::Sender<()>>,
+        appended: &mut u64,
+    ) -> Result<bool, redb::Error> {
+        let db = self
+            .shared
+            .db()
+            .map_err(|e| redb::Error::Io(std::io::Error::other(e.to_string())))?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        let more;
+        {
+            let mut t = Tables {
+                log: txn.open_table(LOG)?,
+                cursors: txn.open_table(CURSORS)?,
+                dead: txn.open_table(DEAD_LETTERS)?,
+                replays: txn.open_table(REPLAYS)?,
+                retained: txn.open_table(RETAINED)?,
+                entries: txn.open_table(QUEUE_ENTRIES)?,
+                refs: txn.open_table(REFS)?,
+                meta: txn.open_table(META)?,
+            };
+            let mut refused = false;
+            for op in ops.by_ref() {
+                self.apply_op(
+                    &txn,
+                    &mut t,
+                    op,
+                    next,
+                    pending,
+                    close,
+                    appended,
+                    &mut refused,
+                )?;
+            }
+            more = self.retire(&mut t, next)?;
+            t.meta.insert(STATS_KEY, next.stats.encode().as_slice())?;
+        }
+        txn.commit()?;
+        Ok(more)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_op(
+        &mut self,
+        txn: &WriteTransaction,
+        t: &mut Tables<'_>,
+        op: Op,
+        next: &mut State,
+        pending: &mut Vec<Pending>,
+        close: &mut Option<oneshot::Sender<()>>,
+        appended: &mut u64,
+        refused: &mut bool,
+    ) -> Result<(), redb::Error> {
+        match op {
+            Op::Append(a) => self.append(t, a, next, pending, appended, refused)?,
+            Op::AdvanceCursor {
+                name,
+                next: to,
+                reply,
+            } => {
+                let Some(old) = next.cursors.get(&name).copied() else {
+                    let _ = reply.send(Err(StoreError::UnknownCursor { name }));
+                    return Ok(());
+                };
+                // Never backwards, never past the next seq to be assigned.
+                let to = to.min(next.next_seq).max(old);
+                if to != old {
+                    t.cursors.insert(name.as_str(), to)?;
+                    next.cursors.insert(name, to);
+                }
+                pending.push(Pending::Done(reply));
+            }
+            Op::CreateCursor { name, reply } => {
+                if !next.cursors.contains_key(&name) {
+                    t.cursors.insert(name.as_str(), next.next_seq)?;
+                    next.cursors.insert(name, next.next_seq);
+                }
+                pending.push(Pending::Done(reply));
+            }
+            Op::DropCursor { name, reply } => {
+                if next.cursors.remove(&name).is_some() {
+                    t.cursors.remove(name.as_str())?;
+                }
+                pending.push(Pending::Done(reply));
+            }
+            Op::Park {
+                seq,
+                meta,
+                record,
+                reply,
+            } => {
+                // Parked twice (by two upstreams): keep both names.
+                let old = t
+                    .dead
+                    .get(seq)?
+                    .and_then(|v| dead::decode(v.value()).map(|(m, _)| m));
+                let meta = match old {
+                    Some(old) => dead::merge(&old, &meta),
+                    None => meta,
+                };
+                let value = dead::encode(&meta, &record);
+                match t.dead.insert(seq, value.as_slice())? {
+                    Some(old) => {
+                        next.stats.dead_bytes = next
+                            .stats
+                            .dead_bytes
+                            .saturating_sub(old.value().len() as u64);
+                    }
+                    None => next.stats.dead_letters += 1,
+                }
+                next.stats.dead_bytes += value.len() as u64;
+                pending.push(Pending::Done(reply));
+            }
+            Op::DeadLetters { action, max, reply } => {
+                let mut done = 0u64;
+                while (done as usize) < max {
+                    let value = match t.dead.pop_first()? {
+                        Some((_, value)) => value.value().to_vec(),
+                        None => break,
+                    };
+                    next.stats.dead_letters = next.stats.dead_letters.saturating_sub(1);
+                    next.stats.dead_bytes =
+                        next.stats.dead_bytes.saturating_sub(value.len() as u64);
+                    done += 1;
+                    if action == DeadLetterAction::Replay {
+                        // A value that does not decode was never written
+                        // by this store: nothing to replay.
+                        let Some((meta, record)) = dead::decode(&value) else {
+                            continue;
+                        };
+                        let record = record.to_vec();
+                        let seq = self.log_insert(t, next, &record)?;
+                        let replay = Replay {
+                            original_seq: meta.original_seq,
+                            upstreams: meta.upstreams,
+                        };
+                        t.replays
+                            .insert(seq, dead::encode_replay(&replay).as_slice())?;
+                        *appended += 1;
+                    }
+                }
+                pending.push(Pending::Count(reply, done));
+            }
+            Op::SetGatewayId { id, reply } => {
+                t.meta.insert(GATEWAY_ID_KEY, id.as_bytes())?;
+                pending.push(Pending::Done(reply));
+            }
+            Op::CreateQueue { name, reply } => {
+                let id = match next.queues.get(&name) {
+                    Some(id) => *id,
+                    None => {
+                        let id = next.next_queue_id;
+                        next.next_queue_id += 1;
+                        txn.open_table(QUEUES)?.insert(name.as_str(), id)?;
+                        t.meta
+                            .insert(NEXT_QUEUE_KEY, next.next_queue_id.to_le_bytes().as_slice())?;
+                        next.queues.insert(name, id);
+                        id
+                    }
+                };
+                pending.push(Pending::Count(reply, id));
+            }
+            Op::DeleteQueue { name, reply } => {
+                if let Some(id) = next.queues.remove(&name) {
+                    txn.open_table(QUEUES)?.remove(name.as_str())?;
+                    let seqs: Vec<Seq> = t
+                        .entries
+                        .range((id, 0)..=(id, u64::MAX))?
+                        .map(|e| e.map(|(k, _)| k.value().1))
+                        .collect::<Result<_, _>>()?;
+                    self.remove_entries(t, next, id, &seqs)?;
+                }
+                pending.push(Pending::Done(reply));
+            }
+            Op::QueueAck { queue, seqs, reply } => {
+                self.remove_entries(t, next, queue, &seqs)?;
+                pending.push(Pending::Done(reply));
+            }
+            Op::QueueSet {
+                queue,
+                seq,
+                state,
+                reply,
+            } => {
+                if t.entries.get((queue, seq))?.is_some() {
+                    t.entries.insert((queue, seq), state)?;
+                }
+                pending.push(Pending::Done(reply));
+            }
+            Op::PutSession { id, value, reply } => {
+                txn.open_table(SESSIONS)?
+                    .insert(id.as_str(), value.as_slice())?;
+                pending.push(Pending::Done(reply));
+            }
+            Op::DeleteSession { id, reply } => {
+                txn.open_table(SESSIONS)?.remove(id.as_str())?;
+                pending.push(Pending::Done(reply));
+            }
+            Op::Close { reply } => *close = Some(reply),
+        }
+        Ok(())
+    }
+
+    fn append(
+        &mut self,
+        t: &mut Tables<'_>,
+        a: AppendOp,
+        next: &mut State,
+        pending: &mut Vec<Pending>,
+        appended: &mut u64,
+        refused: &mut bool,
+    ) -> Result<(), redb::Error> {
+        let len = a.bytes.len() as u64;
+        let (max, reason) = self.limit();
+        let used = next.used();
+        let fits = |n: u64| used.saturating_add(n) <= max;
+        // Retiring the log can only ever make room for a record that fits
+        // beside what retirement cannot free.
+        let pinned = next.pinned();
+        let can_fit = move |n: u64| pinned.saturating_add(n) <= max;
+        if self.waiting_for.is_some_and(|w| fits(w) || !can_fit(w)) {
+            self.waiting_for = None;
+        }
+        if self.shared.options.when_full == WhenFull::DropOldest
+            && !*refused
+            && !fits(len)
+            && can_fit(len)
+        {
+            self.drop_oldest(t, next, len, max)?;
+        }
+        let used = next.used();
+        let fits = |n: u64| used.saturating_add(n) <= max;
+        if *refused || self.waiting_for.is_some() || !fits(len) {
+            *refused = true;
+            if can_fit(len) && !fits(len) {
+                self.waiting_for = self.waiting_for.max(Some(len));
+            }
+            self.refuse_full(reason, used, max, len);
+            let _ = a.reply.send(Err(AppendError::Full {
+                reason,
+                live_bytes: used,
+                max_bytes: max,
+                record_bytes: len,
+            }));
+            return Ok(());
+        }
+        match &a.retain {
+            Some(Retain::Set(topic)) => {
+                let added = (topic.len() + a.bytes.len()) as u64;
+                match t.retained.insert(topic.as_str(), a.bytes.as_slice())? {
+                    Some(old) => {
+                        let gone = (topic.len() + old.value().len()) as u64;
+                        next.stats.retained_bytes = next.stats.retained_bytes.saturating_sub(gone);
+                    }
+                    None => next.stats.retained += 1,
+                }
+                next.stats.retained_bytes += added;
+            }
+            Some(Retain::Clear(topic)) => {
+                if let Some(old) = t.retained.remove(topic.as_str())? {
+                    let gone = (topic.len() + old.value().len()) as u64;
+                    next.stats.retained_bytes = next.stats.retained_bytes.saturating_sub(gone);
+                    next.stats.retained = next.stats.retained.saturating_sub(1);
+                }
+            }
+            None => {}
+        }
+        if !a.log {
+            pending.push(Pending::Append(a.reply, 0, len));
+            return Ok(());
+        }
+        let seq = self.log_insert(t, next, &a.bytes)?;
+        if !a.queues.is_empty() {
+            for q in &a.queues {
+                t.entries.insert((*q, seq), 0)?;
+            }
+            t.refs.insert(seq, a.queues.len() as u32)?;
+            next.held.insert(seq);
+        }
+        *appended += 1;
+        pending.push(Pending::Append(a.reply, seq, len));
+        Ok(())
+    }
+
+    fn log_insert(
+        &self,
+        t: &mut Tables<'_>,
+        next: &mut State,
+        bytes: &[u8],
+    ) -> Result<Seq, redb::Error> {
+        let seq = next.next_seq;
+        t.log.insert(seq, bytes)?;
+        next.next_seq += 1;
+        next.stats.live_bytes += bytes.len() as u64;
+        next.stats.live_messages += 1;
+        if next.first_seq == 0 {
+            next.first_seq = seq;
+        }
+        Ok(seq)
+    }
+
+    /// Removes queue entries; a record no entry references any more and that
+    /// retirement has passed is deleted now.
+    fn remove_entries(
+        &self,
+        t: &mut Tables<'_>,
+        next: &mut State,
+        queue: u64,
+        seqs: &[Seq],
+    ) -> Result<(), redb::Error> {
+        for &seq in seqs {
+            if t.entries.remove((queue, seq))?.is_none() {
+                continue;
+            }
+            let refs = t.refs.get(seq)?.map_or(0, |v| v.value());
+            if refs > 1 {
+                t.refs.insert(seq, refs - 1)?;
+                continue;
+            }
+            t.refs.remove(seq)?;
+            next.held.remove(&seq);
+            if seq < next.retired_upto {
+                self.log_remove(t, next, seq)?;
+            }
+        }
+        if next.first_seq != 0 {
+            next.first_seq = t.log.first()?.map_or(0, |(k, _)| k.value());
+        }
+        Ok(())
+    }
+
+    fn log_remove(
+        &self,
+        t: &mut Tables<'_>,
+        next: &mut State,
+        seq: Seq,
+    ) -> Result<(), redb::Error> {
+        if let Some(old) = t.log.remove(seq)? {
+            let len = old.value().len() as u64;
+            next.stats.live_bytes = next.stats.live_bytes.saturating_sub(len);
+            next.stats.live_messages = next.stats.live_messages.saturating_sub(1);
+        }
+        t.replays.remove(seq)?;
+        Ok(())
+    }
+
+    /// The seq below which no cursor needs records (0: no cursor).
+    pub(super) fn retire_below(state: &State) -> Seq {
+        state.cursors.values().copied().min().unwrap_or(0)
+    }
+
+    pub(super) fn must_retire(&self, state: &State) -> bool {
+        state.first_seq != 0 && state.retired_upto < Writer::retire_below(state)
+    }
+
+    /// Deletes records below the smallest cursor that no queue references,
+    /// at most [`RETIRE_PER_TXN`].
+    fn retire(&self, t: &mut Tables<'_>, next: &mut State) -> Result<bool, redb::Error> {
+        if !self.must_retire(next) {
+            return Ok(false);
+        }
+        let below = Writer::retire_below(next);
+        let mut upto = below;
+        let mut doomed = Vec::new();
+        for (examined, entry) in t.log.range(next.retired_upto..below)?.enumerate() {
+            let (k, _) = entry?;
+            let seq = k.value();
+            if examined >= RETIRE_PER_TXN {
+                upto = seq;
+                break;
+            }
+            if !next.held.contains(&seq) {
+                doomed.push(seq);
+            }
+        }
+        for seq in &doomed {
+            self.log_remove(t, next, *seq)?;
+        }
+        next.retired_upto = upto;
+        next.first_seq = t.log.first()?.map_or(0, |(k, _)| k.value());
+        if let Some(last) = doomed.last() {
+            let old = t
+                .meta
+                .get(RETIRED_BELOW_KEY)?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map_or(0, u64::from_le_bytes);
+            let floor = (last + 1).max(old);
+            t.meta
+                .insert(RETIRED_BELOW_KEY, floor.to_le_bytes().as_slice())?;
+        }
+        Ok(self.must_retire(next))
+    }
+
+    /// `when_full = drop-oldest`: deletes the oldest log records until `len`
+    /// more bytes fit, and moves every cursor below the new first record up
+    /// to it. A dropped record that queues referenced is dropped for them
+    /// too (their entries then find no record and are skipped). Counted and
+    /// logged (summarised) at ERROR: this is data loss the operator chose.
+    fn drop_oldest(
+        &mut self,
+        t: &mut Tables<'_>,
+        next: &mut State,
+        len: u64,
+        max: u64,
+    ) -> Result<(), redb::Error> {
+        let mut dropped = 0u64;
+        while next.used().saturating_add(len) > max {
+            let Some((key, value)) = t.log.pop_first()? else {
+                break;
+            };
+            let seq = key.value();
+            next.stats.live_bytes = next
+                .stats
+                .live_bytes
+                .saturating_sub(value.value().len() as u64);
+            next.stats.live_messages = next.stats.live_messages.saturating_sub(1);
+            drop((key, value));
+            t.replays.remove(seq)?;
+            if next.held.remove(&seq) {
+                t.refs.remove(seq)?;
+            }
+            dropped += 1;
+        }
+        next.first_seq = t.log.first()?.map_or(0, |(k, _)| k.value());
+        let floor = if next.first_seq == 0 {
+            next.next_seq
+        } else {
+            next.first_seq
+        };
+        next.retired_upto = next.retired_upto.max(floor);
+        // Like retirement: seqs below the floor are never handed out again.
+        t.meta
+            .insert(RETIRED_BELOW_KEY, floor.to_le_bytes().as_slice())?;
+        for (name, at) in next.cursors.iter_mut() {
+            if *at < floor {
+                *at = floor;
+                t.cursors.insert(name.as_str(), floor)?;
+            }
+        }
+        metrics::counter!("edge_messages_dropped_total", "reason" => "drop_oldest")
+            .increment(dropped);
+        let first_seq = next.first_seq;
+        DROPPED.record_n("drop_oldest", dropped, || {
+            format!("first_seq={first_seq} max_bytes={max}")
+        });
+        Ok(())
+    }
+}
+
+impl Retain {
+    /// The topic whose retained message this sets or clears.
+    pub fn topic(&self) -> &str {
+        match self {
+            Retain::Set(t) | Retain::Clear(t) => t,
+        }
+    }
+}
