@@ -7,8 +7,10 @@ pub mod receipt;
 pub mod route;
 pub mod router;
 pub mod topic;
+pub mod trie;
 
 pub use message::{Message, QoS};
 pub use receipt::Receipt;
 pub use route::{Route, Routes};
 pub use router::{Delivery, PublishError, Router, SessionId, Subscriber};
+pub use trie::{InvalidFilter, TopicTrie};
