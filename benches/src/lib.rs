@@ -1,6 +1,8 @@
 //! Shared by the store benches (`benches/store_append.rs`) and the
 //! `store-figures` binary: a store on a counting (optionally slow-fsync)
 //! backend in a temporary directory, and appenders that loop `Store::append`.
+//! [`topic_match`] holds the cases of the topic-matching bench
+//! (`benches/trie.rs`) and of the `trie-figures` binary.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -8,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use edge_store::{BackendCounters, Record, SlowSyncBackend, Store, StoreOptions};
+
+pub mod topic_match;
 
 /// fsync delay that stands in for an SD card (5–50 ms per fsync).
 pub const SD_CARD_SYNC: Duration = Duration::from_millis(10);

@@ -18,4 +18,4 @@ pub use receipt::Receipt;
 pub use route::{Route, Routes};
 pub use router::{Delivery, Router, RouterOptions, SessionId};
 pub use session::{AttachOptions, Attached, Backlogged, SessionError, Subscriber};
-pub use trie::TopicTrie;
+pub use trie::{InvalidFilter, TopicTrie};
