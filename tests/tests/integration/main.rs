@@ -19,6 +19,7 @@ mod malformed;
 mod observability;
 mod quota;
 mod retained;
+mod sessions;
 mod upstream_faults;
 
 use std::collections::HashMap;
