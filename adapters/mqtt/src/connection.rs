@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{self, Hello};
+use crate::codec::{self, Hello, Version};
 use crate::error::Close;
 use crate::listener::Admission;
 use crate::logs;
@@ -164,8 +164,12 @@ impl Connection {
                 )
                 .await;
         };
-        let connect = match hello {
-            Hello::V311(connect, _login) => connect,
+        let (version, connect) = match hello {
+            Hello::Accepted {
+                version,
+                connect,
+                login: _,
+            } => (version, connect),
             Hello::Unsupported { level } => {
                 return self
                     .refuse(
@@ -177,6 +181,15 @@ impl Connection {
         };
         let client_id: Arc<str> = match (connect.client_id.is_empty(), connect.clean_session) {
             (false, _) => connect.client_id.into(),
+            // MQTT 3.1 requires a client id (refused with 2, as Mosquitto does).
+            (true, _) if version == Version::V31 => {
+                return self
+                    .refuse(
+                        ConnectReturnCode::ClientIdentifierNotValid,
+                        "empty client id from an MQTT 3.1 client".to_string(),
+                    )
+                    .await;
+            }
             (true, true) => {
                 format!("edge-auto-{}", ASSIGNED_IDS.fetch_add(1, Ordering::Relaxed)).into()
             }
@@ -204,7 +217,7 @@ impl Connection {
         if let Err(close) = session::write(Packet::ConnAck(connack, None), &mut self.wbuf) {
             return close;
         }
-        tracing::debug!(peer = %self.peer, client_id = %client_id, keep_alive = connect.keep_alive, "client connected");
+        tracing::debug!(peer = %self.peer, client_id = %client_id, ?version, keep_alive = connect.keep_alive, "client connected");
         let keep_alive = (connect.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
         let mut session = Session::new(

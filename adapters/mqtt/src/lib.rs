@@ -3,7 +3,7 @@
 //! QoS 1/2 publishes only once they are committed to the store, and writes
 //! the router's deliveries back to subscribers.
 //!
-//! MQTT 3.1 and 5 clients are refused with CONNACK 0x01; persistent
+//! MQTT 3.1 is served like 3.1.1; MQTT 5 gets CONNACK 0x01; persistent
 //! sessions, retained messages, wills and authentication are not served yet.
 
 mod codec;
@@ -45,8 +45,15 @@ pub mod fuzzing {
     /// The first packet of a connection, as `decode_connect` sees it.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Hello {
-        V311(Connect, Option<Login>),
-        Unsupported { level: u8 },
+        /// MQTT 3.1.1 (`level` 4) or 3.1 (`level` 3).
+        Accepted {
+            level: u8,
+            connect: Connect,
+            login: Option<Login>,
+        },
+        Unsupported {
+            level: u8,
+        },
     }
 
     /// Decodes the next packet of `buf`, consuming it: the packet, its QoS
@@ -65,7 +72,18 @@ pub mod fuzzing {
     ) -> Result<Option<Hello>, DecodeError> {
         Ok(
             crate::codec::decode_connect(buf, max_packet_size)?.map(|h| match h {
-                crate::codec::Hello::V311(c, l) => Hello::V311(c, l),
+                crate::codec::Hello::Accepted {
+                    version,
+                    connect,
+                    login,
+                } => Hello::Accepted {
+                    level: match version {
+                        crate::codec::Version::V31 => 3,
+                        crate::codec::Version::V311 => 4,
+                    },
+                    connect,
+                    login,
+                },
                 crate::codec::Hello::Unsupported { level } => Hello::Unsupported { level },
             }),
         )

@@ -219,12 +219,46 @@ async fn silent_connection_is_closed_after_one_and_a_half_keep_alives() -> Resul
 #[tokio::test]
 async fn unsupported_protocol_levels_get_connack_0x01() -> Result<()> {
     let server = Server::start().await?;
-    for (name, level) in [(&b"MQTT"[..], 5u8), (&b"MQIsdp"[..], 3)] {
+    for (name, level) in [(&b"MQTT"[..], 5u8), (b"MQTT", 3), (b"MQIsdp", 4)] {
         let mut raw = Raw::connect(server.addr).await?;
         raw.send(&connect(name, level, "modern", 30, true)).await?;
         raw.expect(&[0x20, 2, 0, 0x01]).await?;
         raw.expect_closed().await?;
     }
+    // An unknown protocol name gets no CONNACK at all (MQTT-3.1.2-1).
+    let mut raw = Raw::connect(server.addr).await?;
+    raw.send(&connect(b"MQTX", 4, "other", 30, true)).await?;
+    raw.expect_closed().await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn mqtt31_is_served_like_mqtt311() -> Result<()> {
+    let server = Server::start().await?;
+    let mut raw = Raw::connect(server.addr).await?;
+    // Longer than 3.1's 23 bytes: accepted, as Mosquitto does.
+    raw.send(&connect(
+        b"MQIsdp",
+        3,
+        "an-mqtt-3.1-client-with-a-long-id",
+        30,
+        true,
+    ))
+    .await?;
+    raw.expect(&[0x20, 2, 0, 0]).await?;
+    raw.send(&publish("v31/temp", b"20", 1, 1, false)).await?;
+    raw.expect(&ack(PUBACK, 1)).await?;
+    raw.send(&PINGREQ).await?;
+    raw.expect(&PINGRESP).await?;
+    let records = server.records().await?;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].topic, "v31/temp");
+    assert_eq!(records[0].publisher, "an-mqtt-3.1-client-with-a-long-id");
+    // 3.1 has no assigned client ids: an empty one is rejected (2).
+    let mut raw = Raw::connect(server.addr).await?;
+    raw.send(&connect(b"MQIsdp", 3, "", 30, true)).await?;
+    raw.expect(&[0x20, 2, 0, 0x02]).await?;
+    raw.expect_closed().await?;
     server.stop().await
 }
 
