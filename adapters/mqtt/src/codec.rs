@@ -12,6 +12,7 @@ use rumqttd::protocol::v4::{self, V4};
 use rumqttd::protocol::{self, Connect, Login, Packet, Protocol};
 
 use crate::error::ProtocolError;
+use crate::will::Will;
 
 const CONNECT: u8 = 1;
 const PUBLISH: u8 = 3;
@@ -38,11 +39,12 @@ pub(crate) enum Version {
 /// The first packet of a connection.
 #[derive(Debug)]
 pub(crate) enum Hello {
-    /// MQTT 3.1.1 or 3.1.
+    /// MQTT 3.1.1 or 3.1, with its will (topic validated).
     Accepted {
         version: Version,
         connect: Connect,
         login: Option<Login>,
+        will: Option<Will>,
     },
     /// `MQTT` at a level other than 4 (5 among them, until MQTT 5 is
     /// served) or `MQIsdp` at a level other than 3: refused with CONNACK
@@ -150,22 +152,12 @@ pub(crate) fn decode_connect(
         _ => return Err(ProtocolError::UnknownProtocol),
     };
     match packet {
-        Packet::Connect(connect, _, will, _, login) => {
-            if let Some(will) = will {
-                crate::logs::UNSUPPORTED.record("last_will", || {
-                    format!(
-                        "client_id={} will_topic={}",
-                        connect.client_id,
-                        String::from_utf8_lossy(&will.topic)
-                    )
-                });
-            }
-            Ok(Some(Hello::Accepted {
-                version,
-                connect,
-                login,
-            }))
-        }
+        Packet::Connect(connect, _, will, _, login) => Ok(Some(Hello::Accepted {
+            version,
+            connect,
+            login,
+            will: will.map(Will::try_from).transpose()?,
+        })),
         _ => Err(ProtocolError::NotConnect(kind)),
     }
 }
@@ -325,12 +317,14 @@ mod tests {
                 version,
                 connect: c,
                 login,
+                will,
             } => {
                 assert_eq!(version, Version::V311);
                 assert_eq!(c.client_id, "dev-1");
                 assert_eq!(c.keep_alive, 30);
                 assert!(c.clean_session);
                 assert!(login.is_none());
+                assert!(will.is_none());
             }
             other => panic!("{other:?}"),
         }
@@ -380,11 +374,13 @@ mod tests {
                 version: old,
                 connect: c31,
                 login: l31,
+                will: w31,
             },
             Hello::Accepted {
                 version: new,
                 connect: c311,
                 login: l311,
+                will: w311,
             },
         ) = (
             decode_connect(&mut v31, 1024).unwrap().unwrap(),
@@ -394,10 +390,40 @@ mod tests {
             panic!("not accepted");
         };
         assert_eq!((old, new), (Version::V31, Version::V311));
-        assert_eq!((&c31, &l31), (&c311, &l311));
+        assert_eq!((&c31, &l31, &w31), (&c311, &l311, &w311));
         assert_eq!(c31.client_id, id);
         assert_eq!(l31.expect("login").username, "user");
+        let will = w31.expect("will");
+        assert_eq!(will.topic, "status/a");
+        assert_eq!(&will.payload[..], b"offline");
+        assert_eq!(will.qos, edge_core::QoS::AtLeastOnce);
+        assert!(will.retain);
         assert_eq!(&v31[..], &[0xC0, 0], "3.1 CONNECT consumed whole");
+    }
+
+    #[test]
+    fn invalid_will_topic_refuses_the_connect() {
+        for version in [(&b"MQTT"[..], 4), (b"MQIsdp", 3)] {
+            let (flags, tail) = will_and_login(b"status/#");
+            let mut buf = connect_with(version.0, version.1, "dev", flags, &tail);
+            assert!(matches!(
+                decode_connect(&mut buf, 1024),
+                Err(ProtocolError::InvalidWillTopic(t)) if t == "status/#"
+            ));
+        }
+        // Will QoS 3 (MQTT-3.1.2-14) and will retain without a will
+        // (MQTT-3.1.2-15) are malformed.
+        let (_, tail) = will_and_login(b"status/a");
+        let mut buf = connect_with(b"MQTT", 4, "dev", 0x04 | (3 << 3), &tail);
+        assert!(matches!(
+            decode_connect(&mut buf, 1024),
+            Err(ProtocolError::Malformed(_))
+        ));
+        let mut buf = connect_with(b"MQTT", 4, "dev", 0x20, &[]);
+        assert!(matches!(
+            decode_connect(&mut buf, 1024),
+            Err(ProtocolError::Malformed(_))
+        ));
     }
 
     #[test]

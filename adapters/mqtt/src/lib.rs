@@ -14,6 +14,7 @@ mod listener;
 mod logs;
 mod outbox;
 mod session;
+mod will;
 
 pub use error::MqttError;
 pub use listener::MqttListener;
@@ -50,10 +51,20 @@ pub mod fuzzing {
             level: u8,
             connect: Connect,
             login: Option<Login>,
+            will: Option<Will>,
         },
         Unsupported {
             level: u8,
         },
+    }
+
+    /// A will from CONNECT, its topic validated.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Will {
+        pub topic: String,
+        pub payload: bytes::Bytes,
+        pub qos: u8,
+        pub retain: bool,
     }
 
     /// Decodes the next packet of `buf`, consuming it: the packet, its QoS
@@ -76,6 +87,7 @@ pub mod fuzzing {
                     version,
                     connect,
                     login,
+                    will,
                 } => Hello::Accepted {
                     level: match version {
                         crate::codec::Version::V31 => 3,
@@ -83,6 +95,12 @@ pub mod fuzzing {
                     },
                     connect,
                     login,
+                    will: will.map(|w| Will {
+                        topic: w.topic,
+                        payload: w.payload,
+                        qos: w.qos as u8,
+                        retain: w.retain,
+                    }),
                 },
                 crate::codec::Hello::Unsupported { level } => Hello::Unsupported { level },
             }),

@@ -7,7 +7,7 @@
 mod support;
 
 use bytes::{BufMut, BytesMut};
-use edge_mqtt::fuzzing::{self, Connect, DecodeError, Hello, Login, Packet};
+use edge_mqtt::fuzzing::{self, Connect, DecodeError, Hello, Login, Packet, Will};
 use proptest::prelude::*;
 use support::{packet, remaining_length, string};
 
@@ -229,6 +229,12 @@ fn connect() -> impl Strategy<Value = (Vec<u8>, Hello)> {
                         clean_session: clean,
                     },
                     login,
+                    will: will.map(|(topic, payload, qos, retain)| Will {
+                        topic,
+                        payload: payload.into(),
+                        qos,
+                        retain,
+                    }),
                 };
                 (packet(0x10, &body), hello)
             },

@@ -497,3 +497,207 @@ async fn live_deliveries_have_retain_cleared() -> Result<()> {
     sub.expect(&[0x30, 6, 0, 3, b'r', b'/', b'1', b'v']).await?;
     server.stop().await
 }
+
+#[tokio::test]
+async fn will_published_when_the_peer_closes_or_breaks_the_protocol() -> Result<()> {
+    let mut server = Server::start().await?;
+    let mut sub = Raw::session(server.addr, "watcher", 30).await?;
+    sub.send(&subscribe(1, &[("wills/#", 1)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 1]).await?;
+
+    let mut dev = Raw::connect(server.addr).await?;
+    dev.send(&connect_with_will(
+        b"MQTT",
+        4,
+        "dev-a",
+        30,
+        (b"wills/a", b"lost", 1, false),
+    ))
+    .await?;
+    dev.expect(&[0x20, 2, 0, 0]).await?;
+    drop(dev);
+    sub.expect(&publish("wills/a", b"lost", 1, 1, false))
+        .await?;
+    sub.send(&ack(PUBACK, 1)).await?;
+
+    let mut dev = Raw::connect(server.addr).await?;
+    dev.send(&connect_with_will(
+        b"MQIsdp",
+        3,
+        "dev-b",
+        30,
+        (b"wills/b", b"broken", 0, false),
+    ))
+    .await?;
+    dev.expect(&[0x20, 2, 0, 0]).await?;
+    dev.send(&publish("a/#", b"x", 0, 0, false)).await?;
+    dev.expect_closed().await?;
+    sub.expect(&publish("wills/b", b"broken", 0, 0, false))
+        .await?;
+
+    // Subscribers are fed before the commit: look at the log once every
+    // connection has ended (each awaits its will's commit).
+    server.shutdown.cancel();
+    tokio::time::timeout(PATIENCE, &mut server.task).await??;
+    let records = server.records().await?;
+    assert_eq!(
+        records.len(),
+        1,
+        "the QoS 1 will is logged, the QoS 0 one is not"
+    );
+    assert_eq!(records[0].topic, "wills/a");
+    assert_eq!(records[0].publisher, "dev-a");
+    assert_eq!(records[0].qos, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn will_discarded_on_disconnect() -> Result<()> {
+    let server = Server::start().await?;
+    let mut sub = Raw::session(server.addr, "watcher", 30).await?;
+    sub.send(&subscribe(1, &[("wills/#", 0)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 0]).await?;
+    let mut dev = Raw::connect(server.addr).await?;
+    dev.send(&connect_with_will(
+        b"MQTT",
+        4,
+        "polite",
+        30,
+        (b"wills/p", b"gone", 0, false),
+    ))
+    .await?;
+    dev.expect(&[0x20, 2, 0, 0]).await?;
+    dev.send(&DISCONNECT).await?;
+    // The gateway closes the socket after handing any will to the router.
+    dev.expect_closed().await?;
+    let mut other = Raw::session(server.addr, "sentinel", 30).await?;
+    other
+        .send(&publish("wills/sentinel", b"s", 0, 0, false))
+        .await?;
+    sub.expect(&publish("wills/sentinel", b"s", 0, 0, false))
+        .await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn will_published_at_shutdown() -> Result<()> {
+    let mut server = Server::start().await?;
+    let mut dev = Raw::connect(server.addr).await?;
+    dev.send(&connect_with_will(
+        b"MQTT",
+        4,
+        "stayer",
+        30,
+        (b"wills/s", b"gateway down", 1, true),
+    ))
+    .await?;
+    dev.expect(&[0x20, 2, 0, 0]).await?;
+    server.shutdown.cancel();
+    dev.expect_closed().await?;
+    tokio::time::timeout(PATIENCE, &mut server.task).await??;
+    let records = server.records().await?;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].topic, "wills/s");
+    assert_eq!(&records[0].payload[..], b"gateway down");
+    assert!(records[0].retain, "the retain flag travels with the will");
+    Ok(())
+}
+
+#[tokio::test]
+async fn will_published_on_take_over() -> Result<()> {
+    let server = Server::start().await?;
+    let mut sub = Raw::session(server.addr, "watcher", 30).await?;
+    sub.send(&subscribe(1, &[("wills/#", 0)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 0]).await?;
+    let mut old = Raw::connect(server.addr).await?;
+    old.send(&connect_with_will(
+        b"MQTT",
+        4,
+        "twin",
+        30,
+        (b"wills/t", b"replaced", 0, false),
+    ))
+    .await?;
+    old.expect(&[0x20, 2, 0, 0]).await?;
+    let mut new = Raw::session(server.addr, "twin", 30).await?;
+    old.expect_closed().await?;
+    sub.expect(&publish("wills/t", b"replaced", 0, 0, false))
+        .await?;
+    new.send(&PINGREQ).await?;
+    new.expect(&PINGRESP).await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn invalid_will_topic_closes_without_connack() -> Result<()> {
+    let server = Server::start().await?;
+    for topic in [&b"wills/+"[..], b"", b"\xc3\x28"] {
+        let mut dev = Raw::connect(server.addr).await?;
+        dev.send(&connect_with_will(
+            b"MQTT",
+            4,
+            "bad-will",
+            30,
+            (topic, b"x", 0, false),
+        ))
+        .await?;
+        dev.expect_closed().await?;
+    }
+    // Others are served.
+    let mut raw = Raw::session(server.addr, "fine", 30).await?;
+    raw.send(&PINGREQ).await?;
+    raw.expect(&PINGRESP).await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn a_will_the_store_refuses_costs_nothing_else() -> Result<()> {
+    let mut server = Server::with(Options {
+        max_bytes: 4096,
+        ..Options::default()
+    })
+    .await?;
+    let mut small = Raw::connect(server.addr).await?;
+    small
+        .send(&connect_with_will(
+            b"MQTT",
+            4,
+            "light",
+            30,
+            (b"wills/l", b"ok", 1, false),
+        ))
+        .await?;
+    small.expect(&[0x20, 2, 0, 0]).await?;
+    small.send(&[0xF0, 0x00]).await?;
+    small.expect_closed().await?;
+    // Over the quota on its own: refused, counted, summarised.
+    let mut heavy = Raw::connect(server.addr).await?;
+    let big = vec![b'w'; 8000];
+    heavy
+        .send(&connect_with_will(
+            b"MQTT",
+            4,
+            "heavy",
+            30,
+            (b"wills/h", &big, 1, false),
+        ))
+        .await?;
+    heavy.expect(&[0x20, 2, 0, 0]).await?;
+    heavy.send(&[0xF0, 0x00]).await?;
+    heavy.expect_closed().await?;
+    let mut bystander = Raw::session(server.addr, "bystander", 30).await?;
+    bystander.send(&PINGREQ).await?;
+    bystander.expect(&PINGRESP).await?;
+    // Once every connection has ended (each awaited its will's commit),
+    // the log holds the small will only.
+    server.shutdown.cancel();
+    tokio::time::timeout(PATIENCE, &mut server.task).await??;
+    let topics: Vec<String> = server
+        .records()
+        .await?
+        .into_iter()
+        .map(|r| r.topic)
+        .collect();
+    assert_eq!(topics, ["wills/l"]);
+    Ok(())
+}
