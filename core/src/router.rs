@@ -230,10 +230,10 @@ impl Subscriber {
         &self.client_id
     }
 
-    /// Adds or replaces a subscription; returns the QoS granted (at most 1
-    /// until QoS 2 delivery exists). `filter` must be valid.
+    /// Adds or replaces a subscription; returns the QoS granted (the one
+    /// requested: every QoS is served). `filter` must be valid.
     pub fn subscribe(&self, filter: &str, qos: QoS) -> QoS {
-        let granted = qos.min(QoS::AtLeastOnce);
+        let granted = qos.min(QoS::ExactlyOnce);
         self.router.update(self.id, |filters| {
             match filters.iter_mut().find(|(f, _)| f == filter) {
                 Some(existing) => existing.1 = granted,
@@ -338,7 +338,7 @@ mod tests {
         let router = Router::new(store(dir.path()), Routes::default());
         let (sub, mut rx) = router.connect("s".into(), 8);
         assert_eq!(sub.subscribe("a/+", QoS::AtMostOnce), QoS::AtMostOnce);
-        assert_eq!(sub.subscribe("a/#", QoS::ExactlyOnce), QoS::AtLeastOnce);
+        assert_eq!(sub.subscribe("a/#", QoS::ExactlyOnce), QoS::ExactlyOnce);
         let (other, mut other_rx) = router.connect("o".into(), 8);
         other.subscribe("b/#", QoS::AtLeastOnce);
 

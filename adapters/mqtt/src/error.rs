@@ -42,6 +42,17 @@ pub(crate) enum ProtocolError {
     InvalidWillTopic(String),
     #[error("unexpected {0} packet from a client")]
     Unexpected(&'static str),
+    /// PUBREL for a QoS 2 publish whose PUBREC has not been sent: the
+    /// message is not durable yet, so it cannot be released.
+    #[error("PUBREL for packet id {0} before its PUBREC")]
+    EarlyPubRel(u16),
+    /// An acknowledgement of the wrong kind for a delivery in flight.
+    #[error("{got} for packet id {pkid}, which awaits {awaiting}")]
+    AckMismatch {
+        got: &'static str,
+        pkid: u16,
+        awaiting: &'static str,
+    },
 }
 
 impl ProtocolError {
@@ -69,7 +80,9 @@ impl ProtocolError {
             ProtocolError::TopicNotUtf8 => "topic_not_utf8",
             ProtocolError::InvalidTopic(_) => "invalid_topic",
             ProtocolError::InvalidWillTopic(_) => "invalid_will_topic",
-            ProtocolError::Unexpected(_) => "unexpected_packet",
+            ProtocolError::Unexpected(_)
+            | ProtocolError::EarlyPubRel(_)
+            | ProtocolError::AckMismatch { .. } => "unexpected_packet",
         }
     }
 }

@@ -308,8 +308,8 @@ async fn invalid_filter_gets_a_failure_code() -> Result<()> {
     let mut raw = Raw::session(server.addr, "filters", 30).await?;
     raw.send(&subscribe(3, &[("a/#/b", 1), ("a/+", 2), ("x/#", 0)]))
         .await?;
-    // 0x80 for the invalid one; QoS 2 is granted as 1.
-    raw.expect(&[0x90, 5, 0, 3, 0x80, 0x01, 0x00]).await?;
+    // 0x80 for the invalid one; QoS 2 is granted as asked.
+    raw.expect(&[0x90, 5, 0, 3, 0x80, 0x02, 0x00]).await?;
     server.stop().await
 }
 
@@ -495,6 +495,141 @@ async fn live_deliveries_have_retain_cleared() -> Result<()> {
     publisher.send(&retained).await?;
     // PUBLISH, QoS 0, RETAIN 0: topic "r/1", payload "v".
     sub.expect(&[0x30, 6, 0, 3, b'r', b'/', b'1', b'v']).await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn qos2_retransmission_while_committing_is_routed_once() -> Result<()> {
+    let (server, gate) = Server::gated(Options::default()).await?;
+    let mut sub = Raw::session(server.addr, "q2-sub", 30).await?;
+    sub.send(&subscribe(1, &[("q2/#", 0)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 0]).await?;
+    let mut raw = Raw::session(server.addr, "q2-pub", 30).await?;
+    gate.close();
+    raw.send(&publish("q2/a", b"once", 2, 5, false)).await?;
+    gate.holding().await?;
+    // The same packet id again, DUP set, while its commit is under way.
+    raw.send(&publish("q2/a", b"once", 2, 5, true)).await?;
+    raw.send(&PINGREQ).await?;
+    raw.expect(&PINGRESP).await?;
+    gate.open();
+    raw.expect(&ack(PUBREC, 5)).await?;
+    raw.send(&ack(PUBREL, 5)).await?;
+    raw.expect(&ack(PUBCOMP, 5)).await?;
+    // After PUBCOMP the id starts a new publication (MQTT-4.3.3-2).
+    raw.send(&publish("q2/a", b"again", 2, 5, false)).await?;
+    raw.expect(&ack(PUBREC, 5)).await?;
+    // One copy of each, in order: a second "once" would come before "again".
+    sub.expect(&publish("q2/a", b"once", 0, 0, false)).await?;
+    sub.expect(&publish("q2/a", b"again", 0, 0, false)).await?;
+    let payloads: Vec<Vec<u8>> = server
+        .records()
+        .await?
+        .into_iter()
+        .map(|r| r.payload.to_vec())
+        .collect();
+    assert_eq!(payloads, [b"once".to_vec(), b"again".to_vec()]);
+    server.stop().await
+}
+
+#[tokio::test]
+async fn pubrel_before_pubrec_is_a_protocol_error() -> Result<()> {
+    let (server, gate) = Server::gated(Options::default()).await?;
+    let mut raw = Raw::session(server.addr, "hasty", 30).await?;
+    gate.close();
+    raw.send(&publish("q2/b", b"x", 2, 9, false)).await?;
+    gate.holding().await?;
+    // PUBCOMP now would complete a message that is not on disk yet.
+    raw.send(&ack(PUBREL, 9)).await?;
+    raw.expect_closed().await?;
+    gate.open();
+    server.stop().await
+}
+
+/// Outbound QoS 2, byte for byte, with a window of one: PUBLISH (QoS 2)
+/// → PUBREC → PUBREL → PUBCOMP, and the next delivery only after PUBCOMP.
+#[tokio::test]
+async fn qos2_delivery_exchange_and_window() -> Result<()> {
+    let server = Server::with(Options {
+        max_inflight: 1,
+        ..Options::default()
+    })
+    .await?;
+    let mut sub = Raw::session(server.addr, "q2-receiver", 30).await?;
+    sub.send(&subscribe(1, &[("q2out/#", 2)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 2]).await?;
+    let mut publisher = Raw::session(server.addr, "q2-sender", 30).await?;
+    for pkid in 1..=2u16 {
+        publisher
+            .send(&publish("q2out/x", &[pkid as u8], 2, pkid, false))
+            .await?;
+        publisher.expect(&ack(PUBREC, pkid)).await?;
+        publisher.send(&ack(PUBREL, pkid)).await?;
+        publisher.expect(&ack(PUBCOMP, pkid)).await?;
+    }
+    sub.expect(&publish("q2out/x", &[1], 2, 1, false)).await?;
+    sub.send(&ack(PUBREC, 1)).await?;
+    sub.expect(&ack(PUBREL, 1)).await?;
+    // The window stays full until PUBCOMP: two round trips show nothing
+    // but their PINGRESPs, though the second delivery is waiting.
+    for _ in 0..2 {
+        sub.send(&PINGREQ).await?;
+        sub.expect(&PINGRESP).await?;
+    }
+    // A repeated PUBREC is answered with PUBREL again.
+    sub.send(&ack(PUBREC, 1)).await?;
+    sub.expect(&ack(PUBREL, 1)).await?;
+    sub.send(&ack(PUBCOMP, 1)).await?;
+    sub.expect(&publish("q2out/x", &[2], 2, 2, false)).await?;
+    // Acknowledging a QoS 2 delivery with PUBACK breaks the protocol.
+    sub.send(&ack(PUBACK, 2)).await?;
+    sub.expect_closed().await?;
+    server.stop().await
+}
+
+/// A QoS 2 delivery and a QoS 2 publish with rumqttc on both ends.
+#[tokio::test]
+async fn qos2_end_to_end_with_rumqttc() -> Result<()> {
+    let server = Server::start().await?;
+    let (sub, mut sub_events) = client(&server, "q2-rumqttc-sub");
+    sub.subscribe("exact/#", QoS::ExactlyOnce).await?;
+    let granted = poll_until(&mut sub_events, |e| match e {
+        Event::Incoming(Packet::SubAck(ack)) => Some(ack.return_codes.clone()),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(
+        granted,
+        [rumqttc::SubscribeReasonCode::Success(QoS::ExactlyOnce)]
+    );
+    let (publisher, mut pub_events) = client(&server, "q2-rumqttc-pub");
+    publisher
+        .publish("exact/1", QoS::ExactlyOnce, false, "one")
+        .await?;
+    let publisher_task = tokio::spawn(async move {
+        poll_until(&mut pub_events, |e| {
+            matches!(e, Event::Incoming(Packet::PubComp(_))).then_some(())
+        })
+        .await
+    });
+    let mut seen = Vec::new();
+    poll_until(&mut sub_events, |e| {
+        match e {
+            Event::Incoming(Packet::Publish(p)) => {
+                assert_eq!(p.qos, QoS::ExactlyOnce);
+                assert_eq!(&p.payload[..], b"one");
+                seen.push("PUBLISH");
+            }
+            Event::Outgoing(rumqttc::Outgoing::PubRec(_)) => seen.push("PUBREC"),
+            Event::Incoming(Packet::PubRel(_)) => seen.push("PUBREL"),
+            Event::Outgoing(rumqttc::Outgoing::PubComp(_)) => seen.push("PUBCOMP"),
+            _ => {}
+        }
+        (seen.last() == Some(&"PUBCOMP")).then_some(())
+    })
+    .await?;
+    assert_eq!(seen, ["PUBLISH", "PUBREC", "PUBREL", "PUBCOMP"]);
+    publisher_task.await??;
     server.stop().await
 }
 
