@@ -1,10 +1,21 @@
 //! MQTT 3.1.1 server adapter: decodes client packets with rumqttd's
 //! `protocol` codec, publishes into the [`edge_core::Router`], acknowledges
 //! QoS 1/2 publishes only once they are committed to the store, and writes
-//! the router's deliveries back to subscribers.
+//! the router's deliveries back to subscribers at QoS 0, 1 or 2.
 //!
-//! MQTT 3.1 is served like 3.1.1; MQTT 5 gets CONNACK 0x01; persistent
-//! sessions, retained messages, wills and authentication are not served yet.
+//! - MQTT 3.1 (`MQIsdp`, level 3) is served like 3.1.1: its CONNECT is
+//!   rewritten into a 3.1.1 one before rumqttd parses it (`codec.rs`).
+//!   Other levels, MQTT 5 among them, get CONNACK 0x01; an unknown
+//!   protocol name is closed without a CONNACK.
+//! - Last wills are kept from CONNECT and published through the router
+//!   when an accepted connection ends any way but DISCONNECT, gateway
+//!   shutdown included (`will.rs`).
+//! - QoS 2 both ways: inbound PUBREC after the commit, PUBREL → PUBCOMP
+//!   (`session.rs`); outbound PUBLISH → PUBREC → PUBREL → PUBCOMP within
+//!   `max_inflight` (`outbox.rs`). In-flight state is per connection.
+//!
+//! Persistent sessions, retained messages and authentication are not
+//! served yet (a `clean_session = 0` client is served a clean session).
 
 mod codec;
 mod connection;
