@@ -65,8 +65,9 @@ pub struct MqttConfig {
     pub max_packet_size: NonZeroUsize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout: Duration,
-    /// Unacknowledged QoS 1 deliveries per connection, and QoS 1 publishes
-    /// awaiting their commit before the connection stops reading.
+    /// Unacknowledged QoS 1/2 deliveries per connection (until PUBACK or
+    /// PUBCOMP), and QoS 1/2 publishes awaiting their commit before the
+    /// connection stops reading.
     pub max_inflight: NonZeroU16,
     /// Messages queued for one subscriber before new ones are dropped (counted).
     pub max_queued_messages: NonZeroUsize,

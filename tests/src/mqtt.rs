@@ -39,12 +39,13 @@ impl PublishReport {
     }
 }
 
-/// A QoS 1 publisher that numbers its messages and records which PUBACKs
-/// arrived: message `i` is `make(i)` = (topic, payload).
+/// A QoS 1 (or 2) publisher that numbers its messages and records which
+/// PUBACKs (PUBCOMPs) arrived: message `i` is `make(i)` = (topic, payload).
 #[derive(Debug, Clone)]
 pub struct Publisher {
     addr: SocketAddr,
     client_id: String,
+    qos: QoS,
     inflight: u16,
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
@@ -55,10 +56,18 @@ impl Publisher {
         Publisher {
             addr,
             client_id: client_id.to_string(),
+            qos: QoS::AtLeastOnce,
             inflight: 100,
             stop: Arc::new(AtomicBool::new(false)),
             acked: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Publishes at QoS 2 instead: a message counts as acknowledged at its
+    /// PUBCOMP.
+    pub fn exactly_once(mut self) -> Publisher {
+        self.qos = QoS::ExactlyOnce;
+        self
     }
 
     /// Most unacknowledged publishes in flight.
@@ -78,8 +87,8 @@ impl Publisher {
         self.acked.clone()
     }
 
-    /// Publishes `count` QoS 1 messages in order and waits for their
-    /// PUBACKs, for at most `timeout`. Never fails: a connection error ends
+    /// Publishes `count` messages in order and waits for their PUBACKs
+    /// (PUBCOMPs at QoS 2), for at most `timeout`. Never fails: a connection error ends
     /// the run and is recorded in the report, with what was acked before.
     pub async fn run<F>(&self, count: u64, timeout: Duration, make: F) -> PublishReport
     where
@@ -95,17 +104,14 @@ impl Publisher {
             let enqueued = enqueued.clone();
             let done = done_sending.clone();
             let stop = self.stop.clone();
+            let qos = self.qos;
             tokio::spawn(async move {
                 for i in 0..count {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
                     let (topic, payload) = make(i);
-                    if client
-                        .publish(topic, QoS::AtLeastOnce, false, payload)
-                        .await
-                        .is_err()
-                    {
+                    if client.publish(topic, qos, false, payload).await.is_err() {
                         break;
                     }
                     enqueued.fetch_add(1, Ordering::Relaxed);
@@ -169,8 +175,11 @@ async fn drive(
                 in_flight.insert(pkid, report.sent);
                 report.sent += 1;
             }
-            Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
-                if let Some(i) = in_flight.remove(&ack.pkid) {
+            Ok(Ok(Event::Incoming(
+                Incoming::PubAck(rumqttc::PubAck { pkid })
+                | Incoming::PubComp(rumqttc::PubComp { pkid }),
+            ))) => {
+                if let Some(i) = in_flight.remove(&pkid) {
                     report.acked.push(i);
                     acked.fetch_add(1, Ordering::Relaxed);
                 }
@@ -186,18 +195,30 @@ pub struct MqttSubscriber {
     client: AsyncClient,
     rx: mpsc::Receiver<Result<Publish, String>>,
     task: tokio::task::JoinHandle<()>,
+    granted: Vec<rumqttc::SubscribeReasonCode>,
 }
 
 impl MqttSubscriber {
     /// Connects, subscribes to every filter at QoS 1 and waits for the
     /// SUBACK.
     pub async fn connect(addr: SocketAddr, client_id: &str, filters: &[&str]) -> Result<Self> {
+        let filters: Vec<(&str, QoS)> = filters.iter().map(|f| (*f, QoS::AtLeastOnce)).collect();
+        Self::connect_with(addr, client_id, &filters).await
+    }
+
+    /// Connects, subscribes to every filter at its QoS in one SUBSCRIBE and
+    /// waits for the SUBACK; fails if any filter is refused.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        client_id: &str,
+        filters: &[(&str, QoS)],
+    ) -> Result<Self> {
         let (client, mut eventloop) = AsyncClient::new(options(addr, client_id), 64);
         client
             .subscribe_many(
                 filters
                     .iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce)),
+                    .map(|(f, qos)| rumqttc::SubscribeFilter::new(f.to_string(), *qos)),
             )
             .await?;
         let wait_suback = async {
@@ -236,7 +257,17 @@ impl MqttSubscriber {
                 }
             }
         });
-        Ok(MqttSubscriber { client, rx, task })
+        Ok(MqttSubscriber {
+            client,
+            rx,
+            task,
+            granted: ack.return_codes,
+        })
+    }
+
+    /// The SUBACK's return codes, one per filter.
+    pub fn granted(&self) -> &[rumqttc::SubscribeReasonCode] {
+        &self.granted
     }
 
     /// The next PUBLISH, or an error after `timeout`.
@@ -278,10 +309,22 @@ pub async fn publish_one(addr: SocketAddr, topic: &str, payload: &[u8]) -> Resul
 /// `mosquitto_pub -h 127.0.0.1 -p PORT -q QOS -t TOPIC -m MESSAGE`; fails
 /// unless it exits 0 within 10 s.
 pub async fn mosquitto_pub(port: u16, topic: &str, message: &str, qos: u8) -> Result<()> {
+    mosquitto_pub_with(port, topic, message, qos, &[]).await
+}
+
+/// [`mosquitto_pub`] with more arguments (`-V mqttv31`, `--will-topic`, ...).
+pub async fn mosquitto_pub_with(
+    port: u16,
+    topic: &str,
+    message: &str,
+    qos: u8,
+    extra: &[&str],
+) -> Result<()> {
     let mut cmd = Command::new("mosquitto_pub");
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-q", &qos.to_string(), "-t", topic, "-m", message])
         .args(["-i", &crate::unique("mqpub")])
+        .args(extra)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(10), cmd.output())
@@ -311,12 +354,19 @@ const MSG_PREFIX: &str = "MSG\t";
 
 impl MosquittoSub {
     pub async fn start(port: u16, filters: &[&str]) -> Result<MosquittoSub> {
-        // mosquitto_sub block-buffers a piped stdout: ask for lines.
+        Self::start_with(port, filters, &[]).await
+    }
+
+    /// [`MosquittoSub::start`] with more arguments (`--will-topic`, `-V`, ...).
+    pub async fn start_with(port: u16, filters: &[&str], extra: &[&str]) -> Result<MosquittoSub> {
+        // mosquitto_sub block-buffers a piped stdout: ask for lines. stdbuf
+        // execs mosquitto_sub, so the child's pid is mosquitto_sub's.
         let mut cmd = Command::new("stdbuf");
         cmd.args(["-oL", "mosquitto_sub"])
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-d"])
             .args(["-i", &crate::unique("mqsub")])
-            .args(["-F", "MSG\t%t\t%p"]);
+            .args(["-F", "MSG\t%t\t%p"])
+            .args(extra);
         for f in filters {
             cmd.args(["-t", f]);
         }
@@ -357,6 +407,20 @@ impl MosquittoSub {
         }
     }
 
+    /// The process id of mosquitto_sub.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for mosquitto_sub to exit, however it was ended.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .map_err(|_| anyhow!("mosquitto_sub still running after {timeout:?}"))?
+            .context("waiting for mosquitto_sub")
+    }
+
+    /// Kills it (SIGKILL) and reaps it.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }

@@ -3,14 +3,16 @@
 //! rumqttd decodes and encodes the packets, but keeps the QoS and packet id
 //! of a `Publish` crate-private, so this module reads them from the frame
 //! before handing it to the codec, and encodes outgoing PUBLISH packets
-//! itself. It also peeks at the protocol level of CONNECT so MQTT 3.1 and 5
-//! clients get a CONNACK refusal rather than a dropped socket.
+//! itself. It also reads the protocol name and level of CONNECT first:
+//! MQTT 3.1 (`MQIsdp`, level 3) is served like 3.1.1, other levels get a
+//! CONNACK refusal rather than a dropped socket.
 
 use bytes::{Buf, BufMut, BytesMut};
 use rumqttd::protocol::v4::{self, V4};
 use rumqttd::protocol::{self, Connect, Login, Packet, Protocol};
 
 use crate::error::ProtocolError;
+use crate::will::Will;
 
 const CONNECT: u8 = 1;
 const PUBLISH: u8 = 3;
@@ -25,12 +27,28 @@ pub(crate) struct Inbound {
     pub pkid: u16,
 }
 
+/// The protocol versions served, alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    /// MQTT 3.1: protocol name `MQIsdp`, level 3.
+    V31,
+    /// MQTT 3.1.1: protocol name `MQTT`, level 4.
+    V311,
+}
+
 /// The first packet of a connection.
 #[derive(Debug)]
 pub(crate) enum Hello {
-    /// MQTT 3.1.1.
-    V311(Connect, Option<Login>),
-    /// MQTT 3.1 (`MQIsdp`), 5 or an unknown level: refused with CONNACK 0x01.
+    /// MQTT 3.1.1 or 3.1, with its will (topic validated).
+    Accepted {
+        version: Version,
+        connect: Connect,
+        login: Option<Login>,
+        will: Option<Will>,
+    },
+    /// `MQTT` at a level other than 4 (5 among them, until MQTT 5 is
+    /// served) or `MQIsdp` at a level other than 3: refused with CONNACK
+    /// 0x01 (unacceptable protocol version, MQTT-3.1.2-2).
     Unsupported { level: u8 },
 }
 
@@ -88,7 +106,9 @@ pub(crate) fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, 
     Ok(Some(Inbound { packet, qos, pkid }))
 }
 
-/// Decodes the first packet of a connection, which must be CONNECT.
+/// Decodes the first packet of a connection, which must be CONNECT. An
+/// unknown protocol name is an error: the connection is closed without a
+/// CONNACK (MQTT-3.1.2-1).
 pub(crate) fn decode_connect(
     buf: &mut BytesMut,
     max: usize,
@@ -111,28 +131,56 @@ pub(crate) fn decode_connect(
     let level = *body
         .get(2 + name_len)
         .ok_or(ProtocolError::Malformed(protocol::Error::MalformedPacket))?;
-    match (name, level) {
-        (b"MQTT", 4) => match V4.read_mut(buf, max).map_err(ProtocolError::Malformed)? {
-            Packet::Connect(connect, _, will, _, login) => {
-                if let Some(will) = will {
-                    crate::logs::UNSUPPORTED.record("last_will", || {
-                        format!(
-                            "client_id={} will_topic={}",
-                            connect.client_id,
-                            String::from_utf8_lossy(&will.topic)
-                        )
-                    });
-                }
-                Ok(Some(Hello::V311(connect, login)))
-            }
-            _ => Err(ProtocolError::NotConnect(kind)),
-        },
+    let (version, packet) = match (name, level) {
+        (b"MQTT", 4) => (
+            Version::V311,
+            V4.read_mut(buf, max).map_err(ProtocolError::Malformed)?,
+        ),
+        (b"MQIsdp", 3) => {
+            let mut rewritten = v31_as_v311(buf[0], &body[2 + name_len + 1..])?;
+            buf.advance(size);
+            (
+                Version::V31,
+                V4.read_mut(&mut rewritten, max)
+                    .map_err(ProtocolError::Malformed)?,
+            )
+        }
         (b"MQTT", _) | (b"MQIsdp", _) => {
             buf.advance(size);
-            Ok(Some(Hello::Unsupported { level }))
+            return Ok(Some(Hello::Unsupported { level }));
         }
-        _ => Err(ProtocolError::UnknownProtocol),
+        _ => return Err(ProtocolError::UnknownProtocol),
+    };
+    match packet {
+        Packet::Connect(connect, _, will, _, login) => Ok(Some(Hello::Accepted {
+            version,
+            connect,
+            login,
+            will: will.map(Will::try_from).transpose()?,
+        })),
+        _ => Err(ProtocolError::NotConnect(kind)),
     }
+}
+
+/// An MQTT 3.1 CONNECT as the 3.1.1 CONNECT rumqttd's v4 codec parses.
+///
+/// The two differ only in the protocol name and level (`MQIsdp` 3 against
+/// `MQTT` 4): the connect flags, keep-alive and the payload (client id,
+/// will topic and message, user name, password) are laid out alike. So the
+/// frame is rebuilt with the same first byte, a remaining length two bytes
+/// shorter, name `MQTT` and level 4, and `rest` — every byte after the
+/// level — unchanged. 3.1 limits client ids to 23 bytes; like Mosquitto,
+/// longer ones are accepted.
+fn v31_as_v311(first: u8, rest: &[u8]) -> Result<BytesMut, ProtocolError> {
+    let remaining = 2 + 4 + 1 + rest.len();
+    let mut out = BytesMut::with_capacity(5 + remaining);
+    out.put_u8(first);
+    v4::write_remaining_length(&mut out, remaining).map_err(ProtocolError::Malformed)?;
+    out.put_u16(4);
+    out.put_slice(b"MQTT");
+    out.put_u8(4);
+    out.put_slice(rest);
+    Ok(out)
 }
 
 /// Appends an encoded packet (anything but an outgoing PUBLISH) to `out`.
@@ -232,18 +280,24 @@ mod tests {
         ));
     }
 
-    fn connect_frame(name: &[u8], level: u8, client_id: &str) -> BytesMut {
+    fn string(out: &mut Vec<u8>, s: &[u8]) {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s);
+    }
+
+    /// A CONNECT with clean session, keep-alive 30 and `flags` or'ed in;
+    /// `tail` (will, user name, password) follows the client id.
+    fn connect_with(name: &[u8], level: u8, client_id: &str, flags: u8, tail: &[u8]) -> BytesMut {
         let mut body = Vec::new();
-        body.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        body.extend_from_slice(name);
+        string(&mut body, name);
         body.push(level);
-        body.push(0x02); // clean session
+        body.push(0x02 | flags);
         body.extend_from_slice(&30u16.to_be_bytes());
         if level == 5 {
             body.push(0); // empty property block
         }
-        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-        body.extend_from_slice(client_id.as_bytes());
+        string(&mut body, client_id.as_bytes());
+        body.extend_from_slice(tail);
         let mut frame = BytesMut::new();
         frame.put_u8(0x10);
         v4::write_remaining_length(&mut frame, body.len()).unwrap();
@@ -251,19 +305,30 @@ mod tests {
         frame
     }
 
+    fn connect_frame(name: &[u8], level: u8, client_id: &str) -> BytesMut {
+        connect_with(name, level, client_id, 0, &[])
+    }
+
     #[test]
     fn connect_levels() {
         let mut buf = connect_frame(b"MQTT", 4, "dev-1");
         match decode_connect(&mut buf, 1024).unwrap().unwrap() {
-            Hello::V311(c, login) => {
+            Hello::Accepted {
+                version,
+                connect: c,
+                login,
+                will,
+            } => {
+                assert_eq!(version, Version::V311);
                 assert_eq!(c.client_id, "dev-1");
                 assert_eq!(c.keep_alive, 30);
                 assert!(c.clean_session);
                 assert!(login.is_none());
+                assert!(will.is_none());
             }
             other => panic!("{other:?}"),
         }
-        for (name, level) in [(&b"MQTT"[..], 5), (&b"MQIsdp"[..], 3)] {
+        for (name, level) in [(&b"MQTT"[..], 5), (b"MQTT", 3), (b"MQIsdp", 4)] {
             let mut buf = connect_frame(name, level, "x");
             buf.extend_from_slice(&[0xC0, 0]);
             assert!(matches!(
@@ -281,6 +346,83 @@ mod tests {
         assert!(matches!(
             decode_connect(&mut buf, 1024),
             Err(ProtocolError::NotConnect(12))
+        ));
+    }
+
+    /// Will (QoS 1, retain), user name and password after the client id.
+    fn will_and_login(will_topic: &[u8]) -> (u8, Vec<u8>) {
+        let mut tail = Vec::new();
+        string(&mut tail, will_topic);
+        string(&mut tail, b"offline");
+        string(&mut tail, b"user");
+        string(&mut tail, b"secret");
+        (0x80 | 0x40 | 0x20 | (1 << 3) | 0x04, tail)
+    }
+
+    #[test]
+    fn mqtt31_decodes_like_mqtt311() {
+        // A client id over 3.1's 23 bytes, of a length that makes the
+        // remaining length 128 (two bytes), 126 (one byte) once rewritten.
+        let (flags, tail) = will_and_login(b"status/a");
+        let id = format!("{:x<width$}", "mqtt31-client-", width = 114 - tail.len());
+        let mut v31 = connect_with(b"MQIsdp", 3, &id, flags, &tail);
+        assert_eq!(v31[1..3], [0x80, 0x01], "remaining length 128");
+        v31.extend_from_slice(&[0xC0, 0]);
+        let mut v311 = connect_with(b"MQTT", 4, &id, flags, &tail);
+        let (
+            Hello::Accepted {
+                version: old,
+                connect: c31,
+                login: l31,
+                will: w31,
+            },
+            Hello::Accepted {
+                version: new,
+                connect: c311,
+                login: l311,
+                will: w311,
+            },
+        ) = (
+            decode_connect(&mut v31, 1024).unwrap().unwrap(),
+            decode_connect(&mut v311, 1024).unwrap().unwrap(),
+        )
+        else {
+            panic!("not accepted");
+        };
+        assert_eq!((old, new), (Version::V31, Version::V311));
+        assert_eq!((&c31, &l31, &w31), (&c311, &l311, &w311));
+        assert_eq!(c31.client_id, id);
+        assert_eq!(l31.expect("login").username, "user");
+        let will = w31.expect("will");
+        assert_eq!(will.topic, "status/a");
+        assert_eq!(&will.payload[..], b"offline");
+        assert_eq!(will.qos, edge_core::QoS::AtLeastOnce);
+        assert!(will.retain);
+        assert_eq!(&v31[..], &[0xC0, 0], "3.1 CONNECT consumed whole");
+    }
+
+    #[test]
+    fn invalid_will_topic_refuses_the_connect() {
+        for version in [(&b"MQTT"[..], 4), (b"MQIsdp", 3)] {
+            let (flags, tail) = will_and_login(b"status/#");
+            let mut buf = connect_with(version.0, version.1, "dev", flags, &tail);
+            assert!(matches!(
+                decode_connect(&mut buf, 1024),
+                Err(ProtocolError::InvalidWillTopic(t)) if t == "status/#"
+            ));
+        }
+        // Will QoS 3 (MQTT-3.1.2-14) and will retain without a will
+        // (MQTT-3.1.2-15) are malformed.
+        let (_, tail) = will_and_login(b"status/a");
+        let mut buf = connect_with(b"MQTT", 4, "dev", 0x04 | (3 << 3), &tail);
+        assert!(matches!(
+            decode_connect(&mut buf, 1024),
+            Err(ProtocolError::Malformed(_))
+        ));
+        let mut buf = connect_with(b"MQTT", 4, "dev", 0x20, &[]);
+        assert!(matches!(
+            decode_connect(&mut buf, 1024),
+            Err(ProtocolError::Malformed(_))
         ));
     }
 

@@ -1,7 +1,8 @@
 //! One client connection: the CONNECT handshake, then a loop that reads
 //! packets, acknowledges committed publishes, writes deliveries and
 //! enforces keep-alive, until the client leaves, breaks the protocol, is
-//! taken over, or the gateway shuts down.
+//! taken over, or the gateway shuts down. Then the client's will, if it
+//! left one and did not send DISCONNECT, is published (`will.rs`).
 //!
 //! The connection owns its read buffer, so the socket read in `select!` is
 //! cancel-safe: bytes of a partial packet stay in the buffer across turns.
@@ -22,11 +23,12 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{self, Hello};
+use crate::codec::{self, Hello, Version};
 use crate::error::Close;
 use crate::listener::Admission;
 use crate::logs;
 use crate::session::{self, Session};
+use crate::will::{self, Will};
 
 /// How long a shutting-down connection waits for outstanding commits.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,6 +55,13 @@ pub(crate) struct Settings {
 }
 
 static ASSIGNED_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// What an accepted CONNECT leaves for the end of the connection.
+#[derive(Debug, Default)]
+struct Accepted {
+    client_id: Option<Arc<str>>,
+    will: Option<Will>,
+}
 
 #[derive(Debug)]
 pub(crate) struct Connection {
@@ -81,16 +90,25 @@ impl Connection {
         admission: Admission,
         shutdown: CancellationToken,
     ) {
-        let mut client_id = None;
-        let close = self
-            .run(&router, admission, &shutdown, &mut client_id)
-            .await;
+        let mut accepted = Accepted::default();
+        let close = self.run(&router, admission, &shutdown, &mut accepted).await;
+        // Handed to the router before the socket closes, so whoever sees
+        // the close can count on the will's fan-out being done.
+        let will = match (accepted.will.take(), &accepted.client_id) {
+            (Some(w), Some(id)) if close.publishes_will() => {
+                will::publish(&router, w, id.clone()).await
+            }
+            _ => None,
+        };
         if !matches!(close, Close::Io(_)) && !self.wbuf.is_empty() {
             // Acks earned before the close still go out.
             let _ = timeout(FINAL_FLUSH_TIMEOUT, self.flush()).await;
         }
         let _ = timeout(FINAL_FLUSH_TIMEOUT, self.stream.shutdown()).await;
-        self.log_close(&close, client_id.as_deref());
+        if let Some(will) = will {
+            will.settle().await;
+        }
+        self.log_close(&close, accepted.client_id.as_deref());
     }
 
     fn log_close(&self, close: &Close, client_id: Option<&str>) {
@@ -133,7 +151,7 @@ impl Connection {
         router: &Router,
         admission: Admission,
         shutdown: &CancellationToken,
-        client_id_out: &mut Option<Arc<str>>,
+        accepted: &mut Accepted,
     ) -> Close {
         let connect_timeout = self.settings.connect_timeout;
         let Admission {
@@ -164,8 +182,13 @@ impl Connection {
                 )
                 .await;
         };
-        let connect = match hello {
-            Hello::V311(connect, _login) => connect,
+        let (version, connect, will) = match hello {
+            Hello::Accepted {
+                version,
+                connect,
+                login: _,
+                will,
+            } => (version, connect, will),
             Hello::Unsupported { level } => {
                 return self
                     .refuse(
@@ -177,6 +200,15 @@ impl Connection {
         };
         let client_id: Arc<str> = match (connect.client_id.is_empty(), connect.clean_session) {
             (false, _) => connect.client_id.into(),
+            // MQTT 3.1 requires a client id (refused with 2, as Mosquitto does).
+            (true, _) if version == Version::V31 => {
+                return self
+                    .refuse(
+                        ConnectReturnCode::ClientIdentifierNotValid,
+                        "empty client id from an MQTT 3.1 client".to_string(),
+                    )
+                    .await;
+            }
             (true, true) => {
                 format!("edge-auto-{}", ASSIGNED_IDS.fetch_add(1, Ordering::Relaxed)).into()
             }
@@ -189,7 +221,7 @@ impl Connection {
                     .await;
             }
         };
-        *client_id_out = Some(client_id.clone());
+        accepted.client_id = Some(client_id.clone());
         if !connect.clean_session {
             logs::UNSUPPORTED.record("persistent_session", || {
                 format!("peer={} client_id={client_id}", self.peer)
@@ -204,7 +236,9 @@ impl Connection {
         if let Err(close) = session::write(Packet::ConnAck(connack, None), &mut self.wbuf) {
             return close;
         }
-        tracing::debug!(peer = %self.peer, client_id = %client_id, keep_alive = connect.keep_alive, "client connected");
+        // Accepted: from here on the will is the connection's (MQTT-3.1.2-8).
+        accepted.will = will;
+        tracing::debug!(peer = %self.peer, client_id = %client_id, ?version, keep_alive = connect.keep_alive, "client connected");
         let keep_alive = (connect.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
         let mut session = Session::new(

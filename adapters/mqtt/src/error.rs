@@ -38,13 +38,26 @@ pub(crate) enum ProtocolError {
     TopicNotUtf8,
     #[error("invalid topic name {0:?} (empty, wildcard or NUL)")]
     InvalidTopic(String),
+    #[error("invalid will topic {0:?} (not UTF-8, empty, wildcard or NUL)")]
+    InvalidWillTopic(String),
     #[error("unexpected {0} packet from a client")]
     Unexpected(&'static str),
+    /// PUBREL for a QoS 2 publish whose PUBREC has not been sent: the
+    /// message is not durable yet, so it cannot be released.
+    #[error("PUBREL for packet id {0} before its PUBREC")]
+    EarlyPubRel(u16),
+    /// An acknowledgement of the wrong kind for a delivery in flight.
+    #[error("{got} for packet id {pkid}, which awaits {awaiting}")]
+    AckMismatch {
+        got: &'static str,
+        pkid: u16,
+        awaiting: &'static str,
+    },
 }
 
 impl ProtocolError {
     /// Every label [`ProtocolError::reason`] gives.
-    pub(crate) const REASONS: [&'static str; 8] = [
+    pub(crate) const REASONS: [&'static str; 9] = [
         "packet_too_large",
         "malformed",
         "unknown_protocol",
@@ -52,6 +65,7 @@ impl ProtocolError {
         "duplicate_connect",
         "topic_not_utf8",
         "invalid_topic",
+        "invalid_will_topic",
         "unexpected_packet",
     ];
 
@@ -65,7 +79,10 @@ impl ProtocolError {
             ProtocolError::DuplicateConnect => "duplicate_connect",
             ProtocolError::TopicNotUtf8 => "topic_not_utf8",
             ProtocolError::InvalidTopic(_) => "invalid_topic",
-            ProtocolError::Unexpected(_) => "unexpected_packet",
+            ProtocolError::InvalidWillTopic(_) => "invalid_will_topic",
+            ProtocolError::Unexpected(_)
+            | ProtocolError::EarlyPubRel(_)
+            | ProtocolError::AckMismatch { .. } => "unexpected_packet",
         }
     }
 }
@@ -102,6 +119,13 @@ pub(crate) enum Close {
 }
 
 impl Close {
+    /// Whether an accepted connection that ended this way publishes its
+    /// will: always, except after the client's DISCONNECT (MQTT-3.1.2-8,
+    /// MQTT-3.1.2-10). Gateway shutdown publishes it too, as Mosquitto does.
+    pub(crate) fn publishes_will(&self) -> bool {
+        !matches!(self, Close::Disconnect)
+    }
+
     /// Label of `edge_mqtt_disconnects_total`.
     pub(crate) fn reason(&self) -> &'static str {
         match self {

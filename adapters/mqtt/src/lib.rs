@@ -1,10 +1,21 @@
 //! MQTT 3.1.1 server adapter: decodes client packets with rumqttd's
 //! `protocol` codec, publishes into the [`edge_core::Router`], acknowledges
 //! QoS 1/2 publishes only once they are committed to the store, and writes
-//! the router's deliveries back to subscribers.
+//! the router's deliveries back to subscribers at QoS 0, 1 or 2.
 //!
-//! MQTT 3.1 and 5 clients are refused with CONNACK 0x01; persistent
-//! sessions, retained messages, wills and authentication are not served yet.
+//! - MQTT 3.1 (`MQIsdp`, level 3) is served like 3.1.1: its CONNECT is
+//!   rewritten into a 3.1.1 one before rumqttd parses it (`codec.rs`).
+//!   Other levels, MQTT 5 among them, get CONNACK 0x01; an unknown
+//!   protocol name is closed without a CONNACK.
+//! - Last wills are kept from CONNECT and published through the router
+//!   when an accepted connection ends any way but DISCONNECT, gateway
+//!   shutdown included (`will.rs`).
+//! - QoS 2 both ways: inbound PUBREC after the commit, PUBREL → PUBCOMP
+//!   (`session.rs`); outbound PUBLISH → PUBREC → PUBREL → PUBCOMP within
+//!   `max_inflight` (`outbox.rs`). In-flight state is per connection.
+//!
+//! Persistent sessions, retained messages and authentication are not
+//! served yet (a `clean_session = 0` client is served a clean session).
 
 mod codec;
 mod connection;
@@ -14,6 +25,7 @@ mod listener;
 mod logs;
 mod outbox;
 mod session;
+mod will;
 
 pub use error::MqttError;
 pub use listener::MqttListener;
@@ -45,8 +57,25 @@ pub mod fuzzing {
     /// The first packet of a connection, as `decode_connect` sees it.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Hello {
-        V311(Connect, Option<Login>),
-        Unsupported { level: u8 },
+        /// MQTT 3.1.1 (`level` 4) or 3.1 (`level` 3).
+        Accepted {
+            level: u8,
+            connect: Connect,
+            login: Option<Login>,
+            will: Option<Will>,
+        },
+        Unsupported {
+            level: u8,
+        },
+    }
+
+    /// A will from CONNECT, its topic validated.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Will {
+        pub topic: String,
+        pub payload: bytes::Bytes,
+        pub qos: u8,
+        pub retain: bool,
     }
 
     /// Decodes the next packet of `buf`, consuming it: the packet, its QoS
@@ -65,7 +94,25 @@ pub mod fuzzing {
     ) -> Result<Option<Hello>, DecodeError> {
         Ok(
             crate::codec::decode_connect(buf, max_packet_size)?.map(|h| match h {
-                crate::codec::Hello::V311(c, l) => Hello::V311(c, l),
+                crate::codec::Hello::Accepted {
+                    version,
+                    connect,
+                    login,
+                    will,
+                } => Hello::Accepted {
+                    level: match version {
+                        crate::codec::Version::V31 => 3,
+                        crate::codec::Version::V311 => 4,
+                    },
+                    connect,
+                    login,
+                    will: will.map(|w| Will {
+                        topic: w.topic,
+                        payload: w.payload,
+                        qos: w.qos as u8,
+                        retain: w.retain,
+                    }),
+                },
                 crate::codec::Hello::Unsupported { level } => Hello::Unsupported { level },
             }),
         )

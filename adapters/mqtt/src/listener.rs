@@ -160,4 +160,7 @@ fn zero_failure_counters() {
         metrics::counter!("edge_mqtt_protocol_errors_total", "reason" => reason).increment(0);
     }
     metrics::counter!("edge_messages_dropped_total", "reason" => "unencodable").increment(0);
+    for outcome in crate::will::OUTCOMES {
+        metrics::counter!("edge_mqtt_wills_total", "outcome" => outcome).increment(0);
+    }
 }

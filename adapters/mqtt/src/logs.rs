@@ -20,6 +20,10 @@ pub(crate) static STORE_REFUSED: Summary = Summary::new(
     "store refused messages: not acknowledged, connections closed",
     Level::Warn,
 );
+pub(crate) static WILLS_NOT_STORED: Summary = Summary::new(
+    "MQTT wills not committed to the store (refused or timed out)",
+    Level::Warn,
+);
 pub(crate) static FILTER_REFUSED: Summary =
     Summary::new("invalid topic filters refused", Level::Info);
 pub(crate) static SHUTDOWN_UNACKED: Summary = Summary::new(

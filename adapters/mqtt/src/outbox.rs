@@ -1,18 +1,49 @@
-//! Deliveries to the client: QoS 1 PUBLISHes wait in the inflight set until
-//! the client's PUBACK. The connection stops taking deliveries from the
-//! router while the set is full, so a slow client fills its bounded router
-//! queue (where drops are counted) instead of this process's memory.
+//! Deliveries to the client and their acknowledgements. A QoS 1 PUBLISH
+//! holds its packet id until the client's PUBACK; a QoS 2 PUBLISH until
+//! PUBREC, then (after the gateway's PUBREL) until PUBCOMP (MQTT 3.1.1
+//! §4.3.3, sender side). Either way the id counts against `max_inflight`
+//! until the last acknowledgement, and the connection stops taking
+//! deliveries from the router while the window is full, so a slow client
+//! fills its bounded router queue (where drops are counted) instead of this
+//! process's memory.
+//!
+//! State is per connection and in memory: sessions are clean, so nothing
+//! is resent after a reconnect (the client discards its side too), and
+//! within a connection nothing is resent either (MQTT-4.4.0-1 resends only
+//! on reconnect), so DUP is never set.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use bytes::BytesMut;
 use edge_core::{Delivery, QoS};
 
 use crate::codec;
+use crate::error::ProtocolError;
+
+/// The acknowledgement a delivery in flight waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaiting {
+    /// PUBACK (QoS 1).
+    Ack,
+    /// PUBREC (QoS 2, PUBLISH sent).
+    Rec,
+    /// PUBCOMP (QoS 2, PUBREL sent: the PUBLISH is never sent again).
+    Comp,
+}
+
+impl Awaiting {
+    fn name(self) -> &'static str {
+        match self {
+            Awaiting::Ack => "PUBACK",
+            Awaiting::Rec => "PUBREC",
+            Awaiting::Comp => "PUBCOMP",
+        }
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct Outbox {
-    inflight: HashSet<u16>,
+    inflight: HashMap<u16, Awaiting>,
     max_inflight: usize,
     next_pkid: u16,
 }
@@ -22,7 +53,7 @@ impl Outbox {
     /// exists while [`Outbox::has_room`] holds.
     pub(crate) fn new(max_inflight: u16) -> Outbox {
         Outbox {
-            inflight: HashSet::with_capacity(usize::from(max_inflight)),
+            inflight: HashMap::with_capacity(usize::from(max_inflight)),
             max_inflight: usize::from(max_inflight.max(1)),
             next_pkid: 0,
         }
@@ -35,7 +66,7 @@ impl Outbox {
     fn allocate(&mut self) -> u16 {
         loop {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.inflight.contains(&self.next_pkid) {
+            if !self.inflight.contains_key(&self.next_pkid) {
                 return self.next_pkid;
             }
         }
@@ -48,9 +79,10 @@ impl Outbox {
         out: &mut BytesMut,
     ) -> Result<(), rumqttd::protocol::Error> {
         let message = &delivery.message;
-        let (qos, pkid) = match delivery.qos {
-            QoS::AtMostOnce => (0, 0),
-            QoS::AtLeastOnce | QoS::ExactlyOnce => (1, self.allocate()),
+        let (qos, pkid, awaiting) = match delivery.qos {
+            QoS::AtMostOnce => (0, 0, None),
+            QoS::AtLeastOnce => (1, self.allocate(), Some(Awaiting::Ack)),
+            QoS::ExactlyOnce => (2, self.allocate(), Some(Awaiting::Rec)),
         };
         codec::encode_publish(
             out,
@@ -62,15 +94,58 @@ impl Outbox {
             // is sent for a new subscription, 0 on live deliveries.
             delivery.retained,
         )?;
-        if qos > 0 {
-            self.inflight.insert(pkid);
+        if let Some(awaiting) = awaiting {
+            self.inflight.insert(pkid, awaiting);
         }
         Ok(())
     }
 
-    /// The client acknowledged `pkid`; false if it was not in flight.
-    pub(crate) fn acked(&mut self, pkid: u16) -> bool {
-        self.inflight.remove(&pkid)
+    /// `got` arrived for `pkid`. In a state of `accepts`, the delivery moves
+    /// on to `next` (settled when `None`): true. Not in flight: false. In
+    /// any other state the client acknowledged with the wrong packet.
+    fn advance(
+        &mut self,
+        got: Awaiting,
+        pkid: u16,
+        accepts: &[Awaiting],
+        next: Option<Awaiting>,
+    ) -> Result<bool, ProtocolError> {
+        match self.inflight.get(&pkid).copied() {
+            None => Ok(false),
+            Some(state) if accepts.contains(&state) => {
+                match next {
+                    Some(next) => self.inflight.insert(pkid, next),
+                    None => self.inflight.remove(&pkid),
+                };
+                Ok(true)
+            }
+            Some(state) => Err(ProtocolError::AckMismatch {
+                got: got.name(),
+                pkid,
+                awaiting: state.name(),
+            }),
+        }
+    }
+
+    /// PUBACK: settles a QoS 1 delivery.
+    pub(crate) fn puback(&mut self, pkid: u16) -> Result<bool, ProtocolError> {
+        self.advance(Awaiting::Ack, pkid, &[Awaiting::Ack], None)
+    }
+
+    /// PUBREC: a QoS 2 delivery now awaits PUBCOMP; the caller sends PUBREL
+    /// (again, for a repeated PUBREC).
+    pub(crate) fn pubrec(&mut self, pkid: u16) -> Result<bool, ProtocolError> {
+        self.advance(
+            Awaiting::Rec,
+            pkid,
+            &[Awaiting::Rec, Awaiting::Comp],
+            Some(Awaiting::Comp),
+        )
+    }
+
+    /// PUBCOMP: settles a QoS 2 delivery whose PUBREL was sent.
+    pub(crate) fn pubcomp(&mut self, pkid: u16) -> Result<bool, ProtocolError> {
+        self.advance(Awaiting::Comp, pkid, &[Awaiting::Comp], None)
     }
 }
 
@@ -101,9 +176,56 @@ mod tests {
         outbox.push(&delivery(QoS::AtLeastOnce), &mut out).unwrap();
         outbox.push(&delivery(QoS::AtLeastOnce), &mut out).unwrap();
         assert!(!outbox.has_room());
-        assert!(outbox.acked(1));
-        assert!(!outbox.acked(1));
+        assert!(outbox.puback(1).unwrap());
+        assert!(!outbox.puback(1).unwrap());
         assert!(outbox.has_room());
+    }
+
+    #[test]
+    fn qos2_holds_its_id_until_pubcomp() {
+        let mut outbox = Outbox::new(1);
+        let mut out = BytesMut::new();
+        outbox.push(&delivery(QoS::ExactlyOnce), &mut out).unwrap();
+        // PUBLISH, QoS 2, packet id 1: topic "t", payload "p".
+        assert_eq!(&out[..], &[0x34, 6, 0, 1, b't', 0, 1, b'p']);
+        assert!(!outbox.has_room());
+        assert!(matches!(
+            outbox.pubcomp(1),
+            Err(ProtocolError::AckMismatch { .. })
+        ));
+        assert!(matches!(
+            outbox.puback(1),
+            Err(ProtocolError::AckMismatch { .. })
+        ));
+        assert!(outbox.pubrec(1).unwrap());
+        assert!(!outbox.has_room(), "PUBREC does not free the window");
+        assert!(
+            outbox.pubrec(1).unwrap(),
+            "a repeated PUBREC gets PUBREL again"
+        );
+        assert!(outbox.pubcomp(1).unwrap());
+        assert!(outbox.has_room());
+        assert!(!outbox.pubcomp(1).unwrap());
+        assert!(!outbox.pubrec(1).unwrap());
+    }
+
+    #[test]
+    fn qos1_delivery_is_not_completed_by_qos2_acks() {
+        let mut outbox = Outbox::new(4);
+        let mut out = BytesMut::new();
+        outbox.push(&delivery(QoS::AtLeastOnce), &mut out).unwrap();
+        assert!(matches!(
+            outbox.pubrec(1),
+            Err(ProtocolError::AckMismatch {
+                got: "PUBREC",
+                pkid: 1,
+                awaiting: "PUBACK"
+            })
+        ));
+        assert!(matches!(
+            outbox.pubcomp(1),
+            Err(ProtocolError::AckMismatch { .. })
+        ));
     }
 
     #[test]
@@ -112,9 +234,9 @@ mod tests {
         outbox.next_pkid = u16::MAX - 1;
         let mut out = BytesMut::new();
         outbox.push(&delivery(QoS::AtLeastOnce), &mut out).unwrap(); // 65535
-        outbox.inflight.insert(1);
+        outbox.inflight.insert(1, Awaiting::Ack);
         outbox.push(&delivery(QoS::AtLeastOnce), &mut out).unwrap(); // skips 0 and 1
-        let mut ids: Vec<u16> = outbox.inflight.iter().copied().collect();
+        let mut ids: Vec<u16> = outbox.inflight.keys().copied().collect();
         ids.sort_unstable();
         assert_eq!(ids, vec![1, 2, u16::MAX]);
     }

@@ -9,7 +9,12 @@
 //! - `pending` holds at most `max_inflight` receipts; the connection stops
 //!   reading the socket while it is full.
 //! - A QoS 2 packet id is in `qos2` from its PUBLISH until its PUBREL; a
-//!   PUBLISH with an id already there is a retransmission and is not routed.
+//!   PUBLISH with an id already there is a retransmission and is not routed
+//!   again (MQTT-4.3.3-2). A PUBREL that comes before the PUBREC (the commit
+//!   still under way) is a protocol error: answering it with PUBCOMP would
+//!   complete a message that is not durable yet.
+//! - Deliveries at QoS 1/2 hold their packet id in the outbox until PUBACK
+//!   or PUBCOMP (`outbox.rs`).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -23,7 +28,7 @@ use edge_core::{Delivery, Message, PublishError, QoS, Receipt, Router, Subscribe
 use futures::stream::FuturesOrdered;
 use rumqttd::protocol::{
     self, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
+    PubRel, PubRelReason, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
 
 use crate::codec::{self, Inbound};
@@ -129,12 +134,34 @@ impl Session {
                     .await
             }
             Packet::PubAck(ack, _) => {
-                if !self.outbox.acked(ack.pkid) {
+                if !self.outbox.puback(ack.pkid)? {
                     tracing::debug!(client_id = %self.client_id, pkid = ack.pkid, "PUBACK for a packet id not in flight");
                 }
                 Ok(())
             }
+            Packet::PubRec(rec, _) => {
+                // Answered even for an id not in flight (a repeated PUBREC
+                // after PUBCOMP), as Mosquitto does: the client can finish.
+                if !self.outbox.pubrec(rec.pkid)? {
+                    tracing::debug!(client_id = %self.client_id, pkid = rec.pkid, "PUBREC for a packet id not in flight");
+                }
+                let rel = PubRel {
+                    pkid: rec.pkid,
+                    reason: PubRelReason::Success,
+                };
+                write(Packet::PubRel(rel, None), out)
+            }
+            Packet::PubComp(comp, _) => {
+                if !self.outbox.pubcomp(comp.pkid)? {
+                    tracing::debug!(client_id = %self.client_id, pkid = comp.pkid, "PUBCOMP for a packet id not in flight");
+                }
+                Ok(())
+            }
             Packet::PubRel(rel, _) => {
+                if self.qos2.get(&rel.pkid) == Some(&Qos2::Committing) {
+                    return Err(ProtocolError::EarlyPubRel(rel.pkid).into());
+                }
+                // An id not there was released before: PUBCOMP again.
                 self.qos2.remove(&rel.pkid);
                 let comp = PubComp {
                     pkid: rel.pkid,
@@ -147,9 +174,6 @@ impl Session {
             Packet::PingReq(_) => write(Packet::PingResp(PingResp), out),
             Packet::Disconnect(..) => Err(Close::Disconnect),
             Packet::Connect(..) => Err(ProtocolError::DuplicateConnect.into()),
-            // We never send QoS 2, so the client has nothing to PUBREC/PUBCOMP.
-            Packet::PubRec(..) => Err(ProtocolError::Unexpected("PUBREC").into()),
-            Packet::PubComp(..) => Err(ProtocolError::Unexpected("PUBCOMP").into()),
             Packet::ConnAck(..) => Err(ProtocolError::Unexpected("CONNACK").into()),
             Packet::SubAck(..) => Err(ProtocolError::Unexpected("SUBACK").into()),
             Packet::UnsubAck(..) => Err(ProtocolError::Unexpected("UNSUBACK").into()),
@@ -249,10 +273,7 @@ impl Session {
                 return_codes.push(SubscribeReasonCode::Failure);
                 continue;
             }
-            // QoS 2 is granted as 1 until outbound QoS 2 exists.
-            let requested = QoS::from_u8(filter.qos as u8)
-                .unwrap_or(QoS::AtMostOnce)
-                .min(QoS::AtLeastOnce);
+            let requested = QoS::from_u8(filter.qos as u8).unwrap_or(QoS::AtMostOnce);
             let (granted, retained) = match self.subscriber.subscribe(&filter.path, requested).await
             {
                 Ok(granted) => granted,

@@ -7,7 +7,7 @@
 mod support;
 
 use bytes::{BufMut, BytesMut};
-use edge_mqtt::fuzzing::{self, Connect, DecodeError, Hello, Login, Packet};
+use edge_mqtt::fuzzing::{self, Connect, DecodeError, Hello, Login, Packet, Will};
 use proptest::prelude::*;
 use support::{packet, remaining_length, string};
 
@@ -182,9 +182,10 @@ fn sent() -> impl Strategy<Value = Sent> {
     ]
 }
 
-/// A CONNECT and the `Hello` it must decode to.
+/// A CONNECT, 3.1.1 or 3.1, and the `Hello` it must decode to.
 fn connect() -> impl Strategy<Value = (Vec<u8>, Hello)> {
     (
+        prop_oneof![Just((&b"MQTT"[..], 4u8)), Just((&b"MQIsdp"[..], 3u8))],
         "[a-zA-Z0-9-]{0,23}",
         any::<u16>(),
         any::<bool>(),
@@ -192,43 +193,52 @@ fn connect() -> impl Strategy<Value = (Vec<u8>, Hello)> {
         prop::option::of("[a-z]{0,12}"),
         prop::option::of("[ -~]{0,12}"),
     )
-        .prop_map(|(client_id, keep_alive, clean, will, user, pass)| {
-            let mut flags = u8::from(clean) << 1;
-            let mut tail = Vec::new();
-            if let Some((topic, message, qos, retain)) = &will {
-                flags |= 0x04 | (qos << 3) | (u8::from(*retain) << 5);
-                string(&mut tail, topic.as_bytes());
-                string(&mut tail, message);
-            }
-            if let Some(u) = &user {
-                flags |= 0x80;
-                string(&mut tail, u.as_bytes());
-            }
-            if let Some(p) = &pass {
-                flags |= 0x40;
-                string(&mut tail, p.as_bytes());
-            }
-            let mut body = Vec::new();
-            string(&mut body, b"MQTT");
-            body.push(4);
-            body.push(flags);
-            body.extend_from_slice(&keep_alive.to_be_bytes());
-            string(&mut body, client_id.as_bytes());
-            body.extend_from_slice(&tail);
-            let username = user.unwrap_or_default();
-            let password = pass.unwrap_or_default();
-            let login = (!username.is_empty() || !password.is_empty())
-                .then_some(Login { username, password });
-            let hello = Hello::V311(
-                Connect {
-                    keep_alive,
-                    client_id,
-                    clean_session: clean,
-                },
-                login,
-            );
-            (packet(0x10, &body), hello)
-        })
+        .prop_map(
+            |((name, level), client_id, keep_alive, clean, will, user, pass)| {
+                let mut flags = u8::from(clean) << 1;
+                let mut tail = Vec::new();
+                if let Some((topic, message, qos, retain)) = &will {
+                    flags |= 0x04 | (qos << 3) | (u8::from(*retain) << 5);
+                    string(&mut tail, topic.as_bytes());
+                    string(&mut tail, message);
+                }
+                if let Some(u) = &user {
+                    flags |= 0x80;
+                    string(&mut tail, u.as_bytes());
+                }
+                if let Some(p) = &pass {
+                    flags |= 0x40;
+                    string(&mut tail, p.as_bytes());
+                }
+                let mut body = Vec::new();
+                string(&mut body, name);
+                body.push(level);
+                body.push(flags);
+                body.extend_from_slice(&keep_alive.to_be_bytes());
+                string(&mut body, client_id.as_bytes());
+                body.extend_from_slice(&tail);
+                let username = user.unwrap_or_default();
+                let password = pass.unwrap_or_default();
+                let login = (!username.is_empty() || !password.is_empty())
+                    .then_some(Login { username, password });
+                let hello = Hello::Accepted {
+                    level,
+                    connect: Connect {
+                        keep_alive,
+                        client_id,
+                        clean_session: clean,
+                    },
+                    login,
+                    will: will.map(|(topic, payload, qos, retain)| Will {
+                        topic,
+                        payload: payload.into(),
+                        qos,
+                        retain,
+                    }),
+                };
+                (packet(0x10, &body), hello)
+            },
+        )
 }
 
 /// Byte strings near the valid ones: valid packets with bytes flipped,

@@ -219,12 +219,46 @@ async fn silent_connection_is_closed_after_one_and_a_half_keep_alives() -> Resul
 #[tokio::test]
 async fn unsupported_protocol_levels_get_connack_0x01() -> Result<()> {
     let server = Server::start().await?;
-    for (name, level) in [(&b"MQTT"[..], 5u8), (&b"MQIsdp"[..], 3)] {
+    for (name, level) in [(&b"MQTT"[..], 5u8), (b"MQTT", 3), (b"MQIsdp", 4)] {
         let mut raw = Raw::connect(server.addr).await?;
         raw.send(&connect(name, level, "modern", 30, true)).await?;
         raw.expect(&[0x20, 2, 0, 0x01]).await?;
         raw.expect_closed().await?;
     }
+    // An unknown protocol name gets no CONNACK at all (MQTT-3.1.2-1).
+    let mut raw = Raw::connect(server.addr).await?;
+    raw.send(&connect(b"MQTX", 4, "other", 30, true)).await?;
+    raw.expect_closed().await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn mqtt31_is_served_like_mqtt311() -> Result<()> {
+    let server = Server::start().await?;
+    let mut raw = Raw::connect(server.addr).await?;
+    // Longer than 3.1's 23 bytes: accepted, as Mosquitto does.
+    raw.send(&connect(
+        b"MQIsdp",
+        3,
+        "an-mqtt-3.1-client-with-a-long-id",
+        30,
+        true,
+    ))
+    .await?;
+    raw.expect(&[0x20, 2, 0, 0]).await?;
+    raw.send(&publish("v31/temp", b"20", 1, 1, false)).await?;
+    raw.expect(&ack(PUBACK, 1)).await?;
+    raw.send(&PINGREQ).await?;
+    raw.expect(&PINGRESP).await?;
+    let records = server.records().await?;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].topic, "v31/temp");
+    assert_eq!(records[0].publisher, "an-mqtt-3.1-client-with-a-long-id");
+    // 3.1 has no assigned client ids: an empty one is rejected (2).
+    let mut raw = Raw::connect(server.addr).await?;
+    raw.send(&connect(b"MQIsdp", 3, "", 30, true)).await?;
+    raw.expect(&[0x20, 2, 0, 0x02]).await?;
+    raw.expect_closed().await?;
     server.stop().await
 }
 
@@ -274,8 +308,8 @@ async fn invalid_filter_gets_a_failure_code() -> Result<()> {
     let mut raw = Raw::session(server.addr, "filters", 30).await?;
     raw.send(&subscribe(3, &[("a/#/b", 1), ("a/+", 2), ("x/#", 0)]))
         .await?;
-    // 0x80 for the invalid one; QoS 2 is granted as 1.
-    raw.expect(&[0x90, 5, 0, 3, 0x80, 0x01, 0x00]).await?;
+    // 0x80 for the invalid one; QoS 2 is granted as asked.
+    raw.expect(&[0x90, 5, 0, 3, 0x80, 0x02, 0x00]).await?;
     server.stop().await
 }
 
@@ -462,4 +496,343 @@ async fn live_deliveries_have_retain_cleared() -> Result<()> {
     // PUBLISH, QoS 0, RETAIN 0: topic "r/1", payload "v".
     sub.expect(&[0x30, 6, 0, 3, b'r', b'/', b'1', b'v']).await?;
     server.stop().await
+}
+
+#[tokio::test]
+async fn qos2_retransmission_while_committing_is_routed_once() -> Result<()> {
+    let (server, gate) = Server::gated(Options::default()).await?;
+    let mut sub = Raw::session(server.addr, "q2-sub", 30).await?;
+    sub.send(&subscribe(1, &[("q2/#", 0)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 0]).await?;
+    let mut raw = Raw::session(server.addr, "q2-pub", 30).await?;
+    gate.close();
+    raw.send(&publish("q2/a", b"once", 2, 5, false)).await?;
+    gate.holding().await?;
+    // The same packet id again, DUP set, while its commit is under way.
+    raw.send(&publish("q2/a", b"once", 2, 5, true)).await?;
+    raw.send(&PINGREQ).await?;
+    raw.expect(&PINGRESP).await?;
+    gate.open();
+    raw.expect(&ack(PUBREC, 5)).await?;
+    raw.send(&ack(PUBREL, 5)).await?;
+    raw.expect(&ack(PUBCOMP, 5)).await?;
+    // After PUBCOMP the id starts a new publication (MQTT-4.3.3-2).
+    raw.send(&publish("q2/a", b"again", 2, 5, false)).await?;
+    raw.expect(&ack(PUBREC, 5)).await?;
+    // One copy of each, in order: a second "once" would come before "again".
+    sub.expect(&publish("q2/a", b"once", 0, 0, false)).await?;
+    sub.expect(&publish("q2/a", b"again", 0, 0, false)).await?;
+    let payloads: Vec<Vec<u8>> = server
+        .records()
+        .await?
+        .into_iter()
+        .map(|r| r.payload.to_vec())
+        .collect();
+    assert_eq!(payloads, [b"once".to_vec(), b"again".to_vec()]);
+    server.stop().await
+}
+
+#[tokio::test]
+async fn pubrel_before_pubrec_is_a_protocol_error() -> Result<()> {
+    let (server, gate) = Server::gated(Options::default()).await?;
+    let mut raw = Raw::session(server.addr, "hasty", 30).await?;
+    gate.close();
+    raw.send(&publish("q2/b", b"x", 2, 9, false)).await?;
+    gate.holding().await?;
+    // PUBCOMP now would complete a message that is not on disk yet.
+    raw.send(&ack(PUBREL, 9)).await?;
+    raw.expect_closed().await?;
+    gate.open();
+    server.stop().await
+}
+
+/// Outbound QoS 2, byte for byte, with a window of one: PUBLISH (QoS 2)
+/// → PUBREC → PUBREL → PUBCOMP, and the next delivery only after PUBCOMP.
+#[tokio::test]
+async fn qos2_delivery_exchange_and_window() -> Result<()> {
+    let server = Server::with(Options {
+        max_inflight: 1,
+        ..Options::default()
+    })
+    .await?;
+    let mut sub = Raw::session(server.addr, "q2-receiver", 30).await?;
+    sub.send(&subscribe(1, &[("q2out/#", 2)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 2]).await?;
+    let mut publisher = Raw::session(server.addr, "q2-sender", 30).await?;
+    for pkid in 1..=2u16 {
+        publisher
+            .send(&publish("q2out/x", &[pkid as u8], 2, pkid, false))
+            .await?;
+        publisher.expect(&ack(PUBREC, pkid)).await?;
+        publisher.send(&ack(PUBREL, pkid)).await?;
+        publisher.expect(&ack(PUBCOMP, pkid)).await?;
+    }
+    sub.expect(&publish("q2out/x", &[1], 2, 1, false)).await?;
+    sub.send(&ack(PUBREC, 1)).await?;
+    sub.expect(&ack(PUBREL, 1)).await?;
+    // The window stays full until PUBCOMP: two round trips show nothing
+    // but their PINGRESPs, though the second delivery is waiting.
+    for _ in 0..2 {
+        sub.send(&PINGREQ).await?;
+        sub.expect(&PINGRESP).await?;
+    }
+    // A repeated PUBREC is answered with PUBREL again.
+    sub.send(&ack(PUBREC, 1)).await?;
+    sub.expect(&ack(PUBREL, 1)).await?;
+    sub.send(&ack(PUBCOMP, 1)).await?;
+    sub.expect(&publish("q2out/x", &[2], 2, 2, false)).await?;
+    // Acknowledging a QoS 2 delivery with PUBACK breaks the protocol.
+    sub.send(&ack(PUBACK, 2)).await?;
+    sub.expect_closed().await?;
+    server.stop().await
+}
+
+/// A QoS 2 delivery and a QoS 2 publish with rumqttc on both ends.
+#[tokio::test]
+async fn qos2_end_to_end_with_rumqttc() -> Result<()> {
+    let server = Server::start().await?;
+    let (sub, mut sub_events) = client(&server, "q2-rumqttc-sub");
+    sub.subscribe("exact/#", QoS::ExactlyOnce).await?;
+    let granted = poll_until(&mut sub_events, |e| match e {
+        Event::Incoming(Packet::SubAck(ack)) => Some(ack.return_codes.clone()),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(
+        granted,
+        [rumqttc::SubscribeReasonCode::Success(QoS::ExactlyOnce)]
+    );
+    let (publisher, mut pub_events) = client(&server, "q2-rumqttc-pub");
+    publisher
+        .publish("exact/1", QoS::ExactlyOnce, false, "one")
+        .await?;
+    let publisher_task = tokio::spawn(async move {
+        poll_until(&mut pub_events, |e| {
+            matches!(e, Event::Incoming(Packet::PubComp(_))).then_some(())
+        })
+        .await
+    });
+    let mut seen = Vec::new();
+    poll_until(&mut sub_events, |e| {
+        match e {
+            Event::Incoming(Packet::Publish(p)) => {
+                assert_eq!(p.qos, QoS::ExactlyOnce);
+                assert_eq!(&p.payload[..], b"one");
+                seen.push("PUBLISH");
+            }
+            Event::Outgoing(rumqttc::Outgoing::PubRec(_)) => seen.push("PUBREC"),
+            Event::Incoming(Packet::PubRel(_)) => seen.push("PUBREL"),
+            Event::Outgoing(rumqttc::Outgoing::PubComp(_)) => seen.push("PUBCOMP"),
+            _ => {}
+        }
+        (seen.last() == Some(&"PUBCOMP")).then_some(())
+    })
+    .await?;
+    assert_eq!(seen, ["PUBLISH", "PUBREC", "PUBREL", "PUBCOMP"]);
+    publisher_task.await??;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn will_published_when_the_peer_closes_or_breaks_the_protocol() -> Result<()> {
+    let mut server = Server::start().await?;
+    let mut sub = Raw::session(server.addr, "watcher", 30).await?;
+    sub.send(&subscribe(1, &[("wills/#", 1)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 1]).await?;
+
+    let mut dev = Raw::connect(server.addr).await?;
+    dev.send(&connect_with_will(
+        b"MQTT",
+        4,
+        "dev-a",
+        30,
+        (b"wills/a", b"lost", 1, false),
+    ))
+    .await?;
+    dev.expect(&[0x20, 2, 0, 0]).await?;
+    drop(dev);
+    sub.expect(&publish("wills/a", b"lost", 1, 1, false))
+        .await?;
+    sub.send(&ack(PUBACK, 1)).await?;
+
+    let mut dev = Raw::connect(server.addr).await?;
+    dev.send(&connect_with_will(
+        b"MQIsdp",
+        3,
+        "dev-b",
+        30,
+        (b"wills/b", b"broken", 0, false),
+    ))
+    .await?;
+    dev.expect(&[0x20, 2, 0, 0]).await?;
+    dev.send(&publish("a/#", b"x", 0, 0, false)).await?;
+    dev.expect_closed().await?;
+    sub.expect(&publish("wills/b", b"broken", 0, 0, false))
+        .await?;
+
+    // Subscribers are fed before the commit: look at the log once every
+    // connection has ended (each awaits its will's commit).
+    server.shutdown.cancel();
+    tokio::time::timeout(PATIENCE, &mut server.task).await??;
+    let records = server.records().await?;
+    assert_eq!(
+        records.len(),
+        1,
+        "the QoS 1 will is logged, the QoS 0 one is not"
+    );
+    assert_eq!(records[0].topic, "wills/a");
+    assert_eq!(records[0].publisher, "dev-a");
+    assert_eq!(records[0].qos, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn will_discarded_on_disconnect() -> Result<()> {
+    let server = Server::start().await?;
+    let mut sub = Raw::session(server.addr, "watcher", 30).await?;
+    sub.send(&subscribe(1, &[("wills/#", 0)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 0]).await?;
+    let mut dev = Raw::connect(server.addr).await?;
+    dev.send(&connect_with_will(
+        b"MQTT",
+        4,
+        "polite",
+        30,
+        (b"wills/p", b"gone", 0, false),
+    ))
+    .await?;
+    dev.expect(&[0x20, 2, 0, 0]).await?;
+    dev.send(&DISCONNECT).await?;
+    // The gateway closes the socket after handing any will to the router.
+    dev.expect_closed().await?;
+    let mut other = Raw::session(server.addr, "sentinel", 30).await?;
+    other
+        .send(&publish("wills/sentinel", b"s", 0, 0, false))
+        .await?;
+    sub.expect(&publish("wills/sentinel", b"s", 0, 0, false))
+        .await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn will_published_at_shutdown() -> Result<()> {
+    let mut server = Server::start().await?;
+    let mut dev = Raw::connect(server.addr).await?;
+    dev.send(&connect_with_will(
+        b"MQTT",
+        4,
+        "stayer",
+        30,
+        (b"wills/s", b"gateway down", 1, true),
+    ))
+    .await?;
+    dev.expect(&[0x20, 2, 0, 0]).await?;
+    server.shutdown.cancel();
+    dev.expect_closed().await?;
+    tokio::time::timeout(PATIENCE, &mut server.task).await??;
+    let records = server.records().await?;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].topic, "wills/s");
+    assert_eq!(&records[0].payload[..], b"gateway down");
+    assert!(records[0].retain, "the retain flag travels with the will");
+    Ok(())
+}
+
+#[tokio::test]
+async fn will_published_on_take_over() -> Result<()> {
+    let server = Server::start().await?;
+    let mut sub = Raw::session(server.addr, "watcher", 30).await?;
+    sub.send(&subscribe(1, &[("wills/#", 0)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 0]).await?;
+    let mut old = Raw::connect(server.addr).await?;
+    old.send(&connect_with_will(
+        b"MQTT",
+        4,
+        "twin",
+        30,
+        (b"wills/t", b"replaced", 0, false),
+    ))
+    .await?;
+    old.expect(&[0x20, 2, 0, 0]).await?;
+    let mut new = Raw::session(server.addr, "twin", 30).await?;
+    old.expect_closed().await?;
+    sub.expect(&publish("wills/t", b"replaced", 0, 0, false))
+        .await?;
+    new.send(&PINGREQ).await?;
+    new.expect(&PINGRESP).await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn invalid_will_topic_closes_without_connack() -> Result<()> {
+    let server = Server::start().await?;
+    for topic in [&b"wills/+"[..], b"", b"\xc3\x28"] {
+        let mut dev = Raw::connect(server.addr).await?;
+        dev.send(&connect_with_will(
+            b"MQTT",
+            4,
+            "bad-will",
+            30,
+            (topic, b"x", 0, false),
+        ))
+        .await?;
+        dev.expect_closed().await?;
+    }
+    // Others are served.
+    let mut raw = Raw::session(server.addr, "fine", 30).await?;
+    raw.send(&PINGREQ).await?;
+    raw.expect(&PINGRESP).await?;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn a_will_the_store_refuses_costs_nothing_else() -> Result<()> {
+    let mut server = Server::with(Options {
+        max_bytes: 4096,
+        ..Options::default()
+    })
+    .await?;
+    let mut small = Raw::connect(server.addr).await?;
+    small
+        .send(&connect_with_will(
+            b"MQTT",
+            4,
+            "light",
+            30,
+            (b"wills/l", b"ok", 1, false),
+        ))
+        .await?;
+    small.expect(&[0x20, 2, 0, 0]).await?;
+    small.send(&[0xF0, 0x00]).await?;
+    small.expect_closed().await?;
+    // Over the quota on its own: refused, counted, summarised.
+    let mut heavy = Raw::connect(server.addr).await?;
+    let big = vec![b'w'; 8000];
+    heavy
+        .send(&connect_with_will(
+            b"MQTT",
+            4,
+            "heavy",
+            30,
+            (b"wills/h", &big, 1, false),
+        ))
+        .await?;
+    heavy.expect(&[0x20, 2, 0, 0]).await?;
+    heavy.send(&[0xF0, 0x00]).await?;
+    heavy.expect_closed().await?;
+    let mut bystander = Raw::session(server.addr, "bystander", 30).await?;
+    bystander.send(&PINGREQ).await?;
+    bystander.expect(&PINGRESP).await?;
+    // Once every connection has ended (each awaited its will's commit),
+    // the log holds the small will only.
+    server.shutdown.cancel();
+    tokio::time::timeout(PATIENCE, &mut server.task).await??;
+    let topics: Vec<String> = server
+        .records()
+        .await?
+        .into_iter()
+        .map(|r| r.topic)
+        .collect();
+    assert_eq!(topics, ["wills/l"]);
+    Ok(())
 }

@@ -16,6 +16,7 @@ mod identity;
 mod link;
 mod local;
 mod malformed;
+mod mqtt311;
 mod observability;
 mod quota;
 mod retained;

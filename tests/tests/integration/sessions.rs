@@ -84,7 +84,9 @@ async fn messages_for_an_absent_persistent_session_survive_kill_9_in_order() -> 
     const N: u64 = 200;
     let t = topic.clone();
     let report = Publisher::new(addr, &unique("sender"))
-        .run(N, LONG, move |i| (t.clone(), format!("m{i:04}").into_bytes()))
+        .run(N, LONG, move |i| {
+            (t.clone(), format!("m{i:04}").into_bytes())
+        })
         .await;
     assert!(report.all_acked(N), "{report:?}");
 

@@ -306,6 +306,26 @@ pub fn connect(name: &[u8], level: u8, client_id: &str, keep_alive: u16, clean: 
     packet(0x10, &body)
 }
 
+/// A clean-session CONNECT with a will: `(topic, payload, qos, retain)`.
+pub fn connect_with_will(
+    name: &[u8],
+    level: u8,
+    client_id: &str,
+    keep_alive: u16,
+    will: (&[u8], &[u8], u8, bool),
+) -> Vec<u8> {
+    let (topic, payload, qos, retain) = will;
+    let mut body = Vec::new();
+    string(&mut body, name);
+    body.push(level);
+    body.push(0x02 | 0x04 | (qos << 3) | (u8::from(retain) << 5));
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    string(&mut body, client_id.as_bytes());
+    string(&mut body, topic);
+    string(&mut body, payload);
+    packet(0x10, &body)
+}
+
 pub fn publish(topic: &str, payload: &[u8], qos: u8, pkid: u16, dup: bool) -> Vec<u8> {
     let mut body = Vec::new();
     string(&mut body, topic.as_bytes());
