@@ -17,5 +17,5 @@ pub use message::{Message, QoS};
 pub use receipt::Receipt;
 pub use route::{Route, Routes};
 pub use router::{Delivery, Router, RouterOptions, SessionId};
-pub use session::{AttachOptions, Attached, Backlogged, SessionError, Subscriber};
+pub use session::{Acker, AttachOptions, Attached, Backlogged, SessionError, Subscriber};
 pub use trie::{InvalidFilter, TopicTrie};

@@ -95,6 +95,9 @@ pub(crate) struct Slot {
 #[derive(Debug, Clone)]
 pub(crate) struct Durable {
     pub queue: u64,
+    /// Held (shared) by acknowledgements under way, taken (exclusive) by a
+    /// backlog read: a read never sees an entry whose ack is in flight.
+    pub acks: Arc<tokio::sync::RwLock<()>>,
     /// Entries in its queue (approximately: counted here).
     pub queued: Arc<AtomicU64>,
     /// When its client left (Unix ms), if offline.

@@ -203,6 +203,7 @@ impl Router {
                 }
                 (Some(queue), _) => Some(Durable {
                     queue,
+                    acks: Arc::default(),
                     queued: Arc::new(AtomicU64::new(0)),
                     disconnected_at_ms: None,
                 }),
@@ -294,6 +295,7 @@ impl Router {
                         filters,
                         durable: Some(Durable {
                             queue,
+                            acks: Arc::default(),
                             queued: Arc::new(AtomicU64::new(queued)),
                             // Connected when the gateway stopped: away since now.
                             disconnected_at_ms: Some(disconnected.unwrap_or(now)),
@@ -480,35 +482,92 @@ impl Subscriber {
 
     /// The client has these durable deliveries: their queue entries go.
     pub async fn ack(&self, seqs: Vec<Seq>) -> Result<(), SessionError> {
-        let Some(queue) = self.queue else {
-            return Ok(());
-        };
-        let n = seqs.len() as u64;
-        self.router.inner.store.queue_ack(queue, seqs).await?;
-        if let Some(d) = self
+        match self.acker() {
+            Some(acker) => acker.ack(seqs).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Records the adapter's state of a queued delivery (e.g. MQTT QoS 2
+    /// PUBREC received), read back by [`Subscriber::backlog`].
+    pub async fn set_state(&self, seq: Seq, state: u32) -> Result<(), SessionError> {
+        match self.acker() {
+            Some(acker) => acker.set_state(seq, state).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A handle for acknowledging queue entries from another task
+    /// (`None` for a clean session, which has no queue).
+    pub fn acker(&self) -> Option<Acker> {
+        let queue = self.queue?;
+        let (queued, acks) = self
             .router
             .inner
             .registry()
             .sessions
             .get(&self.client_id)
             .and_then(|s| s.durable.as_ref())
-        {
-            let _ = d
-                .queued
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
-                    Some(q.saturating_sub(n))
-                });
-        }
+            .map(|d| (Arc::clone(&d.queued), Arc::clone(&d.acks)))?;
+        Some(Acker {
+            store: self.router.inner.store.clone(),
+            queue,
+            queued,
+            acks,
+        })
+    }
+
+    /// The highest QoS this session's filters grant for `topic`, if any
+    /// matches (a resumed session's queued messages go out at it).
+    pub fn granted_for(&self, topic: &str) -> Option<QoS> {
+        let registry = self.router.inner.registry();
+        let mut best = None;
+        registry.trie.for_each_match(topic, |_, key, qos| {
+            if key == self.key {
+                best = best.max(Some(*qos));
+            }
+        });
+        best
+    }
+}
+
+/// Acknowledges a persistent session's queue entries; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Acker {
+    store: edge_store::Store,
+    queue: u64,
+    queued: Arc<AtomicU64>,
+    acks: Arc<tokio::sync::RwLock<()>>,
+}
+
+impl Acker {
+    /// Acknowledges in a background task; returns once the task is
+    /// registered, so that a later [`Subscriber::backlog`] (of this or a
+    /// newer connection) waits for it and never reads the entries again.
+    pub async fn ack_in_background(&self, seqs: Vec<Seq>) -> tokio::task::JoinHandle<()> {
+        let guard = Arc::clone(&self.acks).read_owned().await;
+        let acker = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = acker.ack(seqs).await {
+                tracing::warn!(%error, "cannot acknowledge queued deliveries; they will be sent again");
+            }
+            drop(guard);
+        })
+    }
+
+    pub async fn ack(&self, seqs: Vec<Seq>) -> Result<(), SessionError> {
+        let n = seqs.len() as u64;
+        self.store.queue_ack(self.queue, seqs).await?;
+        let _ = self
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                Some(q.saturating_sub(n))
+            });
         Ok(())
     }
 
-    /// Records the adapter's state of a queued delivery (e.g. MQTT QoS 2
-    /// PUBREC received), read back by [`Subscriber::backlog`].
     pub async fn set_state(&self, seq: Seq, state: u32) -> Result<(), SessionError> {
-        let Some(queue) = self.queue else {
-            return Ok(());
-        };
-        Ok(self.router.inner.store.queue_set(queue, seq, state).await?)
+        Ok(self.store.queue_set(self.queue, seq, state).await?)
     }
 }
 

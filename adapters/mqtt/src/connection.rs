@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use edge_core::{Delivery, Router};
+use edge_core::{AttachOptions, Attached, Delivery, Router};
 use futures::{FutureExt, StreamExt};
 use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -128,6 +128,7 @@ impl Connection {
             | Close::ConnectTimeout(_)
             | Close::TakenOver
             | Close::WriteStalled(_)
+            | Close::Session(_)
             | Close::Refused(_) => {
                 logs::CLOSED.record(close.reason(), || {
                     format!("peer={peer} client_id={client_id:?} why={close}")
@@ -222,15 +223,29 @@ impl Connection {
             }
         };
         accepted.client_id = Some(client_id.clone());
-        if !connect.clean_session {
-            logs::UNSUPPORTED.record("persistent_session", || {
-                format!("peer={} client_id={client_id}", self.peer)
-            });
-        }
-        let (subscriber, deliveries) =
-            router.connect(client_id.clone(), self.settings.max_queued_messages);
+        let attach = AttachOptions {
+            clean: connect.clean_session,
+            queue: self.settings.max_queued_messages,
+        };
+        let attached = match router.attach(client_id.clone(), attach).await {
+            Ok(attached) => attached,
+            Err(e) => {
+                return self
+                    .refuse(
+                        ConnectReturnCode::ServiceUnavailable,
+                        format!("cannot open the session: {e}"),
+                    )
+                    .await;
+            }
+        };
+        let Attached {
+            subscriber,
+            deliveries,
+            session_present,
+        } = attached;
         let connack = ConnAck {
-            session_present: false,
+            // MQTT-3.2.2-1/2.
+            session_present,
             code: ConnectReturnCode::Success,
         };
         if let Err(close) = session::write(Packet::ConnAck(connack, None), &mut self.wbuf) {
@@ -246,14 +261,19 @@ impl Connection {
             router.clone(),
             subscriber,
             self.settings.max_inflight,
+            session_present,
         );
         let close = self
             .session_loop(&mut session, deliveries, keep_alive, shutdown)
             .await;
-        match close {
+        let close = match close {
             Close::Shutdown => self.drain(&mut session).await,
             close => close,
-        }
+        };
+        // Before the session is left: what the client acknowledged is out
+        // of its queue, so a reconnect does not get it again.
+        session.finish_acks().await;
+        close
     }
 
     async fn refuse(&mut self, code: ConnectReturnCode, why: String) -> Close {
@@ -328,13 +348,21 @@ impl Connection {
                     Err(e) => return e.into(),
                 }
             }
-            // Retained messages of new subscriptions go first.
+            // A persistent session's queue from the store, and retained
+            // messages of new subscriptions, go first.
+            if self.wbuf.len() < WRITE_HIGH_WATER
+                && let Err(close) = session.fill_from_store(&mut self.wbuf).await
+            {
+                return close;
+            }
             while self.wbuf.len() < WRITE_HIGH_WATER && session.outbox.has_room() {
-                let Some(delivery) = session.queued.pop_front() else {
+                let Some((delivery, dup)) = session.queued.pop_front() else {
                     break;
                 };
-                deliver(session, &delivery, &mut self.wbuf, self.peer);
+                deliver(session, &delivery, dup, &mut self.wbuf, self.peer);
             }
+            session.flush_acks().await;
+            let live = session.takes_live();
             let writing = !self.wbuf.is_empty();
             if writing && !was_writing {
                 stall.as_mut().reset(Instant::now() + stall_limit);
@@ -371,11 +399,13 @@ impl Connection {
                     Ok(_) => self.rbuf.reserve(READ_CHUNK),
                     Err(e) => return e.into(),
                 },
-                Some(delivery) = deliveries.recv(), if room && session.outbox.has_room() => {
+                Some(delivery) = deliveries.recv(), if live && room && session.outbox.has_room() => {
                     let mut next = Some(delivery);
                     let mut taken = 0;
                     while let Some(delivery) = next.take() {
-                        deliver(session, &delivery, &mut self.wbuf, self.peer);
+                        if session.take_live(&delivery) {
+                            deliver(session, &delivery, false, &mut self.wbuf, self.peer);
+                        }
                         taken += 1;
                         if taken < DELIVERY_BATCH && session.outbox.has_room() {
                             next = deliveries.try_recv().ok();
@@ -423,8 +453,14 @@ impl Connection {
 
 /// Encodes one delivery into the write buffer (the caller checked the
 /// outbox has room); an unencodable one is dropped, counted.
-fn deliver(session: &mut Session, delivery: &Delivery, wbuf: &mut BytesMut, peer: SocketAddr) {
-    if let Err(e) = session.outbox.push(delivery, wbuf) {
+fn deliver(
+    session: &mut Session,
+    delivery: &Delivery,
+    dup: bool,
+    wbuf: &mut BytesMut,
+    peer: SocketAddr,
+) {
+    if let Err(e) = session.outbox.push(delivery, dup, wbuf) {
         logs::ENCODE_FAILED.record("delivery", || {
             format!(
                 "peer={peer} client_id={} topic={} error={e}",

@@ -112,6 +112,9 @@ pub(crate) enum Close {
     Protocol(#[from] ProtocolError),
     #[error("store refused a message: {0}")]
     Store(PublishError),
+    /// The session's durable state could not be read or written.
+    #[error("session store: {0}")]
+    Session(String),
     #[error("cannot encode a packet: {0}")]
     Encode(rumqttd::protocol::Error),
     #[error("socket error: {0}")]
@@ -141,6 +144,7 @@ impl Close {
             Close::Protocol(_) => "protocol_error",
             Close::Store(PublishError::Full { .. }) => "store_full",
             Close::Store(_) => "store_error",
+            Close::Session(_) => "session_error",
             Close::Encode(_) => "encode_error",
             Close::Io(_) => "io_error",
         }

@@ -12,10 +12,6 @@ pub(crate) static PROTOCOL_ERRORS: Summary =
 pub(crate) static CLOSED: Summary = Summary::new("MQTT connections closed", Level::Info);
 pub(crate) static ENCODE_FAILED: Summary =
     Summary::new("cannot encode an MQTT packet", Level::Warn);
-pub(crate) static UNSUPPORTED: Summary = Summary::new(
-    "MQTT feature not supported yet: served without it",
-    Level::Info,
-);
 pub(crate) static STORE_REFUSED: Summary = Summary::new(
     "store refused messages: not acknowledged, connections closed",
     Level::Warn,

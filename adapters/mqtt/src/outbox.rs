@@ -7,12 +7,17 @@
 //! fills its bounded router queue (where drops are counted) instead of this
 //! process's memory.
 //!
-//! State is per connection and in memory: sessions are clean, so nothing
-//! is resent after a reconnect (the client discards its side too), and
-//! within a connection nothing is resent either (MQTT-4.4.0-1 resends only
-//! on reconnect), so DUP is never set.
+//! The window is per connection. A persistent session's deliveries carry
+//! their queue seq: settling one releases its queue entry (the caller acks
+//! it in the store), and the entries still queued after a reconnect are
+//! sent again from the store, the first window of them with DUP set
+//! (MQTT-4.4.0-1; their packet ids are new: only a QoS 2 PUBREL keeps its
+//! original id, recorded in the entry). Within a connection nothing is
+//! resent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use edge_store::Seq;
 
 use bytes::BytesMut;
 use edge_core::{Delivery, QoS};
@@ -43,10 +48,15 @@ impl Awaiting {
 
 #[derive(Debug)]
 pub(crate) struct Outbox {
-    inflight: HashMap<u16, Awaiting>,
+    inflight: HashMap<u16, (Awaiting, Option<Seq>)>,
+    /// Queue seqs of the deliveries in flight.
+    seqs: HashSet<Seq>,
     max_inflight: usize,
     next_pkid: u16,
 }
+
+/// A delivery the client acknowledged for good: its queue seq, if any.
+pub(crate) type Settled = Option<Seq>;
 
 impl Outbox {
     /// `max_inflight` is at most `u16::MAX`, so a free packet id always
@@ -54,6 +64,7 @@ impl Outbox {
     pub(crate) fn new(max_inflight: u16) -> Outbox {
         Outbox {
             inflight: HashMap::with_capacity(usize::from(max_inflight)),
+            seqs: HashSet::new(),
             max_inflight: usize::from(max_inflight.max(1)),
             next_pkid: 0,
         }
@@ -72,13 +83,36 @@ impl Outbox {
         }
     }
 
-    /// Encodes `delivery` into `out`. The caller checks [`Outbox::has_room`] first.
+    /// Whether the delivery of queue entry `seq` is in flight.
+    pub(crate) fn has_seq(&self, seq: Seq) -> bool {
+        self.seqs.contains(&seq)
+    }
+
+    /// A resumed session's QoS 2 delivery whose PUBREC had arrived before:
+    /// writes PUBREL under its original packet id and awaits PUBCOMP. False
+    /// when that id is taken (the caller sends the PUBLISH again instead).
+    pub(crate) fn resume_released(&mut self, pkid: u16, seq: Seq, out: &mut BytesMut) -> bool {
+        if pkid == 0 || self.inflight.contains_key(&pkid) {
+            return false;
+        }
+        // PUBREL: type 6, flags 0b0010, remaining length 2.
+        out.extend_from_slice(&[0x62, 0x02]);
+        out.extend_from_slice(&pkid.to_be_bytes());
+        self.inflight.insert(pkid, (Awaiting::Comp, Some(seq)));
+        self.seqs.insert(seq);
+        true
+    }
+
+    /// Encodes `delivery` into `out` (DUP set with `dup`). The caller checks
+    /// [`Outbox::has_room`] first.
     pub(crate) fn push(
         &mut self,
         delivery: &Delivery,
+        dup: bool,
         out: &mut BytesMut,
     ) -> Result<(), rumqttd::protocol::Error> {
         let message = &delivery.message;
+        let start = out.len();
         let (qos, pkid, awaiting) = match delivery.qos {
             QoS::AtMostOnce => (0, 0, None),
             QoS::AtLeastOnce => (1, self.allocate(), Some(Awaiting::Ack)),
@@ -94,32 +128,49 @@ impl Outbox {
             // is sent for a new subscription, 0 on live deliveries.
             delivery.retained,
         )?;
+        if dup && qos > 0 {
+            // DUP is bit 3 of the first byte (MQTT-3.3.1-1; never on QoS 0).
+            if let Some(first) = out.get_mut(start) {
+                *first |= 0b0000_1000;
+            }
+        }
         if let Some(awaiting) = awaiting {
-            self.inflight.insert(pkid, awaiting);
+            self.inflight.insert(pkid, (awaiting, delivery.seq));
+            if let Some(seq) = delivery.seq {
+                self.seqs.insert(seq);
+            }
         }
         Ok(())
     }
 
     /// `got` arrived for `pkid`. In a state of `accepts`, the delivery moves
-    /// on to `next` (settled when `None`): true. Not in flight: false. In
-    /// any other state the client acknowledged with the wrong packet.
+    /// on to `next` (settled when `None`): `Some(its queue seq)`. Not in
+    /// flight: `None`. In any other state the client acknowledged with the
+    /// wrong packet.
     fn advance(
         &mut self,
         got: Awaiting,
         pkid: u16,
         accepts: &[Awaiting],
         next: Option<Awaiting>,
-    ) -> Result<bool, ProtocolError> {
+    ) -> Result<Option<Settled>, ProtocolError> {
         match self.inflight.get(&pkid).copied() {
-            None => Ok(false),
-            Some(state) if accepts.contains(&state) => {
+            None => Ok(None),
+            Some((state, seq)) if accepts.contains(&state) => {
                 match next {
-                    Some(next) => self.inflight.insert(pkid, next),
-                    None => self.inflight.remove(&pkid),
-                };
-                Ok(true)
+                    Some(next) => {
+                        self.inflight.insert(pkid, (next, seq));
+                    }
+                    None => {
+                        self.inflight.remove(&pkid);
+                        if let Some(seq) = seq {
+                            self.seqs.remove(&seq);
+                        }
+                    }
+                }
+                Ok(Some(seq))
             }
-            Some(state) => Err(ProtocolError::AckMismatch {
+            Some((state, _)) => Err(ProtocolError::AckMismatch {
                 got: got.name(),
                 pkid,
                 awaiting: state.name(),
@@ -128,13 +179,13 @@ impl Outbox {
     }
 
     /// PUBACK: settles a QoS 1 delivery.
-    pub(crate) fn puback(&mut self, pkid: u16) -> Result<bool, ProtocolError> {
+    pub(crate) fn puback(&mut self, pkid: u16) -> Result<Option<Settled>, ProtocolError> {
         self.advance(Awaiting::Ack, pkid, &[Awaiting::Ack], None)
     }
 
     /// PUBREC: a QoS 2 delivery now awaits PUBCOMP; the caller sends PUBREL
     /// (again, for a repeated PUBREC).
-    pub(crate) fn pubrec(&mut self, pkid: u16) -> Result<bool, ProtocolError> {
+    pub(crate) fn pubrec(&mut self, pkid: u16) -> Result<Option<Settled>, ProtocolError> {
         self.advance(
             Awaiting::Rec,
             pkid,
@@ -144,7 +195,7 @@ impl Outbox {
     }
 
     /// PUBCOMP: settles a QoS 2 delivery whose PUBREL was sent.
-    pub(crate) fn pubcomp(&mut self, pkid: u16) -> Result<bool, ProtocolError> {
+    pub(crate) fn pubcomp(&mut self, pkid: u16) -> Result<Option<Settled>, ProtocolError> {
         self.advance(Awaiting::Comp, pkid, &[Awaiting::Comp], None)
     }
 }
@@ -157,6 +208,16 @@ mod tests {
     use edge_core::Message;
 
     use super::*;
+
+    impl Outbox {
+        fn push_plain(
+            &mut self,
+            d: &Delivery,
+            out: &mut BytesMut,
+        ) -> Result<(), rumqttd::protocol::Error> {
+            self.push(d, false, out)
+        }
+    }
 
     fn delivery(qos: QoS) -> Delivery {
         Delivery {
@@ -171,13 +232,19 @@ mod tests {
     fn qos1_fills_the_window_and_acks_free_it() {
         let mut outbox = Outbox::new(2);
         let mut out = BytesMut::new();
-        outbox.push(&delivery(QoS::AtMostOnce), &mut out).unwrap();
+        outbox
+            .push_plain(&delivery(QoS::AtMostOnce), &mut out)
+            .unwrap();
         assert_eq!(outbox.inflight.len(), 0);
-        outbox.push(&delivery(QoS::AtLeastOnce), &mut out).unwrap();
-        outbox.push(&delivery(QoS::AtLeastOnce), &mut out).unwrap();
+        outbox
+            .push_plain(&delivery(QoS::AtLeastOnce), &mut out)
+            .unwrap();
+        outbox
+            .push_plain(&delivery(QoS::AtLeastOnce), &mut out)
+            .unwrap();
         assert!(!outbox.has_room());
-        assert!(outbox.puback(1).unwrap());
-        assert!(!outbox.puback(1).unwrap());
+        assert!(outbox.puback(1).unwrap().is_some());
+        assert!(outbox.puback(1).unwrap().is_none());
         assert!(outbox.has_room());
     }
 
@@ -185,7 +252,9 @@ mod tests {
     fn qos2_holds_its_id_until_pubcomp() {
         let mut outbox = Outbox::new(1);
         let mut out = BytesMut::new();
-        outbox.push(&delivery(QoS::ExactlyOnce), &mut out).unwrap();
+        outbox
+            .push_plain(&delivery(QoS::ExactlyOnce), &mut out)
+            .unwrap();
         // PUBLISH, QoS 2, packet id 1: topic "t", payload "p".
         assert_eq!(&out[..], &[0x34, 6, 0, 1, b't', 0, 1, b'p']);
         assert!(!outbox.has_room());
@@ -197,23 +266,25 @@ mod tests {
             outbox.puback(1),
             Err(ProtocolError::AckMismatch { .. })
         ));
-        assert!(outbox.pubrec(1).unwrap());
+        assert!(outbox.pubrec(1).unwrap().is_some());
         assert!(!outbox.has_room(), "PUBREC does not free the window");
         assert!(
-            outbox.pubrec(1).unwrap(),
+            outbox.pubrec(1).unwrap().is_some(),
             "a repeated PUBREC gets PUBREL again"
         );
-        assert!(outbox.pubcomp(1).unwrap());
+        assert!(outbox.pubcomp(1).unwrap().is_some());
         assert!(outbox.has_room());
-        assert!(!outbox.pubcomp(1).unwrap());
-        assert!(!outbox.pubrec(1).unwrap());
+        assert!(outbox.pubcomp(1).unwrap().is_none());
+        assert!(outbox.pubrec(1).unwrap().is_none());
     }
 
     #[test]
     fn qos1_delivery_is_not_completed_by_qos2_acks() {
         let mut outbox = Outbox::new(4);
         let mut out = BytesMut::new();
-        outbox.push(&delivery(QoS::AtLeastOnce), &mut out).unwrap();
+        outbox
+            .push_plain(&delivery(QoS::AtLeastOnce), &mut out)
+            .unwrap();
         assert!(matches!(
             outbox.pubrec(1),
             Err(ProtocolError::AckMismatch {
@@ -233,9 +304,13 @@ mod tests {
         let mut outbox = Outbox::new(3);
         outbox.next_pkid = u16::MAX - 1;
         let mut out = BytesMut::new();
-        outbox.push(&delivery(QoS::AtLeastOnce), &mut out).unwrap(); // 65535
-        outbox.inflight.insert(1, Awaiting::Ack);
-        outbox.push(&delivery(QoS::AtLeastOnce), &mut out).unwrap(); // skips 0 and 1
+        outbox
+            .push_plain(&delivery(QoS::AtLeastOnce), &mut out)
+            .unwrap(); // 65535
+        outbox.inflight.insert(1, (Awaiting::Ack, None));
+        outbox
+            .push_plain(&delivery(QoS::AtLeastOnce), &mut out)
+            .unwrap(); // skips 0 and 1
         let mut ids: Vec<u16> = outbox.inflight.keys().copied().collect();
         ids.sort_unstable();
         assert_eq!(ids, vec![1, 2, u16::MAX]);

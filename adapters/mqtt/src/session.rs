@@ -24,7 +24,8 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use edge_core::receipt::ReceiptResult;
-use edge_core::{Delivery, Message, PublishError, QoS, Receipt, Router, Subscriber, topic};
+use edge_core::{Acker, Delivery, Message, PublishError, QoS, Receipt, Router, Subscriber, topic};
+use edge_store::Seq;
 use futures::stream::FuturesOrdered;
 use rumqttd::protocol::{
     self, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
@@ -93,9 +94,35 @@ pub(crate) struct Session {
     max_inflight: usize,
     qos2: HashMap<u16, Qos2>,
     pub outbox: Outbox,
-    /// Deliveries that go out before the router's: retained messages of new
-    /// subscriptions (MQTT-3.3.1-6).
-    pub queued: VecDeque<Delivery>,
+    /// Deliveries that go out before the router's, with their DUP flag:
+    /// retained messages of new subscriptions (MQTT-3.3.1-6) and a
+    /// persistent session's queue read from the store.
+    pub queued: VecDeque<(Delivery, bool)>,
+    /// A persistent session's reading of its durable queue.
+    durable: Option<Durable>,
+}
+
+/// Queue entries read from the store per turn.
+const BACKLOG_PAGE: usize = 256;
+/// Entry state bit: the client's PUBREC for this QoS 2 delivery arrived (the
+/// low 16 bits are its packet id), so a resumed session sends PUBREL.
+const RELEASED: u32 = 1 << 16;
+
+/// How a persistent session takes its durable queue: from the store while
+/// catching up (after a reconnect, or when the in-memory queue overflowed),
+/// live from the router otherwise, never the same entry twice.
+#[derive(Debug)]
+struct Durable {
+    acker: Acker,
+    /// The next queue seq not yet taken, from the store or live.
+    read_from: Seq,
+    catching_up: bool,
+    /// Deliveries still to send with DUP: they may have been sent before.
+    dup_left: usize,
+    /// Settled entries to acknowledge in the store (once per turn).
+    to_ack: Vec<Seq>,
+    /// Acknowledgements under way.
+    in_flight: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Session {
@@ -104,8 +131,22 @@ impl Session {
         router: Router,
         subscriber: Subscriber,
         max_inflight: u16,
+        resumed: bool,
     ) -> Session {
+        let durable = subscriber.acker().map(|acker| Durable {
+            acker,
+            read_from: 0,
+            catching_up: true,
+            dup_left: if resumed {
+                usize::from(max_inflight)
+            } else {
+                0
+            },
+            to_ack: Vec::new(),
+            in_flight: Vec::new(),
+        });
         Session {
+            durable,
             client_id,
             router,
             subscriber,
@@ -115,6 +156,130 @@ impl Session {
             outbox: Outbox::new(max_inflight),
             queued: VecDeque::new(),
         }
+    }
+
+    /// A delivery settled; a queued one leaves the store with the next flush.
+    fn settled(&mut self, seq: Option<Seq>) {
+        if let (Some(seq), Some(d)) = (seq, self.durable.as_mut()) {
+            d.to_ack.push(seq);
+        }
+    }
+
+    /// The PUBREC of a queued QoS 2 delivery: recorded, so that a resumed
+    /// session sends PUBREL, not the PUBLISH, under the same packet id.
+    fn released(&mut self, seq: Seq, pkid: u16) {
+        if let Some(d) = &self.durable {
+            let acker = d.acker.clone();
+            tokio::spawn(async move {
+                let _ = acker.set_state(seq, RELEASED | u32::from(pkid)).await;
+            });
+        }
+    }
+
+    /// Acknowledges in the store the queue entries settled since the last
+    /// call (one store operation per turn, in the background: at worst a
+    /// crash resends them, with DUP).
+    pub(crate) async fn flush_acks(&mut self) {
+        let Some(d) = self.durable.as_mut() else {
+            return;
+        };
+        if d.to_ack.is_empty() {
+            return;
+        }
+        let seqs = std::mem::take(&mut d.to_ack);
+        let acker = d.acker.clone();
+        let done = acker.ack_in_background(seqs).await;
+        d.in_flight.push(done);
+        d.in_flight.retain(|h| !h.is_finished());
+    }
+
+    /// At the end of the connection: waits (bounded) for the
+    /// acknowledgements under way.
+    pub(crate) async fn finish_acks(&mut self) {
+        self.flush_acks().await;
+        let Some(d) = self.durable.as_mut() else {
+            return;
+        };
+        for h in d.in_flight.drain(..) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), h).await;
+        }
+    }
+
+    /// Whether deliveries are taken from the router now (not while the
+    /// durable queue is read from the store).
+    pub(crate) fn takes_live(&mut self) -> bool {
+        let Some(d) = self.durable.as_mut() else {
+            return true;
+        };
+        if self.subscriber.take_lagged() {
+            d.catching_up = true;
+        }
+        !d.catching_up
+    }
+
+    /// A live delivery: false when it was already taken from the store.
+    pub(crate) fn take_live(&mut self, delivery: &Delivery) -> bool {
+        let (Some(d), Some(seq)) = (self.durable.as_mut(), delivery.seq) else {
+            return true;
+        };
+        if seq < d.read_from || self.outbox.has_seq(seq) {
+            return false;
+        }
+        d.read_from = seq + 1;
+        true
+    }
+
+    /// While catching up and with room in the window: reads the next page
+    /// of the durable queue into `queued` (a QoS 2 delivery whose PUBREC had
+    /// arrived gets its PUBREL now, written to `out`).
+    pub(crate) async fn fill_from_store(&mut self, out: &mut BytesMut) -> Result<(), Close> {
+        let Some(d) = self.durable.as_ref() else {
+            return Ok(());
+        };
+        if !d.catching_up || !self.queued.is_empty() || !self.outbox.has_room() {
+            return Ok(());
+        }
+        let from = d.read_from;
+        let page = self
+            .subscriber
+            .backlog(from, BACKLOG_PAGE)
+            .await
+            .map_err(|e| Close::Session(e.to_string()))?;
+        let caught_up = page.len() < BACKLOG_PAGE;
+        for entry in page {
+            let Some(d) = self.durable.as_mut() else {
+                break;
+            };
+            d.read_from = entry.seq + 1;
+            if self.outbox.has_seq(entry.seq) {
+                continue;
+            }
+            if entry.state & RELEASED != 0 {
+                let pkid = (entry.state & 0xFFFF) as u16;
+                if self.outbox.resume_released(pkid, entry.seq, out) {
+                    continue;
+                }
+            }
+            let qos = self
+                .subscriber
+                .granted_for(&entry.message.topic)
+                .unwrap_or(QoS::AtLeastOnce)
+                .min(entry.message.qos)
+                .max(QoS::AtLeastOnce);
+            let dup = d.dup_left > 0;
+            d.dup_left = d.dup_left.saturating_sub(1);
+            let delivery = Delivery {
+                message: entry.message,
+                qos,
+                seq: Some(entry.seq),
+                retained: false,
+            };
+            self.queued.push_back((delivery, dup));
+        }
+        if caught_up && let Some(d) = self.durable.as_mut() {
+            d.catching_up = false;
+        }
+        Ok(())
     }
 
     /// Whether another publish may be read (back-pressure on the socket).
@@ -134,16 +299,23 @@ impl Session {
                     .await
             }
             Packet::PubAck(ack, _) => {
-                if !self.outbox.puback(ack.pkid)? {
-                    tracing::debug!(client_id = %self.client_id, pkid = ack.pkid, "PUBACK for a packet id not in flight");
+                match self.outbox.puback(ack.pkid)? {
+                    Some(settled) => self.settled(settled),
+                    None => {
+                        tracing::debug!(client_id = %self.client_id, pkid = ack.pkid, "PUBACK for a packet id not in flight");
+                    }
                 }
                 Ok(())
             }
             Packet::PubRec(rec, _) => {
                 // Answered even for an id not in flight (a repeated PUBREC
                 // after PUBCOMP), as Mosquitto does: the client can finish.
-                if !self.outbox.pubrec(rec.pkid)? {
-                    tracing::debug!(client_id = %self.client_id, pkid = rec.pkid, "PUBREC for a packet id not in flight");
+                match self.outbox.pubrec(rec.pkid)? {
+                    Some(Some(seq)) => self.released(seq, rec.pkid),
+                    Some(None) => {}
+                    None => {
+                        tracing::debug!(client_id = %self.client_id, pkid = rec.pkid, "PUBREC for a packet id not in flight");
+                    }
                 }
                 let rel = PubRel {
                     pkid: rec.pkid,
@@ -152,8 +324,11 @@ impl Session {
                 write(Packet::PubRel(rel, None), out)
             }
             Packet::PubComp(comp, _) => {
-                if !self.outbox.pubcomp(comp.pkid)? {
-                    tracing::debug!(client_id = %self.client_id, pkid = comp.pkid, "PUBCOMP for a packet id not in flight");
+                match self.outbox.pubcomp(comp.pkid)? {
+                    Some(settled) => self.settled(settled),
+                    None => {
+                        tracing::debug!(client_id = %self.client_id, pkid = comp.pkid, "PUBCOMP for a packet id not in flight");
+                    }
                 }
                 Ok(())
             }
@@ -290,12 +465,13 @@ impl Session {
             };
             tracing::debug!(client_id = %self.client_id, filter = %filter.path, granted = granted as u8, retained = retained.len(), "subscribed");
             for message in retained {
-                self.queued.push_back(Delivery {
+                let delivery = Delivery {
                     qos: granted.min(message.qos),
                     message,
                     seq: None,
                     retained: true,
-                });
+                };
+                self.queued.push_back((delivery, false));
             }
             return_codes.push(SubscribeReasonCode::Success(match granted {
                 QoS::AtMostOnce => protocol::QoS::AtMostOnce,
