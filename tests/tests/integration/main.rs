@@ -18,6 +18,7 @@ mod local;
 mod malformed;
 mod mqtt311;
 mod observability;
+mod paho;
 mod quota;
 mod retained;
 mod sessions;
