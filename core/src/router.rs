@@ -213,7 +213,18 @@ impl Router {
     /// Routes one message. Waits only while the store's inbox or the
     /// dispatcher is full (back-pressure); the receipt resolves once the
     /// message is durable and handed to online subscribers.
-    pub async fn publish(&self, mut message: Message) -> Result<Receipt, PublishError> {
+    pub async fn publish(&self, message: Message) -> Result<Receipt, PublishError> {
+        self.publish_keyed(message, None).await
+    }
+
+    /// Like [`Router::publish`], recording `dedup` (a key from
+    /// [`crate::Subscriber::dedup_key`]) in the message's commit, so that a
+    /// retransmission after a reconnect or a restart is recognised.
+    pub async fn publish_keyed(
+        &self,
+        mut message: Message,
+        dedup: Option<String>,
+    ) -> Result<Receipt, PublishError> {
         message
             .headers
             .retain(|(key, _)| !key.starts_with(RESERVED_HEADER_PREFIX));
@@ -244,6 +255,7 @@ impl Router {
                 log,
                 queues,
                 retain,
+                dedup,
             };
             Some(
                 self.inner

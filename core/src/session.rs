@@ -94,6 +94,10 @@ fn queue_name(client_id: &str) -> String {
     format!("session/{client_id}")
 }
 
+fn dedup_prefix(client_id: &str) -> String {
+    format!("session/{client_id}/")
+}
+
 impl Router {
     /// A clean session for `client_id` (tests and simple callers).
     pub fn connect(
@@ -125,6 +129,7 @@ impl Router {
             if existing == Some(true) {
                 self.forget(&client_id);
                 store.delete_queue(&queue_name(&client_id)).await?;
+                store.release_dedup(&dedup_prefix(&client_id), true).await?;
                 store.delete_session(&client_id).await?;
             }
             let (subscriber, deliveries, _) =
@@ -371,6 +376,7 @@ pub(crate) async fn expire_sessions(inner: Weak<Inner>) {
             let store = &inner.store;
             let result = async {
                 store.delete_queue(&queue_name(&id)).await?;
+                store.release_dedup(&dedup_prefix(&id), true).await?;
                 store.delete_session(&id).await
             }
             .await;
@@ -515,6 +521,39 @@ impl Subscriber {
             queued,
             acks,
         })
+    }
+
+    /// A persistent session's key for a publish it must recognise again
+    /// (e.g. an MQTT QoS 2 packet id until PUBREL); `None` for a clean
+    /// session, whose state ends with the connection.
+    pub fn dedup_key(&self, suffix: &str) -> Option<String> {
+        self.queue
+            .map(|_| format!("{}{suffix}", dedup_prefix(&self.client_id)))
+    }
+
+    /// The suffixes of this session's recorded dedup keys.
+    pub async fn dedup_keys(&self) -> Result<Vec<String>, SessionError> {
+        if self.queue.is_none() {
+            return Ok(Vec::new());
+        }
+        let prefix = dedup_prefix(&self.client_id);
+        let store = self.router.inner.store.clone();
+        let p = prefix.clone();
+        let keys = tokio::task::spawn_blocking(move || store.dedup_keys(&p))
+            .await
+            .map_err(|e| SessionError::Store(e.to_string()))??;
+        Ok(keys
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string))
+            .collect())
+    }
+
+    /// Forgets a dedup key of this session (the publisher released it).
+    pub async fn release_key(&self, suffix: &str) -> Result<(), SessionError> {
+        match self.dedup_key(suffix) {
+            Some(key) => Ok(self.router.inner.store.release_dedup(&key, false).await?),
+            None => Ok(()),
+        }
     }
 
     /// The highest QoS this session's filters grant for `topic`, if any

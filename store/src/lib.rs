@@ -13,6 +13,7 @@
 //! | `queues`        | `&str` name          | `u64` queue id                              |
 //! | `queue_entries` | `(u64 queue, u64 seq)` | `u32` owner state (0 = queued)            |
 //! | `refs`          | `u64` seq            | `u32`: queue entries referencing the record |
+//! | `dedup`         | `&str` key           | `u64` seq of the append that recorded it (a publisher's idempotency key, e.g. an MQTT QoS 2 packet id awaiting PUBREL) |
 //! | `retained`      | `&str` topic         | encoded [`Record`]                          |
 //! | `sessions`      | `&str` client id     | the owner's encoding (opaque here)          |
 //! | `dead_letters`  | `u64` seq parked at  | typed dead letter + record (`dead.rs`)      |
@@ -124,6 +125,8 @@ pub struct Placement {
     pub queues: Vec<u64>,
     /// Sets or clears the retained message of a topic with this record.
     pub retain: Option<Retain>,
+    /// Records this key in the same commit (see [`Store::dedup_keys`]).
+    pub dedup: Option<String>,
 }
 
 impl Placement {
@@ -545,6 +548,7 @@ impl Store {
             log: placement.log || !placement.queues.is_empty(),
             queues: placement.queues,
             retain: placement.retain,
+            dedup: placement.dedup,
             reply,
         });
         self.send(op).await.map_err(|()| AppendError::Closed)?;
@@ -702,6 +706,23 @@ impl Store {
     /// Every stored session: (id, value). Blocking.
     pub fn sessions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         reader::sessions(&*self.shared().db()?)
+    }
+
+    /// The dedup keys starting with `prefix` (recorded with appends, see
+    /// [`Placement::dedup`]), with the seq of their append. Blocking.
+    pub fn dedup_keys(&self, prefix: &str) -> Result<Vec<(String, Seq)>, StoreError> {
+        reader::dedup_keys(&*self.shared().db()?, prefix)
+    }
+
+    /// Forgets dedup keys: `key` itself, or with `prefix` every key starting
+    /// with it.
+    pub async fn release_dedup(&self, key: &str, prefix: bool) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::ReleaseDedup {
+            key: key.to_string(),
+            prefix,
+            reply,
+        })
+        .await
     }
 
     /// Every retained message: (topic, record). Blocking.

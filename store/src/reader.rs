@@ -5,7 +5,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use crate::dead;
 use crate::tables::{
-    CURSORS, DEAD_LETTERS, LOG, META, QUEUE_ENTRIES, QUEUES, REPLAYS, RETAINED, SESSIONS,
+    CURSORS, DEAD_LETTERS, DEDUP, LOG, META, QUEUE_ENTRIES, QUEUES, REPLAYS, RETAINED, SESSIONS,
 };
 use crate::{DeadLetter, DecodeError, Entry, QueueEntry, Record, Seq, StoreError};
 
@@ -163,6 +163,20 @@ pub(crate) fn retained(db: &Database) -> Result<Vec<(String, Record)>, StoreErro
         let record =
             Record::decode(v.value()).map_err(|source| StoreError::Decode { seq: 0, source })?;
         out.push((k.value().to_string(), record));
+    }
+    Ok(out)
+}
+
+pub(crate) fn dedup_keys(db: &Database, prefix: &str) -> Result<Vec<(String, Seq)>, StoreError> {
+    let txn = db.begin_read().map_err(read_err)?;
+    let table = txn.open_table(DEDUP).map_err(read_err)?;
+    let mut out = Vec::new();
+    for entry in table.range(prefix..).map_err(read_err)? {
+        let (k, v) = entry.map_err(read_err)?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        out.push((k.value().to_string(), v.value()));
     }
     Ok(out)
 }

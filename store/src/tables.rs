@@ -23,6 +23,9 @@ pub(crate) const QUEUES: TableDefinition<&str, u64> = TableDefinition::new("queu
 /// (queue id, seq) -> entry state (owner-defined `u32`; 0 when queued).
 pub(crate) const QUEUE_ENTRIES: TableDefinition<(u64, u64), u32> =
     TableDefinition::new("queue_entries");
+/// dedup key -> seq: a publish already taken, until its publisher releases
+/// the key (MQTT QoS 2 packet ids awaiting PUBREL).
+pub(crate) const DEDUP: TableDefinition<&str, u64> = TableDefinition::new("dedup");
 /// seq -> number of queue entries referencing it (absent: none).
 pub(crate) const REFS: TableDefinition<u64, u32> = TableDefinition::new("refs");
 /// key -> value; holds [`SCHEMA_KEY`].
@@ -179,6 +182,7 @@ pub(crate) fn init(
         txn.open_table(RETAINED).map_err(redb_err)?;
         txn.open_table(SESSIONS).map_err(redb_err)?;
         txn.open_table(QUEUE_ENTRIES).map_err(redb_err)?;
+        txn.open_table(DEDUP).map_err(redb_err)?;
 
         let log = txn.open_table(LOG).map_err(redb_err)?;
         let first = log.first().map_err(redb_err)?.map(|(k, _)| k.value());

@@ -797,6 +797,7 @@ async fn a_record_queued_for_many_is_stored_once_and_retired_when_the_last_acks(
         log: true,
         queues: queues.clone(),
         retain: None,
+        dedup: None,
     };
     let seq = store
         .submit_with(record(1, 1000), placement)
@@ -843,6 +844,7 @@ async fn a_held_record_is_not_retired_before_the_upstream_is_done_with_it() {
         log: true,
         queues: vec![q],
         retain: None,
+        dedup: None,
     };
     let seq = store
         .submit_with(record(1, 10), placement)
@@ -862,6 +864,7 @@ async fn a_held_record_is_not_retired_before_the_upstream_is_done_with_it() {
                 log: true,
                 queues: vec![q],
                 retain: None,
+                dedup: None,
             },
         )
         .await
@@ -887,6 +890,7 @@ async fn retained_messages_are_set_replaced_and_cleared_durably() {
         } else {
             Retain::Set(topic.into())
         }),
+        dedup: None,
     };
     for (n, topic) in [(1, "a/b"), (2, "a/c"), (3, "a/b")] {
         let seq = store
@@ -932,4 +936,44 @@ async fn sessions_are_stored_opaque_and_survive_reopen() {
         store.sessions().unwrap(),
         vec![("dev-1".into(), b"uno".to_vec())]
     );
+}
+
+#[tokio::test]
+async fn dedup_keys_commit_with_their_append_and_are_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    let keyed = |key: &str| Placement {
+        dedup: Some(key.to_string()),
+        ..Placement::log()
+    };
+    let a = store
+        .submit_with(record(1, 5), keyed("s/dev/7"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    store
+        .submit_with(record(2, 5), keyed("s/dev/9"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    store
+        .submit_with(record(3, 5), keyed("s/other/1"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    drop(store);
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    let keys = store.dedup_keys("s/dev/").unwrap();
+    assert_eq!(
+        keys,
+        vec![("s/dev/7".to_string(), a), ("s/dev/9".to_string(), a + 1)]
+    );
+    store.release_dedup("s/dev/7", false).await.unwrap();
+    assert_eq!(store.dedup_keys("s/dev/").unwrap().len(), 1);
+    store.release_dedup("s/dev/", true).await.unwrap();
+    assert!(store.dedup_keys("s/dev/").unwrap().is_empty());
+    assert_eq!(store.dedup_keys("s/").unwrap().len(), 1, "other keys kept");
 }

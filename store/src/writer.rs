@@ -53,6 +53,7 @@ pub(crate) struct AppendOp {
     pub log: bool,
     pub queues: Vec<u64>,
     pub retain: Option<Retain>,
+    pub dedup: Option<String>,
     pub reply: oneshot::Sender<Result<Seq, AppendError>>,
 }
 
@@ -119,6 +120,11 @@ pub(crate) enum Op {
     },
     DeleteSession {
         id: String,
+        reply: Done,
+    },
+    ReleaseDedup {
+        key: String,
+        prefix: bool,
         reply: Done,
     },
     Close {
@@ -498,7 +504,8 @@ fn fail_op(op: Op, msg: &str, close: &mut Option<oneshot::Sender<()>>) {
         | Op::QueueAck { reply, .. }
         | Op::QueueSet { reply, .. }
         | Op::PutSession { reply, .. }
-        | Op::DeleteSession { reply, .. } => {
+        | Op::DeleteSession { reply, .. }
+        | Op::ReleaseDedup { reply, .. } => {
             let _ = reply.send(Err(err()));
         }
         Op::DeadLetters { reply, .. } => {

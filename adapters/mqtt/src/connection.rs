@@ -263,6 +263,9 @@ impl Connection {
             self.settings.max_inflight,
             session_present,
         );
+        if session_present && let Err(close) = session.load_inbound().await {
+            return close;
+        }
         let close = self
             .session_loop(&mut session, deliveries, keep_alive, shutdown)
             .await;

@@ -158,6 +158,22 @@ impl Session {
         }
     }
 
+    /// A resumed persistent session: the QoS 2 packet ids it had committed
+    /// and not yet released (PUBREL) are known again.
+    pub(crate) async fn load_inbound(&mut self) -> Result<(), Close> {
+        let keys = self
+            .subscriber
+            .dedup_keys()
+            .await
+            .map_err(|e| Close::Session(e.to_string()))?;
+        for key in keys {
+            if let Ok(pkid) = key.parse::<u16>() {
+                self.qos2.insert(pkid, Qos2::Received);
+            }
+        }
+        Ok(())
+    }
+
     /// A delivery settled; a queued one leaves the store with the next flush.
     fn settled(&mut self, seq: Option<Seq>) {
         if let (Some(seq), Some(d)) = (seq, self.durable.as_mut()) {
@@ -337,7 +353,15 @@ impl Session {
                     return Err(ProtocolError::EarlyPubRel(rel.pkid).into());
                 }
                 // An id not there was released before: PUBCOMP again.
-                self.qos2.remove(&rel.pkid);
+                // A persistent session's id is forgotten durably first: a
+                // crash before PUBCOMP only makes the client send PUBREL
+                // again, while the other order could take a new message
+                // under the id for a retransmission and drop it.
+                if self.qos2.remove(&rel.pkid).is_some()
+                    && let Err(e) = self.subscriber.release_key(&rel.pkid.to_string()).await
+                {
+                    return Err(Close::Session(e.to_string()));
+                }
                 let comp = PubComp {
                     pkid: rel.pkid,
                     reason: PubCompReason::Success,
@@ -380,7 +404,13 @@ impl Session {
         message.retain = publish.retain;
         let topic = message.topic.clone();
         metrics::counter!("edge_messages_in_total", "protocol" => "mqtt").increment(1);
-        let receipt = match self.router.publish(message).await {
+        // A persistent session's QoS 2 packet id is committed with the
+        // message, so a retransmission after a reconnect or a restart is
+        // recognised (MQTT-4.3.3-2).
+        let dedup = (qos == QoS::ExactlyOnce)
+            .then(|| self.subscriber.dedup_key(&pkid.to_string()))
+            .flatten();
+        let receipt = match self.router.publish_keyed(message, dedup).await {
             Ok(receipt) => receipt,
             Err(e) => return Err(self.refused(e, &topic)),
         };

@@ -6,8 +6,8 @@ use tokio::sync::oneshot;
 use super::{AppendOp, DROPPED, DeadLetterAction, Op, Pending, RETIRE_PER_TXN, State, Writer};
 use crate::dead::{self, Replay};
 use crate::tables::{
-    CURSORS, DEAD_LETTERS, GATEWAY_ID_KEY, LOG, META, NEXT_QUEUE_KEY, QUEUE_ENTRIES, QUEUES, REFS,
-    REPLAYS, RETAINED, RETIRED_BELOW_KEY, SESSIONS, STATS_KEY,
+    CURSORS, DEAD_LETTERS, DEDUP, GATEWAY_ID_KEY, LOG, META, NEXT_QUEUE_KEY, QUEUE_ENTRIES, QUEUES,
+    REFS, REPLAYS, RETAINED, RETIRED_BELOW_KEY, SESSIONS, STATS_KEY,
 };
 use crate::{AppendError, Retain, Seq, StoreError, WhenFull};
 
@@ -20,6 +20,7 @@ struct Tables<'t> {
     retained: Table<'t, &'static str, &'static [u8]>,
     entries: Table<'t, (u64, u64), u32>,
     refs: Table<'t, u64, u32>,
+    dedup: Table<'t, &'static str, u64>,
     meta: Table<'t, &'static str, &'static [u8]>,
 }
 
@@ -49,6 +50,7 @@ impl Writer {
                 retained: txn.open_table(RETAINED)?,
                 entries: txn.open_table(QUEUE_ENTRIES)?,
                 refs: txn.open_table(REFS)?,
+                dedup: txn.open_table(DEDUP)?,
                 meta: txn.open_table(META)?,
             };
             let mut refused = false;
@@ -228,6 +230,22 @@ impl Writer {
                 txn.open_table(SESSIONS)?.remove(id.as_str())?;
                 pending.push(Pending::Done(reply));
             }
+            Op::ReleaseDedup { key, prefix, reply } => {
+                let dedup = &mut t.dedup;
+                if prefix {
+                    let keys: Vec<String> = dedup
+                        .range(key.as_str()..)?
+                        .map(|e| e.map(|(k, _)| k.value().to_string()))
+                        .take_while(|k| k.as_ref().map_or(true, |k| k.starts_with(&key)))
+                        .collect::<Result<_, _>>()?;
+                    for k in keys {
+                        dedup.remove(k.as_str())?;
+                    }
+                } else {
+                    dedup.remove(key.as_str())?;
+                }
+                pending.push(Pending::Done(reply));
+            }
             Op::Close { reply } => *close = Some(reply),
         }
         Ok(())
@@ -302,6 +320,9 @@ impl Writer {
             return Ok(());
         }
         let seq = self.log_insert(t, next, &a.bytes)?;
+        if let Some(key) = &a.dedup {
+            t.dedup.insert(key.as_str(), seq)?;
+        }
         if !a.queues.is_empty() {
             for q in &a.queues {
                 t.entries.insert((*q, seq), 0)?;

@@ -157,3 +157,130 @@ async fn mosquitto_sub_with_c_and_i_gets_what_was_sent_while_it_was_away() -> Re
     gw.shutdown().await?;
     Ok(())
 }
+
+/// Raw MQTT 3.1.1 bytes for the QoS 2 handshake test.
+mod raw {
+    pub fn connect(id: &str, clean: bool) -> Vec<u8> {
+        let mut body = vec![
+            0,
+            4,
+            b'M',
+            b'Q',
+            b'T',
+            b'T',
+            4,
+            if clean { 0x02 } else { 0x00 },
+            0,
+            60,
+        ];
+        body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        body.extend_from_slice(id.as_bytes());
+        let mut p = vec![0x10, body.len() as u8];
+        p.extend(body);
+        p
+    }
+
+    pub fn publish_qos2(topic: &str, pkid: u16, payload: &[u8], dup: bool) -> Vec<u8> {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.extend_from_slice(payload);
+        let mut p = vec![0x34 | if dup { 0x08 } else { 0 }, body.len() as u8];
+        p.extend(body);
+        p
+    }
+
+    pub fn ack(kind: u8, pkid: u16) -> Vec<u8> {
+        let [a, b] = pkid.to_be_bytes();
+        vec![kind, 2, a, b]
+    }
+
+    pub const PUBREC: u8 = 0x50;
+    pub const PUBREL: u8 = 0x62;
+    pub const PUBCOMP: u8 = 0x70;
+}
+
+async fn expect_bytes(s: &mut tokio::net::TcpStream, want: &[u8]) -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(SHORT, s.read_exact(&mut got))
+        .await
+        .map_err(|_| anyhow!("expected {want:02x?}: nothing within {SHORT:?}"))??;
+    if got != want {
+        bail!("expected {want:02x?}, got {got:02x?}");
+    }
+    Ok(())
+}
+
+async fn raw_session(
+    addr: std::net::SocketAddr,
+    id: &str,
+    present: bool,
+) -> Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(&raw::connect(id, false)).await?;
+    expect_bytes(&mut s, &[0x20, 2, u8::from(present), 0]).await?;
+    Ok(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_qos2_handshake_survives_kill_9_without_loss_or_duplicate() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut gw = TestGateway::builder().spawn(crate::gateway_bin()).await?;
+    let addr = gw.mqtt_addr();
+    let topic = format!("{}/q2", unique("q2"));
+    let watcher = unique("watcher");
+    // A persistent watcher, away during the test, counts what got routed.
+    let (client, mut eventloop, _) = connect(addr, &watcher, false).await?;
+    client.subscribe(&topic, QoS::ExactlyOnce).await?;
+    tokio::time::timeout(SHORT, async {
+        loop {
+            if let Event::Incoming(Incoming::SubAck(_)) = eventloop.poll().await? {
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("no SUBACK"))??;
+    drop((client, eventloop));
+
+    let id = unique("q2pub");
+    let mut s = raw_session(addr, &id, false).await?;
+    s.write_all(&raw::publish_qos2(&topic, 7, b"once", false))
+        .await?;
+    expect_bytes(&mut s, &raw::ack(raw::PUBREC, 7)).await?;
+    // The gateway dies before the client's PUBREL.
+    gw.restart().await?;
+
+    // The client retransmits the PUBLISH (it may not have seen the PUBREC):
+    // it is recognised, not routed again.
+    let mut s = raw_session(addr, &id, true).await?;
+    s.write_all(&raw::publish_qos2(&topic, 7, b"once", true))
+        .await?;
+    expect_bytes(&mut s, &raw::ack(raw::PUBREC, 7)).await?;
+    s.write_all(&raw::ack(raw::PUBREL, 7)).await?;
+    expect_bytes(&mut s, &raw::ack(raw::PUBCOMP, 7)).await?;
+    // Released: the id now starts a new message.
+    s.write_all(&raw::publish_qos2(&topic, 7, b"second", false))
+        .await?;
+    expect_bytes(&mut s, &raw::ack(raw::PUBREC, 7)).await?;
+    s.write_all(&raw::ack(raw::PUBREL, 7)).await?;
+    expect_bytes(&mut s, &raw::ack(raw::PUBCOMP, 7)).await?;
+    drop(s);
+
+    let (_client, mut eventloop, present) = connect(addr, &watcher, false).await?;
+    assert!(present);
+    let got = next_payloads(&mut eventloop, 2).await?;
+    assert_eq!(got, ["once", "second"], "each exactly once");
+    // Nothing else was queued for the watcher: the next one is a sentinel
+    // published now.
+    edge_tests::mqtt::mosquitto_pub(addr.port(), &topic, "end", 1).await?;
+    assert_eq!(
+        next_payloads(&mut eventloop, 1).await?,
+        ["end"],
+        "a duplicate arrived"
+    );
+    gw.terminate(SHORT).await?;
+    Ok(())
+}
