@@ -12,10 +12,17 @@
 //!   shutdown included (`will.rs`).
 //! - QoS 2 both ways: inbound PUBREC after the commit, PUBREL → PUBCOMP
 //!   (`session.rs`); outbound PUBLISH → PUBREC → PUBREL → PUBCOMP within
-//!   `max_inflight` (`outbox.rs`). In-flight state is per connection.
+//!   `max_inflight` (`outbox.rs`).
+//! - Persistent sessions (`clean_session = 0`) live in the core
+//!   (`edge_core::session`): the connection attaches, reads the session's
+//!   durable queue from the store before live deliveries, acknowledges
+//!   queue entries on PUBACK/PUBCOMP, records a QoS 2 PUBREC so a resumed
+//!   session sends PUBREL, and commits inbound QoS 2 packet ids with their
+//!   message so a retransmission after a restart is not routed twice.
+//! - Retained messages are stored by the router; a SUBSCRIBE sends the
+//!   matching ones with RETAIN set before live deliveries.
 //!
-//! Persistent sessions, retained messages and authentication are not
-//! served yet (a `clean_session = 0` client is served a clean session).
+//! Authentication is not served yet.
 
 mod codec;
 mod connection;
