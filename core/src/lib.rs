@@ -11,6 +11,7 @@ pub mod router;
 pub mod session;
 pub mod topic;
 pub mod trie;
+pub mod window;
 
 pub use error::PublishError;
 pub use message::{Message, QoS};

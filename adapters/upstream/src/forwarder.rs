@@ -27,7 +27,7 @@ use crate::cursor::CursorFlusher;
 use crate::error::LinkError;
 use crate::metrics::UpstreamMetrics;
 use crate::summary::{Expired, Parked};
-use crate::window::Window;
+use edge_core::window::Window;
 
 /// How often the watchdog, the link check and the expiry summary run.
 const TICK: Duration = Duration::from_secs(1);

@@ -18,7 +18,6 @@ mod forwarder;
 mod metrics;
 mod replicator;
 mod summary;
-mod window;
 
 pub use convert::PUBLISHER_HEADER;
 pub use error::LinkError;

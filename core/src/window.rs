@@ -1,4 +1,7 @@
-//! The window of forwarded-but-not-yet-done records.
+//! The log consumer's window: records taken from the log in seq order and
+//! not yet done. The upstream replicator forwards through it (done = the
+//! broker confirmed, or skipped, or parked); any consumer that reads the log
+//! from a cursor and must advance it only over what is finished uses it.
 //!
 //! Records enter in seq order. Each is either published (pending until its
 //! confirm arrives) or done at once (no route, expired). Confirms arrive in
@@ -29,7 +32,7 @@ struct Slot<T> {
 }
 
 #[derive(Debug)]
-pub(crate) struct Window<T> {
+pub struct Window<T> {
     slots: VecDeque<Slot<T>>,
     next: Seq,
     in_flight: usize,
@@ -37,7 +40,7 @@ pub(crate) struct Window<T> {
 
 impl<T> Window<T> {
     /// An empty window whose cursor is `next` (the next seq to forward).
-    pub(crate) fn new(next: Seq) -> Window<T> {
+    pub fn new(next: Seq) -> Window<T> {
         Window {
             slots: VecDeque::new(),
             next,
@@ -46,18 +49,18 @@ impl<T> Window<T> {
     }
 
     /// The cursor: every seq below it is done.
-    pub(crate) fn next(&self) -> Seq {
+    pub fn next(&self) -> Seq {
         self.next
     }
 
     /// Published records still waiting for their confirm.
-    pub(crate) fn in_flight(&self) -> usize {
+    pub fn in_flight(&self) -> usize {
         self.in_flight
     }
 
     /// Slots held: pending and parked records one each, a run of skipped
     /// records one in all. What the window costs in memory.
-    pub(crate) fn slots(&self) -> usize {
+    pub fn slots(&self) -> usize {
         self.slots.len()
     }
 
@@ -67,7 +70,7 @@ impl<T> Window<T> {
 
     /// Adds a published record waiting for its confirm. Seqs must increase;
     /// a seq at or below the last one is ignored (returns false).
-    pub(crate) fn push(&mut self, seq: Seq, item: T) -> bool {
+    pub fn push(&mut self, seq: Seq, item: T) -> bool {
         if !self.accepts(seq) {
             return false;
         }
@@ -83,7 +86,7 @@ impl<T> Window<T> {
 
     /// Adds a record that is done without a confirm but still has to be
     /// handled when the prefix reaches it (e.g. parked).
-    pub(crate) fn push_done(&mut self, seq: Seq, item: T) -> bool {
+    pub fn push_done(&mut self, seq: Seq, item: T) -> bool {
         if !self.accepts(seq) {
             return false;
         }
@@ -99,7 +102,7 @@ impl<T> Window<T> {
     /// Marks a record done that needs no further handling (no route,
     /// expired). With nothing pending the cursor moves at once; otherwise
     /// it joins the run of skipped records at the back, if there is one.
-    pub(crate) fn skip(&mut self, seq: Seq) {
+    pub fn skip(&mut self, seq: Seq) {
         if !self.accepts(seq) {
             return;
         }
@@ -123,13 +126,13 @@ impl<T> Window<T> {
     }
 
     /// The item of a record still in the window.
-    pub(crate) fn get_mut(&mut self, seq: Seq) -> Option<&mut T> {
+    pub fn get_mut(&mut self, seq: Seq) -> Option<&mut T> {
         self.slot_mut(seq)?.item.as_mut()
     }
 
     /// Records the confirm of `seq`; returns its item, or `None` when the
     /// seq is unknown or was already confirmed.
-    pub(crate) fn confirm(&mut self, seq: Seq) -> Option<&mut T> {
+    pub fn confirm(&mut self, seq: Seq) -> Option<&mut T> {
         let i = self.slots.binary_search_by_key(&seq, |s| s.seq).ok()?;
         let slot = self.slots.get_mut(i)?;
         if slot.done {
@@ -143,7 +146,7 @@ impl<T> Window<T> {
     /// Removes the first slot if it is done and moves the cursor past it:
     /// its seq and item, or for a run of skipped records the last seq of
     /// the run and `None`.
-    pub(crate) fn pop_done(&mut self) -> Option<(Seq, Option<T>)> {
+    pub fn pop_done(&mut self) -> Option<(Seq, Option<T>)> {
         if !self.slots.front().is_some_and(|s| s.done) {
             return None;
         }
