@@ -47,18 +47,22 @@
 //!   (at the next seq) and dropped at run time.
 //! - **Reference rule.** A message fanned out to N durable queues is stored
 //!   once: each queue holds an entry `(queue, seq)` and `refs[seq]` counts
-//!   them. A record is retired when every cursor is past it AND no entry
-//!   references it: retirement deletes the unreferenced records below the
-//!   smallest cursor (at most 10 000 per transaction; the writer continues
-//!   while idle) and passes over the referenced ones; the entry that drops a
+//!   them (a queue named twice gets one entry, a deleted one none). A
+//!   record is retired when every cursor is past it AND no entry references
+//!   it: retirement deletes the unreferenced records below the smallest
+//!   cursor (at most 10 000 per transaction; the writer continues while
+//!   idle) and passes over the referenced ones; the entry that drops a
 //!   passed record's count to zero deletes it. With no cursor nothing is
 //!   retired.
 //! - Quota: the encoded bytes of the log, the dead letters and the retained
-//!   messages, kept in `meta` with every commit (opening does not scan). An
-//!   append that would take them past `max_bytes` (or past what the disk
-//!   allows, `space.rs`) is refused with [`AppendError::Full`], and so is
-//!   every later append of the same batch; after that, every append is
-//!   refused until retirement has made room for the largest refused record.
+//!   messages (topic and record), kept in `meta` with every commit (opening
+//!   does not scan). An append adds its record to the log and, when it sets
+//!   a retained message, the topic and record again, less the retained
+//!   message it replaces or clears. An append that would take the total
+//!   past `max_bytes` (or past what the disk allows, `space.rs`) is refused
+//!   with [`AppendError::Full`], and so is every later append of the same
+//!   batch; after that, every append is refused until retirement has made
+//!   room for what the largest refused append would add.
 //!   So a small message cannot slip in behind a refused larger one of the
 //!   same publisher, and its order has no holes. (A record larger than the
 //!   whole quota is refused alone.) With `WhenFull::DropOldest` the oldest
@@ -121,7 +125,8 @@ use writer::{DeadLetterAction, Op, Writer};
 pub struct Placement {
     /// Into the log (implied when `queues` is not empty).
     pub log: bool,
-    /// Durable queues whose entries reference the record.
+    /// Durable queues whose entries reference the record (one entry per
+    /// queue; ids of deleted queues are skipped).
     pub queues: Vec<u64>,
     /// Sets or clears the retained message of a topic with this record.
     pub retain: Option<Retain>,
@@ -790,7 +795,7 @@ impl Store {
     }
 
     /// Watch of the last committed seq; changes after every commit that
-    /// appended.
+    /// appended, before its appends are acknowledged.
     pub fn committed(&self) -> watch::Receiver<Seq> {
         self.shared().committed.subscribe()
     }

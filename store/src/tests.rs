@@ -1,13 +1,13 @@
 use std::num::NonZeroUsize;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::*;
+use disk::{Disk, Fault};
 
+mod disk;
 mod model;
 
 pub(super) fn options(max_bytes: u64, cursors: &[&str]) -> StoreOptions {
@@ -312,47 +312,13 @@ async fn close_commits_queued_work_and_later_calls_see_closed() {
     assert_eq!(all(&store).len(), 1);
 }
 
-/// In-memory backend whose fsync fails while `fail` is set, and hangs for
-/// a minute while `stuck` is set.
-#[derive(Debug, Default)]
-struct FaultySync {
-    inner: redb::backends::InMemoryBackend,
-    fail: Arc<AtomicBool>,
-    stuck: Arc<AtomicBool>,
-}
-
-impl redb::StorageBackend for FaultySync {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        if self.stuck.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_secs(60));
-        }
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other("injected fsync failure"));
-        }
-        self.inner.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.inner.write(offset, data)
-    }
-}
-
 #[tokio::test]
 async fn a_failed_commit_acknowledges_nothing_in_its_batch() {
-    let backend = FaultySync::default();
-    let fail = Arc::clone(&backend.fail);
+    let disk = Disk::default();
     let store =
-        Store::open_with_backend(backend, Path::new("mem"), options(u64::MAX, &[])).unwrap();
+        Store::open_with_backend(disk.backend(), Path::new("mem"), options(u64::MAX, &[])).unwrap();
     assert_eq!(store.append(record(1, 1)).await.unwrap(), 1);
-    fail.store(true, Ordering::SeqCst);
+    disk.set_fault(Fault::FailSync);
     let a = store.submit(record(2, 1)).await.unwrap();
     let b = store.submit(record(3, 1)).await.unwrap();
     assert!(matches!(a.await, Err(AppendError::Io(_))));
@@ -442,11 +408,10 @@ async fn the_gateway_id_is_recorded_with_the_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_last_handle_does_not_wait_for_ever_on_a_stuck_commit() {
-    let backend = FaultySync::default();
-    let stuck = Arc::clone(&backend.stuck);
-    let store =
-        Store::open_with_backend(backend, Path::new("mem"), options(1 << 20, &[])).expect("open");
-    stuck.store(true, Ordering::SeqCst);
+    let disk = Disk::default();
+    let store = Store::open_with_backend(disk.backend(), Path::new("mem"), options(1 << 20, &[]))
+        .expect("open");
+    disk.set_fault(Fault::StuckSync);
     let commit = store.submit(record(1, 8)).await.expect("queued");
     let dropped = tokio::task::spawn_blocking(move || drop(store));
     tokio::time::timeout(Duration::from_secs(30), dropped)
@@ -454,6 +419,8 @@ async fn dropping_the_last_handle_does_not_wait_for_ever_on_a_stuck_commit() {
         .expect("drop returned instead of joining the stuck writer")
         .expect("drop did not panic");
     drop(commit);
+    // Lets the writer left behind finish.
+    disk.set_fault(Fault::None);
 }
 
 #[tokio::test]
@@ -676,76 +643,20 @@ async fn drop_oldest_makes_room_moves_cursors_and_never_reuses_seqs() {
     assert_eq!(store.append(record(7, 100)).await.expect("accepted"), 6);
 }
 
-/// File backend whose writes fail with "no space left on device" while
-/// `full` is set, like a filesystem that filled up.
-#[derive(Debug)]
-struct FillingDisk {
-    inner: redb::backends::FileBackend,
-    full: Arc<AtomicBool>,
-}
-
-impl FillingDisk {
-    fn factory(
-        path: std::path::PathBuf,
-        full: Arc<AtomicBool>,
-    ) -> impl Fn() -> std::io::Result<FillingDisk> + Send + Sync + 'static {
-        move || {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)?;
-            let inner = redb::backends::FileBackend::new(file).map_err(|e| match e {
-                redb::DatabaseError::Storage(redb::StorageError::Io(io)) => io,
-                other => std::io::Error::other(other.to_string()),
-            })?;
-            Ok(FillingDisk {
-                inner,
-                full: Arc::clone(&full),
-            })
-        }
-    }
-
-    fn check(&self) -> std::io::Result<()> {
-        if self.full.load(Ordering::SeqCst) {
-            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
-        }
-        Ok(())
-    }
-}
-
-impl redb::StorageBackend for FillingDisk {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.check()?;
-        self.inner.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.check()?;
-        self.inner.write(offset, data)
-    }
-}
-
 #[tokio::test]
 async fn running_out_of_disk_space_refuses_like_the_quota_and_the_store_stays_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let full = Arc::new(AtomicBool::new(false));
-    let factory = FillingDisk::factory(dir.path().join(DB_FILE), Arc::clone(&full));
+    let disk = Disk::default();
+    let factory = {
+        let disk = disk.clone();
+        move || Ok(disk.backend())
+    };
     let store =
-        Store::open_with_backend_factory(factory, dir.path(), options(u64::MAX, &["up"])).unwrap();
+        Store::open_with_backend_factory(factory, Path::new("mem"), options(u64::MAX, &["up"]))
+            .unwrap();
     for n in 1..=3 {
         assert_eq!(store.append(record(n, 100)).await.unwrap(), n);
     }
-    full.store(true, Ordering::SeqCst);
+    disk.set_fault(Fault::NoSpace);
     // The failing commit, then a batch while the database cannot be reopened.
     for n in 4..=5 {
         match store.append(record(n, 100)).await {
@@ -755,7 +666,7 @@ async fn running_out_of_disk_space_refuses_like_the_quota_and_the_store_stays_up
     }
     assert!(store.failure().borrow().is_none(), "not a store failure");
     assert!(store.full().borrow().is_some(), "reported as full");
-    full.store(false, Ordering::SeqCst);
+    disk.set_fault(Fault::None);
     // The store takes no more than it held when the disk filled: the next
     // append waits for retirement to make room.
     assert!(matches!(
@@ -776,7 +687,9 @@ async fn running_out_of_disk_space_refuses_like_the_quota_and_the_store_stays_up
     assert_eq!(kept, vec![3, 4], "1 and 2 retired, 3 kept, 7 appended");
     drop(store);
     // Nothing committed was lost across the reopen.
-    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    let store =
+        Store::open_with_backend(disk.backend(), Path::new("mem"), options(u64::MAX, &["up"]))
+            .unwrap();
     assert_eq!(all(&store).len(), 2);
 }
 
@@ -835,23 +748,28 @@ async fn a_record_queued_for_many_is_stored_once_and_retired_when_the_last_acks(
     assert!(store.queue_entries(last, 0, 10).unwrap().is_empty());
 }
 
+/// Appends `record` to the log and to `queues`, waiting for its commit.
+async fn append_to(store: &Store, record: Record, queues: Vec<u64>) -> Seq {
+    let placement = Placement {
+        log: true,
+        queues,
+        retain: None,
+        dedup: None,
+    };
+    store
+        .submit_with(record, placement)
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_held_record_is_not_retired_before_the_upstream_is_done_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
     let q = store.create_queue("s").await.unwrap();
-    let placement = Placement {
-        log: true,
-        queues: vec![q],
-        retain: None,
-        dedup: None,
-    };
-    let seq = store
-        .submit_with(record(1, 10), placement)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let seq = append_to(&store, record(1, 10), vec![q]).await;
     store.queue_ack(q, vec![seq]).await.unwrap();
     assert_eq!(all(&store).len(), 1, "the upstream has not forwarded it");
     store.advance_cursor("up", seq + 1).await.unwrap();
@@ -976,4 +894,83 @@ async fn dedup_keys_commit_with_their_append_and_are_released() {
     store.release_dedup("s/dev/", true).await.unwrap();
     assert!(store.dedup_keys("s/dev/").unwrap().is_empty());
     assert_eq!(store.dedup_keys("s/").unwrap().len(), 1, "other keys kept");
+}
+
+/// Found by the model test: a queue deleted while an append naming it was
+/// queued got an entry no one could ack, holding the record for ever.
+#[tokio::test]
+async fn an_append_naming_a_deleted_queue_holds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    let q = store.create_queue("s").await.unwrap();
+    store.delete_queue("s").await.unwrap();
+    let seq = append_to(&store, record(1, 10), vec![q]).await;
+    assert!(store.queue_entries(q, 0, 10).unwrap().is_empty());
+    store.advance_cursor("up", seq + 1).await.unwrap();
+    assert!(all(&store).is_empty(), "retired: no queue holds it");
+}
+
+/// Found by the model test: a queue named twice counted two references
+/// for its one entry, so its ack left the record held for ever.
+#[tokio::test]
+async fn a_queue_named_twice_holds_the_record_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    let q = store.create_queue("s").await.unwrap();
+    let seq = append_to(&store, record(1, 10), vec![q, q]).await;
+    assert_eq!(store.queue_entries(q, 0, 10).unwrap().len(), 1);
+    store.advance_cursor("up", seq + 1).await.unwrap();
+    store.queue_ack(q, vec![seq]).await.unwrap();
+    assert!(all(&store).is_empty(), "retired with its one ack");
+}
+
+/// Found by the model test: an append that also set a retained message was
+/// held to the quota for its log copy only.
+#[tokio::test]
+async fn the_retained_copy_of_an_append_counts_toward_the_quota() {
+    let size = record(0, 100).encoded_len() as u64;
+    let topic = "a/b";
+    let set = |log| Placement {
+        log,
+        queues: Vec::new(),
+        retain: Some(Retain::Set(topic.into())),
+        dedup: None,
+    };
+    // One byte short of the log copy and the retained copy together.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        options(2 * size + topic.len() as u64 - 1, &["up"]),
+    )
+    .unwrap();
+    let both = store.submit_with(record(1, 100), set(true)).await.unwrap();
+    assert!(matches!(both.await, Err(AppendError::Full { .. })));
+    let retained_only = store.submit_with(record(2, 100), set(false)).await.unwrap();
+    assert_eq!(
+        retained_only.await.unwrap(),
+        0,
+        "the retained copy alone fits"
+    );
+    // Replacing it adds nothing.
+    let replacing = store.submit_with(record(3, 100), set(false)).await.unwrap();
+    assert_eq!(replacing.await.unwrap(), 0);
+    let stats = store.stats();
+    assert_eq!(
+        (stats.live_bytes, stats.retained_bytes),
+        (0, size + topic.len() as u64)
+    );
+}
+
+/// Found by the model test: the `committed` watch moved only after the
+/// replies went out, so a caller holding an acknowledged seq could find it
+/// behind.
+#[tokio::test]
+async fn the_committed_watch_has_reached_every_acknowledged_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    let committed = store.committed();
+    for n in 1..=200 {
+        let seq = store.append(record(n, 8)).await.unwrap();
+        assert_eq!(*committed.borrow(), seq);
+    }
 }

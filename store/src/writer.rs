@@ -206,6 +206,8 @@ struct State {
     /// Every record below it that no queue references is retired.
     retired_upto: Seq,
     queues: BTreeMap<String, u64>,
+    /// The ids in `queues`: an append makes entries in these only.
+    queue_ids: BTreeSet<u64>,
     next_queue_id: u64,
 }
 
@@ -233,12 +235,14 @@ pub(crate) struct Writer {
     retire_pending: bool,
     /// Ops in the previous batch.
     last_batch: usize,
-    /// Size of the largest record refused at the quota that could fit once
-    /// the log is retired. Until it would fit, every append is refused, so a
-    /// small message cannot slip in after a refused larger one of the same
+    /// What the largest append refused at the quota would have added
+    /// (`apply.rs`, `quota_bytes`), if that could fit once the log is
+    /// retired. Until it would fit, every append is refused, so a small
+    /// message cannot slip in after a refused larger one of the same
     /// publisher (which would reorder that publisher once it retries).
-    /// Records that could never fit (larger than the quota less the dead
-    /// letters) do not count, or the store would refuse everything for ever.
+    /// Appends that could never fit (more than the quota less the dead
+    /// letters and retained messages) do not count, or the store would
+    /// refuse everything for ever.
     waiting_for: Option<u64>,
     disk: Disk,
     /// Set when an append of the current batch was refused.
@@ -270,6 +274,7 @@ impl Writer {
                 cursors: loaded.cursors,
                 held: loaded.held,
                 retired_upto: loaded.retired_upto,
+                queue_ids: loaded.queues.values().copied().collect(),
                 queues: loaded.queues,
                 next_queue_id: loaded.next_queue_id,
             },
@@ -394,11 +399,13 @@ impl Writer {
                 }
                 metrics::histogram!("edge_store_commit_seconds").record(elapsed.as_secs_f64());
                 self.report_full(appended);
-                for p in pending {
-                    p.complete();
-                }
+                // The watch moves before the replies go out, so whoever
+                // holds an acknowledged seq finds the watch at or past it.
                 if appended > 0 {
                     self.shared.committed.send_replace(self.state.next_seq - 1);
+                }
+                for p in pending {
+                    p.complete();
                 }
             }
             Err(e) if space::is_no_space(&e) && self.shared.reopen.is_some() => {

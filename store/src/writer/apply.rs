@@ -1,5 +1,7 @@
 //! One batch inside one write transaction.
 
+use std::collections::BTreeSet;
+
 use redb::{ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
@@ -189,6 +191,7 @@ impl Writer {
                         t.meta
                             .insert(NEXT_QUEUE_KEY, next.next_queue_id.to_le_bytes().as_slice())?;
                         next.queues.insert(name, id);
+                        next.queue_ids.insert(id);
                         id
                     }
                 };
@@ -196,6 +199,7 @@ impl Writer {
             }
             Op::DeleteQueue { name, reply } => {
                 if let Some(id) = next.queues.remove(&name) {
+                    next.queue_ids.remove(&id);
                     txn.open_table(QUEUES)?.remove(name.as_str())?;
                     let seqs: Vec<Seq> = t
                         .entries
@@ -261,6 +265,7 @@ impl Writer {
         refused: &mut bool,
     ) -> Result<(), redb::Error> {
         let len = a.bytes.len() as u64;
+        let adds = quota_bytes(t, &a)?;
         let (max, reason) = self.limit();
         let used = next.used();
         let fits = |n: u64| used.saturating_add(n) <= max;
@@ -273,17 +278,17 @@ impl Writer {
         }
         if self.shared.options.when_full == WhenFull::DropOldest
             && !*refused
-            && !fits(len)
-            && can_fit(len)
+            && !fits(adds)
+            && can_fit(adds)
         {
-            self.drop_oldest(t, next, len, max)?;
+            self.drop_oldest(t, next, adds, max)?;
         }
         let used = next.used();
         let fits = |n: u64| used.saturating_add(n) <= max;
-        if *refused || self.waiting_for.is_some() || !fits(len) {
+        if *refused || self.waiting_for.is_some() || !fits(adds) {
             *refused = true;
-            if can_fit(len) && !fits(len) {
-                self.waiting_for = self.waiting_for.max(Some(len));
+            if can_fit(adds) && !fits(adds) {
+                self.waiting_for = self.waiting_for.max(Some(adds));
             }
             self.refuse_full(reason, used, max, len);
             let _ = a.reply.send(Err(AppendError::Full {
@@ -323,11 +328,20 @@ impl Writer {
         if let Some(key) = &a.dedup {
             t.dedup.insert(key.as_str(), seq)?;
         }
-        if !a.queues.is_empty() {
-            for q in &a.queues {
+        // One entry per named queue that exists: a queue deleted while the
+        // append waited in the inbox, or one named twice, must not leave a
+        // reference no ack removes (the record would be held for ever).
+        let queues: BTreeSet<u64> = a
+            .queues
+            .iter()
+            .copied()
+            .filter(|q| next.queue_ids.contains(q))
+            .collect();
+        if !queues.is_empty() {
+            for q in &queues {
                 t.entries.insert((*q, seq), 0)?;
             }
-            t.refs.insert(seq, a.queues.len() as u32)?;
+            t.refs.insert(seq, queues.len() as u32)?;
             next.held.insert(seq);
         }
         *appended += 1;
@@ -498,6 +512,27 @@ impl Writer {
         });
         Ok(())
     }
+}
+
+/// What an append adds to the bytes counted toward the quota: its record in
+/// the log, and the retained message it sets (topic and record) less the
+/// one it replaces or clears.
+fn quota_bytes(t: &Tables<'_>, a: &AppendOp) -> Result<u64, redb::Error> {
+    let len = a.bytes.len() as u64;
+    let logged = if a.log { len } else { 0 };
+    let Some(retain) = &a.retain else {
+        return Ok(logged);
+    };
+    let topic = retain.topic();
+    let replaced = t
+        .retained
+        .get(topic)?
+        .map_or(0, |old| (topic.len() + old.value().len()) as u64);
+    let set = match retain {
+        Retain::Set(_) => topic.len() as u64 + len,
+        Retain::Clear(_) => 0,
+    };
+    Ok((logged + set).saturating_sub(replaced))
 }
 
 impl Retain {
