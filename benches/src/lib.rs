@@ -69,15 +69,15 @@ pub fn options() -> StoreOptions {
 
 /// A record as an MQTT device would send it, with `payload` bytes of payload.
 pub fn record(appender: usize, n: u64, payload: &Bytes) -> Record {
-    Record {
-        timestamp_ms: 1_700_000_000_000 + n,
-        qos: 1,
-        retain: false,
-        topic: format!("site/line-{appender}/sensor/temperature"),
-        publisher: format!("device-{appender}"),
-        headers: Vec::new(),
-        payload: payload.clone(),
-    }
+    let mut m = edge_core::Message::new(
+        format!("site/line-{appender}/sensor/temperature"),
+        payload.clone(),
+        edge_core::QoS::AtLeastOnce,
+        format!("device-{appender}").into(),
+    );
+    m.timestamp_ms = 1_700_000_000_000 + n;
+    // A topic and publisher this short always fit the format.
+    m.to_record().unwrap_or_default()
 }
 
 /// When the appenders stop.

@@ -17,6 +17,9 @@ pub enum PublishError {
     /// The gateway is shutting down.
     #[error("gateway shutting down")]
     Closed,
+    /// The message cannot be stored (a field too long for the format).
+    #[error("message cannot be stored: {0}")]
+    Invalid(#[from] crate::message::EncodeError),
     /// The store failed (I/O); nothing of the message was made durable.
     #[error("store failed: {0}")]
     Failed(String),
@@ -28,6 +31,7 @@ impl PublishError {
         match self {
             PublishError::Full { .. } => "store_full",
             PublishError::Closed => "closed",
+            PublishError::Invalid(_) => "invalid",
             PublishError::Failed(_) => "store_error",
         }
     }
@@ -50,7 +54,6 @@ impl From<AppendError> for PublishError {
                 max_bytes,
             },
             AppendError::Closed => PublishError::Closed,
-            AppendError::Invalid(e) => PublishError::Failed(e.to_string()),
             AppendError::Io(e) => PublishError::Failed(e),
         }
     }

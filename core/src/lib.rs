@@ -2,6 +2,7 @@
 //! it, the sessions it goes to, where it is forwarded, and the receipt that
 //! tells the adapter when it may acknowledge. Knows nothing of wire formats.
 
+pub mod amqp;
 pub mod error;
 pub mod message;
 pub mod receipt;
@@ -14,7 +15,7 @@ pub mod trie;
 pub mod window;
 
 pub use error::PublishError;
-pub use message::{Message, QoS};
+pub use message::{Message, Origin, Properties, Protocol, QoS, Value};
 pub use receipt::Receipt;
 pub use route::{Route, Routes};
 pub use router::{Delivery, Router, RouterOptions, SessionId};

@@ -41,9 +41,6 @@ pub(crate) static QUEUE_FULL: edge_log::Summary = edge_log::Summary::new(
     edge_log::Level::Warn,
 );
 
-/// Prefix of the headers the gateway reserved for itself in schema 1.
-pub const RESERVED_HEADER_PREFIX: &str = "x-edge-";
-
 /// Identifies one connection's attachment to a session.
 pub type SessionId = u64;
 
@@ -222,12 +219,9 @@ impl Router {
     /// retransmission after a reconnect or a restart is recognised.
     pub async fn publish_keyed(
         &self,
-        mut message: Message,
+        message: Message,
         dedup: Option<String>,
     ) -> Result<Receipt, PublishError> {
-        message
-            .headers
-            .retain(|(key, _)| !key.starts_with(RESERVED_HEADER_PREFIX));
         let targets = self.targets(&message.topic, message.qos);
         let queues: Vec<u64> = {
             let registry = self.inner.registry();
@@ -260,7 +254,7 @@ impl Router {
             Some(
                 self.inner
                     .store
-                    .submit_with(message.to_record(), placement)
+                    .submit_with(message.to_record()?, placement)
                     .await?,
             )
         } else {

@@ -316,8 +316,11 @@ impl Router {
                 .retained
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (_, record) in retained {
-                index.apply(&Arc::new(Message::from_record(record)));
+            for (topic, record) in retained {
+                match Message::from_record(&record) {
+                    Ok(message) => index.apply(&Arc::new(message)),
+                    Err(error) => unreadable("retained message", &topic, &error),
+                }
             }
             tracing::info!(
                 sessions = count,
@@ -471,12 +474,18 @@ impl Subscriber {
         let mut gone = Vec::new();
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
-            match e.record {
-                Some(record) => out.push(Backlogged {
+            let message = e.record.and_then(|record| {
+                Message::from_record(&record)
+                    .map_err(|error| unreadable("queued message", &e.seq.to_string(), &error))
+                    .ok()
+            });
+            match message {
+                Some(message) => out.push(Backlogged {
                     seq: e.seq,
                     state: e.state,
-                    message: Arc::new(Message::from_record(record)),
+                    message: Arc::new(message),
                 }),
+                // Gone (`drop-oldest`) or unreadable: acknowledged, skipped.
                 None => gone.push(e.seq),
             }
         }
@@ -690,6 +699,12 @@ fn decode(mut v: &[u8]) -> Option<Decoded> {
         filters.insert(filter, qos);
     }
     Some((queue, disconnected, filters))
+}
+
+/// A stored message this build cannot decode: skipped, counted, logged.
+fn unreadable(what: &str, key: &str, error: &crate::message::DecodeError) {
+    tracing::error!(what, key, %error, "stored message is unreadable; skipped");
+    metrics::counter!("edge_messages_dropped_total", "reason" => "unreadable").increment(1);
 }
 
 #[cfg(test)]

@@ -233,13 +233,11 @@ async fn list_dead_letters(
                 letters.len()
             );
             for d in letters {
-                body.push_str(&format!(
-                    "{} {} {} {}\n",
-                    d.seq,
-                    d.record.topic,
-                    d.record.payload.len(),
-                    d.reason
-                ));
+                let (topic, len) = match edge_core::Message::from_record(&d.record) {
+                    Ok(m) => (m.topic.to_string(), m.payload.len()),
+                    Err(e) => (format!("(unreadable: {e})"), 0),
+                };
+                body.push_str(&format!("{} {} {} {}\n", d.seq, topic, len, d.reason));
             }
             (StatusCode::OK, body)
         }

@@ -105,9 +105,6 @@ pub enum AppendError {
     /// The writer has stopped (shutdown).
     #[error("store closed")]
     Closed,
-    /// The record cannot be encoded (a field is too long for the format).
-    #[error("record cannot be stored: {0}")]
-    Invalid(crate::DecodeError),
     /// The commit failed; nothing in the batch was made durable.
     #[error("store commit failed: {0}")]
     Io(String),
@@ -124,10 +121,7 @@ pub enum StoreError {
     Read(String),
     #[error("store write failed: {0}")]
     Write(String),
-    #[error("record {seq} is unreadable: {source}")]
-    Decode {
-        seq: Seq,
-        #[source]
-        source: crate::DecodeError,
-    },
+    /// A stored value of the store's own (a dead letter's marks) is damaged.
+    #[error("entry {seq} is unreadable: {what}")]
+    Damaged { seq: Seq, what: &'static str },
 }

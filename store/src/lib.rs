@@ -8,7 +8,7 @@
 //!
 //! | table           | key                  | value                                       |
 //! |-----------------|----------------------|---------------------------------------------|
-//! | `log`           | `u64` seq            | encoded [`Record`] (format in `record.rs`)  |
+//! | `log`           | `u64` seq            | [`Record`]: bytes the core encoded (opaque)  |
 //! | `cursors`       | `&str` name          | `u64`: next seq its owner has to forward    |
 //! | `queues`        | `&str` name          | `u64` queue id                              |
 //! | `queue_entries` | `(u64 queue, u64 seq)` | `u32` owner state (0 = queued)            |
@@ -116,7 +116,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use backend::{BackendCounters, SlowSyncBackend};
 pub use dead::{Parked, Replay};
 pub use error::{AppendError, FullReason, OpenError, StoreError};
-pub use record::{DecodeError, Record};
+pub use record::Record;
 
 use writer::{DeadLetterAction, Op, Writer};
 
@@ -546,7 +546,7 @@ impl Store {
         record: Record,
         placement: Placement,
     ) -> Result<Commit, AppendError> {
-        let bytes = record.encode().map_err(AppendError::Invalid)?;
+        let bytes = record.into_bytes();
         let (reply, rx) = oneshot::channel();
         let op = Op::Append(writer::AppendOp {
             bytes,
@@ -618,9 +618,7 @@ impl Store {
     /// Parking does not remove the record from the log. A seq parked again
     /// (by another upstream) keeps every upstream's name.
     pub async fn park(&self, seq: Seq, record: Record, parked: Parked) -> Result<(), StoreError> {
-        let record = record
-            .encode()
-            .map_err(|source| StoreError::Decode { seq, source })?;
+        let record = record.into_bytes();
         let meta = dead::Meta {
             original_seq: parked.original_seq,
             upstreams: vec![parked.upstream],

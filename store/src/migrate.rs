@@ -11,12 +11,15 @@
 
 use redb::{ReadableTable, WriteTransaction};
 
-use crate::Record;
 use crate::dead::{self, Meta, Replay};
 use crate::tables::{
     DEAD_LETTERS, InitError, LOG, META, QUEUE_ENTRIES, QUEUES, REFS, REPLAYS, RETAINED, SCHEMA_KEY,
     SCHEMA_VERSION, SESSIONS, STATS_KEY, redb_err, scan_stats,
 };
+
+mod v1;
+
+use v1::Record;
 
 const V1_UPSTREAM_HEADER: &str = "x-edge-upstream";
 const V1_SEQ_HEADER: &str = "x-edge-seq";

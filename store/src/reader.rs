@@ -7,7 +7,7 @@ use crate::dead;
 use crate::tables::{
     CURSORS, DEAD_LETTERS, DEDUP, LOG, META, QUEUE_ENTRIES, QUEUES, REPLAYS, RETAINED, SESSIONS,
 };
-use crate::{DeadLetter, DecodeError, Entry, QueueEntry, Record, Seq, StoreError};
+use crate::{DeadLetter, Entry, QueueEntry, Record, Seq, StoreError};
 
 fn read_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Read(e.into().to_string())
@@ -32,7 +32,7 @@ pub(crate) fn read(
         let seq = k.value();
         let value = v.value();
         bytes += value.len();
-        let record = Record::decode(value).map_err(|source| StoreError::Decode { seq, source })?;
+        let record = Record::from_stored(value);
         let replay = replays
             .get(seq)
             .map_err(read_err)?
@@ -74,11 +74,11 @@ pub(crate) fn dead_letters(
     for entry in table.range(from..).map_err(read_err)?.take(max) {
         let (k, v) = entry.map_err(read_err)?;
         let seq = k.value();
-        let (meta, bytes) = dead::decode(v.value()).ok_or(StoreError::Decode {
+        let (meta, bytes) = dead::decode(v.value()).ok_or(StoreError::Damaged {
             seq,
-            source: DecodeError::Truncated,
+            what: "dead-letter marks truncated",
         })?;
-        let record = Record::decode(bytes).map_err(|source| StoreError::Decode { seq, source })?;
+        let record = Record::from_stored(bytes);
         out.push(DeadLetter {
             seq,
             original_seq: meta.original_seq,
@@ -115,13 +115,10 @@ pub(crate) fn queue_entries(
     {
         let (k, v) = entry.map_err(read_err)?;
         let seq = k.value().1;
-        let record = match log.get(seq).map_err(read_err)? {
-            Some(bytes) => Some(
-                Record::decode(bytes.value())
-                    .map_err(|source| StoreError::Decode { seq, source })?,
-            ),
-            None => None,
-        };
+        let record = log
+            .get(seq)
+            .map_err(read_err)?
+            .map(|bytes| Record::from_stored(bytes.value()));
         out.push(QueueEntry {
             seq,
             state: v.value(),
@@ -160,8 +157,7 @@ pub(crate) fn retained(db: &Database) -> Result<Vec<(String, Record)>, StoreErro
     for entry in table.iter().map_err(read_err)? {
         let (k, v) = entry.map_err(read_err)?;
         // The seq of a retained record is not a log seq: report 0.
-        let record =
-            Record::decode(v.value()).map_err(|source| StoreError::Decode { seq: 0, source })?;
+        let record = Record::from_stored(v.value());
         out.push((k.value().to_string(), record));
     }
     Ok(out)

@@ -48,7 +48,7 @@ type Done = oneshot::Sender<Result<(), StoreError>>;
 /// One append: a message for the log and/or the retained table, and the
 /// queues that reference it.
 pub(crate) struct AppendOp {
-    pub bytes: Vec<u8>,
+    pub bytes: bytes::Bytes,
     /// Append to the log (false: only the retained table is written).
     pub log: bool,
     pub queues: Vec<u64>,
@@ -76,7 +76,7 @@ pub(crate) enum Op {
     Park {
         seq: Seq,
         meta: Meta,
-        record: Vec<u8>,
+        record: bytes::Bytes,
         reply: Done,
     },
     /// Purges or replays up to `max` dead letters, oldest first.

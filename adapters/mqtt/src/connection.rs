@@ -358,7 +358,12 @@ impl Connection {
             {
                 return close;
             }
-            while self.wbuf.len() < WRITE_HIGH_WATER && session.outbox.has_room() {
+            while self.wbuf.len() < WRITE_HIGH_WATER
+                && session
+                    .queued
+                    .front()
+                    .is_some_and(|(d, _)| session.outbox.fits(d))
+            {
                 let Some((delivery, dup)) = session.queued.pop_front() else {
                     break;
                 };
@@ -402,12 +407,21 @@ impl Connection {
                     Ok(_) => self.rbuf.reserve(READ_CHUNK),
                     Err(e) => return e.into(),
                 },
-                Some(delivery) = deliveries.recv(), if live && room && session.outbox.has_room() => {
+                Some(delivery) = deliveries.recv(),
+                    if live && room && session.queued.is_empty() && session.outbox.has_room() =>
+                {
                     let mut next = Some(delivery);
                     let mut taken = 0;
                     while let Some(delivery) = next.take() {
-                        if session.take_live(&delivery) {
+                        if !session.take_live(&delivery) {
+                            // Already sent from the store.
+                        } else if session.outbox.fits(&delivery) {
                             deliver(session, &delivery, false, &mut self.wbuf, self.peer);
+                        } else {
+                            // Its packet id is in flight: it waits, and so
+                            // does everything after it.
+                            session.queued.push_back((delivery, false));
+                            break;
                         }
                         taken += 1;
                         if taken < DELIVERY_BATCH && session.outbox.has_room() {

@@ -10,10 +10,14 @@
 //! The window is per connection. A persistent session's deliveries carry
 //! their queue seq: settling one releases its queue entry (the caller acks
 //! it in the store), and the entries still queued after a reconnect are
-//! sent again from the store, the first window of them with DUP set
-//! (MQTT-4.4.0-1; their packet ids are new: only a QoS 2 PUBREL keeps its
-//! original id, recorded in the entry). Within a connection nothing is
-//! resent.
+//! sent again from the store, the first window of them with DUP set, under
+//! their original packet ids (MQTT-4.4.0-1): a queued delivery's id is
+//! derived from its seq ([`queued_pkid`]), so it is the same after a
+//! reconnect or a restart without a write per send. Two deliveries in
+//! flight whose seqs map to one id cannot both go: the later one waits for
+//! the earlier one's acknowledgement ([`Outbox::fits`]). Deliveries that
+//! are not queued (clean sessions, retained messages on SUBSCRIBE) take the
+//! next free id. Within a connection nothing is resent.
 
 use std::collections::{HashMap, HashSet};
 
@@ -55,6 +59,12 @@ pub(crate) struct Outbox {
     next_pkid: u16,
 }
 
+/// The packet id of the delivery of queue entry `seq`: the same every time
+/// it is sent, on any connection (1..=65535; 0 is not a packet id).
+pub(crate) fn queued_pkid(seq: Seq) -> u16 {
+    (seq % u64::from(u16::MAX)) as u16 + 1
+}
+
 /// A delivery the client acknowledged for good: its queue seq, if any.
 pub(crate) type Settled = Option<Seq>;
 
@@ -72,6 +82,28 @@ impl Outbox {
 
     pub(crate) fn has_room(&self) -> bool {
         self.inflight.len() < self.max_inflight
+    }
+
+    /// Whether `delivery` can go now: room in the window, and its packet
+    /// id (if derived from its seq) not in flight.
+    pub(crate) fn fits(&self, delivery: &Delivery) -> bool {
+        if !self.has_room() {
+            return false;
+        }
+        match delivery.seq {
+            Some(seq) if delivery.qos != QoS::AtMostOnce => {
+                !self.inflight.contains_key(&queued_pkid(seq))
+            }
+            _ => true,
+        }
+    }
+
+    /// The packet id of a delivery of QoS ≥ 1 ([`Outbox::fits`] held).
+    fn pkid_for(&mut self, delivery: &Delivery) -> u16 {
+        match delivery.seq {
+            Some(seq) => queued_pkid(seq),
+            None => self.allocate(),
+        }
     }
 
     fn allocate(&mut self) -> u16 {
@@ -115,8 +147,8 @@ impl Outbox {
         let start = out.len();
         let (qos, pkid, awaiting) = match delivery.qos {
             QoS::AtMostOnce => (0, 0, None),
-            QoS::AtLeastOnce => (1, self.allocate(), Some(Awaiting::Ack)),
-            QoS::ExactlyOnce => (2, self.allocate(), Some(Awaiting::Rec)),
+            QoS::AtLeastOnce => (1, self.pkid_for(delivery), Some(Awaiting::Ack)),
+            QoS::ExactlyOnce => (2, self.pkid_for(delivery), Some(Awaiting::Rec)),
         };
         codec::encode_publish(
             out,
@@ -226,6 +258,34 @@ mod tests {
             seq: None,
             retained: false,
         }
+    }
+
+    #[test]
+    fn queued_deliveries_keep_their_packet_id_and_a_colliding_one_waits() {
+        let queued = |seq| Delivery {
+            seq: Some(seq),
+            ..delivery(QoS::AtLeastOnce)
+        };
+        let (a, b) = (queued(70_000), queued(70_000 + u64::from(u16::MAX)));
+        assert_eq!(
+            queued_pkid(70_000),
+            queued_pkid(70_000 + u64::from(u16::MAX))
+        );
+        let mut outbox = Outbox::new(10);
+        let mut out = BytesMut::new();
+        assert!(outbox.fits(&a));
+        outbox.push_plain(&a, &mut out).expect("encodes");
+        // Another connection (a reconnect) sends it with the same id.
+        let mut again = BytesMut::new();
+        Outbox::new(10).push_plain(&a, &mut again).expect("encodes");
+        assert_eq!(out, again);
+        assert!(!outbox.fits(&b), "its id is in flight");
+        assert!(
+            outbox.fits(&delivery(QoS::AtLeastOnce)),
+            "others take a free id"
+        );
+        outbox.puback(queued_pkid(70_000)).expect("in flight");
+        assert!(outbox.fits(&b));
     }
 
     #[test]

@@ -45,10 +45,10 @@ async fn qos1_puback_means_the_message_is_in_the_store() -> Result<()> {
 
     let records = server.records().await?;
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].topic, "plant/line1/temp");
+    assert_eq!(&*records[0].topic, "plant/line1/temp");
     assert_eq!(&records[0].payload[..], b"21.5");
-    assert_eq!(records[0].publisher, "durable");
-    assert_eq!(records[0].qos, 1);
+    assert_eq!(&**records[0].publisher(), "durable");
+    assert_eq!(records[0].qos, edge_core::QoS::AtLeastOnce);
     server.stop().await
 }
 
@@ -252,8 +252,11 @@ async fn mqtt31_is_served_like_mqtt311() -> Result<()> {
     raw.expect(&PINGRESP).await?;
     let records = server.records().await?;
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].topic, "v31/temp");
-    assert_eq!(records[0].publisher, "an-mqtt-3.1-client-with-a-long-id");
+    assert_eq!(&*records[0].topic, "v31/temp");
+    assert_eq!(
+        &**records[0].publisher(),
+        "an-mqtt-3.1-client-with-a-long-id"
+    );
     // 3.1 has no assigned client ids: an empty one is rejected (2).
     let mut raw = Raw::connect(server.addr).await?;
     raw.send(&connect(b"MQIsdp", 3, "", 30, true)).await?;
@@ -298,7 +301,7 @@ async fn qos2_is_stored_once_and_completed() -> Result<()> {
     raw.expect(&ack(PUBCOMP, 5)).await?;
     let records = server.records().await?;
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].qos, 2);
+    assert_eq!(records[0].qos as u8, 2);
     server.stop().await
 }
 
@@ -680,9 +683,9 @@ async fn will_published_when_the_peer_closes_or_breaks_the_protocol() -> Result<
         1,
         "the QoS 1 will is logged, the QoS 0 one is not"
     );
-    assert_eq!(records[0].topic, "wills/a");
-    assert_eq!(records[0].publisher, "dev-a");
-    assert_eq!(records[0].qos, 1);
+    assert_eq!(&*records[0].topic, "wills/a");
+    assert_eq!(&**records[0].publisher(), "dev-a");
+    assert_eq!(records[0].qos as u8, 1);
     Ok(())
 }
 
@@ -732,7 +735,7 @@ async fn will_published_at_shutdown() -> Result<()> {
     tokio::time::timeout(PATIENCE, &mut server.task).await??;
     let records = server.records().await?;
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].topic, "wills/s");
+    assert_eq!(&*records[0].topic, "wills/s");
     assert_eq!(&records[0].payload[..], b"gateway down");
     assert!(records[0].retain, "the retain flag travels with the will");
     Ok(())
@@ -831,8 +834,51 @@ async fn a_will_the_store_refuses_costs_nothing_else() -> Result<()> {
         .records()
         .await?
         .into_iter()
-        .map(|r| r.topic)
+        .map(|r| r.topic.to_string())
         .collect();
     assert_eq!(topics, ["wills/l"]);
     Ok(())
+}
+
+/// MQTT-4.4.0-1: a persistent session's unacknowledged deliveries are sent
+/// again on reconnect with DUP set and their original packet ids, in order.
+#[tokio::test]
+async fn a_resumed_session_resends_with_the_original_packet_ids() -> Result<()> {
+    let server = Server::start().await?;
+    let mut sub = Raw::connect(server.addr).await?;
+    sub.send(&connect(b"MQTT", 4, "resumer", 30, false)).await?;
+    sub.expect(&[0x20, 2, 0, 0]).await?;
+    sub.send(&subscribe(1, &[("resume/#", 1)])).await?;
+    sub.expect(&[0x90, 3, 0, 1, 1]).await?;
+    let mut publisher = Raw::session(server.addr, "resume-pub", 30).await?;
+    for pkid in 1..=3u16 {
+        publisher
+            .send(&publish("resume/x", &[pkid as u8], 1, pkid, false))
+            .await?;
+        publisher.expect(&ack(PUBACK, pkid)).await?;
+    }
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(sub.packet().await?);
+    }
+    // The first is acknowledged; the other two are not when the link drops.
+    let pkid_of = |p: &[u8]| u16::from_be_bytes([p[12], p[13]]);
+    assert_eq!(first[0][0], 0x32, "QoS 1 PUBLISH: {:02x?}", first[0]);
+    sub.send(&ack(PUBACK, pkid_of(&first[0]))).await?;
+    sub.send(&PINGREQ).await?;
+    sub.expect(&PINGRESP).await?;
+    drop(sub);
+
+    let mut sub = Raw::connect(server.addr).await?;
+    sub.send(&connect(b"MQTT", 4, "resumer", 30, false)).await?;
+    sub.expect(&[0x20, 2, 1, 0]).await?;
+    for original in &first[1..] {
+        let mut dup = original.clone();
+        dup[0] |= 0x08;
+        assert_eq!(sub.packet().await?, dup, "same packet id, DUP set");
+        sub.send(&ack(PUBACK, pkid_of(original))).await?;
+    }
+    sub.send(&PINGREQ).await?;
+    sub.expect(&PINGRESP).await?;
+    server.stop().await
 }

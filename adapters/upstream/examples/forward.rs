@@ -19,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use edge_config::UpstreamConfig;
-use edge_core::{Route, Routes};
-use edge_store::{Record, Seq, Store, StoreOptions};
+use edge_core::{Message, QoS, Route, Routes, Value};
+use edge_store::{Seq, Store, StoreOptions};
 use edge_upstream::Replicator;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -176,16 +176,15 @@ async fn main() -> anyhow::Result<()> {
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
     let mut commits = Vec::new();
     for i in 1..=count {
-        let record = Record {
-            timestamp_ms: now_ms,
-            qos: 1,
-            retain: false,
-            topic: topic_of(i),
-            publisher: "example".into(),
-            headers: vec![("unit".into(), Bytes::from_static(b"C"))],
-            payload: Bytes::from(format!("{{\"i\":{i}}}")),
-        };
-        commits.push(store.submit(record).await?);
+        let mut message = Message::new(
+            topic_of(i),
+            Bytes::from(format!("{{\"i\":{i}}}")),
+            QoS::AtLeastOnce,
+            "example".into(),
+        );
+        message.timestamp_ms = now_ms;
+        message.properties.headers = vec![("unit".into(), Value::Str("C".into()))];
+        commits.push(store.submit(message.to_record()?).await?);
         if !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }

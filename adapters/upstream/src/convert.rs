@@ -1,9 +1,16 @@
-//! A log record → the AMQP publish that forwards it.
+//! A logged message → the AMQP publish that forwards it.
 //!
-//! `message_id` is `<gateway id>:<seq>`: stable across reconnects and
-//! restarts, so a duplicate can be recognised downstream. The original MQTT
-//! topic travels in `x-mqtt-topic` so the lossless topic mapping can always
-//! be undone.
+//! Its properties map to AMQP's by the core's one mapping
+//! (`edge_core::amqp`), then the gateway adds its own: `app_id` is the
+//! gateway id (the publisher's goes in `x-app-id`), `user_id` moves to
+//! `x-user-id` (a broker checks `user_id` against the connection's user),
+//! `timestamp` is the publisher's or the receive time, and
+//! `x-gateway-message-id` is `<gateway id>:<seq>`: stable across
+//! reconnects and restarts, so a duplicate can be recognised downstream.
+//! `message_id` is the publisher's own when it set one (an AMQP
+//! application keeps its ids end to end), else that same gateway id. The
+//! original MQTT topic travels in `x-mqtt-topic` so the lossless topic
+//! mapping can always be undone.
 //!
 //! Dead letters: a parked record keeps, in the store's typed columns, the
 //! upstreams that parked it and the seq of its message id. A replay appends
@@ -14,30 +21,29 @@
 
 use std::time::Duration;
 
-use edge_core::{Route, topic::MQTT_TOPIC_HEADER};
-use edge_store::{Record, Seq};
+use edge_core::{Message, Route, amqp, topic::MQTT_TOPIC_HEADER};
+use edge_store::Seq;
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, LongString, ShortString};
 
 /// Header carrying the publisher of the original message (MQTT client id).
 pub const PUBLISHER_HEADER: &str = "x-publisher";
 
-/// Headers with this prefix were the gateway's own bookkeeping in schema 1
-/// and are never sent to the broker.
-const INTERNAL_PREFIX: &str = "x-edge-";
+/// Header carrying `<gateway id>:<seq>`, whatever `message_id` says.
+pub const GATEWAY_ID_HEADER: &str = "x-gateway-message-id";
 
-/// How much of a route's TTL a record has left at forwarding time.
+/// How much of its lifetime a message has left at forwarding time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Lifetime {
-    /// The route has no TTL.
+    /// Neither the route nor the message sets a TTL.
     Unlimited,
     /// Milliseconds left (at least 1).
     Remaining(u64),
-    /// Older than the route's TTL: dropped, counted.
+    /// Older than the route's TTL or past its own expiry: dropped, counted.
     Expired,
 }
 
-/// The lifetime of a record received at `timestamp_ms` under `ttl`, at `now_ms`.
+/// The lifetime of a message received at `timestamp_ms` under `ttl`, at `now_ms`.
 /// A timestamp in the future (clock step) counts as age zero.
 pub(crate) fn lifetime(ttl: Option<Duration>, timestamp_ms: u64, now_ms: u64) -> Lifetime {
     let Some(ttl) = ttl else {
@@ -51,14 +57,36 @@ pub(crate) fn lifetime(ttl: Option<Duration>, timestamp_ms: u64, now_ms: u64) ->
     }
 }
 
-/// Why a record cannot be expressed as an AMQP publish (it is parked).
+/// The shorter of the route's lifetime and the message's own expiry.
+pub(crate) fn lifetime_of(ttl: Option<Duration>, message: &Message, now_ms: u64) -> Lifetime {
+    let route = lifetime(ttl, message.timestamp_ms, now_ms);
+    let Some(at) = message.properties.expires_at_ms else {
+        return route;
+    };
+    match (route, at.checked_sub(now_ms).filter(|left| *left > 0)) {
+        (Lifetime::Expired, _) | (_, None) => Lifetime::Expired,
+        (Lifetime::Unlimited, Some(own)) => Lifetime::Remaining(own),
+        (Lifetime::Remaining(left), Some(own)) => Lifetime::Remaining(left.min(own)),
+    }
+}
+
+/// Why a message cannot be expressed as an AMQP publish (it is parked).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum ConvertError {
     #[error("{field} is {len} bytes, AMQP allows 255")]
     TooLong { field: String, len: usize },
 }
 
-/// Everything `basic_publish` needs for one record.
+impl From<amqp::TooLong> for ConvertError {
+    fn from(e: amqp::TooLong) -> Self {
+        ConvertError::TooLong {
+            field: e.field.to_string(),
+            len: e.len,
+        }
+    }
+}
+
+/// Everything `basic_publish` needs for one message.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Publish {
     pub exchange: ShortString,
@@ -87,47 +115,72 @@ pub(crate) fn seq_of_message_id(gateway_id: &str, message_id: &str) -> Option<Se
         .ok()
 }
 
-/// The publish of `record` over `route`, with message id
+/// The seq of a returned message: from [`GATEWAY_ID_HEADER`], else from its
+/// `message_id`.
+pub(crate) fn seq_of_returned(gateway_id: &str, p: &BasicProperties) -> Option<Seq> {
+    let header = p
+        .headers()
+        .as_ref()
+        .and_then(|h| match h.inner().get(GATEWAY_ID_HEADER) {
+            Some(AMQPValue::LongString(s)) => {
+                std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned)
+            }
+            _ => None,
+        });
+    let id = header.or_else(|| p.message_id().as_ref().map(|m| m.as_str().to_owned()))?;
+    seq_of_message_id(gateway_id, &id)
+}
+
+/// The publish of `message` over `route`, with gateway message id
 /// `<gateway id>:<id_seq>` (its log seq, or a replay's original seq);
-/// `lifetime` is the record's [`lifetime`] (an expired record should not get
+/// `lifetime` is its [`lifetime_of`] (an expired message should not get
 /// here; it is published without expiration if it does).
 pub(crate) fn to_publish(
     gateway_id: &str,
     id_seq: Seq,
-    record: &Record,
+    message: &Message,
     route: &Route,
     lifetime: Lifetime,
+    now_ms: u64,
 ) -> Result<Publish, ConvertError> {
     let exchange = short("exchange", route.exchange.clone())?;
-    let routing_key = short("routing key", route.routing_key_for(&record.topic))?;
+    let routing_key = short("routing key", route.routing_key_for(&message.topic))?;
 
-    let mut headers = FieldTable::default();
-    for (key, value) in &record.headers {
-        if key.starts_with(INTERNAL_PREFIX) {
-            continue;
-        }
-        headers.insert(
-            short("header name", key.clone())?,
-            AMQPValue::LongString(LongString::from(value.to_vec())),
-        );
-    }
+    let mut own = message.properties.clone();
+    // The lifetime below replaces the message's own expiry.
+    own.expires_at_ms = None;
+    // Upstream, the route decides (DESIGN.md: persistent unless it says not).
+    own.persistent = route.persistent;
+    let app_id = own.app_id.take();
+    let user_id = own.user_id.take();
+    let mut properties = amqp::to_amqp(&own, now_ms)?;
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
+    let gateway_message_id = message_id(gateway_id, id_seq);
     headers.insert(
-        ShortString::from(MQTT_TOPIC_HEADER),
-        AMQPValue::LongString(LongString::from(record.topic.as_bytes())),
+        ShortString::from(GATEWAY_ID_HEADER),
+        text(&gateway_message_id),
     );
+    headers.insert(ShortString::from(MQTT_TOPIC_HEADER), text(&message.topic));
     headers.insert(
         ShortString::from(PUBLISHER_HEADER),
-        AMQPValue::LongString(LongString::from(record.publisher.as_bytes())),
+        text(message.publisher()),
     );
-
-    let mut properties = BasicProperties::default()
-        .with_message_id(short("message_id", message_id(gateway_id, id_seq))?)
-        .with_app_id(short("app_id", gateway_id.to_string())?)
-        .with_timestamp(record.timestamp_ms / 1000)
-        .with_headers(headers);
-    if route.persistent {
-        properties = properties.with_delivery_mode(2);
+    if let Some(app_id) = app_id {
+        headers.insert(ShortString::from("x-app-id"), text(&app_id));
     }
+    if let Some(user_id) = user_id {
+        headers.insert(ShortString::from("x-user-id"), text(&user_id));
+    }
+    if own.message_id.is_none() {
+        properties = properties.with_message_id(short("message_id", gateway_message_id)?);
+    }
+    if own.sent_at.is_none() {
+        properties = properties.with_timestamp(message.timestamp_ms / 1000);
+    }
+    properties = properties
+        .with_app_id(short("app_id", gateway_id.to_string())?)
+        .with_headers(headers);
     if let Lifetime::Remaining(ms) = lifetime {
         properties = properties.with_expiration(ShortString::from(ms.to_string()));
     }
@@ -141,6 +194,7 @@ pub(crate) fn to_publish(
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use edge_core::{QoS, Value};
 
     use super::*;
 
@@ -157,16 +211,26 @@ mod tests {
         })
     }
 
-    fn record() -> Record {
-        Record {
-            timestamp_ms: 1_700_000_000_123,
-            qos: 1,
-            retain: false,
-            topic: "spBv1.0/g/NDATA/n".into(),
-            publisher: "dev-1".into(),
-            headers: vec![("unit".into(), Bytes::from_static(b"C"))],
-            payload: Bytes::from_static(b"21.5"),
-        }
+    fn record() -> Message {
+        let mut m = Message::new(
+            "spBv1.0/g/NDATA/n",
+            Bytes::from_static(b"21.5"),
+            QoS::AtLeastOnce,
+            "dev-1".into(),
+        );
+        m.timestamp_ms = 1_700_000_000_123;
+        m.properties.headers = vec![("unit".into(), Value::Str("C".into()))];
+        m
+    }
+
+    fn to_publish(
+        gateway_id: &str,
+        id_seq: Seq,
+        message: &Message,
+        route: &Route,
+        lifetime: Lifetime,
+    ) -> Result<Publish, ConvertError> {
+        super::to_publish(gateway_id, id_seq, message, route, lifetime, 0)
     }
 
     fn header<'a>(p: &'a BasicProperties, key: &str) -> Option<&'a [u8]> {
@@ -189,6 +253,7 @@ mod tests {
         assert_eq!(p.exchange.as_str(), "amq.topic");
         assert_eq!(p.routing_key.as_str(), "edge.spBv1%2E0.g.NDATA.n");
         let props = &p.properties;
+        assert_eq!(seq_of_returned("gw-7", props), Some(42));
         assert_eq!(
             props.message_id().as_ref().map(ShortString::as_str),
             Some("gw-7:42")
@@ -228,7 +293,7 @@ mod tests {
     #[test]
     fn an_overlong_routing_key_is_an_error_not_a_panic() {
         let mut r = record();
-        r.topic = "a/".repeat(200);
+        r.topic = "a/".repeat(200).into();
         let err =
             to_publish("gw", 1, &r, &route(None, true), Lifetime::Unlimited).expect_err("too long");
         assert!(matches!(err, ConvertError::TooLong { ref field, .. } if field == "routing key"));
@@ -259,23 +324,47 @@ mod tests {
     }
 
     #[test]
-    fn a_replayed_record_goes_out_with_its_original_id_and_no_internal_headers() {
-        let mut r = record();
-        r.headers
-            .push(("x-edge-upstream".into(), Bytes::from_static(b"central")));
-        let p = to_publish("gw-7", 42, &r, &route(None, true), Lifetime::Unlimited)
+    fn amqp_properties_of_the_publisher_go_upstream() {
+        let mut m = record();
+        let p = &mut m.properties;
+        p.message_id = Some("app-1".into());
+        p.correlation = Some(Bytes::from_static(b"req-9"));
+        p.reply_to = Some("replies".into());
+        p.content_type = Some("application/json".into());
+        p.priority = Some(4);
+        p.user_id = Some("guest".into());
+        p.app_id = Some("historian".into());
+        p.sent_at = Some(1_600_000_000);
+        p.expires_at_ms = Some(5_000);
+        let lifetime = lifetime_of(None, &m, 1_000);
+        assert_eq!(lifetime, Lifetime::Remaining(4_000));
+        let out = super::to_publish("gw", 7, &m, &route(None, true), lifetime, 1_000)
             .expect("convertible");
-        let props = &p.properties;
+        let props = &out.properties;
+        let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
+        assert_eq!(text(props.message_id()).as_deref(), Some("app-1"));
         assert_eq!(
-            props.message_id().as_ref().map(ShortString::as_str),
-            Some("gw-7:42")
+            seq_of_returned("gw", props),
+            Some(7),
+            "the gateway id rides along"
         );
-        assert_eq!(seq_of_message_id("gw-7", "gw-7:42"), Some(42));
-        let sent = props.headers().as_ref().expect("headers").inner();
-        assert!(
-            sent.keys().all(|k| !k.as_str().starts_with("x-edge-")),
-            "{sent:?}"
+        assert_eq!(text(props.correlation_id()).as_deref(), Some("req-9"));
+        assert_eq!(text(props.reply_to()).as_deref(), Some("replies"));
+        assert_eq!(
+            text(props.content_type()).as_deref(),
+            Some("application/json")
         );
-        assert!(sent.contains_key("unit"));
+        assert_eq!(text(props.expiration()).as_deref(), Some("4000"));
+        assert_eq!(text(props.app_id()).as_deref(), Some("gw"));
+        assert_eq!(*props.user_id(), None, "a broker would check it");
+        assert_eq!(*props.priority(), Some(4));
+        assert_eq!(*props.timestamp(), Some(1_600_000_000));
+        assert_eq!(header(props, "x-user-id"), Some(&b"guest"[..]));
+        assert_eq!(header(props, "x-app-id"), Some(&b"historian"[..]));
+        assert_eq!(lifetime_of(None, &m, 5_000), Lifetime::Expired);
+        assert_eq!(
+            lifetime_of(Some(Duration::from_secs(1)), &m, 1_700_000_000_123),
+            Lifetime::Expired
+        );
     }
 }

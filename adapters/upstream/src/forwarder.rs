@@ -11,8 +11,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use edge_core::{Route, Routes};
-use edge_store::{Entry, Record, Seq, Store, StoreError};
+use edge_core::{Message, Route, Routes};
+use edge_store::{Entry, Record, Seq, Store};
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -67,17 +67,29 @@ fn now_ms() -> u64 {
 /// The route of `upstream` that takes `record`: none when no route matches,
 /// or when the record is a replayed dead letter of another upstream (that
 /// upstream forwards it; this one delivered or parked it before).
-fn route_for<'r>(routes: &'r Routes, upstream: &str, entry: &Entry) -> Option<&'r Route> {
+fn route_for<'r>(
+    routes: &'r Routes,
+    upstream: &str,
+    entry: &Entry,
+    topic: &str,
+) -> Option<&'r Route> {
     if entry.replay.as_ref().is_some_and(|r| !r.is_for(upstream)) {
         return None;
     }
-    routes.first_match(&entry.record.topic)
+    routes.first_match(topic)
+}
+
+/// [`route_for`] of an entry not yet decoded (none when it is unreadable).
+fn route_of_entry<'r>(routes: &'r Routes, upstream: &str, entry: &Entry) -> Option<&'r Route> {
+    let message = Message::from_record(&entry.record).ok()?;
+    route_for(routes, upstream, entry, &message.topic)
 }
 
 /// A record in the window.
 #[derive(Debug)]
 struct InFlight {
     record: Record,
+    topic: Arc<str>,
     route: String,
     published_at: Instant,
     /// The seq of its message id, when that is not its own (a replay).
@@ -367,45 +379,29 @@ impl Forwarder {
     /// Reads the next batch into the buffer; false when there is nothing
     /// (more) to read now.
     async fn refill(&mut self, s: &mut Session<'_>, last_committed: Seq) -> bool {
-        let mut max = READ_MAX_MESSAGES.min(self.max_in_flight.max(64));
-        loop {
-            let from = s.read_from;
-            if from > last_committed {
-                return false;
+        let max = READ_MAX_MESSAGES.min(self.max_in_flight.max(64));
+        let from = s.read_from;
+        if from > last_committed {
+            return false;
+        }
+        let store = self.store.clone();
+        let read = tokio::task::spawn_blocking(move || store.read(from, max, READ_MAX_BYTES)).await;
+        match read {
+            Ok(Ok(batch)) => {
+                let Some(last) = batch.last().map(|e| e.seq) else {
+                    return false;
+                };
+                s.read_from = last + 1;
+                s.buffer.extend(batch);
+                true
             }
-            let store = self.store.clone();
-            let read =
-                tokio::task::spawn_blocking(move || store.read(from, max, READ_MAX_BYTES)).await;
-            match read {
-                Ok(Ok(batch)) => {
-                    let Some(last) = batch.last().map(|e| e.seq) else {
-                        return false;
-                    };
-                    s.read_from = last + 1;
-                    s.buffer.extend(batch);
-                    return true;
-                }
-                Ok(Err(StoreError::Decode { seq, .. })) if seq > from => {
-                    // Forward the readable records before the bad one first.
-                    max = usize::try_from(seq - from).unwrap_or(max).min(max);
-                }
-                Ok(Err(StoreError::Decode { seq, source })) => {
-                    error!(upstream = %self.name, seq, %source,
-                        "record in the log is unreadable; skipped, it cannot be forwarded");
-                    metrics::counter!("edge_messages_dropped_total", "reason" => "unreadable")
-                        .increment(1);
-                    s.window.skip(seq);
-                    s.read_from = seq + 1;
-                    return true;
-                }
-                Ok(Err(error)) => {
-                    warn!(upstream = %self.name, from, %error, "cannot read the log; retrying");
-                    return false;
-                }
-                Err(error) => {
-                    warn!(upstream = %self.name, from, %error, "log read task failed; retrying");
-                    return false;
-                }
+            Ok(Err(error)) => {
+                warn!(upstream = %self.name, from, %error, "cannot read the log; retrying");
+                false
+            }
+            Err(error) => {
+                warn!(upstream = %self.name, from, %error, "log read task failed; retrying");
+                false
             }
         }
     }
@@ -418,7 +414,18 @@ impl Forwarder {
         s: &mut Session<'l>,
         entry: Entry,
     ) -> Result<(), LinkError> {
-        let Some(route) = route_for(&self.routes, &self.name, &entry) else {
+        let message = match Message::from_record(&entry.record) {
+            Ok(message) => message,
+            Err(error) => {
+                error!(upstream = %self.name, seq = entry.seq, %error,
+                    "record in the log is unreadable; skipped, it cannot be forwarded");
+                metrics::counter!("edge_messages_dropped_total", "reason" => "unreadable")
+                    .increment(1);
+                s.window.skip(entry.seq);
+                return Ok(());
+            }
+        };
+        let Some(route) = route_for(&self.routes, &self.name, &entry, &message.topic) else {
             s.window.skip(entry.seq);
             return Ok(());
         };
@@ -428,7 +435,8 @@ impl Forwarder {
             replay,
         } = entry;
         let original = replay.map(|r| r.original_seq);
-        let lifetime = convert::lifetime(route.ttl, record.timestamp_ms, now_ms());
+        let now = now_ms();
+        let lifetime = convert::lifetime_of(route.ttl, &message, now);
         if lifetime == Lifetime::Expired {
             self.metrics.expired(&route.name, 1);
             s.expired.note(&route.name, seq);
@@ -445,9 +453,10 @@ impl Forwarder {
             convert::to_publish(
                 &self.gateway_id,
                 original.unwrap_or(seq),
-                &record,
+                &message,
                 route,
                 lifetime,
+                now,
             )
             .map_err(|e| Park {
                 kind: "unconvertible",
@@ -461,6 +470,7 @@ impl Forwarder {
                     seq,
                     InFlight {
                         record,
+                        topic: message.topic,
                         route: route_name,
                         published_at: Instant::now(),
                         original,
@@ -473,7 +483,7 @@ impl Forwarder {
         if let Some(original) = original {
             s.replayed.insert(original, seq);
         }
-        let publishing = start_publish(&link.channel, seq, publish, record.payload.clone());
+        let publishing = start_publish(&link.channel, seq, publish, message.payload);
         let published_at = Instant::now();
         if s.window.in_flight() == 0 {
             s.last_progress = published_at;
@@ -482,6 +492,7 @@ impl Forwarder {
             seq,
             InFlight {
                 record,
+                topic: message.topic,
                 route: route_name,
                 published_at,
                 original,
@@ -507,12 +518,7 @@ impl Forwarder {
             // lapin hands a returned message to the next confirm that
             // resolves, which may belong to another seq: our message_id
             // names the record it really is (a replay by its original seq).
-            let target = message
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .and_then(|id| convert::seq_of_message_id(&self.gateway_id, id.as_str()))
+            let target = convert::seq_of_returned(&self.gateway_id, &message.delivery.properties)
                 .map_or(seq, |id| s.replayed.get(&id).copied().unwrap_or(id));
             let reason = format!(
                 "unroutable: exchange {:?}, routing key {:?}: {} {}",
@@ -554,7 +560,7 @@ impl Forwarder {
                 None => self.metrics.forwarded(&item.route),
                 Some(park) => {
                     let record = item.record;
-                    let topic = record.topic.clone();
+                    let topic = item.topic;
                     let parked = edge_store::Parked {
                         upstream: self.name.clone(),
                         original_seq: item.original.unwrap_or(seq),

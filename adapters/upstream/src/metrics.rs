@@ -173,7 +173,10 @@ pub(crate) fn spawn_reporter(
             if oldest.is_none_or(|(seq, _)| seq < pos) {
                 let s = store.clone();
                 oldest = match tokio::task::spawn_blocking(move || s.read(pos, 1, 1)).await {
-                    Ok(Ok(batch)) => batch.first().map(|e| (e.seq, e.record.timestamp_ms)),
+                    Ok(Ok(batch)) => batch.first().and_then(|e| {
+                        let message = edge_core::Message::from_record(&e.record).ok()?;
+                        Some((e.seq, message.timestamp_ms))
+                    }),
                     _ => None,
                 };
             }

@@ -88,7 +88,15 @@ async fn logs_qos1_and_routed_messages_only() {
         .await;
     assert_eq!(seq.expect("committed"), Some(2));
     let stored = router.store().read(1, 10, 1 << 20).expect("read");
-    let topics: Vec<&str> = stored.iter().map(|e| e.record.topic.as_str()).collect();
+    let topics: Vec<String> = stored
+        .iter()
+        .map(|e| {
+            Message::from_record(&e.record)
+                .expect("decodes")
+                .topic
+                .to_string()
+        })
+        .collect();
     assert_eq!(topics, ["local/b", "up/c"]);
 }
 

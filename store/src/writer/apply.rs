@@ -302,7 +302,7 @@ impl Writer {
         match &a.retain {
             Some(Retain::Set(topic)) => {
                 let added = (topic.len() + a.bytes.len()) as u64;
-                match t.retained.insert(topic.as_str(), a.bytes.as_slice())? {
+                match t.retained.insert(topic.as_str(), a.bytes.as_ref())? {
                     Some(old) => {
                         let gone = (topic.len() + old.value().len()) as u64;
                         next.stats.retained_bytes = next.stats.retained_bytes.saturating_sub(gone);

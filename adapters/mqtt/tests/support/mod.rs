@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use edge_config::MqttConfig;
-use edge_core::{Router, Routes};
+use edge_core::{Message, Router, Routes};
 use edge_mqtt::MqttListener;
-use edge_store::{Record, Store, StoreOptions};
+use edge_store::{Store, StoreOptions};
 use redb::StorageBackend;
 use redb::backends::InMemoryBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -101,12 +101,15 @@ impl Server {
         })
     }
 
-    /// Every record in the log, in order.
-    pub async fn records(&self) -> Result<Vec<Record>> {
+    /// Every message in the log, in order.
+    pub async fn records(&self) -> Result<Vec<Message>> {
         let store = self.store.clone();
         let records =
             tokio::task::spawn_blocking(move || store.read(1, 10_000, usize::MAX)).await??;
-        Ok(records.into_iter().map(|e| e.record).collect())
+        records
+            .into_iter()
+            .map(|e| Message::from_record(&e.record).context("decodes"))
+            .collect()
     }
 
     pub async fn stop(self) -> Result<()> {
@@ -249,6 +252,29 @@ impl Raw {
             bail!("expected {expected:02x?}, got {got:02x?}");
         }
         Ok(())
+    }
+
+    /// Reads one whole packet (fixed header included).
+    pub async fn packet(&mut self) -> Result<Vec<u8>> {
+        tokio::time::timeout(PATIENCE, async {
+            let mut packet = vec![self.stream.read_u8().await?];
+            let (mut len, mut shift) = (0usize, 0);
+            loop {
+                let b = self.stream.read_u8().await?;
+                packet.push(b);
+                len |= usize::from(b & 0x7F) << shift;
+                shift += 7;
+                if b & 0x80 == 0 || shift > 21 {
+                    break;
+                }
+            }
+            let start = packet.len();
+            packet.resize(start + len, 0);
+            self.stream.read_exact(&mut packet[start..]).await?;
+            anyhow::Ok(packet)
+        })
+        .await
+        .context("timed out waiting for a packet")?
     }
 
     /// Waits until the server closes the connection, failing on any byte.

@@ -5,7 +5,9 @@ use std::future::Future;
 
 use tracing::debug;
 
-use super::{DOWN_SKIP_MAX_RECORDS, Forwarder, READ_MAX_BYTES, READ_MAX_MESSAGES, TICK, route_for};
+use super::{
+    DOWN_SKIP_MAX_RECORDS, Forwarder, READ_MAX_BYTES, READ_MAX_MESSAGES, TICK, route_of_entry,
+};
 
 impl Forwarder {
     /// Runs `link_attempt` (a connect or the pause before one) and, while it
@@ -46,7 +48,7 @@ impl Forwarder {
             };
             left = left.saturating_sub(batch.len());
             for entry in &batch {
-                if route_for(&self.routes, &self.name, entry).is_some() {
+                if route_of_entry(&self.routes, &self.name, entry).is_some() {
                     from = entry.seq;
                     break 'read;
                 }

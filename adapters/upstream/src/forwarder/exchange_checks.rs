@@ -7,7 +7,7 @@ use std::time::Instant;
 use edge_store::Entry;
 use tracing::{error, info};
 
-use super::{Forwarder, PARK_RECHECK, Session, route_for};
+use super::{Forwarder, PARK_RECHECK, Session, route_of_entry};
 use crate::connector::Link;
 use crate::exchanges;
 
@@ -57,7 +57,7 @@ impl Forwarder {
         if s.missing.is_empty() {
             return false;
         }
-        let Some(route) = route_for(&self.routes, &self.name, entry) else {
+        let Some(route) = route_of_entry(&self.routes, &self.name, entry) else {
             return false;
         };
         if !s.missing.contains(&route.exchange) {

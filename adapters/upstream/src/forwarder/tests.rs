@@ -6,15 +6,14 @@ use edge_store::StoreOptions;
 use super::*;
 
 fn record(topic: &str) -> Record {
-    Record {
-        timestamp_ms: 1_700_000_000_000,
-        qos: 1,
-        retain: false,
-        topic: topic.into(),
-        publisher: "dev-1".into(),
-        headers: Vec::new(),
-        payload: Bytes::from_static(b"x"),
-    }
+    let mut m = Message::new(
+        topic,
+        Bytes::from_static(b"x"),
+        edge_core::QoS::AtLeastOnce,
+        "dev-1".into(),
+    );
+    m.timestamp_ms = 1_700_000_000_000;
+    m.to_record().expect("encodes")
 }
 
 fn forwarder(store: &Store, filter: &str) -> Forwarder {
@@ -121,9 +120,9 @@ async fn a_replay_parked_by_another_upstream_is_passed_one_parked_here_is_not() 
         replays[1].seq,
         "only the other upstream's replay is passed"
     );
-    assert!(route_for(&f.routes, "central", &replays[0]).is_none());
-    assert!(route_for(&f.routes, "central", &replays[1]).is_some());
-    assert!(route_for(&f.routes, "backup", &replays[0]).is_some());
+    assert!(route_of_entry(&f.routes, "central", &replays[0]).is_none());
+    assert!(route_of_entry(&f.routes, "central", &replays[1]).is_some());
+    assert!(route_of_entry(&f.routes, "backup", &replays[0]).is_some());
     f.flusher.finish().await;
 }
 
@@ -150,6 +149,7 @@ async fn parks_of_a_settled_prefix_share_a_commit_and_are_marked() {
         let original = (seq == seqs[4]).then_some(2);
         let item = InFlight {
             record: record("up/x"),
+            topic: "up/x".into(),
             route: "up".into(),
             published_at: Instant::now(),
             original,

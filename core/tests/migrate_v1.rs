@@ -1,12 +1,14 @@
-//! A data directory written by the schema-1 build (tests/fixtures/v1, see
-//! its README) opens with this build: backlog, cursors, gateway id and dead
-//! letters kept, the dead-letter marks moved out of the message headers.
+//! A data directory written by the schema-1 build (store/tests/fixtures/v1,
+//! see its README) opens with this build: backlog, cursors, gateway id and
+//! dead letters kept, the dead-letter marks moved out of the message
+//! headers, and every record still decodes as a message (format version 1).
 
 #![allow(clippy::unwrap_used)]
 
 use std::num::NonZeroUsize;
 use std::path::Path;
 
+use edge_core::Message;
 use edge_store::{Store, StoreOptions, WhenFull};
 
 fn options() -> StoreOptions {
@@ -24,7 +26,7 @@ fn options() -> StoreOptions {
 /// A copy of the fixture: opening migrates in place.
 fn fixture_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1/edge.redb");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../store/tests/fixtures/v1/edge.redb");
     std::fs::copy(src, dir.path().join(edge_store::DB_FILE)).unwrap();
     dir
 }
@@ -45,12 +47,10 @@ async fn a_v1_store_opens_with_its_backlog_cursors_and_dead_letters() {
     assert_eq!(seqs, (1005..1020).collect::<Vec<_>>());
     for e in &backlog {
         let n = e.seq - 1000;
-        assert_eq!(e.record.topic, format!("fixture/dev-{}/temp", n % 3));
-        assert_eq!(
-            &e.record.payload[..],
-            format!("v1 message {n:02}").as_bytes()
-        );
-        assert_eq!(e.record.headers.len(), 1, "content-type only");
+        let m = Message::from_record(&e.record).unwrap();
+        assert_eq!(&*m.topic, format!("fixture/dev-{}/temp", n % 3));
+        assert_eq!(&m.payload[..], format!("v1 message {n:02}").as_bytes());
+        assert_eq!(m.properties.headers.len(), 1, "content-type only");
         assert!(e.replay.is_none());
     }
 
@@ -60,13 +60,14 @@ async fn a_v1_store_opens_with_its_backlog_cursors_and_dead_letters() {
     assert_eq!((d.seq, d.original_seq), (1007, 1007));
     assert_eq!(d.upstreams, ["central"]);
     assert_eq!(d.reason, "unroutable: NO_ROUTE");
+    let m = Message::from_record(&d.record).unwrap();
     assert!(
-        d.record
+        m.properties
             .headers
             .iter()
             .all(|(k, _)| !k.starts_with("x-edge-")),
         "marks moved out of the message: {:?}",
-        d.record.headers
+        m.properties.headers
     );
     assert_eq!(stats.dead_letters, 1);
 
