@@ -77,6 +77,9 @@ pub struct MqttConfig {
     /// Messages a persistent session's queue holds at most; newer ones are
     /// not queued for it (counted, `session_queue_full`).
     pub max_session_queue: NonZeroUsize,
+    /// Encoded bytes a persistent session's queue holds at most; newer
+    /// messages are not queued for it (counted, `session_queue_bytes`).
+    pub max_session_queue_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +171,7 @@ pub mod defaults {
     pub const MAX_QUEUED_MESSAGES: usize = 1000;
     pub const SESSION_EXPIRY: &str = "2h";
     pub const MAX_SESSION_QUEUE: usize = 100_000;
+    pub const MAX_SESSION_QUEUE_BYTES: &str = "64MiB";
     pub const STORE_MAX_BYTES: &str = "1GiB";
     pub const STORE_MIN_FREE: &str = "32MiB";
     pub const BATCH_MAX_MESSAGES: usize = 4096;

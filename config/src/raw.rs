@@ -41,6 +41,7 @@ pub struct RawMqtt {
     pub max_queued_messages: Option<i64>,
     pub session_expiry: Option<String>,
     pub max_session_queue: Option<i64>,
+    pub max_session_queue_bytes: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

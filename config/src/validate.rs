@@ -312,6 +312,11 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             defaults::MAX_SESSION_QUEUE,
             100_000_000,
         ),
+        max_session_queue_bytes: c.size(
+            "mqtt.max_session_queue_bytes",
+            m.max_session_queue_bytes.as_deref(),
+            defaults::MAX_SESSION_QUEUE_BYTES,
+        ),
     };
 
     let metrics = match raw.metrics.enabled {

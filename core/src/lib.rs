@@ -4,6 +4,7 @@
 
 pub mod amqp;
 pub mod error;
+mod level;
 pub mod message;
 pub mod receipt;
 mod retained;

@@ -29,6 +29,7 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::error::PublishError;
+use crate::level::{Over, QueueLevel};
 use crate::message::{Message, QoS};
 use crate::receipt::Receipt;
 use crate::retained::RetainedIndex;
@@ -65,8 +66,13 @@ pub struct RouterOptions {
     /// How long a persistent session is kept after its client left.
     pub session_expiry: Duration,
     /// Queue entries a persistent session holds at most; further messages
-    /// are not queued for it (counted: `session_queue_full`).
+    /// are not queued for it (policy `drop-new`, as Mosquitto's
+    /// `max_queued_messages`; counted: `session_queue_full`).
     pub max_session_queue: usize,
+    /// Encoded bytes a persistent session's queue holds at most (same
+    /// policy; counted: `session_queue_bytes`). An empty queue takes one
+    /// message of any size.
+    pub max_session_queue_bytes: u64,
 }
 
 impl Default for RouterOptions {
@@ -74,6 +80,7 @@ impl Default for RouterOptions {
         RouterOptions {
             session_expiry: Duration::from_secs(2 * 3600),
             max_session_queue: 100_000,
+            max_session_queue_bytes: 64 << 20,
         }
     }
 }
@@ -95,8 +102,8 @@ pub(crate) struct Durable {
     /// Held (shared) by acknowledgements under way, taken (exclusive) by a
     /// backlog read: a read never sees an entry whose ack is in flight.
     pub acks: Arc<tokio::sync::RwLock<()>>,
-    /// Entries in its queue (approximately: counted here).
-    pub queued: Arc<AtomicU64>,
+    /// Entries and bytes in its queue (counted here; `level.rs`).
+    pub queued: Arc<QueueLevel>,
     /// When its client left (Unix ms), if offline.
     pub disconnected_at_ms: Option<u64>,
 }
@@ -132,6 +139,8 @@ pub(crate) struct Inner {
 /// One published message between its submit and its fan-out.
 struct Dispatch {
     commit: Option<edge_store::Commit>,
+    /// Encoded bytes (what each queue entry counts).
+    size: u64,
     message: Arc<Message>,
     targets: Vec<Target>,
     retain: bool,
@@ -222,7 +231,9 @@ impl Router {
         message: Message,
         dedup: Option<String>,
     ) -> Result<Receipt, PublishError> {
-        let targets = self.targets(&message.topic, message.qos);
+        let record = message.to_record()?;
+        let size = record.encoded_len() as u64;
+        let targets = self.targets(&message.topic, message.qos, size);
         let queues: Vec<u64> = {
             let registry = self.inner.registry();
             targets
@@ -251,18 +262,20 @@ impl Router {
                 retain,
                 dedup,
             };
-            Some(
-                self.inner
-                    .store
-                    .submit_with(message.to_record()?, placement)
-                    .await?,
-            )
+            match self.inner.store.submit_with(record, placement).await {
+                Ok(commit) => Some(commit),
+                Err(error) => {
+                    self.inner.unqueue(&targets, size);
+                    return Err(error.into());
+                }
+            }
         } else {
             None
         };
         let (reply, rx) = oneshot::channel();
         let dispatch = Dispatch {
             commit,
+            size,
             retain: message.retain,
             message: Arc::new(message),
             targets,
@@ -278,7 +291,7 @@ impl Router {
 
     /// The sessions `topic` goes to, once each at the highest QoS any of
     /// their matching filters grants (capped at the message's QoS).
-    fn targets(&self, topic: &str, qos: QoS) -> Vec<Target> {
+    fn targets(&self, topic: &str, qos: QoS, size: u64) -> Vec<Target> {
         let registry = self.inner.registry();
         let mut best: Vec<(u64, QoS)> = Vec::new();
         registry.trie.for_each_match(topic, |_, key, granted| {
@@ -288,6 +301,7 @@ impl Router {
             }
         });
         let max = self.inner.options.max_session_queue as u64;
+        let max_bytes = self.inner.options.max_session_queue_bytes;
         best.into_iter()
             .map(|(key, granted)| {
                 let qos = granted.min(qos);
@@ -297,22 +311,36 @@ impl Router {
                     .and_then(|id| registry.sessions.get(id))
                     .and_then(|s| s.durable.as_ref());
                 let queued = qos != QoS::AtMostOnce
-                    && durable.is_some_and(|d| {
-                        if d.queued.load(Ordering::Relaxed) >= max {
-                            metrics::counter!("edge_messages_dropped_total", "reason" => "session_queue_full").increment(1);
-                            QUEUE_FULL.record("session_queue_full", || {
-                                format!("session key {key}: {max} messages queued (mqtt.max_session_queue)")
-                            });
+                    && durable.is_some_and(|d| match d.queued.try_add(size, max, max_bytes) {
+                        Ok(()) => true,
+                        Err(over) => {
+                            session_queue_full(&registry, key, over, max, max_bytes);
                             false
-                        } else {
-                            d.queued.fetch_add(1, Ordering::Relaxed);
-                            true
                         }
                     });
                 Target { key, qos, queued }
             })
             .collect()
     }
+}
+
+/// A message not queued for a persistent session (policy `drop-new`):
+/// counted, summarised in the log.
+fn session_queue_full(registry: &Registry, key: u64, over: Over, max: u64, max_bytes: u64) {
+    let client_id = registry.by_key.get(&key).map_or("?", |id| &**id);
+    let reason = match over {
+        Over::Messages => "session_queue_full",
+        Over::Bytes => "session_queue_bytes",
+    };
+    metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(1);
+    QUEUE_FULL.record(reason, || match over {
+        Over::Messages => {
+            format!("client_id={client_id}: {max} messages queued (mqtt.max_session_queue)")
+        }
+        Over::Bytes => format!(
+            "client_id={client_id}: {max_bytes} bytes queued (mqtt.max_session_queue_bytes)"
+        ),
+    });
 }
 
 impl Inner {
@@ -364,6 +392,7 @@ impl Inner {
 async fn dispatcher(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Dispatch>) {
     type Done = (
         Result<Seq, PublishError>,
+        u64,
         Arc<Message>,
         Vec<Target>,
         bool,
@@ -380,10 +409,10 @@ async fn dispatcher(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Dispat
                         Some(commit) => commit.await.map_err(PublishError::from),
                         None => Ok(0),
                     };
-                    (result, d.message, d.targets, d.retain, d.reply)
+                    (result, d.size, d.message, d.targets, d.retain, d.reply)
                 }));
             }
-            Some((result, message, targets, retain, reply)) = waiting.next(), if !waiting.is_empty() => {
+            Some((result, size, message, targets, retain, reply)) = waiting.next(), if !waiting.is_empty() => {
                 let Some(inner) = inner.upgrade() else { break };
                 match &result {
                     Ok(seq) => {
@@ -396,7 +425,7 @@ async fn dispatcher(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Dispat
                         }
                         inner.fan_out(&message, *seq, &targets);
                     }
-                    Err(_) => inner.unqueue(&targets),
+                    Err(_) => inner.unqueue(&targets, size),
                 }
                 let _ = reply.send(result);
             }

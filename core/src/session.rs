@@ -20,7 +20,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use bytes::{Buf, BufMut};
 use edge_store::{Seq, StoreError};
 use tokio::sync::{Notify, mpsc};
 
+use crate::level::QueueLevel;
 use crate::message::{Message, QoS, now_ms};
 use crate::router::{Delivery, Durable, Inner, Online, Router, SessionId, Slot};
 
@@ -209,7 +210,7 @@ impl Router {
                 (Some(queue), _) => Some(Durable {
                     queue,
                     acks: Arc::default(),
-                    queued: Arc::new(AtomicU64::new(0)),
+                    queued: Arc::default(),
                     disconnected_at_ms: None,
                 }),
             };
@@ -271,7 +272,13 @@ impl Router {
                     tracing::warn!(client_id = %id, "unreadable stored session: dropped");
                     continue;
                 };
-                let queued = store.queue_entries(queue, 0, usize::MAX)?.len() as u64;
+                let entries = store.queue_entries(queue, 0, usize::MAX)?;
+                let bytes = entries
+                    .iter()
+                    .filter_map(|e| e.record.as_ref())
+                    .map(|r| r.encoded_len() as u64)
+                    .sum();
+                let queued = QueueLevel::new(entries.len() as u64, bytes);
                 out.push((id, queue, disconnected, filters, queued));
             }
             Ok((out, store.retained()?))
@@ -301,7 +308,7 @@ impl Router {
                         durable: Some(Durable {
                             queue,
                             acks: Arc::default(),
-                            queued: Arc::new(AtomicU64::new(queued)),
+                            queued: Arc::new(queued),
                             // Connected when the gateway stopped: away since now.
                             disconnected_at_ms: Some(disconnected.unwrap_or(now)),
                         }),
@@ -334,7 +341,7 @@ impl Router {
 
 impl Inner {
     /// A refused append: the queue entries counted for it were not made.
-    pub(crate) fn unqueue(&self, targets: &[crate::router::Target]) {
+    pub(crate) fn unqueue(&self, targets: &[crate::router::Target], size: u64) {
         let registry = self.registry();
         for t in targets.iter().filter(|t| t.queued) {
             if let Some(d) = registry
@@ -343,7 +350,7 @@ impl Inner {
                 .and_then(|id| registry.sessions.get(id))
                 .and_then(|s| s.durable.as_ref())
             {
-                d.queued.fetch_sub(1, Ordering::Relaxed);
+                d.queued.remove_exact(size);
             }
         }
     }
@@ -584,7 +591,7 @@ impl Subscriber {
 pub struct Acker {
     store: edge_store::Store,
     queue: u64,
-    queued: Arc<AtomicU64>,
+    queued: Arc<QueueLevel>,
     acks: Arc<tokio::sync::RwLock<()>>,
 }
 
@@ -606,11 +613,7 @@ impl Acker {
     pub async fn ack(&self, seqs: Vec<Seq>) -> Result<(), SessionError> {
         let n = seqs.len() as u64;
         self.store.queue_ack(self.queue, seqs).await?;
-        let _ = self
-            .queued
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
-                Some(q.saturating_sub(n))
-            });
+        self.queued.remove_acked(n);
         Ok(())
     }
 

@@ -201,6 +201,7 @@ impl Gateway {
             RouterOptions {
                 session_expiry: config.mqtt.session_expiry,
                 max_session_queue: config.mqtt.max_session_queue.get(),
+                max_session_queue_bytes: config.mqtt.max_session_queue_bytes,
             },
         )
         .await

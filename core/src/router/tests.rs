@@ -249,6 +249,57 @@ async fn a_persistent_session_keeps_what_came_while_it_was_away() {
     assert_eq!(router.session_count(), 0);
 }
 
+/// An absent session's queue is bounded by messages and by bytes: what
+/// does not fit is not queued for it (and is still stored for the others).
+#[tokio::test]
+async fn an_absent_sessions_queue_is_bounded_by_messages_and_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = |n: usize| {
+        let mut m = msg("cmd/x", QoS::AtLeastOnce);
+        m.payload = Bytes::from(vec![n as u8; n]);
+        m
+    };
+    let one = size(100).to_record().expect("encodes").encoded_len() as u64;
+    let router = Router::with_options(
+        store(dir.path()),
+        Routes::default(),
+        RouterOptions {
+            max_session_queue: 3,
+            max_session_queue_bytes: 2 * one + one / 2,
+            ..RouterOptions::default()
+        },
+    );
+    // "count" takes only small messages: the byte bound does not bite.
+    for (id, filter) in [("bytes", "cmd/x"), ("count", "cmd/small")] {
+        let a = router.attach(id.into(), PERSISTENT).await.expect("attach");
+        a.subscriber
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+    }
+    for _ in 0..3 {
+        publish(&router, size(100)).await;
+    }
+    for _ in 0..4 {
+        let mut m = msg("cmd/small", QoS::AtLeastOnce);
+        m.payload = Bytes::from_static(b"s");
+        publish(&router, m).await;
+    }
+    let backlog = |id: &'static str| {
+        let router = router.clone();
+        async move {
+            let a = router.attach(id.into(), PERSISTENT).await.expect("attach");
+            let entries = a.subscriber.backlog(0, 100).await.expect("backlog");
+            entries
+                .iter()
+                .map(|e| e.message.payload.len())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(backlog("bytes").await, [100, 100], "2.5 messages of bytes");
+    assert_eq!(backlog("count").await, [1, 1, 1], "3 messages");
+}
+
 #[tokio::test]
 async fn sessions_and_retained_messages_survive_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -86,6 +86,7 @@ impl Server {
             max_queued_messages: NonZeroUsize::new(1000).context("nonzero")?,
             session_expiry: Duration::from_secs(3600),
             max_session_queue: NonZeroUsize::new(1000).context("nonzero")?,
+            max_session_queue_bytes: 64 << 20,
         };
         let listener = MqttListener::bind(&config).await?;
         let addr = listener.local_addr();
