@@ -25,11 +25,12 @@ impl RetainedIndex {
     }
 
     /// The retained messages whose topic `filter` matches (`$` topics only
-    /// for filters that name the `$` level).
+    /// for filters that name the `$` level) and that have not expired.
     pub(crate) fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
+        let now = crate::message::now_ms();
         self.by_topic
             .iter()
-            .filter(|(t, _)| topic::matches(filter, t))
+            .filter(|(t, m)| topic::matches(filter, t) && !m.is_expired(now))
             .map(|(_, m)| Arc::clone(m))
             .collect()
     }

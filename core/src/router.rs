@@ -354,8 +354,14 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Hands a committed message to the online sessions it targets.
+    /// Hands a committed message to the online sessions it targets. One
+    /// already past its expiry goes to nobody (a queued entry of it is
+    /// acknowledged when the session reads its queue).
     fn fan_out(&self, message: &Arc<Message>, seq: Seq, targets: &[Target]) {
+        let expired = message.is_expired(crate::message::now_ms());
+        if expired {
+            crate::session::expired(message);
+        }
         let registry = self.registry();
         for t in targets {
             let Some(slot) = registry
@@ -366,6 +372,12 @@ impl Inner {
                 continue;
             };
             let Some(online) = &slot.online else { continue };
+            if expired {
+                if t.queued {
+                    online.lagged.store(true, Ordering::Release);
+                }
+                continue;
+            }
             let delivery = Delivery {
                 message: Arc::clone(message),
                 qos: t.qos,

@@ -468,8 +468,9 @@ impl Subscriber {
     }
 
     /// Up to `max` entries of the session's queue from `from` on, in order.
-    /// Entries whose message is gone (`drop-oldest`) are acknowledged and
-    /// skipped.
+    /// Entries whose message is gone (`drop-oldest`), unreadable or past its
+    /// expiry ([`crate::Properties::expires_at_ms`]) are acknowledged and
+    /// skipped (an expired one counted: `edge_messages_expired_total`).
     pub async fn backlog(&self, from: Seq, max: usize) -> Result<Vec<Backlogged>, SessionError> {
         let Some(queue) = self.queue else {
             return Ok(Vec::new());
@@ -480,6 +481,7 @@ impl Subscriber {
             .map_err(|e| SessionError::Store(e.to_string()))??;
         let mut gone = Vec::new();
         let mut out = Vec::with_capacity(entries.len());
+        let now = now_ms();
         for e in entries {
             let message = e.record.and_then(|record| {
                 Message::from_record(&record)
@@ -487,6 +489,10 @@ impl Subscriber {
                     .ok()
             });
             match message {
+                Some(message) if message.is_expired(now) => {
+                    expired(&message);
+                    gone.push(e.seq);
+                }
                 Some(message) => out.push(Backlogged {
                     seq: e.seq,
                     state: e.state,
@@ -702,6 +708,12 @@ fn decode(mut v: &[u8]) -> Option<Decoded> {
         filters.insert(filter, qos);
     }
     Some((queue, disconnected, filters))
+}
+
+/// A message past its expiry, not delivered: counted.
+pub(crate) fn expired(message: &Message) {
+    metrics::counter!("edge_messages_expired_total", "protocol" => message.origin.protocol.as_str())
+        .increment(1);
 }
 
 /// A stored message this build cannot decode: skipped, counted, logged.

@@ -249,6 +249,66 @@ async fn a_persistent_session_keeps_what_came_while_it_was_away() {
     assert_eq!(router.session_count(), 0);
 }
 
+/// A message past its expiry is delivered to nobody: not live, not from a
+/// session's queue, not as a retained message.
+#[tokio::test]
+async fn an_expired_message_is_delivered_to_nobody() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let mut online = router
+        .attach("online".into(), PERSISTENT)
+        .await
+        .expect("attach");
+    online
+        .subscriber
+        .subscribe("t/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let away = router
+        .attach("away".into(), PERSISTENT)
+        .await
+        .expect("attach");
+    away.subscriber
+        .subscribe("t/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    drop(away);
+    let stale = |topic: &str| {
+        let mut m = msg(topic, QoS::AtLeastOnce);
+        m.retain = true;
+        m.properties.expires_at_ms = Some(1);
+        m
+    };
+    publish(&router, stale("t/old")).await;
+    let mut fresh = msg("t/new", QoS::AtLeastOnce);
+    fresh.properties.expires_at_ms = Some(u64::MAX);
+    publish(&router, fresh).await;
+
+    assert_eq!(&*recv(&mut online.deliveries).await.message.topic, "t/new");
+    let away = router
+        .attach("away".into(), PERSISTENT)
+        .await
+        .expect("attach");
+    let topics: Vec<String> = away
+        .subscriber
+        .backlog(0, 10)
+        .await
+        .expect("backlog")
+        .iter()
+        .map(|e| e.message.topic.to_string())
+        .collect();
+    assert_eq!(topics, ["t/new"]);
+    let (_, retained) = away
+        .subscriber
+        .subscribe("t/old", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    assert!(
+        retained.is_empty(),
+        "an expired retained message is not sent"
+    );
+}
+
 /// An absent session's queue is bounded by messages and by bytes: what
 /// does not fit is not queued for it (and is still stored for the others).
 #[tokio::test]
