@@ -63,6 +63,15 @@ struct Accepted {
     will: Option<Will>,
 }
 
+/// A connection past its CONNACK.
+struct Established {
+    session: Session,
+    deliveries: mpsc::Receiver<Delivery>,
+    keep_alive: Option<Duration>,
+    /// Its place under `mqtt.max_connections`, held until it ends.
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 #[derive(Debug)]
 pub(crate) struct Connection {
     stream: TcpStream,
@@ -78,8 +87,8 @@ impl Connection {
             stream,
             peer,
             settings,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: BytesMut::with_capacity(READ_CHUNK),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
         }
     }
 
@@ -96,7 +105,7 @@ impl Connection {
         // the close can count on the will's fan-out being done.
         let will = match (accepted.will.take(), &accepted.client_id) {
             (Some(w), Some(id)) if close.publishes_will() => {
-                will::publish(&router, w, id.clone()).await
+                Box::pin(will::publish(&router, w, id.clone())).await
             }
             _ => None,
         };
@@ -106,7 +115,7 @@ impl Connection {
         }
         let _ = timeout(FINAL_FLUSH_TIMEOUT, self.stream.shutdown()).await;
         if let Some(will) = will {
-            will.settle().await;
+            Box::pin(will.settle()).await;
         }
         self.log_close(&close, accepted.client_id.as_deref());
     }
@@ -154,6 +163,41 @@ impl Connection {
         shutdown: &CancellationToken,
         accepted: &mut Accepted,
     ) -> Close {
+        // The handshake's state (CONNECT, the attach, ...) is boxed and gone
+        // once it is done: only the session's state stays in the task.
+        let established =
+            match Box::pin(self.handshake(router, admission, shutdown, accepted)).await {
+                Ok(established) => established,
+                Err(close) => return close,
+            };
+        let Established {
+            mut session,
+            deliveries,
+            keep_alive,
+            permit,
+        } = established;
+        let close = self
+            .session_loop(&mut session, deliveries, keep_alive, shutdown)
+            .await;
+        let close = match close {
+            Close::Shutdown => Box::pin(self.drain(&mut session)).await,
+            close => close,
+        };
+        // Before the session is left: what the client acknowledged is out
+        // of its queue, so a reconnect does not get it again.
+        Box::pin(session.finish_acks()).await;
+        drop(permit);
+        close
+    }
+
+    /// CONNECT to CONNACK: the session, or why there is none.
+    async fn handshake(
+        &mut self,
+        router: &Router,
+        admission: Admission,
+        shutdown: &CancellationToken,
+        accepted: &mut Accepted,
+    ) -> Result<Established, Close> {
         let connect_timeout = self.settings.connect_timeout;
         let Admission {
             handshake,
@@ -161,27 +205,27 @@ impl Connection {
             max_connections,
         } = admission;
         let hello = tokio::select! {
-            _ = shutdown.cancelled() => return Close::Shutdown,
-            _ = handshake.evicted() => return Close::HandshakeEvicted,
+            _ = shutdown.cancelled() => return Err(Close::Shutdown),
+            _ = handshake.evicted() => return Err(Close::HandshakeEvicted),
             hello = timeout(connect_timeout, self.read_connect()) => match hello {
-                Err(_) => return Close::ConnectTimeout(connect_timeout),
-                Ok(Err(close)) => return close,
+                Err(_) => return Err(Close::ConnectTimeout(connect_timeout)),
+                Ok(Err(close)) => return Err(close),
                 Ok(Ok(hello)) => hello,
             },
         };
         drop(handshake);
         // Held until the connection ends.
-        let Ok(_permit) = limit.try_acquire_owned() else {
+        let Ok(permit) = limit.try_acquire_owned() else {
             metrics::counter!("edge_connections_rejected_total", "protocol" => "mqtt", "reason" => "max_connections").increment(1);
             logs::REFUSED.record("max_connections", || {
                 format!("peer={} max_connections={max_connections}", self.peer)
             });
-            return self
+            return Err(self
                 .refuse(
                     ConnectReturnCode::ServiceUnavailable,
                     format!("{max_connections} clients connected (mqtt.max_connections)"),
                 )
-                .await;
+                .await);
         };
         let (version, connect, will) = match hello {
             Hello::Accepted {
@@ -191,35 +235,35 @@ impl Connection {
                 will,
             } => (version, connect, will),
             Hello::Unsupported { level } => {
-                return self
+                return Err(self
                     .refuse(
                         ConnectReturnCode::RefusedProtocolVersion,
                         format!("unsupported protocol level {level}"),
                     )
-                    .await;
+                    .await);
             }
         };
         let client_id: Arc<str> = match (connect.client_id.is_empty(), connect.clean_session) {
             (false, _) => connect.client_id.into(),
             // MQTT 3.1 requires a client id (refused with 2, as Mosquitto does).
             (true, _) if version == Version::V31 => {
-                return self
+                return Err(self
                     .refuse(
                         ConnectReturnCode::ClientIdentifierNotValid,
                         "empty client id from an MQTT 3.1 client".to_string(),
                     )
-                    .await;
+                    .await);
             }
             (true, true) => {
                 format!("edge-auto-{}", ASSIGNED_IDS.fetch_add(1, Ordering::Relaxed)).into()
             }
             (true, false) => {
-                return self
+                return Err(self
                     .refuse(
                         ConnectReturnCode::ClientIdentifierNotValid,
                         "empty client id without clean session".to_string(),
                     )
-                    .await;
+                    .await);
             }
         };
         accepted.client_id = Some(client_id.clone());
@@ -227,15 +271,15 @@ impl Connection {
             clean: connect.clean_session,
             queue: self.settings.max_queued_messages,
         };
-        let attached = match router.attach(client_id.clone(), attach).await {
+        let attached = match Box::pin(router.attach(client_id.clone(), attach)).await {
             Ok(attached) => attached,
             Err(e) => {
-                return self
+                return Err(self
                     .refuse(
                         ConnectReturnCode::ServiceUnavailable,
                         format!("cannot open the session: {e}"),
                     )
-                    .await;
+                    .await);
             }
         };
         let Attached {
@@ -248,9 +292,7 @@ impl Connection {
             session_present,
             code: ConnectReturnCode::Success,
         };
-        if let Err(close) = session::write(Packet::ConnAck(connack, None), &mut self.wbuf) {
-            return close;
-        }
+        session::write(Packet::ConnAck(connack, None), &mut self.wbuf)?;
         // Accepted: from here on the will is the connection's (MQTT-3.1.2-8).
         accepted.will = will;
         tracing::debug!(peer = %self.peer, client_id = %client_id, ?version, keep_alive = connect.keep_alive, "client connected");
@@ -263,20 +305,15 @@ impl Connection {
             self.settings.max_inflight,
             session_present,
         );
-        if session_present && let Err(close) = session.load_inbound().await {
-            return close;
+        if session_present {
+            session.load_inbound().await?;
         }
-        let close = self
-            .session_loop(&mut session, deliveries, keep_alive, shutdown)
-            .await;
-        let close = match close {
-            Close::Shutdown => self.drain(&mut session).await,
-            close => close,
-        };
-        // Before the session is left: what the client acknowledged is out
-        // of its queue, so a reconnect does not get it again.
-        session.finish_acks().await;
-        close
+        Ok(Established {
+            session,
+            deliveries,
+            keep_alive,
+            permit,
+        })
     }
 
     async fn refuse(&mut self, code: ConnectReturnCode, why: String) -> Close {
@@ -335,9 +372,15 @@ impl Connection {
         let idle = sleep_until(Instant::now() + idle_limit);
         let stall = sleep_until(Instant::now() + stall_limit);
         tokio::pin!(idle, stall);
-        let (mut reader, mut writer) = self.stream.split();
+        let (reader, mut writer) = self.stream.split();
         let mut was_writing = false;
         loop {
+            // An idle connection holds no buffers: they are allocated when
+            // the socket is readable or something is to be written, and
+            // given back once empty (idle memory per connection is what
+            // a gateway with thousands of quiet devices pays for).
+            release_if_empty(&mut self.rbuf);
+            release_if_empty(&mut self.wbuf);
             // Packets already buffered, as far as back-pressure allows.
             while session.can_read() && self.wbuf.len() < WRITE_HIGH_WATER {
                 match codec::decode(&mut self.rbuf, self.settings.max_packet_size) {
@@ -354,7 +397,8 @@ impl Connection {
             // A persistent session's queue from the store, and retained
             // messages of new subscriptions, go first.
             if self.wbuf.len() < WRITE_HIGH_WATER
-                && let Err(close) = session.fill_from_store(&mut self.wbuf).await
+                && session.needs_fill()
+                && let Err(close) = Box::pin(session.fill_from_store(&mut self.wbuf)).await
             {
                 return close;
             }
@@ -402,11 +446,18 @@ impl Connection {
                         idle.as_mut().reset(Instant::now() + idle_limit);
                     }
                 }
-                read = reader.read_buf(&mut self.rbuf), if reading => match read {
-                    Ok(0) => return Close::PeerClosed,
-                    Ok(_) => self.rbuf.reserve(READ_CHUNK),
-                    Err(e) => return e.into(),
-                },
+                ready = reader.as_ref().readable(), if reading => {
+                    if let Err(e) = ready {
+                        return e.into();
+                    }
+                    self.rbuf.reserve(READ_CHUNK);
+                    match reader.as_ref().try_read_buf(&mut self.rbuf) {
+                        Ok(0) => return Close::PeerClosed,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return e.into(),
+                    }
+                }
                 Some(delivery) = deliveries.recv(),
                     if live && room && session.queued.is_empty() && session.outbox.has_room() =>
                 {
@@ -465,6 +516,13 @@ impl Connection {
             }
         }
         Close::Shutdown
+    }
+}
+
+/// Frees an empty buffer's memory (decoded packets may still share it).
+fn release_if_empty(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
     }
 }
 

@@ -138,10 +138,11 @@ impl MqttListener {
         let connection = Connection::new(stream, peer, self.settings.clone());
         let router = router.clone();
         let shutdown = shutdown.clone();
-        tracker.spawn(async move {
+        let task = async move {
             connection.serve(router, admission, shutdown).await;
             metrics::gauge!("edge_connections", "protocol" => "mqtt").decrement(1.0);
-        });
+        };
+        tracker.spawn(task);
     }
 }
 

@@ -73,7 +73,8 @@ impl Outbox {
     /// exists while [`Outbox::has_room`] holds.
     pub(crate) fn new(max_inflight: u16) -> Outbox {
         Outbox {
-            inflight: HashMap::with_capacity(usize::from(max_inflight)),
+            // Grows with use: an idle connection holds no table.
+            inflight: HashMap::new(),
             seqs: HashSet::new(),
             max_inflight: usize::from(max_inflight.max(1)),
             next_pkid: 0,

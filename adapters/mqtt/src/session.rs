@@ -245,16 +245,23 @@ impl Session {
         true
     }
 
+    /// Whether [`Session::fill_from_store`] has something to do now.
+    pub(crate) fn needs_fill(&self) -> bool {
+        self.durable.as_ref().is_some_and(|d| d.catching_up)
+            && self.queued.is_empty()
+            && self.outbox.has_room()
+    }
+
     /// While catching up and with room in the window: reads the next page
     /// of the durable queue into `queued` (a QoS 2 delivery whose PUBREC had
     /// arrived gets its PUBREL now, written to `out`).
     pub(crate) async fn fill_from_store(&mut self, out: &mut BytesMut) -> Result<(), Close> {
+        if !self.needs_fill() {
+            return Ok(());
+        }
         let Some(d) = self.durable.as_ref() else {
             return Ok(());
         };
-        if !d.catching_up || !self.queued.is_empty() || !self.outbox.has_room() {
-            return Ok(());
-        }
         let from = d.read_from;
         let page = self
             .subscriber
@@ -309,10 +316,12 @@ impl Session {
         inbound: Inbound,
         out: &mut BytesMut,
     ) -> Result<(), Close> {
+        // The futures of the packets that wait for the core are boxed: held
+        // inline, the largest of them (~2.9 KiB) would be part of every
+        // connection's task, idle or not.
         match inbound.packet {
             Packet::Publish(publish, _) => {
-                self.on_publish(publish, inbound.qos, inbound.pkid, out)
-                    .await
+                Box::pin(self.on_publish(publish, inbound.qos, inbound.pkid, out)).await
             }
             Packet::PubAck(ack, _) => {
                 match self.outbox.puback(ack.pkid)? {
@@ -358,7 +367,8 @@ impl Session {
                 // again, while the other order could take a new message
                 // under the id for a retransmission and drop it.
                 if self.qos2.remove(&rel.pkid).is_some()
-                    && let Err(e) = self.subscriber.release_key(&rel.pkid.to_string()).await
+                    && let Err(e) =
+                        Box::pin(self.subscriber.release_key(&rel.pkid.to_string())).await
                 {
                     return Err(Close::Session(e.to_string()));
                 }
@@ -368,8 +378,10 @@ impl Session {
                 };
                 write(Packet::PubComp(comp, None), out)
             }
-            Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe, out).await,
-            Packet::Unsubscribe(unsubscribe, _) => self.on_unsubscribe(unsubscribe, out).await,
+            Packet::Subscribe(subscribe, _) => Box::pin(self.on_subscribe(subscribe, out)).await,
+            Packet::Unsubscribe(unsubscribe, _) => {
+                Box::pin(self.on_unsubscribe(unsubscribe, out)).await
+            }
             Packet::PingReq(_) => write(Packet::PingResp(PingResp), out),
             Packet::Disconnect(..) => Err(Close::Disconnect),
             Packet::Connect(..) => Err(ProtocolError::DuplicateConnect.into()),
