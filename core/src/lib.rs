@@ -15,6 +15,7 @@ pub mod topic;
 pub mod trie;
 pub mod window;
 
+pub use edge_store::Seq;
 pub use error::PublishError;
 pub use message::{Message, Origin, Properties, Protocol, QoS, Value};
 pub use receipt::Receipt;

@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use edge_store::Seq;
+use edge_core::Seq;
 
 use bytes::BytesMut;
 use edge_core::{Delivery, QoS};

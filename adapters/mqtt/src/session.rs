@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
+use edge_core::Seq;
 use edge_core::receipt::ReceiptResult;
 use edge_core::{Acker, Delivery, Message, PublishError, QoS, Receipt, Router, Subscriber, topic};
-use edge_store::Seq;
 use futures::stream::FuturesOrdered;
 use rumqttd::protocol::{
     self, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
