@@ -126,9 +126,8 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub name: String,
-    /// Broker nodes, tried in order. Only `amqp://`: `amqps://` is refused
-    /// by validation until TLS to upstreams exists, rather than being
-    /// connected without TLS.
+    /// Broker nodes, tried in order: `amqp://` (plain TCP) or `amqps://`
+    /// (TLS, certificate verified; never falls back to plain TCP).
     pub uris: Vec<String>,
     /// Published but unconfirmed messages at most.
     pub max_in_flight: NonZeroUsize,
@@ -136,6 +135,28 @@ pub struct UpstreamConfig {
     pub reconnect_max: Duration,
     /// Backlog present, link up, no confirm for this long: rebuild the channel.
     pub confirm_timeout: Duration,
+    /// For `amqps://` nodes: extra trusted CA and a client identity.
+    pub tls: UpstreamTls,
+}
+
+/// TLS material of an upstream, read from the files the config names
+/// (`tls_ca_file`, `tls_cert_file`, `tls_key_file`) when it is checked.
+#[derive(Clone, Default)]
+pub struct UpstreamTls {
+    /// PEM certificates trusted besides the system's roots.
+    pub ca_pem: Option<String>,
+    /// PEM certificate chain and PKCS#8 PEM key for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("UpstreamTls")
+            .field("ca", &self.ca_pem.as_ref().map(|_| "(set)"))
+            .field("identity", &self.identity.as_ref().map(|_| "(set)"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -71,6 +71,9 @@ pub struct RawUpstream {
     pub reconnect_min: Option<String>,
     pub reconnect_max: Option<String>,
     pub confirm_timeout: Option<String>,
+    pub tls_ca_file: Option<String>,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

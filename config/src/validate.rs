@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::raw::{RawConfig, RawRoute, RawUpstream};
 use crate::{
     Config, ConfigError, GatewayConfig, MetricsConfig, MqttConfig, OnCorrupt, Problem, RouteConfig,
-    StoreConfig, UpstreamConfig, WhenFull, defaults,
+    StoreConfig, UpstreamConfig, UpstreamTls, WhenFull, defaults,
 };
 
 const MILLI: Duration = Duration::from_millis(1);
@@ -438,28 +438,19 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
         c.problem(
             key("uris"),
             None,
-            "is required: a list of one or more \"amqp://\" URIs",
+            "is required: a list of one or more \"amqp://\" or \"amqps://\" URIs",
         );
     }
     for (j, uri) in uris.iter().enumerate() {
-        // The AMQP client is built without a TLS connector: an amqps:// URI
-        // would be served by a plain TCP connection, credentials in clear.
-        // Refused until TLS exists, so that nothing is silently downgraded.
-        if uri.starts_with("amqps://") {
+        if !uri.starts_with("amqp://") && !uri.starts_with("amqps://") {
             c.problem(
                 format!("upstream[{i}].uris[{j}]"),
                 Some(redact_password(uri)),
-                "an \"amqp://\" URI: TLS to upstreams is not available yet \
-                 (use \"amqp://\" deliberately)",
-            );
-        } else if !uri.starts_with("amqp://") {
-            c.problem(
-                format!("upstream[{i}].uris[{j}]"),
-                Some(redact_password(uri)),
-                "a URI starting with \"amqp://\"",
+                "a URI starting with \"amqp://\" or \"amqps://\"",
             );
         }
     }
+    let tls = upstream_tls(c, i, u);
     let problems_before = c.problems.len();
     let reconnect_min = c.duration_within(
         &key("reconnect_min"),
@@ -500,6 +491,70 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
             SECOND,
             HOUR,
         ),
+        tls,
+    }
+}
+
+/// The upstream's TLS files, read now, so that a missing or unreadable one
+/// is a config problem (with its key), not a failure at the first connect.
+fn upstream_tls(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamTls {
+    let key = |field: &str| format!("upstream[{i}].{field}");
+    let mut read = |field: &str, path: &Option<String>, what: &str| -> Option<Vec<u8>> {
+        let path = path.as_ref()?;
+        match std::fs::read(path) {
+            Ok(bytes) if String::from_utf8_lossy(&bytes).contains("-----BEGIN ") => Some(bytes),
+            Ok(_) => {
+                c.problem(
+                    key(field),
+                    Some(path.clone()),
+                    format!("a PEM file holding {what}"),
+                );
+                None
+            }
+            Err(e) => {
+                c.problem(
+                    key(field),
+                    Some(path.clone()),
+                    format!("a readable PEM file holding {what} ({e})"),
+                );
+                None
+            }
+        }
+    };
+    let ca = read("tls_ca_file", &u.tls_ca_file, "CA certificates");
+    let cert = read(
+        "tls_cert_file",
+        &u.tls_cert_file,
+        "the client certificate chain",
+    );
+    let private = read(
+        "tls_key_file",
+        &u.tls_key_file,
+        "the client's PKCS#8 private key",
+    );
+    let identity = match (cert, private, &u.tls_cert_file, &u.tls_key_file) {
+        (Some(cert), Some(private), _, _) => Some((cert, private)),
+        (_, _, Some(_), None) => {
+            c.problem(
+                key("tls_key_file"),
+                None,
+                "set when tls_cert_file is (mutual TLS needs both)",
+            );
+            None
+        }
+        (_, _, None, Some(_)) => {
+            c.problem(
+                key("tls_cert_file"),
+                None,
+                "set when tls_key_file is (mutual TLS needs both)",
+            );
+            None
+        }
+        _ => None,
+    };
+    UpstreamTls {
+        ca_pem: ca.map(|b| String::from_utf8_lossy(&b).into_owned()),
+        identity,
     }
 }
 
@@ -724,30 +779,60 @@ mod tests {
         assert_eq!(c.routes[0].upstream, "central");
     }
 
-    /// Issue 5: without a TLS connector an amqps:// upstream would be a
-    /// plain connection; refused, and its password is not printed.
     #[test]
-    fn amqps_uris_are_refused_without_printing_the_password() {
-        let err = Config::parse(
+    fn amqps_uris_take_tls_files_read_when_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let not_pem = dir.path().join("notes.txt");
+        std::fs::write(&not_pem, "hello").expect("write");
+        let c = Config::parse(&format!(
             r#"
             [[upstream]]
             name = "central"
-            uris = ["amqp://guest:guest@10.0.0.1:5672/%2f", "amqps://guest:s3cret@10.0.0.2:5671/%2f"]
-            "#,
-        )
-        .expect_err("amqps is refused");
-        let [problem] = err.problems() else {
-            panic!("one problem expected: {err}");
-        };
-        assert_eq!(problem.key, "upstream[0].uris[1]");
-        assert_eq!(
-            problem.value.as_deref(),
-            Some("amqps://guest:***@10.0.0.2:5671/%2f")
+            uris = ["amqps://guest:s3cret@10.0.0.2:5671/%2f"]
+            tls_ca_file = {ca:?}
+            "#
+        ))
+        .expect("amqps with a CA file is accepted");
+        assert!(
+            c.upstreams[0]
+                .tls
+                .ca_pem
+                .as_deref()
+                .is_some_and(|p| p.contains("BEGIN"))
         );
-        assert!(problem.expected.contains("TLS"), "{problem}");
-        let text = err.to_string();
-        assert!(text.contains("upstream[0].uris[1]"), "{text}");
-        assert!(!text.contains("s3cret"), "{text}");
+        assert!(c.upstreams[0].tls.identity.is_none());
+        assert!(
+            !format!("{:?}", c.upstreams[0].tls).contains("BEGIN"),
+            "never printed"
+        );
+
+        let err = Config::parse(&format!(
+            r#"
+            [[upstream]]
+            name = "central"
+            uris = ["amqps://guest:s3cret@10.0.0.2:5671/%2f"]
+            tls_ca_file = "/nonexistent/ca.pem"
+            tls_cert_file = {not_pem:?}
+            "#
+        ))
+        .expect_err("bad TLS files");
+        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "upstream[0].tls_ca_file",
+                "upstream[0].tls_cert_file",
+                "upstream[0].tls_key_file"
+            ],
+            "{err}"
+        );
+        assert!(!err.to_string().contains("s3cret"));
     }
 
     #[test]

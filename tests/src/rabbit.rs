@@ -30,6 +30,8 @@ pub struct RabbitNode {
     amqp_port: u16,
     dist_port: u16,
     base: PathBuf,
+    /// `RABBITMQ_CONFIG_FILE`, when the node has one.
+    config_file: Option<PathBuf>,
     /// Removes `base` when a dedicated node is dropped.
     _dir: Option<tempfile::TempDir>,
     running: bool,
@@ -66,6 +68,29 @@ impl RabbitNode {
 
     /// Allocates name, ports and directories without starting anything.
     pub fn create(label: &str) -> Result<RabbitNode> {
+        RabbitNode::create_with(label, &[], None)
+    }
+
+    /// Like [`RabbitNode::dedicated`], with `files` (name, contents) in the
+    /// node's directory and a `rabbitmq.conf` made by `conf` from that
+    /// directory and a free port of its own (e.g. a TLS listener's).
+    /// Returns the node and that port.
+    pub fn dedicated_with(
+        label: &str,
+        files: &[(&str, &[u8])],
+        conf: impl Fn(&Path, u16) -> String,
+    ) -> Result<(RabbitNode, u16)> {
+        let port = free_port()?;
+        let mut node = RabbitNode::create_with(label, files, Some(&|dir: &Path| conf(dir, port)))?;
+        node.start()?;
+        Ok((node, port))
+    }
+
+    fn create_with(
+        label: &str,
+        files: &[(&str, &[u8])],
+        conf: Option<&dyn Fn(&Path) -> String>,
+    ) -> Result<RabbitNode> {
         let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let name = format!("edgetest-{label}-{pid}-{n}@localhost");
@@ -79,6 +104,17 @@ impl RabbitNode {
                 .with_context(|| format!("creating {}", base.join(sub).display()))?;
         }
         std::fs::write(base.join("enabled_plugins"), "[].\n").context("writing enabled_plugins")?;
+        for (name, contents) in files {
+            std::fs::write(base.join(name), contents).with_context(|| format!("writing {name}"))?;
+        }
+        let config_file = match conf {
+            Some(conf) => {
+                let path = base.join("rabbitmq.conf");
+                std::fs::write(&path, conf(&base)).context("writing rabbitmq.conf")?;
+                Some(path)
+            }
+            None => None,
+        };
         if is_root() {
             ensure_shared_cookie()?;
             // The Debian wrapper drops to the `rabbitmq` user.
@@ -96,6 +132,7 @@ impl RabbitNode {
             amqp_port: free_port()?,
             dist_port: free_port()?,
             base,
+            config_file,
             _dir: Some(dir),
             running: false,
         };
@@ -135,6 +172,9 @@ impl RabbitNode {
             .env("RABBITMQ_PID_FILE", self.pid_file())
             .env("HOME", self.base.join("home"))
             .stdin(Stdio::null());
+        if let Some(path) = &self.config_file {
+            cmd.env("RABBITMQ_CONFIG_FILE", path);
+        }
     }
 
     fn command(&self, tool: &str) -> Command {

@@ -145,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(2),
         confirm_timeout: Duration::from_secs(10),
+        tls: Default::default(),
     };
     let route = |name: &str, filter: &str, key: &str| {
         Route::new(edge_config::RouteConfig {

@@ -1,10 +1,18 @@
 //! Getting a link to the upstream: each broker node in turn, exponential
 //! back-off with jitter between failures, forever (until shutdown).
+//!
+//! An `amqps://` node is reached over TLS (rustls with the ring provider):
+//! the server's certificate is verified against the system's roots and the
+//! upstream's `tls_ca_file`, for the URI's host name; with `tls_cert_file`
+//! and `tls_key_file` the gateway presents a client certificate. A failed
+//! handshake is a failed attempt like any other (logged with its reason,
+//! retried with back-off); it never falls back to plain TCP.
 
 use std::time::Duration;
 
 use edge_config::UpstreamConfig;
 use lapin::options::ConfirmSelectOptions;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Channel, Connection, ConnectionProperties};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -68,8 +76,13 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    async fn open(uri: &str, properties: ConnectionProperties) -> Result<Link, lapin::Error> {
-        let connection = Connection::connect(uri, properties).await?;
+    async fn open(
+        uri: &str,
+        properties: ConnectionProperties,
+        tls: OwnedTLSConfig,
+    ) -> Result<Link, lapin::Error> {
+        let runtime = lapin::runtime::default_runtime()?;
+        let connection = Connection::connect_with_config(uri, properties, tls, runtime).await?;
         let channel = match connection.create_channel().await {
             Ok(c) => c,
             Err(e) => {
@@ -118,6 +131,7 @@ pub(crate) struct Connector {
     next_uri: usize,
     backoff: Backoff,
     connection_name: String,
+    tls: OwnedTLSConfig,
 }
 
 impl Connector {
@@ -128,6 +142,17 @@ impl Connector {
             next_uri: 0,
             backoff: Backoff::new(config.reconnect_min, config.reconnect_max),
             connection_name: format!("edge-gateway {gateway_id} upstream {}", config.name),
+            tls: OwnedTLSConfig {
+                identity: config
+                    .tls
+                    .identity
+                    .as_ref()
+                    .map(|(pem, key)| OwnedIdentity::PKCS8 {
+                        pem: pem.clone(),
+                        key: key.clone(),
+                    }),
+                cert_chain: config.tls.ca_pem.clone(),
+            },
         }
     }
 
@@ -158,7 +183,10 @@ impl Connector {
             self.next_uri = (self.next_uri + 1) % self.uris.len();
             let properties = ConnectionProperties::default()
                 .with_connection_name(self.connection_name.as_str().into());
-            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Link::open(&uri, properties));
+            let attempt = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                Link::open(&uri, properties, self.tls.clone()),
+            );
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return None,
                 r = attempt => r,

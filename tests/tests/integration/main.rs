@@ -22,6 +22,7 @@ mod paho;
 mod quota;
 mod retained;
 mod sessions;
+mod tls;
 mod upstream_faults;
 
 use std::collections::HashMap;
