@@ -27,6 +27,8 @@ command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 # Debian's own Python (/usr/bin/python3) with paho-mqtt: the tests run it
 # by that path, whatever python3 is first on PATH.
 /usr/bin/python3 -c 'import paho.mqtt' >/dev/null 2>&1 || missing+=(python3-paho-mqtt)
+# amqps:// loads the system's roots (rustls-native-certs) and fails without any.
+[ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update
