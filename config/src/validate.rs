@@ -450,6 +450,10 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
             );
         }
     }
+    let uris = match upstream_password(c, i, u) {
+        Some(password) => with_password(c, i, &uris, &password),
+        None => uris,
+    };
     let tls = upstream_tls(c, i, u);
     let problems_before = c.problems.len();
     let reconnect_min = c.duration_within(
@@ -493,6 +497,91 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
         ),
         tls,
     }
+}
+
+/// The password of `password_file` (its first line) or `password_env`, if
+/// one is configured (at most one may be).
+fn upstream_password(c: &mut Checker, i: usize, u: &RawUpstream) -> Option<String> {
+    let key = |field: &str| format!("upstream[{i}].{field}");
+    match (&u.password_file, &u.password_env) {
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            c.problem(
+                key("password_env"),
+                None,
+                "unset when password_file is set (one source)",
+            );
+            None
+        }
+        (Some(path), None) => match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let password = text.lines().next().unwrap_or("").to_string();
+                if password.is_empty() {
+                    c.problem(
+                        key("password_file"),
+                        Some(path.clone()),
+                        "a file whose first line is the password",
+                    );
+                    return None;
+                }
+                Some(password)
+            }
+            Err(e) => {
+                c.problem(
+                    key("password_file"),
+                    Some(path.clone()),
+                    format!("a readable file ({e})"),
+                );
+                None
+            }
+        },
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(password) if !password.is_empty() => Some(password),
+            _ => {
+                c.problem(
+                    key("password_env"),
+                    Some(var.clone()),
+                    "the name of a set, non-empty environment variable",
+                );
+                None
+            }
+        },
+    }
+}
+
+/// `uris` with `password` put into each one's user information, which must
+/// name a user and no password (`amqps://edge@host/%2f`).
+fn with_password(c: &mut Checker, i: usize, uris: &[String], password: &str) -> Vec<String> {
+    let encoded: String = password
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let mut out = Vec::with_capacity(uris.len());
+    for (j, uri) in uris.iter().enumerate() {
+        let start = uri.find("://").map_or(0, |at| at + 3);
+        let authority_end = uri[start..].find('/').map_or(uri.len(), |at| start + at);
+        match uri[start..authority_end].rsplit_once('@') {
+            Some((user, _)) if !user.is_empty() && !user.contains(':') => {
+                let at = start + user.len();
+                out.push(format!("{}:{encoded}{}", &uri[..at], &uri[at..]));
+            }
+            _ => {
+                c.problem(
+                    format!("upstream[{i}].uris[{j}]"),
+                    Some(redact_password(uri)),
+                    "a user and no password (\"amqps://USER@host/vhost\") when \
+                     password_file or password_env is set",
+                );
+                out.push(uri.clone());
+            }
+        }
+    }
+    out
 }
 
 /// The upstream's TLS files, read now, so that a missing or unreadable one
@@ -777,6 +866,66 @@ mod tests {
         let c = Config::load(&path).expect("example config validates");
         assert_eq!(c.gateway.id.as_deref(), Some("edge-01"));
         assert_eq!(c.routes[0].upstream, "central");
+    }
+
+    #[test]
+    fn passwords_come_from_a_file_or_the_environment_not_the_uri() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("central.secret");
+        std::fs::write(&file, "p@ss/w:rd\nignored\n").expect("write");
+        let c = Config::parse(&format!(
+            r#"
+            [[upstream]]
+            name = "central"
+            uris = ["amqps://edge@10.0.0.2:5671/%2f", "amqp://edge@10.0.0.3"]
+            password_file = {file:?}
+            "#
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.upstreams[0].uris,
+            [
+                "amqps://edge:p%40ss%2Fw%3Ard@10.0.0.2:5671/%2f",
+                "amqp://edge:p%40ss%2Fw%3Ard@10.0.0.3"
+            ]
+        );
+        // HOME is set wherever tests run.
+        let home = std::env::var("HOME").expect("HOME");
+        let c = Config::parse(
+            r#"
+            [[upstream]]
+            name = "central"
+            uris = ["amqp://edge@h/%2f"]
+            password_env = "HOME"
+            "#,
+        )
+        .expect("valid");
+        assert!(c.upstreams[0].uris[0].starts_with("amqp://edge:"));
+        assert!(!home.contains('/') || c.upstreams[0].uris[0].contains("%2F"));
+
+        let err = Config::parse(&format!(
+            r#"
+            [[upstream]]
+            name = "central"
+            uris = ["amqp://edge:inline@h/%2f"]
+            password_file = {file:?}
+            password_env = "EDGE_NO_SUCH_VARIABLE_FOR_TESTS"
+            "#
+        ))
+        .expect_err("two sources");
+        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["upstream[0].password_env"], "{err}");
+        let err = Config::parse(&format!(
+            r#"
+            [[upstream]]
+            name = "central"
+            uris = ["amqp://edge:inline@h/%2f"]
+            password_file = {file:?}
+            "#
+        ))
+        .expect_err("a password in the URI too");
+        assert_eq!(err.problems()[0].key, "upstream[0].uris[0]");
+        assert!(!err.to_string().contains("inline") && !err.to_string().contains("p@ss"));
     }
 
     #[test]

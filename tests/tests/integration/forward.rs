@@ -110,3 +110,38 @@ async fn topics_with_dots_travel_escaped_and_come_back_in_the_header() -> anyhow
     gw.shutdown().await?;
     Ok(())
 }
+
+/// The upstream's password can live in a file of its own (a secret mounted
+/// by systemd or a container runtime), not in the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_password_can_come_from_a_file() -> anyhow::Result<()> {
+    let node = shared_node().await?;
+    let prefix = unique("pwfile");
+    let mut queue =
+        AmqpQueue::open(&node.amqp_uri(), &QueueSpec::topic(&format!("{prefix}.#"))).await?;
+    let secrets = tempfile::tempdir()?;
+    let file = secrets.path().join("central.password");
+    std::fs::write(&file, "guest\n")?;
+    let uri = format!("amqp://guest@127.0.0.1:{}/%2f", node.amqp_port());
+    let gw = TestGateway::builder()
+        .upstream_with(
+            "central",
+            &[uri],
+            &[(
+                "password_file",
+                &format!("{:?}", file.display().to_string()),
+            )],
+        )
+        .route("all", &format!("{prefix}/#"), "central")
+        .start()
+        .await?;
+    publish_one(
+        gw.mqtt_addr(),
+        &format!("{prefix}/x"),
+        b"secret-less config",
+    )
+    .await?;
+    assert_eq!(queue.next(SHORT).await?.body_str(), "secret-less config");
+    gw.shutdown().await?;
+    Ok(())
+}
