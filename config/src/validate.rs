@@ -868,19 +868,23 @@ mod tests {
         assert_eq!(c.routes[0].upstream, "central");
     }
 
+    /// A config of one upstream "central" with `uris` (TOML list items) and
+    /// `extra` lines.
+    fn central(uris: &str, extra: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!(
+            "[[upstream]]\nname = \"central\"\nuris = [{uris}]\n{extra}\n"
+        ))
+    }
+
     #[test]
     fn passwords_come_from_a_file_or_the_environment_not_the_uri() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("central.secret");
         std::fs::write(&file, "p@ss/w:rd\nignored\n").expect("write");
-        let c = Config::parse(&format!(
-            r#"
-            [[upstream]]
-            name = "central"
-            uris = ["amqps://edge@10.0.0.2:5671/%2f", "amqp://edge@10.0.0.3"]
-            password_file = {file:?}
-            "#
-        ))
+        let c = central(
+            r#""amqps://edge@10.0.0.2:5671/%2f", "amqp://edge@10.0.0.3""#,
+            &format!("password_file = {file:?}"),
+        )
         .expect("valid");
         assert_eq!(
             c.upstreams[0].uris,
@@ -891,38 +895,23 @@ mod tests {
         );
         // HOME is set wherever tests run.
         let home = std::env::var("HOME").expect("HOME");
-        let c = Config::parse(
-            r#"
-            [[upstream]]
-            name = "central"
-            uris = ["amqp://edge@h/%2f"]
-            password_env = "HOME"
-            "#,
-        )
-        .expect("valid");
+        let c = central(r#""amqp://edge@h/%2f""#, "password_env = \"HOME\"").expect("valid");
         assert!(c.upstreams[0].uris[0].starts_with("amqp://edge:"));
         assert!(!home.contains('/') || c.upstreams[0].uris[0].contains("%2F"));
 
-        let err = Config::parse(&format!(
-            r#"
-            [[upstream]]
-            name = "central"
-            uris = ["amqp://edge:inline@h/%2f"]
-            password_file = {file:?}
-            password_env = "EDGE_NO_SUCH_VARIABLE_FOR_TESTS"
-            "#
-        ))
+        let err = central(
+            r#""amqp://edge:inline@h/%2f""#,
+            &format!(
+                "password_file = {file:?}\npassword_env = \"EDGE_NO_SUCH_VARIABLE_FOR_TESTS\""
+            ),
+        )
         .expect_err("two sources");
         let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["upstream[0].password_env"], "{err}");
-        let err = Config::parse(&format!(
-            r#"
-            [[upstream]]
-            name = "central"
-            uris = ["amqp://edge:inline@h/%2f"]
-            password_file = {file:?}
-            "#
-        ))
+        let err = central(
+            r#""amqp://edge:inline@h/%2f""#,
+            &format!("password_file = {file:?}"),
+        )
         .expect_err("a password in the URI too");
         assert_eq!(err.problems()[0].key, "upstream[0].uris[0]");
         assert!(!err.to_string().contains("inline") && !err.to_string().contains("p@ss"));
@@ -939,14 +928,10 @@ mod tests {
         .expect("write");
         let not_pem = dir.path().join("notes.txt");
         std::fs::write(&not_pem, "hello").expect("write");
-        let c = Config::parse(&format!(
-            r#"
-            [[upstream]]
-            name = "central"
-            uris = ["amqps://guest:s3cret@10.0.0.2:5671/%2f"]
-            tls_ca_file = {ca:?}
-            "#
-        ))
+        let c = central(
+            r#""amqps://guest:s3cret@10.0.0.2:5671/%2f""#,
+            &format!("tls_ca_file = {ca:?}"),
+        )
         .expect("amqps with a CA file is accepted");
         assert!(
             c.upstreams[0]
@@ -961,15 +946,10 @@ mod tests {
             "never printed"
         );
 
-        let err = Config::parse(&format!(
-            r#"
-            [[upstream]]
-            name = "central"
-            uris = ["amqps://guest:s3cret@10.0.0.2:5671/%2f"]
-            tls_ca_file = "/nonexistent/ca.pem"
-            tls_cert_file = {not_pem:?}
-            "#
-        ))
+        let err = central(
+            r#""amqps://guest:s3cret@10.0.0.2:5671/%2f""#,
+            &format!("tls_ca_file = \"/nonexistent/ca.pem\"\ntls_cert_file = {not_pem:?}"),
+        )
         .expect_err("bad TLS files");
         let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
