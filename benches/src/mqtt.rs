@@ -48,7 +48,8 @@ pub async fn connect(
     Ok((client, eventloop))
 }
 
-/// Subscribes `filters` at `qos` (one SUBSCRIBE) and waits for the SUBACK.
+/// Subscribes `filters` at `qos` (one SUBSCRIBE) and waits for the SUBACK,
+/// which must grant every filter.
 pub async fn subscribe(
     client: &AsyncClient,
     eventloop: &mut EventLoop,
@@ -59,8 +60,46 @@ pub async fn subscribe(
         .into_iter()
         .map(|f| rumqttc::SubscribeFilter::new(f, qos))
         .collect();
+    let count = filters.len();
     client.subscribe_many(filters).await?;
-    wait_for(eventloop, |p| matches!(p, Packet::SubAck(_))).await
+    let mut granted = 0;
+    wait_for(eventloop, |p| match p {
+        Packet::SubAck(ack) => {
+            granted = ack
+                .return_codes
+                .iter()
+                .filter(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                .count();
+            true
+        }
+        _ => false,
+    })
+    .await?;
+    if granted != count {
+        bail!("the SUBACK granted {granted} of {count} filters");
+    }
+    Ok(())
+}
+
+/// Polls until `count` PUBLISHes have arrived (rumqttc acknowledges QoS 1
+/// ones as they do), or until none has for `quiet`; returns how many did.
+pub async fn receive(
+    eventloop: &mut EventLoop,
+    count: usize,
+    quiet: Duration,
+) -> anyhow::Result<usize> {
+    let mut received = 0;
+    while received < count {
+        match tokio::time::timeout(quiet, eventloop.poll()).await {
+            Ok(event) => {
+                if let Event::Incoming(Packet::Publish(_)) = event? {
+                    received += 1;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(received)
 }
 
 /// Polls until an incoming packet satisfies `done`.

@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use edge_benches::mqtt::{Broker, Kind, connect, disconnect, median, options, subscribe};
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use edge_benches::mqtt::{Broker, Kind, connect, disconnect, median, options, receive, subscribe};
+use rumqttc::{AsyncClient, EventLoop, QoS};
 use tokio::task::JoinSet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -428,25 +428,14 @@ async fn drain(env: &Env, args: &Args) -> anyhow::Result<()> {
             let rss_before = broker.rss_kb()?;
             let started = Instant::now();
             let (client, mut eventloop) = persistent(env, &broker, &id).await?;
-            let mut received = 0usize;
-            let read = tokio::time::timeout(Duration::from_secs(env.timeout), async {
-                while received < args.queued {
-                    if let Event::Incoming(Packet::Publish(_)) = eventloop.poll().await? {
-                        received += 1;
-                    }
-                }
-                Ok::<_, anyhow::Error>(())
-            })
-            .await;
+            let received = receive(&mut eventloop, args.queued, Duration::from_secs(5)).await?;
             let secs = started.elapsed().as_secs_f64();
-            match read {
-                Ok(result) => result?,
-                Err(_) => bail!(
-                    "{}: drain got {received} of {} in {} s",
+            if received < args.queued {
+                bail!(
+                    "{}: the drain got {received} of {} (nothing more for 5 s)",
                     kind.name(),
-                    args.queued,
-                    env.timeout
-                ),
+                    args.queued
+                );
             }
             let rss_after = broker.rss_kb()?;
             disconnect(&client, &mut eventloop).await;
@@ -572,10 +561,21 @@ async fn disk(env: &Env, args: &Args) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let after = broker.write_bytes()?;
             let bytes = after.saturating_sub(before) as f64 / args.disk_messages as f64;
+            // The last session to subscribe must have them all queued.
+            let queued = if sessions > 0 {
+                let id = format!("disk-{}-{}", std::process::id(), sessions - 1);
+                let (client, mut eventloop) = persistent(env, &broker, &id).await?;
+                let n = receive(&mut eventloop, args.disk_messages, Duration::from_secs(5)).await?;
+                disconnect(&client, &mut eventloop).await;
+                n
+            } else {
+                0
+            };
             per_msg[i].push(bytes);
             println!(
                 "case=disk round={round} offline_sessions={sessions} messages={} payload={} \
-                 write_bytes={} bytes_per_msg={bytes:.0} loadavg={} publish: {line}",
+                 write_bytes={} bytes_per_msg={bytes:.0} last_session_received={queued} \
+                 loadavg={} publish: {line}",
                 args.disk_messages,
                 env.payload,
                 after.saturating_sub(before),
