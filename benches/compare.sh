@@ -6,6 +6,16 @@
 #   benches/compare.sh              # one round
 #   ROUNDS=2 benches/compare.sh     # rounds interleave the targets; medians
 #   TARGETS="gateway mosquitto" benches/compare.sh
+#   LOADS="1 1 20000 10;1 1 20000" INFLIGHT=100 benches/compare.sh
+#
+# A load is "qos publishers messages-per-publisher [subscribers [rate]]":
+# with subscribers, that many clean-session QoS 1 subscribers to load/# each
+# receive every message, and the rate column is deliveries/s with the
+# publish-to-delivery latency beside it; rate paces each publisher (msgs/s).
+# INFLIGHT (default 64) is the client's window and both the gateway's
+# mqtt.max_inflight and Mosquitto's max_inflight_messages (outgoing QoS 1
+# deliveries per client; its default is 20); Mosquitto's
+# max_queued_messages is set to the gateway's per-connection queue, 1000.
 #
 # Needs mosquitto, mosquitto-clients (mosquitto_sub) and rabbitmq-server
 # (Debian packages). Every server is private to this run: loopback only,
@@ -26,6 +36,7 @@ set -euo pipefail
 ROUNDS=${ROUNDS:-1}
 TARGETS=${TARGETS:-"gateway mosquitto rabbitmq"}
 PAYLOAD=${PAYLOAD:-256}
+INFLIGHT=${INFLIGHT:-64}
 TIMEOUT=${TIMEOUT:-120}
 # "qos publishers messages-per-publisher"
 LOADS=${LOADS:-"1 1 20000;1 8 10000;1 64 2000;0 8 50000"}
@@ -107,6 +118,7 @@ id = "compare"
 data_dir = "$dir/data"
 [mqtt]
 listen = "127.0.0.1:$PORT"
+max_inflight = $INFLIGHT
 [metrics]
 enabled = false
 EOF
@@ -126,6 +138,8 @@ allow_anonymous true
 persistence true
 persistence_location $dir/data/
 log_dest stderr
+max_inflight_messages $INFLIGHT
+max_queued_messages 1000
 EOF
     if [[ $(id -u) -eq 0 ]]; then
         chown -R mosquitto: "$dir" 2>/dev/null || true
@@ -194,26 +208,42 @@ after_load_rabbitmq() {
         name durable messages messages_persistent | sed 's/^/     sink: /' >&2 || true
 }
 
+# CPU time (user + system, clock ticks) the server process has used so far;
+# empty for RabbitMQ (detached, several processes).
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() {
+    if [[ -n $SERVER_PID && -r /proc/$SERVER_PID/stat ]]; then
+        awk '{ print $14 + $15 }' "/proc/$SERVER_PID/stat"
+    fi
+}
+
 run_loads() { # target round
-    local target=$1 round=$2 spec qos pubs msgs line
+    local target=$1 round=$2 spec qos pubs msgs subs rate line cpu0 cpu1
     IFS=';' read -ra specs <<<"$LOADS"
     for spec in "${specs[@]}"; do
-        read -r qos pubs msgs <<<"$spec"
+        read -r qos pubs msgs subs rate <<<"$spec"
         if [[ $target == rabbitmq ]]; then before_load_rabbitmq; fi
+        cpu0=$(cpu_ticks)
         # In the background, so a signal runs the EXIT trap at once.
         "$LOAD" --port "$PORT" --publishers "$pubs" --messages "$msgs" --payload "$PAYLOAD" \
-            --qos "$qos" --timeout "$TIMEOUT" --label "$target" >"$WORK/line" &
+            --qos "$qos" --timeout "$TIMEOUT" --label "$target" --inflight "$INFLIGHT" \
+            --subscribers "${subs:-0}" --rate "${rate:-0}" >"$WORK/line" &
         LOAD_PID=$!
         if wait "$LOAD_PID"; then
             LOAD_PID=""
             line=$(cat "$WORK/line")
+            cpu1=$(cpu_ticks)
+            if [[ -n $cpu0 && -n $cpu1 ]]; then
+                line="$line server_cpu_ms=$(((cpu1 - cpu0) * 1000 / CLK_TCK))"
+            fi
+            line="$line loadavg=$(cut -d' ' -f1 /proc/loadavg)"
             echo "   $line" >&2
             echo "$round $line" >>"$RESULTS"
             if [[ $target == rabbitmq ]]; then after_load_rabbitmq; fi
         else
             LOAD_PID=""
             echo "   $target qos=$qos publishers=$pubs: FAILED" >&2
-            echo "$round label=$target qos=$qos publishers=$pubs msgs_per_s=FAILED" >>"$RESULTS"
+            echo "$round label=$target qos=$qos publishers=$pubs subscribers=${subs:-0} rate=${rate:-0} msgs_per_s=FAILED" >>"$RESULTS"
         fi
     done
 }
@@ -228,7 +258,10 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 echo
-echo "Payload $PAYLOAD B, loopback, $ROUNDS round(s) (median of rounds); latency = PUBACK p50/p99 ms."
+echo "Payload $PAYLOAD B, loopback, $INFLIGHT in flight, $ROUNDS round(s) (median of rounds);"
+echo "rate = msgs/s, or deliveries/s with subscribers; latency = PUBACK p50/p99 ms, or"
+echo "publish-to-delivery p50/p99 ms with subscribers; CPU = the server's user+system time per"
+echo "message (per delivery with subscribers), median of rounds; loadavg at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
 echo
 awk -v targets="$TARGETS" '
 function field(name,   i, kv) {
@@ -243,24 +276,44 @@ function median(key,   n, i, j, t, v) {
 }
 function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "-" : sprintf("%.2f", a / b) }
 {
-    t = field("label"); load = "QoS " field("qos") ", " field("publishers") " pub"
+    t = field("label"); subs = field("subscribers") + 0; rate = field("rate") + 0
+    load = "QoS " field("qos") ", " field("publishers") " pub" (subs ? " → " subs " sub" : "") (rate ? " at " rate "/s" : "")
     if (!(load in seen)) { seen[load] = 1; order[++nl] = load }
-    r = field("msgs_per_s"); if (r == "FAILED") { failed[t, load] = 1; next }
-    k = t SUBSEP load; count[k]++; vals[k, count[k]] = r
-    lat[k] = lat[k] (lat[k] == "" ? "" : ", ") (field("puback_p50_ms") == "" ? "" : field("puback_p50_ms") "/" field("puback_p99_ms"))
+    r = field(subs ? "deliveries_per_s" : "msgs_per_s"); if (field("msgs_per_s") == "FAILED") { failed[t, load] = 1; next }
+    k = t SUBSEP load; count[k]++; vals[k, count[k]] = r; byround[k, $1] = r
+    # Server CPU per message (or per delivery), in microseconds.
+    c = field("server_cpu_ms"); n = field(subs ? "deliveries" : "messages")
+    if (c != "" && n > 0) { ck = "cpu" SUBSEP k; count[ck]++; vals[ck, count[ck]] = c * 1000 / n }
+    if (!($1 in rseen)) { rseen[$1] = 1; rounds[++nr] = $1 }
+    p = subs ? "delivery" : "puback"
+    lat[k] = lat[k] (lat[k] == "" ? "" : ", ") (field(p "_p50_ms") == "" ? "" : field(p "_p50_ms") "/" field(p "_p99_ms"))
+    if (subs && field("lost") + 0 > 0) lat[k] = lat[k] " (lost " field("lost") ")"
 }
 END {
     nt = split(targets, tl, " ")
-    printf "| load |"; for (i = 1; i <= nt; i++) printf " %s msgs/s | %s latency |", tl[i], tl[i]
-    for (i = 2; i <= nt; i++) printf " %s / %s |", tl[1], tl[i]; printf "\n"
-    printf "|---|"; for (i = 1; i <= nt; i++) printf "---:|---:|"; for (i = 2; i <= nt; i++) printf "---:|"; printf "\n"
+    printf "| load |"; for (i = 1; i <= nt; i++) printf " %s rate | %s latency |", tl[i], tl[i]
+    for (i = 2; i <= nt; i++) printf " %s / %s | per round |", tl[1], tl[i]
+    for (i = 1; i <= nt; i++) printf " %s CPU µs/unit |", tl[i]; printf "\n"
+    printf "|---|"; for (i = 1; i <= nt; i++) printf "---:|---:|"; for (i = 2; i <= nt; i++) printf "---:|---|"
+    for (i = 1; i <= nt; i++) printf "---:|"; printf "\n"
     for (l = 1; l <= nl; l++) {
         load = order[l]; printf "| %s |", load
         for (i = 1; i <= nt; i++) {
             k = tl[i] SUBSEP load; m[i] = median(k)
             printf " %s | %s |", ((tl[i], load) in failed) ? "FAILED" : (m[i] == "" ? "-" : sprintf("%.0f", m[i])), (lat[k] == "" ? "-" : lat[k])
         }
-        for (i = 2; i <= nt; i++) printf " %s |", ratio(m[1], m[i])
+        for (i = 2; i <= nt; i++) {
+            # The ratio of each round, and their median.
+            delete rr; n = 0; per = ""
+            for (j = 1; j <= nr; j++) {
+                a = byround[tl[1], load, rounds[j]]; b = byround[tl[i], load, rounds[j]]
+                if (a != "" && b != "" && b > 0) { rr[++n] = a / b; per = per (per == "" ? "" : " ") sprintf("%.2f", a / b) }
+            }
+            for (x = 1; x <= n; x++) for (y = x + 1; y <= n; y++) if (rr[y] < rr[x]) { tt = rr[x]; rr[x] = rr[y]; rr[y] = tt }
+            med = (n == 0) ? "-" : sprintf("%.2f", (n % 2) ? rr[(n + 1) / 2] : (rr[n / 2] + rr[n / 2 + 1]) / 2)
+            printf " %s | %s |", med, (per == "" ? "-" : per)
+        }
+        for (i = 1; i <= nt; i++) { c = median("cpu" SUBSEP tl[i] SUBSEP load); printf " %s |", (c == "" ? "-" : sprintf("%.2f", c)) }
         printf "\n"
     }
 }' "$RESULTS"

@@ -2,7 +2,8 @@
 //! `store-figures` binary: a store on a counting (optionally slow-fsync)
 //! backend in a temporary directory, and appenders that loop `Store::append`.
 //! [`topic_match`] holds the cases of the topic-matching bench
-//! (`benches/trie.rs`) and of the `trie-figures` binary.
+//! (`benches/trie.rs`) and of the `trie-figures` binary; [`mqtt`] the MQTT
+//! clients and brokers of `mqtt-load` and `session-figures`.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use edge_store::{BackendCounters, Record, SlowSyncBackend, Store, StoreOptions};
 
+pub mod mqtt;
 pub mod topic_match;
 
 /// fsync delay that stands in for an SD card (5–50 ms per fsync).

@@ -356,21 +356,9 @@ impl Gateway {
         let Ok(mut guard) = self.child.lock() else {
             return;
         };
-        let Some(mut child) = guard.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Some(child) = guard.take() {
+            edge_benches::mqtt::stop_child(child);
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 

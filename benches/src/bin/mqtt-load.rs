@@ -14,6 +14,20 @@
 //!   was taken by the broker, not just written to the socket. The fence is
 //!   not counted.
 //!
+//! With `--subscribers N`, N more clean-session clients subscribe to
+//! `load/#` (at `--sub-qos`) before the clock starts, and each must receive
+//! every message (QoS 1 deliveries are acknowledged by rumqttc as they
+//! arrive). Payloads then carry the publish time in their first 8 bytes
+//! (stamped just before the message is handed to the client), so each
+//! delivery gives a publish-to-delivery latency; `deliveries_per_s` counts
+//! from the start to the last delivery. A subscriber that hears nothing for
+//! `--quiet` seconds after the publishers finished stops, and what it
+//! missed is reported as `lost`.
+//!
+//! `--rate R` paces each publisher at R messages/s (for latency at a load
+//! the broker keeps up with, rather than at saturation, where latency is
+//! mostly time queued in the client's window).
+//!
 //! Output is one line of `key=value` pairs (easy to `grep`/`sed`). A global
 //! timeout bounds the run; hitting it is an error.
 
@@ -24,7 +38,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use edge_benches::mqtt::{
+    age_us, connect, disconnect, options, percentile_ms, stamped_payload, subscribe,
+};
+use rumqttc::{Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::Barrier;
 
 #[derive(Debug, Parser)]
@@ -52,9 +69,31 @@ struct Args {
     /// Whole-run limit in seconds (connect included).
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Clean-session subscribers to `load/#`, each receiving every message.
+    #[arg(long, default_value_t = 0)]
+    subscribers: usize,
+    /// QoS of the subscriptions, 0 or 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    sub_qos: u8,
+    /// Messages per second per publisher; 0 = as fast as the window allows.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Seconds a subscriber waits for more once the publishers are done.
+    #[arg(long, default_value_t = 5)]
+    quiet: u64,
     /// Label printed first on the result line.
     #[arg(long, default_value = "")]
     label: String,
+}
+
+/// What one subscriber measured.
+#[derive(Debug, Default)]
+struct Received {
+    deliveries: usize,
+    /// Since the clock started.
+    last_at: Option<Duration>,
+    /// Publish-to-delivery latencies in microseconds.
+    latencies_us: Vec<u32>,
 }
 
 /// What one publisher measured.
@@ -93,35 +132,65 @@ async fn run(args: Args) -> anyhow::Result<String> {
     if args.publishers == 0 || args.messages == 0 || args.inflight == 0 {
         bail!("--publishers, --messages and --inflight must be at least 1");
     }
-    let qos = if args.qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
+    if args.subscribers > 0 && args.payload < 8 {
+        bail!("--payload must be at least 8 with --subscribers (it carries the publish time)");
+    }
+    let qos = qos_of(args.qos);
     let limit = Duration::from_secs(args.timeout);
+    let addr = tokio::net::lookup_host((args.host.as_str(), args.port))
+        .await?
+        .next()
+        .context("the host has no address")?;
     let payload = Bytes::from(vec![b'x'; args.payload]);
-    // Publishers plus the coordinator, which reads the clock once all are connected.
-    let connected = Arc::new(Barrier::new(args.publishers + 1));
+    // Publishers, subscribers and the coordinator, which reads the clock once
+    // all are connected (and subscribed).
+    let connected = Arc::new(Barrier::new(args.publishers + args.subscribers + 1));
     let run_id = std::process::id();
+    let epoch = Instant::now();
+    let publishers_done = Arc::new(tokio::sync::Notify::new());
+    let started_at = Arc::new(std::sync::OnceLock::new());
+
+    let mut subscribers = tokio::task::JoinSet::new();
+    // A QoS 0 publisher's fence message reaches the subscribers too.
+    let per_publisher = args.messages + usize::from(qos == QoS::AtMostOnce);
+    for index in 0..args.subscribers {
+        let options = options(
+            format!("load-{run_id}-sub-{index}"),
+            addr,
+            true,
+            args.inflight,
+            args.payload,
+        );
+        let sub = Subscriber {
+            index,
+            expected: per_publisher * args.publishers,
+            qos: qos_of(args.sub_qos),
+            connected: Arc::clone(&connected),
+            publishers_done: Arc::clone(&publishers_done),
+            started_at: Arc::clone(&started_at),
+            epoch,
+            quiet: Duration::from_secs(args.quiet),
+            timeout_secs: args.timeout,
+        };
+        subscribers.spawn(sub.run(options));
+    }
 
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..args.publishers {
-        let mut options = MqttOptions::new(
+        let options = options(
             format!("load-{run_id}-{index}"),
-            args.host.clone(),
-            args.port,
+            addr,
+            true,
+            args.inflight,
+            args.payload,
         );
-        options
-            .set_clean_session(true)
-            .set_keep_alive(Duration::from_secs(60))
-            .set_inflight(args.inflight)
-            .set_max_packet_size(args.payload + 1024, args.payload + 1024)
-            .set_request_channel_capacity(usize::from(args.inflight) * 2);
         let job = Job {
             index,
             messages: args.messages,
             qos,
             payload: payload.clone(),
+            stamp: (args.subscribers > 0).then_some(epoch),
+            rate: args.rate,
             connected: Arc::clone(&connected),
             timeout_secs: args.timeout,
         };
@@ -138,19 +207,30 @@ async fn run(args: Args) -> anyhow::Result<String> {
             }
         }
         let started = Instant::now();
+        let _ = started_at.set(started);
         let mut total = Outcome::default();
         while let Some(joined) = tasks.join_next().await {
             let outcome = joined.context("a publisher task failed")??;
             total.sent += outcome.sent;
             total.latencies_us.extend(outcome.latencies_us);
         }
-        Ok::<_, anyhow::Error>((started.elapsed(), total))
+        let elapsed = started.elapsed();
+        publishers_done.notify_waiters();
+        let mut received = Received::default();
+        while let Some(joined) = subscribers.join_next().await {
+            let r = joined.context("a subscriber task failed")??;
+            received.deliveries += r.deliveries;
+            received.last_at = received.last_at.max(r.last_at);
+            received.latencies_us.extend(r.latencies_us);
+        }
+        Ok::<_, anyhow::Error>((elapsed, total, received))
     })
     .await;
-    let (elapsed, mut total) = match outcome {
+    let (elapsed, mut total, mut received) = match outcome {
         Ok(result) => result?,
         Err(_) => {
             tasks.abort_all();
+            subscribers.abort_all();
             bail!("timed out after {} s", args.timeout);
         }
     };
@@ -161,14 +241,33 @@ async fn run(args: Args) -> anyhow::Result<String> {
         line.push_str(&format!("label={} ", args.label));
     }
     line.push_str(&format!(
-        "qos={} publishers={} payload={} messages={} seconds={:.3} msgs_per_s={:.0}",
+        "qos={} publishers={} subscribers={} inflight={} rate={} payload={} messages={} \
+         seconds={:.3} msgs_per_s={:.0}",
         args.qos,
         args.publishers,
+        args.subscribers,
+        args.inflight,
+        args.rate,
         args.payload,
         total.sent,
         secs,
         total.sent as f64 / secs
     ));
+    if args.subscribers > 0 {
+        let expected = per_publisher * args.publishers * args.subscribers;
+        let until_last = received.last_at.unwrap_or(elapsed).as_secs_f64();
+        received.latencies_us.sort_unstable();
+        line.push_str(&format!(
+            " sub_qos={} deliveries={} lost={} deliveries_per_s={:.0} delivery_p50_ms={:.2} \
+             delivery_p99_ms={:.2}",
+            args.sub_qos,
+            received.deliveries,
+            expected.saturating_sub(received.deliveries),
+            received.deliveries as f64 / until_last,
+            percentile_ms(&received.latencies_us, 0.50),
+            percentile_ms(&received.latencies_us, 0.99)
+        ));
+    }
     if !total.latencies_us.is_empty() {
         total.latencies_us.sort_unstable();
         line.push_str(&format!(
@@ -180,10 +279,68 @@ async fn run(args: Args) -> anyhow::Result<String> {
     Ok(line)
 }
 
-/// `sorted` must be non-empty and ascending.
-fn percentile_ms(sorted: &[u32], q: f64) -> f64 {
-    let rank = ((sorted.len() - 1) as f64 * q).round() as usize;
-    f64::from(sorted[rank.min(sorted.len() - 1)]) / 1000.0
+fn qos_of(level: u8) -> QoS {
+    if level == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    index: usize,
+    expected: usize,
+    qos: QoS,
+    connected: Arc<Barrier>,
+    publishers_done: Arc<tokio::sync::Notify>,
+    started_at: Arc<std::sync::OnceLock<Instant>>,
+    epoch: Instant,
+    quiet: Duration,
+    timeout_secs: u64,
+}
+
+impl Subscriber {
+    async fn run(self, options: MqttOptions) -> anyhow::Result<Received> {
+        let (client, mut eventloop) = connect(options, self.timeout_secs)
+            .await
+            .with_context(|| format!("subscriber {} could not connect", self.index))?;
+        subscribe(&client, &mut eventloop, ["load/#".to_string()], self.qos)
+            .await
+            .with_context(|| format!("subscriber {} could not subscribe", self.index))?;
+        self.connected.wait().await;
+        let mut received = Received {
+            latencies_us: Vec::with_capacity(self.expected),
+            ..Received::default()
+        };
+        let done = self.publishers_done.notified();
+        tokio::pin!(done);
+        let mut finished = false;
+        while received.deliveries < self.expected {
+            let event = if finished {
+                match tokio::time::timeout(self.quiet, eventloop.poll()).await {
+                    Ok(event) => event,
+                    Err(_) => break,
+                }
+            } else {
+                tokio::select! {
+                    event = eventloop.poll() => event,
+                    () = &mut done => { finished = true; continue; }
+                }
+            };
+            let event =
+                event.with_context(|| format!("subscriber {} lost its connection", self.index))?;
+            if let Event::Incoming(Packet::Publish(publish)) = event {
+                received.deliveries += 1;
+                received.last_at = self.started_at.get().map(Instant::elapsed);
+                if let Some(us) = age_us(self.epoch, &publish.payload) {
+                    received.latencies_us.push(us);
+                }
+            }
+        }
+        disconnect(&client, &mut eventloop).await;
+        Ok(received)
+    }
 }
 
 #[derive(Debug)]
@@ -192,21 +349,19 @@ struct Job {
     messages: usize,
     qos: QoS,
     payload: Bytes,
+    /// Stamp each payload with the publish time (from this epoch).
+    stamp: Option<Instant>,
+    /// Messages per second; 0 = unpaced.
+    rate: u64,
     connected: Arc<Barrier>,
     timeout_secs: u64,
 }
 
 impl Job {
     async fn run(self, options: MqttOptions) -> anyhow::Result<Outcome> {
-        let capacity = options.request_channel_capacity();
-        let (client, mut eventloop) = AsyncClient::new(options, capacity);
         // A broker that throttles a fast publisher (RabbitMQ's flow control)
         // can stall a flush for seconds: only the global timeout ends the run.
-        let mut network = eventloop.network_options();
-        network.set_connection_timeout(self.timeout_secs);
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
-        wait_connack(&mut eventloop)
+        let (client, mut eventloop) = connect(options, self.timeout_secs)
             .await
             .with_context(|| format!("publisher {} could not connect", self.index))?;
         self.connected.wait().await;
@@ -216,10 +371,19 @@ impl Job {
             let client = client.clone();
             let topic = topic.clone();
             let (qos, messages, payload) = (self.qos, self.messages, self.payload.clone());
+            let (stamp, rate) = (self.stamp, self.rate);
             tokio::spawn(async move {
-                for _ in 0..messages {
+                let start = tokio::time::Instant::now();
+                for n in 0..messages {
+                    if let Some(due) = (n as u64 * 1_000_000).checked_div(rate) {
+                        tokio::time::sleep_until(start + Duration::from_micros(due)).await;
+                    }
+                    let payload = match stamp {
+                        Some(epoch) => stamped_payload(epoch, payload.len()),
+                        None => payload.clone(),
+                    };
                     client
-                        .publish_bytes(topic.as_str(), qos, false, payload.clone())
+                        .publish_bytes(topic.as_str(), qos, false, payload)
                         .await?;
                 }
                 if qos == QoS::AtMostOnce {
@@ -280,21 +444,7 @@ impl Job {
             .context("producer task panicked")?
             .context("client request channel closed")?;
 
-        client.disconnect().await.ok();
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
+        disconnect(&client, &mut eventloop).await;
         Ok(outcome)
-    }
-}
-
-async fn wait_connack(eventloop: &mut EventLoop) -> anyhow::Result<()> {
-    loop {
-        if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
-            return Ok(());
-        }
     }
 }
