@@ -433,3 +433,20 @@ async fn an_empty_retained_payload_clears_the_topic() {
     );
     assert_eq!(router.store().retained().expect("read").len(), 0);
 }
+
+#[tokio::test]
+async fn is_routed_sees_sessions_and_routes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::new(vec![route("up/#")]));
+    assert!(!router.is_routed("a/b"));
+    assert!(router.is_routed("up/x"));
+    let (sub, _rx) = router.connect("s".into(), 8);
+    sub.subscribe("a/+", QoS::AtMostOnce).await.expect("sub");
+    assert!(router.is_routed("a/b"));
+    assert!(
+        !router.is_routed("$amqp/a/b"),
+        "no leading wildcard on $ topics"
+    );
+    drop(sub);
+    assert!(!router.is_routed("a/b"));
+}
