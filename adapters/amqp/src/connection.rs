@@ -1,0 +1,846 @@
+//! One client connection: the handshake (protocol header, start, tune,
+//! open), then a loop that reads frames, settles publisher confirms, writes
+//! deliveries and keeps heartbeats, until the client closes, breaks the
+//! protocol, falls silent or the gateway shuts down.
+//!
+//! The connection owns its read buffer, so the socket read in `select!` is
+//! cancel-safe: bytes of a partial frame stay in the buffer across turns.
+//! Frames are encoded into a write buffer that one branch flushes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
+use amq_protocol::protocol::basic::AMQPProperties;
+use amq_protocol::protocol::{AMQPClass, connection};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use bytes::{Bytes, BytesMut};
+use edge_core::PublishError;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Notify;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::channel::Channel;
+use crate::codec::{self, FRAME_OVERHEAD, Greeting, PROTOCOL_HEADER};
+use crate::error::{
+    ACCESS_REFUSED, CHANNEL_ERROR, COMMAND_INVALID, CONNECTION_FORCED, Exception, FRAME_ERROR,
+    INTERNAL_ERROR, NOT_ALLOWED, Scope, UNEXPECTED_FRAME,
+};
+use crate::queue::ConnId;
+use crate::telemetry;
+
+const READ_CHUNK: usize = 16 * 1024;
+/// Bytes waiting for a slow client before the connection stops taking
+/// deliveries and reading (back-pressure instead of buffering).
+pub(crate) const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// How long a closing connection waits for the client's close-ok.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Frames accepted before connection.tune-ok: the spec's frame-min-size.
+const HANDSHAKE_FRAME_MAX: u32 = 4096 * 4;
+
+/// The only user until authentication exists; like RabbitMQ's default
+/// user, it may only log in over loopback.
+const GUEST: (&str, &str) = ("guest", "guest");
+
+/// Per-connection limits, from `AmqpConfig`.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: u16,
+    pub handshake_timeout: Duration,
+    pub max_message_size: u64,
+    pub max_unconfirmed: usize,
+}
+
+/// Why a connection ends.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// The client closed (connection.close, answered with close-ok).
+    Closed,
+    /// A wrong protocol header, answered with ours.
+    BadHeader,
+    /// We close with this exception.
+    Exception(Exception),
+    PeerGone,
+    Io(std::io::Error),
+    HeartbeatMissed,
+    HandshakeTimeout,
+    Shutdown,
+}
+
+impl End {
+    fn reason(&self) -> &'static str {
+        match self {
+            End::Closed => "client_close",
+            End::BadHeader => "bad_protocol_header",
+            End::Exception(_) => "exception",
+            End::PeerGone => "peer_gone",
+            End::Io(_) => "io_error",
+            End::HeartbeatMissed => "heartbeat_missed",
+            End::HandshakeTimeout => "handshake_timeout",
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl From<Exception> for End {
+    fn from(e: Exception) -> End {
+        End::Exception(e)
+    }
+}
+
+impl From<std::io::Error> for End {
+    fn from(e: std::io::Error) -> End {
+        End::Io(e)
+    }
+}
+
+/// A publish's outcome, in publish order.
+pub(crate) struct Settled {
+    pub channel: u16,
+    /// Its delivery tag in confirm mode.
+    pub tag: Option<u64>,
+    pub result: Result<(), PublishError>,
+}
+
+pub(crate) struct Connection {
+    pub(crate) id: ConnId,
+    pub(crate) peer: SocketAddr,
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    rbuf: BytesMut,
+    pub(crate) out: Vec<u8>,
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) broker: Arc<Broker>,
+    /// Negotiated in tune-ok.
+    pub(crate) frame_max: u32,
+    channel_max: u16,
+    heartbeat: Duration,
+    pub(crate) channels: HashMap<u16, Channel>,
+    pub(crate) pending: FuturesOrdered<BoxFuture<'static, Settled>>,
+    /// Woken by queues when messages are ready for a consumer here.
+    pub(crate) wake: Arc<Notify>,
+    /// Deliveries may be possible (woken, acked, new consumer, flow on).
+    pub(crate) deliver_due: bool,
+    /// The publisher name of messages from this connection.
+    pub(crate) name: Arc<str>,
+    pub(crate) next_key: u64,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.id)
+            .field("peer", &self.peer)
+            .field("channels", &self.channels.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    pub(crate) fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        id: ConnId,
+        settings: Arc<Settings>,
+        broker: Arc<Broker>,
+    ) -> Connection {
+        let (reader, writer) = stream.into_split();
+        Connection {
+            id,
+            peer,
+            reader,
+            writer,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            out: Vec::with_capacity(READ_CHUNK),
+            settings,
+            broker,
+            frame_max: HANDSHAKE_FRAME_MAX,
+            channel_max: 0,
+            heartbeat: Duration::ZERO,
+            channels: HashMap::new(),
+            pending: FuturesOrdered::new(),
+            wake: Arc::new(Notify::new()),
+            deliver_due: false,
+            name: format!("amqp:{peer}").into(),
+            next_key: 1,
+        }
+    }
+
+    /// Serves the connection to its end, then cleans up after it.
+    pub(crate) async fn serve(mut self, shutdown: CancellationToken) {
+        let limit = self.settings.handshake_timeout;
+        let end = match timeout(limit, self.handshake()).await {
+            Ok(Ok(())) => self.run(&shutdown).await,
+            Ok(Err(end)) => end,
+            Err(_) => End::HandshakeTimeout,
+        };
+        telemetry::closed(end.reason());
+        match &end {
+            End::Exception(e) => {
+                tracing::debug!(peer = %self.peer, code = e.code, error = %e, "closing the connection");
+                self.close_with(e).await;
+            }
+            End::Shutdown => {
+                let e = Exception::connection(
+                    CONNECTION_FORCED,
+                    "broker forced connection closure with reason 'shutdown'",
+                );
+                self.close_with(&e).await;
+            }
+            End::BadHeader => {
+                let _ = timeout(CLOSE_TIMEOUT, self.writer.write_all(PROTOCOL_HEADER)).await;
+            }
+            End::Closed => {
+                let _ = timeout(CLOSE_TIMEOUT, self.flush()).await;
+            }
+            End::Io(error) => tracing::debug!(peer = %self.peer, %error, "connection failed"),
+            End::HeartbeatMissed => {
+                tracing::info!(peer = %self.peer, heartbeat = ?self.heartbeat, "missed heartbeats from client, timeout: closing the connection")
+            }
+            End::HandshakeTimeout => {
+                tracing::info!(peer = %self.peer, "no connection.open within the handshake timeout: closed")
+            }
+            End::PeerGone => {}
+        }
+        self.cleanup().await;
+    }
+
+    /// Sends connection.close and waits (bounded) for close-ok.
+    async fn close_with(&mut self, e: &Exception) {
+        telemetry::exception(Scope::Connection, e.code);
+        let close = connection::Close {
+            reply_code: e.code,
+            reply_text: e.reply_text().into(),
+            class_id: e.class_id,
+            method_id: e.method_id,
+        };
+        if self
+            .method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Close(close)),
+            )
+            .is_err()
+        {
+            return;
+        }
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            self.flush().await?;
+            loop {
+                match self.next_frame().await? {
+                    AMQPFrame::Method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)),
+                    ) => {
+                        return Ok::<(), End>(());
+                    }
+                    AMQPFrame::Method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::Close(_)),
+                    ) => {
+                        self.method(
+                            0,
+                            AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                                connection::CloseOk {},
+                            )),
+                        )?;
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Requeues what the client did not acknowledge, ends its consumers
+    /// and deletes its exclusive queues.
+    async fn cleanup(&mut self) {
+        let channels: Vec<u16> = self.channels.keys().copied().collect();
+        for ch in channels {
+            self.drop_channel(ch).await;
+        }
+        for q in self.broker.owned_by(self.id) {
+            self.broker.drop_queue(&q).await;
+        }
+    }
+
+    /// Forgets a channel: unacked deliveries back to their queues, its
+    /// consumers gone (an auto-delete queue that loses its last one goes).
+    pub(crate) async fn drop_channel(&mut self, ch: u16) {
+        let Some(mut channel) = self.channels.remove(&ch) else {
+            return;
+        };
+        telemetry::channels(-1.0);
+        for (q, ids) in channel.take_unacked() {
+            q.requeue(&ids);
+        }
+        for (_, consumer) in std::mem::take(&mut channel.consumers) {
+            if consumer.queue.remove_consumer(consumer.key) && consumer.queue.flags.auto_delete {
+                self.broker.drop_queue(&consumer.queue).await;
+            }
+        }
+    }
+
+    // ---- frames out -------------------------------------------------
+
+    pub(crate) fn send(&mut self, frame: &AMQPFrame) -> Result<(), Exception> {
+        codec::encode(&mut self.out, frame).map_err(|e| Exception::connection(INTERNAL_ERROR, e))
+    }
+
+    pub(crate) fn method(&mut self, ch: u16, method: AMQPClass) -> Result<(), Exception> {
+        self.send(&AMQPFrame::Method(ch, method))
+    }
+
+    /// A method with content: header frame, then the body split by frame-max.
+    pub(crate) fn content(
+        &mut self,
+        ch: u16,
+        method: AMQPClass,
+        properties: AMQPProperties,
+        body: &Bytes,
+    ) -> Result<(), Exception> {
+        self.method(ch, method)?;
+        self.send(&AMQPFrame::Header(
+            ch,
+            AMQPContentHeader {
+                class_id: 60,
+                body_size: body.len() as u64,
+                properties,
+            },
+        ))?;
+        let chunk = (self.frame_max as usize)
+            .saturating_sub(FRAME_OVERHEAD)
+            .max(1);
+        for part in body.chunks(chunk) {
+            self.send(&AMQPFrame::Body(ch, part.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if !self.out.is_empty() {
+            self.writer.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    async fn fill(&mut self) -> Result<(), End> {
+        self.rbuf.reserve(READ_CHUNK);
+        match self.reader.read_buf(&mut self.rbuf).await? {
+            0 => Err(End::PeerGone),
+            _ => Ok(()),
+        }
+    }
+
+    fn decode(&mut self) -> Result<Option<AMQPFrame>, End> {
+        codec::decode(&mut self.rbuf, self.frame_max)
+            .map_err(|e| Exception::connection(e.reply_code(), e).into())
+    }
+
+    /// The next frame (handshake and closing only: writes what is pending
+    /// first).
+    async fn next_frame(&mut self) -> Result<AMQPFrame, End> {
+        loop {
+            if let Some(frame) = self.decode()? {
+                return Ok(frame);
+            }
+            self.flush().await?;
+            self.fill().await?;
+        }
+    }
+
+    /// The next connection method of the handshake (heartbeats skipped).
+    async fn next_handshake_method(&mut self) -> Result<connection::AMQPMethod, End> {
+        loop {
+            match self.next_frame().await? {
+                AMQPFrame::Heartbeat => continue,
+                AMQPFrame::Method(0, AMQPClass::Connection(m)) => return Ok(m),
+                other => {
+                    return Err(Exception::connection(
+                        COMMAND_INVALID,
+                        format!("expected a connection method during the handshake, got {other}"),
+                    )
+                    .into());
+                }
+            }
+        }
+    }
+
+    // ---- handshake ---------------------------------------------------
+
+    async fn handshake(&mut self) -> Result<(), End> {
+        loop {
+            match codec::greeting(&mut self.rbuf) {
+                Greeting::Accepted => break,
+                Greeting::Refused => return Err(End::BadHeader),
+                Greeting::Incomplete => self.fill().await?,
+            }
+        }
+        self.method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Start(start())),
+        )?;
+        let start_ok = match self.next_handshake_method().await? {
+            connection::AMQPMethod::StartOk(ok) => ok,
+            other => return Err(out_of_order("connection.start-ok", &other).into()),
+        };
+        if let Some(AMQPValue::LongString(name)) =
+            start_ok.client_properties.inner().get("connection_name")
+        {
+            self.name = format!("amqp:{}", String::from_utf8_lossy(name.as_bytes())).into();
+        }
+        self.authenticate(start_ok.mechanism.as_str(), start_ok.response.as_bytes())?;
+
+        let s = &self.settings;
+        let tune = connection::Tune {
+            channel_max: s.channel_max,
+            frame_max: s.frame_max,
+            heartbeat: s.heartbeat,
+        };
+        self.method(0, AMQPClass::Connection(connection::AMQPMethod::Tune(tune)))?;
+        let tune_ok = match self.next_handshake_method().await? {
+            connection::AMQPMethod::TuneOk(ok) => ok,
+            other => return Err(out_of_order("connection.tune-ok", &other).into()),
+        };
+        let ours = &self.settings;
+        self.channel_max = match tune_ok.channel_max {
+            0 => ours.channel_max,
+            n => n.min(ours.channel_max),
+        };
+        self.frame_max = match tune_ok.frame_max {
+            0 => ours.frame_max,
+            n => n.clamp(4096, ours.frame_max),
+        };
+        self.heartbeat = Duration::from_secs(u64::from(tune_ok.heartbeat));
+
+        let open = match self.next_handshake_method().await? {
+            connection::AMQPMethod::Open(open) => open,
+            other => return Err(out_of_order("connection.open", &other).into()),
+        };
+        if open.virtual_host.as_str() != "/" {
+            return Err(Exception::connection(
+                NOT_ALLOWED,
+                format!("vhost {} not found", open.virtual_host),
+            )
+            .on(10, 40)
+            .into());
+        }
+        self.method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+        )?;
+        tracing::debug!(peer = %self.peer, name = %self.name, frame_max = self.frame_max, channel_max = self.channel_max, heartbeat = ?self.heartbeat, "AMQP connection open");
+        Ok(())
+    }
+
+    fn authenticate(&self, mechanism: &str, response: &[u8]) -> Result<(), Exception> {
+        let refused = || {
+            Exception::connection(
+                ACCESS_REFUSED,
+                format!(
+                    "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+                ),
+            )
+            .on(10, 11)
+        };
+        let (user, password) = match mechanism {
+            "PLAIN" => plain(response).ok_or_else(refused)?,
+            "AMQPLAIN" => amqplain(response).ok_or_else(refused)?,
+            other => {
+                return Err(Exception::connection(
+                    ACCESS_REFUSED,
+                    format!(
+                        "unsupported authentication mechanism '{other}'; PLAIN and AMQPLAIN are"
+                    ),
+                )
+                .on(10, 11));
+            }
+        };
+        if (user.as_str(), password.as_str()) != GUEST {
+            tracing::info!(peer = %self.peer, user = %user, "AMQP login refused");
+            return Err(refused());
+        }
+        if !self.peer.ip().is_loopback() {
+            return Err(Exception::connection(
+                ACCESS_REFUSED,
+                "user 'guest' can only connect via localhost",
+            )
+            .on(10, 11));
+        }
+        Ok(())
+    }
+
+    // ---- running -----------------------------------------------------
+
+    /// The main loop. Reading, writing, confirms, deliveries and the
+    /// heartbeat are branches of one `select!`.
+    async fn run(&mut self, shutdown: &CancellationToken) -> End {
+        let hb = self.heartbeat;
+        let mut tick = tokio::time::interval(if hb.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            (hb / 2).max(Duration::from_millis(500))
+        });
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_read = Instant::now();
+        let mut last_write = Instant::now();
+        loop {
+            // Frames already buffered, as far as back-pressure allows.
+            while self.pending.len() < self.settings.max_unconfirmed
+                && self.out.len() < WRITE_HIGH_WATER
+            {
+                match self.decode() {
+                    Ok(Some(frame)) => {
+                        if let Err(end) = self.dispatch(frame).await {
+                            return end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(end) => return end,
+                }
+            }
+            if let Err(e) = self.deliver_ready().await {
+                return e.into();
+            }
+            let writing = !self.out.is_empty();
+            let reading = self.pending.len() < self.settings.max_unconfirmed
+                && self.out.len() < WRITE_HIGH_WATER;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Shutdown,
+                written = self.writer.write(&self.out), if writing => match written {
+                    Ok(0) => return End::PeerGone,
+                    Ok(n) => {
+                        self.out.drain(..n);
+                        last_write = Instant::now();
+                    }
+                    Err(e) => return e.into(),
+                },
+                Some(settled) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(e) = self.settled(settled) {
+                        return e.into();
+                    }
+                }
+                read = self.reader.read_buf(&mut self.rbuf), if reading => match read {
+                    Ok(0) => return End::PeerGone,
+                    Ok(_) => {
+                        last_read = Instant::now();
+                        self.rbuf.reserve(READ_CHUNK);
+                    }
+                    Err(e) => return e.into(),
+                },
+                _ = self.wake.notified() => self.deliver_due = true,
+                _ = tick.tick(), if !hb.is_zero() => {
+                    let now = Instant::now();
+                    if reading && now.duration_since(last_read) > hb * 2 {
+                        return End::HeartbeatMissed;
+                    }
+                    if !reading {
+                        // The wait is ours, not the client's silence.
+                        last_read = now;
+                    }
+                    if now.duration_since(last_write) >= hb / 2
+                        && self.out.is_empty()
+                        && let Err(e) = self.send(&AMQPFrame::Heartbeat)
+                    {
+                        return e.into();
+                    }
+                }
+            }
+        }
+    }
+
+    /// A publish's outcome: basic.ack or basic.nack in confirm mode.
+    fn settled(&mut self, s: Settled) -> Result<(), Exception> {
+        use amq_protocol::protocol::basic;
+        if let Err(error) = &s.result {
+            telemetry::dropped("amqp_refused", 1);
+            crate::logs::REFUSED.record(error.reason(), || {
+                format!(
+                    "connection={} channel={} error={error}",
+                    self.name, s.channel
+                )
+            });
+        }
+        let (Some(tag), true) = (s.tag, self.channels.contains_key(&s.channel)) else {
+            return Ok(());
+        };
+        let method = match s.result {
+            Ok(()) => basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: tag,
+                multiple: false,
+            }),
+            Err(_) => basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag: tag,
+                multiple: false,
+                requeue: false,
+            }),
+        };
+        self.method(s.channel, AMQPClass::Basic(method))
+    }
+
+    /// One frame from the client.
+    async fn dispatch(&mut self, frame: AMQPFrame) -> Result<(), End> {
+        let ch = frame.channel_id();
+        match frame {
+            AMQPFrame::Heartbeat => return Ok(()),
+            AMQPFrame::InvalidHeartbeat(ch) => {
+                return Err(Exception::connection(
+                    FRAME_ERROR,
+                    format!("heartbeat frame on channel {ch}"),
+                )
+                .into());
+            }
+            AMQPFrame::ProtocolHeader(_) => {
+                return Err(Exception::connection(
+                    FRAME_ERROR,
+                    "protocol header after the handshake",
+                )
+                .into());
+            }
+            AMQPFrame::Method(0, AMQPClass::Connection(m)) => return self.on_connection_method(m),
+            _ if ch == 0 => {
+                return Err(Exception::connection(
+                    COMMAND_INVALID,
+                    format!("{frame} on channel 0"),
+                )
+                .into());
+            }
+            _ => {}
+        }
+        if let AMQPFrame::Method(
+            _,
+            AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Open(_)),
+        ) = frame
+        {
+            return self.open_channel(ch).map_err(End::from);
+        }
+        let Some(channel) = self.channels.get_mut(&ch) else {
+            return Err(Exception::connection(
+                CHANNEL_ERROR,
+                format!("expected 'channel.open' on channel {ch}, got {frame}"),
+            )
+            .into());
+        };
+        if channel.closing {
+            return self.while_closing(ch, frame).await;
+        }
+        let result = match frame {
+            AMQPFrame::Header(_, header) => {
+                let max = self.settings.max_message_size;
+                match channel.on_header(header.class_id, header.body_size, header.properties, max) {
+                    Ok(Some(content)) => self.publish(ch, content).await,
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            AMQPFrame::Body(_, chunk) => match channel.on_body(chunk) {
+                Ok(Some(content)) => self.publish(ch, content).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            },
+            AMQPFrame::Method(_, _) if channel.expects_content() => Err(Exception::connection(
+                UNEXPECTED_FRAME,
+                format!(
+                    "expected content header for the basic.publish on channel {ch}, got {frame}"
+                ),
+            )),
+            AMQPFrame::Method(_, method) => self.on_method(ch, method).await,
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.scope == Scope::Connection => Err(e.into()),
+            Err(e) => self.channel_exception(ch, e).await.map_err(End::from),
+        }
+    }
+
+    fn on_connection_method(&mut self, m: connection::AMQPMethod) -> Result<(), End> {
+        match m {
+            connection::AMQPMethod::Close(close) => {
+                tracing::debug!(peer = %self.peer, code = close.reply_code, text = %close.reply_text, "client closed the connection");
+                self.method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                )?;
+                Err(End::Closed)
+            }
+            connection::AMQPMethod::CloseOk(_) => Err(End::Closed),
+            connection::AMQPMethod::Blocked(_) | connection::AMQPMethod::Unblocked(_) => Ok(()),
+            other => Err(Exception::connection(
+                COMMAND_INVALID,
+                format!("unexpected connection method {other:?}"),
+            )
+            .into()),
+        }
+    }
+
+    fn open_channel(&mut self, ch: u16) -> Result<(), Exception> {
+        if ch > self.channel_max {
+            return Err(Exception::connection(
+                NOT_ALLOWED,
+                format!(
+                    "channel {ch} is above the negotiated channel_max of {}",
+                    self.channel_max
+                ),
+            )
+            .on(20, 10));
+        }
+        if self.channels.contains_key(&ch) {
+            return Err(Exception::connection(
+                CHANNEL_ERROR,
+                format!("second 'channel.open' seen on channel {ch}"),
+            )
+            .on(20, 10));
+        }
+        self.channels.insert(ch, Channel::default());
+        telemetry::channels(1.0);
+        use amq_protocol::protocol::channel;
+        self.method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+        )
+    }
+
+    /// A channel we are closing sees only close and close-ok.
+    async fn while_closing(&mut self, ch: u16, frame: AMQPFrame) -> Result<(), End> {
+        use amq_protocol::protocol::channel;
+        match frame {
+            AMQPFrame::Method(_, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_))) => {
+                self.drop_channel(ch).await;
+            }
+            AMQPFrame::Method(_, AMQPClass::Channel(channel::AMQPMethod::Close(_))) => {
+                self.drop_channel(ch).await;
+                self.method(
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                )?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Closes one channel with `e`; the connection goes on.
+    async fn channel_exception(&mut self, ch: u16, e: Exception) -> Result<(), Exception> {
+        use amq_protocol::protocol::channel;
+        telemetry::exception(Scope::Channel, e.code);
+        tracing::debug!(peer = %self.peer, channel = ch, code = e.code, error = %e, "channel exception");
+        // Its deliveries go back and its consumers end now; the number
+        // stays taken until the client's close-ok.
+        if let Some(mut c) = self.channels.remove(&ch) {
+            for (q, ids) in c.take_unacked() {
+                q.requeue(&ids);
+            }
+            for (_, consumer) in std::mem::take(&mut c.consumers) {
+                if consumer.queue.remove_consumer(consumer.key) && consumer.queue.flags.auto_delete
+                {
+                    self.broker.drop_queue(&consumer.queue).await;
+                }
+            }
+            self.channels.insert(ch, Channel::closing());
+        }
+        self.method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: e.code,
+                reply_text: e.reply_text().into(),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            })),
+        )
+    }
+}
+
+fn out_of_order(expected: &str, got: &connection::AMQPMethod) -> Exception {
+    Exception::connection(COMMAND_INVALID, format!("expected {expected}, got {got:?}"))
+}
+
+/// connection.start: version 0-9-1, what the server supports.
+fn start() -> connection::Start {
+    let mut capabilities = FieldTable::default();
+    for cap in [
+        "publisher_confirms",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "authentication_failure_close",
+        "per_consumer_qos",
+    ] {
+        capabilities.insert(cap.into(), AMQPValue::Boolean(true));
+    }
+    let mut props = FieldTable::default();
+    props.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    props.insert(
+        "product".into(),
+        AMQPValue::LongString(LongString::from("edge-gateway")),
+    );
+    props.insert(
+        "version".into(),
+        AMQPValue::LongString(LongString::from(env!("CARGO_PKG_VERSION"))),
+    );
+    props.insert(
+        "platform".into(),
+        AMQPValue::LongString(LongString::from("Rust")),
+    );
+    connection::Start {
+        version_major: 0,
+        version_minor: 9,
+        server_properties: props,
+        mechanisms: "PLAIN AMQPLAIN".into(),
+        locales: "en_US".into(),
+    }
+}
+
+/// SASL PLAIN: `[authzid] NUL user NUL password`.
+fn plain(response: &[u8]) -> Option<(String, String)> {
+    let mut parts = response.split(|b| *b == 0);
+    let _authzid = parts.next()?;
+    let user = std::str::from_utf8(parts.next()?).ok()?.to_string();
+    let password = std::str::from_utf8(parts.next()?).ok()?.to_string();
+    parts.next().is_none().then_some((user, password))
+}
+
+/// AMQPLAIN: a field table without its length prefix, LOGIN and PASSWORD.
+fn amqplain(response: &[u8]) -> Option<(String, String)> {
+    let mut framed = Vec::with_capacity(response.len() + 4);
+    framed.extend_from_slice(&u32::try_from(response.len()).ok()?.to_be_bytes());
+    framed.extend_from_slice(response);
+    let (_, table) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
+    let text = |key: &str| match table.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    };
+    Some((text("LOGIN")?, text("PASSWORD")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_responses() {
+        assert_eq!(
+            plain(b"\0guest\0guest"),
+            Some(("guest".into(), "guest".into()))
+        );
+        assert_eq!(plain(b"guest"), None);
+        // What lapin and pika send for AMQPLAIN.
+        let response = b"\x05LOGINS\x00\x00\x00\x05guest\x08PASSWORDS\x00\x00\x00\x05guest";
+        assert_eq!(amqplain(response), Some(("guest".into(), "guest".into())));
+        assert_eq!(amqplain(b"\x05LOG"), None);
+    }
+}
