@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod amqp_frames;
 mod config;
 mod corrupt;
 mod crash;
