@@ -88,6 +88,8 @@ pub struct Subscriber {
     queue: Option<u64>,
     taken_over: Arc<Notify>,
     lagged: Arc<AtomicBool>,
+    /// Left the registry already (`leave`, or dropped).
+    detached: bool,
     router: Router,
 }
 
@@ -230,6 +232,7 @@ impl Router {
             queue: durable_queue,
             taken_over,
             lagged,
+            detached: false,
             router: self.clone(),
         };
         (subscriber, rx, present)
@@ -628,40 +631,67 @@ impl Acker {
     }
 }
 
-impl Drop for Subscriber {
-    fn drop(&mut self) {
+impl Subscriber {
+    /// Detaches now; for a persistent session, returns when its record
+    /// says it left. Dropping a subscriber does the same with the write in
+    /// the background; a caller about to close the store uses this, so
+    /// that no write (and no store handle) outlives it.
+    pub async fn leave(mut self) -> Result<(), SessionError> {
+        if let Some((store, id, value)) = self.detach() {
+            store.put_session(&id, value).await?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the registry (once); returns the record write a persistent
+    /// session owes.
+    fn detach(&mut self) -> Option<(edge_store::Store, String, Vec<u8>)> {
+        if std::mem::replace(&mut self.detached, true) {
+            return None;
+        }
         let router = &self.router;
         let mut registry = router.inner.registry_mut();
-        let Some(slot) = registry.sessions.get_mut(&self.client_id) else {
-            return;
-        };
+        let slot = registry.sessions.get_mut(&self.client_id)?;
         if slot.online.as_ref().is_none_or(|o| o.conn != self.conn) {
             // Taken over: the session belongs to the newer connection.
-            return;
+            return None;
         }
         slot.online = None;
-        match slot.durable.as_mut() {
+        let write = match slot.durable.as_mut() {
             None => {
                 let key = slot.key;
                 registry.sessions.remove(&self.client_id);
                 registry.trie.remove_key(key);
                 registry.by_key.remove(&key);
+                None
             }
             Some(d) => {
                 d.disconnected_at_ms = Some(now_ms());
                 let value = encode(d.queue, d.disconnected_at_ms, &slot.filters);
-                let store = router.inner.store.clone();
-                let id = self.client_id.to_string();
-                // Best effort: a session found connected at start counts as
-                // away since that start.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        let _ = store.put_session(&id, value).await;
-                    });
-                }
+                Some((
+                    router.inner.store.clone(),
+                    self.client_id.to_string(),
+                    value,
+                ))
             }
-        }
+        };
         metrics::gauge!("edge_sessions").set(registry.sessions.len() as f64);
+        write
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let Some((store, id, value)) = self.detach() else {
+            return;
+        };
+        // Best effort: a session found connected at start counts as away
+        // since that start.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = store.put_session(&id, value).await;
+            });
+        }
     }
 }
 
@@ -743,5 +773,46 @@ mod tests {
             decode(&encode(1, None, &BTreeMap::new())),
             Some((1, None, BTreeMap::new()))
         );
+    }
+}
+
+#[cfg(test)]
+mod leave_tests {
+    use super::*;
+    use crate::route::Routes;
+    use std::num::NonZeroUsize;
+
+    #[tokio::test]
+    async fn leave_writes_the_record_before_it_returns_and_drop_then_does_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = edge_store::Store::open(
+            dir.path(),
+            edge_store::StoreOptions {
+                max_bytes: 1 << 20,
+                batch_max_messages: NonZeroUsize::new(64).expect("non-zero"),
+                batch_max_bytes: NonZeroUsize::new(1 << 20).expect("non-zero"),
+                inbox_capacity: NonZeroUsize::new(64).expect("non-zero"),
+                cursors: vec![],
+                when_full: Default::default(),
+                min_free: 0,
+            },
+        )
+        .expect("open");
+        let router = Router::new(store.clone(), Routes::default());
+        let options = AttachOptions {
+            clean: false,
+            queue: 8,
+        };
+        let a = router.attach("dev".into(), options).await.expect("attach");
+        a.subscriber
+            .subscribe("a/#", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        a.subscriber.leave().await.expect("leave");
+        let stored = store.sessions().expect("sessions");
+        let (_, disconnected, filters) = decode(&stored[0].1).expect("record");
+        assert!(disconnected.is_some(), "recorded as left");
+        assert!(filters.contains_key("a/#"));
+        assert_eq!(router.session_count(), 1, "persistent: kept, offline");
     }
 }
