@@ -537,6 +537,15 @@ impl Broker {
         }
     }
 
+    /// At shutdown, once every connection ended: detaches every queue's
+    /// session, so that nothing holds the store after this returns.
+    pub(crate) async fn close(&self) {
+        let queues: Vec<Arc<Queue>> = self.registry().queues.drain().map(|(_, q)| q).collect();
+        for q in queues {
+            Queue::close(q).await;
+        }
+    }
+
     /// The exclusive queues of a connection.
     pub(crate) fn owned_by(&self, conn: ConnId) -> Vec<Arc<Queue>> {
         self.registry()

@@ -124,6 +124,7 @@ impl AmqpListener {
         tracing::info!(listen = %self.local_addr, connections = tracker.len(), "AMQP listener stopped accepting; closing connections");
         tracker.close();
         tracker.wait().await;
+        broker.close().await;
         tracing::info!(listen = %self.local_addr, "AMQP listener stopped");
     }
 }

@@ -125,6 +125,7 @@ pub(crate) struct Queue {
     state: Mutex<State>,
     room: Arc<Notify>,
     stop: CancellationToken,
+    pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Queue {
@@ -159,8 +160,10 @@ impl Queue {
             }),
             room: Arc::new(Notify::new()),
             stop: CancellationToken::new(),
+            pump: Mutex::new(None),
         });
-        tokio::spawn(pump(Arc::downgrade(&queue), attached.deliveries));
+        let task = tokio::spawn(pump(Arc::downgrade(&queue), attached.deliveries));
+        *queue.pump.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
         Ok(queue)
     }
 
@@ -330,6 +333,29 @@ impl Queue {
             .await?;
         drop(replaced);
         Ok(dropped)
+    }
+
+    /// At shutdown: stops the pump and detaches the session, waiting for
+    /// its record to be written (see `Subscriber::leave`), if this is the
+    /// last handle of the queue.
+    pub(crate) async fn close(queue: Arc<Queue>) {
+        queue.stop.cancel();
+        let task = queue
+            .pump
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        match Arc::try_unwrap(queue) {
+            Ok(queue) => {
+                if let Err(error) = queue.subscriber.leave().await {
+                    tracing::warn!(queue = %queue.name, %error, "cannot record the queue's session as left");
+                }
+            }
+            Err(queue) => tracing::debug!(queue = %queue.name, "queue still in use at shutdown"),
+        }
     }
 
     pub(crate) fn is_deleted(&self) -> bool {

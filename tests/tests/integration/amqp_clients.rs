@@ -1,0 +1,489 @@
+//! The AMQP listener with lapin as the client: login, confirms after the
+//! commit, manual acks and requeues, get, mandatory returns, error codes,
+//! durable definitions across restarts and kill -9, and AMQP ↔ MQTT on
+//! `amq.topic`.
+
+use anyhow::{Context, Result, anyhow, bail};
+use edge_tests::amqp::connect;
+use edge_tests::{MqttSubscriber, TestGateway, unique};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::{LONG, SHORT};
+
+/// A connection and a channel in confirm mode.
+async fn open(uri: &str) -> Result<(Connection, Channel)> {
+    let conn = connect(uri).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((conn, channel))
+}
+
+async fn declare(channel: &Channel, name: &str, durable: bool) -> Result<()> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring {name}"))?;
+    Ok(())
+}
+
+/// Publishes persistent messages and waits for every confirm; returns
+/// whether each was acked.
+async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    key: &str,
+    bodies: &[String],
+    mandatory: bool,
+) -> Result<Vec<lapin::Confirmation>> {
+    let mut confirms = Vec::new();
+    for body in bodies {
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                body.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    let mut out = Vec::new();
+    for confirm in confirms {
+        out.push(
+            tokio::time::timeout(SHORT, confirm)
+                .await
+                .map_err(|_| anyhow!("no publisher confirm within {SHORT:?}"))??,
+        );
+    }
+    Ok(out)
+}
+
+fn bodies(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+async fn next(consumer: &mut lapin::Consumer) -> Result<lapin::message::Delivery> {
+    match tokio::time::timeout(SHORT, consumer.next()).await {
+        Err(_) => bail!("no delivery within {SHORT:?}"),
+        Ok(None) => bail!("consumer ended"),
+        Ok(Some(d)) => Ok(d?),
+    }
+}
+
+async fn consume(channel: &Channel, queue: &str, no_ack: bool) -> Result<lapin::Consumer> {
+    Ok(channel
+        .basic_consume(
+            queue.into(),
+            unique("ctag").as_str().into(),
+            BasicConsumeOptions {
+                no_ack,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_refused_with_access_refused() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let uri = format!("amqp://guest:nope@{}/%2f", gw.amqp_addr());
+    let err = tokio::time::timeout(
+        SHORT,
+        Connection::connect(&uri, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| anyhow!("connect did not finish"))?
+    .expect_err("wrong password");
+    let text = format!("{err:?}");
+    assert!(
+        text.contains("403") || text.contains("ACCESS_REFUSED"),
+        "{text}"
+    );
+    let unknown_vhost = format!("amqp://guest:guest@{}/other", gw.amqp_addr());
+    let err = tokio::time::timeout(
+        SHORT,
+        Connection::connect(&unknown_vhost, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| anyhow!("connect did not finish"))?
+    .expect_err("unknown vhost");
+    assert!(format!("{err:?}").contains("NOT_ALLOWED"), "{err:?}");
+    gw.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_publishes_are_consumed_with_manual_acks_and_requeues() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let queue = unique("orders");
+    declare(&channel, &queue, true).await?;
+    let sent = bodies("m", 20);
+    let confirms = publish(&channel, "", &queue, &sent, false).await?;
+    assert!(confirms.iter().all(|c| c.is_ack()), "{confirms:?}");
+    // Acknowledged means committed: the store has them.
+    assert!(gw.store().stats().live_messages >= 20);
+
+    let consumer_channel = conn.create_channel().await?;
+    consumer_channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consume(&consumer_channel, &queue, false).await?;
+    let first = next(&mut consumer).await?;
+    assert_eq!(first.data, b"m-0");
+    assert!(!first.redelivered);
+    // Requeued: it comes back, first, marked redelivered.
+    first
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await?;
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let d = next(&mut consumer).await?;
+        if got.is_empty() {
+            assert!(d.redelivered, "a requeued delivery is marked redelivered");
+        }
+        got.push(String::from_utf8(d.data.clone())?);
+        d.acker.ack(BasicAckOptions::default()).await?;
+    }
+    assert_eq!(got, sent, "in order, each once");
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_mandatory_returns_and_exchange_kinds() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let q = unique("getq");
+    declare(&channel, &q, false).await?;
+    assert!(
+        channel
+            .basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await?
+            .is_none(),
+        "get-empty"
+    );
+    publish(&channel, "", &q, &bodies("g", 2), false).await?;
+    let m = channel
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await?
+        .context("get-ok")?;
+    assert_eq!(m.delivery.data, b"g-0");
+    assert_eq!(m.message_count, 1);
+
+    // Nothing bound: a mandatory publish comes back with 312, still acked.
+    let confirms = publish(&channel, "amq.direct", "nowhere", &bodies("r", 1), true).await?;
+    let returned = confirms
+        .into_iter()
+        .next()
+        .and_then(|c| c.take_message())
+        .context("a returned message")?;
+    assert_eq!(returned.reply_code, 312);
+    assert_eq!(returned.delivery.data, b"r-0");
+
+    // Fanout, direct and topic exchanges of our own.
+    for (kind, key, binding, hit) in [
+        (ExchangeKind::Fanout, "any", "ignored", true),
+        (ExchangeKind::Direct, "a.b", "a.b", true),
+        (ExchangeKind::Direct, "a.b", "a.c", false),
+        (ExchangeKind::Topic, "a.b.c", "a.*.c", true),
+        (ExchangeKind::Topic, "a.b.c", "a.#", true),
+        (ExchangeKind::Topic, "a.b.c", "b.#", false),
+    ] {
+        let x = unique("x");
+        channel
+            .exchange_declare(
+                x.as_str().into(),
+                kind.clone(),
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let bound = unique("bq");
+        declare(&channel, &bound, false).await?;
+        channel
+            .queue_bind(
+                bound.as_str().into(),
+                x.as_str().into(),
+                binding.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        publish(&channel, &x, key, &bodies("k", 1), false).await?;
+        let got = channel
+            .basic_get(bound.as_str().into(), BasicGetOptions { no_ack: true })
+            .await?;
+        assert_eq!(got.is_some(), hit, "{kind:?} {key} bound by {binding}");
+        if let Some(m) = got {
+            assert_eq!(m.delivery.exchange.as_str(), x);
+            assert_eq!(m.delivery.routing_key.as_str(), key);
+        }
+    }
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
+/// The channel exception a failing declaration closes its channel with.
+async fn refused(result: lapin::Result<()>) -> String {
+    match result {
+        Ok(()) => "accepted".to_string(),
+        Err(e) => format!("{e:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declarations_fail_with_rabbitmq_codes() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let conn = connect(&gw.amqp_uri()).await?;
+
+    let ch = conn.create_channel().await?;
+    let passive = ch
+        .queue_declare(
+            "no-such-queue".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ());
+    let text = refused(passive).await;
+    assert!(text.contains("404") || text.contains("NOT_FOUND"), "{text}");
+
+    let ch = conn.create_channel().await?;
+    let reserved = ch
+        .exchange_declare(
+            "amq.mine".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    let text = refused(reserved).await;
+    assert!(
+        text.contains("403") || text.contains("ACCESS_REFUSED"),
+        "{text}"
+    );
+
+    let ch = conn.create_channel().await?;
+    let x = unique("ex");
+    ch.exchange_declare(
+        x.as_str().into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let again = ch
+        .exchange_declare(
+            x.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    let text = refused(again).await;
+    assert!(
+        text.contains("406") || text.contains("PRECONDITION_FAILED"),
+        "{text}"
+    );
+    // The connection survived its channels' exceptions.
+    let ch = conn.create_channel().await?;
+    declare(&ch, &unique("still"), false).await?;
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_exchanges_queues_and_bindings_survive_a_restart() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let x = unique("dx");
+    let q = unique("dq");
+    channel
+        .exchange_declare(
+            x.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    declare(&channel, &q, true).await?;
+    channel
+        .queue_bind(
+            q.as_str().into(),
+            x.as_str().into(),
+            "site.*.temp".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    publish(&channel, &x, "site.a.temp", &bodies("before", 1), false).await?;
+    conn.close(200, "bye".into()).await?;
+    let root = gw.shutdown().await?;
+    let gw = TestGateway::builder().root(root).start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let confirms = publish(&channel, &x, "site.b.temp", &bodies("after", 1), true).await?;
+    assert!(
+        confirms
+            .iter()
+            .all(|c| matches!(c, lapin::Confirmation::Ack(None))),
+        "routed through the restored binding: {confirms:?}"
+    );
+    let mut consumer = consume(&channel, &q, false).await?;
+    for want in ["before-0", "after-0"] {
+        let d = next(&mut consumer).await?;
+        assert_eq!(d.data, want.as_bytes());
+        assert_eq!(d.exchange.as_str(), x);
+        d.acker.ack(BasicAckOptions::default()).await?;
+    }
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_persistent_messages_in_a_durable_queue_survive_kill_9() -> Result<()> {
+    let mut gw = TestGateway::builder().spawn(crate::gateway_bin()).await?;
+    let q = unique("killq");
+    let sent = bodies("k", 50);
+    {
+        let (conn, channel) = open(&gw.amqp_uri()).await?;
+        declare(&channel, &q, true).await?;
+        let confirms = publish(&channel, "", &q, &sent, false).await?;
+        assert!(confirms.iter().all(|c| c.is_ack()));
+        // Take and acknowledge the first ten; leave ten more unacknowledged.
+        let mut consumer = consume(&channel, &q, false).await?;
+        for want in &sent[..20] {
+            let d = next(&mut consumer).await?;
+            assert_eq!(d.data, want.as_bytes());
+            if d.delivery_tag <= 10 {
+                d.acker.ack(BasicAckOptions::default()).await?;
+            }
+        }
+        // The acks are on the wire; a get on another channel waits for
+        // the connection to have processed them (frames are in order).
+        let probe = conn.create_channel().await?;
+        probe
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        gw.kill().await?;
+    }
+    gw.restart().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let mut consumer = consume(&channel, &q, false).await?;
+    let mut got = Vec::new();
+    while got.last() != sent.last() {
+        let d = next(&mut consumer).await?;
+        got.push(String::from_utf8(d.data.clone())?);
+        d.acker.ack(BasicAckOptions::default()).await?;
+    }
+    // Acks reach the store in the background: the first ten may come again.
+    let tail: Vec<&String> = got.iter().filter(|b| !sent[..10].contains(b)).collect();
+    assert_eq!(
+        tail,
+        sent[10..].iter().collect::<Vec<_>>(),
+        "every unacknowledged message, in order"
+    );
+    conn.close(200, "bye".into()).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_and_mqtt_meet_on_amq_topic() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let prefix = unique("plant");
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+
+    // MQTT publish → AMQP queue bound to amq.topic.
+    let q = unique("fromMqtt");
+    declare(&channel, &q, true).await?;
+    channel
+        .queue_bind(
+            q.as_str().into(),
+            "amq.topic".into(),
+            format!("{prefix}.*.temp").as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let topic = format!("{prefix}/line1/temp");
+    edge_tests::mqtt::publish_one(gw.mqtt_addr(), &topic, b"21.5").await?;
+    let mut consumer = consume(&channel, &q, false).await?;
+    let d = next(&mut consumer).await?;
+    assert_eq!(d.data, b"21.5");
+    assert_eq!(d.exchange.as_str(), "amq.topic");
+    assert_eq!(d.routing_key.as_str(), format!("{prefix}.line1.temp"));
+    assert_eq!(
+        *d.properties.delivery_mode(),
+        Some(2),
+        "QoS 1 is persistent"
+    );
+    d.acker.ack(BasicAckOptions::default()).await?;
+
+    // AMQP publish to amq.topic → MQTT subscriber, dots in a level kept.
+    let mut sub =
+        MqttSubscriber::connect(gw.mqtt_addr(), &unique("sub"), &[&format!("{prefix}/#")]).await?;
+    let key = format!("{prefix}.spBv1%2E0.cmd");
+    publish(&channel, "amq.topic", &key, &bodies("cmd", 1), true).await?;
+    let p = sub.recv(LONG).await?;
+    assert_eq!(p.topic, format!("{prefix}/spBv1.0/cmd"));
+    assert_eq!(&p.payload[..], b"cmd-0");
+    assert_eq!(p.qos, rumqttc::QoS::AtLeastOnce, "persistent is QoS 1");
+
+    // A direct exchange's traffic never reaches an MQTT `#` subscriber.
+    let mut all = MqttSubscriber::connect(gw.mqtt_addr(), &unique("all"), &["#"]).await?;
+    publish(&channel, "", &q, &bodies("private", 1), false).await?;
+    let d = next(&mut consumer).await?;
+    assert_eq!(d.data, b"private-0");
+    publish(&channel, "amq.topic", &key, &bodies("public", 1), false).await?;
+    let p = all.recv(SHORT).await?;
+    assert_eq!(
+        &p.payload[..],
+        b"public-0",
+        "the queue's message did not come first"
+    );
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
