@@ -543,6 +543,8 @@ impl Connection {
             );
             return Ok(());
         };
+        // Persistent messages are committed (and queued durably) before
+        // their confirm: QoS 1. Transient ones are delivered from memory.
         let qos = match properties.delivery_mode() {
             Some(2) => QoS::AtLeastOnce,
             _ => QoS::AtMostOnce,

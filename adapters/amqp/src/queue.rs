@@ -214,10 +214,18 @@ impl Queue {
             let mut s = self.state();
             let mut out = Vec::new();
             let mut done = Vec::new();
+            let now = edge_core::message::now_ms();
             while out.len() < max {
                 let Some((_, q)) = s.ready.pop_first() else {
                     break;
                 };
+                if q.message.is_expired(now) {
+                    // Delivered to nobody, as the core does for its queues.
+                    s.release(&q);
+                    done.extend(q.seq);
+                    crate::telemetry::expired(&q.message);
+                    continue;
+                }
                 if no_ack {
                     s.release(&q);
                     done.extend(q.seq);

@@ -6,6 +6,8 @@
 //! - `edge_amqp_exceptions_total{scope="channel"|"connection",code}`: exceptions sent,
 //!   by the spec's name of the reply code (`NOT_FOUND`, `FRAME_ERROR`, ...).
 //! - `edge_amqp_closes_total{reason}`: how connections ended.
+//! - `edge_messages_expired_total{protocol}`: as the core's, for a message
+//!   that expired in a queue's memory.
 //! - `edge_messages_in_total{protocol="amqp"}`, `edge_messages_out_total{protocol="amqp"}`.
 //! - `edge_messages_dropped_total{reason="amqp_unroutable"|"amqp_rejected"|"amqp_refused"}`:
 //!   a publish no queue, subscriber or route took; a delivery rejected
@@ -54,6 +56,12 @@ pub(crate) fn message_in() {
 
 pub(crate) fn message_out() {
     metrics::counter!("edge_messages_out_total", "protocol" => PROTOCOL).increment(1);
+}
+
+/// A message whose expiry passed while it waited in a queue.
+pub(crate) fn expired(message: &edge_core::Message) {
+    metrics::counter!("edge_messages_expired_total", "protocol" => message.origin.protocol.as_str())
+        .increment(1);
 }
 
 pub(crate) fn closed(reason: &'static str) {

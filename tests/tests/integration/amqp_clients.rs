@@ -487,3 +487,77 @@ async fn amqp_and_mqtt_meet_on_amq_topic() -> Result<()> {
     gw.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_content_property_is_kept() -> Result<()> {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let gw = TestGateway::builder().start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let q = unique("props");
+    declare(&channel, &q, true).await?;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "site".into(),
+        AMQPValue::LongString(LongString::from("north")),
+    );
+    headers.insert("count".into(), AMQPValue::LongInt(7));
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("gzip".into())
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_priority(5)
+        .with_correlation_id("req-1".into())
+        .with_reply_to("replies".into())
+        .with_expiration("600000".into())
+        .with_message_id("m-1".into())
+        .with_timestamp(1_700_000_000)
+        .with_type("reading".into())
+        .with_user_id("guest".into())
+        .with_app_id("historian".into());
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            properties,
+        )
+        .await?
+        .await?;
+    assert!(confirm.is_ack());
+    let m = channel
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await?
+        .context("get-ok")?;
+    let p = &m.delivery.properties;
+    let text = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_string());
+    assert_eq!(text(p.content_type()).as_deref(), Some("application/json"));
+    assert_eq!(text(p.content_encoding()).as_deref(), Some("gzip"));
+    assert_eq!(*p.delivery_mode(), Some(2));
+    assert_eq!(*p.priority(), Some(5));
+    assert_eq!(text(p.correlation_id()).as_deref(), Some("req-1"));
+    assert_eq!(text(p.reply_to()).as_deref(), Some("replies"));
+    let left: u64 = text(p.expiration()).context("expiration")?.parse()?;
+    assert!(left > 590_000 && left <= 600_000, "what is left: {left}");
+    assert_eq!(text(p.message_id()).as_deref(), Some("m-1"));
+    assert_eq!(*p.timestamp(), Some(1_700_000_000));
+    assert_eq!(text(p.kind()).as_deref(), Some("reading"));
+    assert_eq!(text(p.user_id()).as_deref(), Some("guest"));
+    assert_eq!(text(p.app_id()).as_deref(), Some("historian"));
+    let h = p.headers().as_ref().context("headers")?;
+    assert_eq!(
+        h.inner().get("site"),
+        Some(&AMQPValue::LongString(LongString::from("north")))
+    );
+    assert!(
+        matches!(
+            h.inner().get("count"),
+            Some(AMQPValue::LongLongInt(7) | AMQPValue::LongInt(7))
+        ),
+        "{h:?}"
+    );
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
