@@ -21,6 +21,7 @@ mod malformed;
 mod mqtt311;
 mod observability;
 mod paho;
+mod pika;
 mod quota;
 mod retained;
 mod sessions;
