@@ -54,6 +54,11 @@ impl RawAmqp {
     /// Connects and completes the handshake as guest/guest with
     /// `frame_max`, no heartbeats.
     pub async fn open(addr: SocketAddr, frame_max: u32) -> Result<RawAmqp> {
+        RawAmqp::open_tuned(addr, frame_max, 0).await
+    }
+
+    /// The same with `heartbeat` seconds in tune-ok.
+    pub async fn open_tuned(addr: SocketAddr, frame_max: u32, heartbeat: u16) -> Result<RawAmqp> {
         let mut c = RawAmqp::connect(addr).await?;
         c.write(b"AMQP\x00\x00\x09\x01").await?;
         match c.frame().await? {
@@ -79,7 +84,7 @@ impl RawAmqp {
             AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
                 channel_max: 16,
                 frame_max,
-                heartbeat: 0,
+                heartbeat,
             })),
         )
         .await?;

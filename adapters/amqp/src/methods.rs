@@ -437,6 +437,10 @@ impl Connection {
             })
             .collect();
         for (ch, tag, q, no_ack) in consumers {
+            if q.is_deleted() {
+                self.cancelled(ch, &tag)?;
+                continue;
+            }
             if self.out.len() >= WRITE_HIGH_WATER {
                 // The write branch drains it; then try again.
                 self.deliver_due = true;
@@ -459,6 +463,21 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// The consumer's queue was deleted: basic.cancel to the client
+    /// (`consumer_cancel_notify`).
+    fn cancelled(&mut self, ch: u16, tag: &str) -> Result<(), Exception> {
+        if let Some(c) = self.channels.get_mut(&ch) {
+            c.consumers.remove(tag);
+        }
+        self.method(
+            ch,
+            AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                consumer_tag: tag.into(),
+                nowait: true,
+            })),
+        )
     }
 
     fn deliver(

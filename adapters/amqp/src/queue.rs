@@ -340,6 +340,14 @@ impl Queue {
             )
             .await?;
         drop(replaced);
+        {
+            let mut s = self.state();
+            s.ready.clear();
+            s.held.clear();
+            s.held_bytes = 0;
+            // Their connections cancel them (basic.cancel).
+            s.wake();
+        }
         Ok(dropped)
     }
 

@@ -561,3 +561,71 @@ async fn every_content_property_is_kept() -> Result<()> {
     gw.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_queues_are_locked_and_go_with_their_connection_and_consumers_are_cancelled()
+-> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let owner = connect(&gw.amqp_uri()).await?;
+    let ch = owner.create_channel().await?;
+    let q = unique("excl");
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    let other = connect(&gw.amqp_uri()).await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let locked = other
+        .create_channel()
+        .await?
+        .queue_declare(q.as_str().into(), passive, FieldTable::default())
+        .await;
+    let text = format!("{locked:?}");
+    assert!(
+        text.contains("RESOURCE_LOCKED") || text.contains("405"),
+        "{text}"
+    );
+    owner.close(200, "bye".into()).await?;
+    edge_tests::wait_for("the exclusive queue to go", SHORT, || {
+        let (other, q) = (&other, q.clone());
+        async move {
+            let r = other
+                .create_channel()
+                .await
+                .ok()?
+                .queue_declare(q.as_str().into(), passive, FieldTable::default())
+                .await;
+            let text = format!("{r:?}");
+            (text.contains("NOT_FOUND") || text.contains("404")).then_some(text)
+        }
+    })
+    .await?;
+
+    // A consumer whose queue is deleted by someone else is cancelled.
+    let q = unique("deleted");
+    let ch = other.create_channel().await?;
+    declare(&ch, &q, false).await?;
+    let mut consumer = consume(&ch, &q, false).await?;
+    let deleter = other.create_channel().await?;
+    deleter
+        .queue_delete(
+            q.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await?;
+    let ended = tokio::time::timeout(SHORT, consumer.next())
+        .await
+        .map_err(|_| anyhow!("the consumer was not cancelled"))?;
+    assert!(ended.is_none(), "{ended:?}");
+    other.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}

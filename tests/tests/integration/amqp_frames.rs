@@ -156,3 +156,28 @@ async fn a_channel_exception_leaves_the_connection_and_other_channels() -> Resul
     gw.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_are_sent_and_a_silent_client_is_closed() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let mut c = RawAmqp::open_tuned(gw.amqp_addr(), 131_072, 1).await?;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        c.frame().await?,
+        AMQPFrame::Heartbeat,
+        "the server's heartbeat"
+    );
+    // Silent from here on: two missed intervals close the socket.
+    let rest = c.read_to_end().await?;
+    assert!(
+        rest.iter().all(|b| [8, 0, 0xce].contains(b)),
+        "only heartbeats: {rest:?}"
+    );
+    let after = started.elapsed();
+    assert!(
+        after >= std::time::Duration::from_secs(2),
+        "closed after {after:?}"
+    );
+    gw.shutdown().await?;
+    Ok(())
+}
