@@ -629,3 +629,46 @@ async fn exclusive_queues_are_locked_and_go_with_their_connection_and_consumers_
     gw.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_nacks_confirmed_publishes() -> Result<()> {
+    let gw = TestGateway::builder()
+        .set("store.max_bytes", "\"32KiB\"")
+        .start()
+        .await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let q = unique("full");
+    declare(&channel, &q, true).await?;
+    let body = "x".repeat(1024);
+    let sent: Vec<String> = (0..100).map(|i| format!("{i:03}{body}")).collect();
+    let confirms = publish(&channel, "", &q, &sent, false).await?;
+    let acked = confirms.iter().take_while(|c| c.is_ack()).count();
+    assert!(
+        acked > 0 && acked < 100,
+        "{acked} of 100 KiB messages acked under 32 KiB"
+    );
+    assert!(
+        confirms[acked..].iter().all(|c| c.is_nack()),
+        "after the first refusal every publish is nacked"
+    );
+    // The connection lives on, and what was acked is there.
+    let mut consumer = consume(&channel, &q, true).await?;
+    for want in &sent[..acked] {
+        let d = next(&mut consumer).await?;
+        assert_eq!(d.data, want.as_bytes());
+    }
+    let text = gw.metrics().await?;
+    let refused = edge_tests::http::metric(
+        &text,
+        "edge_messages_dropped_total",
+        &["reason=\"amqp_refused\""],
+    );
+    // At least ours (the recorder is the process's, shared by tests).
+    assert!(
+        refused.is_some_and(|v| v >= (100 - acked) as f64),
+        "counted: {refused:?}"
+    );
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
