@@ -66,3 +66,29 @@ mod telemetry;
 
 pub use error::AmqpError;
 pub use listener::AmqpListener;
+
+/// The frame decoder the connections use, reachable from property tests
+/// and fuzz targets. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use bytes::BytesMut;
+
+    /// A frame that cannot be read: the reply code of the connection
+    /// close (501 or 502) and its text.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct DecodeError {
+        pub code: u16,
+        pub message: String,
+    }
+
+    /// Takes the next whole frame off `buf` (its `Display`), `None` until
+    /// it is all in; `frame_max` bounds the whole frame.
+    pub fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<String>, DecodeError> {
+        crate::codec::decode(buf, frame_max)
+            .map(|f| f.map(|f| format!("{f:?}")))
+            .map_err(|e| DecodeError {
+                code: e.reply_code(),
+                message: e.to_string(),
+            })
+    }
+}
