@@ -134,7 +134,6 @@ pub(crate) struct Connection {
     pub(crate) deliver_due: bool,
     /// The publisher name of messages from this connection.
     pub(crate) name: Arc<str>,
-    pub(crate) next_key: u64,
 }
 
 impl std::fmt::Debug for Connection {
@@ -173,7 +172,6 @@ impl Connection {
             wake: Arc::new(Notify::new()),
             deliver_due: false,
             name: format!("amqp:{peer}").into(),
-            next_key: 1,
         }
     }
 

@@ -330,10 +330,9 @@ impl Connection {
 
     async fn consume(&mut self, ch: u16, c: basic::Consume) -> Result<(), Exception> {
         let q = self.queue_named(ch, c.queue.as_str())?;
-        let key = self.next_key;
-        self.next_key += 1;
+        let key = crate::queue::consumer_key();
         let tag = match c.consumer_tag.as_str() {
-            "" => format!("amq.ctag-{}-{key}", self.id),
+            "" => format!("amq.ctag-{key}"),
             t => t.to_string(),
         };
         let Some(chan) = self.channels.get_mut(&ch) else {

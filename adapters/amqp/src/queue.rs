@@ -41,6 +41,12 @@ pub(crate) fn session_id(queue: &str) -> Arc<str> {
 /// One connection, for exclusive queues and consumer wake-ups.
 pub(crate) type ConnId = u64;
 
+/// A consumer's key in its queue's list: unique across connections.
+pub(crate) fn consumer_key() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A message held by a queue.
 #[derive(Debug, Clone)]
 pub(crate) struct Queued {

@@ -672,3 +672,70 @@ async fn a_full_store_nacks_confirmed_publishes() -> Result<()> {
     gw.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_publish_concurrently_and_consumers_share_a_queue() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let publisher = connect(&gw.amqp_uri()).await?;
+    let q = unique("shared");
+    let setup = publisher.create_channel().await?;
+    declare(&setup, &q, true).await?;
+
+    // Two consumers on their own connections, prefetch 10 each.
+    let mut consumers = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let conn = connect(&gw.amqp_uri()).await?;
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(10, BasicQosOptions::default()).await?;
+        consumers.push(consume(&ch, &q, false).await?);
+        conns.push((conn, ch));
+    }
+    let text = gw.metrics().await?;
+    let channels = edge_tests::http::metric(&text, "edge_amqp_channels", &[]);
+    assert!(channels.is_some_and(|n| n >= 3.0), "{channels:?}");
+    let connections = edge_tests::http::metric(&text, "edge_connections", &["protocol=\"amqp\""]);
+    assert!(connections.is_some_and(|n| n >= 3.0), "{connections:?}");
+
+    // Four channels of one connection publish at once: their content
+    // frames interleave on the wire.
+    let mut tasks = Vec::new();
+    for c in 0..4 {
+        let ch = publisher.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            publish(&ch, "", &q, &bodies(&format!("c{c}"), 50), false).await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await??.iter().all(|c| c.is_ack()));
+    }
+    let mut got = std::collections::BTreeSet::new();
+    let mut per_consumer = [0usize; 2];
+    while got.len() < 200 {
+        for (i, consumer) in consumers.iter_mut().enumerate() {
+            if let Ok(Some(d)) =
+                tokio::time::timeout(std::time::Duration::from_millis(50), consumer.next()).await
+            {
+                let d = d?;
+                assert!(
+                    got.insert(String::from_utf8(d.data.clone())?),
+                    "delivered twice"
+                );
+                per_consumer[i] += 1;
+                d.acker.ack(BasicAckOptions::default()).await?;
+            }
+        }
+    }
+    assert!(
+        per_consumer.iter().all(|n| *n > 0),
+        "both consumers served: {per_consumer:?}"
+    );
+    for (conn, _) in conns {
+        conn.close(200, "bye".into()).await?;
+    }
+    publisher.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
