@@ -30,7 +30,7 @@ pub(crate) fn zero() {
     }
     metrics::counter!("edge_connections_rejected_total", "protocol" => PROTOCOL, "reason" => "max_connections")
         .increment(0);
-    metrics::gauge!("edge_amqp_channels").set(0.0);
+    metrics::gauge!("edge_amqp_channels").increment(0.0);
 }
 
 pub(crate) fn exception(scope: Scope, code: u16) {
