@@ -581,6 +581,18 @@ impl Subscriber {
         }
     }
 
+    /// The session's filters (a resumed persistent session's included), so
+    /// an owner that keeps its own record of them can reconcile the two.
+    pub fn filters(&self) -> Vec<String> {
+        self.router
+            .inner
+            .registry()
+            .sessions
+            .get(&self.client_id)
+            .map(|slot| slot.filters.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The highest QoS this session's filters grant for `topic`, if any
     /// matches (a resumed session's queued messages go out at it).
     pub fn granted_for(&self, topic: &str) -> Option<QoS> {
@@ -814,5 +826,7 @@ mod leave_tests {
         assert!(disconnected.is_some(), "recorded as left");
         assert!(filters.contains_key("a/#"));
         assert_eq!(router.session_count(), 1, "persistent: kept, offline");
+        let again = router.attach("dev".into(), options).await.expect("resume");
+        assert_eq!(again.subscriber.filters(), ["a/#"], "resumed with its filters");
     }
 }
