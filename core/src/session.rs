@@ -827,6 +827,10 @@ mod leave_tests {
         assert!(filters.contains_key("a/#"));
         assert_eq!(router.session_count(), 1, "persistent: kept, offline");
         let again = router.attach("dev".into(), options).await.expect("resume");
-        assert_eq!(again.subscriber.filters(), ["a/#"], "resumed with its filters");
+        assert_eq!(
+            again.subscriber.filters(),
+            ["a/#"],
+            "resumed with its filters"
+        );
     }
 }

@@ -17,7 +17,9 @@
 //! of truth at start: every durable queue is attached again (resuming its
 //! entries) and every binding subscribed again. Writes go row first on
 //! bind and declare, row last on unbind and delete, so a crash in between
-//! leaves a definition that start-up completes, never a filter nobody owns.
+//! leaves a definition that start-up completes; a filter the session kept
+//! that no row owns (a binding to a transient exchange, which ends with the
+//! process) is dropped at start.
 //!
 //! Changes of definitions are serialised (`changes`), so the registry and
 //! the store never disagree while one is under way.
@@ -242,12 +244,45 @@ impl Broker {
                 tracing::warn!(queue = %queue, exchange = %exchange, key = %key, error = %e, "cannot restore a stored binding");
             }
         }
+        broker.reconcile().await;
         let (exchanges, queues) = {
             let r = broker.registry();
             (r.exchanges.len(), r.queues.len())
         };
         tracing::info!(exchanges, queues, "AMQP definitions loaded");
         Ok(broker)
+    }
+
+    /// Drops the filters a durable queue's session kept that no stored
+    /// binding owns (bindings to transient exchanges, which end with the
+    /// process; an unbind whose row deletion a crash cut short).
+    async fn reconcile(&self) {
+        let queues: Vec<(Arc<Queue>, BTreeSet<String>)> = {
+            let r = self.registry();
+            r.queues
+                .values()
+                .map(|q| {
+                    let mut wanted = BTreeSet::new();
+                    wanted.extend(convert::filter_of("", Kind::Direct, &q.name).ok());
+                    for (x, key) in r.bindings.get(q.name.as_ref()).into_iter().flatten() {
+                        if let Some(e) = r.exchanges.get(x) {
+                            wanted.extend(convert::filter_of(x, e.kind, key).ok());
+                        }
+                    }
+                    (Arc::clone(q), wanted)
+                })
+                .collect()
+        };
+        for (q, wanted) in queues {
+            for filter in q.filters() {
+                if !wanted.contains(&filter) {
+                    tracing::info!(queue = %q.name, filter = %filter, "dropping a filter no stored binding owns");
+                    if let Err(error) = q.unbind(&filter).await {
+                        tracing::warn!(queue = %q.name, %error, "cannot drop a stale filter");
+                    }
+                }
+            }
+        }
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {

@@ -48,8 +48,9 @@
 //! exception closes that channel only.
 //!
 //! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings, queue
-//! arguments (refused, 540), consumer-cancel notifications when a queue is
-//! deleted, `connection.blocked`, the redelivered flag across restarts.
+//! and exchange arguments (all refused, 540), `connection.blocked`, the
+//! redelivered flag across restarts, basic.qos `global` (prefetch is per
+//! channel either way).
 
 mod broker;
 mod channel;

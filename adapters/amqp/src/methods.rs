@@ -344,7 +344,7 @@ impl Connection {
                 format!("attempt to reuse consumer tag '{tag}'"),
             ));
         }
-        if c.exclusive && q.consumer_count() > 0 {
+        if !q.add_consumer(key, Arc::clone(&self.wake), c.exclusive) {
             return Err(Exception::channel(
                 ACCESS_REFUSED,
                 format!("queue '{}' in vhost '/' in exclusive use", q.name),
@@ -358,7 +358,6 @@ impl Connection {
                 key,
             },
         );
-        q.add_consumer(key, Arc::clone(&self.wake));
         self.deliver_due = true;
         self.reply(
             ch,

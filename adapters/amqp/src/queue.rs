@@ -74,6 +74,8 @@ struct State {
     held_bytes: usize,
     /// Consumers: key → the waker of the connection that serves it.
     consumers: BTreeMap<u64, Arc<Notify>>,
+    /// The key of an exclusive consumer, which keeps every other out.
+    exclusive: Option<u64>,
     had_consumer: bool,
     next_id: u64,
     /// Store entries below this seq have been read (or delivered live).
@@ -185,6 +187,11 @@ impl Queue {
             .map(|_| ())
     }
 
+    /// The session's filters (after a restart: those the core kept).
+    pub(crate) fn filters(&self) -> Vec<String> {
+        self.subscriber.filters()
+    }
+
     pub(crate) async fn unbind(&self, filter: &str) -> Result<(), SessionError> {
         self.subscriber.unsubscribe(filter).await
     }
@@ -198,11 +205,20 @@ impl Queue {
         self.state().consumers.len() as u32
     }
 
-    pub(crate) fn add_consumer(&self, key: u64, waker: Arc<Notify>) {
+    /// Adds a consumer; false (and nothing added) when an exclusive one
+    /// is asked for while there are others, or there is an exclusive one.
+    pub(crate) fn add_consumer(&self, key: u64, waker: Arc<Notify>, exclusive: bool) -> bool {
         let mut s = self.state();
+        if s.exclusive.is_some() || exclusive && !s.consumers.is_empty() {
+            return false;
+        }
+        if exclusive {
+            s.exclusive = Some(key);
+        }
         s.consumers.insert(key, waker);
         s.had_consumer = true;
         s.wake();
+        true
     }
 
     /// Removes a consumer; true when it was the last one of a queue that
@@ -210,6 +226,9 @@ impl Queue {
     pub(crate) fn remove_consumer(&self, key: u64) -> bool {
         let mut s = self.state();
         s.consumers.remove(&key);
+        if s.exclusive == Some(key) {
+            s.exclusive = None;
+        }
         s.had_consumer && s.consumers.is_empty()
     }
 

@@ -739,3 +739,117 @@ async fn channels_publish_concurrently_and_consumers_share_a_queue() -> Result<(
     gw.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_to_transient_exchanges_and_auto_delete_queues_end_as_in_rabbitmq() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let x = unique("tx");
+    let q = unique("dq");
+    channel
+        .exchange_declare(
+            x.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    declare(&channel, &q, true).await?;
+    channel
+        .queue_bind(
+            q.as_str().into(),
+            x.as_str().into(),
+            "k".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    conn.close(200, "bye".into()).await?;
+    let root = gw.shutdown().await?;
+
+    // The transient exchange and its binding are gone; the durable queue stays.
+    let gw = TestGateway::builder().root(root).start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    channel
+        .exchange_declare(
+            x.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let confirms = publish(&channel, &x, "k", &bodies("lost", 1), true).await?;
+    let returned = confirms.into_iter().next().and_then(|c| c.take_message());
+    assert!(
+        returned.is_some_and(|r| r.reply_code == 312),
+        "no binding survived"
+    );
+    let confirms = publish(&channel, "", &q, &bodies("kept", 1), true).await?;
+    assert!(
+        matches!(confirms[0], lapin::Confirmation::Ack(None)),
+        "the queue survived"
+    );
+
+    // An auto-delete queue goes with its last consumer; an exclusive
+    // consumer keeps others out.
+    let auto = unique("auto");
+    channel
+        .queue_declare(
+            auto.as_str().into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let tag = unique("only");
+    // Held: lapin cancels a consumer it drops.
+    let _only = channel
+        .basic_consume(
+            auto.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let second = conn.create_channel().await?;
+    let refused = second
+        .basic_consume(
+            auto.as_str().into(),
+            "second".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    let text = format!("{refused:?}");
+    assert!(
+        text.contains("ACCESS_REFUSED") || text.contains("403"),
+        "{text}"
+    );
+    channel
+        .basic_cancel(
+            tag.as_str().into(),
+            lapin::options::BasicCancelOptions::default(),
+        )
+        .await?;
+    let probe = conn.create_channel().await?;
+    let gone = probe
+        .queue_declare(
+            auto.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let text = format!("{gone:?}");
+    assert!(text.contains("NOT_FOUND") || text.contains("404"), "{text}");
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
