@@ -82,6 +82,9 @@ struct State {
     read_from: Seq,
     /// Entries may wait in the store that are not in `ready`.
     catching_up: bool,
+    /// The session's deliveries: drained by the pump, and by `take` (so a
+    /// message confirmed to its publisher is in `ready` for a get).
+    live: Option<mpsc::Receiver<Delivery>>,
 }
 
 impl State {
@@ -105,6 +108,22 @@ impl State {
                 redelivered,
             },
         );
+    }
+
+    /// A live delivery (the caller checked there is room and the queue is
+    /// not catching up with its store entries).
+    fn accept(&mut self, d: Delivery) {
+        if d.retained {
+            // Retained messages are MQTT's; AMQP queues see publishes only.
+            return;
+        }
+        if let Some(seq) = d.seq {
+            if seq < self.read_from || self.held.contains(&seq) {
+                return;
+            }
+            self.read_from = seq + 1;
+        }
+        self.push(d.message, d.seq, false);
     }
 
     fn release(&mut self, q: &Queued) {
@@ -164,13 +183,14 @@ impl Queue {
             acker,
             state: Mutex::new(State {
                 catching_up: persistent,
+                live: Some(attached.deliveries),
                 ..State::default()
             }),
             room: Arc::new(Notify::new()),
             stop: CancellationToken::new(),
             pump: Mutex::new(None),
         });
-        let task = tokio::spawn(pump(Arc::downgrade(&queue), attached.deliveries));
+        let task = tokio::spawn(pump(Arc::downgrade(&queue)));
         *queue.pump.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
         Ok(queue)
     }
@@ -198,7 +218,26 @@ impl Queue {
 
     /// Ready messages (not those awaiting an ack), as far as read into memory.
     pub(crate) fn message_count(&self) -> u32 {
-        self.state().ready.len() as u32
+        let mut s = self.state();
+        self.drain_live(&mut s);
+        s.ready.len() as u32
+    }
+
+    /// Takes what the session's channel holds now, while there is room and
+    /// the store entries are not being caught up with.
+    fn drain_live(&self, s: &mut State) {
+        while s.has_room() && !s.catching_up {
+            if self.subscriber.take_lagged() {
+                s.catching_up = true;
+                // The pump reads the store.
+                self.room.notify_one();
+                break;
+            }
+            let Some(d) = s.live.as_mut().and_then(|live| live.try_recv().ok()) else {
+                break;
+            };
+            s.accept(d);
+        }
     }
 
     pub(crate) fn consumer_count(&self) -> u32 {
@@ -237,6 +276,7 @@ impl Queue {
     pub(crate) async fn take(&self, max: usize, no_ack: bool) -> Vec<Queued> {
         let (out, done) = {
             let mut s = self.state();
+            self.drain_live(&mut s);
             let mut out = Vec::new();
             let mut done = Vec::new();
             let now = edge_core::message::now_ms();
@@ -406,7 +446,7 @@ impl Queue {
 
 /// Moves the session's deliveries (and, when it lagged, its store entries)
 /// into `ready`, while there is room, until the queue is deleted or gone.
-async fn pump(queue: Weak<Queue>, mut deliveries: mpsc::Receiver<Delivery>) {
+async fn pump(queue: Weak<Queue>) {
     loop {
         let Some(q) = queue.upgrade() else { return };
         if q.stop.is_cancelled() {
@@ -458,25 +498,49 @@ async fn pump(queue: Weak<Queue>, mut deliveries: mpsc::Receiver<Delivery>) {
             continue;
         }
         let stop = q.stop.clone();
+        let room = Arc::clone(&q.room);
         drop(q);
-        let delivery = tokio::select! {
-            d = deliveries.recv() => d,
+        let live = std::future::poll_fn(|cx| poll_live(&queue, cx));
+        tokio::select! {
+            open = live => if !open { return },
+            // A take() found the session lagged: read the store.
+            _ = room.notified() => {}
             _ = stop.cancelled() => return,
-        };
-        let Some(delivery) = delivery else { return };
-        let Some(q) = queue.upgrade() else { return };
-        if delivery.retained {
-            // Retained messages are MQTT's; AMQP queues see publishes only.
-            continue;
         }
-        let mut s = q.state();
-        if let Some(seq) = delivery.seq {
-            if seq < s.read_from || s.held.contains(&seq) {
-                continue;
-            }
-            s.read_from = seq + 1;
-        }
-        s.push(delivery.message, delivery.seq, false);
-        s.wake();
     }
+}
+
+/// Moves what the session's channel holds into `ready`; pending until
+/// there is something (or no room: then ready, for the pump to wait for
+/// room). Ready(false) once the channel or the queue is gone.
+fn poll_live(queue: &Weak<Queue>, cx: &mut std::task::Context<'_>) -> std::task::Poll<bool> {
+    use std::task::Poll;
+    let Some(q) = queue.upgrade() else {
+        return Poll::Ready(false);
+    };
+    let mut s = q.state();
+    let mut moved = false;
+    loop {
+        if !s.has_room() || s.catching_up {
+            break;
+        }
+        if q.subscriber.take_lagged() {
+            s.catching_up = true;
+            break;
+        }
+        let Some(live) = s.live.as_mut() else {
+            return Poll::Ready(false);
+        };
+        match live.poll_recv(cx) {
+            Poll::Ready(Some(d)) => {
+                s.accept(d);
+                moved = true;
+            }
+            Poll::Ready(None) => return Poll::Ready(false),
+            Poll::Pending if moved => break,
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    s.wake();
+    Poll::Ready(true)
 }
