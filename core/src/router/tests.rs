@@ -450,3 +450,34 @@ async fn is_routed_sees_sessions_and_routes() {
     drop(sub);
     assert!(!router.is_routed("a/b"));
 }
+
+#[tokio::test]
+async fn leave_writes_the_record_before_it_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store(dir.path());
+    let router = Router::new(store.clone(), Routes::default());
+    let a = router
+        .attach("dev".into(), PERSISTENT)
+        .await
+        .expect("attach");
+    a.subscriber
+        .subscribe("a/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let connected = store.sessions().expect("sessions");
+    a.subscriber.leave().await.expect("leave");
+    let left = store.sessions().expect("sessions");
+    assert_eq!(left.len(), 1);
+    assert_ne!(left, connected, "the record now says when it left");
+    assert_eq!(router.session_count(), 1, "persistent: kept, offline");
+    let again = router
+        .attach("dev".into(), PERSISTENT)
+        .await
+        .expect("resume");
+    assert!(again.session_present);
+    assert_eq!(
+        again.subscriber.filters(),
+        ["a/#"],
+        "resumed with its filters"
+    );
+}

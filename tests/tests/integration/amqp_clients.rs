@@ -42,6 +42,38 @@ async fn declare(channel: &Channel, name: &str, durable: bool) -> Result<()> {
     Ok(())
 }
 
+async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+    durable: bool,
+) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("binding {queue} to {exchange} with {key}"))
+}
+
 /// Publishes persistent messages and waits for every confirm; returns
 /// whether each was acked.
 async fn publish(
@@ -217,25 +249,10 @@ async fn get_mandatory_returns_and_exchange_kinds() -> Result<()> {
         (ExchangeKind::Topic, "a.b.c", "b.#", false),
     ] {
         let x = unique("x");
-        channel
-            .exchange_declare(
-                x.as_str().into(),
-                kind.clone(),
-                ExchangeDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        declare_exchange(&channel, &x, kind.clone(), false).await?;
         let bound = unique("bq");
         declare(&channel, &bound, false).await?;
-        channel
-            .queue_bind(
-                bound.as_str().into(),
-                x.as_str().into(),
-                binding.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        bind(&channel, &bound, &x, &binding).await?;
         publish(&channel, &x, key, &bodies("k", 1), false).await?;
         let got = channel
             .basic_get(bound.as_str().into(), BasicGetOptions { no_ack: true })
@@ -280,14 +297,7 @@ async fn declarations_fail_with_rabbitmq_codes() -> Result<()> {
     assert!(text.contains("404") || text.contains("NOT_FOUND"), "{text}");
 
     let ch = conn.create_channel().await?;
-    let reserved = ch
-        .exchange_declare(
-            "amq.mine".into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await;
+    let reserved = declare_exchange(&ch, "amq.mine", ExchangeKind::Direct, false).await;
     let text = refused(reserved).await;
     assert!(
         text.contains("403") || text.contains("ACCESS_REFUSED"),
@@ -296,21 +306,8 @@ async fn declarations_fail_with_rabbitmq_codes() -> Result<()> {
 
     let ch = conn.create_channel().await?;
     let x = unique("ex");
-    ch.exchange_declare(
-        x.as_str().into(),
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    let again = ch
-        .exchange_declare(
-            x.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await;
+    declare_exchange(&ch, &x, ExchangeKind::Direct, false).await?;
+    let again = declare_exchange(&ch, &x, ExchangeKind::Fanout, false).await;
     let text = refused(again).await;
     assert!(
         text.contains("406") || text.contains("PRECONDITION_FAILED"),
@@ -330,27 +327,9 @@ async fn durable_exchanges_queues_and_bindings_survive_a_restart() -> Result<()>
     let (conn, channel) = open(&gw.amqp_uri()).await?;
     let x = unique("dx");
     let q = unique("dq");
-    channel
-        .exchange_declare(
-            x.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    declare_exchange(&channel, &x, ExchangeKind::Topic, true).await?;
     declare(&channel, &q, true).await?;
-    channel
-        .queue_bind(
-            q.as_str().into(),
-            x.as_str().into(),
-            "site.*.temp".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    bind(&channel, &q, &x, "site.*.temp").await?;
     publish(&channel, &x, "site.a.temp", &bodies("before", 1), false).await?;
     conn.close(200, "bye".into()).await?;
     let root = gw.shutdown().await?;
@@ -438,15 +417,7 @@ async fn amqp_and_mqtt_meet_on_amq_topic() -> Result<()> {
     // MQTT publish → AMQP queue bound to amq.topic.
     let q = unique("fromMqtt");
     declare(&channel, &q, true).await?;
-    channel
-        .queue_bind(
-            q.as_str().into(),
-            "amq.topic".into(),
-            format!("{prefix}.*.temp").as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    bind(&channel, &q, "amq.topic", &format!("{prefix}.*.temp")).await?;
     let topic = format!("{prefix}/line1/temp");
     edge_tests::mqtt::publish_one(gw.mqtt_addr(), &topic, b"21.5").await?;
     let mut consumer = consume(&channel, &q, false).await?;
@@ -746,38 +717,16 @@ async fn bindings_to_transient_exchanges_and_auto_delete_queues_end_as_in_rabbit
     let (conn, channel) = open(&gw.amqp_uri()).await?;
     let x = unique("tx");
     let q = unique("dq");
-    channel
-        .exchange_declare(
-            x.as_str().into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    declare_exchange(&channel, &x, ExchangeKind::Direct, false).await?;
     declare(&channel, &q, true).await?;
-    channel
-        .queue_bind(
-            q.as_str().into(),
-            x.as_str().into(),
-            "k".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    bind(&channel, &q, &x, "k").await?;
     conn.close(200, "bye".into()).await?;
     let root = gw.shutdown().await?;
 
     // The transient exchange and its binding are gone; the durable queue stays.
     let gw = TestGateway::builder().root(root).start().await?;
     let (conn, channel) = open(&gw.amqp_uri()).await?;
-    channel
-        .exchange_declare(
-            x.as_str().into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    declare_exchange(&channel, &x, ExchangeKind::Direct, false).await?;
     let confirms = publish(&channel, &x, "k", &bodies("lost", 1), true).await?;
     let returned = confirms.into_iter().next().and_then(|c| c.take_message());
     assert!(
@@ -849,6 +798,40 @@ async fn bindings_to_transient_exchanges_and_auto_delete_queues_end_as_in_rabbit
         .await;
     let text = format!("{gone:?}");
     assert!(text.contains("NOT_FOUND") || text.contains("404"), "{text}");
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_queue_beyond_its_memory_is_read_back_from_the_store_in_order() -> Result<()> {
+    // More than a queue holds in memory (4096) plus the core's channel to
+    // it (1024): the rest waits in the store and is read back from there.
+    const N: usize = 6000;
+    let gw = TestGateway::builder().start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let q = unique("deep");
+    declare(&channel, &q, true).await?;
+    let sent: Vec<String> = (0..N).map(|i| format!("{i:05}")).collect();
+    for chunk in sent.chunks(500) {
+        let confirms = publish(&channel, "", &q, chunk, false).await?;
+        assert!(confirms.iter().all(|c| c.is_ack()));
+    }
+    let consumer_channel = conn.create_channel().await?;
+    consumer_channel
+        .basic_qos(200, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consume(&consumer_channel, &q, false).await?;
+    let mut got = Vec::with_capacity(N);
+    while got.len() < N {
+        let d = tokio::time::timeout(LONG, consumer.next())
+            .await
+            .map_err(|_| anyhow!("only {} of {N} delivered", got.len()))?
+            .context("consumer ended")??;
+        got.push(String::from_utf8(d.data.clone())?);
+        d.acker.ack(BasicAckOptions::default()).await?;
+    }
+    assert_eq!(got, sent, "each once, in order");
     conn.close(200, "bye".into()).await?;
     gw.shutdown().await?;
     Ok(())

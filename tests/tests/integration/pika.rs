@@ -4,13 +4,8 @@
 //! confirms, a mandatory publish returned, a kill -9 of the gateway, then a
 //! consumer with manual acks that nacks (requeue) its first delivery.
 
-use std::process::Stdio;
-
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use edge_tests::{TestGateway, unique};
-use tokio::process::Command;
-
-use crate::LONG;
 
 const SCRIPT: &str = r#"
 import sys, pika
@@ -60,29 +55,7 @@ conn.close()
 "#;
 
 async fn run_pika(args: &[&str]) -> Result<Vec<String>> {
-    let out = tokio::time::timeout(
-        LONG,
-        Command::new("/usr/bin/python3")
-            .arg("-c")
-            .arg(SCRIPT)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .context("pika script hung")?
-    .context("running /usr/bin/python3 (python3-pika)")?;
-    if !out.status.success() {
-        bail!(
-            "pika script failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect())
+    crate::run_python("pika", SCRIPT, args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
