@@ -58,6 +58,7 @@ mod codec;
 mod connection;
 mod convert;
 mod error;
+mod handshake;
 mod listener;
 mod logs;
 mod methods;
