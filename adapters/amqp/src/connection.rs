@@ -1,4 +1,4 @@
-//! One client connection: the handshake (`handshake.rs`: protocol header,
+//! One client connection: the handshake (`handshake.rs`: protocol header, start, tune,
 //! open), then a loop that reads frames, settles publisher confirms, writes
 //! deliveries and keeps heartbeats, until the client closes, breaks the
 //! protocol, falls silent or the gateway shuts down.
