@@ -32,6 +32,17 @@ use crate::level::QueueLevel;
 use crate::message::{Message, QoS, now_ms};
 use crate::router::{Delivery, Durable, Inner, Online, Router, SessionId, Slot};
 
+/// Client ids of the AMQP adapter's queues (`amqp:<queue name>`): no
+/// other adapter may attach to one (an MQTT client with such an id would
+/// take the queue over, and with a clean session discard its messages).
+pub const AMQP_QUEUE_PREFIX: &str = "amqp:";
+
+/// Whether `client_id` names an AMQP queue's session (see
+/// [`AMQP_QUEUE_PREFIX`]); adapters other than AMQP refuse such ids.
+pub fn is_amqp_queue(client_id: &str) -> bool {
+    client_id.starts_with(AMQP_QUEUE_PREFIX)
+}
+
 /// How often offline persistent sessions are checked for expiry.
 const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 

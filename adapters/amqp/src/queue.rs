@@ -35,7 +35,7 @@ const BACKLOG_PAGE: usize = 256;
 
 /// The core session of a queue.
 pub(crate) fn session_id(queue: &str) -> Arc<str> {
-    format!("amqp:{queue}").into()
+    format!("{}{queue}", edge_core::session::AMQP_QUEUE_PREFIX).into()
 }
 
 /// One connection, for exclusive queues and consumer wake-ups.

@@ -836,3 +836,31 @@ async fn a_durable_queue_beyond_its_memory_is_read_back_from_the_store_in_order(
     gw.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_client_cannot_take_an_amqp_queues_session() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let q = unique("guarded");
+    declare(&channel, &q, true).await?;
+    publish(&channel, "", &q, &bodies("safe", 1), false).await?;
+
+    // A clean session with the queue's session id would discard it.
+    let mut o = edge_tests::mqtt::options(gw.mqtt_addr(), &format!("amqp:{q}"));
+    o.set_clean_session(true);
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(o, 8);
+    let refused = tokio::time::timeout(SHORT, eventloop.poll())
+        .await
+        .map_err(|_| anyhow!("no answer to CONNECT"))?;
+    let text = format!("{refused:?}");
+    assert!(text.contains("BadClientId"), "{text}");
+
+    let m = channel
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await?
+        .context("the queue kept its message")?;
+    assert_eq!(m.delivery.data, b"safe-0");
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
