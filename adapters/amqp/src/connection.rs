@@ -41,6 +41,10 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Bytes waiting for a slow client before the connection stops taking
 /// deliveries and reading (back-pressure instead of buffering).
 pub(crate) const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// A client without heartbeats that reads nothing of what waits for it for
+/// this long is closed: it holds a connection and unacknowledged deliveries
+/// for nothing. With heartbeats the limit is two intervals.
+const WRITE_STALL: Duration = Duration::from_secs(30);
 /// How long a closing connection waits for the client's close-ok.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Frames accepted before connection.tune-ok: the spec's frame-min-size.
@@ -69,6 +73,8 @@ pub(crate) enum End {
     PeerGone,
     Io(std::io::Error),
     HeartbeatMissed,
+    /// The client read nothing of what waited for it for this long.
+    WriteStalled(Duration),
     HandshakeTimeout,
     Shutdown,
 }
@@ -82,6 +88,7 @@ impl End {
             End::PeerGone => "peer_gone",
             End::Io(_) => "io_error",
             End::HeartbeatMissed => "heartbeat_missed",
+            End::WriteStalled(_) => "write_stalled",
             End::HandshakeTimeout => "handshake_timeout",
             End::Shutdown => "shutdown",
         }
@@ -198,6 +205,9 @@ impl Connection {
                 let _ = timeout(CLOSE_TIMEOUT, self.flush()).await;
             }
             End::Io(error) => tracing::debug!(peer = %self.peer, %error, "connection failed"),
+            End::WriteStalled(after) => {
+                tracing::info!(peer = %self.peer, ?after, "the client reads nothing of what waits for it: closing the connection")
+            }
             End::HeartbeatMissed => {
                 tracing::info!(peer = %self.peer, heartbeat = ?self.heartbeat, "missed heartbeats from client, timeout: closing the connection")
             }
@@ -361,14 +371,17 @@ impl Connection {
     /// heartbeat are branches of one `select!`.
     async fn run(&mut self, shutdown: &CancellationToken) -> End {
         let hb = self.heartbeat;
+        let stall = if hb.is_zero() { WRITE_STALL } else { hb * 2 };
         let mut tick = tokio::time::interval(if hb.is_zero() {
-            Duration::from_secs(3600)
+            WRITE_STALL / 4
         } else {
             (hb / 2).max(Duration::from_millis(500))
         });
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_read = Instant::now();
         let mut last_write = Instant::now();
+        // Since when what waits for the client has not moved.
+        let mut stalled_since: Option<Instant> = None;
         loop {
             // Frames already buffered, as far as back-pressure allows.
             while self.pending.len() < self.settings.max_unconfirmed
@@ -388,6 +401,11 @@ impl Connection {
                 return e.into();
             }
             let writing = !self.out.is_empty();
+            if !writing {
+                stalled_since = None;
+            } else if stalled_since.is_none() {
+                stalled_since = Some(Instant::now());
+            }
             let reading = self.pending.len() < self.settings.max_unconfirmed
                 && self.out.len() < WRITE_HIGH_WATER;
             tokio::select! {
@@ -398,6 +416,7 @@ impl Connection {
                     Ok(n) => {
                         self.out.drain(..n);
                         last_write = Instant::now();
+                        stalled_since = Some(last_write);
                     }
                     Err(e) => return e.into(),
                 },
@@ -415,8 +434,14 @@ impl Connection {
                     Err(e) => return e.into(),
                 },
                 _ = self.wake.notified() => self.deliver_due = true,
-                _ = tick.tick(), if !hb.is_zero() => {
+                _ = tick.tick() => {
                     let now = Instant::now();
+                    if stalled_since.is_some_and(|at| now.duration_since(at) > stall) {
+                        return End::WriteStalled(stall);
+                    }
+                    if hb.is_zero() {
+                        continue;
+                    }
                     if reading && now.duration_since(last_read) > hb * 2 {
                         return End::HeartbeatMissed;
                     }

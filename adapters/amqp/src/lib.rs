@@ -41,7 +41,8 @@
 //! Handshake with PLAIN or AMQPLAIN (user `guest`, password `guest`, over
 //! loopback only, until authentication exists) and vhost `/`; tune
 //! (channel-max, frame-max, heartbeat; two silent heartbeat intervals
-//! close the connection); frames larger than frame-max are refused from
+//! close the connection, and so do two intervals, or 30 s without
+//! heartbeats, in which the client read nothing of what waits for it); frames larger than frame-max are refused from
 //! their 7-byte header (501). Channels: open/close/flow, interleaved
 //! content; a method on an unopened channel is 504, content out of order
 //! 505. Exceptions use RabbitMQ's reply codes and texts; a channel

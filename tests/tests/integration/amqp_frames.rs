@@ -181,3 +181,62 @@ async fn heartbeats_are_sent_and_a_silent_client_is_closed() -> Result<()> {
     gw.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_is_closed_though_it_sends_heartbeats() -> Result<()> {
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+    let gw = TestGateway::builder().start().await?;
+    let q = edge_tests::unique("unread");
+    // More than the socket buffers on both ends and the gateway's own
+    // 256 KiB hold.
+    let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let ch = conn.create_channel().await?;
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions::default(),
+        Default::default(),
+    )
+    .await?;
+    let body = vec![b'x'; 1 << 20];
+    for _ in 0..24 {
+        ch.basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            lapin::BasicProperties::default(),
+        )
+        .await?;
+    }
+    let mut c = RawAmqp::open_tuned(gw.amqp_addr(), 131_072, 1).await?;
+    c.open_channel(1).await?;
+    c.method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: q.as_str().into(),
+            consumer_tag: "".into(),
+            no_local: false,
+            no_ack: true,
+            exclusive: false,
+            nowait: true,
+            arguments: Default::default(),
+        })),
+    )
+    .await?;
+    // Heartbeats out, nothing read: the gateway closes after two intervals
+    // without progress, and a write then fails.
+    let heartbeat = frame_bytes(&AMQPFrame::Heartbeat);
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            if c.write(&heartbeat).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still open after 20 s");
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
