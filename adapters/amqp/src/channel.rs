@@ -47,6 +47,9 @@ pub(crate) struct Content {
 
 #[derive(Debug)]
 pub(crate) struct Channel {
+    /// Which opening of this channel number it is (outcomes of a closed
+    /// one's publishes must not confirm a reopened one's).
+    pub epoch: u64,
     /// We sent channel.close and wait for close-ok: other frames are dropped.
     pub closing: bool,
     /// channel.flow from the client: deliveries pause while false.
@@ -68,6 +71,7 @@ pub(crate) struct Channel {
 impl Default for Channel {
     fn default() -> Self {
         Channel {
+            epoch: 0,
             closing: false,
             active: true,
             confirm: false,
@@ -87,6 +91,14 @@ fn unexpected(detail: impl std::fmt::Display) -> Exception {
 }
 
 impl Channel {
+    /// A channel just opened, the connection's `epoch`-th.
+    pub(crate) fn open(epoch: u64) -> Channel {
+        Channel {
+            epoch,
+            ..Channel::default()
+        }
+    }
+
     /// A channel we sent channel.close on, awaiting close-ok.
     pub(crate) fn closing() -> Channel {
         Channel {

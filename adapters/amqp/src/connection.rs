@@ -17,9 +17,9 @@ use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::protocol::{AMQPClass, connection};
 use bytes::{Bytes, BytesMut};
 use edge_core::PublishError;
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -107,9 +107,20 @@ impl From<std::io::Error> for End {
     }
 }
 
+/// Consecutive confirm-mode acks of one channel, not sent yet.
+#[derive(Debug)]
+pub(crate) struct AckRun {
+    channel: u16,
+    epoch: u64,
+    first: u64,
+    last: u64,
+}
+
 /// A publish's outcome, in publish order.
 pub(crate) struct Settled {
     pub channel: u16,
+    /// The channel's epoch when published.
+    pub epoch: u64,
     /// Its delivery tag in confirm mode.
     pub tag: Option<u64>,
     pub result: Result<(), PublishError>,
@@ -136,6 +147,8 @@ pub(crate) struct Connection {
     pub(crate) deliver_due: bool,
     /// The publisher name of messages from this connection.
     pub(crate) name: Arc<str>,
+    /// Channels opened so far (each opening's epoch).
+    epochs: u64,
 }
 
 impl std::fmt::Debug for Connection {
@@ -174,6 +187,7 @@ impl Connection {
             wake: Arc::new(Notify::new()),
             deliver_due: false,
             name: format!("amqp:{peer}").into(),
+            epochs: 0,
         }
     }
 
@@ -421,7 +435,17 @@ impl Connection {
                     Err(e) => return e.into(),
                 },
                 Some(settled) = self.pending.next(), if !self.pending.is_empty() => {
-                    if let Err(e) = self.settled(settled) {
+                    // Every outcome ready now; consecutive acks of a channel
+                    // go out as one basic.ack with `multiple`.
+                    let mut run = None;
+                    let mut next = Some(settled);
+                    while let Some(s) = next {
+                        if let Err(e) = self.settled(s, &mut run) {
+                            return e.into();
+                        }
+                        next = self.pending.next().now_or_never().flatten();
+                    }
+                    if let Err(e) = self.flush_acks(&mut run) {
                         return e.into();
                     }
                 }
@@ -460,8 +484,10 @@ impl Connection {
         }
     }
 
-    /// A publish's outcome: basic.ack or basic.nack in confirm mode.
-    fn settled(&mut self, s: Settled) -> Result<(), Exception> {
+    /// A publish's outcome: in confirm mode an ack joins `run` (a channel
+    /// and the first and last tag of consecutive acks), a nack goes out
+    /// after the run before it.
+    fn settled(&mut self, s: Settled, run: &mut Option<AckRun>) -> Result<(), Exception> {
         use amq_protocol::protocol::basic;
         if let Err(error) = &s.result {
             telemetry::dropped("amqp_refused", 1);
@@ -472,21 +498,56 @@ impl Connection {
                 )
             });
         }
-        let (Some(tag), true) = (s.tag, self.channels.contains_key(&s.channel)) else {
+        let (Some(tag), true) = (s.tag, self.is_open(s.channel, s.epoch)) else {
             return Ok(());
         };
-        let method = match s.result {
-            Ok(()) => basic::AMQPMethod::Ack(basic::Ack {
-                delivery_tag: tag,
-                multiple: false,
-            }),
-            Err(_) => basic::AMQPMethod::Nack(basic::Nack {
-                delivery_tag: tag,
-                multiple: false,
-                requeue: false,
-            }),
-        };
-        self.method(s.channel, AMQPClass::Basic(method))
+        if s.result.is_ok() {
+            match run {
+                Some(r) if r.channel == s.channel && r.epoch == s.epoch && r.last + 1 == tag => {
+                    r.last = tag
+                }
+                _ => {
+                    self.flush_acks(run)?;
+                    *run = Some(AckRun {
+                        channel: s.channel,
+                        epoch: s.epoch,
+                        first: tag,
+                        last: tag,
+                    });
+                }
+            }
+            return Ok(());
+        }
+        self.flush_acks(run)?;
+        let nack = basic::AMQPMethod::Nack(basic::Nack {
+            delivery_tag: tag,
+            multiple: false,
+            requeue: false,
+        });
+        self.method(s.channel, AMQPClass::Basic(nack))
+    }
+
+    /// Whether channel `ch` is still the opening `epoch` (and not closing).
+    fn is_open(&self, ch: u16, epoch: u64) -> bool {
+        self.channels
+            .get(&ch)
+            .is_some_and(|c| c.epoch == epoch && !c.closing)
+    }
+
+    /// Sends the acks of `run`: every tag up to its last on the channel is
+    /// settled by then (outcomes come in publish order), so one ack with
+    /// `multiple` covers exactly the run.
+    fn flush_acks(&mut self, run: &mut Option<AckRun>) -> Result<(), Exception> {
+        use amq_protocol::protocol::basic;
+        let Some(r) = run.take() else { return Ok(()) };
+        if !self.is_open(r.channel, r.epoch) {
+            return Ok(());
+        }
+        let ack = basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: r.last,
+            multiple: r.first != r.last,
+        });
+        self.method(r.channel, AMQPClass::Basic(ack))
     }
 
     /// One frame from the client.
@@ -603,7 +664,8 @@ impl Connection {
             )
             .on(20, 10));
         }
-        self.channels.insert(ch, Channel::default());
+        self.epochs += 1;
+        self.channels.insert(ch, Channel::open(self.epochs));
         telemetry::channels(1.0);
         use amq_protocol::protocol::channel;
         self.method(

@@ -526,6 +526,7 @@ impl Connection {
             Kind::Headers => None,
             kind => convert::topic_of(name, kind, key),
         };
+        let epoch = self.channels.get(&ch).map_or(0, |c| c.epoch);
         let tag = self.channels.get_mut(&ch).and_then(|c| {
             c.confirm.then(|| {
                 c.next_publish += 1;
@@ -553,6 +554,7 @@ impl Connection {
             self.pending.push_back(
                 futures::future::ready(Settled {
                     channel: ch,
+                    epoch,
                     tag,
                     result: Ok(()),
                 })
@@ -572,6 +574,7 @@ impl Connection {
             Ok(receipt) => async move {
                 Settled {
                     channel: ch,
+                    epoch,
                     tag,
                     result: receipt.await.map(|_| ()),
                 }
@@ -579,6 +582,7 @@ impl Connection {
             .boxed(),
             Err(e) => futures::future::ready(Settled {
                 channel: ch,
+                epoch,
                 tag,
                 result: Err(e),
             })
