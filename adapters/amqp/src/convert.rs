@@ -254,6 +254,25 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_names_round_trip_and_match_their_bindings(
+            exchange in "[a-z./+#%\\x00 ]{0,12}",
+            key in "[a-z./+#%*\\x00 ]{0,16}",
+        ) {
+            for kind in [Kind::Direct, Kind::Topic] {
+                let t = topic_of(&exchange, kind, &key).expect("a topic");
+                proptest::prop_assert_eq!(origin_of(&t), (exchange.clone(), key.clone()));
+                proptest::prop_assert!(!matches("#", &t), "MQTT's # never sees {}", t);
+            }
+            let direct = topic_of(&exchange, Kind::Direct, &key).expect("a topic");
+            let f = filter_of(&exchange, Kind::Direct, &key).expect("a filter");
+            proptest::prop_assert!(matches(&f, &direct));
+            let fanout = filter_of(&exchange, Kind::Fanout, "x").expect("a filter");
+            proptest::prop_assert!(matches(&fanout, &direct));
+        }
+    }
+
     #[test]
     fn mqtt_wildcards_never_reach_the_namespace() {
         let t = topic_of("ex", Kind::Direct, "k").expect("t");
