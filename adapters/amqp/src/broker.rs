@@ -557,6 +557,10 @@ impl Broker {
                 .await
                 .map_err(store_err)?;
         }
+        let exchanges: BTreeSet<&str> = bound.iter().map(|(x, _)| x.as_str()).collect();
+        for x in exchanges {
+            self.drop_if_unused(x).await?;
+        }
         Ok(count)
     }
 
@@ -675,7 +679,8 @@ impl Broker {
         key: &str,
     ) -> Result<(), Exception> {
         let binding = (exchange.to_string(), key.to_string());
-        let (q, others) = {
+        let filter = Self::binding_filter(exchange, kind, key)?;
+        let (q, filter_still_used) = {
             let mut r = self.registry();
             let Some(set) = r.bindings.get_mut(queue) else {
                 return Ok(());
@@ -683,16 +688,14 @@ impl Broker {
             if !set.remove(&binding) {
                 return Ok(());
             }
-            let filter = Self::binding_filter(exchange, kind, key)?;
             // Another binding with the same filter (fanout keys) keeps it.
-            let others = set.iter().any(|(x, k)| {
+            let used = set.iter().any(|(x, k)| {
                 x == exchange && Self::binding_filter(x, kind, k).is_ok_and(|f| f == filter)
             });
-            (r.queues.get(queue).cloned(), others.then_some(filter))
+            (r.queues.get(queue).cloned(), used)
         };
         let Some(q) = q else { return Ok(()) };
-        if others.is_none() {
-            let filter = Self::binding_filter(exchange, kind, key)?;
+        if !filter_still_used {
             q.unbind(&filter).await.map_err(session_err)?;
         }
         if q.flags.durable && !q.flags.exclusive {
@@ -702,6 +705,35 @@ impl Broker {
                 .await
                 .map_err(store_err)?;
         }
+        self.drop_if_unused(exchange).await
+    }
+
+    /// Deletes an auto-delete exchange that lost its last binding.
+    async fn drop_if_unused(&self, name: &str) -> Result<(), Exception> {
+        let unused = {
+            let r = self.registry();
+            r.exchanges
+                .get(name)
+                .filter(|x| {
+                    x.auto_delete
+                        && !r
+                            .bindings
+                            .values()
+                            .any(|set| set.iter().any(|(bx, _)| bx == name))
+                })
+                .copied()
+        };
+        let Some(exchange) = unused else {
+            return Ok(());
+        };
+        if exchange.durable {
+            self.router
+                .store()
+                .delete_definition(&format!("{EXCHANGE_ROW}{name}"))
+                .await
+                .map_err(store_err)?;
+        }
+        self.registry().exchanges.remove(name);
         Ok(())
     }
 }

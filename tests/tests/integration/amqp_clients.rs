@@ -864,3 +864,62 @@ async fn an_mqtt_client_cannot_take_an_amqp_queues_session() -> Result<()> {
     gw.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_delete_exchange_goes_with_its_last_binding() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let x = unique("ax");
+    let q = unique("aq");
+    channel
+        .exchange_declare(
+            x.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    declare(&channel, &q, false).await?;
+    bind(&channel, &q, &x, "a").await?;
+    bind(&channel, &q, &x, "b").await?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    for key in ["a", "b"] {
+        // Present while a binding is left, gone after the last.
+        channel
+            .exchange_declare(
+                x.as_str().into(),
+                ExchangeKind::Fanout,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("present before unbinding {key}"))?;
+        channel
+            .queue_unbind(
+                q.as_str().into(),
+                x.as_str().into(),
+                key.into(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    let gone = channel
+        .exchange_declare(
+            x.as_str().into(),
+            ExchangeKind::Fanout,
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    let text = format!("{gone:?}");
+    assert!(text.contains("NOT_FOUND") || text.contains("404"), "{text}");
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
