@@ -252,7 +252,7 @@ async fn get_mandatory_returns_and_exchange_kinds() -> Result<()> {
         declare_exchange(&channel, &x, kind.clone(), false).await?;
         let bound = unique("bq");
         declare(&channel, &bound, false).await?;
-        bind(&channel, &bound, &x, &binding).await?;
+        bind(&channel, &bound, &x, binding).await?;
         publish(&channel, &x, key, &bodies("k", 1), false).await?;
         let got = channel
             .basic_get(bound.as_str().into(), BasicGetOptions { no_ack: true })
