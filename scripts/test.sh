@@ -29,6 +29,9 @@ command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 /usr/bin/python3 -c 'import paho.mqtt' >/dev/null 2>&1 || missing+=(python3-paho-mqtt)
 # amqps:// loads the system's roots (rustls-native-certs) and fails without any.
 [ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+# pika, the AMQP client most local applications use, against the gateway's
+# AMQP listener.
+/usr/bin/python3 -c 'import pika' >/dev/null 2>&1 || missing+=(python3-pika)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update

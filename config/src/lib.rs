@@ -31,6 +31,8 @@ use raw::RawConfig;
 pub struct Config {
     pub gateway: GatewayConfig,
     pub mqtt: MqttConfig,
+    /// `None` when `[amqp] enabled = false`.
+    pub amqp: Option<AmqpConfig>,
     /// `None` when `[metrics] enabled = false`.
     pub metrics: Option<MetricsConfig>,
     pub store: StoreConfig,
@@ -80,6 +82,31 @@ pub struct MqttConfig {
     /// Encoded bytes a persistent session's queue holds at most; newer
     /// messages are not queued for it (counted, `session_queue_bytes`).
     pub max_session_queue_bytes: u64,
+}
+
+/// The AMQP 0-9-1 listener for local applications.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    pub listen: SocketAddr,
+    /// Connections at once; a further one is closed after the protocol
+    /// header with 530 (not allowed).
+    pub max_connections: NonZeroUsize,
+    /// Highest channel number a connection may open (proposed in Tune).
+    pub channel_max: NonZeroU16,
+    /// Largest frame, header and end octet included (proposed in Tune; a
+    /// client may only lower it). A bigger frame closes the connection (501)
+    /// from its 7-byte header, before it is buffered.
+    pub frame_max: u32,
+    /// Heartbeat interval proposed in Tune; zero proposes none. A connection
+    /// that sends nothing for two intervals is closed.
+    pub heartbeat: Duration,
+    /// Time a new connection has to finish the handshake (up to Open).
+    pub handshake_timeout: Duration,
+    /// Largest message body accepted (406 on the channel beyond it).
+    pub max_message_size: u64,
+    /// Per connection: publishes awaiting their commit before the gateway
+    /// stops reading the socket (back-pressure).
+    pub max_unconfirmed: NonZeroUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +207,13 @@ pub struct RouteConfig {
 /// The documented defaults, also used by `cargo run` without a file.
 pub mod defaults {
     pub const MQTT_LISTEN: &str = "127.0.0.1:1883";
+    pub const AMQP_LISTEN: &str = "127.0.0.1:5672";
+    pub const AMQP_CHANNEL_MAX: usize = 2047;
+    pub const AMQP_FRAME_MAX: &str = "128KiB";
+    pub const AMQP_HEARTBEAT: &str = "60s";
+    pub const AMQP_HANDSHAKE_TIMEOUT: &str = "10s";
+    pub const AMQP_MAX_MESSAGE_SIZE: &str = "16MiB";
+    pub const AMQP_MAX_UNCONFIRMED: usize = 1024;
     pub const METRICS_LISTEN: &str = "127.0.0.1:9183";
     pub const DATA_DIR: &str = "./data";
     pub const SHUTDOWN_GRACE: &str = "10s";

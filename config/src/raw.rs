@@ -11,6 +11,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub mqtt: RawMqtt,
     #[serde(default)]
+    pub amqp: RawAmqp,
+    #[serde(default)]
     pub metrics: RawMetrics,
     #[serde(default)]
     pub store: RawStore,
@@ -42,6 +44,20 @@ pub struct RawMqtt {
     pub session_expiry: Option<String>,
     pub max_session_queue: Option<i64>,
     pub max_session_queue_bytes: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAmqp {
+    pub enabled: Option<bool>,
+    pub listen: Option<String>,
+    pub max_connections: Option<i64>,
+    pub channel_max: Option<i64>,
+    pub frame_max: Option<String>,
+    pub heartbeat: Option<String>,
+    pub handshake_timeout: Option<String>,
+    pub max_message_size: Option<String>,
+    pub max_unconfirmed: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

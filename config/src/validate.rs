@@ -6,10 +6,10 @@ use std::num::{NonZeroU16, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::raw::{RawConfig, RawRoute, RawUpstream};
+use crate::raw::{RawAmqp, RawConfig, RawRoute, RawUpstream};
 use crate::{
-    Config, ConfigError, GatewayConfig, MetricsConfig, MqttConfig, OnCorrupt, Problem, RouteConfig,
-    StoreConfig, UpstreamConfig, UpstreamTls, WhenFull, defaults,
+    AmqpConfig, Config, ConfigError, GatewayConfig, MetricsConfig, MqttConfig, OnCorrupt, Problem,
+    RouteConfig, StoreConfig, UpstreamConfig, UpstreamTls, WhenFull, defaults,
 };
 
 const MILLI: Duration = Duration::from_millis(1);
@@ -319,6 +319,11 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ),
     };
 
+    let amqp = match raw.amqp.enabled {
+        Some(false) => None,
+        _ => Some(amqp(&mut c, &raw.amqp)),
+    };
+
     let metrics = match raw.metrics.enabled {
         Some(false) => None,
         _ => Some(MetricsConfig {
@@ -417,6 +422,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Ok(Config {
             gateway,
             mqtt,
+            amqp,
             metrics,
             store,
             upstreams,
@@ -427,6 +433,74 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             path: None,
             problems: c.problems,
         })
+    }
+}
+
+/// AMQP 0-9-1 frames are at least 4096 octets (frame-min-size); the
+/// frame size is a 32-bit field.
+const AMQP_FRAME_MIN: u64 = 4096;
+const AMQP_FRAME_LIMIT: u64 = 1 << 30;
+
+fn amqp(c: &mut Checker, a: &RawAmqp) -> AmqpConfig {
+    let frame_max = c.size(
+        "amqp.frame_max",
+        a.frame_max.as_deref(),
+        defaults::AMQP_FRAME_MAX,
+    );
+    if !(AMQP_FRAME_MIN..=AMQP_FRAME_LIMIT).contains(&frame_max) {
+        c.problem(
+            "amqp.frame_max",
+            a.frame_max.clone(),
+            "a size from \"4KiB\" (the AMQP frame-min-size) to \"1GiB\"",
+        );
+    }
+    let heartbeat_text = a.heartbeat.as_deref().unwrap_or(defaults::AMQP_HEARTBEAT);
+    let heartbeat = match humantime::parse_duration(heartbeat_text) {
+        Ok(d) if d.subsec_nanos() == 0 && d.as_secs() <= u64::from(u16::MAX) => d,
+        _ => {
+            c.problem(
+                "amqp.heartbeat",
+                Some(heartbeat_text.to_string()),
+                "whole seconds from \"0s\" (no heartbeats) to \"65535s\", such as \"60s\"",
+            );
+            Duration::ZERO
+        }
+    };
+    let channel_max = c.non_zero(
+        "amqp.channel_max",
+        a.channel_max,
+        defaults::AMQP_CHANNEL_MAX,
+        u16::MAX as usize,
+    );
+    AmqpConfig {
+        listen: c.socket("amqp.listen", a.listen.as_deref(), defaults::AMQP_LISTEN),
+        max_connections: c.non_zero(
+            "amqp.max_connections",
+            a.max_connections,
+            defaults::MAX_CONNECTIONS,
+            1_000_000,
+        ),
+        channel_max: NonZeroU16::new(channel_max.get() as u16).unwrap_or(NonZeroU16::MIN),
+        frame_max: frame_max.clamp(AMQP_FRAME_MIN, AMQP_FRAME_LIMIT) as u32,
+        heartbeat,
+        handshake_timeout: c.duration_within(
+            "amqp.handshake_timeout",
+            a.handshake_timeout.as_deref(),
+            defaults::AMQP_HANDSHAKE_TIMEOUT,
+            MILLIS_100,
+            HOUR,
+        ),
+        max_message_size: c.size(
+            "amqp.max_message_size",
+            a.max_message_size.as_deref(),
+            defaults::AMQP_MAX_MESSAGE_SIZE,
+        ),
+        max_unconfirmed: c.non_zero(
+            "amqp.max_unconfirmed",
+            a.max_unconfirmed,
+            defaults::AMQP_MAX_UNCONFIRMED,
+            1_000_000,
+        ),
     }
 }
 
@@ -788,6 +862,33 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("\"reject\""), "{text}");
         assert!(text.contains("none is configured"), "{text}");
+    }
+
+    #[test]
+    fn amqp_keys_are_validated_by_name() {
+        let c = Config::defaults().expect("defaults");
+        let a = c.amqp.expect("enabled by default");
+        assert_eq!(a.listen.to_string(), "127.0.0.1:5672");
+        assert_eq!(a.frame_max, 131_072);
+        assert_eq!(a.heartbeat, Duration::from_secs(60));
+        let err = Config::parse(
+            "[amqp]\nlisten = \"x\"\nframe_max = \"1KiB\"\nheartbeat = \"1.5s\"\nchannel_max = 70000\n",
+        )
+        .expect_err("invalid");
+        let mut keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "amqp.channel_max",
+                "amqp.frame_max",
+                "amqp.heartbeat",
+                "amqp.listen"
+            ]
+        );
+        assert!(err.to_string().contains("frame-min-size"), "{err}");
+        let off = Config::parse("[amqp]\nenabled = false\n").expect("valid");
+        assert!(off.amqp.is_none());
     }
 
     #[test]

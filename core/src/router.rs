@@ -216,6 +216,20 @@ impl Router {
         self.inner.registry().sessions.len()
     }
 
+    /// Whether a message on `topic` would go anywhere: a session's filter or
+    /// a route matches it (AMQP `mandatory` returns the message otherwise).
+    pub fn is_routed(&self, topic: &str) -> bool {
+        if self.inner.routes.matching(topic).next().is_some() {
+            return true;
+        }
+        let mut any = false;
+        self.inner
+            .registry()
+            .trie
+            .for_each_match(topic, |_, _, _| any = true);
+        any
+    }
+
     /// Routes one message. Waits only while the store's inbox or the
     /// dispatcher is full (back-pressure); the receipt resolves once the
     /// message is durable and handed to online subscribers.

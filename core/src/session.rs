@@ -32,6 +32,17 @@ use crate::level::QueueLevel;
 use crate::message::{Message, QoS, now_ms};
 use crate::router::{Delivery, Durable, Inner, Online, Router, SessionId, Slot};
 
+/// Client ids of the AMQP adapter's queues (`amqp:<queue name>`): no
+/// other adapter may attach to one (an MQTT client with such an id would
+/// take the queue over, and with a clean session discard its messages).
+pub const AMQP_QUEUE_PREFIX: &str = "amqp:";
+
+/// Whether `client_id` names an AMQP queue's session (see
+/// [`AMQP_QUEUE_PREFIX`]); adapters other than AMQP refuse such ids.
+pub fn is_amqp_queue(client_id: &str) -> bool {
+    client_id.starts_with(AMQP_QUEUE_PREFIX)
+}
+
 /// How often offline persistent sessions are checked for expiry.
 const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 
@@ -88,6 +99,8 @@ pub struct Subscriber {
     queue: Option<u64>,
     taken_over: Arc<Notify>,
     lagged: Arc<AtomicBool>,
+    /// Left the registry already (`leave`, or dropped).
+    detached: bool,
     router: Router,
 }
 
@@ -230,6 +243,7 @@ impl Router {
             queue: durable_queue,
             taken_over,
             lagged,
+            detached: false,
             router: self.clone(),
         };
         (subscriber, rx, present)
@@ -578,6 +592,18 @@ impl Subscriber {
         }
     }
 
+    /// The session's filters (a resumed persistent session's included), so
+    /// an owner that keeps its own record of them can reconcile the two.
+    pub fn filters(&self) -> Vec<String> {
+        self.router
+            .inner
+            .registry()
+            .sessions
+            .get(&self.client_id)
+            .map(|slot| slot.filters.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The highest QoS this session's filters grant for `topic`, if any
     /// matches (a resumed session's queued messages go out at it).
     pub fn granted_for(&self, topic: &str) -> Option<QoS> {
@@ -628,40 +654,67 @@ impl Acker {
     }
 }
 
-impl Drop for Subscriber {
-    fn drop(&mut self) {
+impl Subscriber {
+    /// Detaches now; for a persistent session, returns when its record
+    /// says it left. Dropping a subscriber does the same with the write in
+    /// the background; a caller about to close the store uses this, so
+    /// that no write (and no store handle) outlives it.
+    pub async fn leave(mut self) -> Result<(), SessionError> {
+        if let Some((store, id, value)) = self.detach() {
+            store.put_session(&id, value).await?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the registry (once); returns the record write a persistent
+    /// session owes.
+    fn detach(&mut self) -> Option<(edge_store::Store, String, Vec<u8>)> {
+        if std::mem::replace(&mut self.detached, true) {
+            return None;
+        }
         let router = &self.router;
         let mut registry = router.inner.registry_mut();
-        let Some(slot) = registry.sessions.get_mut(&self.client_id) else {
-            return;
-        };
+        let slot = registry.sessions.get_mut(&self.client_id)?;
         if slot.online.as_ref().is_none_or(|o| o.conn != self.conn) {
             // Taken over: the session belongs to the newer connection.
-            return;
+            return None;
         }
         slot.online = None;
-        match slot.durable.as_mut() {
+        let write = match slot.durable.as_mut() {
             None => {
                 let key = slot.key;
                 registry.sessions.remove(&self.client_id);
                 registry.trie.remove_key(key);
                 registry.by_key.remove(&key);
+                None
             }
             Some(d) => {
                 d.disconnected_at_ms = Some(now_ms());
                 let value = encode(d.queue, d.disconnected_at_ms, &slot.filters);
-                let store = router.inner.store.clone();
-                let id = self.client_id.to_string();
-                // Best effort: a session found connected at start counts as
-                // away since that start.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        let _ = store.put_session(&id, value).await;
-                    });
-                }
+                Some((
+                    router.inner.store.clone(),
+                    self.client_id.to_string(),
+                    value,
+                ))
             }
-        }
+        };
         metrics::gauge!("edge_sessions").set(registry.sessions.len() as f64);
+        write
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let Some((store, id, value)) = self.detach() else {
+            return;
+        };
+        // Best effort: a session found connected at start counts as away
+        // since that start.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = store.put_session(&id, value).await;
+            });
+        }
     }
 }
 

@@ -2,12 +2,12 @@
 //! until told to stop, then drain in order under a grace timeout.
 //!
 //! Start: open the store (its cursors are the configured upstreams) → build
-//! the router from the routes → bind the MQTT and metrics listeners (so a
-//! bad address fails before anything runs) → spawn the MQTT server and one
-//! replicator per upstream.
+//! the router from the routes → bind the MQTT, AMQP and metrics listeners
+//! (so a bad address fails before anything runs) → spawn the MQTT and AMQP
+//! servers and one replicator per upstream.
 //!
-//! Shutdown: stop the MQTT listener and let connections send the acks of
-//! what is already committed → stop the replicators (they wait briefly for
+//! Shutdown: stop the MQTT and AMQP listeners and let connections send the
+//! acks of what is already committed → stop the replicators (they wait briefly for
 //! outstanding confirms and persist their cursors) → close the store.
 
 mod cli;
@@ -19,6 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use edge_amqp::AmqpListener;
 use edge_config::{Config, OnCorrupt};
 use edge_core::{Router, RouterOptions, Routes};
 use edge_mqtt::MqttListener;
@@ -160,11 +161,12 @@ fn open_store(
 pub struct Gateway {
     id: String,
     mqtt_addr: SocketAddr,
+    amqp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     grace: Duration,
     store: Store,
-    mqtt_stop: CancellationToken,
-    mqtt_tasks: TaskTracker,
+    listeners_stop: CancellationToken,
+    listener_tasks: TaskTracker,
     upstream_stop: CancellationToken,
     upstream_tasks: TaskTracker,
     telemetry_stop: CancellationToken,
@@ -211,6 +213,15 @@ impl Gateway {
             .await
             .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
         let mqtt_addr = mqtt.local_addr();
+        let amqp = match &config.amqp {
+            Some(a) => Some(
+                AmqpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding the AMQP listener on {}", a.listen))?,
+            ),
+            None => None,
+        };
+        let amqp_addr = amqp.as_ref().map(AmqpListener::local_addr);
 
         let telemetry_listener = match &config.metrics {
             Some(m) => Some(telemetry::bind(m.listen).await?),
@@ -220,10 +231,13 @@ impl Gateway {
             .as_ref()
             .and_then(|l| l.local_addr().ok());
 
-        let mqtt_stop = CancellationToken::new();
-        let mqtt_tasks = TaskTracker::new();
-        mqtt_tasks.spawn(mqtt.run(router, mqtt_stop.clone()));
-        mqtt_tasks.close();
+        let listeners_stop = CancellationToken::new();
+        let listener_tasks = TaskTracker::new();
+        if let Some(amqp) = amqp {
+            listener_tasks.spawn(amqp.run(router.clone(), listeners_stop.clone()));
+        }
+        listener_tasks.spawn(mqtt.run(router, listeners_stop.clone()));
+        listener_tasks.close();
 
         let upstream_stop = CancellationToken::new();
         let upstream_tasks = TaskTracker::new();
@@ -267,11 +281,12 @@ impl Gateway {
         Ok(Gateway {
             id,
             mqtt_addr,
+            amqp_addr,
             metrics_addr,
             grace: config.gateway.shutdown_grace,
             store,
-            mqtt_stop,
-            mqtt_tasks,
+            listeners_stop,
+            listener_tasks,
             upstream_stop,
             upstream_tasks,
             telemetry_stop,
@@ -285,6 +300,11 @@ impl Gateway {
 
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// The AMQP listener's address (`None` when `[amqp] enabled = false`).
+    pub fn amqp_addr(&self) -> Option<SocketAddr> {
+        self.amqp_addr
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -319,15 +339,15 @@ impl Gateway {
         // drain cannot leave the replicators without time to settle their
         // confirms and flush their cursors (fewer duplicates after restart).
         let start = tokio::time::Instant::now();
-        let mqtt_deadline = start + self.grace.mul_f32(0.4);
+        let listeners_deadline = start + self.grace.mul_f32(0.4);
         let upstream_deadline = start + self.grace.mul_f32(0.9);
         let store_deadline = start + self.grace;
-        self.mqtt_stop.cancel();
-        if tokio::time::timeout_at(mqtt_deadline, self.mqtt_tasks.wait())
+        self.listeners_stop.cancel();
+        if tokio::time::timeout_at(listeners_deadline, self.listener_tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!(grace = ?self.grace, "MQTT connections did not finish within their share of the grace period");
+            tracing::warn!(grace = ?self.grace, "MQTT and AMQP connections did not finish within their share of the grace period");
         }
         self.upstream_stop.cancel();
         if tokio::time::timeout_at(upstream_deadline, self.upstream_tasks.wait())

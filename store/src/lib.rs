@@ -16,6 +16,7 @@
 //! | `dedup`         | `&str` key           | `u64` seq of the append that recorded it (a publisher's idempotency key, e.g. an MQTT QoS 2 packet id awaiting PUBREL) |
 //! | `retained`      | `&str` topic         | encoded [`Record`]                          |
 //! | `sessions`      | `&str` client id     | the owner's encoding (opaque here)          |
+//! | `definitions`   | `&str` key           | an adapter's own definitions (AMQP exchanges, queues, bindings), opaque here |
 //! | `dead_letters`  | `u64` seq parked at  | typed dead letter + record (`dead.rs`)      |
 //! | `replays`       | `u64` seq            | replay mark of a replayed dead letter       |
 //! | `meta`          | `&str`               | `schema_version` (`u32` LE, 2), `retired_below` (`u64` LE), `gateway_id`, `stats` (six `u64` LE: live messages/bytes, dead letters/bytes, retained/bytes), `next_queue_id` |
@@ -709,6 +710,31 @@ impl Store {
     /// Every stored session: (id, value). Blocking.
     pub fn sessions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         reader::sessions(&*self.shared().db()?)
+    }
+
+    /// Stores an adapter's definition (an AMQP exchange, queue or binding)
+    /// as its owner encoded it (durable on return).
+    pub async fn put_definition(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::PutDefinition {
+            key: key.to_string(),
+            value,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn delete_definition(&self, key: &str) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::DeleteDefinition {
+            key: key.to_string(),
+            reply,
+        })
+        .await
+    }
+
+    /// The stored definitions whose key starts with `prefix`, in key order:
+    /// (key, value). Blocking.
+    pub fn definitions(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        reader::definitions(&*self.shared().db()?, prefix)
     }
 
     /// The dedup keys starting with `prefix` (recorded with appends, see

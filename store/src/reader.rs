@@ -5,7 +5,8 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use crate::dead;
 use crate::tables::{
-    CURSORS, DEAD_LETTERS, DEDUP, LOG, META, QUEUE_ENTRIES, QUEUES, REPLAYS, RETAINED, SESSIONS,
+    CURSORS, DEAD_LETTERS, DEDUP, DEFINITIONS, LOG, META, QUEUE_ENTRIES, QUEUES, REPLAYS, RETAINED,
+    SESSIONS,
 };
 use crate::{DeadLetter, Entry, QueueEntry, Record, Seq, StoreError};
 
@@ -145,6 +146,23 @@ pub(crate) fn sessions(db: &Database) -> Result<Vec<(String, Vec<u8>)>, StoreErr
     let mut out = Vec::new();
     for entry in table.iter().map_err(read_err)? {
         let (k, v) = entry.map_err(read_err)?;
+        out.push((k.value().to_string(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
+pub(crate) fn definitions(
+    db: &Database,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let txn = db.begin_read().map_err(read_err)?;
+    let table = txn.open_table(DEFINITIONS).map_err(read_err)?;
+    let mut out = Vec::new();
+    for entry in table.range(prefix..).map_err(read_err)? {
+        let (k, v) = entry.map_err(read_err)?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
         out.push((k.value().to_string(), v.value().to_vec()));
     }
     Ok(out)

@@ -18,6 +18,9 @@ pub(crate) const REPLAYS: TableDefinition<u64, &[u8]> = TableDefinition::new("re
 pub(crate) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 /// client id -> the session as its owner encoded it (opaque to the store).
 pub(crate) const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// key -> value: definitions an adapter keeps for itself (AMQP exchanges,
+/// queues and bindings), opaque to the store.
+pub(crate) const DEFINITIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("definitions");
 /// queue name -> queue id.
 pub(crate) const QUEUES: TableDefinition<&str, u64> = TableDefinition::new("queues");
 /// (queue id, seq) -> entry state (owner-defined `u32`; 0 when queued).
@@ -181,6 +184,7 @@ pub(crate) fn init(
         }
         txn.open_table(RETAINED).map_err(redb_err)?;
         txn.open_table(SESSIONS).map_err(redb_err)?;
+        txn.open_table(DEFINITIONS).map_err(redb_err)?;
         txn.open_table(QUEUE_ENTRIES).map_err(redb_err)?;
         txn.open_table(DEDUP).map_err(redb_err)?;
 

@@ -858,6 +858,40 @@ async fn sessions_are_stored_opaque_and_survive_reopen() {
 }
 
 #[tokio::test]
+async fn definitions_survive_reopen_and_are_listed_by_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    store
+        .put_definition("amqp/x/a", b"1".to_vec())
+        .await
+        .unwrap();
+    store
+        .put_definition("amqp/x/b", b"2".to_vec())
+        .await
+        .unwrap();
+    store
+        .put_definition("amqp/q/a", b"3".to_vec())
+        .await
+        .unwrap();
+    store
+        .put_definition("amqp/x/a", b"one".to_vec())
+        .await
+        .unwrap();
+    store.delete_definition("amqp/x/b").await.unwrap();
+    drop(store);
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    assert_eq!(
+        store.definitions("amqp/x/").unwrap(),
+        vec![("amqp/x/a".into(), b"one".to_vec())]
+    );
+    assert_eq!(store.definitions("amqp/").unwrap().len(), 2);
+    assert!(
+        store.sessions().unwrap().is_empty(),
+        "kept apart from sessions"
+    );
+}
+
+#[tokio::test]
 async fn dedup_keys_commit_with_their_append_and_are_released() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();

@@ -122,6 +122,15 @@ pub(crate) enum Op {
         id: String,
         reply: Done,
     },
+    PutDefinition {
+        key: String,
+        value: Vec<u8>,
+        reply: Done,
+    },
+    DeleteDefinition {
+        key: String,
+        reply: Done,
+    },
     ReleaseDedup {
         key: String,
         prefix: bool,
@@ -138,7 +147,7 @@ impl Op {
             Op::Append(a) => a.bytes.len(),
             Op::Park { record, .. } => record.len(),
             Op::SetGatewayId { id, .. } => id.len(),
-            Op::PutSession { value, .. } => value.len(),
+            Op::PutSession { value, .. } | Op::PutDefinition { value, .. } => value.len(),
             Op::QueueAck { seqs, .. } => seqs.len() * 16,
             _ => 0,
         }
@@ -512,6 +521,8 @@ fn fail_op(op: Op, msg: &str, close: &mut Option<oneshot::Sender<()>>) {
         | Op::QueueSet { reply, .. }
         | Op::PutSession { reply, .. }
         | Op::DeleteSession { reply, .. }
+        | Op::PutDefinition { reply, .. }
+        | Op::DeleteDefinition { reply, .. }
         | Op::ReleaseDedup { reply, .. } => {
             let _ = reply.send(Err(err()));
         }

@@ -44,6 +44,7 @@ pub struct GatewayProcess {
     root: tempfile::TempDir,
     config_path: PathBuf,
     mqtt_port: u16,
+    amqp_port: u16,
     metrics_port: u16,
     id: String,
 }
@@ -142,8 +143,15 @@ impl TestGatewayBuilder {
         self
     }
 
-    /// The TOML text for the given listen addresses and data directory.
-    pub fn to_toml(&self, mqtt_listen: &str, metrics_listen: &str, data_dir: &Path) -> String {
+    /// The TOML text for the given listen addresses and data directory
+    /// (the AMQP listener on `amqp_listen`).
+    pub fn to_toml(
+        &self,
+        mqtt_listen: &str,
+        amqp_listen: &str,
+        metrics_listen: &str,
+        data_dir: &Path,
+    ) -> String {
         let mut tables: Vec<(String, Vec<String>)> = vec![
             (
                 "gateway".into(),
@@ -156,6 +164,10 @@ impl TestGatewayBuilder {
             (
                 "mqtt".into(),
                 vec![format!("listen = {}", quote(mqtt_listen))],
+            ),
+            (
+                "amqp".into(),
+                vec![format!("listen = {}", quote(amqp_listen))],
             ),
             (
                 "metrics".into(),
@@ -201,7 +213,12 @@ impl TestGatewayBuilder {
     /// Starts the gateway in this process.
     pub async fn start(mut self) -> Result<TestGateway> {
         let root = self.take_root()?;
-        let text = self.to_toml("127.0.0.1:0", "127.0.0.1:0", &root.path().join("data"));
+        let text = self.to_toml(
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &root.path().join("data"),
+        );
         let config = Config::parse(&text)
             .map_err(|e| anyhow!("test gateway config is invalid: {e}\n{text}"))?;
         let gateway = tokio::time::timeout(Duration::from_secs(30), Gateway::start(config.clone()))
@@ -220,9 +237,11 @@ impl TestGatewayBuilder {
     pub async fn spawn(mut self, binary: &Path) -> Result<GatewayProcess> {
         let root = self.take_root()?;
         let mqtt_port = crate::free_port()?;
+        let amqp_port = crate::free_port()?;
         let metrics_port = crate::free_port()?;
         let text = self.to_toml(
             &format!("127.0.0.1:{mqtt_port}"),
+            &format!("127.0.0.1:{amqp_port}"),
             &format!("127.0.0.1:{metrics_port}"),
             &root.path().join("data"),
         );
@@ -234,6 +253,7 @@ impl TestGatewayBuilder {
             root,
             config_path,
             mqtt_port,
+            amqp_port,
             metrics_port,
             id: self.id.clone(),
         };
@@ -263,6 +283,18 @@ impl TestGateway {
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.running().metrics_addr()
+    }
+
+    /// The AMQP listener (enabled in test gateways unless set otherwise).
+    pub fn amqp_addr(&self) -> SocketAddr {
+        self.running()
+            .amqp_addr()
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// `amqp://guest:guest@<amqp_addr>/%2f` for lapin.
+    pub fn amqp_uri(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.amqp_addr())
     }
 
     pub fn id(&self) -> &str {
@@ -398,6 +430,15 @@ impl GatewayProcess {
 
     pub fn metrics_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.metrics_port))
+    }
+
+    pub fn amqp_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.amqp_port))
+    }
+
+    /// `amqp://guest:guest@<amqp_addr>/%2f` for lapin.
+    pub fn amqp_uri(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.amqp_addr())
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod amqp;
+pub mod amqp_raw;
 pub mod gateway;
 pub mod http;
 pub mod mqtt;

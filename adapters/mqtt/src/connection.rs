@@ -244,6 +244,17 @@ impl Connection {
             }
         };
         let client_id: Arc<str> = match (connect.client_id.is_empty(), connect.clean_session) {
+            (false, _) if edge_core::session::is_amqp_queue(&connect.client_id) => {
+                return Err(self
+                    .refuse(
+                        ConnectReturnCode::ClientIdentifierNotValid,
+                        format!(
+                            "client id {:?} names an AMQP queue's session",
+                            connect.client_id
+                        ),
+                    )
+                    .await);
+            }
             (false, _) => connect.client_id.into(),
             // MQTT 3.1 requires a client id (refused with 2, as Mosquitto does).
             (true, _) if version == Version::V31 => {

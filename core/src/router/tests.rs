@@ -433,3 +433,51 @@ async fn an_empty_retained_payload_clears_the_topic() {
     );
     assert_eq!(router.store().retained().expect("read").len(), 0);
 }
+
+#[tokio::test]
+async fn is_routed_sees_sessions_and_routes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::new(vec![route("up/#")]));
+    assert!(!router.is_routed("a/b"));
+    assert!(router.is_routed("up/x"));
+    let (sub, _rx) = router.connect("s".into(), 8);
+    sub.subscribe("a/+", QoS::AtMostOnce).await.expect("sub");
+    assert!(router.is_routed("a/b"));
+    assert!(
+        !router.is_routed("$amqp/a/b"),
+        "no leading wildcard on $ topics"
+    );
+    drop(sub);
+    assert!(!router.is_routed("a/b"));
+}
+
+#[tokio::test]
+async fn leave_writes_the_record_before_it_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store(dir.path());
+    let router = Router::new(store.clone(), Routes::default());
+    let a = router
+        .attach("dev".into(), PERSISTENT)
+        .await
+        .expect("attach");
+    a.subscriber
+        .subscribe("a/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let connected = store.sessions().expect("sessions");
+    a.subscriber.leave().await.expect("leave");
+    let left = store.sessions().expect("sessions");
+    assert_eq!(left.len(), 1);
+    assert_ne!(left, connected, "the record now says when it left");
+    assert_eq!(router.session_count(), 1, "persistent: kept, offline");
+    let again = router
+        .attach("dev".into(), PERSISTENT)
+        .await
+        .expect("resume");
+    assert!(again.session_present);
+    assert_eq!(
+        again.subscriber.filters(),
+        ["a/#"],
+        "resumed with its filters"
+    );
+}

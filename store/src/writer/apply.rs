@@ -8,8 +8,8 @@ use tokio::sync::oneshot;
 use super::{AppendOp, DROPPED, DeadLetterAction, Op, Pending, RETIRE_PER_TXN, State, Writer};
 use crate::dead::{self, Replay};
 use crate::tables::{
-    CURSORS, DEAD_LETTERS, DEDUP, GATEWAY_ID_KEY, LOG, META, NEXT_QUEUE_KEY, QUEUE_ENTRIES, QUEUES,
-    REFS, REPLAYS, RETAINED, RETIRED_BELOW_KEY, SESSIONS, STATS_KEY,
+    CURSORS, DEAD_LETTERS, DEDUP, DEFINITIONS, GATEWAY_ID_KEY, LOG, META, NEXT_QUEUE_KEY,
+    QUEUE_ENTRIES, QUEUES, REFS, REPLAYS, RETAINED, RETIRED_BELOW_KEY, SESSIONS, STATS_KEY,
 };
 use crate::{AppendError, Retain, Seq, StoreError, WhenFull};
 
@@ -232,6 +232,15 @@ impl Writer {
             }
             Op::DeleteSession { id, reply } => {
                 txn.open_table(SESSIONS)?.remove(id.as_str())?;
+                pending.push(Pending::Done(reply));
+            }
+            Op::PutDefinition { key, value, reply } => {
+                txn.open_table(DEFINITIONS)?
+                    .insert(key.as_str(), value.as_slice())?;
+                pending.push(Pending::Done(reply));
+            }
+            Op::DeleteDefinition { key, reply } => {
+                txn.open_table(DEFINITIONS)?.remove(key.as_str())?;
                 pending.push(Pending::Done(reply));
             }
             Op::ReleaseDedup { key, prefix, reply } => {

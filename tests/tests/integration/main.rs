@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod amqp_clients;
+mod amqp_frames;
 mod config;
 mod corrupt;
 mod crash;
@@ -19,6 +21,7 @@ mod malformed;
 mod mqtt311;
 mod observability;
 mod paho;
+mod pika;
 mod quota;
 mod retained;
 mod sessions;
@@ -52,6 +55,35 @@ pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f).await?
+}
+
+/// Runs a Python script with Debian's own `/usr/bin/python3` (where
+/// scripts/test.sh installs python3-paho-mqtt and python3-pika), bounded
+/// by [`LONG`]; its stdout lines, or its stderr as the error.
+pub async fn run_python(what: &str, script: &str, args: &[&str]) -> Result<Vec<String>> {
+    let out = tokio::time::timeout(
+        LONG,
+        tokio::process::Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("{what} script hung"))?
+    .with_context(|| format!("running /usr/bin/python3 for {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} script failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
 }
 
 /// `<publisher>:<counter>`: what every load message carries.

@@ -3,13 +3,9 @@
 //! QoS 2 gets what was published while it was away, once each, and a
 //! retained message with its RETAIN flag.
 
-use std::process::Stdio;
-
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use edge_tests::{TestGateway, unique};
 use tokio::process::Command;
-
-use crate::LONG;
 
 const SCRIPT: &str = r#"
 import sys, time
@@ -50,29 +46,7 @@ for line in got:
 "#;
 
 async fn run_paho(args: &[&str]) -> Result<Vec<String>> {
-    let out = tokio::time::timeout(
-        LONG,
-        Command::new("/usr/bin/python3")
-            .arg("-c")
-            .arg(SCRIPT)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .context("paho script hung")?
-    .context("running /usr/bin/python3 (python3-paho-mqtt)")?;
-    if !out.status.success() {
-        bail!(
-            "paho script failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect())
+    crate::run_python("paho-mqtt", SCRIPT, args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,767 @@
+//! The exchanges, queues and bindings every AMQP connection shares, and
+//! their persistence.
+//!
+//! Durable definitions are rows of the store's `definitions` table (one
+//! commit each, before the declare-ok / bind-ok):
+//!
+//! ```text
+//! amqp/exchange/<name>   u8 version = 1, u8 kind (0 direct, 1 fanout, 2 topic, 3 headers),
+//!                        u8 flags (1 auto-delete, 2 internal)
+//! amqp/queue/<name>      u8 version = 1, u8 flags (1 auto-delete)
+//! amqp/binding/<n>:<queue><m>:<exchange><key>
+//!                        u8 version = 1, then queue, exchange and key, each u8 length + UTF-8
+//! ```
+//!
+//! A durable queue's messages are its core session's store queue; its
+//! bindings are also the session's filters. The rows here are the source
+//! of truth at start: every durable queue is attached again (resuming its
+//! entries) and every binding subscribed again. Writes go row first on
+//! bind and declare, row last on unbind and delete, so a crash in between
+//! leaves a definition that start-up completes; a filter the session kept
+//! that no row owns (a binding to a transient exchange, which ends with the
+//! process) is dropped at start.
+//!
+//! Changes of definitions are serialised (`changes`), so the registry and
+//! the store never disagree while one is under way.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::{Buf, BufMut};
+use edge_core::{Router, SessionError};
+use edge_store::StoreError;
+
+use crate::convert::{self, Kind, Unmappable};
+use crate::error::{
+    ACCESS_REFUSED, Exception, INTERNAL_ERROR, NOT_FOUND, NOT_IMPLEMENTED, PRECONDITION_FAILED,
+    RESOURCE_LOCKED,
+};
+use crate::queue::{ConnId, Flags, Queue};
+
+const EXCHANGE_ROW: &str = "amqp/exchange/";
+const QUEUE_ROW: &str = "amqp/queue/";
+const BINDING_ROW: &str = "amqp/binding/";
+
+/// Exchanges every vhost has (AMQP 0-9-1 §3.1.3).
+const BUILT_IN: [(&str, Kind); 6] = [
+    ("", Kind::Direct),
+    ("amq.direct", Kind::Direct),
+    ("amq.fanout", Kind::Fanout),
+    ("amq.topic", Kind::Topic),
+    ("amq.headers", Kind::Headers),
+    ("amq.match", Kind::Headers),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Exchange {
+    pub kind: Kind,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+}
+
+/// An exchange declaration as asked for.
+#[derive(Debug, Clone)]
+pub(crate) struct ExchangeSpec {
+    pub name: String,
+    pub kind: String,
+    pub passive: bool,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+}
+
+/// A queue declaration as asked for.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueSpec {
+    pub name: String,
+    pub passive: bool,
+    pub flags: Flags,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    exchanges: HashMap<String, Exchange>,
+    queues: HashMap<String, Arc<Queue>>,
+    /// queue → (exchange, key)
+    bindings: BTreeMap<String, BTreeSet<(String, String)>>,
+}
+
+/// Shared by every connection of the listener.
+#[derive(Debug)]
+pub(crate) struct Broker {
+    router: Router,
+    registry: Mutex<Registry>,
+    changes: tokio::sync::Mutex<()>,
+    next_name: AtomicU64,
+}
+
+fn internal(e: impl std::fmt::Display) -> Exception {
+    Exception::connection(INTERNAL_ERROR, e)
+}
+
+fn store_err(e: StoreError) -> Exception {
+    internal(format!("store: {e}"))
+}
+
+fn session_err(e: SessionError) -> Exception {
+    internal(format!("queue session: {e}"))
+}
+
+fn kind_code(kind: Kind) -> u8 {
+    match kind {
+        Kind::Direct => 0,
+        Kind::Fanout => 1,
+        Kind::Topic => 2,
+        Kind::Headers => 3,
+    }
+}
+
+fn put_short(out: &mut Vec<u8>, s: &str) {
+    let s = crate::error::truncate(s, 255);
+    out.put_u8(s.len() as u8);
+    out.put_slice(s.as_bytes());
+}
+
+fn get_short(v: &mut &[u8]) -> Option<String> {
+    let len = usize::from(*v.first()?);
+    v.advance(1);
+    let s = std::str::from_utf8(v.get(..len)?).ok()?.to_string();
+    v.advance(len);
+    Some(s)
+}
+
+fn binding_row(queue: &str, exchange: &str, key: &str) -> String {
+    format!(
+        "{BINDING_ROW}{}:{queue}{}:{exchange}{key}",
+        queue.len(),
+        exchange.len()
+    )
+}
+
+fn encode_binding(queue: &str, exchange: &str, key: &str) -> Vec<u8> {
+    let mut out = vec![1];
+    put_short(&mut out, queue);
+    put_short(&mut out, exchange);
+    put_short(&mut out, key);
+    out
+}
+
+fn decode_binding(mut v: &[u8]) -> Option<(String, String, String)> {
+    if v.first() != Some(&1) {
+        return None;
+    }
+    v.advance(1);
+    Some((get_short(&mut v)?, get_short(&mut v)?, get_short(&mut v)?))
+}
+
+fn decode_exchange(v: &[u8]) -> Option<Exchange> {
+    let [1, kind, flags] = *v else { return None };
+    let kind = match kind {
+        0 => Kind::Direct,
+        1 => Kind::Fanout,
+        2 => Kind::Topic,
+        3 => Kind::Headers,
+        _ => return None,
+    };
+    Some(Exchange {
+        kind,
+        durable: true,
+        auto_delete: flags & 1 != 0,
+        internal: flags & 2 != 0,
+    })
+}
+
+fn not_found_exchange(name: &str) -> Exception {
+    Exception::channel(NOT_FOUND, format!("no exchange '{name}' in vhost '/'"))
+}
+
+fn not_found_queue(name: &str) -> Exception {
+    Exception::channel(NOT_FOUND, format!("no queue '{name}' in vhost '/'"))
+}
+
+impl Broker {
+    /// The built-in exchanges, then the durable definitions of the store,
+    /// with every durable queue attached again.
+    pub(crate) async fn load(router: Router) -> Result<Arc<Broker>, StoreError> {
+        let store = router.store().clone();
+        let rows = tokio::task::spawn_blocking(move || store.definitions("amqp/"))
+            .await
+            .map_err(|e| StoreError::Read(e.to_string()))??;
+        let broker = Arc::new(Broker {
+            router,
+            registry: Mutex::default(),
+            changes: tokio::sync::Mutex::new(()),
+            next_name: AtomicU64::new(1),
+        });
+        {
+            let mut r = broker.registry();
+            for (name, kind) in BUILT_IN {
+                r.exchanges.insert(
+                    name.to_string(),
+                    Exchange {
+                        kind,
+                        durable: true,
+                        auto_delete: false,
+                        internal: false,
+                    },
+                );
+            }
+        }
+        let mut bindings = Vec::new();
+        for (row, value) in rows {
+            if let Some(name) = row.strip_prefix(EXCHANGE_ROW) {
+                match decode_exchange(&value) {
+                    Some(x) => {
+                        broker.registry().exchanges.insert(name.to_string(), x);
+                    }
+                    None => tracing::warn!(exchange = name, "unreadable stored exchange: ignored"),
+                }
+            } else if let Some(name) = row.strip_prefix(QUEUE_ROW) {
+                let flags = Flags {
+                    durable: true,
+                    exclusive: false,
+                    auto_delete: value.get(1).is_some_and(|f| f & 1 != 0),
+                };
+                match Queue::start(&broker.router, name, flags, None).await {
+                    Ok(q) => {
+                        broker.registry().queues.insert(name.to_string(), q);
+                    }
+                    Err(error) => {
+                        tracing::warn!(queue = name, %error, "cannot attach a stored queue")
+                    }
+                }
+            } else if row.starts_with(BINDING_ROW) {
+                match decode_binding(&value) {
+                    Some(b) => bindings.push(b),
+                    None => tracing::warn!(row = %row, "unreadable stored binding: ignored"),
+                }
+            }
+        }
+        for (queue, exchange, key) in bindings {
+            if let Err(e) = broker.subscribe(&queue, &exchange, &key).await {
+                tracing::warn!(queue = %queue, exchange = %exchange, key = %key, error = %e, "cannot restore a stored binding");
+            }
+        }
+        broker.reconcile().await;
+        let (exchanges, queues) = {
+            let r = broker.registry();
+            (r.exchanges.len(), r.queues.len())
+        };
+        tracing::info!(exchanges, queues, "AMQP definitions loaded");
+        Ok(broker)
+    }
+
+    /// Drops the filters a durable queue's session kept that no stored
+    /// binding owns (bindings to transient exchanges, which end with the
+    /// process; an unbind whose row deletion a crash cut short).
+    async fn reconcile(&self) {
+        let queues: Vec<(Arc<Queue>, BTreeSet<String>)> = {
+            let r = self.registry();
+            r.queues
+                .values()
+                .map(|q| {
+                    let mut wanted = BTreeSet::new();
+                    wanted.extend(convert::filter_of("", Kind::Direct, &q.name).ok());
+                    for (x, key) in r.bindings.get(q.name.as_ref()).into_iter().flatten() {
+                        if let Some(e) = r.exchanges.get(x) {
+                            wanted.extend(convert::filter_of(x, e.kind, key).ok());
+                        }
+                    }
+                    (Arc::clone(q), wanted)
+                })
+                .collect()
+        };
+        for (q, wanted) in queues {
+            for filter in q.filters() {
+                if !wanted.contains(&filter) {
+                    tracing::info!(queue = %q.name, filter = %filter, "dropping a filter no stored binding owns");
+                    if let Err(error) = q.unbind(&filter).await {
+                        tracing::warn!(queue = %q.name, %error, "cannot drop a stale filter");
+                    }
+                }
+            }
+        }
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The exchange a publish goes to.
+    pub(crate) fn exchange(&self, name: &str) -> Result<Exchange, Exception> {
+        self.registry()
+            .exchanges
+            .get(name)
+            .copied()
+            .ok_or_else(|| not_found_exchange(name))
+    }
+
+    /// Declares (or checks, when passive) an exchange.
+    pub(crate) async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), Exception> {
+        let _change = self.changes.lock().await;
+        let existing = self.registry().exchanges.get(&spec.name).copied();
+        if spec.passive {
+            return existing
+                .map(|_| ())
+                .ok_or_else(|| not_found_exchange(&spec.name));
+        }
+        let kind = Kind::parse(&spec.kind).ok_or_else(|| {
+            Exception::connection(503, format!("invalid exchange type '{}'", spec.kind))
+        })?;
+        if let Some(x) = existing {
+            if x.kind != kind || x.durable != spec.durable && !spec.name.starts_with("amq.") {
+                let what = if x.kind != kind { "type" } else { "durable" };
+                return Err(Exception::channel(
+                    PRECONDITION_FAILED,
+                    format!(
+                        "inequivalent arg '{what}' for exchange '{}' in vhost '/': received '{}' but current is '{}'",
+                        spec.name,
+                        if x.kind != kind {
+                            spec.kind.clone()
+                        } else {
+                            spec.durable.to_string()
+                        },
+                        if x.kind != kind {
+                            x.kind.name().to_string()
+                        } else {
+                            x.durable.to_string()
+                        },
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if spec.name.starts_with("amq.") {
+            return Err(Exception::channel(
+                ACCESS_REFUSED,
+                format!(
+                    "exchange name '{}' contains reserved prefix 'amq.*'",
+                    spec.name
+                ),
+            ));
+        }
+        if kind == Kind::Headers {
+            return Err(Exception::connection(
+                NOT_IMPLEMENTED,
+                "headers exchanges are not implemented yet",
+            ));
+        }
+        let exchange = Exchange {
+            kind,
+            durable: spec.durable,
+            auto_delete: spec.auto_delete,
+            internal: spec.internal,
+        };
+        if spec.durable {
+            let flags = u8::from(spec.auto_delete) | (u8::from(spec.internal) << 1);
+            self.router
+                .store()
+                .put_definition(
+                    &format!("{EXCHANGE_ROW}{}", spec.name),
+                    vec![1, kind_code(kind), flags],
+                )
+                .await
+                .map_err(store_err)?;
+        }
+        self.registry()
+            .exchanges
+            .insert(spec.name.clone(), exchange);
+        Ok(())
+    }
+
+    /// Deletes an exchange and the bindings to it.
+    pub(crate) async fn delete_exchange(
+        &self,
+        name: &str,
+        if_unused: bool,
+    ) -> Result<(), Exception> {
+        let _change = self.changes.lock().await;
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(Exception::channel(
+                ACCESS_REFUSED,
+                format!("exchange '{name}' in vhost '/' cannot be deleted"),
+            ));
+        }
+        let Some(exchange) = self.registry().exchanges.get(name).copied() else {
+            return Err(not_found_exchange(name));
+        };
+        let bound: Vec<(String, String)> = self
+            .registry()
+            .bindings
+            .iter()
+            .flat_map(|(q, set)| {
+                set.iter()
+                    .filter(|(x, _)| x == name)
+                    .map(move |(_, k)| (q.clone(), k.clone()))
+            })
+            .collect();
+        if if_unused && !bound.is_empty() {
+            return Err(Exception::channel(
+                PRECONDITION_FAILED,
+                format!("exchange '{name}' in vhost '/' in use"),
+            ));
+        }
+        for (queue, key) in bound {
+            self.remove_binding(&queue, name, exchange.kind, &key)
+                .await?;
+        }
+        if exchange.durable {
+            self.router
+                .store()
+                .delete_definition(&format!("{EXCHANGE_ROW}{name}"))
+                .await
+                .map_err(store_err)?;
+        }
+        self.registry().exchanges.remove(name);
+        Ok(())
+    }
+
+    /// A fresh server-chosen queue name.
+    fn generated_name(&self) -> String {
+        let n = self.next_name.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("amq.gen-{nanos:x}-{n}")
+    }
+
+    /// The queue `name`, if `conn` may use it (405 for another
+    /// connection's exclusive queue).
+    pub(crate) fn queue(&self, name: &str, conn: ConnId) -> Result<Arc<Queue>, Exception> {
+        let q = self
+            .registry()
+            .queues
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found_queue(name))?;
+        if q.owner.is_some_and(|owner| owner != conn) {
+            return Err(Exception::channel(
+                RESOURCE_LOCKED,
+                format!("cannot obtain exclusive access to locked queue '{name}' in vhost '/'"),
+            ));
+        }
+        Ok(q)
+    }
+
+    /// Declares (or checks) a queue; returns it.
+    pub(crate) async fn declare_queue(
+        &self,
+        spec: &QueueSpec,
+        conn: ConnId,
+    ) -> Result<Arc<Queue>, Exception> {
+        let _change = self.changes.lock().await;
+        if spec.passive {
+            return self.queue(&spec.name, conn);
+        }
+        let name = if spec.name.is_empty() {
+            self.generated_name()
+        } else if spec.name.starts_with("amq.") {
+            return Err(Exception::channel(
+                ACCESS_REFUSED,
+                format!(
+                    "queue name '{}' contains reserved prefix 'amq.*'",
+                    spec.name
+                ),
+            ));
+        } else {
+            spec.name.clone()
+        };
+        if let Some(existing) = self.registry().queues.get(&name).cloned() {
+            let q = self.queue(&name, conn)?;
+            let (had, asked) = (existing.flags, spec.flags);
+            for (arg, a, b) in [
+                ("durable", had.durable, asked.durable),
+                ("exclusive", had.exclusive, asked.exclusive),
+                ("auto_delete", had.auto_delete, asked.auto_delete),
+            ] {
+                if a != b {
+                    return Err(Exception::channel(
+                        PRECONDITION_FAILED,
+                        format!(
+                            "inequivalent arg '{arg}' for queue '{name}' in vhost '/': received '{b}' but current is '{a}'"
+                        ),
+                    ));
+                }
+            }
+            return Ok(q);
+        }
+        let durable = spec.flags.durable && !spec.flags.exclusive;
+        if durable {
+            self.router
+                .store()
+                .put_definition(
+                    &format!("{QUEUE_ROW}{name}"),
+                    vec![1, u8::from(spec.flags.auto_delete)],
+                )
+                .await
+                .map_err(store_err)?;
+        }
+        let owner = spec.flags.exclusive.then_some(conn);
+        let q = Queue::start(&self.router, &name, spec.flags, owner)
+            .await
+            .map_err(session_err)?;
+        // The default exchange: every queue is bound by its name.
+        let filter = convert::filter_of("", Kind::Direct, &name).map_err(internal)?;
+        q.bind(&filter).await.map_err(session_err)?;
+        self.registry().queues.insert(name, Arc::clone(&q));
+        Ok(q)
+    }
+
+    /// Deletes a queue; returns the messages it held.
+    pub(crate) async fn delete_queue(
+        &self,
+        name: &str,
+        conn: ConnId,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u32, Exception> {
+        let _change = self.changes.lock().await;
+        let q = self.queue(name, conn)?;
+        if if_unused && q.consumer_count() > 0 {
+            return Err(Exception::channel(
+                PRECONDITION_FAILED,
+                format!("queue '{name}' in vhost '/' in use"),
+            ));
+        }
+        if if_empty && q.message_count() > 0 {
+            return Err(Exception::channel(
+                PRECONDITION_FAILED,
+                format!("queue '{name}' in vhost '/' is not empty"),
+            ));
+        }
+        self.remove_queue(&q).await
+    }
+
+    async fn remove_queue(&self, q: &Arc<Queue>) -> Result<u32, Exception> {
+        let name = q.name.to_string();
+        self.registry().queues.remove(&name);
+        let bound = self.registry().bindings.remove(&name).unwrap_or_default();
+        let count = q.delete(&self.router).await.map_err(session_err)?;
+        if q.flags.durable && !q.flags.exclusive {
+            let store = self.router.store();
+            for (exchange, key) in &bound {
+                store
+                    .delete_definition(&binding_row(&name, exchange, key))
+                    .await
+                    .map_err(store_err)?;
+            }
+            store
+                .delete_definition(&format!("{QUEUE_ROW}{name}"))
+                .await
+                .map_err(store_err)?;
+        }
+        let exchanges: BTreeSet<&str> = bound.iter().map(|(x, _)| x.as_str()).collect();
+        for x in exchanges {
+            self.drop_if_unused(x).await?;
+        }
+        Ok(count)
+    }
+
+    /// Deletes an auto-delete queue that lost its last consumer, or the
+    /// exclusive queues of a connection that ended.
+    pub(crate) async fn drop_queue(&self, q: &Arc<Queue>) {
+        let _change = self.changes.lock().await;
+        if q.is_deleted() {
+            return;
+        }
+        if let Err(error) = self.remove_queue(q).await {
+            tracing::warn!(queue = %q.name, %error, "cannot delete the queue");
+        }
+    }
+
+    /// At shutdown, once every connection ended: detaches every queue's
+    /// session, so that nothing holds the store after this returns.
+    pub(crate) async fn close(&self) {
+        let queues: Vec<Arc<Queue>> = self.registry().queues.drain().map(|(_, q)| q).collect();
+        for q in queues {
+            Queue::close(q).await;
+        }
+    }
+
+    /// The exclusive queues of a connection.
+    pub(crate) fn owned_by(&self, conn: ConnId) -> Vec<Arc<Queue>> {
+        self.registry()
+            .queues
+            .values()
+            .filter(|q| q.owner == Some(conn))
+            .cloned()
+            .collect()
+    }
+
+    fn binding_filter(exchange: &str, kind: Kind, key: &str) -> Result<String, Exception> {
+        convert::filter_of(exchange, kind, key).map_err(|e| match e {
+            Unmappable::Headers => Exception::connection(NOT_IMPLEMENTED, e),
+            e => Exception::channel(NOT_IMPLEMENTED, e),
+        })
+    }
+
+    /// The queue's session takes the binding's filter (at start: again).
+    async fn subscribe(&self, queue: &str, exchange: &str, key: &str) -> Result<(), Exception> {
+        let (q, x) = {
+            let r = self.registry();
+            let q = r
+                .queues
+                .get(queue)
+                .cloned()
+                .ok_or_else(|| not_found_queue(queue))?;
+            let x = r
+                .exchanges
+                .get(exchange)
+                .copied()
+                .ok_or_else(|| not_found_exchange(exchange))?;
+            (q, x)
+        };
+        let filter = Self::binding_filter(exchange, x.kind, key)?;
+        q.bind(&filter).await.map_err(session_err)?;
+        self.registry()
+            .bindings
+            .entry(queue.to_string())
+            .or_default()
+            .insert((exchange.to_string(), key.to_string()));
+        Ok(())
+    }
+
+    pub(crate) async fn bind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        conn: ConnId,
+    ) -> Result<(), Exception> {
+        let _change = self.changes.lock().await;
+        let q = self.queue(queue, conn)?;
+        let x = self.exchange(exchange)?;
+        if exchange.is_empty() {
+            return Err(Exception::channel(
+                ACCESS_REFUSED,
+                "operation not permitted on the default exchange",
+            ));
+        }
+        Self::binding_filter(exchange, x.kind, key)?;
+        if q.flags.durable && !q.flags.exclusive && x.durable {
+            self.router
+                .store()
+                .put_definition(
+                    &binding_row(queue, exchange, key),
+                    encode_binding(queue, exchange, key),
+                )
+                .await
+                .map_err(store_err)?;
+        }
+        self.subscribe(queue, exchange, key).await
+    }
+
+    pub(crate) async fn unbind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        conn: ConnId,
+    ) -> Result<(), Exception> {
+        let _change = self.changes.lock().await;
+        self.queue(queue, conn)?;
+        let x = self.exchange(exchange)?;
+        self.remove_binding(queue, exchange, x.kind, key).await
+    }
+
+    async fn remove_binding(
+        &self,
+        queue: &str,
+        exchange: &str,
+        kind: Kind,
+        key: &str,
+    ) -> Result<(), Exception> {
+        let binding = (exchange.to_string(), key.to_string());
+        let filter = Self::binding_filter(exchange, kind, key)?;
+        let (q, filter_still_used) = {
+            let mut r = self.registry();
+            let Some(set) = r.bindings.get_mut(queue) else {
+                return Ok(());
+            };
+            if !set.remove(&binding) {
+                return Ok(());
+            }
+            // Another binding with the same filter (fanout keys) keeps it.
+            let used = set.iter().any(|(x, k)| {
+                x == exchange && Self::binding_filter(x, kind, k).is_ok_and(|f| f == filter)
+            });
+            (r.queues.get(queue).cloned(), used)
+        };
+        let Some(q) = q else { return Ok(()) };
+        if !filter_still_used {
+            q.unbind(&filter).await.map_err(session_err)?;
+        }
+        if q.flags.durable && !q.flags.exclusive {
+            self.router
+                .store()
+                .delete_definition(&binding_row(queue, exchange, key))
+                .await
+                .map_err(store_err)?;
+        }
+        self.drop_if_unused(exchange).await
+    }
+
+    /// Deletes an auto-delete exchange that lost its last binding.
+    async fn drop_if_unused(&self, name: &str) -> Result<(), Exception> {
+        let unused = {
+            let r = self.registry();
+            r.exchanges
+                .get(name)
+                .filter(|x| {
+                    x.auto_delete
+                        && !r
+                            .bindings
+                            .values()
+                            .any(|set| set.iter().any(|(bx, _)| bx == name))
+                })
+                .copied()
+        };
+        let Some(exchange) = unused else {
+            return Ok(());
+        };
+        if exchange.durable {
+            self.router
+                .store()
+                .delete_definition(&format!("{EXCHANGE_ROW}{name}"))
+                .await
+                .map_err(store_err)?;
+        }
+        self.registry().exchanges.remove(name);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_round_trip_and_refuse_cuts() {
+        let v = encode_binding("q", "ex", "a.b");
+        assert_eq!(
+            decode_binding(&v),
+            Some(("q".into(), "ex".into(), "a.b".into()))
+        );
+        for cut in 0..v.len() {
+            assert!(decode_binding(&v[..cut]).is_none(), "cut at {cut}");
+        }
+        assert_eq!(
+            decode_exchange(&[1, 2, 3]),
+            Some(Exchange {
+                kind: Kind::Topic,
+                durable: true,
+                auto_delete: true,
+                internal: true
+            })
+        );
+        assert_eq!(decode_exchange(&[2, 0, 0]), None);
+        assert_ne!(binding_row("ab", "c", ""), binding_row("a", "bc", ""));
+    }
+}

@@ -1,0 +1,309 @@
+//! One channel's state: the content being received, its consumers, and
+//! the deliveries awaiting an ack (by delivery tag).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use amq_protocol::protocol::basic::{AMQPProperties, Publish};
+use bytes::Bytes;
+
+use crate::error::{Exception, PRECONDITION_FAILED, UNEXPECTED_FRAME};
+use crate::queue::Queue;
+
+/// Settled deliveries, grouped by their queue: (queue, message ids).
+pub(crate) type ByQueue = Vec<(Arc<Queue>, Vec<u64>)>;
+
+/// A consumer of a channel.
+#[derive(Debug)]
+pub(crate) struct Consumer {
+    pub queue: Arc<Queue>,
+    pub no_ack: bool,
+    /// Its key in the queue's consumer list (unique per connection).
+    pub key: u64,
+}
+
+/// A delivery the client has not acknowledged yet.
+#[derive(Debug)]
+pub(crate) struct Unacked {
+    pub queue: Arc<Queue>,
+    pub id: u64,
+}
+
+/// A publish whose content is still arriving.
+#[derive(Debug)]
+struct Incoming {
+    publish: Publish,
+    header: Option<(u64, AMQPProperties)>,
+    body: Vec<u8>,
+}
+
+/// A publish with all of its content.
+#[derive(Debug)]
+pub(crate) struct Content {
+    pub publish: Publish,
+    pub properties: AMQPProperties,
+    pub body: Bytes,
+}
+
+#[derive(Debug)]
+pub(crate) struct Channel {
+    /// Which opening of this channel number it is (outcomes of a closed
+    /// one's publishes must not confirm a reopened one's).
+    pub epoch: u64,
+    /// We sent channel.close and wait for close-ok: other frames are dropped.
+    pub closing: bool,
+    /// channel.flow from the client: deliveries pause while false.
+    pub active: bool,
+    /// Publisher confirms (confirm.select).
+    pub confirm: bool,
+    /// The delivery tag of the next publish in confirm mode.
+    pub next_publish: u64,
+    pub consumers: BTreeMap<String, Consumer>,
+    pub unacked: BTreeMap<u64, Unacked>,
+    pub next_tag: u64,
+    /// basic.qos prefetch count: unacked deliveries at most (0: no limit).
+    pub prefetch: u16,
+    /// The queue declared last: what an empty queue name means.
+    pub last_queue: Option<String>,
+    incoming: Option<Incoming>,
+}
+
+impl Default for Channel {
+    fn default() -> Self {
+        Channel {
+            epoch: 0,
+            closing: false,
+            active: true,
+            confirm: false,
+            next_publish: 1,
+            consumers: BTreeMap::new(),
+            unacked: BTreeMap::new(),
+            next_tag: 1,
+            prefetch: 0,
+            last_queue: None,
+            incoming: None,
+        }
+    }
+}
+
+fn unexpected(detail: impl std::fmt::Display) -> Exception {
+    Exception::connection(UNEXPECTED_FRAME, detail)
+}
+
+impl Channel {
+    /// A channel just opened, the connection's `epoch`-th.
+    pub(crate) fn open(epoch: u64) -> Channel {
+        Channel {
+            epoch,
+            ..Channel::default()
+        }
+    }
+
+    /// A channel we sent channel.close on, awaiting close-ok.
+    pub(crate) fn closing() -> Channel {
+        Channel {
+            closing: true,
+            ..Channel::default()
+        }
+    }
+
+    /// Whether a publish waits for its content header or body (any method
+    /// now is a 505).
+    pub(crate) fn expects_content(&self) -> bool {
+        self.incoming.is_some()
+    }
+
+    /// Deliveries that may still be sent before the prefetch limit.
+    pub(crate) fn credit(&self) -> usize {
+        match self.prefetch {
+            0 => usize::MAX,
+            n => usize::from(n).saturating_sub(self.unacked.len()),
+        }
+    }
+
+    pub(crate) fn start_publish(&mut self, publish: Publish) {
+        self.incoming = Some(Incoming {
+            publish,
+            header: None,
+            body: Vec::new(),
+        });
+    }
+
+    /// The content header of the publish under way; the content when its
+    /// body is empty.
+    pub(crate) fn on_header(
+        &mut self,
+        class_id: u16,
+        size: u64,
+        properties: AMQPProperties,
+        max_size: u64,
+    ) -> Result<Option<Content>, Exception> {
+        let Some(incoming) = self.incoming.as_mut() else {
+            return Err(unexpected("content header without a basic.publish"));
+        };
+        if incoming.header.is_some() {
+            return Err(unexpected("second content header for one basic.publish"));
+        }
+        if class_id != 60 {
+            return Err(unexpected(format!("content header of class {class_id}")));
+        }
+        if size > max_size {
+            self.incoming = None;
+            return Err(Exception::channel(
+                PRECONDITION_FAILED,
+                format!("message size {size} is larger than configured max size {max_size}"),
+            )
+            .on(60, 40));
+        }
+        incoming.header = Some((size, properties));
+        Ok(if size == 0 { self.complete() } else { None })
+    }
+
+    /// A content body frame; the content once the announced size is in.
+    pub(crate) fn on_body(&mut self, chunk: Vec<u8>) -> Result<Option<Content>, Exception> {
+        let Some(incoming) = self.incoming.as_mut() else {
+            return Err(unexpected("content body without a basic.publish"));
+        };
+        let Some((size, _)) = &incoming.header else {
+            return Err(unexpected("content body before its content header"));
+        };
+        let size = *size;
+        if incoming.body.len() as u64 + chunk.len() as u64 > size {
+            return Err(unexpected(format!(
+                "content body exceeds the announced size of {size} octets"
+            )));
+        }
+        if incoming.body.is_empty() {
+            incoming.body = chunk;
+        } else {
+            incoming.body.extend_from_slice(&chunk);
+        }
+        Ok((incoming.body.len() as u64 == size)
+            .then(|| self.complete())
+            .flatten())
+    }
+
+    fn complete(&mut self) -> Option<Content> {
+        let incoming = self.incoming.take()?;
+        let (_, properties) = incoming.header?;
+        Some(Content {
+            publish: incoming.publish,
+            properties,
+            body: Bytes::from(incoming.body),
+        })
+    }
+
+    /// Registers a delivery awaiting its ack; returns its delivery tag.
+    pub(crate) fn delivered(&mut self, queue: &Arc<Queue>, id: u64, no_ack: bool) -> u64 {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        if !no_ack {
+            self.unacked.insert(
+                tag,
+                Unacked {
+                    queue: Arc::clone(queue),
+                    id,
+                },
+            );
+        }
+        tag
+    }
+
+    /// The deliveries an ack, nack or reject settles: `tag` alone, with
+    /// `multiple` every one up to it (tag 0 with `multiple`: all).
+    pub(crate) fn settle(&mut self, tag: u64, multiple: bool) -> Result<ByQueue, Exception> {
+        let settled: Vec<Unacked> = if multiple && tag == 0 {
+            std::mem::take(&mut self.unacked).into_values().collect()
+        } else if multiple {
+            if !self.unacked.contains_key(&tag) {
+                return Err(unknown_tag(tag));
+            }
+            let rest = self.unacked.split_off(&(tag + 1));
+            std::mem::replace(&mut self.unacked, rest)
+                .into_values()
+                .collect()
+        } else {
+            match self.unacked.remove(&tag) {
+                Some(u) => vec![u],
+                None => return Err(unknown_tag(tag)),
+            }
+        };
+        Ok(by_queue(settled))
+    }
+
+    /// Every unacknowledged delivery, by queue (channel closed, recover).
+    pub(crate) fn take_unacked(&mut self) -> ByQueue {
+        by_queue(std::mem::take(&mut self.unacked).into_values().collect())
+    }
+}
+
+fn unknown_tag(tag: u64) -> Exception {
+    Exception::channel(PRECONDITION_FAILED, format!("unknown delivery tag {tag}"))
+}
+
+fn by_queue(settled: Vec<Unacked>) -> ByQueue {
+    let mut out: ByQueue = Vec::new();
+    for u in settled {
+        match out.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+            Some((_, ids)) => ids.push(u.id),
+            None => out.push((u.queue, vec![u.id])),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish() -> Publish {
+        Publish {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            mandatory: false,
+            immediate: false,
+        }
+    }
+
+    #[test]
+    fn content_is_assembled_and_checked_against_its_size() {
+        let mut ch = Channel::default();
+        assert_eq!(
+            ch.on_body(vec![1]).map(|_| ()).map_err(|e| e.code),
+            Err(UNEXPECTED_FRAME)
+        );
+        ch.start_publish(publish());
+        assert!(ch.expects_content());
+        assert!(
+            ch.on_header(60, 5, AMQPProperties::default(), 10)
+                .expect("header")
+                .is_none()
+        );
+        assert!(ch.on_body(b"he".to_vec()).expect("body").is_none());
+        let c = ch
+            .on_body(b"llo".to_vec())
+            .expect("body")
+            .expect("complete");
+        assert_eq!(&c.body[..], b"hello");
+        assert!(!ch.expects_content());
+
+        ch.start_publish(publish());
+        ch.on_header(60, 2, AMQPProperties::default(), 10)
+            .expect("header");
+        let e = ch.on_body(b"abc".to_vec()).expect_err("too long");
+        assert_eq!(e.code, UNEXPECTED_FRAME);
+
+        let mut ch = Channel::default();
+        ch.start_publish(publish());
+        let e = ch
+            .on_header(60, 11, AMQPProperties::default(), 10)
+            .expect_err("too large");
+        assert_eq!(e.code, PRECONDITION_FAILED);
+        let mut ch = Channel::default();
+        ch.start_publish(publish());
+        let empty = ch
+            .on_header(60, 0, AMQPProperties::default(), 10)
+            .expect("header");
+        assert!(empty.is_some_and(|c| c.body.is_empty()));
+    }
+}

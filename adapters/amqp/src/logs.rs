@@ -1,0 +1,19 @@
+//! The log lines that clients can trigger, each a rate-limited summary
+//! (see `edge_log`). Metrics count every event exactly.
+
+use edge_log::{Level, Summary};
+
+pub(crate) static REFUSED: Summary = Summary::new(
+    "store refused AMQP publishes (nacked in confirm mode)",
+    Level::Warn,
+);
+pub(crate) static UNROUTABLE: Summary = Summary::new(
+    "AMQP publishes routed nowhere (returned when mandatory)",
+    Level::Info,
+);
+pub(crate) static ACCEPT_FAILED: Summary =
+    Summary::new("AMQP accept failed; retrying", Level::Warn);
+pub(crate) static OVER_LIMIT: Summary = Summary::new(
+    "AMQP connections refused at amqp.max_connections",
+    Level::Warn,
+);

@@ -1,0 +1,546 @@
+//! One AMQP queue: a core session (`amqp:<name>`) whose filters are the
+//! queue's bindings, and the messages it holds for its consumers.
+//!
+//! A pump task drains the session's deliveries into `ready` (bounded in
+//! count and bytes; beyond that the pump stops and the core keeps durable
+//! entries in the store and drops transient ones, counted). A durable
+//! queue's entries live in the store's queue until acknowledged: the pump
+//! reads them from there when the session lagged and at start, skipping
+//! the ones it holds already.
+//!
+//! Consumers pull: a connection with credit takes from `ready`; what it
+//! takes without no-ack waits in `unacked` until ack (the store entry goes)
+//! or nack/reject with requeue, a closed channel or connection (back to
+//! `ready` at its place, marked redelivered).
+//!
+//! Invariants: a message is in at most one of `ready` and `unacked`;
+//! `held` is exactly the seqs of the durable ones among them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use edge_core::{Acker, AttachOptions, Delivery, Message, QoS, Router, SessionError, Subscriber};
+use edge_store::Seq;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Deliveries the core may queue for the pump.
+const LIVE_QUEUE: usize = 1024;
+/// Messages held in memory per queue, at most (ready and unacked).
+const MAX_HELD: usize = 4096;
+/// Payload bytes held in memory per queue, at most.
+const MAX_HELD_BYTES: usize = 32 << 20;
+/// Entries read from the store at once.
+const BACKLOG_PAGE: usize = 256;
+
+/// The core session of a queue.
+pub(crate) fn session_id(queue: &str) -> Arc<str> {
+    format!("{}{queue}", edge_core::session::AMQP_QUEUE_PREFIX).into()
+}
+
+/// One connection, for exclusive queues and consumer wake-ups.
+pub(crate) type ConnId = u64;
+
+/// A consumer's key in its queue's list: unique across connections.
+pub(crate) fn consumer_key() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A message held by a queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Queued {
+    /// Queue-local, in arrival order: requeued messages go back to their place.
+    pub id: u64,
+    pub message: Arc<Message>,
+    /// The store entry of a durable message.
+    pub seq: Option<Seq>,
+    pub redelivered: bool,
+}
+
+/// How a queue was declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Flags {
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    ready: BTreeMap<u64, Queued>,
+    unacked: HashMap<u64, Queued>,
+    held: HashSet<Seq>,
+    held_bytes: usize,
+    /// Consumers: key → the waker of the connection that serves it.
+    consumers: BTreeMap<u64, Arc<Notify>>,
+    /// The key of an exclusive consumer, which keeps every other out.
+    exclusive: Option<u64>,
+    had_consumer: bool,
+    next_id: u64,
+    /// Store entries below this seq have been read (or delivered live).
+    read_from: Seq,
+    /// Entries may wait in the store that are not in `ready`.
+    catching_up: bool,
+    /// The session's deliveries: drained by the pump, and by `take` (so a
+    /// message confirmed to its publisher is in `ready` for a get).
+    live: Option<mpsc::Receiver<Delivery>>,
+}
+
+impl State {
+    fn has_room(&self) -> bool {
+        self.ready.len() + self.unacked.len() < MAX_HELD && self.held_bytes < MAX_HELD_BYTES
+    }
+
+    fn push(&mut self, message: Arc<Message>, seq: Option<Seq>, redelivered: bool) {
+        if let Some(seq) = seq {
+            self.held.insert(seq);
+        }
+        self.held_bytes += message.payload.len();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ready.insert(
+            id,
+            Queued {
+                id,
+                message,
+                seq,
+                redelivered,
+            },
+        );
+    }
+
+    /// A live delivery (the caller checked there is room and the queue is
+    /// not catching up with its store entries).
+    fn accept(&mut self, d: Delivery) {
+        if d.retained {
+            // Retained messages are MQTT's; AMQP queues see publishes only.
+            return;
+        }
+        if let Some(seq) = d.seq {
+            if seq < self.read_from || self.held.contains(&seq) {
+                return;
+            }
+            self.read_from = seq + 1;
+        }
+        self.push(d.message, d.seq, false);
+    }
+
+    fn release(&mut self, q: &Queued) {
+        if let Some(seq) = q.seq {
+            self.held.remove(&seq);
+        }
+        self.held_bytes = self.held_bytes.saturating_sub(q.message.payload.len());
+    }
+
+    fn wake(&self) {
+        for waker in self.consumers.values() {
+            waker.notify_one();
+        }
+    }
+}
+
+/// A queue; shared by the broker's registry and the channels using it.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    pub name: Arc<str>,
+    pub flags: Flags,
+    /// The connection an exclusive queue belongs to.
+    pub owner: Option<ConnId>,
+    subscriber: Subscriber,
+    acker: Option<Acker>,
+    state: Mutex<State>,
+    room: Arc<Notify>,
+    stop: CancellationToken,
+    pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Queue {
+    /// Attaches the queue's session (resuming a durable one with its
+    /// entries) and starts its pump.
+    pub(crate) async fn start(
+        router: &Router,
+        name: &str,
+        flags: Flags,
+        owner: Option<ConnId>,
+    ) -> Result<Arc<Queue>, SessionError> {
+        let persistent = flags.durable && !flags.exclusive;
+        let attached = router
+            .attach(
+                session_id(name),
+                AttachOptions {
+                    clean: !persistent,
+                    queue: LIVE_QUEUE,
+                },
+            )
+            .await?;
+        let acker = attached.subscriber.acker();
+        let queue = Arc::new(Queue {
+            name: name.into(),
+            flags,
+            owner,
+            subscriber: attached.subscriber,
+            acker,
+            state: Mutex::new(State {
+                catching_up: persistent,
+                live: Some(attached.deliveries),
+                ..State::default()
+            }),
+            room: Arc::new(Notify::new()),
+            stop: CancellationToken::new(),
+            pump: Mutex::new(None),
+        });
+        let task = tokio::spawn(pump(Arc::downgrade(&queue)));
+        *queue.pump.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        Ok(queue)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a binding's filter (durable with a durable queue's session).
+    pub(crate) async fn bind(&self, filter: &str) -> Result<(), SessionError> {
+        self.subscriber
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .map(|_| ())
+    }
+
+    /// The session's filters (after a restart: those the core kept).
+    pub(crate) fn filters(&self) -> Vec<String> {
+        self.subscriber.filters()
+    }
+
+    pub(crate) async fn unbind(&self, filter: &str) -> Result<(), SessionError> {
+        self.subscriber.unsubscribe(filter).await
+    }
+
+    /// Ready messages (not those awaiting an ack), as far as read into memory.
+    pub(crate) fn message_count(&self) -> u32 {
+        let mut s = self.state();
+        self.drain_live(&mut s);
+        s.ready.len() as u32
+    }
+
+    /// Takes what the session's channel holds now, while there is room and
+    /// the store entries are not being caught up with.
+    fn drain_live(&self, s: &mut State) {
+        while s.has_room() && !s.catching_up {
+            if self.subscriber.take_lagged() {
+                s.catching_up = true;
+                // The pump reads the store.
+                self.room.notify_one();
+                break;
+            }
+            let Some(d) = s.live.as_mut().and_then(|live| live.try_recv().ok()) else {
+                break;
+            };
+            s.accept(d);
+        }
+    }
+
+    pub(crate) fn consumer_count(&self) -> u32 {
+        self.state().consumers.len() as u32
+    }
+
+    /// Adds a consumer; false (and nothing added) when an exclusive one
+    /// is asked for while there are others, or there is an exclusive one.
+    pub(crate) fn add_consumer(&self, key: u64, waker: Arc<Notify>, exclusive: bool) -> bool {
+        let mut s = self.state();
+        if s.exclusive.is_some() || exclusive && !s.consumers.is_empty() {
+            return false;
+        }
+        if exclusive {
+            s.exclusive = Some(key);
+        }
+        s.consumers.insert(key, waker);
+        s.had_consumer = true;
+        s.wake();
+        true
+    }
+
+    /// Removes a consumer; true when it was the last one of a queue that
+    /// had one (an auto-delete queue goes then).
+    pub(crate) fn remove_consumer(&self, key: u64) -> bool {
+        let mut s = self.state();
+        s.consumers.remove(&key);
+        if s.exclusive == Some(key) {
+            s.exclusive = None;
+        }
+        s.had_consumer && s.consumers.is_empty()
+    }
+
+    /// Up to `max` ready messages, oldest first. Unless `no_ack`, they wait
+    /// in `unacked`; with `no_ack` they count as delivered now.
+    pub(crate) async fn take(&self, max: usize, no_ack: bool) -> Vec<Queued> {
+        let (out, done) = {
+            let mut s = self.state();
+            self.drain_live(&mut s);
+            let mut out = Vec::new();
+            let mut done = Vec::new();
+            let now = edge_core::message::now_ms();
+            while out.len() < max {
+                let Some((_, q)) = s.ready.pop_first() else {
+                    break;
+                };
+                if q.message.is_expired(now) {
+                    // Delivered to nobody, as the core does for its queues.
+                    s.release(&q);
+                    done.extend(q.seq);
+                    crate::telemetry::expired(&q.message);
+                    continue;
+                }
+                if no_ack {
+                    s.release(&q);
+                    done.extend(q.seq);
+                } else {
+                    s.unacked.insert(q.id, q.clone());
+                }
+                out.push(q);
+            }
+            (out, done)
+        };
+        if !out.is_empty() {
+            self.room.notify_one();
+        }
+        self.forget(done).await;
+        out
+    }
+
+    /// The consumer has these messages: their store entries go.
+    pub(crate) async fn ack(&self, ids: &[u64]) {
+        let done = {
+            let mut s = self.state();
+            let mut done = Vec::new();
+            for id in ids {
+                if let Some(q) = s.unacked.remove(id) {
+                    s.release(&q);
+                    done.extend(q.seq);
+                }
+            }
+            done
+        };
+        self.room.notify_one();
+        self.forget(done).await;
+    }
+
+    /// Back to `ready` at their place, marked redelivered.
+    pub(crate) fn requeue(&self, ids: &[u64]) {
+        let mut s = self.state();
+        for id in ids {
+            if let Some(mut q) = s.unacked.remove(id) {
+                q.redelivered = true;
+                s.ready.insert(q.id, q);
+            }
+        }
+        s.wake();
+    }
+
+    async fn forget(&self, seqs: Vec<Seq>) {
+        if let (Some(acker), false) = (&self.acker, seqs.is_empty()) {
+            // Awaited only for its registration: a later backlog read waits
+            // for it, so an acknowledged entry is never read again.
+            drop(acker.ack_in_background(seqs).await);
+        }
+    }
+
+    /// Drops every ready message (not those awaiting an ack), the durable
+    /// ones not read into memory yet included; returns how many.
+    pub(crate) async fn purge(&self) -> Result<u32, SessionError> {
+        let (mut count, seqs, catching_up) = {
+            let mut s = self.state();
+            let ready = std::mem::take(&mut s.ready);
+            let mut seqs = Vec::new();
+            for q in ready.values() {
+                s.release(q);
+                seqs.extend(q.seq);
+            }
+            (ready.len() as u32, seqs, s.catching_up)
+        };
+        if let Some(acker) = &self.acker {
+            acker.ack(seqs).await?;
+            if catching_up {
+                loop {
+                    let from = self.state().read_from;
+                    let page = self.subscriber.backlog(from, BACKLOG_PAGE).await?;
+                    let last = page.last().map(|e| e.seq);
+                    let seqs: Vec<Seq> = {
+                        let s = self.state();
+                        page.iter()
+                            .map(|e| e.seq)
+                            .filter(|seq| !s.held.contains(seq))
+                            .collect()
+                    };
+                    count += seqs.len() as u32;
+                    acker.ack(seqs).await?;
+                    match last {
+                        Some(last) => self.state().read_from = last + 1,
+                        None => break,
+                    }
+                    if page.len() < BACKLOG_PAGE {
+                        break;
+                    }
+                }
+            }
+        }
+        self.room.notify_one();
+        Ok(count)
+    }
+
+    /// Stops the pump and ends the core session (a durable one's store
+    /// queue and record go with it). Returns the ready messages dropped.
+    pub(crate) async fn delete(&self, router: &Router) -> Result<u32, SessionError> {
+        self.stop.cancel();
+        let dropped = self.message_count();
+        // A clean attach takes the session over and discards it; dropping
+        // the new attachment then removes it from the router.
+        let replaced = router
+            .attach(
+                session_id(&self.name),
+                AttachOptions {
+                    clean: true,
+                    queue: 1,
+                },
+            )
+            .await?;
+        drop(replaced);
+        {
+            let mut s = self.state();
+            s.ready.clear();
+            s.held.clear();
+            s.held_bytes = 0;
+            // Their connections cancel them (basic.cancel).
+            s.wake();
+        }
+        Ok(dropped)
+    }
+
+    /// At shutdown: stops the pump and detaches the session, waiting for
+    /// its record to be written (see `Subscriber::leave`), if this is the
+    /// last handle of the queue.
+    pub(crate) async fn close(queue: Arc<Queue>) {
+        queue.stop.cancel();
+        let task = queue
+            .pump
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        match Arc::try_unwrap(queue) {
+            Ok(queue) => {
+                if let Err(error) = queue.subscriber.leave().await {
+                    tracing::warn!(queue = %queue.name, %error, "cannot record the queue's session as left");
+                }
+            }
+            Err(queue) => tracing::debug!(queue = %queue.name, "queue still in use at shutdown"),
+        }
+    }
+
+    pub(crate) fn is_deleted(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+}
+
+/// Moves the session's deliveries (and, when it lagged, its store entries)
+/// into `ready`, while there is room, until the queue is deleted or gone.
+async fn pump(queue: Weak<Queue>) {
+    loop {
+        let Some(q) = queue.upgrade() else { return };
+        if q.stop.is_cancelled() {
+            return;
+        }
+        let (room, catching_up) = {
+            let mut s = q.state();
+            if q.subscriber.take_lagged() {
+                s.catching_up = true;
+            }
+            (s.has_room(), s.catching_up)
+        };
+        if !room {
+            let stop = q.stop.clone();
+            let room = Arc::clone(&q.room);
+            drop(q);
+            tokio::select! {
+                _ = room.notified() => continue,
+                _ = stop.cancelled() => return,
+            }
+        }
+        if catching_up {
+            let from = q.state().read_from;
+            match q.subscriber.backlog(from, BACKLOG_PAGE).await {
+                Ok(page) => {
+                    let mut s = q.state();
+                    let caught_up = page.len() < BACKLOG_PAGE;
+                    for e in page {
+                        s.read_from = e.seq + 1;
+                        if !s.held.contains(&e.seq) {
+                            s.push(e.message, Some(e.seq), e.state != 0);
+                        }
+                    }
+                    if caught_up {
+                        s.catching_up = false;
+                    }
+                    s.wake();
+                }
+                Err(error) => {
+                    tracing::warn!(queue = %q.name, %error, "cannot read the queue's stored messages; retrying");
+                    let stop = q.stop.clone();
+                    drop(q);
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+            continue;
+        }
+        let stop = q.stop.clone();
+        let room = Arc::clone(&q.room);
+        drop(q);
+        let live = std::future::poll_fn(|cx| poll_live(&queue, cx));
+        tokio::select! {
+            open = live => if !open { return },
+            // A take() found the session lagged: read the store.
+            _ = room.notified() => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Moves what the session's channel holds into `ready`; pending until
+/// there is something (or no room: then ready, for the pump to wait for
+/// room). Ready(false) once the channel or the queue is gone.
+fn poll_live(queue: &Weak<Queue>, cx: &mut std::task::Context<'_>) -> std::task::Poll<bool> {
+    use std::task::Poll;
+    let Some(q) = queue.upgrade() else {
+        return Poll::Ready(false);
+    };
+    let mut s = q.state();
+    let mut moved = false;
+    loop {
+        if !s.has_room() || s.catching_up {
+            break;
+        }
+        if q.subscriber.take_lagged() {
+            s.catching_up = true;
+            break;
+        }
+        let Some(live) = s.live.as_mut() else {
+            return Poll::Ready(false);
+        };
+        match live.poll_recv(cx) {
+            Poll::Ready(Some(d)) => {
+                s.accept(d);
+                moved = true;
+            }
+            Poll::Ready(None) => return Poll::Ready(false),
+            Poll::Pending if moved => break,
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    s.wake();
+    Poll::Ready(true)
+}
