@@ -18,6 +18,19 @@
 /// Header that carries the original MQTT topic on forwarded messages.
 pub const MQTT_TOPIC_HEADER: &str = "x-mqtt-topic";
 
+/// First level of the topics the AMQP adapter gives exchanges other than
+/// `amq.topic` (`$amqp/<exchange>/<key>`): reserved to AMQP clients.
+pub const AMQP_NAMESPACE: &str = "$amqp";
+
+/// Whether a topic or filter lies in [`AMQP_NAMESPACE`] (MQTT clients may
+/// neither publish nor subscribe there; `#` and `+` never reach it, as
+/// they never reach a `$` topic).
+pub fn is_amqp_namespace(topic_or_filter: &str) -> bool {
+    topic_or_filter
+        .strip_prefix(AMQP_NAMESPACE)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// MQTT 3.1.1 §4.7.3: a topic name is non-empty, has no wildcards and no NUL.
 pub fn is_valid_topic(topic: &str) -> bool {
     !topic.is_empty() && !topic.contains(['+', '#', '\0'])

@@ -38,6 +38,9 @@ pub(crate) enum ProtocolError {
     TopicNotUtf8,
     #[error("invalid topic name {0:?} (empty, wildcard or NUL)")]
     InvalidTopic(String),
+    /// A topic of the AMQP exchanges' namespace (`$amqp/...`).
+    #[error("topic {0:?} is reserved to AMQP clients")]
+    ReservedTopic(String),
     #[error("invalid will topic {0:?} (not UTF-8, empty, wildcard or NUL)")]
     InvalidWillTopic(String),
     #[error("unexpected {0} packet from a client")]
@@ -57,7 +60,7 @@ pub(crate) enum ProtocolError {
 
 impl ProtocolError {
     /// Every label [`ProtocolError::reason`] gives.
-    pub(crate) const REASONS: [&'static str; 9] = [
+    pub(crate) const REASONS: [&'static str; 10] = [
         "packet_too_large",
         "malformed",
         "unknown_protocol",
@@ -65,6 +68,7 @@ impl ProtocolError {
         "duplicate_connect",
         "topic_not_utf8",
         "invalid_topic",
+        "reserved_topic",
         "invalid_will_topic",
         "unexpected_packet",
     ];
@@ -79,6 +83,7 @@ impl ProtocolError {
             ProtocolError::DuplicateConnect => "duplicate_connect",
             ProtocolError::TopicNotUtf8 => "topic_not_utf8",
             ProtocolError::InvalidTopic(_) => "invalid_topic",
+            ProtocolError::ReservedTopic(_) => "reserved_topic",
             ProtocolError::InvalidWillTopic(_) => "invalid_will_topic",
             ProtocolError::Unexpected(_)
             | ProtocolError::EarlyPubRel(_)

@@ -403,6 +403,9 @@ impl Session {
         if !topic::is_valid_topic(topic) {
             return Err(ProtocolError::InvalidTopic(topic.to_string()).into());
         }
+        if topic::is_amqp_namespace(topic) {
+            return Err(ProtocolError::ReservedTopic(topic.to_string()).into());
+        }
         let qos =
             QoS::from_u8(qos).ok_or(ProtocolError::Malformed(protocol::Error::InvalidQoS(qos)))?;
         if qos == QoS::ExactlyOnce {
@@ -483,8 +486,15 @@ impl Session {
     ) -> Result<(), Close> {
         let mut return_codes = Vec::with_capacity(subscribe.filters.len());
         for filter in &subscribe.filters {
-            if !topic::is_valid_filter(&filter.path) {
-                crate::logs::FILTER_REFUSED.record("invalid_filter", || {
+            let refused = if !topic::is_valid_filter(&filter.path) {
+                Some("invalid_filter")
+            } else if topic::is_amqp_namespace(&filter.path) {
+                Some("reserved_filter")
+            } else {
+                None
+            };
+            if let Some(reason) = refused {
+                crate::logs::FILTER_REFUSED.record(reason, || {
                     format!("client_id={} filter={}", self.client_id, filter.path)
                 });
                 return_codes.push(SubscribeReasonCode::Failure);

@@ -48,7 +48,7 @@ impl TryFrom<LastWill> for Will {
 
     fn try_from(will: LastWill) -> Result<Will, ProtocolError> {
         let topic = match std::str::from_utf8(&will.topic) {
-            Ok(t) if topic::is_valid_topic(t) => t.to_string(),
+            Ok(t) if topic::is_valid_topic(t) && !topic::is_amqp_namespace(t) => t.to_string(),
             _ => {
                 return Err(ProtocolError::InvalidWillTopic(
                     String::from_utf8_lossy(&will.topic).into_owned(),

@@ -202,6 +202,25 @@ async fn invalid_topic_name_closes_the_connection() -> Result<()> {
     server.stop().await
 }
 
+/// `$amqp/...` is the AMQP exchanges' namespace: an MQTT client can neither
+/// subscribe there (0x80) nor publish there (closed, nothing stored).
+#[tokio::test]
+async fn the_amqp_namespace_is_closed_to_mqtt_clients() -> Result<()> {
+    let server = Server::start().await?;
+    let mut raw = Raw::session(server.addr, "nosy", 30).await?;
+    raw.send(&subscribe(
+        1,
+        &[("$amqp/#", 1), ("$amqp//orders", 1), ("$amqpish/x", 1)],
+    ))
+    .await?;
+    raw.expect(&[0x90, 5, 0, 1, 0x80, 0x80, 0x01]).await?;
+    raw.send(&publish("$amqp/orders/new", b"x", 1, 1, false))
+        .await?;
+    raw.expect_closed().await?;
+    assert!(server.records().await?.is_empty());
+    server.stop().await
+}
+
 #[tokio::test]
 async fn silent_connection_is_closed_after_one_and_a_half_keep_alives() -> Result<()> {
     let server = Server::start().await?;
