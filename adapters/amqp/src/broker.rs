@@ -7,7 +7,8 @@
 //! ```text
 //! amqp/exchange/<name>   u8 version = 1, u8 kind (0 direct, 1 fanout, 2 topic, 3 headers),
 //!                        u8 flags (1 auto-delete, 2 internal)
-//! amqp/queue/<name>      u8 version = 1, u8 flags (1 auto-delete)
+//! amqp/queue/<name>      u8 version = 1, u8 flags (1 auto-delete),
+//!                        then u64 LE x-message-ttl (ms) when it has one
 //! amqp/binding/<n>:<queue><m>:<exchange><key>
 //!                        u8 version = 1, then queue, exchange and key, each u8 length + UTF-8
 //! ```
@@ -223,6 +224,10 @@ impl Broker {
                     durable: true,
                     exclusive: false,
                     auto_delete: value.get(1).is_some_and(|f| f & 1 != 0),
+                    message_ttl: value
+                        .get(2..10)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_le_bytes),
                 };
                 match Queue::start(&broker.router, name, flags, None).await {
                     Ok(q) => {
@@ -473,7 +478,10 @@ impl Broker {
         } else {
             spec.name.clone()
         };
-        if let Some(existing) = self.registry().queues.get(&name).cloned() {
+        // Looked up on its own line: a guard in an `if let` scrutinee lives
+        // through the block, and `queue` below locks the registry again.
+        let existing = self.registry().queues.get(&name).cloned();
+        if let Some(existing) = existing {
             let q = self.queue(&name, conn)?;
             let (had, asked) = (existing.flags, spec.flags);
             for (arg, a, b) in [
@@ -490,16 +498,30 @@ impl Broker {
                     ));
                 }
             }
+            if had.message_ttl != asked.message_ttl {
+                let show = |t: Option<u64>| t.map_or("none".to_string(), |t| t.to_string());
+                return Err(Exception::channel(
+                    PRECONDITION_FAILED,
+                    format!(
+                        "inequivalent arg 'x-message-ttl' for queue '{name}' in vhost '/': received {} but current is {}",
+                        show(asked.message_ttl),
+                        show(had.message_ttl)
+                    ),
+                ));
+            }
             return Ok(q);
         }
         let durable = spec.flags.durable && !spec.flags.exclusive;
         if durable {
             self.router
                 .store()
-                .put_definition(
-                    &format!("{QUEUE_ROW}{name}"),
-                    vec![1, u8::from(spec.flags.auto_delete)],
-                )
+                .put_definition(&format!("{QUEUE_ROW}{name}"), {
+                    let mut row = vec![1, u8::from(spec.flags.auto_delete)];
+                    if let Some(ttl) = spec.flags.message_ttl {
+                        row.extend_from_slice(&ttl.to_le_bytes());
+                    }
+                    row
+                })
                 .await
                 .map_err(store_err)?;
         }

@@ -48,8 +48,9 @@
 //! 505. Exceptions use RabbitMQ's reply codes and texts; a channel
 //! exception closes that channel only.
 //!
-//! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings, queue
-//! and exchange arguments (all refused, 540), `connection.blocked`, the
+//! Queue argument `x-message-ttl` is served (`queue.rs`, `Flags::expired`).
+//! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings, other
+//! queue and exchange arguments (all refused, 540), `connection.blocked`, the
 //! redelivered flag across restarts, basic.qos `global` (prefetch is per
 //! channel either way).
 

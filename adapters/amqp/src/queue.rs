@@ -64,6 +64,19 @@ pub(crate) struct Flags {
     pub durable: bool,
     pub exclusive: bool,
     pub auto_delete: bool,
+    /// `x-message-ttl`: a message older than this (ms since the gateway
+    /// received it) is delivered to nobody.
+    pub message_ttl: Option<u64>,
+}
+
+impl Flags {
+    /// Whether `message` is past its own expiry or the queue's TTL at `now`.
+    pub(crate) fn expired(&self, message: &Message, now: u64) -> bool {
+        message.is_expired(now)
+            || self
+                .message_ttl
+                .is_some_and(|ttl| message.timestamp_ms.saturating_add(ttl) <= now)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -284,7 +297,7 @@ impl Queue {
                 let Some((_, q)) = s.ready.pop_first() else {
                     break;
                 };
-                if q.message.is_expired(now) {
+                if self.flags.expired(&q.message, now) {
                     // Delivered to nobody, as the core does for its queues.
                     s.release(&q);
                     done.extend(q.seq);

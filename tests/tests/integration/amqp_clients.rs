@@ -923,3 +923,84 @@ async fn an_auto_delete_exchange_goes_with_its_last_binding() -> Result<()> {
     gw.shutdown().await?;
     Ok(())
 }
+
+/// `x-message-ttl`: a message older than the queue's TTL goes to nobody
+/// (counted as expired); one within it is delivered; a redeclare with
+/// another TTL is 406, an invalid one too, and the TTL of a durable queue
+/// comes back after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_message_ttl_expires_what_waited_longer() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let ttl = |ms: i64| {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            lapin::types::AMQPValue::LongLongInt(ms),
+        );
+        args
+    };
+    let declare_with = |ch: &Channel, q: &str, args: FieldTable| {
+        let (ch, q) = (ch.clone(), q.to_string());
+        async move {
+            ch.queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map(|_| ())
+        }
+    };
+    // TTL 0: nothing waits, so a get finds nothing.
+    let instant = unique("ttl0");
+    declare_with(&channel, &instant, ttl(0)).await?;
+    publish(&channel, "", &instant, &bodies("t", 2), false).await?;
+    let get = channel
+        .basic_get(instant.as_str().into(), BasicGetOptions { no_ack: true })
+        .await?;
+    assert!(get.is_none(), "expired at once: {get:?}");
+    let metrics = gw.metrics().await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("edge_messages_expired_total") && !l.ends_with(" 0")),
+        "expiry counted:\n{metrics}"
+    );
+    // An hour: delivered.
+    let hour = unique("ttl1h");
+    declare_with(&channel, &hour, ttl(3_600_000)).await?;
+    publish(&channel, "", &hour, &bodies("h", 1), false).await?;
+    let got = channel
+        .basic_get(hour.as_str().into(), BasicGetOptions { no_ack: true })
+        .await?
+        .context("within its TTL")?;
+    assert_eq!(got.delivery.data, b"h-0");
+    // Another TTL, or none, for an existing queue; a negative one.
+    for args in [ttl(5), FieldTable::default(), ttl(-1)] {
+        let ch = conn.create_channel().await?;
+        let text = refused(declare_with(&ch, &hour, args).await).await;
+        assert!(
+            text.contains("406") || text.contains("PRECONDITION_FAILED"),
+            "{text}"
+        );
+    }
+    conn.close(200, "bye".into()).await?;
+    // The durable queue keeps its TTL across a restart.
+    let root = gw.shutdown().await?;
+    let gw = TestGateway::builder().root(root).start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    declare_with(&channel, &hour, ttl(3_600_000)).await?;
+    let ch = conn.create_channel().await?;
+    let text = refused(declare_with(&ch, &hour, FieldTable::default()).await).await;
+    assert!(
+        text.contains("406") || text.contains("PRECONDITION_FAILED"),
+        "{text}"
+    );
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
