@@ -65,7 +65,8 @@ pub struct Delivery {
 pub struct RouterOptions {
     /// How long a persistent session is kept after its client left.
     pub session_expiry: Duration,
-    /// Queue entries a persistent session holds at most; further messages
+    /// Queue entries a persistent MQTT session holds at most (AMQP queues'
+    /// sessions are bounded by the store quota only); further messages
     /// are not queued for it (policy `drop-new`, as Mosquitto's
     /// `max_queued_messages`; counted: `session_queue_full`).
     pub max_session_queue: usize,
@@ -319,11 +320,18 @@ impl Router {
         best.into_iter()
             .map(|(key, granted)| {
                 let qos = granted.min(qos);
-                let durable = registry
+                let slot = registry
                     .by_key
                     .get(&key)
-                    .and_then(|id| registry.sessions.get(id))
-                    .and_then(|s| s.durable.as_ref());
+                    .and_then(|id| registry.sessions.get(id));
+                let durable = slot.and_then(|s| s.durable.as_ref());
+                // An AMQP queue is bounded by the store's quota alone, as a
+                // RabbitMQ queue without x-max-length is by its disk: its
+                // publisher was confirmed, so dropping for it is not allowed.
+                let (max, max_bytes) = match slot {
+                    Some(s) if crate::session::is_amqp_queue(&s.client_id) => (u64::MAX, u64::MAX),
+                    _ => (max, max_bytes),
+                };
                 let queued = qos != QoS::AtMostOnce
                     && durable.is_some_and(|d| match d.queued.try_add(size, max, max_bytes) {
                         Ok(()) => true,

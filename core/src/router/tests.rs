@@ -329,8 +329,13 @@ async fn an_absent_sessions_queue_is_bounded_by_messages_and_bytes() {
             ..RouterOptions::default()
         },
     );
-    // "count" takes only small messages: the byte bound does not bite.
-    for (id, filter) in [("bytes", "cmd/x"), ("count", "cmd/small")] {
+    // "count" takes only small messages: the byte bound does not bite. An
+    // AMQP queue's session has no bound but the store quota.
+    for (id, filter) in [
+        ("bytes", "cmd/x"),
+        ("count", "cmd/small"),
+        ("amqp:q", "cmd/#"),
+    ] {
         let a = router.attach(id.into(), PERSISTENT).await.expect("attach");
         a.subscriber
             .subscribe(filter, QoS::AtLeastOnce)
@@ -358,6 +363,7 @@ async fn an_absent_sessions_queue_is_bounded_by_messages_and_bytes() {
     };
     assert_eq!(backlog("bytes").await, [100, 100], "2.5 messages of bytes");
     assert_eq!(backlog("count").await, [1, 1, 1], "3 messages");
+    assert_eq!(backlog("amqp:q").await.len(), 7, "every message");
 }
 
 #[tokio::test]
