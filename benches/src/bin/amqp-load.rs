@@ -1,0 +1,348 @@
+//! AMQP 0-9-1 loads for the issue 8 figures (`benches/amqp-figures.sh`),
+//! through lapin, against any broker (edge-gateway or RabbitMQ) at `--uri`.
+//! Prints one `key=value` result line.
+//!
+//! - `publish`: `--publishers` connections, one channel each in confirm
+//!   mode, publish persistent messages (delivery_mode 2) through the default
+//!   exchange into the durable queue `--queue` (declared durable and purged
+//!   first; nobody consumes), each keeping up to `--window` unconfirmed.
+//!   Runs `--seconds` (or until `--count` in total are confirmed);
+//!   msgs/s = confirmed / elapsed.
+//! - `consume`: fills the durable queue with `--fill` persistent confirmed
+//!   messages (not timed), then one consumer with manual ack and
+//!   `basic.qos(--prefetch)` acknowledges each delivery until it has them
+//!   all; msgs/s from `basic.consume` to the last ack.
+//! - `idle`: `VmRSS` of `--pid` before and after `--connections` connections
+//!   that each opened one channel and stay idle; KiB per connection.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+#[derive(Debug, Parser)]
+#[command(about = "AMQP 0-9-1 loads: confirmed persistent publish, manual-ack consume, idle RSS")]
+struct Args {
+    /// Broker URI.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    uri: String,
+    /// The durable queue used.
+    #[arg(long, default_value = "bench")]
+    queue: String,
+    /// Payload bytes of every message.
+    #[arg(long, default_value_t = 256)]
+    payload: usize,
+    /// Bound on the whole run, in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    Publish {
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
+        /// Unconfirmed publishes per publisher.
+        #[arg(long, default_value_t = 100)]
+        window: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Stop after this many confirmed (in total) instead.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    Consume {
+        #[arg(long, default_value_t = 50_000)]
+        fill: usize,
+        #[arg(long, default_value_t = 1000)]
+        prefetch: u16,
+    },
+    Idle {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// The broker's process (for RabbitMQ the node's beam.smp).
+        #[arg(long)]
+        pid: u32,
+        /// Seconds to let the RSS settle before each reading.
+        #[arg(long, default_value_t = 3.0)]
+        settle: f64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("amqp-load: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let limit = Duration::from_secs(args.timeout);
+    match runtime.block_on(async { tokio::time::timeout(limit, run(args)).await }) {
+        Ok(Ok(line)) => {
+            println!("{line}");
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("amqp-load: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("amqp-load: timed out after {limit:?}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<String> {
+    match args.mode {
+        Mode::Publish {
+            publishers,
+            window,
+            seconds,
+            count,
+        } => {
+            declare(&args.uri, &args.queue, true).await?;
+            let (confirmed, elapsed) = publish(
+                &args.uri,
+                &args.queue,
+                args.payload,
+                publishers,
+                window,
+                Duration::from_secs_f64(seconds),
+                count,
+            )
+            .await?;
+            Ok(format!(
+                "mode=publish publishers={publishers} window={window} confirmed={confirmed} \
+                 seconds={:.3} msgs_per_s={:.0}",
+                elapsed.as_secs_f64(),
+                confirmed as f64 / elapsed.as_secs_f64()
+            ))
+        }
+        Mode::Consume { fill, prefetch } => {
+            declare(&args.uri, &args.queue, true).await?;
+            let (filled, _) = publish(
+                &args.uri,
+                &args.queue,
+                args.payload,
+                1,
+                1000,
+                Duration::from_secs(args.timeout),
+                Some(fill),
+            )
+            .await?;
+            if filled < fill {
+                bail!("filled {filled} of {fill}");
+            }
+            let depth = declare(&args.uri, &args.queue, false).await?;
+            if (depth as usize) < fill {
+                bail!("the queue holds {depth} after filling {fill}");
+            }
+            let (consumed, elapsed) = consume(&args.uri, &args.queue, prefetch, fill).await?;
+            Ok(format!(
+                "mode=consume prefetch={prefetch} depth={depth} consumed={consumed} \
+                 seconds={:.3} msgs_per_s={:.0}",
+                elapsed.as_secs_f64(),
+                consumed as f64 / elapsed.as_secs_f64()
+            ))
+        }
+        Mode::Idle {
+            connections,
+            pid,
+            settle,
+        } => idle(&args.uri, connections, pid, Duration::from_secs_f64(settle)).await,
+    }
+}
+
+async fn connect(uri: &str) -> anyhow::Result<Connection> {
+    Connection::connect(uri, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("connecting to {uri}"))
+}
+
+/// Declares the durable queue (purging it if `purge`); returns its depth.
+async fn declare(uri: &str, queue: &str, purge: bool) -> anyhow::Result<u32> {
+    let conn = connect(uri).await?;
+    let channel = conn.create_channel().await?;
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring {queue}"))?;
+    let depth = q.message_count();
+    if purge {
+        channel
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await
+            .with_context(|| format!("purging {queue}"))?;
+    }
+    conn.close(200, "declared".into()).await?;
+    Ok(depth)
+}
+
+async fn publish(
+    uri: &str,
+    queue: &str,
+    payload: usize,
+    publishers: usize,
+    window: usize,
+    duration: Duration,
+    count: Option<usize>,
+) -> anyhow::Result<(usize, Duration)> {
+    let mut channels = Vec::with_capacity(publishers);
+    for _ in 0..publishers {
+        let conn = connect(uri).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channels.push((conn, channel));
+    }
+    let per = count.map(|c| c.div_ceil(publishers));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (_, channel) in &channels {
+        let channel = channel.clone();
+        let queue = queue.to_string();
+        tasks.spawn(async move { publisher(channel, queue, payload, window, deadline, per).await });
+    }
+    let mut confirmed = 0;
+    while let Some(result) = tasks.join_next().await {
+        confirmed += result.context("publisher task")??;
+    }
+    let elapsed = start.elapsed();
+    for (conn, _) in channels {
+        let _ = conn.close(200, "done".into()).await;
+    }
+    Ok((confirmed, elapsed))
+}
+
+/// One publisher: up to `window` unconfirmed, until `deadline` or `count`;
+/// returns how many were acked (a nack is an error).
+async fn publisher(
+    channel: Channel,
+    queue: String,
+    payload: usize,
+    window: usize,
+    deadline: Instant,
+    count: Option<usize>,
+) -> anyhow::Result<usize> {
+    let body = vec![b'x'; payload];
+    let mut pending = FuturesUnordered::new();
+    let mut sent = 0;
+    let mut acked = 0;
+    loop {
+        let more = Instant::now() < deadline && count.is_none_or(|c| sent < c);
+        if more && pending.len() < window {
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+            pending.push(confirm);
+            sent += 1;
+            continue;
+        }
+        match pending.next().await {
+            None => return Ok(acked),
+            Some(confirmation) => {
+                let confirmation = confirmation?;
+                if !confirmation.is_ack() {
+                    bail!("broker nacked a publish: {confirmation:?}");
+                }
+                acked += 1;
+            }
+        }
+    }
+}
+
+async fn consume(
+    uri: &str,
+    queue: &str,
+    prefetch: u16,
+    want: usize,
+) -> anyhow::Result<(usize, Duration)> {
+    let conn = connect(uri).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let start = Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench-consumer".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut consumed = 0;
+    while consumed < want {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .map_err(|_| anyhow!("no delivery for 10 s after {consumed}"))?
+            .ok_or_else(|| anyhow!("the consumer ended after {consumed}"))??;
+        delivery.ack(BasicAckOptions::default()).await?;
+        consumed += 1;
+    }
+    let elapsed = start.elapsed();
+    let _ = conn.close(200, "done".into()).await;
+    Ok((consumed, elapsed))
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+async fn idle(uri: &str, connections: usize, pid: u32, settle: Duration) -> anyhow::Result<String> {
+    tokio::time::sleep(settle).await;
+    let before = rss_kib(pid)?;
+    let mut held = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let conn = connect(uri).await?;
+        let channel = conn.create_channel().await?;
+        held.push((conn, channel));
+    }
+    tokio::time::sleep(settle).await;
+    let after = rss_kib(pid)?;
+    for (conn, _) in held {
+        let _ = conn.close(200, "done".into()).await;
+    }
+    Ok(format!(
+        "mode=idle connections={connections} rss_before_kib={before} rss_after_kib={after} \
+         kib_per_conn={:.2}",
+        (after as f64 - before as f64) / connections as f64
+    ))
+}
