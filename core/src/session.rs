@@ -429,6 +429,18 @@ impl Subscriber {
         self.queue.is_some()
     }
 
+    /// Entries in a persistent session's durable queue (delivered but not
+    /// yet acknowledged ones included); `None` for a clean session.
+    pub fn queued_messages(&self) -> Option<u64> {
+        self.router
+            .inner
+            .registry()
+            .sessions
+            .get(&self.client_id)
+            .and_then(|s| s.durable.as_ref())
+            .map(|d| d.queued.messages())
+    }
+
     /// Adds or replaces a subscription (`filter` must be valid); returns the
     /// QoS granted and the retained messages it matches, to be sent now.
     /// A persistent session's subscription is durable on return.

@@ -229,11 +229,25 @@ impl Queue {
         self.subscriber.unsubscribe(filter).await
     }
 
-    /// Ready messages (not those awaiting an ack), as far as read into memory.
+    /// Ready messages (not those awaiting an ack): a durable queue's
+    /// entries in the store, less those delivered and unacknowledged, plus
+    /// its transient ones in memory; a transient queue's in memory.
     pub(crate) fn message_count(&self) -> u32 {
         let mut s = self.state();
         self.drain_live(&mut s);
-        s.ready.len() as u32
+        let in_memory = s.ready.len() as u64;
+        let count = match self.subscriber.queued_messages() {
+            Some(stored) => {
+                let unacked = s.unacked.values().filter(|q| q.seq.is_some()).count() as u64;
+                let transient = s.ready.values().filter(|q| q.seq.is_none()).count() as u64;
+                stored
+                    .saturating_sub(unacked)
+                    .saturating_add(transient)
+                    .max(in_memory)
+            }
+            None => in_memory,
+        };
+        u32::try_from(count).unwrap_or(u32::MAX)
     }
 
     /// Takes what the session's channel holds now, while there is room and

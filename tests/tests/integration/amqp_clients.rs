@@ -110,6 +110,21 @@ async fn publish(
     Ok(out)
 }
 
+/// A passive declare's message count.
+async fn message_count(channel: &Channel, queue: &str) -> Result<u32> {
+    let ok = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(ok.message_count())
+}
+
 fn bodies(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
@@ -376,16 +391,7 @@ async fn confirmed_persistent_messages_in_a_durable_queue_survive_kill_9() -> Re
         // The acks are on the wire; a get on another channel waits for
         // the connection to have processed them (frames are in order).
         let probe = conn.create_channel().await?;
-        probe
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        message_count(&probe, &q).await?;
         gw.kill().await?;
     }
     gw.restart().await?;
@@ -817,6 +823,8 @@ async fn a_durable_queue_beyond_its_memory_is_read_back_from_the_store_in_order(
         let confirms = publish(&channel, "", &q, chunk, false).await?;
         assert!(confirms.iter().all(|c| c.is_ack()));
     }
+    // declare-ok counts what the store holds, not what is in memory.
+    assert_eq!(message_count(&channel, &q).await? as usize, N);
     let consumer_channel = conn.create_channel().await?;
     consumer_channel
         .basic_qos(200, BasicQosOptions::default())
@@ -959,17 +967,27 @@ async fn a_queue_message_ttl_expires_what_waited_longer() -> Result<()> {
     let instant = unique("ttl0");
     declare_with(&channel, &instant, ttl(0)).await?;
     publish(&channel, "", &instant, &bodies("t", 2), false).await?;
-    let get = channel
-        .basic_get(instant.as_str().into(), BasicGetOptions { no_ack: true })
-        .await?;
-    assert!(get.is_none(), "expired at once: {get:?}");
-    let metrics = gw.metrics().await?;
-    assert!(
-        metrics
+    // The queue's pump may still be moving them in: get until the expiry
+    // is counted (bounded), never receiving one.
+    let deadline = tokio::time::Instant::now() + SHORT;
+    loop {
+        let get = channel
+            .basic_get(instant.as_str().into(), BasicGetOptions { no_ack: true })
+            .await?;
+        assert!(get.is_none(), "expired at once: {get:?}");
+        let metrics = gw.metrics().await?;
+        let counted = metrics
             .lines()
-            .any(|l| l.starts_with("edge_messages_expired_total") && !l.ends_with(" 0")),
-        "expiry counted:\n{metrics}"
-    );
+            .any(|l| l.starts_with("edge_messages_expired_total") && !l.ends_with(" 0"));
+        if counted {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "expiry not counted:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // An hour: delivered.
     let hour = unique("ttl1h");
     declare_with(&channel, &hour, ttl(3_600_000)).await?;
