@@ -183,12 +183,36 @@ impl RabbitNode {
         cmd
     }
 
-    /// Boots the node and waits until it accepts AMQP connections.
+    /// Boots the node and waits until it accepts AMQP connections. A boot
+    /// that writes no pid file within the timeout is tried once more (seen
+    /// right after a kill -9 on a loaded machine: the detached node died
+    /// during start-up, and the second attempt came up).
     pub fn start(&mut self) -> Result<()> {
         if self.running {
             return Ok(());
         }
         let started = Instant::now();
+        if let Err(first) = self.boot() {
+            eprintln!(
+                "rabbit: node {} did not come up ({first:#}); startup output: {}; trying again",
+                self.name,
+                std::fs::read_to_string(self.base.join("startup.out")).unwrap_or_default()
+            );
+            self.boot()?;
+        }
+        self.running = true;
+        self.wait_for_port(Duration::from_secs(30))?;
+        eprintln!(
+            "rabbit: node {} up on port {} in {:.1?}",
+            self.name,
+            self.amqp_port,
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// One `rabbitmq-server -detached` and the wait for its pid file.
+    fn boot(&mut self) -> Result<()> {
         // A stale pid file (after kill) would make `wait` watch a dead pid.
         let _ = std::fs::remove_file(self.pid_file());
         // Not piped: the detached node could hold a pipe open forever.
@@ -219,16 +243,7 @@ impl RabbitNode {
                 self.name,
                 self.base.join("log").display()
             )
-        })?;
-        self.running = true;
-        self.wait_for_port(Duration::from_secs(30))?;
-        eprintln!(
-            "rabbit: node {} up on port {} in {:.1?}",
-            self.name,
-            self.amqp_port,
-            started.elapsed()
-        );
-        Ok(())
+        })
     }
 
     /// Same environment, same data: durable queues and persistent messages
