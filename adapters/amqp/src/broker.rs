@@ -416,7 +416,12 @@ impl Broker {
             self.remove_binding(&queue, name, exchange.kind, &key)
                 .await?;
         }
-        if exchange.durable {
+        self.forget_exchange(name, exchange.durable).await
+    }
+
+    /// Removes an exchange from the registry and, when durable, its row.
+    async fn forget_exchange(&self, name: &str, durable: bool) -> Result<(), Exception> {
+        if durable {
             self.router
                 .store()
                 .delete_definition(&format!("{EXCHANGE_ROW}{name}"))
@@ -748,15 +753,7 @@ impl Broker {
         let Some(exchange) = unused else {
             return Ok(());
         };
-        if exchange.durable {
-            self.router
-                .store()
-                .delete_definition(&format!("{EXCHANGE_ROW}{name}"))
-                .await
-                .map_err(store_err)?;
-        }
-        self.registry().exchanges.remove(name);
-        Ok(())
+        self.forget_exchange(name, exchange.durable).await
     }
 }
 
