@@ -7,8 +7,9 @@
 //! ```text
 //! amqp/exchange/<name>   u8 version = 1, u8 kind (0 direct, 1 fanout, 2 topic, 3 headers),
 //!                        u8 flags (1 auto-delete, 2 internal)
-//! amqp/queue/<name>      u8 version = 1, u8 flags (1 auto-delete),
-//!                        then u64 LE x-message-ttl (ms) when it has one
+//! amqp/queue/<name>      u8 version = 2, u8 flags (1 auto-delete), then the
+//!                        arguments' fields (`args.rs`); version 1 (still read):
+//!                        flags, then u64 LE x-message-ttl (ms) when it has one
 //! amqp/binding/<n>:<queue><m>:<exchange><key>
 //!                        u8 version = 1, then queue, exchange and key, each u8 length + UTF-8
 //! ```
@@ -33,6 +34,7 @@ use bytes::{Buf, BufMut};
 use edge_core::{Router, SessionError};
 use edge_store::StoreError;
 
+use crate::args::QueueArgs;
 use crate::convert::{self, Kind, Unmappable};
 use crate::error::{
     ACCESS_REFUSED, Exception, INTERNAL_ERROR, NOT_FOUND, NOT_IMPLEMENTED, PRECONDITION_FAILED,
@@ -174,6 +176,36 @@ fn decode_exchange(v: &[u8]) -> Option<Exchange> {
     })
 }
 
+fn encode_queue(flags: &Flags) -> Vec<u8> {
+    let mut row = vec![2, u8::from(flags.auto_delete)];
+    flags.args.encode(&mut row);
+    row
+}
+
+/// A stored durable queue: version 1 (flags, then an optional
+/// x-message-ttl) or 2 (flags, then the arguments' fields).
+fn decode_queue(v: &[u8]) -> Option<Flags> {
+    let (version, auto_delete, rest) = match v {
+        [version, flags, rest @ ..] => (*version, flags & 1 != 0, rest),
+        _ => return None,
+    };
+    let args = match (version, rest) {
+        (1, []) => QueueArgs::default(),
+        (1, ttl) => QueueArgs {
+            message_ttl: Some(u64::from_le_bytes(ttl.try_into().ok()?)),
+            ..QueueArgs::default()
+        },
+        (2, fields) => QueueArgs::decode(fields)?,
+        _ => return None,
+    };
+    Some(Flags {
+        durable: true,
+        exclusive: false,
+        auto_delete,
+        args: Arc::new(args),
+    })
+}
+
 fn not_found_exchange(name: &str) -> Exception {
     Exception::channel(NOT_FOUND, format!("no exchange '{name}' in vhost '/'"))
 }
@@ -220,14 +252,9 @@ impl Broker {
                     None => tracing::warn!(exchange = name, "unreadable stored exchange: ignored"),
                 }
             } else if let Some(name) = row.strip_prefix(QUEUE_ROW) {
-                let flags = Flags {
-                    durable: true,
-                    exclusive: false,
-                    auto_delete: value.get(1).is_some_and(|f| f & 1 != 0),
-                    message_ttl: value
-                        .get(2..10)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_le_bytes),
+                let Some(flags) = decode_queue(&value) else {
+                    tracing::warn!(queue = name, "unreadable stored queue: ignored");
+                    continue;
                 };
                 match Queue::start(&broker.router, name, flags, None).await {
                     Ok(q) => {
@@ -488,7 +515,7 @@ impl Broker {
         let existing = self.registry().queues.get(&name).cloned();
         if let Some(existing) = existing {
             let q = self.queue(&name, conn)?;
-            let (had, asked) = (existing.flags, spec.flags);
+            let (had, asked) = (&existing.flags, &spec.flags);
             for (arg, a, b) in [
                 ("durable", had.durable, asked.durable),
                 ("exclusive", had.exclusive, asked.exclusive),
@@ -503,14 +530,11 @@ impl Broker {
                     ));
                 }
             }
-            if had.message_ttl != asked.message_ttl {
-                let show = |t: Option<u64>| t.map_or("none".to_string(), |t| t.to_string());
+            if let Some((arg, asked, had)) = asked.args.inequivalent(&had.args) {
                 return Err(Exception::channel(
                     PRECONDITION_FAILED,
                     format!(
-                        "inequivalent arg 'x-message-ttl' for queue '{name}' in vhost '/': received {} but current is {}",
-                        show(asked.message_ttl),
-                        show(had.message_ttl)
+                        "inequivalent arg '{arg}' for queue '{name}' in vhost '/': received {asked} but current is {had}"
                     ),
                 ));
             }
@@ -520,18 +544,12 @@ impl Broker {
         if durable {
             self.router
                 .store()
-                .put_definition(&format!("{QUEUE_ROW}{name}"), {
-                    let mut row = vec![1, u8::from(spec.flags.auto_delete)];
-                    if let Some(ttl) = spec.flags.message_ttl {
-                        row.extend_from_slice(&ttl.to_le_bytes());
-                    }
-                    row
-                })
+                .put_definition(&format!("{QUEUE_ROW}{name}"), encode_queue(&spec.flags))
                 .await
                 .map_err(store_err)?;
         }
         let owner = spec.flags.exclusive.then_some(conn);
-        let q = Queue::start(&self.router, &name, spec.flags, owner)
+        let q = Queue::start(&self.router, &name, spec.flags.clone(), owner)
             .await
             .map_err(session_err)?;
         // The default exchange: every queue is bound by its name.

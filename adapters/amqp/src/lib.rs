@@ -54,6 +54,7 @@
 //! redelivered flag across restarts, basic.qos `global` (prefetch is per
 //! channel either way).
 
+mod args;
 mod broker;
 mod channel;
 mod codec;

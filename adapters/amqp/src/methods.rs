@@ -8,6 +8,7 @@ use amq_protocol::types::FieldTable;
 use edge_core::{Message, QoS};
 use futures::FutureExt;
 
+use crate::args::QueueArgs;
 use crate::broker::{ExchangeSpec, QueueSpec};
 use crate::channel::{Consumer, Content};
 use crate::connection::{Connection, Settled, WRITE_HIGH_WATER};
@@ -19,52 +20,14 @@ use crate::{properties, telemetry};
 /// Deliveries taken from one queue for one consumer in a turn.
 const DELIVERY_BATCH: usize = 64;
 
-/// A queue's `x-message-ttl`, if it has one: a non-negative integer of
-/// milliseconds below 2^32 (RabbitMQ's bounds), else 406.
-fn message_ttl(arguments: &FieldTable) -> Result<Option<u64>, Exception> {
-    use amq_protocol::types::AMQPValue as V;
-    let Some(value) = arguments.inner().get("x-message-ttl") else {
-        return Ok(None);
-    };
-    let ms: Option<i64> = match value {
-        V::ShortShortInt(v) => Some(i64::from(*v)),
-        V::ShortShortUInt(v) => Some(i64::from(*v)),
-        V::ShortInt(v) => Some(i64::from(*v)),
-        V::ShortUInt(v) => Some(i64::from(*v)),
-        V::LongInt(v) => Some(i64::from(*v)),
-        V::LongUInt(v) => Some(i64::from(*v)),
-        V::LongLongInt(v) => Some(*v),
-        _ => None,
-    };
-    match ms
-        .and_then(|ms| u64::try_from(ms).ok())
-        .filter(|ms| *ms < 1 << 32)
-    {
-        Some(ms) => Ok(Some(ms)),
-        None => Err(Exception::channel(
-            crate::error::PRECONDITION_FAILED,
-            format!(
-                "invalid arg 'x-message-ttl' for queue: {value:?} (an integer of milliseconds, 0 to 4294967295)"
-            ),
-        )),
-    }
-}
-
-/// Refuses declaration arguments, but for `x-queue-type: classic` (what
-/// the queue is anyway) and, for queues, `x-message-ttl`: the others are
-/// not implemented yet, and silently ignoring one (a length limit, a
-/// dead-letter exchange) would break what the client relies on.
+/// Refuses exchange declaration arguments, which none is served yet
+/// (`alternate-exchange` would be the first).
 fn unsupported_arguments(arguments: &FieldTable, what: &str) -> Result<(), Exception> {
-    for (key, value) in arguments {
-        let classic = key.as_str() == "x-queue-type"
-            && matches!(value, amq_protocol::types::AMQPValue::LongString(s) if s.as_bytes() == b"classic");
-        let ttl = what == "queue" && key.as_str() == "x-message-ttl";
-        if !classic && !ttl {
-            return Err(Exception::connection(
-                NOT_IMPLEMENTED,
-                format!("{what} argument '{key}' is not implemented yet"),
-            ));
-        }
+    if let Some((key, _)) = arguments.into_iter().next() {
+        return Err(Exception::connection(
+            NOT_IMPLEMENTED,
+            format!("{what} argument '{key}' is not implemented yet"),
+        ));
     }
     Ok(())
 }
@@ -194,11 +157,12 @@ impl Connection {
     async fn on_queue(&mut self, ch: u16, m: queue::AMQPMethod) -> Result<(), Exception> {
         match m {
             queue::AMQPMethod::Declare(d) => {
-                let ttl = if d.passive {
-                    None
+                let args = if d.passive {
+                    QueueArgs::default()
                 } else {
-                    unsupported_arguments(&d.arguments, "queue")?;
-                    message_ttl(&d.arguments)?
+                    let args = QueueArgs::parse(d.queue.as_str(), &d.arguments)?;
+                    args.check_properties(d.queue.as_str(), d.durable, d.exclusive, d.auto_delete)?;
+                    args
                 };
                 let spec = QueueSpec {
                     name: d.queue.to_string(),
@@ -207,7 +171,7 @@ impl Connection {
                         durable: d.durable,
                         exclusive: d.exclusive,
                         auto_delete: d.auto_delete,
-                        message_ttl: ttl,
+                        args: Arc::new(args),
                     },
                 };
                 let q = self.broker.declare_queue(&spec, self.id).await?;

@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use edge_core::{Acker, AttachOptions, Delivery, Message, QoS, Router, SessionError, Subscriber};
 use edge_store::Seq;
+
+use crate::args::QueueArgs;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -59,14 +61,13 @@ pub(crate) struct Queued {
 }
 
 /// How a queue was declared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Flags {
     pub durable: bool,
     pub exclusive: bool,
     pub auto_delete: bool,
-    /// `x-message-ttl`: a message older than this (ms since the gateway
-    /// received it) is delivered to nobody.
-    pub message_ttl: Option<u64>,
+    /// Its `x-` arguments.
+    pub args: Arc<QueueArgs>,
 }
 
 impl Flags {
@@ -74,6 +75,7 @@ impl Flags {
     pub(crate) fn expired(&self, message: &Message, now: u64) -> bool {
         message.is_expired(now)
             || self
+                .args
                 .message_ttl
                 .is_some_and(|ttl| message.timestamp_ms.saturating_add(ttl) <= now)
     }
