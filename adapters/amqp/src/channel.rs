@@ -20,6 +20,11 @@ pub(crate) struct Consumer {
     pub no_ack: bool,
     /// Its key in the queue's consumer list (unique per connection).
     pub key: u64,
+    /// basic.qos (global = false) when it was created: its unacked
+    /// deliveries at most (0: no limit).
+    pub prefetch: u16,
+    /// Its deliveries awaiting an ack.
+    pub unacked: usize,
 }
 
 /// A delivery the client has not acknowledged yet.
@@ -27,6 +32,8 @@ pub(crate) struct Consumer {
 pub(crate) struct Unacked {
     pub queue: Arc<Queue>,
     pub id: u64,
+    /// The consumer it went to (none for basic.get).
+    pub consumer: Option<Arc<str>>,
 }
 
 /// A publish whose content is still arriving.
@@ -61,8 +68,12 @@ pub(crate) struct Channel {
     pub consumers: BTreeMap<String, Consumer>,
     pub unacked: BTreeMap<u64, Unacked>,
     pub next_tag: u64,
-    /// basic.qos prefetch count: unacked deliveries at most (0: no limit).
+    /// basic.qos with global = true: unacked deliveries of the whole
+    /// channel at most (0: no limit).
     pub prefetch: u16,
+    /// basic.qos with global = false: the limit of each consumer created
+    /// afterwards (RabbitMQ's reading of the flag).
+    pub consumer_prefetch: u16,
     /// The queue declared last: what an empty queue name means.
     pub last_queue: Option<String>,
     incoming: Option<Incoming>,
@@ -80,6 +91,7 @@ impl Default for Channel {
             unacked: BTreeMap::new(),
             next_tag: 1,
             prefetch: 0,
+            consumer_prefetch: 0,
             last_queue: None,
             incoming: None,
         }
@@ -113,12 +125,18 @@ impl Channel {
         self.incoming.is_some()
     }
 
-    /// Deliveries that may still be sent before the prefetch limit.
-    pub(crate) fn credit(&self) -> usize {
-        match self.prefetch {
+    /// Deliveries that may still be sent to consumer `tag` before its own
+    /// prefetch limit or the channel's.
+    pub(crate) fn credit(&self, tag: &str) -> usize {
+        let limit = |prefetch: u16, used: usize| match prefetch {
             0 => usize::MAX,
-            n => usize::from(n).saturating_sub(self.unacked.len()),
-        }
+            n => usize::from(n).saturating_sub(used),
+        };
+        let own = self
+            .consumers
+            .get(tag)
+            .map_or(usize::MAX, |c| limit(c.prefetch, c.unacked));
+        own.min(limit(self.prefetch, self.unacked.len()))
     }
 
     pub(crate) fn start_publish(&mut self, publish: Publish) {
@@ -193,20 +211,47 @@ impl Channel {
         })
     }
 
-    /// Registers a delivery awaiting its ack; returns its delivery tag.
-    pub(crate) fn delivered(&mut self, queue: &Arc<Queue>, id: u64, no_ack: bool) -> u64 {
+    /// Registers a delivery (to consumer `consumer`, or a get) awaiting
+    /// its ack; returns its delivery tag.
+    pub(crate) fn delivered(
+        &mut self,
+        queue: &Arc<Queue>,
+        id: u64,
+        no_ack: bool,
+        consumer: Option<&str>,
+    ) -> u64 {
         let tag = self.next_tag;
         self.next_tag += 1;
         if !no_ack {
+            let consumer = consumer.and_then(|t| {
+                let c = self.consumers.get_mut(t)?;
+                c.unacked += 1;
+                Some(Arc::from(t))
+            });
             self.unacked.insert(
                 tag,
                 Unacked {
                     queue: Arc::clone(queue),
                     id,
+                    consumer,
                 },
             );
         }
         tag
+    }
+
+    /// Settled deliveries no longer count against their consumers' limits.
+    fn release(&mut self, settled: Vec<Unacked>) -> ByQueue {
+        for u in &settled {
+            if let Some(c) = u
+                .consumer
+                .as_deref()
+                .and_then(|t| self.consumers.get_mut(t))
+            {
+                c.unacked = c.unacked.saturating_sub(1);
+            }
+        }
+        by_queue(settled)
     }
 
     /// The deliveries an ack, nack or reject settles: `tag` alone, with
@@ -228,12 +273,13 @@ impl Channel {
                 None => return Err(unknown_tag(tag)),
             }
         };
-        Ok(by_queue(settled))
+        Ok(self.release(settled))
     }
 
     /// Every unacknowledged delivery, by queue (channel closed, recover).
     pub(crate) fn take_unacked(&mut self) -> ByQueue {
-        by_queue(std::mem::take(&mut self.unacked).into_values().collect())
+        let all = std::mem::take(&mut self.unacked).into_values().collect();
+        self.release(all)
     }
 }
 

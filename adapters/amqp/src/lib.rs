@@ -51,8 +51,10 @@
 //! Queue argument `x-message-ttl` is served (`queue.rs`, `Flags::expired`).
 //! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings, other
 //! queue and exchange arguments (all refused, 540), `connection.blocked`, the
-//! redelivered flag across restarts, basic.qos `global` (prefetch is per
-//! channel either way).
+//! redelivered flag across restarts.
+//!
+//! `basic.qos` reads `global` as RabbitMQ does: false limits each consumer
+//! created afterwards, true the channel as a whole (both may apply).
 
 mod args;
 mod broker;

@@ -262,7 +262,11 @@ impl Connection {
             }
             basic::AMQPMethod::Qos(q) => {
                 if let Some(c) = self.channels.get_mut(&ch) {
-                    c.prefetch = q.prefetch_count;
+                    if q.global {
+                        c.prefetch = q.prefetch_count;
+                    } else {
+                        c.consumer_prefetch = q.prefetch_count;
+                    }
                 }
                 self.deliver_due = true;
                 self.method(
@@ -357,6 +361,8 @@ impl Connection {
                 queue: Arc::clone(&q),
                 no_ack: c.no_ack,
                 key,
+                prefetch: chan.consumer_prefetch,
+                unacked: 0,
             },
         );
         self.deliver_due = true;
@@ -380,7 +386,7 @@ impl Connection {
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Ok(());
         };
-        let delivery_tag = chan.delivered(&q, m.id, g.no_ack);
+        let delivery_tag = chan.delivered(&q, m.id, g.no_ack, None);
         let (exchange, routing_key) = convert::origin_of(&m.message.topic);
         let method = AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
             delivery_tag,
@@ -446,8 +452,8 @@ impl Connection {
                 break;
             }
             let credit = match self.channels.get(&ch) {
-                Some(c) if no_ack => c.credit().clamp(1, DELIVERY_BATCH),
-                Some(c) => c.credit().min(DELIVERY_BATCH),
+                Some(_) if no_ack => DELIVERY_BATCH,
+                Some(c) => c.credit(&tag).min(DELIVERY_BATCH),
                 None => 0,
             };
             if credit == 0 {
@@ -491,7 +497,7 @@ impl Connection {
             q.requeue(&[m.id]);
             return Ok(());
         };
-        let delivery_tag = chan.delivered(q, m.id, no_ack);
+        let delivery_tag = chan.delivered(q, m.id, no_ack, Some(tag));
         let (exchange, routing_key) = convert::origin_of(&m.message.topic);
         let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
             consumer_tag: tag.into(),
