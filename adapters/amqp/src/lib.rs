@@ -55,6 +55,7 @@
 //! channel either way).
 
 mod args;
+mod bindings;
 mod broker;
 mod channel;
 mod codec;

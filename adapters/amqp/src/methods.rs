@@ -9,10 +9,11 @@ use edge_core::{Message, QoS};
 use futures::FutureExt;
 
 use crate::args::QueueArgs;
+use crate::bindings::Resolved;
 use crate::broker::{ExchangeSpec, QueueSpec};
 use crate::channel::{Consumer, Content};
 use crate::connection::{Connection, Settled, WRITE_HIGH_WATER};
-use crate::convert::{self, Kind};
+use crate::convert;
 use crate::error::{ACCESS_REFUSED, Exception, NO_ROUTE, NOT_ALLOWED, NOT_IMPLEMENTED};
 use crate::queue::{Flags, Queue, Queued};
 use crate::{properties, telemetry};
@@ -147,9 +148,39 @@ impl Connection {
                     AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
                 )
             }
-            _ => Err(Exception::connection(
-                NOT_IMPLEMENTED,
-                "exchange-to-exchange bindings are not implemented yet",
+            exchange::AMQPMethod::Bind(b) => {
+                self.broker
+                    .bind_exchange(
+                        b.destination.as_str(),
+                        b.source.as_str(),
+                        b.routing_key.as_str(),
+                        &b.arguments,
+                    )
+                    .await?;
+                self.reply(
+                    ch,
+                    b.nowait,
+                    AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                )
+            }
+            exchange::AMQPMethod::Unbind(u) => {
+                self.broker
+                    .unbind_exchange(
+                        u.destination.as_str(),
+                        u.source.as_str(),
+                        u.routing_key.as_str(),
+                        &u.arguments,
+                    )
+                    .await?;
+                self.reply(
+                    ch,
+                    u.nowait,
+                    AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                )
+            }
+            other => Err(Exception::connection(
+                crate::error::COMMAND_INVALID,
+                format!("unexpected exchange method {other:?}"),
             )),
         }
     }
@@ -195,6 +226,7 @@ impl Connection {
                         &q.name,
                         b.exchange.as_str(),
                         b.routing_key.as_str(),
+                        &b.arguments,
                         self.id,
                     )
                     .await?;
@@ -211,6 +243,7 @@ impl Connection {
                         &q.name,
                         u.exchange.as_str(),
                         u.routing_key.as_str(),
+                        &u.arguments,
                         self.id,
                     )
                     .await?;
@@ -514,7 +547,11 @@ impl Connection {
         } = content;
         telemetry::message_in();
         let name = publish.exchange.as_str();
-        let exchange = self.broker.exchange(name).map_err(|e| e.on(60, 40))?;
+        let key = publish.routing_key.as_str();
+        let (exchange, resolved) = self
+            .broker
+            .route(name, key, properties.headers().as_ref())
+            .map_err(|e| e.on(60, 40))?;
         if exchange.internal {
             return Err(Exception::channel(
                 ACCESS_REFUSED,
@@ -522,11 +559,6 @@ impl Connection {
             )
             .on(60, 40));
         }
-        let key = publish.routing_key.as_str();
-        let topic = match exchange.kind {
-            Kind::Headers => None,
-            kind => convert::topic_of(name, kind, key),
-        };
         let epoch = self.channels.get(&ch).map_or(0, |c| c.epoch);
         let tag = self.channels.get_mut(&ch).and_then(|c| {
             c.confirm.then(|| {
@@ -534,7 +566,11 @@ impl Connection {
                 c.next_publish - 1
             })
         });
-        let routed = topic.filter(|t| self.broker.router().is_routed(t));
+        let Resolved { topic, also } = resolved;
+        let router = self.broker.router();
+        let routed = topic.filter(|t| {
+            router.is_routed_any(std::iter::once(t.as_str()).chain(also.iter().map(String::as_str)))
+        });
         let Some(topic) = routed else {
             telemetry::dropped("amqp_unroutable", 1);
             crate::logs::UNROUTABLE.record("unroutable", || {
@@ -571,7 +607,7 @@ impl Connection {
         };
         let mut message = Message::new(topic, body, qos, Arc::clone(&self.name));
         properties::apply(&properties, &mut message);
-        let settled = match self.broker.router().publish(message).await {
+        let settled = match self.broker.router().publish_to(message, &also).await {
             Ok(receipt) => async move {
                 Settled {
                     channel: ch,
