@@ -7,11 +7,12 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue
 use amq_protocol::types::FieldTable;
 use edge_core::{Message, QoS};
 use futures::FutureExt;
+use futures::future::BoxFuture;
 
 use crate::args::QueueArgs;
 use crate::bindings::Resolved;
 use crate::broker::{ExchangeSpec, QueueSpec};
-use crate::channel::{Consumer, Content};
+use crate::channel::{ByQueue, Consumer, Content, Held};
 use crate::connection::{Connection, Settled, WRITE_HIGH_WATER};
 use crate::convert;
 use crate::error::{ACCESS_REFUSED, Exception, NO_ROUTE, NOT_ALLOWED, NOT_IMPLEMENTED};
@@ -69,6 +70,12 @@ impl Connection {
             AMQPClass::Basic(m) => self.on_basic(ch, m).await,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 if let Some(c) = self.channels.get_mut(&ch) {
+                    if c.tx.is_some() {
+                        return Err(Exception::channel(
+                            crate::error::PRECONDITION_FAILED,
+                            "cannot switch from tx to confirm mode",
+                        ));
+                    }
                     c.confirm = true;
                 }
                 self.reply(
@@ -77,10 +84,7 @@ impl Connection {
                     AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
                 )
             }
-            AMQPClass::Tx(_) => Err(Exception::connection(
-                NOT_IMPLEMENTED,
-                "transactions (tx.select) are not implemented yet",
-            )),
+            AMQPClass::Tx(m) => self.on_tx(ch, m).await,
             other => Err(Exception::connection(
                 crate::error::COMMAND_INVALID,
                 format!("unexpected method {other:?}"),
@@ -436,7 +440,17 @@ impl Connection {
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Ok(());
         };
+        if chan.tx.is_some() {
+            let entries = chan.settle_entries(tag, multiple)?;
+            return chan.hold(Held::Settle { entries, requeue });
+        }
         let settled = chan.settle(tag, multiple)?;
+        self.apply_settle(settled, requeue).await;
+        Ok(())
+    }
+
+    /// Performs settled deliveries: acked, requeued or dropped.
+    pub(crate) async fn apply_settle(&mut self, settled: ByQueue, requeue: Option<bool>) {
         for (q, ids) in settled {
             match requeue {
                 Some(true) => q.requeue(&ids),
@@ -448,7 +462,6 @@ impl Connection {
             }
         }
         self.deliver_due = true;
-        Ok(())
     }
 
     /// Takes ready messages for the consumers that have credit, while the
@@ -539,7 +552,33 @@ impl Connection {
 
     /// A publish with all of its content: routed through the core; its
     /// confirm (if the channel is in confirm mode) waits for the receipt.
+    /// In a transaction it is held until the commit (its exchange checked
+    /// now, as RabbitMQ does).
     pub(crate) async fn publish(&mut self, ch: u16, content: Content) -> Result<(), Exception> {
+        if self.channels.get(&ch).is_some_and(|c| c.tx.is_some()) {
+            let name = content.publish.exchange.as_str();
+            let exchange = self.broker.exchange(name).map_err(|e| e.on(60, 40))?;
+            if exchange.internal {
+                return Err(internal_exchange(name));
+            }
+            return match self.channels.get_mut(&ch) {
+                Some(c) => c
+                    .hold(Held::Publish(Box::new(content)))
+                    .map_err(|e| e.on(60, 40)),
+                None => Ok(()),
+            };
+        }
+        let settled = self.publish_now(ch, content).await?;
+        self.pending.push_back(settled);
+        Ok(())
+    }
+
+    /// Routes a publish; its outcome, for `pending`.
+    pub(crate) async fn publish_now(
+        &mut self,
+        ch: u16,
+        content: Content,
+    ) -> Result<BoxFuture<'static, Settled>, Exception> {
         let Content {
             publish,
             properties,
@@ -553,11 +592,7 @@ impl Connection {
             .route(name, key, properties.headers().as_ref())
             .map_err(|e| e.on(60, 40))?;
         if exchange.internal {
-            return Err(Exception::channel(
-                ACCESS_REFUSED,
-                format!("cannot publish to internal exchange '{name}' in vhost '/'"),
-            )
-            .on(60, 40));
+            return Err(internal_exchange(name));
         }
         let epoch = self.channels.get(&ch).map_or(0, |c| c.epoch);
         let tag = self.channels.get_mut(&ch).and_then(|c| {
@@ -588,16 +623,14 @@ impl Connection {
                 }));
                 self.content(ch, method, properties, &body)?;
             }
-            self.pending.push_back(
-                futures::future::ready(Settled {
-                    channel: ch,
-                    epoch,
-                    tag,
-                    result: Ok(()),
-                })
-                .boxed(),
-            );
-            return Ok(());
+            return Ok(futures::future::ready(Settled {
+                channel: ch,
+                epoch,
+                tag,
+                result: Ok(()),
+                commit: false,
+            })
+            .boxed());
         };
         // Persistent messages are committed (and queued durably) before
         // their confirm: QoS 1. Transient ones are delivered from memory.
@@ -614,6 +647,7 @@ impl Connection {
                     epoch,
                     tag,
                     result: receipt.await.map(|_| ()),
+                    commit: false,
                 }
             }
             .boxed(),
@@ -622,10 +656,18 @@ impl Connection {
                 epoch,
                 tag,
                 result: Err(e),
+                commit: false,
             })
             .boxed(),
         };
-        self.pending.push_back(settled);
-        Ok(())
+        Ok(settled)
     }
+}
+
+fn internal_exchange(name: &str) -> Exception {
+    Exception::channel(
+        ACCESS_REFUSED,
+        format!("cannot publish to internal exchange '{name}' in vhost '/'"),
+    )
+    .on(60, 40)
 }
