@@ -243,6 +243,9 @@ pub(crate) enum Leads {
 pub(crate) struct Edge {
     pub matcher: Matcher,
     pub leads: Leads,
+    /// With `leads`, what identifies the binding.
+    pub key: String,
+    pub args: BindArgs,
 }
 
 /// The edges of each exchange that has any, by source exchange.
@@ -403,6 +406,8 @@ mod tests {
         let ex = |d: &str| Edge {
             matcher: Matcher::Fanout,
             leads: Leads::Exchange(d.to_string()),
+            key: String::new(),
+            args: BindArgs::default(),
         };
         edges.insert("s".into(), vec![ex("d1"), ex("d2")]);
         edges.insert("d1".into(), vec![ex("s"), ex("d2")]);

@@ -35,7 +35,7 @@ use edge_core::{Router, SessionError};
 use edge_store::StoreError;
 
 use crate::args::QueueArgs;
-use crate::bindings::{self, BindArgs, Edges, Resolved};
+use crate::bindings::{self, BindArgs, Edges, Leads, Resolved};
 use crate::convert::{self, Kind};
 use crate::error::{
     ACCESS_REFUSED, Exception, INTERNAL_ERROR, NOT_FOUND, PRECONDITION_FAILED, RESOURCE_LOCKED,
@@ -591,9 +591,15 @@ impl Broker {
                 .await
                 .map_err(store_err)?;
         }
+        {
+            let mut r = self.registry();
+            for (x, key, args) in &bound {
+                let filter = convert::headers_filter(x, &name);
+                r.remove_edge(x, &Leads::Topic(filter), key, args);
+            }
+        }
         let exchanges: BTreeSet<&str> = bound.iter().map(|(x, _, _)| x.as_str()).collect();
         for x in exchanges {
-            self.registry().reindex(x);
             self.drop_if_unused(x).await?;
         }
         Ok(count)

@@ -7,7 +7,7 @@ use amq_protocol::types::FieldTable;
 
 use super::rows::{Dest, binding_row, encode_binding};
 use super::{Broker, store_err};
-use crate::bindings::{BindArgs, Matcher};
+use crate::bindings::{BindArgs, Leads, Matcher};
 use crate::error::{ACCESS_REFUSED, Exception};
 
 fn default_exchange() -> Exception {
@@ -87,13 +87,13 @@ impl Broker {
                 return Err(super::not_found_exchange(x));
             }
         }
+        r.add_edge(source, Leads::Exchange(destination.to_string()), key, &args)?;
         r.e2e.insert((
             source.to_string(),
             destination.to_string(),
             key.to_string(),
             args,
         ));
-        r.reindex(source);
         Ok(())
     }
 
@@ -109,7 +109,7 @@ impl Broker {
             if !r.e2e.remove(binding) {
                 return Ok(false);
             }
-            r.reindex(source);
+            r.remove_edge(source, &Leads::Exchange(destination.clone()), key, args);
             let durable = |x: &str| r.exchanges.get(x).is_some_and(|e| e.durable);
             durable(source) && durable(destination)
         };

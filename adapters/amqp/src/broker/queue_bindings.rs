@@ -14,37 +14,42 @@ use crate::error::{ACCESS_REFUSED, Exception, NOT_IMPLEMENTED};
 use crate::queue::ConnId;
 
 impl Registry {
-    /// Rebuilds the evaluated bindings of `source` (after a change).
-    pub(super) fn reindex(&mut self, source: &str) {
-        let Some(kind) = self.exchanges.get(source).map(|x| x.kind) else {
-            self.edges.remove(source);
-            return;
-        };
-        let mut out = Vec::new();
-        if kind == Kind::Headers {
-            for (queue, set) in &self.bindings {
-                for (x, key, args) in set.iter().filter(|(x, _, _)| x == source) {
-                    if let Ok(matcher) = Matcher::new(kind, key, args) {
-                        out.push(Edge {
-                            matcher,
-                            leads: Leads::Topic(convert::headers_filter(x, queue)),
-                        });
-                    }
-                }
-            }
+    /// Adds a binding from `source` the adapter evaluates (a headers
+    /// exchange's, an exchange binding), once.
+    pub(super) fn add_edge(
+        &mut self,
+        source: &str,
+        leads: Leads,
+        key: &str,
+        args: &BindArgs,
+    ) -> Result<(), Exception> {
+        let kind = self
+            .exchanges
+            .get(source)
+            .map(|x| x.kind)
+            .ok_or_else(|| not_found_exchange(source))?;
+        let matcher = Matcher::new(kind, key, args)?;
+        let edges = self.edges.entry(source.to_string()).or_default();
+        if !edges
+            .iter()
+            .any(|e| e.leads == leads && e.key == key && e.args == *args)
+        {
+            edges.push(Edge {
+                matcher,
+                leads,
+                key: key.to_string(),
+                args: args.clone(),
+            });
         }
-        for (_, destination, key, args) in self.e2e.iter().filter(|(s, ..)| s == source) {
-            if let Ok(matcher) = Matcher::new(kind, key, args) {
-                out.push(Edge {
-                    matcher,
-                    leads: Leads::Exchange(destination.clone()),
-                });
+        Ok(())
+    }
+
+    pub(super) fn remove_edge(&mut self, source: &str, leads: &Leads, key: &str, args: &BindArgs) {
+        if let Some(edges) = self.edges.get_mut(source) {
+            edges.retain(|e| !(e.leads == *leads && e.key == key && e.args == *args));
+            if edges.is_empty() {
+                self.edges.remove(source);
             }
-        }
-        if out.is_empty() {
-            self.edges.remove(source);
-        } else {
-            self.edges.insert(source.to_string(), out);
         }
     }
 
@@ -112,14 +117,14 @@ impl Broker {
         let filter = Self::binding_filter(exchange, x.kind, key, queue)?;
         q.bind(&filter).await.map_err(session_err)?;
         let mut r = self.registry();
+        if x.kind == Kind::Headers {
+            r.add_edge(exchange, Leads::Topic(filter), key, &args)?;
+        }
         r.bindings.entry(queue.to_string()).or_default().insert((
             exchange.to_string(),
             key.to_string(),
             args,
         ));
-        if x.kind == Kind::Headers {
-            r.reindex(exchange);
-        }
         Ok(())
     }
 
@@ -198,7 +203,7 @@ impl Broker {
                 x == exchange && Self::binding_filter(x, kind, k, queue).is_ok_and(|f| f == filter)
             });
             if kind == Kind::Headers {
-                r.reindex(exchange);
+                r.remove_edge(exchange, &Leads::Topic(filter.clone()), key, args);
             }
             (r.queues.get(queue).cloned(), used)
         };
