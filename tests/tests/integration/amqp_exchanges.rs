@@ -229,6 +229,7 @@ async fn headers_exchanges_match_all_any_and_with_x() -> Result<()> {
         let mut any = Probe::new(&ch, "any").await?;
         let mut with_x = Probe::new(&ch, "withx").await?;
         let mut present = Probe::new(&ch, "present").await?;
+        let mut all_x = Probe::new(&ch, "allx").await?;
         let report = table(&[
             ("x-match", s("all")),
             ("format", s("pdf")),
@@ -248,6 +249,12 @@ async fn headers_exchanges_match_all_any_and_with_x() -> Result<()> {
         let tagged = table(&[("x-match", s("any-with-x")), ("x-tag", s("a"))]);
         bind(&ch, &with_x.name, x, "", tagged).await?;
         bind(&ch, &present.name, x, "", table(&[("k", AMQPValue::Void)])).await?;
+        let both_x = table(&[
+            ("x-match", s("all-with-x")),
+            ("x-tag", s("a")),
+            ("n", AMQPValue::ShortInt(7)),
+        ]);
+        bind(&ch, &all_x.name, x, "", both_x).await?;
 
         let h = |e: &[(&str, AMQPValue)]| Some(table(e));
         let routed = [
@@ -272,6 +279,7 @@ async fn headers_exchanges_match_all_any_and_with_x() -> Result<()> {
         assert_eq!(any.received(&ch).await?, ["m2", "m3"], "{x}: any");
         assert_eq!(with_x.received(&ch).await?, ["m3"], "{x}: any-with-x");
         assert_eq!(present.received(&ch).await?, ["m4"], "{x}: void");
+        assert_eq!(all_x.received(&ch).await?, ["m3"], "{x}: all-with-x");
 
         // Unbinding needs the binding's arguments.
         ch.queue_unbind(
@@ -402,6 +410,21 @@ async fn exchange_binding_chains_cycles_and_mixes_deliver_one_copy_per_queue() -
     assert_eq!(on_d2.received(&ch).await?, ["1", "2"]);
     assert_eq!(everywhere.received(&ch).await?, ["1", "2", "3"]);
     assert_eq!(on_h.received(&ch).await?, ["1"], "headers through s");
+
+    // A cycle of two: each queue once, whichever end is published to.
+    let (p, r) = (unique("p"), unique("r"));
+    exchange(&ch, &p, ExchangeKind::Fanout, false).await?;
+    exchange(&ch, &r, ExchangeKind::Fanout, false).await?;
+    bind_x(&ch, &r, &p, "").await?;
+    bind_x(&ch, &p, &r, "").await?;
+    let mut on_p = Probe::new(&ch, "on-p").await?;
+    let mut on_r = Probe::new(&ch, "on-r").await?;
+    bind(&ch, &on_p.name, &p, "", none()).await?;
+    bind(&ch, &on_r.name, &r, "", none()).await?;
+    assert!(!publish(&ch, &p, "k", "to-p", None, true).await?);
+    assert!(!publish(&ch, &r, "k", "to-r", None, true).await?);
+    assert_eq!(on_p.received(&ch).await?, ["to-p", "to-r"]);
+    assert_eq!(on_r.received(&ch).await?, ["to-p", "to-r"]);
 
     // Unbinding s → d1 cuts d1 and what is behind it off s.
     unbind_x(&ch, &d1, &sx, "ignored").await?;
@@ -585,6 +608,61 @@ async fn tx_acks_wait_for_commit_and_rolled_back_ones_stay_unacked() -> Result<(
     assert_eq!(next(&mut again).await?.data, MARKER.as_bytes(), "a1 acked");
     conn.close(200, "bye".into()).await?;
     gw.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_transaction_survives_kill_9() -> Result<()> {
+    let mut gw = TestGateway::builder().spawn(crate::gateway_bin()).await?;
+    let q = unique("txkill");
+    {
+        let (conn, ch) = open(&gw.amqp_uri()).await?;
+        queue(&ch, &q, true).await?;
+        let tx = conn.create_channel().await?;
+        tx.tx_select().await?;
+        for body in ["c1", "c2", "c3"] {
+            tx.basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        }
+        // commit-ok comes once the store has them: nothing is lost by a
+        // kill right after it.
+        tx.tx_commit().await?;
+        tx.basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            b"uncommitted",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await?;
+        // A rejection held in a transaction and rolled back changes nothing.
+        let mut consumer = consume(&tx, &q, false).await?;
+        let d = next(&mut consumer).await?;
+        assert_eq!(d.data, b"c1");
+        tx.basic_reject(
+            d.delivery_tag,
+            lapin::options::BasicRejectOptions { requeue: false },
+        )
+        .await?;
+        tx.tx_rollback().await?;
+        gw.kill().await?;
+        drop(conn);
+    }
+    gw.restart().await?;
+    let (conn, ch) = open(&gw.amqp_uri()).await?;
+    let mut consumer = consume(&ch, &q, true).await?;
+    for want in ["c1", "c2", "c3"] {
+        assert_eq!(next(&mut consumer).await?.data, want.as_bytes());
+    }
+    publish(&ch, "", &q, MARKER, None, false).await?;
+    assert_eq!(next(&mut consumer).await?.data, MARKER.as_bytes());
+    conn.close(200, "bye".into()).await?;
     Ok(())
 }
 
