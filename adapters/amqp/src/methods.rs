@@ -1,4 +1,5 @@
-//! The methods of an open channel: exchanges, queues, bindings, publish,
+//! The methods of an open channel: exchanges, queues, bindings (of queues
+//! and of exchanges), publish (held in a transaction, `tx.rs`),
 //! consume, get, acknowledgements, qos, flow and confirms.
 
 use std::sync::Arc;
