@@ -80,9 +80,8 @@
 //!
 //! Queue argument `x-message-ttl` is served (`queue.rs`, `Flags::expired`).
 //! Not yet: exchange arguments (`alternate-exchange`; refused, 540),
-//! `connection.blocked`, the
-//! redelivered flag across restarts, basic.qos `global` (prefetch is per
-//! channel either way).
+//! `connection.blocked`, the redelivered flag across restarts, basic.qos
+//! `global` (prefetch is per channel either way).
 
 mod args;
 mod bindings;
