@@ -220,22 +220,43 @@ impl Router {
     /// Whether a message on `topic` would go anywhere: a session's filter or
     /// a route matches it (AMQP `mandatory` returns the message otherwise).
     pub fn is_routed(&self, topic: &str) -> bool {
-        if self.inner.routes.matching(topic).next().is_some() {
-            return true;
-        }
-        let mut any = false;
-        self.inner
-            .registry()
-            .trie
-            .for_each_match(topic, |_, _, _| any = true);
-        any
+        self.is_routed_any(std::iter::once(topic))
+    }
+
+    /// Whether a message published on any of `topics` would go anywhere
+    /// (see [`Router::publish_to`]).
+    pub fn is_routed_any<'t>(&self, topics: impl IntoIterator<Item = &'t str>) -> bool {
+        let registry = self.inner.registry();
+        topics.into_iter().any(|topic| {
+            if self.inner.routes.matching(topic).next().is_some() {
+                return true;
+            }
+            let mut any = false;
+            registry.trie.for_each_match(topic, |_, _, _| any = true);
+            any
+        })
     }
 
     /// Routes one message. Waits only while the store's inbox or the
     /// dispatcher is full (back-pressure); the receipt resolves once the
     /// message is durable and handed to online subscribers.
     pub async fn publish(&self, message: Message) -> Result<Receipt, PublishError> {
-        self.publish_keyed(message, None).await
+        self.publish_with(message, None, &[]).await
+    }
+
+    /// Routes one message to the union of what its topic and each of
+    /// `also` match, as if it were published on all of them at once: each
+    /// session gets it once, at the highest QoS any matching filter grants,
+    /// a route matching any of them takes it, and it is stored once. Its
+    /// subscribers see it on its own topic. For adapters whose routing is
+    /// more than one topic (AMQP headers exchanges, exchange-to-exchange
+    /// bindings). Retaining concerns the message's own topic only.
+    pub async fn publish_to(
+        &self,
+        message: Message,
+        also: &[String],
+    ) -> Result<Receipt, PublishError> {
+        self.publish_with(message, None, also).await
     }
 
     /// Like [`Router::publish`], recording `dedup` (a key from
@@ -246,9 +267,19 @@ impl Router {
         message: Message,
         dedup: Option<String>,
     ) -> Result<Receipt, PublishError> {
+        self.publish_with(message, dedup, &[]).await
+    }
+
+    async fn publish_with(
+        &self,
+        message: Message,
+        dedup: Option<String>,
+        also: &[String],
+    ) -> Result<Receipt, PublishError> {
         let record = message.to_record()?;
         let size = record.encoded_len() as u64;
-        let targets = self.targets(&message.topic, message.qos, size);
+        let topics = || std::iter::once(&*message.topic).chain(also.iter().map(String::as_str));
+        let targets = self.targets(topics(), message.qos, size);
         let queues: Vec<u64> = {
             let registry = self.inner.registry();
             targets
@@ -268,7 +299,7 @@ impl Router {
             }
         });
         let log = message.qos != QoS::AtMostOnce
-            || self.inner.routes.matching(&message.topic).next().is_some()
+            || topics().any(|t| self.inner.routes.matching(t).next().is_some())
             || !queues.is_empty();
         let commit = if log || retain.is_some() {
             let placement = Placement {
@@ -304,17 +335,24 @@ impl Router {
         Ok(Receipt::Pending(rx))
     }
 
-    /// The sessions `topic` goes to, once each at the highest QoS any of
+    /// The sessions `topics` go to, once each at the highest QoS any of
     /// their matching filters grants (capped at the message's QoS).
-    fn targets(&self, topic: &str, qos: QoS, size: u64) -> Vec<Target> {
+    fn targets<'t>(
+        &self,
+        topics: impl Iterator<Item = &'t str>,
+        qos: QoS,
+        size: u64,
+    ) -> Vec<Target> {
         let registry = self.inner.registry();
         let mut best: Vec<(u64, QoS)> = Vec::new();
-        registry.trie.for_each_match(topic, |_, key, granted| {
-            match best.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, q)) => *q = (*q).max(*granted),
-                None => best.push((key, *granted)),
-            }
-        });
+        for topic in topics {
+            registry.trie.for_each_match(topic, |_, key, granted| {
+                match best.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, q)) => *q = (*q).max(*granted),
+                    None => best.push((key, *granted)),
+                }
+            });
+        }
         let max = self.inner.options.max_session_queue as u64;
         let max_bytes = self.inner.options.max_session_queue_bytes;
         best.into_iter()

@@ -10,8 +10,8 @@
 //! amqp/queue/<name>      u8 version = 2, u8 flags (1 auto-delete), then the
 //!                        arguments' fields (`args.rs`); version 1 (still read):
 //!                        flags, then u64 LE x-message-ttl (ms) when it has one
-//! amqp/binding/<n>:<queue><m>:<exchange><key>
-//!                        u8 version = 1, then queue, exchange and key, each u8 length + UTF-8
+//! amqp/binding/...     a binding of a queue or an exchange, with its
+//!                        arguments (`broker/rows.rs`)
 //! ```
 //!
 //! A durable queue's messages are its core session's store queue; its
@@ -30,17 +30,23 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use bytes::{Buf, BufMut};
+use amq_protocol::types::FieldTable;
 use edge_core::{Router, SessionError};
 use edge_store::StoreError;
 
 use crate::args::QueueArgs;
-use crate::convert::{self, Kind, Unmappable};
+use crate::bindings::{self, BindArgs, Edges, Leads, Resolved};
+use crate::convert::{self, Kind};
 use crate::error::{
-    ACCESS_REFUSED, Exception, INTERNAL_ERROR, NOT_FOUND, NOT_IMPLEMENTED, PRECONDITION_FAILED,
-    RESOURCE_LOCKED,
+    ACCESS_REFUSED, Exception, INTERNAL_ERROR, NOT_FOUND, PRECONDITION_FAILED, RESOURCE_LOCKED,
 };
 use crate::queue::{ConnId, Flags, Queue};
+
+mod e2e;
+mod queue_bindings;
+mod rows;
+
+use rows::{Dest, binding_row, decode_binding};
 
 const EXCHANGE_ROW: &str = "amqp/exchange/";
 const QUEUE_ROW: &str = "amqp/queue/";
@@ -87,8 +93,13 @@ pub(crate) struct QueueSpec {
 struct Registry {
     exchanges: HashMap<String, Exchange>,
     queues: HashMap<String, Arc<Queue>>,
-    /// queue → (exchange, key)
-    bindings: BTreeMap<String, BTreeSet<(String, String)>>,
+    /// queue → (exchange, key, arguments)
+    bindings: BTreeMap<String, BTreeSet<(String, String, BindArgs)>>,
+    /// Exchange bindings: (source, destination, key, arguments).
+    e2e: BTreeSet<(String, String, String, BindArgs)>,
+    /// The bindings the adapter evaluates, by source exchange: every
+    /// binding to a headers exchange, every exchange binding.
+    edges: Edges,
 }
 
 /// Shared by every connection of the listener.
@@ -119,44 +130,6 @@ fn kind_code(kind: Kind) -> u8 {
         Kind::Topic => 2,
         Kind::Headers => 3,
     }
-}
-
-fn put_short(out: &mut Vec<u8>, s: &str) {
-    let s = crate::error::truncate(s, 255);
-    out.put_u8(s.len() as u8);
-    out.put_slice(s.as_bytes());
-}
-
-fn get_short(v: &mut &[u8]) -> Option<String> {
-    let len = usize::from(*v.first()?);
-    v.advance(1);
-    let s = std::str::from_utf8(v.get(..len)?).ok()?.to_string();
-    v.advance(len);
-    Some(s)
-}
-
-fn binding_row(queue: &str, exchange: &str, key: &str) -> String {
-    format!(
-        "{BINDING_ROW}{}:{queue}{}:{exchange}{key}",
-        queue.len(),
-        exchange.len()
-    )
-}
-
-fn encode_binding(queue: &str, exchange: &str, key: &str) -> Vec<u8> {
-    let mut out = vec![1];
-    put_short(&mut out, queue);
-    put_short(&mut out, exchange);
-    put_short(&mut out, key);
-    out
-}
-
-fn decode_binding(mut v: &[u8]) -> Option<(String, String, String)> {
-    if v.first() != Some(&1) {
-        return None;
-    }
-    v.advance(1);
-    Some((get_short(&mut v)?, get_short(&mut v)?, get_short(&mut v)?))
 }
 
 fn decode_exchange(v: &[u8]) -> Option<Exchange> {
@@ -242,7 +215,7 @@ impl Broker {
                 );
             }
         }
-        let mut bindings = Vec::new();
+        let mut bindings: Vec<rows::Stored> = Vec::new();
         for (row, value) in rows {
             if let Some(name) = row.strip_prefix(EXCHANGE_ROW) {
                 match decode_exchange(&value) {
@@ -271,11 +244,7 @@ impl Broker {
                 }
             }
         }
-        for (queue, exchange, key) in bindings {
-            if let Err(e) = broker.subscribe(&queue, &exchange, &key).await {
-                tracing::warn!(queue = %queue, exchange = %exchange, key = %key, error = %e, "cannot restore a stored binding");
-            }
-        }
+        broker.restore(bindings).await;
         broker.reconcile().await;
         let (exchanges, queues) = {
             let r = broker.registry();
@@ -296,9 +265,9 @@ impl Broker {
                 .map(|q| {
                     let mut wanted = BTreeSet::new();
                     wanted.extend(convert::filter_of("", Kind::Direct, &q.name).ok());
-                    for (x, key) in r.bindings.get(q.name.as_ref()).into_iter().flatten() {
+                    for (x, key, _) in r.bindings.get(q.name.as_ref()).into_iter().flatten() {
                         if let Some(e) = r.exchanges.get(x) {
-                            wanted.extend(convert::filter_of(x, e.kind, key).ok());
+                            wanted.extend(Self::binding_filter(x, e.kind, key, &q.name).ok());
                         }
                     }
                     (Arc::clone(q), wanted)
@@ -323,6 +292,25 @@ impl Broker {
 
     pub(crate) fn router(&self) -> &Router {
         &self.router
+    }
+
+    /// The exchange a publish goes to and the topics it is routed on.
+    pub(crate) fn route(
+        &self,
+        name: &str,
+        key: &str,
+        headers: Option<&FieldTable>,
+    ) -> Result<(Exchange, Resolved), Exception> {
+        let r = self.registry();
+        let x = r
+            .exchanges
+            .get(name)
+            .copied()
+            .ok_or_else(|| not_found_exchange(name))?;
+        let resolved = bindings::resolve(name, x.kind, key, headers, &r.edges, |d| {
+            r.exchanges.get(d).map(|e| e.kind)
+        });
+        Ok((x, resolved))
     }
 
     /// The exchange a publish goes to.
@@ -378,12 +366,6 @@ impl Broker {
                 ),
             ));
         }
-        if kind == Kind::Headers {
-            return Err(Exception::connection(
-                NOT_IMPLEMENTED,
-                "headers exchanges are not implemented yet",
-            ));
-        }
         let exchange = Exchange {
             kind,
             durable: spec.durable,
@@ -423,27 +405,32 @@ impl Broker {
         let Some(exchange) = self.registry().exchanges.get(name).copied() else {
             return Err(not_found_exchange(name));
         };
-        let bound: Vec<(String, String)> = self
-            .registry()
-            .bindings
-            .iter()
-            .flat_map(|(q, set)| {
-                set.iter()
-                    .filter(|(x, _)| x == name)
-                    .map(move |(_, k)| (q.clone(), k.clone()))
-            })
-            .collect();
-        if if_unused && !bound.is_empty() {
+        if if_unused && self.registry().is_source(name) {
             return Err(Exception::channel(
                 PRECONDITION_FAILED,
                 format!("exchange '{name}' in vhost '/' in use"),
             ));
         }
-        for (queue, key) in bound {
-            self.remove_binding(&queue, name, exchange.kind, &key)
+        let bound: Vec<(String, String, BindArgs)> = self
+            .registry()
+            .bindings
+            .iter()
+            .flat_map(|(q, set)| {
+                set.iter()
+                    .filter(|(x, _, _)| x == name)
+                    .map(move |(_, k, a)| (q.clone(), k.clone(), a.clone()))
+            })
+            .collect();
+        for (queue, key, args) in bound {
+            self.remove_binding(&queue, name, exchange.kind, &key, &args)
                 .await?;
         }
-        self.forget_exchange(name, exchange.durable).await
+        let sources = self.unlink_all(name).await?;
+        self.forget_exchange(name, exchange.durable).await?;
+        for source in sources {
+            self.drop_if_unused(&source).await?;
+        }
+        Ok(())
     }
 
     /// Removes an exchange from the registry and, when durable, its row.
@@ -455,7 +442,9 @@ impl Broker {
                 .await
                 .map_err(store_err)?;
         }
-        self.registry().exchanges.remove(name);
+        let mut r = self.registry();
+        r.exchanges.remove(name);
+        r.edges.remove(name);
         Ok(())
     }
 
@@ -591,9 +580,9 @@ impl Broker {
         let count = q.delete(&self.router).await.map_err(session_err)?;
         if q.flags.durable && !q.flags.exclusive {
             let store = self.router.store();
-            for (exchange, key) in &bound {
+            for (exchange, key, args) in &bound {
                 store
-                    .delete_definition(&binding_row(&name, exchange, key))
+                    .delete_definition(&binding_row(Dest::Queue(&name), exchange, key, args))
                     .await
                     .map_err(store_err)?;
             }
@@ -602,7 +591,14 @@ impl Broker {
                 .await
                 .map_err(store_err)?;
         }
-        let exchanges: BTreeSet<&str> = bound.iter().map(|(x, _)| x.as_str()).collect();
+        {
+            let mut r = self.registry();
+            for (x, key, args) in &bound {
+                let filter = convert::headers_filter(x, &name);
+                r.remove_edge(x, &Leads::Topic(filter), key, args);
+            }
+        }
+        let exchanges: BTreeSet<&str> = bound.iter().map(|(x, _, _)| x.as_str()).collect();
         for x in exchanges {
             self.drop_if_unused(x).await?;
         }
@@ -640,138 +636,25 @@ impl Broker {
             .collect()
     }
 
-    fn binding_filter(exchange: &str, kind: Kind, key: &str) -> Result<String, Exception> {
-        convert::filter_of(exchange, kind, key).map_err(|e| match e {
-            Unmappable::Headers => Exception::connection(NOT_IMPLEMENTED, e),
-            e => Exception::channel(NOT_IMPLEMENTED, e),
-        })
-    }
-
-    /// The queue's session takes the binding's filter (at start: again).
-    async fn subscribe(&self, queue: &str, exchange: &str, key: &str) -> Result<(), Exception> {
-        let (q, x) = {
-            let r = self.registry();
-            let q = r
-                .queues
-                .get(queue)
-                .cloned()
-                .ok_or_else(|| not_found_queue(queue))?;
-            let x = r
-                .exchanges
-                .get(exchange)
-                .copied()
-                .ok_or_else(|| not_found_exchange(exchange))?;
-            (q, x)
-        };
-        let filter = Self::binding_filter(exchange, x.kind, key)?;
-        q.bind(&filter).await.map_err(session_err)?;
-        self.registry()
-            .bindings
-            .entry(queue.to_string())
-            .or_default()
-            .insert((exchange.to_string(), key.to_string()));
-        Ok(())
-    }
-
-    pub(crate) async fn bind(
-        &self,
-        queue: &str,
-        exchange: &str,
-        key: &str,
-        conn: ConnId,
-    ) -> Result<(), Exception> {
-        let _change = self.changes.lock().await;
-        let q = self.queue(queue, conn)?;
-        let x = self.exchange(exchange)?;
-        if exchange.is_empty() {
-            return Err(Exception::channel(
-                ACCESS_REFUSED,
-                "operation not permitted on the default exchange",
-            ));
-        }
-        Self::binding_filter(exchange, x.kind, key)?;
-        if q.flags.durable && !q.flags.exclusive && x.durable {
-            self.router
-                .store()
-                .put_definition(
-                    &binding_row(queue, exchange, key),
-                    encode_binding(queue, exchange, key),
-                )
-                .await
-                .map_err(store_err)?;
-        }
-        self.subscribe(queue, exchange, key).await
-    }
-
-    pub(crate) async fn unbind(
-        &self,
-        queue: &str,
-        exchange: &str,
-        key: &str,
-        conn: ConnId,
-    ) -> Result<(), Exception> {
-        let _change = self.changes.lock().await;
-        self.queue(queue, conn)?;
-        let x = self.exchange(exchange)?;
-        self.remove_binding(queue, exchange, x.kind, key).await
-    }
-
-    async fn remove_binding(
-        &self,
-        queue: &str,
-        exchange: &str,
-        kind: Kind,
-        key: &str,
-    ) -> Result<(), Exception> {
-        let binding = (exchange.to_string(), key.to_string());
-        let filter = Self::binding_filter(exchange, kind, key)?;
-        let (q, filter_still_used) = {
-            let mut r = self.registry();
-            let Some(set) = r.bindings.get_mut(queue) else {
-                return Ok(());
-            };
-            if !set.remove(&binding) {
-                return Ok(());
-            }
-            // Another binding with the same filter (fanout keys) keeps it.
-            let used = set.iter().any(|(x, k)| {
-                x == exchange && Self::binding_filter(x, kind, k).is_ok_and(|f| f == filter)
-            });
-            (r.queues.get(queue).cloned(), used)
-        };
-        let Some(q) = q else { return Ok(()) };
-        if !filter_still_used {
-            q.unbind(&filter).await.map_err(session_err)?;
-        }
-        if q.flags.durable && !q.flags.exclusive {
-            self.router
-                .store()
-                .delete_definition(&binding_row(queue, exchange, key))
-                .await
-                .map_err(store_err)?;
-        }
-        self.drop_if_unused(exchange).await
-    }
-
-    /// Deletes an auto-delete exchange that lost its last binding.
+    /// Deletes an auto-delete exchange that lost its last binding (as the
+    /// source, RabbitMQ's rule).
+    /// Bindings that lead to it go with it, and so do auto-delete
+    /// exchanges that were their sources and have no binding left.
     async fn drop_if_unused(&self, name: &str) -> Result<(), Exception> {
-        let unused = {
-            let r = self.registry();
-            r.exchanges
-                .get(name)
-                .filter(|x| {
-                    x.auto_delete
-                        && !r
-                            .bindings
-                            .values()
-                            .any(|set| set.iter().any(|(bx, _)| bx == name))
-                })
-                .copied()
-        };
-        let Some(exchange) = unused else {
-            return Ok(());
-        };
-        self.forget_exchange(name, exchange.durable).await
+        let mut work = vec![name.to_string()];
+        while let Some(name) = work.pop() {
+            let unused = {
+                let r = self.registry();
+                r.exchanges
+                    .get(&name)
+                    .filter(|x| x.auto_delete && !r.is_source(&name))
+                    .copied()
+            };
+            let Some(exchange) = unused else { continue };
+            work.extend(self.unlink_all(&name).await?);
+            self.forget_exchange(&name, exchange.durable).await?;
+        }
+        Ok(())
     }
 }
 
@@ -780,15 +663,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_round_trip_and_refuse_cuts() {
-        let v = encode_binding("q", "ex", "a.b");
-        assert_eq!(
-            decode_binding(&v),
-            Some(("q".into(), "ex".into(), "a.b".into()))
-        );
-        for cut in 0..v.len() {
-            assert!(decode_binding(&v[..cut]).is_none(), "cut at {cut}");
-        }
+    fn exchange_rows_decode() {
         assert_eq!(
             decode_exchange(&[1, 2, 3]),
             Some(Exchange {
@@ -799,6 +674,5 @@ mod tests {
             })
         );
         assert_eq!(decode_exchange(&[2, 0, 0]), None);
-        assert_ne!(binding_row("ab", "c", ""), binding_row("a", "bc", ""));
     }
 }

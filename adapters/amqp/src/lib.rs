@@ -24,17 +24,47 @@
 //!   `#` and NUL; a topic exchange maps K's words to levels. A direct
 //!   binding is the exact filter, a fanout binding `$amqp/<X>/#`, a topic
 //!   binding its words with `*` → `+` and a last `#` → `#`. The default
-//!   exchange is X = "" with every queue bound by its name. Headers
-//!   exchanges are refused (540) until they are implemented.
+//!   exchange is X = "" with every queue bound by its name.
+//! - **What the trie cannot match is evaluated here** (`bindings.rs`) and
+//!   handed to the core as extra topics of one publish
+//!   (`Router::publish_to`: each queue once, stored once). A **headers
+//!   exchange** X publishes to `$amqp/<X>/<K>` (K one level, which no
+//!   filter matches); every queue Q bound to it has the one filter
+//!   `$amqp/<X>/%headers/<Q>` (a level no publish has), and a publish
+//!   whose headers match one of Q's bindings (`x-match` `all`, the
+//!   default, `any`, `all-with-x`, `any-with-x`; a void value asks for
+//!   presence; `x-` keys count only in the `-with-x` variants) also goes to
+//!   that topic. **Exchange-to-exchange bindings**: a publish to S with
+//!   key K also goes to the topic of K on every exchange D bound to S
+//!   whose binding matches under S's type (headers too), and on from D,
+//!   each exchange visited once (cycles end). When that reaches
+//!   `amq.topic`, the message's own topic is the MQTT topic of K there (so
+//!   MQTT subscribers see their topic), and AMQP consumers see it as from
+//!   `amq.topic` (RabbitMQ would name the exchange it was published to).
+//!   A binding is identified by source, destination, key and arguments.
+//!   An auto-delete exchange goes when it stops being the source of any
+//!   binding; deleting an exchange removes the bindings it is the source
+//!   or destination of.
 //! - **Durable exchanges, queues and bindings** are rows of the store's
-//!   `definitions` table (`broker.rs`), loaded when the listener starts.
+//!   `definitions` table (`broker.rs`), loaded when the listener starts; a
+//!   binding with its arguments (`broker/rows.rs`), an exchange binding
+//!   when both exchanges are durable.
 //! - **Publishes** go through `Router::publish`: persistent
 //!   (`delivery_mode` 2) as QoS 1, which the store commits before the
 //!   receipt resolves (and queues durably for durable queues), transient
 //!   as QoS 0. In confirm mode `basic.ack` is sent only once the receipt
 //!   says committed, `basic.nack` when the store refused; a publish that
-//!   matches no queue, subscriber or route is counted, and returned (312
-//!   NO_ROUTE) when mandatory.
+//!   matches no queue, subscriber or route (by any path) is counted, and
+//!   returned (312 NO_ROUTE) when mandatory.
+//! - **Transactions** (`tx.rs`): on a channel after `tx.select`,
+//!   publishes, acks, nacks and rejects are held (at most 16 Ki of them
+//!   and 32 MiB of bodies, 406 beyond) until `tx.commit`, which performs
+//!   them in order and answers commit-ok once every held publish is
+//!   committed to the store (406 `partial tx completion` if one was
+//!   refused); `tx.rollback` discards the publishes and leaves the
+//!   deliveries it settled unacknowledged (redelivered once recovered or
+//!   the channel closes), as RabbitMQ. Confirm and tx mode exclude each
+//!   other (406), commit or rollback without select is 406.
 //!
 //! # Protocol
 //!
@@ -49,14 +79,14 @@
 //! exception closes that channel only.
 //!
 //! Queue argument `x-message-ttl` is served (`queue.rs`, `Flags::expired`).
-//! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings, other
-//! queue and exchange arguments (all refused, 540), `connection.blocked`, the
-//! redelivered flag across restarts.
+//! Not yet: exchange arguments (`alternate-exchange`; refused, 540),
+//! `connection.blocked`, the redelivered flag across restarts.
 //!
 //! `basic.qos` reads `global` as RabbitMQ does: false limits each consumer
 //! created afterwards, true the channel as a whole (both may apply).
 
 mod args;
+mod bindings;
 mod broker;
 mod channel;
 mod codec;
@@ -70,6 +100,7 @@ mod methods;
 mod properties;
 mod queue;
 mod telemetry;
+mod tx;
 
 pub use error::AmqpError;
 pub use listener::AmqpListener;

@@ -487,3 +487,55 @@ async fn leave_writes_the_record_before_it_returns() {
         "resumed with its filters"
     );
 }
+
+#[tokio::test]
+async fn publish_to_reaches_the_union_of_its_topics_once_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::new(vec![route("up/#")]));
+    let (both, mut both_rx) = router.connect("both".into(), 8);
+    both.subscribe("a/#", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    both.subscribe("b/x", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let (only_b, mut b_rx) = router.connect("b".into(), 8);
+    only_b
+        .subscribe("b/x", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    let (none, mut none_rx) = router.connect("none".into(), 8);
+    none.subscribe("c/#", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+
+    assert!(!router.is_routed_any(["z/1", "d"]));
+    assert!(router.is_routed_any(["z/1", "b/x"]));
+    assert!(router.is_routed_any(["z/1", "up/q"]), "a route counts");
+
+    let also = ["b/x".to_string(), "a/y".to_string()];
+    router
+        .publish_to(msg("a/x", QoS::AtLeastOnce), &also)
+        .await
+        .expect("publish")
+        .await
+        .expect("accepted");
+    let d = recv(&mut both_rx).await;
+    assert_eq!(&*d.message.topic, "a/x", "seen on its own topic");
+    assert_eq!(d.qos, QoS::AtLeastOnce, "the highest grant of any topic");
+    assert!(both_rx.try_recv().is_err(), "one copy per session");
+    let d = recv(&mut b_rx).await;
+    assert_eq!(d.qos, QoS::AtMostOnce);
+    assert!(b_rx.try_recv().is_err());
+    assert!(none_rx.try_recv().is_err());
+
+    // Logged once, for the route that only an extra topic matches.
+    let seq = router
+        .publish_to(msg("z/0", QoS::AtMostOnce), &["up/1".to_string()])
+        .await
+        .expect("publish")
+        .await
+        .expect("accepted");
+    assert_eq!(seq, Some(2));
+    assert_eq!(router.store().read(1, 10, 1 << 20).expect("read").len(), 2);
+}
