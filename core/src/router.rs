@@ -117,6 +117,8 @@ pub(crate) struct Online {
     /// A durable delivery did not fit the queue: the session must read its
     /// queue from the store to catch up.
     pub lagged: Arc<AtomicBool>,
+    /// The session's own admission of messages.
+    pub gate: Option<Arc<dyn crate::session::Gate>>,
 }
 
 #[derive(Debug, Default)]
@@ -246,9 +248,30 @@ impl Router {
         message: Message,
         dedup: Option<String>,
     ) -> Result<Receipt, PublishError> {
+        self.publish_inner(message, dedup)
+            .await
+            .map(|(receipt, _)| receipt)
+    }
+
+    /// Like [`Router::publish`], also telling which sessions refused the
+    /// message at their [`crate::session::Gate`] (decided before it was
+    /// queued anywhere; none of them gets it), with the message itself
+    /// when any did.
+    pub async fn publish_gated(&self, message: Message) -> Result<Gated, PublishError> {
+        self.publish_inner(message, None)
+            .await
+            .map(|(receipt, refused)| Gated { receipt, refused })
+    }
+
+    async fn publish_inner(
+        &self,
+        message: Message,
+        dedup: Option<String>,
+    ) -> Result<(Receipt, Option<Refused>), PublishError> {
         let record = message.to_record()?;
         let size = record.encoded_len() as u64;
-        let targets = self.targets(&message.topic, message.qos, size);
+        let mut refused_by = Vec::new();
+        let targets = self.targets(&message, size, &mut refused_by);
         let queues: Vec<u64> = {
             let registry = self.inner.registry();
             targets
@@ -288,11 +311,17 @@ impl Router {
             None
         };
         let (reply, rx) = oneshot::channel();
+        let retain = message.retain;
+        let message = Arc::new(message);
+        let refused = (!refused_by.is_empty()).then(|| Refused {
+            sessions: refused_by,
+            message: Arc::clone(&message),
+        });
         let dispatch = Dispatch {
             commit,
             size,
-            retain: message.retain,
-            message: Arc::new(message),
+            retain,
+            message,
             targets,
             reply,
         };
@@ -301,15 +330,18 @@ impl Router {
             .send(dispatch)
             .await
             .map_err(|_| PublishError::Closed)?;
-        Ok(Receipt::Pending(rx))
+        Ok((Receipt::Pending(rx), refused))
     }
 
     /// The sessions `topic` goes to, once each at the highest QoS any of
     /// their matching filters grants (capped at the message's QoS).
-    fn targets(&self, topic: &str, qos: QoS, size: u64) -> Vec<Target> {
+    /// A session whose gate refuses the message is left out, its client id
+    /// added to `refused`.
+    fn targets(&self, message: &Message, size: u64, refused: &mut Vec<Arc<str>>) -> Vec<Target> {
+        let qos = message.qos;
         let registry = self.inner.registry();
         let mut best: Vec<(u64, QoS)> = Vec::new();
-        registry.trie.for_each_match(topic, |_, key, granted| {
+        registry.trie.for_each_match(&message.topic, |_, key, granted| {
             match best.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, q)) => *q = (*q).max(*granted),
                 None => best.push((key, *granted)),
@@ -318,12 +350,19 @@ impl Router {
         let max = self.inner.options.max_session_queue as u64;
         let max_bytes = self.inner.options.max_session_queue_bytes;
         best.into_iter()
-            .map(|(key, granted)| {
+            .filter_map(|(key, granted)| {
                 let qos = granted.min(qos);
                 let slot = registry
                     .by_key
                     .get(&key)
                     .and_then(|id| registry.sessions.get(id));
+                let gate = slot.and_then(|s| s.online.as_ref()?.gate.as_ref());
+                if let (Some(gate), Some(slot)) = (gate, slot)
+                    && !gate.admit(message)
+                {
+                    refused.push(Arc::clone(&slot.client_id));
+                    return None;
+                }
                 let durable = slot.and_then(|s| s.durable.as_ref());
                 // An AMQP queue is bounded by the store's quota alone, as a
                 // RabbitMQ queue without x-max-length is by its disk: its
@@ -340,10 +379,25 @@ impl Router {
                             false
                         }
                     });
-                Target { key, qos, queued }
+                Some(Target { key, qos, queued })
             })
             .collect()
     }
+}
+
+/// What [`Router::publish_gated`] hands back.
+#[derive(Debug)]
+pub struct Gated {
+    pub receipt: Receipt,
+    /// Set when some session's gate refused the message.
+    pub refused: Option<Refused>,
+}
+
+/// The sessions that refused a message at their gate, and the message.
+#[derive(Debug)]
+pub struct Refused {
+    pub sessions: Vec<Arc<str>>,
+    pub message: Arc<Message>,
 }
 
 /// A message not queued for a persistent session (policy `drop-new`):

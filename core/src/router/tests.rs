@@ -46,6 +46,7 @@ fn route(filter: &str) -> Route {
 const PERSISTENT: AttachOptions = AttachOptions {
     clean: false,
     queue: 8,
+    gate: None,
 };
 
 fn msg(topic: &str, qos: QoS) -> Message {
@@ -190,7 +191,7 @@ async fn a_persistent_session_keeps_what_came_while_it_was_away() {
     let router = Router::new(store(dir.path()), Routes::default());
     let persistent = PERSISTENT;
     let a = router
-        .attach("dev".into(), persistent)
+        .attach("dev".into(), persistent.clone())
         .await
         .expect("attach");
     assert!(!a.session_present);
@@ -240,6 +241,7 @@ async fn a_persistent_session_keeps_what_came_while_it_was_away() {
             AttachOptions {
                 clean: true,
                 queue: 8,
+                gate: None,
             },
         )
         .await
@@ -486,4 +488,55 @@ async fn leave_writes_the_record_before_it_returns() {
         ["a/#"],
         "resumed with its filters"
     );
+}
+
+/// Admits `left` more messages.
+#[derive(Debug)]
+struct Admit(std::sync::atomic::AtomicU64);
+
+impl crate::session::Gate for Admit {
+    fn admit(&self, _: &Message) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+#[tokio::test]
+async fn a_gate_refuses_for_its_session_only_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let gated = router
+        .attach(
+            "amqp:gated".into(),
+            AttachOptions {
+                gate: Some(Arc::new(Admit(1.into()))),
+                ..PERSISTENT
+            },
+        )
+        .await
+        .expect("attach");
+    let (open, mut open_rx) = router.connect("other".into(), 8);
+    gated.subscriber.subscribe("g/#", QoS::AtLeastOnce).await.expect("sub");
+    open.subscribe("g/#", QoS::AtLeastOnce).await.expect("sub");
+    let mut gated_rx = gated.deliveries;
+    let first = router
+        .publish_gated(msg("g/1", QoS::AtLeastOnce))
+        .await
+        .expect("publish");
+    assert!(first.refused.is_none());
+    first.receipt.await.expect("accepted");
+    let second = router
+        .publish_gated(msg("g/2", QoS::AtLeastOnce))
+        .await
+        .expect("publish");
+    let refused = second.refused.expect("refused by the gated session");
+    assert_eq!(refused.sessions, vec![Arc::<str>::from("amqp:gated")]);
+    assert_eq!(&*refused.message.topic, "g/2");
+    second.receipt.await.expect("accepted");
+    assert_eq!(&*recv(&mut gated_rx).await.message.topic, "g/1");
+    assert_eq!(&*recv(&mut open_rx).await.message.topic, "g/1");
+    assert_eq!(&*recv(&mut open_rx).await.message.topic, "g/2");
+    assert!(gated_rx.try_recv().is_err(), "the refused message is not delivered");
+    assert_eq!(gated.subscriber.queued_messages(), Some(1), "nor queued");
 }
