@@ -341,12 +341,14 @@ impl Router {
         let qos = message.qos;
         let registry = self.inner.registry();
         let mut best: Vec<(u64, QoS)> = Vec::new();
-        registry.trie.for_each_match(&message.topic, |_, key, granted| {
-            match best.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, q)) => *q = (*q).max(*granted),
-                None => best.push((key, *granted)),
-            }
-        });
+        registry
+            .trie
+            .for_each_match(&message.topic, |_, key, granted| {
+                match best.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, q)) => *q = (*q).max(*granted),
+                    None => best.push((key, *granted)),
+                }
+            });
         let max = self.inner.options.max_session_queue as u64;
         let max_bytes = self.inner.options.max_session_queue_bytes;
         best.into_iter()

@@ -94,6 +94,8 @@ struct Registry {
 /// Shared by every connection of the listener.
 #[derive(Debug)]
 pub(crate) struct Broker {
+    /// Itself, for the queues (they dead-letter through it).
+    me: std::sync::Weak<Broker>,
     router: Router,
     registry: Mutex<Registry>,
     changes: tokio::sync::Mutex<()>,
@@ -222,7 +224,8 @@ impl Broker {
         let rows = tokio::task::spawn_blocking(move || store.definitions("amqp/"))
             .await
             .map_err(|e| StoreError::Read(e.to_string()))??;
-        let broker = Arc::new(Broker {
+        let broker = Arc::new_cyclic(|me| Broker {
+            me: me.clone(),
             router,
             registry: Mutex::default(),
             changes: tokio::sync::Mutex::new(()),
@@ -256,7 +259,7 @@ impl Broker {
                     tracing::warn!(queue = name, "unreadable stored queue: ignored");
                     continue;
                 };
-                match Queue::start(&broker.router, name, flags, None).await {
+                match Queue::start(&broker.router, &broker.me, name, flags, None).await {
                     Ok(q) => {
                         broker.registry().queues.insert(name.to_string(), q);
                     }
@@ -549,7 +552,7 @@ impl Broker {
                 .map_err(store_err)?;
         }
         let owner = spec.flags.exclusive.then_some(conn);
-        let q = Queue::start(&self.router, &name, spec.flags.clone(), owner)
+        let q = Queue::start(&self.router, &self.me, &name, spec.flags.clone(), owner)
             .await
             .map_err(session_err)?;
         // The default exchange: every queue is bound by its name.
@@ -638,6 +641,36 @@ impl Broker {
             .filter(|q| q.owner == Some(conn))
             .cloned()
             .collect()
+    }
+
+    /// The queues whose bindings match `topic` (dead-lettering only).
+    pub(crate) fn queues_for(&self, topic: &str) -> Vec<String> {
+        let r = self.registry();
+        r.queues
+            .keys()
+            .filter(|q| {
+                let default = convert::filter_of("", Kind::Direct, q).ok();
+                let bound = r
+                    .bindings
+                    .get(*q)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(x, key)| {
+                        convert::filter_of(x, r.exchanges.get(x)?.kind, key).ok()
+                    });
+                default
+                    .into_iter()
+                    .chain(bound)
+                    .any(|f| edge_core::topic::matches(&f, topic))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// The queue of a core session (`amqp:<name>`), if registered.
+    pub(crate) fn queue_of_session(&self, session: &str) -> Option<Arc<Queue>> {
+        let name = session.strip_prefix(edge_core::session::AMQP_QUEUE_PREFIX)?;
+        self.registry().queues.get(name).cloned()
     }
 
     fn binding_filter(exchange: &str, kind: Kind, key: &str) -> Result<String, Exception> {

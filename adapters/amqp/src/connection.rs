@@ -124,6 +124,8 @@ pub(crate) struct Settled {
     /// Its delivery tag in confirm mode.
     pub tag: Option<u64>,
     pub result: Result<(), PublishError>,
+    /// A queue refused it at its limit (`reject-publish`): nacked.
+    pub refused: bool,
 }
 
 pub(crate) struct Connection {
@@ -501,7 +503,7 @@ impl Connection {
         let (Some(tag), true) = (s.tag, self.is_open(s.channel, s.epoch)) else {
             return Ok(());
         };
-        if s.result.is_ok() {
+        if s.result.is_ok() && !s.refused {
             match run {
                 Some(r) if r.channel == s.channel && r.epoch == s.epoch && r.last + 1 == tag => {
                     r.last = tag

@@ -60,6 +60,7 @@ mod channel;
 mod codec;
 mod connection;
 mod convert;
+mod dead_letter;
 mod error;
 mod handshake;
 mod listener;

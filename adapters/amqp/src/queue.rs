@@ -13,16 +13,36 @@
 //! or nack/reject with requeue, a closed channel or connection (back to
 //! `ready` at its place, marked redelivered).
 //!
+//! A message that leaves without being delivered (`dead_letter.rs`) goes
+//! to the queue's dead-letter task, which republishes it to the queue's
+//! dead-letter exchange (if any) and only then acknowledges its store
+//! entry. Limits (`x-max-length`, `x-max-length-bytes`) count ready
+//! messages and their payload bytes: with `drop-head` the oldest go after
+//! each arrival (a durable queue catching up with its store counts the
+//! entries not read yet, and reads them to drop the oldest; their bytes
+//! are counted once read), so once the pump has taken an arrival the queue
+//! holds no more than the limit; with `reject-publish(-dlx)` the queue's
+//! [`Admission`] refuses a message at publish time, before the publisher's
+//! confirm. Expired messages die when they reach the head (the pump wakes
+//! for the head's expiry) or when a consumer would have got them.
+//!
 //! Invariants: a message is in at most one of `ready` and `unacked`;
-//! `held` is exactly the seqs of the durable ones among them.
+//! `held` is exactly the seqs of the durable ones among them and of those
+//! whose dead-lettering is under way.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use edge_core::{Acker, AttachOptions, Delivery, Message, QoS, Router, SessionError, Subscriber};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use edge_core::{
+    Acker, AttachOptions, Delivery, Gate, Message, QoS, Router, SessionError, Subscriber,
+};
 use edge_store::Seq;
 
-use crate::args::QueueArgs;
+use crate::args::{Overflow, QueueArgs};
+use crate::broker::Broker;
+use crate::dead_letter::{DeadLettered, Reason};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +78,69 @@ pub(crate) struct Queued {
     /// The store entry of a durable message.
     pub seq: Option<Seq>,
     pub redelivered: bool,
+    /// Times it came back to the queue (`x-delivery-count`).
+    pub returns: u32,
+}
+
+/// A message leaving its queue dead, for the dead-letter task.
+#[derive(Debug)]
+pub(crate) struct Dead {
+    pub message: Arc<Message>,
+    pub seq: Option<Seq>,
+    pub reason: Reason,
+}
+
+/// A `reject-publish` queue's admission: ready messages and their payload
+/// bytes, counted when admitted (before the message is queued), taken off
+/// when they leave `ready`, added back when requeued. Messages the core
+/// drops before they reach the queue (a transient one when the queue's
+/// channel is full, a publish the store refuses) stay counted until the
+/// queue is declared again or the gateway restarts; a durable queue's
+/// bytes not read since the start are not counted.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    max_length: Option<u64>,
+    max_bytes: Option<u64>,
+    ready: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Admission {
+    fn left(&self, len: usize) {
+        for (a, n) in [(&self.ready, 1), (&self.bytes, len as u64)] {
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+        }
+    }
+
+    fn back(&self, len: usize) {
+        self.ready.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
+impl Gate for Admission {
+    fn admit(&self, message: &Message) -> bool {
+        let len = message.payload.len() as u64;
+        if self
+            .max_bytes
+            .is_some_and(|max| self.bytes.load(Ordering::Relaxed).saturating_add(len) > max)
+        {
+            return false;
+        }
+        let max = self.max_length.unwrap_or(u64::MAX);
+        let admitted = self
+            .ready
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        admitted
+    }
 }
 
 /// How a queue was declared.
@@ -73,11 +156,25 @@ pub(crate) struct Flags {
 impl Flags {
     /// Whether `message` is past its own expiry or the queue's TTL at `now`.
     pub(crate) fn expired(&self, message: &Message, now: u64) -> bool {
-        message.is_expired(now)
-            || self
-                .args
-                .message_ttl
-                .is_some_and(|ttl| message.timestamp_ms.saturating_add(ttl) <= now)
+        self.expires_at(message).is_some_and(|at| at <= now)
+    }
+
+    /// When `message` expires here: its own expiry or the queue's TTL.
+    fn expires_at(&self, message: &Message) -> Option<u64> {
+        let ttl = self
+            .args
+            .message_ttl
+            .map(|ttl| message.timestamp_ms.saturating_add(ttl));
+        match (message.properties.expires_at_ms, ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether arrivals may push the oldest messages out.
+    fn drops_head(&self) -> bool {
+        self.args.overflow == Overflow::DropHead
+            && (self.args.max_length.is_some() || self.args.max_length_bytes.is_some())
     }
 }
 
@@ -87,6 +184,11 @@ struct State {
     unacked: HashMap<u64, Queued>,
     held: HashSet<Seq>,
     held_bytes: usize,
+    /// Payload bytes of `ready`.
+    ready_bytes: usize,
+    /// To the dead-letter task.
+    dead: Option<mpsc::UnboundedSender<Dead>>,
+    admission: Option<Arc<Admission>>,
     /// Consumers: key → the waker of the connection that serves it.
     consumers: BTreeMap<u64, Arc<Notify>>,
     /// The key of an exclusive consumer, which keeps every other out.
@@ -112,6 +214,7 @@ impl State {
             self.held.insert(seq);
         }
         self.held_bytes += message.payload.len();
+        self.ready_bytes += message.payload.len();
         let id = self.next_id;
         self.next_id += 1;
         self.ready.insert(
@@ -121,8 +224,86 @@ impl State {
                 message,
                 seq,
                 redelivered,
+                returns: 0,
             },
         );
+    }
+
+    /// Takes the oldest ready message.
+    fn pop_head(&mut self) -> Option<Queued> {
+        let (_, q) = self.ready.pop_first()?;
+        let len = q.message.payload.len();
+        self.ready_bytes = self.ready_bytes.saturating_sub(len);
+        if let Some(a) = &self.admission {
+            a.left(len);
+        }
+        Some(q)
+    }
+
+    /// A delivered message back in `ready` at its place, unless it came
+    /// back more than `limit` times (then it dies).
+    fn put_back(&mut self, mut q: Queued, limit: Option<u64>) {
+        q.redelivered = true;
+        q.returns = q.returns.saturating_add(1);
+        if limit.is_some_and(|limit| u64::from(q.returns) > limit) {
+            self.bury(q, Reason::DeliveryLimit);
+            return;
+        }
+        let len = q.message.payload.len();
+        self.ready_bytes += len;
+        if let Some(a) = &self.admission {
+            a.back(len);
+        }
+        self.ready.insert(q.id, q);
+    }
+
+    /// Hands a message (out of `ready` and `unacked`) to the dead-letter
+    /// task; its seq stays held until its entry is acknowledged.
+    fn bury(&mut self, q: Queued, reason: Reason) {
+        self.held_bytes = self.held_bytes.saturating_sub(q.message.payload.len());
+        let dead = Dead {
+            message: q.message,
+            seq: q.seq,
+            reason,
+        };
+        if let Some(Err(mpsc::error::SendError(dead))) = self.dead.as_ref().map(|tx| tx.send(dead))
+        {
+            // The queue is going away: its entry stays for a restart.
+            if let Some(seq) = dead.seq {
+                self.held.remove(&seq);
+            }
+        }
+    }
+
+    /// `drop-head`: the oldest ready messages die while the queue is over
+    /// a limit; `beyond` counts durable entries not read into memory yet.
+    fn drop_head(&mut self, args: &QueueArgs, beyond: u64) {
+        let over = |s: &State| {
+            args.max_length
+                .is_some_and(|max| s.ready.len() as u64 + beyond > max)
+                || args
+                    .max_length_bytes
+                    .is_some_and(|max| s.ready_bytes as u64 > max)
+        };
+        while over(self) {
+            let Some(q) = self.pop_head() else { break };
+            self.bury(q, Reason::Maxlen);
+        }
+    }
+
+    /// Expired messages at the head die; returns when the head expires.
+    fn expire_head(&mut self, flags: &Flags, now: u64) -> Option<u64> {
+        loop {
+            let head = self.ready.first_key_value()?.1;
+            let at = flags.expires_at(&head.message)?;
+            if at > now {
+                return Some(at);
+            }
+            if let Some(q) = self.pop_head() {
+                crate::telemetry::expired(&q.message);
+                self.bury(q, Reason::Expired);
+            }
+        }
     }
 
     /// A live delivery (the caller checked there is room and the queue is
@@ -175,20 +356,37 @@ impl Queue {
     /// entries) and starts its pump.
     pub(crate) async fn start(
         router: &Router,
+        broker: &Weak<Broker>,
         name: &str,
         flags: Flags,
         owner: Option<ConnId>,
     ) -> Result<Arc<Queue>, SessionError> {
         let persistent = flags.durable && !flags.exclusive;
+        let args = &flags.args;
+        let admission = (args.overflow != Overflow::DropHead
+            && (args.max_length.is_some() || args.max_length_bytes.is_some()))
+        .then(|| {
+            Arc::new(Admission {
+                max_length: args.max_length,
+                max_bytes: args.max_length_bytes,
+                ready: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+            })
+        });
         let attached = router
             .attach(
                 session_id(name),
                 AttachOptions {
                     clean: !persistent,
                     queue: LIVE_QUEUE,
+                    gate: admission.clone().map(|a| a as Arc<dyn Gate>),
                 },
             )
             .await?;
+        if let (Some(a), Some(stored)) = (&admission, attached.subscriber.queued_messages()) {
+            a.ready.fetch_add(stored, Ordering::Relaxed);
+        }
+        let (dead, graves) = mpsc::unbounded_channel();
         let acker = attached.subscriber.acker();
         let queue = Arc::new(Queue {
             name: name.into(),
@@ -199,6 +397,8 @@ impl Queue {
             state: Mutex::new(State {
                 catching_up: persistent,
                 live: Some(attached.deliveries),
+                dead: Some(dead),
+                admission,
                 ..State::default()
             }),
             room: Arc::new(Notify::new()),
@@ -207,7 +407,60 @@ impl Queue {
         });
         let task = tokio::spawn(pump(Arc::downgrade(&queue)));
         *queue.pump.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        tokio::spawn(dead_letters(
+            Arc::downgrade(&queue),
+            Weak::clone(broker),
+            graves,
+        ));
         Ok(queue)
+    }
+
+    /// The delivery limit in force (`x-delivery-limit`).
+    fn delivery_limit(&self) -> Option<u64> {
+        self.flags.args.effective_delivery_limit()
+    }
+
+    /// Whether deliveries carry `x-delivery-count` (queues with a
+    /// delivery limit, as RabbitMQ 4's quorum queues).
+    pub(crate) fn counts_deliveries(&self) -> bool {
+        self.delivery_limit().is_some()
+    }
+
+    /// `drop-head` after arrivals.
+    fn arrived(&self, s: &mut State) {
+        if !self.flags.drops_head() {
+            return;
+        }
+        let beyond = match (s.catching_up, self.subscriber.queued_messages()) {
+            (true, Some(stored)) => stored.saturating_sub(s.held.len() as u64),
+            _ => 0,
+        };
+        s.drop_head(&self.flags.args, beyond);
+    }
+
+    /// A message this queue refused at publish (`reject-publish-dlx`).
+    pub(crate) fn refused(&self, message: Arc<Message>) {
+        if self.flags.args.overflow == Overflow::RejectPublishDlx
+            && let Some(tx) = &self.state().dead
+        {
+            let _ = tx.send(Dead {
+                message,
+                seq: None,
+                reason: Reason::Maxlen,
+            });
+        }
+    }
+
+    /// Rejected without requeue: they die.
+    pub(crate) fn reject(&self, ids: &[u64]) {
+        let mut s = self.state();
+        for id in ids {
+            if let Some(q) = s.unacked.remove(id) {
+                s.bury(q, Reason::Rejected);
+            }
+        }
+        drop(s);
+        self.room.notify_one();
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -267,6 +520,7 @@ impl Queue {
             };
             s.accept(d);
         }
+        self.arrived(s);
     }
 
     pub(crate) fn consumer_count(&self) -> u32 {
@@ -310,14 +564,12 @@ impl Queue {
             let mut done = Vec::new();
             let now = edge_core::message::now_ms();
             while out.len() < max {
-                let Some((_, q)) = s.ready.pop_first() else {
+                let Some(q) = s.pop_head() else {
                     break;
                 };
                 if self.flags.expired(&q.message, now) {
-                    // Delivered to nobody, as the core does for its queues.
-                    s.release(&q);
-                    done.extend(q.seq);
                     crate::telemetry::expired(&q.message);
+                    s.bury(q, Reason::Expired);
                     continue;
                 }
                 if no_ack {
@@ -356,11 +608,11 @@ impl Queue {
 
     /// Back to `ready` at their place, marked redelivered.
     pub(crate) fn requeue(&self, ids: &[u64]) {
+        let limit = self.delivery_limit();
         let mut s = self.state();
         for id in ids {
-            if let Some(mut q) = s.unacked.remove(id) {
-                q.redelivered = true;
-                s.ready.insert(q.id, q);
+            if let Some(q) = s.unacked.remove(id) {
+                s.put_back(q, limit);
             }
         }
         s.wake();
@@ -379,13 +631,14 @@ impl Queue {
     pub(crate) async fn purge(&self) -> Result<u32, SessionError> {
         let (mut count, seqs, catching_up) = {
             let mut s = self.state();
-            let ready = std::mem::take(&mut s.ready);
             let mut seqs = Vec::new();
-            for q in ready.values() {
-                s.release(q);
+            let mut count = 0;
+            while let Some(q) = s.pop_head() {
+                s.release(&q);
                 seqs.extend(q.seq);
+                count += 1;
             }
-            (ready.len() as u32, seqs, s.catching_up)
+            (count, seqs, s.catching_up)
         };
         if let Some(acker) = &self.acker {
             acker.ack(seqs).await?;
@@ -396,10 +649,15 @@ impl Queue {
                     let last = page.last().map(|e| e.seq);
                     let seqs: Vec<Seq> = {
                         let s = self.state();
-                        page.iter()
+                        let seqs: Vec<Seq> = page
+                            .iter()
                             .map(|e| e.seq)
                             .filter(|seq| !s.held.contains(seq))
-                            .collect()
+                            .collect();
+                        if let Some(a) = &s.admission {
+                            seqs.iter().for_each(|_| a.left(0));
+                        }
+                        seqs
                     };
                     count += seqs.len() as u32;
                     acker.ack(seqs).await?;
@@ -430,6 +688,7 @@ impl Queue {
                 AttachOptions {
                     clean: true,
                     queue: 1,
+                    gate: None,
                 },
             )
             .await?;
@@ -439,6 +698,7 @@ impl Queue {
             s.ready.clear();
             s.held.clear();
             s.held_bytes = 0;
+            s.ready_bytes = 0;
             // Their connections cancel them (basic.cancel).
             s.wake();
         }
@@ -499,7 +759,7 @@ async fn pump(queue: Weak<Queue>) {
         }
         if catching_up {
             let from = q.state().read_from;
-            match q.subscriber.backlog(from, BACKLOG_PAGE).await {
+            match q.subscriber.backlog_with_expired(from, BACKLOG_PAGE).await {
                 Ok(page) => {
                     let mut s = q.state();
                     let caught_up = page.len() < BACKLOG_PAGE;
@@ -512,6 +772,7 @@ async fn pump(queue: Weak<Queue>) {
                     if caught_up {
                         s.catching_up = false;
                     }
+                    q.arrived(&mut s);
                     s.wake();
                 }
                 Err(error) => {
@@ -528,12 +789,29 @@ async fn pump(queue: Weak<Queue>) {
         }
         let stop = q.stop.clone();
         let room = Arc::clone(&q.room);
+        let head_expires = {
+            let mut s = q.state();
+            let next = s.expire_head(&q.flags, edge_core::message::now_ms());
+            s.wake();
+            next
+        };
         drop(q);
         let live = std::future::poll_fn(|cx| poll_live(&queue, cx));
+        let expiry = async {
+            match head_expires {
+                Some(at) => {
+                    let wait = at.saturating_sub(edge_core::message::now_ms());
+                    tokio::time::sleep(std::time::Duration::from_millis(wait)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             open = live => if !open { return },
             // A take() found the session lagged: read the store.
             _ = room.notified() => {}
+            // The head expires: it dies (next turn).
+            _ = expiry => {}
             _ = stop.cancelled() => return,
         }
     }
@@ -570,6 +848,62 @@ fn poll_live(queue: &Weak<Queue>, cx: &mut std::task::Context<'_>) -> std::task:
             Poll::Pending => return Poll::Pending,
         }
     }
+    q.arrived(&mut s);
     s.wake();
     Poll::Ready(true)
+}
+
+/// Messages dead-lettered at once, at most (their copies are committed
+/// together).
+const DEAD_BATCH: usize = 64;
+
+/// The queue's dead-letter task: publishes the dead messages' copies in
+/// order, then acknowledges their store entries (at least once). A copy
+/// the store refuses leaves its entry in the store, for the next start.
+async fn dead_letters(
+    queue: Weak<Queue>,
+    broker: Weak<Broker>,
+    mut graves: mpsc::UnboundedReceiver<Dead>,
+) {
+    let mut batch = Vec::with_capacity(DEAD_BATCH);
+    while graves.recv_many(&mut batch, DEAD_BATCH).await > 0 {
+        let (Some(q), Some(broker)) = (queue.upgrade(), broker.upgrade()) else {
+            return;
+        };
+        let outcomes = futures::future::join_all(
+            batch
+                .iter()
+                .map(|d| broker.dead_letter(&q.name, &q.flags.args, &d.message, d.reason)),
+        )
+        .await;
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        for (d, outcome) in batch.drain(..).zip(outcomes) {
+            match outcome {
+                Ok(how) => {
+                    if how == DeadLettered::Dropped && q.flags.args.dead_letter_exchange.is_none() {
+                        let why = match d.reason {
+                            Reason::Rejected => "amqp_rejected",
+                            Reason::Expired => "amqp_expired",
+                            Reason::Maxlen => "amqp_max_length",
+                            Reason::DeliveryLimit => "amqp_delivery_limit",
+                        };
+                        crate::telemetry::dropped(why, 1);
+                    }
+                    done.extend(d.seq);
+                }
+                Err(error) => {
+                    tracing::warn!(queue = %q.name, %error, "cannot dead-letter a message; its stored entry stays for the next start");
+                    failed.extend(d.seq);
+                }
+            }
+        }
+        q.forget(done.clone()).await;
+        let mut s = q.state();
+        for seq in done.iter().chain(&failed) {
+            s.held.remove(seq);
+        }
+        drop(s);
+        q.room.notify_one();
+    }
 }

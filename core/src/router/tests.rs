@@ -517,7 +517,11 @@ async fn a_gate_refuses_for_its_session_only_and_says_so() {
         .await
         .expect("attach");
     let (open, mut open_rx) = router.connect("other".into(), 8);
-    gated.subscriber.subscribe("g/#", QoS::AtLeastOnce).await.expect("sub");
+    gated
+        .subscriber
+        .subscribe("g/#", QoS::AtLeastOnce)
+        .await
+        .expect("sub");
     open.subscribe("g/#", QoS::AtLeastOnce).await.expect("sub");
     let mut gated_rx = gated.deliveries;
     let first = router
@@ -537,6 +541,9 @@ async fn a_gate_refuses_for_its_session_only_and_says_so() {
     assert_eq!(&*recv(&mut gated_rx).await.message.topic, "g/1");
     assert_eq!(&*recv(&mut open_rx).await.message.topic, "g/1");
     assert_eq!(&*recv(&mut open_rx).await.message.topic, "g/2");
-    assert!(gated_rx.try_recv().is_err(), "the refused message is not delivered");
+    assert!(
+        gated_rx.try_recv().is_err(),
+        "the refused message is not delivered"
+    );
     assert_eq!(gated.subscriber.queued_messages(), Some(1), "nor queued");
 }
