@@ -493,11 +493,13 @@ impl Queue {
         let in_memory = s.ready.len() as u64;
         let count = match self.subscriber.queued_messages() {
             Some(stored) => {
-                let unacked = s.unacked.values().filter(|q| q.seq.is_some()).count() as u64;
-                let transient = s.ready.values().filter(|q| q.seq.is_none()).count() as u64;
+                // Held but not ready: unacked, and dying (dead-lettering).
+                let durable = s.ready.values().filter(|q| q.seq.is_some()).count();
+                let not_ready = s.held.len().saturating_sub(durable) as u64;
+                let transient = s.ready.len() - durable;
                 stored
-                    .saturating_sub(unacked)
-                    .saturating_add(transient)
+                    .saturating_sub(not_ready)
+                    .saturating_add(transient as u64)
                     .max(in_memory)
             }
             None => in_memory,
