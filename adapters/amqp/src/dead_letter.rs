@@ -23,11 +23,15 @@
 
 use std::sync::Arc;
 
-use edge_core::{Message, PublishError, Value};
+use std::sync::Weak;
+
+use edge_core::{Message, PublishError, Seq, Value};
+use tokio::sync::mpsc;
 
 use crate::args::QueueArgs;
 use crate::broker::Broker;
 use crate::convert::{self, Kind};
+use crate::queue::Queue;
 
 /// Why a message left its queue dead (RabbitMQ's reason names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,6 +246,63 @@ impl Broker {
         }
         self.router().publish(copy).await?.await?;
         Ok(DeadLettered::Published)
+    }
+}
+
+/// A message leaving its queue dead, for the dead-letter task.
+#[derive(Debug)]
+pub(crate) struct Dead {
+    pub message: Arc<Message>,
+    pub seq: Option<Seq>,
+    pub reason: Reason,
+}
+
+/// Messages dead-lettered at once, at most (their copies are committed
+/// together).
+const DEAD_BATCH: usize = 64;
+
+/// The queue's dead-letter task: publishes the dead messages' copies in
+/// order, then acknowledges their store entries (at least once). A copy
+/// the store refuses leaves its entry in the store, for the next start.
+pub(crate) async fn run(
+    queue: Weak<Queue>,
+    broker: Weak<Broker>,
+    mut graves: mpsc::UnboundedReceiver<Dead>,
+) {
+    let mut batch = Vec::with_capacity(DEAD_BATCH);
+    while graves.recv_many(&mut batch, DEAD_BATCH).await > 0 {
+        let (Some(q), Some(broker)) = (queue.upgrade(), broker.upgrade()) else {
+            return;
+        };
+        let outcomes = futures::future::join_all(
+            batch
+                .iter()
+                .map(|d| broker.dead_letter(&q.name, &q.flags.args, &d.message, d.reason)),
+        )
+        .await;
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        for (d, outcome) in batch.drain(..).zip(outcomes) {
+            match outcome {
+                Ok(how) => {
+                    if how == DeadLettered::Dropped && q.flags.args.dead_letter_exchange.is_none() {
+                        let why = match d.reason {
+                            Reason::Rejected => "amqp_rejected",
+                            Reason::Expired => "amqp_expired",
+                            Reason::Maxlen => "amqp_max_length",
+                            Reason::DeliveryLimit => "amqp_delivery_limit",
+                        };
+                        crate::telemetry::dropped(why, 1);
+                    }
+                    done.extend(d.seq);
+                }
+                Err(error) => {
+                    tracing::warn!(queue = %q.name, %error, "cannot dead-letter a message; its stored entry stays for the next start");
+                    failed.extend(d.seq);
+                }
+            }
+        }
+        q.buried(done, &failed).await;
     }
 }
 

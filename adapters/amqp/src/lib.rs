@@ -63,6 +63,7 @@ mod convert;
 mod dead_letter;
 mod error;
 mod handshake;
+mod limits;
 mod listener;
 mod logs;
 mod methods;

@@ -33,8 +33,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use edge_core::{
     Acker, AttachOptions, Delivery, Gate, Message, QoS, Router, SessionError, Subscriber,
 };
@@ -42,7 +40,8 @@ use edge_store::Seq;
 
 use crate::args::{Overflow, QueueArgs};
 use crate::broker::Broker;
-use crate::dead_letter::{DeadLettered, Reason};
+use crate::dead_letter::{Dead, Reason};
+use crate::limits::Admission;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -80,67 +79,6 @@ pub(crate) struct Queued {
     pub redelivered: bool,
     /// Times it came back to the queue (`x-delivery-count`).
     pub returns: u32,
-}
-
-/// A message leaving its queue dead, for the dead-letter task.
-#[derive(Debug)]
-pub(crate) struct Dead {
-    pub message: Arc<Message>,
-    pub seq: Option<Seq>,
-    pub reason: Reason,
-}
-
-/// A `reject-publish` queue's admission: ready messages and their payload
-/// bytes, counted when admitted (before the message is queued), taken off
-/// when they leave `ready`, added back when requeued. Messages the core
-/// drops before they reach the queue (a transient one when the queue's
-/// channel is full, a publish the store refuses) stay counted until the
-/// queue is declared again or the gateway restarts; a durable queue's
-/// bytes not read since the start are not counted.
-#[derive(Debug)]
-pub(crate) struct Admission {
-    max_length: Option<u64>,
-    max_bytes: Option<u64>,
-    ready: AtomicU64,
-    bytes: AtomicU64,
-}
-
-impl Admission {
-    fn left(&self, len: usize) {
-        for (a, n) in [(&self.ready, 1), (&self.bytes, len as u64)] {
-            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(n))
-            });
-        }
-    }
-
-    fn back(&self, len: usize) {
-        self.ready.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
-    }
-}
-
-impl Gate for Admission {
-    fn admit(&self, message: &Message) -> bool {
-        let len = message.payload.len() as u64;
-        if self
-            .max_bytes
-            .is_some_and(|max| self.bytes.load(Ordering::Relaxed).saturating_add(len) > max)
-        {
-            return false;
-        }
-        let max = self.max_length.unwrap_or(u64::MAX);
-        let admitted = self
-            .ready
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok();
-        if admitted {
-            self.bytes.fetch_add(len, Ordering::Relaxed);
-        }
-        admitted
-    }
 }
 
 /// How a queue was declared.
@@ -365,14 +303,7 @@ impl Queue {
         let args = &flags.args;
         let admission = (args.overflow != Overflow::DropHead
             && (args.max_length.is_some() || args.max_length_bytes.is_some()))
-        .then(|| {
-            Arc::new(Admission {
-                max_length: args.max_length,
-                max_bytes: args.max_length_bytes,
-                ready: AtomicU64::new(0),
-                bytes: AtomicU64::new(0),
-            })
-        });
+        .then(|| Arc::new(Admission::new(args.max_length, args.max_length_bytes)));
         let attached = router
             .attach(
                 session_id(name),
@@ -384,7 +315,7 @@ impl Queue {
             )
             .await?;
         if let (Some(a), Some(stored)) = (&admission, attached.subscriber.queued_messages()) {
-            a.ready.fetch_add(stored, Ordering::Relaxed);
+            a.add_stored(stored);
         }
         let (dead, graves) = mpsc::unbounded_channel();
         let acker = attached.subscriber.acker();
@@ -407,7 +338,7 @@ impl Queue {
         });
         let task = tokio::spawn(pump(Arc::downgrade(&queue)));
         *queue.pump.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
-        tokio::spawn(dead_letters(
+        tokio::spawn(crate::dead_letter::run(
             Arc::downgrade(&queue),
             Weak::clone(broker),
             graves,
@@ -436,6 +367,25 @@ impl Queue {
             _ => 0,
         };
         s.drop_head(&self.flags.args, beyond);
+    }
+
+    /// The dead-letter task is done with these entries: `done` are
+    /// acknowledged (their copy is committed, or they were dropped),
+    /// `failed` stay in the store for the next start.
+    pub(crate) async fn buried(&self, done: Vec<Seq>, failed: &[Seq]) {
+        if let (Some(acker), false) = (&self.acker, done.is_empty()) {
+            // Awaited: until the entries are gone from the store's count,
+            // `held` keeps them out of the ready count.
+            if let Err(error) = acker.ack(done.clone()).await {
+                tracing::warn!(queue = %self.name, %error, "cannot acknowledge dead-lettered entries; they come back at the next start");
+            }
+        }
+        let mut s = self.state();
+        for seq in done.iter().chain(failed) {
+            s.held.remove(seq);
+        }
+        drop(s);
+        self.room.notify_one();
     }
 
     /// A message this queue refused at publish (`reject-publish-dlx`).
@@ -853,59 +803,4 @@ fn poll_live(queue: &Weak<Queue>, cx: &mut std::task::Context<'_>) -> std::task:
     q.arrived(&mut s);
     s.wake();
     Poll::Ready(true)
-}
-
-/// Messages dead-lettered at once, at most (their copies are committed
-/// together).
-const DEAD_BATCH: usize = 64;
-
-/// The queue's dead-letter task: publishes the dead messages' copies in
-/// order, then acknowledges their store entries (at least once). A copy
-/// the store refuses leaves its entry in the store, for the next start.
-async fn dead_letters(
-    queue: Weak<Queue>,
-    broker: Weak<Broker>,
-    mut graves: mpsc::UnboundedReceiver<Dead>,
-) {
-    let mut batch = Vec::with_capacity(DEAD_BATCH);
-    while graves.recv_many(&mut batch, DEAD_BATCH).await > 0 {
-        let (Some(q), Some(broker)) = (queue.upgrade(), broker.upgrade()) else {
-            return;
-        };
-        let outcomes = futures::future::join_all(
-            batch
-                .iter()
-                .map(|d| broker.dead_letter(&q.name, &q.flags.args, &d.message, d.reason)),
-        )
-        .await;
-        let mut done = Vec::new();
-        let mut failed = Vec::new();
-        for (d, outcome) in batch.drain(..).zip(outcomes) {
-            match outcome {
-                Ok(how) => {
-                    if how == DeadLettered::Dropped && q.flags.args.dead_letter_exchange.is_none() {
-                        let why = match d.reason {
-                            Reason::Rejected => "amqp_rejected",
-                            Reason::Expired => "amqp_expired",
-                            Reason::Maxlen => "amqp_max_length",
-                            Reason::DeliveryLimit => "amqp_delivery_limit",
-                        };
-                        crate::telemetry::dropped(why, 1);
-                    }
-                    done.extend(d.seq);
-                }
-                Err(error) => {
-                    tracing::warn!(queue = %q.name, %error, "cannot dead-letter a message; its stored entry stays for the next start");
-                    failed.extend(d.seq);
-                }
-            }
-        }
-        q.forget(done.clone()).await;
-        let mut s = q.state();
-        for seq in done.iter().chain(&failed) {
-            s.held.remove(seq);
-        }
-        drop(s);
-        q.room.notify_one();
-    }
 }
