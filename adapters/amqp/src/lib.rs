@@ -48,9 +48,44 @@
 //! 505. Exceptions use RabbitMQ's reply codes and texts; a channel
 //! exception closes that channel only.
 //!
-//! Queue argument `x-message-ttl` is served (`queue.rs`, `Flags::expired`).
-//! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings, other
-//! queue and exchange arguments (all refused, 540), `connection.blocked`, the
+//! # Queue arguments served
+//!
+//! Every RabbitMQ queue argument is read, compared on a redeclare (406)
+//! and kept with a durable queue (`args.rs`). In effect:
+//!
+//! - `x-message-ttl` and the per-message `expiration` (`queue.rs`,
+//!   `Flags::expired`): an expired message dies when it reaches the head
+//!   of its queue (the pump wakes for the head's expiry) or when a
+//!   consumer would have got it.
+//! - `x-max-length`, `x-max-length-bytes` (ready messages and their
+//!   payload bytes, not unacknowledged ones) with `x-overflow`:
+//!   `drop-head` drops (dead-letters, reason `maxlen`) the oldest after
+//!   each arrival; `reject-publish` refuses the message for that queue at
+//!   publish time (`limits.rs`: the core session's `Gate`, so other
+//!   queues still get it) and a confirming publisher gets `basic.nack`;
+//!   `reject-publish-dlx` also dead-letters the refused message.
+//! - `x-dead-letter-exchange`, `x-dead-letter-routing-key`
+//!   (`dead_letter.rs`): rejected or nacked without requeue, expired,
+//!   dropped at the length limit or past the delivery limit, a message is
+//!   published to the dead-letter exchange with RabbitMQ's `x-death`,
+//!   `x-first-death-*` and `x-last-death-*` headers; its store entry is
+//!   acknowledged only once that copy is committed (at least once).
+//!   Cycles without a rejection, a missing exchange and copies routed
+//!   nowhere are dropped, counted.
+//! - `x-delivery-limit` (quorum queues: 20 unless declared): a message
+//!   returned to its queue more often dies (reason `delivery_limit`);
+//!   redeliveries from such a queue carry `x-delivery-count`.
+//!
+//! Kept and without effect yet: `x-expires`, `x-max-priority`,
+//! `x-single-active-consumer`. A message's return count is in memory
+//! only: after a restart it starts again at zero (so do the redelivered
+//! flag and `x-delivery-count`). Dead-lettering publishes the copy with
+//! the dead-letter routing key (or the original one) only, not the
+//! original's CC/BCC keys; a copy that reaches several queues, some in a
+//! cycle, goes to all of them (RabbitMQ leaves out the cycling ones).
+//!
+//! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings,
+//! exchange arguments (refused, 540), `connection.blocked`, the
 //! redelivered flag across restarts, basic.qos `global` (prefetch is per
 //! channel either way).
 
