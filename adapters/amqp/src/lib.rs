@@ -74,12 +74,13 @@
 //!   nowhere are dropped, counted.
 //! - `x-delivery-limit` (quorum queues: 20 unless declared): a message
 //!   returned to its queue more often dies (reason `delivery_limit`);
-//!   redeliveries from such a queue carry `x-delivery-count`.
+//!   redeliveries from such a queue carry `x-delivery-count`. A durable
+//!   queue records the count in its store entry (so it, and the
+//!   redelivered flag, hold across restarts; a delivery unacknowledged at
+//!   a crash is not counted as returned).
 //!
 //! Kept and without effect yet: `x-expires`, `x-max-priority`,
-//! `x-single-active-consumer`. A message's return count is in memory
-//! only: after a restart it starts again at zero (so do the redelivered
-//! flag and `x-delivery-count`). Dead-lettering publishes the copy with
+//! `x-single-active-consumer`. Dead-lettering publishes the copy with
 //! the dead-letter routing key (or the original one) only, not the
 //! original's CC/BCC keys; a copy that reaches several queues, some in a
 //! cycle, goes to all of them (RabbitMQ leaves out the cycling ones).

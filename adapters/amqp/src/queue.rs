@@ -147,7 +147,8 @@ impl State {
         self.ready.len() + self.unacked.len() < MAX_HELD && self.held_bytes < MAX_HELD_BYTES
     }
 
-    fn push(&mut self, message: Arc<Message>, seq: Option<Seq>, redelivered: bool) {
+    /// A message arriving, after `returns` earlier returns to the queue.
+    fn push(&mut self, message: Arc<Message>, seq: Option<Seq>, returns: u32) {
         if let Some(seq) = seq {
             self.held.insert(seq);
         }
@@ -161,8 +162,8 @@ impl State {
                 id,
                 message,
                 seq,
-                redelivered,
-                returns: 0,
+                redelivered: returns > 0,
+                returns,
             },
         );
     }
@@ -257,7 +258,7 @@ impl State {
             }
             self.read_from = seq + 1;
         }
-        self.push(d.message, d.seq, false);
+        self.push(d.message, d.seq, 0);
     }
 
     fn release(&mut self, q: &Queued) {
@@ -559,15 +560,33 @@ impl Queue {
     }
 
     /// Back to `ready` at their place, marked redelivered.
+    /// A durable queue with a delivery limit records each entry's returns
+    /// in the store (the entry's state), so the limit holds across restarts.
     pub(crate) fn requeue(&self, ids: &[u64]) {
         let limit = self.delivery_limit();
+        let mut returned = Vec::new();
         let mut s = self.state();
         for id in ids {
             if let Some(q) = s.unacked.remove(id) {
+                if let (Some(seq), Some(_)) = (q.seq, limit) {
+                    returned.push((seq, q.returns.saturating_add(1)));
+                }
                 s.put_back(q, limit);
             }
         }
         s.wake();
+        drop(s);
+        if let (Some(acker), false) = (&self.acker, returned.is_empty()) {
+            let acker = acker.clone();
+            // A state set after the entry went (dead, acked) is a no-op.
+            tokio::spawn(async move {
+                for (seq, returns) in returned {
+                    if let Err(error) = acker.set_state(seq, returns).await {
+                        tracing::debug!(%error, "cannot record a delivery's returns");
+                    }
+                }
+            });
+        }
     }
 
     async fn forget(&self, seqs: Vec<Seq>) {
@@ -718,7 +737,8 @@ async fn pump(queue: Weak<Queue>) {
                     for e in page {
                         s.read_from = e.seq + 1;
                         if !s.held.contains(&e.seq) {
-                            s.push(e.message, Some(e.seq), e.state != 0);
+                            // The entry's state: its returns (`requeue`).
+                            s.push(e.message, Some(e.seq), e.state);
                         }
                     }
                     if caught_up {

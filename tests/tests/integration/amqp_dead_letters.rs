@@ -586,3 +586,89 @@ async fn a_durable_queues_dead_letters_survive_kill_9_never_lost() -> Result<()>
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_count_of_a_durable_queue_survives_kill_9() -> Result<()> {
+    let mut gw = TestGateway::builder().spawn(crate::gateway_bin()).await?;
+    let uri = gw.amqp_uri();
+    let (q, dlx, dlq, barrier) = (
+        unique("quorum"),
+        unique("dlx"),
+        unique("dlq"),
+        unique("barrier"),
+    );
+    let args = table(&[
+        ("x-queue-type", text("quorum")),
+        ("x-delivery-limit", AMQPValue::LongInt(2)),
+        ("x-dead-letter-exchange", text(&dlx)),
+    ]);
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    {
+        let conn = edge_tests::amqp::connect(&uri).await?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        dead_letter_queue(&ch, &dlx, &dlq, true).await?;
+        ch.queue_declare(q.as_str().into(), durable, args.clone())
+            .await?;
+        ch.queue_declare(barrier.as_str().into(), durable, FieldTable::default())
+            .await?;
+        publish_persistent(&ch, &q, b"poison").await?;
+        let mut consumer = ch
+            .basic_consume(
+                q.as_str().into(),
+                "work".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for _ in 0..2 {
+            let d = next(&mut consumer).await?;
+            d.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await?;
+        }
+        let third = next(&mut consumer).await?;
+        assert_eq!(integer(header(&third, "x-delivery-count")), Some(2));
+        // A commit after the returns were recorded (the writer keeps order).
+        publish_persistent(&ch, &barrier, b"barrier").await?;
+        gw.kill().await?;
+    }
+    gw.restart().await?;
+    let conn = edge_tests::amqp::connect(&uri).await?;
+    let ch = conn.create_channel().await?;
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "again".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let d = next(&mut consumer).await?;
+    assert!(d.redelivered, "returned before the restart");
+    assert_eq!(integer(header(&d, "x-delivery-count")), Some(2));
+    d.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .await?;
+    let mut dead = ch
+        .basic_consume(
+            dlq.as_str().into(),
+            "dead".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let d = next(&mut dead).await?;
+    assert_eq!(death_reasons(&d), ["delivery_limit"], "the third return");
+    Ok(())
+}
