@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use std::sync::Weak;
 
-use edge_core::{Message, PublishError, Seq, Value};
+use edge_core::{Message, PublishError, Receipt, Seq, Value};
 use tokio::sync::mpsc;
 
 use crate::args::QueueArgs;
@@ -195,32 +195,24 @@ pub(crate) fn routing_key(message: &Message, dl_key: Option<&str>) -> String {
     }
 }
 
-/// What became of a dead-lettered message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DeadLettered {
-    /// Its copy is committed on the dead-letter exchange.
-    Published,
-    /// Gone: no dead-letter exchange, or dropped (counted).
-    Dropped,
-}
-
 impl Broker {
     /// Publishes the dead-lettered copy of a message that died in
-    /// `queue`; resolves once the copy is committed (or dropped).
+    /// `queue`: the copy's receipt, `None` when it is dropped (no
+    /// dead-letter exchange; or counted: see the module doc).
     pub(crate) async fn dead_letter(
         &self,
         queue: &str,
         args: &QueueArgs,
         message: &Message,
         reason: Reason,
-    ) -> Result<DeadLettered, PublishError> {
+    ) -> Result<Option<Receipt>, PublishError> {
         let Some(dlx) = args.dead_letter_exchange.as_deref() else {
-            return Ok(DeadLettered::Dropped);
+            return Ok(None);
         };
         let drop = |why: &'static str, detail: &dyn Fn() -> String| {
             crate::telemetry::dropped(why, 1);
             DROPPED.record(why, detail);
-            Ok(DeadLettered::Dropped)
+            Ok(None)
         };
         let key = routing_key(message, args.dead_letter_routing_key.as_deref());
         let Some(exchange) = self.exchange(dlx).ok() else {
@@ -244,8 +236,7 @@ impl Broker {
                 format!("queue={queue:?} exchange={dlx:?}: dead-lettered in a cycle")
             });
         }
-        self.router().publish(copy).await?.await?;
-        Ok(DeadLettered::Published)
+        self.router().publish(copy).await.map(Some)
     }
 }
 
@@ -274,18 +265,26 @@ pub(crate) async fn run(
         let (Some(q), Some(broker)) = (queue.upgrade(), broker.upgrade()) else {
             return;
         };
-        let outcomes = futures::future::join_all(
-            batch
-                .iter()
-                .map(|d| broker.dead_letter(&q.name, &q.flags.args, &d.message, d.reason)),
-        )
-        .await;
+        // Published in order, then their commits awaited together.
+        let mut receipts = Vec::with_capacity(batch.len());
+        for d in &batch {
+            receipts.push(
+                broker
+                    .dead_letter(&q.name, &q.flags.args, &d.message, d.reason)
+                    .await,
+            );
+        }
         let mut done = Vec::new();
         let mut failed = Vec::new();
-        for (d, outcome) in batch.drain(..).zip(outcomes) {
+        for (d, receipt) in batch.drain(..).zip(receipts) {
+            let outcome = match receipt {
+                Ok(Some(receipt)) => receipt.await.map(Some),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
             match outcome {
-                Ok(how) => {
-                    if how == DeadLettered::Dropped && q.flags.args.dead_letter_exchange.is_none() {
+                Ok(published) => {
+                    if published.is_none() && q.flags.args.dead_letter_exchange.is_none() {
                         let why = match d.reason {
                             Reason::Rejected => "amqp_rejected",
                             Reason::Expired => "amqp_expired",

@@ -761,12 +761,9 @@ async fn pump(queue: Weak<Queue>) {
         }
         let stop = q.stop.clone();
         let room = Arc::clone(&q.room);
-        let head_expires = {
-            let mut s = q.state();
-            let next = s.expire_head(&q.flags, edge_core::message::now_ms());
-            s.wake();
-            next
-        };
+        let head_expires = q
+            .state()
+            .expire_head(&q.flags, edge_core::message::now_ms());
         drop(q);
         let live = std::future::poll_fn(|cx| poll_live(&queue, cx));
         let expiry = async {
