@@ -303,7 +303,7 @@ impl Router {
             match self.inner.store.submit_with(record, placement).await {
                 Ok(commit) => Some(commit),
                 Err(error) => {
-                    self.inner.unqueue(&targets, size);
+                    self.inner.unqueue(&targets, size, &message);
                     return Err(error.into());
                 }
             }
@@ -450,9 +450,16 @@ impl Inner {
                 continue;
             };
             let Some(online) = &slot.online else { continue };
+            let refund = || {
+                if let Some(gate) = &online.gate {
+                    gate.refund(message);
+                }
+            };
             if expired {
                 if t.queued {
                     online.lagged.store(true, Ordering::Release);
+                } else {
+                    refund();
                 }
                 continue;
             }
@@ -468,6 +475,7 @@ impl Inner {
                     online.lagged.store(true, Ordering::Release);
                     continue;
                 }
+                refund();
                 metrics::counter!("edge_messages_dropped_total", "reason" => "subscriber_queue_full").increment(1);
                 QUEUE_FULL.record("subscriber_queue_full", || {
                     format!("client_id={} topic={}", slot.client_id, message.topic)
@@ -515,7 +523,7 @@ async fn dispatcher(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Dispat
                         }
                         inner.fan_out(&message, *seq, &targets);
                     }
-                    Err(_) => inner.unqueue(&targets, size),
+                    Err(_) => inner.unqueue(&targets, size, &message),
                 }
                 let _ = reply.send(result);
             }

@@ -83,6 +83,13 @@ pub struct AttachOptions {
 pub trait Gate: Send + Sync + std::fmt::Debug {
     /// Whether the session takes `message`; taking counts it.
     fn admit(&self, message: &Message) -> bool;
+
+    /// An admitted message will not reach the session after all: the
+    /// store refused it, or (not queued durably) it expired before its
+    /// fan-out or found the session's channel full.
+    fn refund(&self, message: &Message) {
+        let _ = message;
+    }
 }
 
 /// A connection attached to its session.
@@ -371,15 +378,21 @@ impl Router {
 
 impl Inner {
     /// A refused append: the queue entries counted for it were not made.
-    pub(crate) fn unqueue(&self, targets: &[crate::router::Target], size: u64) {
+    /// (Gates that admitted it are refunded.)
+    pub(crate) fn unqueue(&self, targets: &[crate::router::Target], size: u64, message: &Message) {
         let registry = self.registry();
-        for t in targets.iter().filter(|t| t.queued) {
-            if let Some(d) = registry
+        for t in targets {
+            let Some(slot) = registry
                 .by_key
                 .get(&t.key)
                 .and_then(|id| registry.sessions.get(id))
-                .and_then(|s| s.durable.as_ref())
-            {
+            else {
+                continue;
+            };
+            if let Some(gate) = slot.online.as_ref().and_then(|o| o.gate.as_ref()) {
+                gate.refund(message);
+            }
+            if let (true, Some(d)) = (t.queued, &slot.durable) {
                 d.queued.remove_exact(size);
             }
         }

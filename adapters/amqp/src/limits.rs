@@ -10,11 +10,11 @@ use edge_core::{Gate, Message};
 
 /// A `reject-publish` queue's admission: ready messages and their payload
 /// bytes, counted when admitted (before the message is queued), taken off
-/// when they leave `ready`, added back when requeued. Messages the core
-/// drops before they reach the queue (a transient one when the queue's
-/// channel is full or it expired on the way, a publish the store refuses)
-/// stay counted until the gateway restarts; a durable queue's entries
-/// are counted again at start, their bytes not.
+/// when they leave `ready`, added back when requeued, refunded when the
+/// core drops them before they reach the queue (the store refused the
+/// publish; a transient one found the queue's channel full or expired on
+/// the way). A durable queue's entries are counted again at start, their
+/// bytes not.
 #[derive(Debug)]
 pub(crate) struct Admission {
     max_length: Option<u64>,
@@ -74,5 +74,9 @@ impl Gate for Admission {
             self.bytes.fetch_add(len, Ordering::Relaxed);
         }
         admitted
+    }
+
+    fn refund(&self, message: &Message) {
+        self.left(message.payload.len());
     }
 }

@@ -547,3 +547,53 @@ async fn a_gate_refuses_for_its_session_only_and_says_so() {
     );
     assert_eq!(gated.subscriber.queued_messages(), Some(1), "nor queued");
 }
+
+/// Counts what it admitted and what came back.
+#[derive(Debug, Default)]
+struct Ledger {
+    admitted: std::sync::atomic::AtomicU64,
+    refunded: std::sync::atomic::AtomicU64,
+}
+
+impl crate::session::Gate for Ledger {
+    fn admit(&self, _: &Message) -> bool {
+        self.admitted.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn refund(&self, _: &Message) {
+        self.refunded.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test]
+async fn a_gate_is_refunded_for_what_its_full_channel_could_not_take() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let ledger = Arc::new(Ledger::default());
+    let attached = router
+        .attach(
+            "amqp:small".into(),
+            AttachOptions {
+                clean: true,
+                queue: 1,
+                gate: Some(Arc::clone(&ledger) as Arc<dyn crate::session::Gate>),
+            },
+        )
+        .await
+        .expect("attach");
+    attached
+        .subscriber
+        .subscribe("s/#", QoS::AtMostOnce)
+        .await
+        .expect("sub");
+    for n in 0..3 {
+        publish(&router, msg(&format!("s/{n}"), QoS::AtMostOnce)).await;
+    }
+    assert_eq!(ledger.admitted.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        ledger.refunded.load(Ordering::Relaxed),
+        2,
+        "one fits the channel, two were dropped"
+    );
+}
