@@ -53,6 +53,9 @@ const MAX_HELD: usize = 4096;
 const MAX_HELD_BYTES: usize = 32 << 20;
 /// Entries read from the store at once.
 const BACKLOG_PAGE: usize = 256;
+/// How often a `drop-head` queue whose memory is full looks for arrivals
+/// that put it over its limit.
+const LIMIT_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The core session of a queue.
 pub(crate) fn session_id(queue: &str) -> Arc<str> {
@@ -216,7 +219,8 @@ impl State {
 
     /// `drop-head`: the oldest ready messages die while the queue is over
     /// a limit; `beyond` counts durable entries not read into memory yet.
-    fn drop_head(&mut self, args: &QueueArgs, beyond: u64) {
+    /// True when it is still over (the rest is not in memory).
+    fn drop_head(&mut self, args: &QueueArgs, beyond: u64) -> bool {
         let over = |s: &State| {
             args.max_length
                 .is_some_and(|max| s.ready.len() as u64 + beyond > max)
@@ -225,9 +229,12 @@ impl State {
                     .is_some_and(|max| s.ready_bytes as u64 > max)
         };
         while over(self) {
-            let Some(q) = self.pop_head() else { break };
+            let Some(q) = self.pop_head() else {
+                return true;
+            };
             self.bury(q, Reason::Maxlen);
         }
+        false
     }
 
     /// Expired messages at the head die; returns when the head expires.
@@ -358,16 +365,19 @@ impl Queue {
         self.delivery_limit().is_some()
     }
 
-    /// `drop-head` after arrivals.
-    fn arrived(&self, s: &mut State) {
+    /// `drop-head` after arrivals, counting a durable queue's entries not
+    /// in memory (in the store, or on their way in the session's channel);
+    /// true when the queue is still over its limit: its head is not in
+    /// memory.
+    fn arrived(&self, s: &mut State) -> bool {
         if !self.flags.drops_head() {
-            return;
+            return false;
         }
-        let beyond = match (s.catching_up, self.subscriber.queued_messages()) {
-            (true, Some(stored)) => stored.saturating_sub(s.held.len() as u64),
-            _ => 0,
-        };
-        s.drop_head(&self.flags.args, beyond);
+        let beyond = self
+            .subscriber
+            .queued_messages()
+            .map_or(0, |stored| stored.saturating_sub(s.held.len() as u64));
+        s.drop_head(&self.flags.args, beyond)
     }
 
     /// The dead-letter task is done with these entries: `done` are
@@ -717,14 +727,26 @@ async fn pump(queue: Weak<Queue>) {
             if q.subscriber.take_lagged() {
                 s.catching_up = true;
             }
-            (s.has_room(), s.catching_up)
+            // Over its limit with the head in the store: read it, room
+            // or not (a page beyond the memory bound), to drop it.
+            if q.arrived(&mut s) {
+                s.catching_up = true;
+            }
+            (
+                s.has_room() || s.catching_up && q.flags.drops_head(),
+                s.catching_up,
+            )
         };
         if !room {
             let stop = q.stop.clone();
             let room = Arc::clone(&q.room);
+            // A full `drop-head` queue also looks again for arrivals that
+            // push it over its limit (they do not wake it).
+            let recheck = q.flags.drops_head();
             drop(q);
             tokio::select! {
                 _ = room.notified() => continue,
+                _ = tokio::time::sleep(LIMIT_RECHECK), if recheck => continue,
                 _ = stop.cancelled() => return,
             }
         }

@@ -672,3 +672,65 @@ async fn the_delivery_count_of_a_durable_queue_survives_kill_9() -> Result<()> {
     assert_eq!(death_reasons(&d), ["delivery_limit"], "the third return");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_head_is_exact_beyond_the_queues_memory() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let q = unique("big");
+    // More than a queue holds in memory (4096): the rest waits in the store.
+    const MAX: usize = 5000;
+    const SENT: usize = 6000;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(
+        q.as_str().into(),
+        durable,
+        table(&[("x-max-length", AMQPValue::LongInt(MAX as i32))]),
+    )
+    .await?;
+    let mut confirms = Vec::with_capacity(SENT);
+    for i in 0..SENT {
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?,
+        );
+    }
+    for c in confirms {
+        assert!(c.await?.is_ack());
+    }
+    let declared = ch
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..durable
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    assert_eq!(declared.message_count() as usize, MAX, "exactly the limit");
+    let first = ch
+        .basic_get(
+            q.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await?
+        .context("a message")?;
+    assert_eq!(
+        first.delivery.data,
+        format!("m{}", SENT - MAX).as_bytes(),
+        "the oldest kept"
+    );
+    Ok(())
+}
