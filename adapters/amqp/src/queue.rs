@@ -17,14 +17,19 @@
 //! to the queue's dead-letter task, which republishes it to the queue's
 //! dead-letter exchange (if any) and only then acknowledges its store
 //! entry. Limits (`x-max-length`, `x-max-length-bytes`) count ready
-//! messages and their payload bytes: with `drop-head` the oldest go after
-//! each arrival (a durable queue catching up with its store counts the
-//! entries not read yet, and reads them to drop the oldest; their bytes
-//! are counted once read), so once the pump has taken an arrival the queue
-//! holds no more than the limit; with `reject-publish(-dlx)` the queue's
-//! [`Admission`] refuses a message at publish time, before the publisher's
-//! confirm. Expired messages die when they reach the head (the pump wakes
-//! for the head's expiry) or when a consumer would have got them.
+//! messages and their payload bytes. With `drop-head` the oldest die
+//! whenever messages arrive, and before every count (declare-ok, get-ok)
+//! and every take: a durable queue counts its entries not in memory (in
+//! the store, or on their way; their bytes once read) and, when its head
+//! is among them, reads it from the store to drop it. So a count never
+//! exceeds the limit and no consumer gets a message that was beyond it;
+//! what "never" leaves out: between a commit and the pump's next turn the
+//! store holds the new entries too (a queue whose memory is full looks
+//! again every 100 ms), and a crash then leaves them to be trimmed at the
+//! next start. With `reject-publish(-dlx)` the queue's [`Admission`]
+//! refuses a message at publish time, before the publisher's confirm.
+//! Expired messages die when they reach the head (the pump wakes for the
+//! head's expiry) or when a consumer would have got them.
 //!
 //! Invariants: a message is in at most one of `ready` and `unacked`;
 //! `held` is exactly the seqs of the durable ones among them and of those
