@@ -105,6 +105,8 @@ struct Registry {
 /// Shared by every connection of the listener.
 #[derive(Debug)]
 pub(crate) struct Broker {
+    /// Itself, for the queues (they dead-letter through it).
+    me: std::sync::Weak<Broker>,
     router: Router,
     registry: Mutex<Registry>,
     changes: tokio::sync::Mutex<()>,
@@ -195,7 +197,8 @@ impl Broker {
         let rows = tokio::task::spawn_blocking(move || store.definitions("amqp/"))
             .await
             .map_err(|e| StoreError::Read(e.to_string()))??;
-        let broker = Arc::new(Broker {
+        let broker = Arc::new_cyclic(|me| Broker {
+            me: me.clone(),
             router,
             registry: Mutex::default(),
             changes: tokio::sync::Mutex::new(()),
@@ -229,7 +232,7 @@ impl Broker {
                     tracing::warn!(queue = name, "unreadable stored queue: ignored");
                     continue;
                 };
-                match Queue::start(&broker.router, name, flags, None).await {
+                match Queue::start(&broker.router, &broker.me, name, flags, None).await {
                     Ok(q) => {
                         broker.registry().queues.insert(name.to_string(), q);
                     }
@@ -538,7 +541,7 @@ impl Broker {
                 .map_err(store_err)?;
         }
         let owner = spec.flags.exclusive.then_some(conn);
-        let q = Queue::start(&self.router, &name, spec.flags.clone(), owner)
+        let q = Queue::start(&self.router, &self.me, &name, spec.flags.clone(), owner)
             .await
             .map_err(session_err)?;
         // The default exchange: every queue is bound by its name.
@@ -634,6 +637,23 @@ impl Broker {
             .filter(|q| q.owner == Some(conn))
             .cloned()
             .collect()
+    }
+
+    /// The queues a message published on any of `topics` would reach
+    /// (dead-lettering's cycle check).
+    pub(crate) fn queues_for(&self, topics: &[&str]) -> Vec<String> {
+        self.router
+            .sessions_matching(topics)
+            .iter()
+            .filter_map(|id| id.strip_prefix(edge_core::session::AMQP_QUEUE_PREFIX))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The queue of a core session (`amqp:<name>`), if registered.
+    pub(crate) fn queue_of_session(&self, session: &str) -> Option<Arc<Queue>> {
+        let name = session.strip_prefix(edge_core::session::AMQP_QUEUE_PREFIX)?;
+        self.registry().queues.get(name).cloned()
     }
 
     /// Deletes an auto-delete exchange that lost its last binding (as the

@@ -271,7 +271,11 @@ impl Channel {
     /// counts of unacked ones.
     fn count(&mut self, entries: &[(u64, Unacked)], back: bool) {
         for (_, u) in entries {
-            if let Some(c) = u.consumer.as_deref().and_then(|t| self.consumers.get_mut(t)) {
+            if let Some(c) = u
+                .consumer
+                .as_deref()
+                .and_then(|t| self.consumers.get_mut(t))
+            {
                 c.unacked = if back {
                     c.unacked + 1
                 } else {

@@ -127,6 +127,8 @@ pub(crate) struct Settled {
     /// The end of a transaction's commit (its publishes' outcomes before
     /// it): tx.commit-ok, or the channel closed if one failed.
     pub commit: bool,
+    /// A queue refused it at its limit (`reject-publish`): nacked.
+    pub refused: bool,
 }
 
 pub(crate) struct Connection {
@@ -517,7 +519,7 @@ impl Connection {
         let (Some(tag), true) = (s.tag, self.is_open(s.channel, s.epoch)) else {
             return Ok(());
         };
-        if s.result.is_ok() {
+        if s.result.is_ok() && !s.refused {
             match run {
                 Some(r) if r.channel == s.channel && r.epoch == s.epoch && r.last + 1 == tag => {
                     r.last = tag

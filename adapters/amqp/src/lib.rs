@@ -78,7 +78,43 @@
 //! 505. Exceptions use RabbitMQ's reply codes and texts; a channel
 //! exception closes that channel only.
 //!
-//! Queue argument `x-message-ttl` is served (`queue.rs`, `Flags::expired`).
+//! # Queue arguments served
+//!
+//! Every RabbitMQ queue argument is read, compared on a redeclare (406)
+//! and kept with a durable queue (`args.rs`). In effect:
+//!
+//! - `x-message-ttl` and the per-message `expiration` (`queue.rs`,
+//!   `Flags::expired`): an expired message dies when it reaches the head
+//!   of its queue (the pump wakes for the head's expiry) or when a
+//!   consumer would have got it.
+//! - `x-max-length`, `x-max-length-bytes` (ready messages and their
+//!   payload bytes, not unacknowledged ones) with `x-overflow`:
+//!   `drop-head` drops (dead-letters, reason `maxlen`) the oldest after
+//!   each arrival; `reject-publish` refuses the message for that queue at
+//!   publish time (`limits.rs`: the core session's `Gate`, so other
+//!   queues still get it) and a confirming publisher gets `basic.nack`;
+//!   `reject-publish-dlx` also dead-letters the refused message.
+//! - `x-dead-letter-exchange`, `x-dead-letter-routing-key`
+//!   (`dead_letter.rs`): rejected or nacked without requeue, expired,
+//!   dropped at the length limit or past the delivery limit, a message is
+//!   published to the dead-letter exchange with RabbitMQ's `x-death`,
+//!   `x-first-death-*` and `x-last-death-*` headers; its store entry is
+//!   acknowledged only once that copy is committed (at least once).
+//!   Cycles without a rejection, a missing exchange and copies routed
+//!   nowhere are dropped, counted.
+//! - `x-delivery-limit` (quorum queues: 20 unless declared): a message
+//!   returned to its queue more often dies (reason `delivery_limit`);
+//!   redeliveries from such a queue carry `x-delivery-count`. A durable
+//!   queue records the count in its store entry (so it, and the
+//!   redelivered flag, hold across restarts; a delivery unacknowledged at
+//!   a crash is not counted as returned).
+//!
+//! Kept and without effect yet: `x-expires`, `x-max-priority`,
+//! `x-single-active-consumer`. Dead-lettering publishes the copy with
+//! the dead-letter routing key (or the original one) only, not the
+//! original's CC/BCC keys; a copy that reaches several queues, some in a
+//! cycle, goes to all of them (RabbitMQ leaves out the cycling ones).
+//!
 //! Not yet: exchange arguments (`alternate-exchange`; refused, 540),
 //! `connection.blocked`, the redelivered flag across restarts.
 //!
@@ -92,8 +128,10 @@ mod channel;
 mod codec;
 mod connection;
 mod convert;
+mod dead_letter;
 mod error;
 mod handshake;
+mod limits;
 mod listener;
 mod logs;
 mod methods;

@@ -434,7 +434,8 @@ impl Connection {
             message_count: q.message_count(),
         }));
         telemetry::message_out();
-        self.content(ch, method, properties::of(&m.message), &m.message.payload)
+        let props = delivery_properties(&q, &m);
+        self.content(ch, method, props, &m.message.payload)
     }
 
     async fn settle(
@@ -461,10 +462,7 @@ impl Connection {
         for (q, ids) in settled {
             match requeue {
                 Some(true) => q.requeue(&ids),
-                Some(false) => {
-                    telemetry::dropped("amqp_rejected", ids.len() as u64);
-                    q.ack(&ids).await;
-                }
+                Some(false) => q.reject(&ids),
                 None => q.ack(&ids).await,
             }
         }
@@ -554,7 +552,8 @@ impl Connection {
             routing_key: crate::error::truncate(&routing_key, 255).into(),
         }));
         telemetry::message_out();
-        self.content(ch, method, properties::of(&m.message), &m.message.payload)
+        let props = delivery_properties(q, &m);
+        self.content(ch, method, props, &m.message.payload)
     }
 
     /// A publish with all of its content: routed through the core; its
@@ -636,6 +635,7 @@ impl Connection {
                 tag,
                 result: Ok(()),
                 commit: false,
+                refused: false,
             })
             .boxed());
         };
@@ -647,23 +647,32 @@ impl Connection {
         };
         let mut message = Message::new(topic, body, qos, Arc::clone(&self.name));
         properties::apply(&properties, &mut message);
-        let settled = match self.broker.router().publish_to(message, &also).await {
-            Ok(receipt) => async move {
-                Settled {
-                    channel: ch,
-                    epoch,
-                    tag,
-                    result: receipt.await.map(|_| ()),
-                    commit: false,
+        let settled = match self.broker.router().publish_gated(message, &also).await {
+            Ok(gated) => {
+                let refused = gated.refused.is_some();
+                if let Some(r) = gated.refused {
+                    self.refused(r);
                 }
+                let receipt = gated.receipt;
+                async move {
+                    Settled {
+                        channel: ch,
+                        epoch,
+                        tag,
+                        result: receipt.await.map(|_| ()),
+                        commit: false,
+                        refused,
+                    }
+                }
+                .boxed()
             }
-            .boxed(),
             Err(e) => futures::future::ready(Settled {
                 channel: ch,
                 epoch,
                 tag,
                 result: Err(e),
                 commit: false,
+                refused: false,
             })
             .boxed(),
         };
@@ -677,4 +686,32 @@ fn internal_exchange(name: &str) -> Exception {
         format!("cannot publish to internal exchange '{name}' in vhost '/'"),
     )
     .on(60, 40)
+}
+
+impl Connection {
+    /// A publish some queues refused at their limit (`reject-publish`):
+    /// counted; a `reject-publish-dlx` queue dead-letters it.
+    fn refused(&self, refused: edge_core::Refused) {
+        telemetry::dropped("amqp_max_length", refused.sessions.len() as u64);
+        for session in &refused.sessions {
+            if let Some(q) = self.broker.queue_of_session(session) {
+                q.refused(Arc::clone(&refused.message));
+            }
+        }
+    }
+}
+
+/// A delivery's properties: the message's, and `x-delivery-count` on a
+/// redelivery from a queue with a delivery limit.
+fn delivery_properties(q: &Queue, m: &Queued) -> amq_protocol::protocol::basic::AMQPProperties {
+    let props = properties::of(&m.message);
+    if m.returns == 0 || !q.counts_deliveries() {
+        return props;
+    }
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        amq_protocol::types::AMQPValue::LongLongInt(i64::from(m.returns)),
+    );
+    props.with_headers(headers)
 }

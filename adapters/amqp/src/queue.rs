@@ -13,16 +13,40 @@
 //! or nack/reject with requeue, a closed channel or connection (back to
 //! `ready` at its place, marked redelivered).
 //!
+//! A message that leaves without being delivered (`dead_letter.rs`) goes
+//! to the queue's dead-letter task, which republishes it to the queue's
+//! dead-letter exchange (if any) and only then acknowledges its store
+//! entry. Limits (`x-max-length`, `x-max-length-bytes`) count ready
+//! messages and their payload bytes. With `drop-head` the oldest die
+//! whenever messages arrive, and before every count (declare-ok, get-ok)
+//! and every take: a durable queue counts its entries not in memory (in
+//! the store, or on their way; their bytes once read) and, when its head
+//! is among them, reads it from the store to drop it. So a count never
+//! exceeds the limit and no consumer gets a message that was beyond it;
+//! what "never" leaves out: between a commit and the pump's next turn the
+//! store holds the new entries too (a queue whose memory is full looks
+//! again every 100 ms), and a crash then leaves them to be trimmed at the
+//! next start. With `reject-publish(-dlx)` the queue's [`Admission`]
+//! refuses a message at publish time, before the publisher's confirm.
+//! Expired messages die when they reach the head (the pump wakes for the
+//! head's expiry) or when a consumer would have got them.
+//!
 //! Invariants: a message is in at most one of `ready` and `unacked`;
-//! `held` is exactly the seqs of the durable ones among them.
+//! `held` is exactly the seqs of the durable ones among them and of those
+//! whose dead-lettering is under way.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use edge_core::{Acker, AttachOptions, Delivery, Message, QoS, Router, SessionError, Subscriber};
+use edge_core::{
+    Acker, AttachOptions, Delivery, Gate, Message, QoS, Router, SessionError, Subscriber,
+};
 use edge_store::Seq;
 
-use crate::args::QueueArgs;
+use crate::args::{Overflow, QueueArgs};
+use crate::broker::Broker;
+use crate::dead_letter::{Dead, Reason};
+use crate::limits::Admission;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +58,9 @@ const MAX_HELD: usize = 4096;
 const MAX_HELD_BYTES: usize = 32 << 20;
 /// Entries read from the store at once.
 const BACKLOG_PAGE: usize = 256;
+/// How often a `drop-head` queue whose memory is full looks for arrivals
+/// that put it over its limit.
+const LIMIT_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The core session of a queue.
 pub(crate) fn session_id(queue: &str) -> Arc<str> {
@@ -58,6 +85,8 @@ pub(crate) struct Queued {
     /// The store entry of a durable message.
     pub seq: Option<Seq>,
     pub redelivered: bool,
+    /// Times it came back to the queue (`x-delivery-count`).
+    pub returns: u32,
 }
 
 /// How a queue was declared.
@@ -73,11 +102,25 @@ pub(crate) struct Flags {
 impl Flags {
     /// Whether `message` is past its own expiry or the queue's TTL at `now`.
     pub(crate) fn expired(&self, message: &Message, now: u64) -> bool {
-        message.is_expired(now)
-            || self
-                .args
-                .message_ttl
-                .is_some_and(|ttl| message.timestamp_ms.saturating_add(ttl) <= now)
+        self.expires_at(message).is_some_and(|at| at <= now)
+    }
+
+    /// When `message` expires here: its own expiry or the queue's TTL.
+    fn expires_at(&self, message: &Message) -> Option<u64> {
+        let ttl = self
+            .args
+            .message_ttl
+            .map(|ttl| message.timestamp_ms.saturating_add(ttl));
+        match (message.properties.expires_at_ms, ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether arrivals may push the oldest messages out.
+    fn drops_head(&self) -> bool {
+        self.args.overflow == Overflow::DropHead
+            && (self.args.max_length.is_some() || self.args.max_length_bytes.is_some())
     }
 }
 
@@ -87,6 +130,11 @@ struct State {
     unacked: HashMap<u64, Queued>,
     held: HashSet<Seq>,
     held_bytes: usize,
+    /// Payload bytes of `ready`.
+    ready_bytes: usize,
+    /// To the dead-letter task.
+    dead: Option<mpsc::UnboundedSender<Dead>>,
+    admission: Option<Arc<Admission>>,
     /// Consumers: key → the waker of the connection that serves it.
     consumers: BTreeMap<u64, Arc<Notify>>,
     /// The key of an exclusive consumer, which keeps every other out.
@@ -107,11 +155,13 @@ impl State {
         self.ready.len() + self.unacked.len() < MAX_HELD && self.held_bytes < MAX_HELD_BYTES
     }
 
-    fn push(&mut self, message: Arc<Message>, seq: Option<Seq>, redelivered: bool) {
+    /// A message arriving, after `returns` earlier returns to the queue.
+    fn push(&mut self, message: Arc<Message>, seq: Option<Seq>, returns: u32) {
         if let Some(seq) = seq {
             self.held.insert(seq);
         }
         self.held_bytes += message.payload.len();
+        self.ready_bytes += message.payload.len();
         let id = self.next_id;
         self.next_id += 1;
         self.ready.insert(
@@ -120,9 +170,91 @@ impl State {
                 id,
                 message,
                 seq,
-                redelivered,
+                redelivered: returns > 0,
+                returns,
             },
         );
+    }
+
+    /// Takes the oldest ready message.
+    fn pop_head(&mut self) -> Option<Queued> {
+        let (_, q) = self.ready.pop_first()?;
+        let len = q.message.payload.len();
+        self.ready_bytes = self.ready_bytes.saturating_sub(len);
+        if let Some(a) = &self.admission {
+            a.left(len);
+        }
+        Some(q)
+    }
+
+    /// A delivered message back in `ready` at its place, unless it came
+    /// back more than `limit` times (then it dies).
+    fn put_back(&mut self, mut q: Queued, limit: Option<u64>) {
+        q.redelivered = true;
+        q.returns = q.returns.saturating_add(1);
+        if limit.is_some_and(|limit| u64::from(q.returns) > limit) {
+            self.bury(q, Reason::DeliveryLimit);
+            return;
+        }
+        let len = q.message.payload.len();
+        self.ready_bytes += len;
+        if let Some(a) = &self.admission {
+            a.back(len);
+        }
+        self.ready.insert(q.id, q);
+    }
+
+    /// Hands a message (out of `ready` and `unacked`) to the dead-letter
+    /// task; its seq stays held until its entry is acknowledged.
+    fn bury(&mut self, q: Queued, reason: Reason) {
+        self.held_bytes = self.held_bytes.saturating_sub(q.message.payload.len());
+        let dead = Dead {
+            message: q.message,
+            seq: q.seq,
+            reason,
+        };
+        if let Some(Err(mpsc::error::SendError(dead))) = self.dead.as_ref().map(|tx| tx.send(dead))
+        {
+            // The queue is going away: its entry stays for a restart.
+            if let Some(seq) = dead.seq {
+                self.held.remove(&seq);
+            }
+        }
+    }
+
+    /// `drop-head`: the oldest ready messages die while the queue is over
+    /// a limit; `beyond` counts durable entries not read into memory yet.
+    /// True when it is still over (the rest is not in memory).
+    fn drop_head(&mut self, args: &QueueArgs, beyond: u64) -> bool {
+        let over = |s: &State| {
+            args.max_length
+                .is_some_and(|max| s.ready.len() as u64 + beyond > max)
+                || args
+                    .max_length_bytes
+                    .is_some_and(|max| s.ready_bytes as u64 > max)
+        };
+        while over(self) {
+            let Some(q) = self.pop_head() else {
+                return true;
+            };
+            self.bury(q, Reason::Maxlen);
+        }
+        false
+    }
+
+    /// Expired messages at the head die; returns when the head expires.
+    fn expire_head(&mut self, flags: &Flags, now: u64) -> Option<u64> {
+        loop {
+            let head = self.ready.first_key_value()?.1;
+            let at = flags.expires_at(&head.message)?;
+            if at > now {
+                return Some(at);
+            }
+            if let Some(q) = self.pop_head() {
+                crate::telemetry::expired(&q.message);
+                self.bury(q, Reason::Expired);
+            }
+        }
     }
 
     /// A live delivery (the caller checked there is room and the queue is
@@ -138,7 +270,7 @@ impl State {
             }
             self.read_from = seq + 1;
         }
-        self.push(d.message, d.seq, false);
+        self.push(d.message, d.seq, 0);
     }
 
     fn release(&mut self, q: &Queued) {
@@ -175,20 +307,30 @@ impl Queue {
     /// entries) and starts its pump.
     pub(crate) async fn start(
         router: &Router,
+        broker: &Weak<Broker>,
         name: &str,
         flags: Flags,
         owner: Option<ConnId>,
     ) -> Result<Arc<Queue>, SessionError> {
         let persistent = flags.durable && !flags.exclusive;
+        let args = &flags.args;
+        let admission = (args.overflow != Overflow::DropHead
+            && (args.max_length.is_some() || args.max_length_bytes.is_some()))
+        .then(|| Arc::new(Admission::new(args.max_length, args.max_length_bytes)));
         let attached = router
             .attach(
                 session_id(name),
                 AttachOptions {
                     clean: !persistent,
                     queue: LIVE_QUEUE,
+                    gate: admission.clone().map(|a| a as Arc<dyn Gate>),
                 },
             )
             .await?;
+        if let (Some(a), Some(stored)) = (&admission, attached.subscriber.queued_messages()) {
+            a.add_stored(stored);
+        }
+        let (dead, graves) = mpsc::unbounded_channel();
         let acker = attached.subscriber.acker();
         let queue = Arc::new(Queue {
             name: name.into(),
@@ -199,6 +341,8 @@ impl Queue {
             state: Mutex::new(State {
                 catching_up: persistent,
                 live: Some(attached.deliveries),
+                dead: Some(dead),
+                admission,
                 ..State::default()
             }),
             room: Arc::new(Notify::new()),
@@ -207,7 +351,82 @@ impl Queue {
         });
         let task = tokio::spawn(pump(Arc::downgrade(&queue)));
         *queue.pump.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        tokio::spawn(crate::dead_letter::run(
+            Arc::downgrade(&queue),
+            Weak::clone(broker),
+            graves,
+        ));
         Ok(queue)
+    }
+
+    /// The delivery limit in force (`x-delivery-limit`).
+    fn delivery_limit(&self) -> Option<u64> {
+        self.flags.args.effective_delivery_limit()
+    }
+
+    /// Whether deliveries carry `x-delivery-count` (queues with a
+    /// delivery limit, as RabbitMQ 4's quorum queues).
+    pub(crate) fn counts_deliveries(&self) -> bool {
+        self.delivery_limit().is_some()
+    }
+
+    /// `drop-head` after arrivals, counting a durable queue's entries not
+    /// in memory (in the store, or on their way in the session's channel);
+    /// true when the queue is still over its limit: its head is not in
+    /// memory.
+    fn arrived(&self, s: &mut State) -> bool {
+        if !self.flags.drops_head() {
+            return false;
+        }
+        let beyond = self
+            .subscriber
+            .queued_messages()
+            .map_or(0, |stored| stored.saturating_sub(s.held.len() as u64));
+        s.drop_head(&self.flags.args, beyond)
+    }
+
+    /// The dead-letter task is done with these entries: `done` are
+    /// acknowledged (their copy is committed, or they were dropped),
+    /// `failed` stay in the store for the next start.
+    pub(crate) async fn buried(&self, done: Vec<Seq>, failed: &[Seq]) {
+        if let (Some(acker), false) = (&self.acker, done.is_empty()) {
+            // Awaited: until the entries are gone from the store's count,
+            // `held` keeps them out of the ready count.
+            if let Err(error) = acker.ack(done.clone()).await {
+                tracing::warn!(queue = %self.name, %error, "cannot acknowledge dead-lettered entries; they come back at the next start");
+            }
+        }
+        let mut s = self.state();
+        for seq in done.iter().chain(failed) {
+            s.held.remove(seq);
+        }
+        drop(s);
+        self.room.notify_one();
+    }
+
+    /// A message this queue refused at publish (`reject-publish-dlx`).
+    pub(crate) fn refused(&self, message: Arc<Message>) {
+        if self.flags.args.overflow == Overflow::RejectPublishDlx
+            && let Some(tx) = &self.state().dead
+        {
+            let _ = tx.send(Dead {
+                message,
+                seq: None,
+                reason: Reason::Maxlen,
+            });
+        }
+    }
+
+    /// Rejected without requeue: they die.
+    pub(crate) fn reject(&self, ids: &[u64]) {
+        let mut s = self.state();
+        for id in ids {
+            if let Some(q) = s.unacked.remove(id) {
+                s.bury(q, Reason::Rejected);
+            }
+        }
+        drop(s);
+        self.room.notify_one();
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -240,11 +459,13 @@ impl Queue {
         let in_memory = s.ready.len() as u64;
         let count = match self.subscriber.queued_messages() {
             Some(stored) => {
-                let unacked = s.unacked.values().filter(|q| q.seq.is_some()).count() as u64;
-                let transient = s.ready.values().filter(|q| q.seq.is_none()).count() as u64;
+                // Held but not ready: unacked, and dying (dead-lettering).
+                let durable = s.ready.values().filter(|q| q.seq.is_some()).count();
+                let not_ready = s.held.len().saturating_sub(durable) as u64;
+                let transient = s.ready.len() - durable;
                 stored
-                    .saturating_sub(unacked)
-                    .saturating_add(transient)
+                    .saturating_sub(not_ready)
+                    .saturating_add(transient as u64)
                     .max(in_memory)
             }
             None => in_memory,
@@ -267,6 +488,7 @@ impl Queue {
             };
             s.accept(d);
         }
+        self.arrived(s);
     }
 
     pub(crate) fn consumer_count(&self) -> u32 {
@@ -310,14 +532,12 @@ impl Queue {
             let mut done = Vec::new();
             let now = edge_core::message::now_ms();
             while out.len() < max {
-                let Some((_, q)) = s.ready.pop_first() else {
+                let Some(q) = s.pop_head() else {
                     break;
                 };
                 if self.flags.expired(&q.message, now) {
-                    // Delivered to nobody, as the core does for its queues.
-                    s.release(&q);
-                    done.extend(q.seq);
                     crate::telemetry::expired(&q.message);
+                    s.bury(q, Reason::Expired);
                     continue;
                 }
                 if no_ack {
@@ -355,15 +575,33 @@ impl Queue {
     }
 
     /// Back to `ready` at their place, marked redelivered.
+    /// A durable queue with a delivery limit records each entry's returns
+    /// in the store (the entry's state), so the limit holds across restarts.
     pub(crate) fn requeue(&self, ids: &[u64]) {
+        let limit = self.delivery_limit();
+        let mut returned = Vec::new();
         let mut s = self.state();
         for id in ids {
-            if let Some(mut q) = s.unacked.remove(id) {
-                q.redelivered = true;
-                s.ready.insert(q.id, q);
+            if let Some(q) = s.unacked.remove(id) {
+                if let (Some(seq), Some(_)) = (q.seq, limit) {
+                    returned.push((seq, q.returns.saturating_add(1)));
+                }
+                s.put_back(q, limit);
             }
         }
         s.wake();
+        drop(s);
+        if let (Some(acker), false) = (&self.acker, returned.is_empty()) {
+            let acker = acker.clone();
+            // A state set after the entry went (dead, acked) is a no-op.
+            tokio::spawn(async move {
+                for (seq, returns) in returned {
+                    if let Err(error) = acker.set_state(seq, returns).await {
+                        tracing::debug!(%error, "cannot record a delivery's returns");
+                    }
+                }
+            });
+        }
     }
 
     async fn forget(&self, seqs: Vec<Seq>) {
@@ -379,13 +617,14 @@ impl Queue {
     pub(crate) async fn purge(&self) -> Result<u32, SessionError> {
         let (mut count, seqs, catching_up) = {
             let mut s = self.state();
-            let ready = std::mem::take(&mut s.ready);
             let mut seqs = Vec::new();
-            for q in ready.values() {
-                s.release(q);
+            let mut count = 0;
+            while let Some(q) = s.pop_head() {
+                s.release(&q);
                 seqs.extend(q.seq);
+                count += 1;
             }
-            (ready.len() as u32, seqs, s.catching_up)
+            (count, seqs, s.catching_up)
         };
         if let Some(acker) = &self.acker {
             acker.ack(seqs).await?;
@@ -396,10 +635,15 @@ impl Queue {
                     let last = page.last().map(|e| e.seq);
                     let seqs: Vec<Seq> = {
                         let s = self.state();
-                        page.iter()
+                        let seqs: Vec<Seq> = page
+                            .iter()
                             .map(|e| e.seq)
                             .filter(|seq| !s.held.contains(seq))
-                            .collect()
+                            .collect();
+                        if let Some(a) = &s.admission {
+                            seqs.iter().for_each(|_| a.left(0));
+                        }
+                        seqs
                     };
                     count += seqs.len() as u32;
                     acker.ack(seqs).await?;
@@ -430,6 +674,7 @@ impl Queue {
                 AttachOptions {
                     clean: true,
                     queue: 1,
+                    gate: None,
                 },
             )
             .await?;
@@ -439,6 +684,7 @@ impl Queue {
             s.ready.clear();
             s.held.clear();
             s.held_bytes = 0;
+            s.ready_bytes = 0;
             // Their connections cancel them (basic.cancel).
             s.wake();
         }
@@ -486,32 +732,46 @@ async fn pump(queue: Weak<Queue>) {
             if q.subscriber.take_lagged() {
                 s.catching_up = true;
             }
-            (s.has_room(), s.catching_up)
+            // Over its limit with the head in the store: read it, room
+            // or not (a page beyond the memory bound), to drop it.
+            if q.arrived(&mut s) {
+                s.catching_up = true;
+            }
+            (
+                s.has_room() || s.catching_up && q.flags.drops_head(),
+                s.catching_up,
+            )
         };
         if !room {
             let stop = q.stop.clone();
             let room = Arc::clone(&q.room);
+            // A full `drop-head` queue also looks again for arrivals that
+            // push it over its limit (they do not wake it).
+            let recheck = q.flags.drops_head();
             drop(q);
             tokio::select! {
                 _ = room.notified() => continue,
+                _ = tokio::time::sleep(LIMIT_RECHECK), if recheck => continue,
                 _ = stop.cancelled() => return,
             }
         }
         if catching_up {
             let from = q.state().read_from;
-            match q.subscriber.backlog(from, BACKLOG_PAGE).await {
+            match q.subscriber.backlog_with_expired(from, BACKLOG_PAGE).await {
                 Ok(page) => {
                     let mut s = q.state();
                     let caught_up = page.len() < BACKLOG_PAGE;
                     for e in page {
                         s.read_from = e.seq + 1;
                         if !s.held.contains(&e.seq) {
-                            s.push(e.message, Some(e.seq), e.state != 0);
+                            // The entry's state: its returns (`requeue`).
+                            s.push(e.message, Some(e.seq), e.state);
                         }
                     }
                     if caught_up {
                         s.catching_up = false;
                     }
+                    q.arrived(&mut s);
                     s.wake();
                 }
                 Err(error) => {
@@ -528,12 +788,26 @@ async fn pump(queue: Weak<Queue>) {
         }
         let stop = q.stop.clone();
         let room = Arc::clone(&q.room);
+        let head_expires = q
+            .state()
+            .expire_head(&q.flags, edge_core::message::now_ms());
         drop(q);
         let live = std::future::poll_fn(|cx| poll_live(&queue, cx));
+        let expiry = async {
+            match head_expires {
+                Some(at) => {
+                    let wait = at.saturating_sub(edge_core::message::now_ms());
+                    tokio::time::sleep(std::time::Duration::from_millis(wait)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             open = live => if !open { return },
             // A take() found the session lagged: read the store.
             _ = room.notified() => {}
+            // The head expires: it dies (next turn).
+            _ = expiry => {}
             _ = stop.cancelled() => return,
         }
     }
@@ -570,6 +844,7 @@ fn poll_live(queue: &Weak<Queue>, cx: &mut std::task::Context<'_>) -> std::task:
             Poll::Pending => return Poll::Pending,
         }
     }
+    q.arrived(&mut s);
     s.wake();
     Poll::Ready(true)
 }

@@ -77,6 +77,7 @@ impl Connection {
                 tag: None,
                 result,
                 commit: true,
+                refused: false,
             }
         };
         self.pending.push_back(done.boxed());

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod amqp_clients;
+mod amqp_dead_letters;
 mod amqp_exchanges;
 mod amqp_frames;
 mod config;
