@@ -387,7 +387,9 @@ impl Writer {
         let mut close = None;
         let mut appended = 0u64;
         self.refused_in_batch = None;
-        if ops.iter().any(|op| matches!(op, Op::Append(_))) {
+        // While refusing, every commit re-reads the free space: room can come
+        // back with a retirement, not only with the next append.
+        if self.shared.full.borrow().is_some() || ops.iter().any(|op| matches!(op, Op::Append(_))) {
             self.check_space();
         }
         if self.disk.closed && !self.reopen() {
@@ -463,7 +465,12 @@ impl Writer {
         }
     }
 
-    /// Keeps the `full` watch true to what this batch did.
+    /// Keeps the `full` watch true to what this batch did: set by a
+    /// refusal, cleared by an accepted append or as soon as retirement (a
+    /// cursor moved, a queue entry acknowledged) or the filesystem made room
+    /// for what the refused append would add, so that watchers (AMQP's
+    /// `connection.unblocked`, `/healthz`) learn it without waiting for a
+    /// publisher to try again.
     fn report_full(&mut self, appended: u64) {
         match self.refused_in_batch {
             Some(reason) => {
@@ -472,11 +479,21 @@ impl Writer {
                     self.shared.full.send_replace(Some(text));
                 }
             }
-            None if appended > 0 && self.shared.full.borrow().is_some() => {
+            None if self.shared.full.borrow().is_some()
+                && (appended > 0 || self.room_for_refused()) =>
+            {
                 self.shared.full.send_replace(None);
             }
             None => {}
         }
+    }
+
+    /// Whether the next append would be taken: room for the largest refused
+    /// one (see `waiting_for`), else for at least a byte.
+    fn room_for_refused(&self) -> bool {
+        let (max, _) = self.limit();
+        let need = self.waiting_for.unwrap_or(1);
+        self.state.used().saturating_add(need) <= max
     }
 
     fn publish_stats(&self) {
