@@ -174,7 +174,7 @@ async fn render_metrics(State(state): State<HttpState>) -> String {
 /// the store has failed (a restart is the recovery).
 async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
     let failure = state.store_failure.borrow().clone();
-    let full = state.store.full().borrow().clone();
+    let full = *state.store.full().borrow();
     let (status, mut body) = match (failure, full) {
         (Some(reason), _) => (
             StatusCode::SERVICE_UNAVAILABLE,

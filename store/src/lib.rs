@@ -268,7 +268,7 @@ pub(crate) struct Shared {
     /// I/O error, so the store is unusable until reopened.
     pub(crate) failure: watch::Sender<Option<String>>,
     /// `Some(reason)` while appends are refused (quota or disk space).
-    pub(crate) full: watch::Sender<Option<String>>,
+    pub(crate) full: watch::Sender<Option<FullReason>>,
 }
 
 pub(crate) type Reopen = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
@@ -837,7 +837,7 @@ impl Store {
     /// the refused append.
     /// The store stays up meanwhile: forwarding retires records and the
     /// space comes back by itself.
-    pub fn full(&self) -> watch::Receiver<Option<String>> {
+    pub fn full(&self) -> watch::Receiver<Option<FullReason>> {
         self.shared().full.subscribe()
     }
 

@@ -146,12 +146,11 @@ async fn the_full_watch_clears_when_retirement_makes_room_without_an_append() {
         Err(AppendError::Full { .. })
     ));
     // The refusal is answered inside the batch, the watch set after its commit.
-    let reason = tokio::time::timeout(Duration::from_secs(5), full.wait_for(Option::is_some))
+    let reason = *tokio::time::timeout(Duration::from_secs(5), full.wait_for(Option::is_some))
         .await
         .expect("reported as full")
-        .unwrap()
-        .clone();
-    assert_eq!(reason.as_deref(), Some("quota reached"));
+        .unwrap();
+    assert_eq!(reason, Some(FullReason::Quota));
     // A cursor that retires nothing (still at the first record) makes no room.
     store.advance_cursor("up", 1).await.unwrap();
     assert!(full.borrow_and_update().is_some(), "still full");

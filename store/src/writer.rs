@@ -473,12 +473,10 @@ impl Writer {
     /// publisher to try again.
     fn report_full(&mut self, appended: u64) {
         match self.refused_in_batch {
-            Some(reason) => {
-                let text = reason.to_string();
-                if self.shared.full.borrow().as_deref() != Some(text.as_str()) {
-                    self.shared.full.send_replace(Some(text));
-                }
+            Some(reason) if *self.shared.full.borrow() != Some(reason) => {
+                self.shared.full.send_replace(Some(reason));
             }
+            Some(_) => {}
             None if self.shared.full.borrow().is_some()
                 && (appended > 0 || self.room_for_refused()) =>
             {

@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::blocked::Blocked;
 use crate::broker::Broker;
 use crate::channel::Channel;
 use crate::codec::{self, FRAME_OVERHEAD, PROTOCOL_HEADER};
@@ -147,6 +148,9 @@ pub(crate) struct Connection {
     pub(crate) deliver_due: bool,
     /// The publisher name of messages from this connection.
     pub(crate) name: Arc<str>,
+    /// The store's refusals, for a client with the `connection.blocked`
+    /// capability (`blocked.rs`).
+    pub(crate) blocked: Option<Blocked>,
     /// Channels opened so far (each opening's epoch).
     epochs: u64,
 }
@@ -187,6 +191,7 @@ impl Connection {
             wake: Arc::new(Notify::new()),
             deliver_due: false,
             name: format!("amqp:{peer}").into(),
+            blocked: None,
             epochs: 0,
         }
     }
@@ -458,6 +463,11 @@ impl Connection {
                     Err(e) => return e.into(),
                 },
                 _ = self.wake.notified() => self.deliver_due = true,
+                () = crate::blocked::changed(&mut self.blocked) => {
+                    if let Err(e) = self.tell_blocked() {
+                        return e.into();
+                    }
+                }
                 _ = tick.tick() => {
                     let now = Instant::now();
                     if stalled_since.is_some_and(|at| now.duration_since(at) > stall) {

@@ -48,6 +48,11 @@
 //! 505. Exceptions use RabbitMQ's reply codes and texts; a channel
 //! exception closes that channel only.
 //!
+//! `connection.blocked` / `connection.unblocked` go to clients that
+//! announce the capability, while the store refuses (quota or disk
+//! reserve; `blocked.rs`); the socket is not paused meanwhile, publishes
+//! are nacked in confirm mode.
+//!
 //! Queue argument `x-message-ttl` is served (`queue.rs`, `Flags::expired`).
 //! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings, other
 //! queue and exchange arguments (all refused, 540), `connection.blocked`, the
@@ -55,6 +60,7 @@
 //! channel either way).
 
 mod args;
+mod blocked;
 mod broker;
 mod channel;
 mod codec;

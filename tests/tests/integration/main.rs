@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod amqp_blocked;
 mod amqp_clients;
 mod amqp_frames;
 mod config;
