@@ -222,6 +222,9 @@ impl Gateway {
             None => None,
         };
         let amqp_addr = amqp.as_ref().map(AmqpListener::local_addr);
+        let amqp_health = amqp
+            .as_ref()
+            .map(|a| (a.local_addr(), a.open_connections()));
 
         let telemetry_listener = match &config.metrics {
             Some(m) => Some(telemetry::bind(m.listen).await?),
@@ -271,6 +274,7 @@ impl Gateway {
                 handle,
                 links,
                 store.failure(),
+                amqp_health,
                 telemetry_stop.clone(),
             ));
             if let Some(addr) = metrics_addr {

@@ -511,6 +511,7 @@ impl Connection {
         let (Some(tag), true) = (s.tag, self.is_open(s.channel, s.epoch)) else {
             return Ok(());
         };
+        telemetry::confirmed(s.result.is_ok(), 1);
         if s.result.is_ok() {
             match run {
                 Some(r) if r.channel == s.channel && r.epoch == s.epoch && r.last + 1 == tag => {

@@ -76,7 +76,7 @@ mod queue;
 mod telemetry;
 
 pub use error::AmqpError;
-pub use listener::AmqpListener;
+pub use listener::{AmqpListener, OpenConnections};
 
 /// The frame decoder the connections use, reachable from property tests
 /// and fuzz targets. Not a stable API.

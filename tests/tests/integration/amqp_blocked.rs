@@ -13,7 +13,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use anyhow::{Context, Result, bail};
 use edge_tests::amqp::{AmqpQueue, QueueSpec};
 use edge_tests::amqp_raw::RawAmqp;
-use edge_tests::http::get;
+use edge_tests::http::{get, metric};
 use edge_tests::{TestGateway, unique, wait_for};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -126,6 +126,12 @@ async fn pika_is_told_blocked_while_the_store_is_full_and_unblocked_once_it_drai
     silent.open_channel(1).await?;
     let (_, health) = get(metrics, "/healthz").await?;
     assert!(health.contains("store: full"), "{health}");
+    let nacks = metric(
+        &gw.metrics().await?,
+        "edge_amqp_confirms_total",
+        &["result=\"nack\""],
+    );
+    assert!(nacks >= Some(1.0), "the nack is not counted: {nacks:?}");
 
     // The user appears: the replicator drains the backlog, retirement
     // makes room, and the store says so without any publish.
