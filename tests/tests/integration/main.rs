@@ -7,6 +7,7 @@
 mod amqp_blocked;
 mod amqp_clients;
 mod amqp_frames;
+mod amqp_tools;
 mod config;
 mod corrupt;
 mod crash;
