@@ -8,6 +8,7 @@ mod amqp_blocked;
 mod amqp_clients;
 mod amqp_frames;
 mod amqp_tools;
+mod chains;
 mod config;
 mod corrupt;
 mod crash;

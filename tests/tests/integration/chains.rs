@@ -1,0 +1,105 @@
+//! Gateway chains (site → region → centre): gateway A's upstream is gateway
+//! B's AMQP listener, B's is RabbitMQ. MQTT QoS 1 publishes into A arrive
+//! in RabbitMQ, all, in per-publisher order, under A's message ids, and a
+//! kill -9 of B mid-stream loses nothing A acknowledged.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+use edge_tests::amqp::{AmqpQueue, QueueSpec};
+use edge_tests::http::metric;
+use edge_tests::{Publisher, TestGateway, unique, wait_for};
+
+use crate::{LONG, check_order_and_identity, gateway_bin, payload, shared_node};
+
+const PUBLISHERS: u64 = 2;
+const PER_PUBLISHER: u64 = 1_500;
+/// PUBACKs from A (over all publishers) before B is killed.
+const KILL_AFTER: u64 = 800;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_gateways_forwards_everything_through_a_kill_9_of_the_middle_one()
+-> anyhow::Result<()> {
+    let node = shared_node().await?;
+    let prefix = unique("chain");
+    let mut queue =
+        AmqpQueue::open(&node.amqp_uri(), &QueueSpec::topic(&format!("{prefix}.#"))).await?;
+    let filter = format!("{prefix}/#");
+    let mut region = TestGateway::builder()
+        .upstream("centre", &[node.amqp_uri()])
+        .route("up", &filter, "centre")
+        .spawn(gateway_bin())
+        .await?;
+    let site = TestGateway::builder()
+        .upstream("region", &[region.amqp_uri()])
+        .route("up", &filter, "region")
+        .spawn(gateway_bin())
+        .await?;
+
+    let mut runs = Vec::new();
+    let mut counters = Vec::new();
+    for p in 0..PUBLISHERS {
+        let publisher = Publisher::new(site.mqtt_addr(), &unique(&format!("p{p}")));
+        counters.push(publisher.acked_counter());
+        let topic = format!("{prefix}/dev{p}");
+        let name = format!("p{p}");
+        runs.push(tokio::spawn(async move {
+            publisher
+                .run(PER_PUBLISHER, LONG, move |i| {
+                    (topic.clone(), payload(&name, i))
+                })
+                .await
+        }));
+    }
+    wait_for("PUBACKs from the site gateway", LONG, || {
+        let total: u64 = counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        async move { (total >= KILL_AFTER).then_some(()) }
+    })
+    .await?;
+    // The middle gateway dies mid-stream and comes back on its data.
+    region.kill().await?;
+    region.restart().await?;
+
+    let mut must_arrive = HashSet::new();
+    for (p, run) in runs.into_iter().enumerate() {
+        let report = run.await?;
+        assert!(
+            report.all_acked(PER_PUBLISHER),
+            "the site gateway stopped taking publishes while the region one was down: {report:?}"
+        );
+        must_arrive.extend(report.acked.iter().map(|i| payload(&format!("p{p}"), *i)));
+    }
+
+    let mut missing = must_arrive.clone();
+    let received = queue
+        .take_until(LONG, |got| {
+            if let Some(m) = got.last() {
+                missing.remove(&m.body);
+            }
+            missing.is_empty()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}; {} acknowledged messages missing", missing.len()))?;
+    // The site's ids, end to end; duplicates only under the same id.
+    let per_publisher = check_order_and_identity(site.id(), &received)?;
+    for p in 0..PUBLISHERS {
+        let got = per_publisher.get(&format!("p{p}")).map_or(0, Vec::len) as u64;
+        assert_eq!(got, PER_PUBLISHER, "publisher p{p}");
+    }
+    // Confirms came back hop by hop: both backlogs drain to zero.
+    for (gw, upstream) in [(&site, "region"), (&region, "centre")] {
+        let label = format!("upstream=\"{upstream}\"");
+        wait_for(&format!("{upstream} backlog at 0"), LONG, || async {
+            let text = gw.metrics().await.ok()?;
+            (metric(&text, "edge_upstream_backlog_messages", &[&label]) == Some(0.0)).then_some(())
+        })
+        .await?;
+    }
+    let duplicates = received.len() - per_publisher.values().map(Vec::len).sum::<usize>();
+    eprintln!(
+        "chains: {} messages through two gateways, {duplicates} duplicates after kill -9 of the middle one",
+        must_arrive.len()
+    );
+    queue.delete().await?;
+    Ok(())
+}
