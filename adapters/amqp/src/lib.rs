@@ -26,6 +26,10 @@
 //!   binding its words with `*` → `+` and a last `#` → `#`. The default
 //!   exchange is X = "" with every queue bound by its name. Headers
 //!   exchanges are refused (540) until they are implemented.
+//! - **Routes over a local exchange** (`[[route]] local_exchange`,
+//!   `local_routing_key`, `routes.rs`): the pattern becomes a topic
+//!   binding's filter under `$amqp/<X>/`, and the upstream routing key is
+//!   the publish's own key.
 //! - **Durable exchanges, queues and bindings** are rows of the store's
 //!   `definitions` table (`broker.rs`), loaded when the listener starts.
 //! - **Publishes** go through `Router::publish`: persistent
@@ -73,10 +77,12 @@ mod logs;
 mod methods;
 mod properties;
 mod queue;
+mod routes;
 mod telemetry;
 
 pub use error::AmqpError;
 pub use listener::{AmqpListener, OpenConnections};
+pub use routes::{LocalRouteError, local_route_filter, local_routing_key};
 
 /// The frame decoder the connections use, reachable from property tests
 /// and fuzz targets. Not a stable API.

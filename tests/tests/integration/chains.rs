@@ -103,3 +103,88 @@ async fn a_chain_of_gateways_forwards_everything_through_a_kill_9_of_the_middle_
     queue.delete().await?;
     Ok(())
 }
+
+/// A route over a local exchange: AMQP publishes to `orders` whose key
+/// matches the pattern go upstream under their own routing key, keeping
+/// their message_id and correlation_id; others, and MQTT publishes on the
+/// same words, do not take that route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_selects_amqp_publishes_by_local_exchange_and_key_pattern() -> anyhow::Result<()> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Confirmation, ExchangeKind};
+
+    let node = shared_node().await?;
+    let prefix = unique("eu");
+    let mut queue =
+        AmqpQueue::open(&node.amqp_uri(), &QueueSpec::topic(&format!("{prefix}.#"))).await?;
+    let exchange = unique("orders");
+    let upstream = unique("centre");
+    let gw = TestGateway::builder()
+        .upstream(&upstream, &[node.amqp_uri()])
+        .local_route("orders", &exchange, &format!("{prefix}.#"), &upstream)
+        .start()
+        .await?;
+    let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let publish = |key: String, body: &'static str, id: &'static str| {
+        let ch = ch.clone();
+        let exchange = exchange.clone();
+        async move {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(id.into())
+                .with_correlation_id(format!("corr-{id}").as_str().into());
+            let confirm = ch
+                .basic_publish(
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    props,
+                )
+                .await?;
+            anyhow::Ok(tokio::time::timeout(crate::SHORT, confirm).await??)
+        }
+    };
+    // Not selected: another key, and the same words from MQTT.
+    publish(format!("us.{prefix}"), "other key", "m0").await?;
+    edge_tests::mqtt::publish_one(gw.mqtt_addr(), &format!("{prefix}/de"), b"from mqtt").await?;
+    let confirmed = publish(format!("{prefix}.de.berlin"), "selected", "m1").await?;
+    assert_eq!(confirmed, Confirmation::Ack(None));
+
+    let got = queue.next(crate::SHORT).await?;
+    assert_eq!(got.body_str(), "selected", "the first upstream: {got:?}");
+    assert_eq!(
+        got.routing_key,
+        format!("{prefix}.de.berlin"),
+        "its own key"
+    );
+    assert_eq!(got.message_id.as_deref(), Some("m1"));
+    assert_eq!(got.correlation_id.as_deref(), Some("corr-m1"));
+    // Once nothing waits for the upstream, it was sent that one message only.
+    let label = format!("upstream=\"{upstream}\"");
+    let forwarded = wait_for("the backlog forwarded", crate::SHORT, || async {
+        let text = gw.metrics().await.ok()?;
+        (metric(&text, "edge_upstream_backlog_messages", &[&label]) == Some(0.0))
+            .then(|| metric(&text, "edge_messages_forwarded_total", &[&label]))
+    })
+    .await?;
+    assert_eq!(
+        forwarded,
+        Some(1.0),
+        "only the selected publish went upstream"
+    );
+    conn.close(200, "done".into()).await?;
+    queue.delete().await?;
+    gw.shutdown().await?;
+    Ok(())
+}
