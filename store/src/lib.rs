@@ -834,7 +834,8 @@ impl Store {
     /// Watch of refusals: `Some(reason)` while appends are refused because
     /// the quota or the disk is full, `None` again once one is accepted or
     /// a commit (a cursor advance, a queue acknowledgement) left room for
-    /// the refused append.
+    /// the refused append; while idle and refusing, the writer also reads
+    /// the free space again every second (room can come back from outside).
     /// The store stays up meanwhile: forwarding retires records and the
     /// space comes back by itself.
     pub fn full(&self) -> watch::Receiver<Option<FullReason>> {

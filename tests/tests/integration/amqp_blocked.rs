@@ -181,3 +181,119 @@ async fn announcing(addr: std::net::SocketAddr, capable: bool) -> Result<RawAmqp
     properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
     RawAmqp::open_announcing(addr, 131_072, 0, properties).await
 }
+
+/// The same for the disk reserve (`store.min_free`) on a small tmpfs:
+/// blocked with the disk's reason at the refusal, unblocked once another
+/// file gives its space back, with no publish in between (the store looks
+/// at the free space again by itself). Needs root for the tmpfs; skipped
+/// (with the reason) otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_on_the_disk_reserve_and_unblocked_when_space_comes_back() -> Result<()> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::{BasicProperties, Confirmation};
+
+    let dir = tempfile::Builder::new().prefix("edgetest-fs-").tempdir()?;
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(dir.path())
+        .output();
+    match mounted {
+        Ok(out) if out.status.success() => {}
+        other => {
+            eprintln!("SKIPPED blocked on disk: cannot mount a tmpfs (needs root): {other:?}");
+            return Ok(());
+        }
+    }
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let data_dir = dir.path().join("data");
+    let gw = TestGateway::builder()
+        .set(
+            "gateway.data_dir",
+            &format!("{:?}", data_dir.display().to_string()),
+        )
+        .set("store.min_free", "\"4MiB\"")
+        .start()
+        .await?;
+    let queue = unique("disk-blocked");
+    let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(queue.as_str().into(), durable, FieldTable::default())
+        .await?;
+    let publish = async |body: &[u8]| -> Result<Confirmation> {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        Ok(tokio::time::timeout(SHORT, confirm).await??)
+    };
+    assert_eq!(publish(b"before").await?, Confirmation::Ack(None));
+    let mut watcher = announcing(gw.amqp_addr(), true).await?;
+
+    // Another file takes the filesystem down to 2 MiB free, below the reserve.
+    let ballast = dir.path().join("ballast");
+    fill_leaving(&ballast, 2 << 20)?;
+    assert!(
+        matches!(publish(b"refused").await?, Confirmation::Nack(_)),
+        "a publish into the reserve was acked"
+    );
+    match watcher.frame().await? {
+        AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Blocked(b))) => {
+            assert_eq!(
+                b.reason.as_str(),
+                "low on disk: store.min_free reserve reached"
+            )
+        }
+        other => bail!("expected connection.blocked, got {other}"),
+    }
+
+    std::fs::remove_file(&ballast)?;
+    match watcher.frame().await? {
+        AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Unblocked(_))) => {}
+        other => bail!("expected connection.unblocked, got {other}"),
+    }
+    assert_eq!(publish(b"after").await?, Confirmation::Ack(None));
+    conn.close(200, "done".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
+/// Writes `path` until the filesystem is full, then gives back `leave` bytes.
+fn fill_leaving(path: &std::path::Path, leave: u64) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    let chunk = vec![0u8; 64 << 10];
+    loop {
+        match file.write(&chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = file.metadata()?.len();
+    file.set_len(len.saturating_sub(leave))?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Lazily unmounts the tmpfs when the test ends, however it ends.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
