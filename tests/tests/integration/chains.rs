@@ -188,3 +188,75 @@ async fn a_route_selects_amqp_publishes_by_local_exchange_and_key_pattern() -> a
     gw.shutdown().await?;
     Ok(())
 }
+
+/// A chain through an exchange of the middle gateway: the site forwards to
+/// exchange `X` declared on the region gateway (the upstream client's
+/// exchange check passes against our server), and the region forwards what
+/// arrives there by a route over that local exchange, under the original
+/// routing key and the site's message ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_can_hand_over_through_an_exchange_of_the_middle_gateway() -> anyhow::Result<()> {
+    use lapin::ExchangeKind;
+    use lapin::options::ExchangeDeclareOptions;
+    use lapin::types::FieldTable;
+
+    let node = shared_node().await?;
+    let prefix = unique("via");
+    let mut queue =
+        AmqpQueue::open(&node.amqp_uri(), &QueueSpec::topic(&format!("{prefix}.#"))).await?;
+    let exchange = unique("from-sites");
+    let centre = unique("centre");
+    let region = TestGateway::builder()
+        .upstream(&centre, &[node.amqp_uri()])
+        .local_route("sites", &exchange, "#", &centre)
+        .start()
+        .await?;
+    let conn = edge_tests::amqp::connect(&region.amqp_uri()).await?;
+    let ch = conn.create_channel().await?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    conn.close(200, "declared".into()).await?;
+    let site = TestGateway::builder()
+        .upstream("region", &[region.amqp_uri()])
+        .route_with(
+            "up",
+            &format!("{prefix}/#"),
+            "region",
+            &[("exchange", &format!("{exchange:?}"))],
+        )
+        .start()
+        .await?;
+
+    const N: u64 = 50;
+    let topic_prefix = prefix.clone();
+    let report = Publisher::new(site.mqtt_addr(), &unique("p"))
+        .run(N, LONG, move |i| {
+            (format!("{topic_prefix}/dev/{}", i % 2), payload("p", i))
+        })
+        .await;
+    assert!(report.all_acked(N), "{report:?}");
+    let received = queue.take(N as usize, LONG).await?;
+    let per_publisher = check_order_and_identity(site.id(), &received)?;
+    assert_eq!(per_publisher.get("p").map(Vec::len), Some(N as usize));
+    for m in &received {
+        let (_, n) = crate::parse_payload(&m.body)?;
+        assert_eq!(
+            m.routing_key,
+            format!("{prefix}.dev.{}", n % 2),
+            "the site's key"
+        );
+    }
+    queue.delete().await?;
+    site.shutdown().await?;
+    region.shutdown().await?;
+    Ok(())
+}
