@@ -57,9 +57,14 @@
 //! reserve; `blocked.rs`); the socket is not paused meanwhile, publishes
 //! are nacked in confirm mode.
 //!
+//! Metrics (`telemetry.rs`): connections, channels, per-queue depth,
+//! bytes and consumers (bounded label cardinality), confirms, exceptions
+//! by reply code, messages in and out; `/healthz` gets the listener's
+//! address and connection count from [`AmqpListener::open_connections`].
+//!
 //! Queue argument `x-message-ttl` is served (`queue.rs`, `Flags::expired`).
 //! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings, other
-//! queue and exchange arguments (all refused, 540), `connection.blocked`, the
+//! queue and exchange arguments (all refused, 540), the
 //! redelivered flag across restarts, basic.qos `global` (prefetch is per
 //! channel either way).
 
