@@ -4,12 +4,18 @@
 //! publishes (quota or disk reserve) and when it takes them again, so it
 //! can pause publishing instead of collecting nacks.
 //!
+//! As in RabbitMQ, only publishing connections are told: one that has sent
+//! a `basic.publish` since it opened (at that publish if the store refuses
+//! already). Clients such as lapin stop writing altogether while blocked,
+//! so a connection that only consumes must not be, or it could not ack
+//! or consume what would make room.
+//!
 //! The source is the store's `full` watch, which clears as soon as a
 //! retirement makes room (not only at the next accepted append). Unlike
 //! RabbitMQ the socket of a publishing connection is not paused: its
 //! publishes meanwhile are nacked in confirm mode, as before.
 
-use amq_protocol::protocol::{AMQPClass, connection};
+use amq_protocol::protocol::{AMQPClass, basic, connection};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use edge_store::FullReason;
 use tokio::sync::watch;
@@ -23,11 +29,17 @@ pub(crate) struct Blocked {
     full: watch::Receiver<Option<FullReason>>,
     /// What the client was last told (`true`: blocked).
     told: bool,
+    /// The connection has published.
+    publisher: bool,
 }
 
 impl Blocked {
     pub(crate) fn new(full: watch::Receiver<Option<FullReason>>) -> Blocked {
-        Blocked { full, told: false }
+        Blocked {
+            full,
+            told: false,
+            publisher: false,
+        }
     }
 }
 
@@ -64,13 +76,30 @@ pub(crate) async fn changed(blocked: &mut Option<Blocked>) {
 }
 
 impl Connection {
-    /// Tells the client if the store's state differs from what it was
-    /// last told (called after open-ok and on every change).
+    /// Before a method is handled: its first `basic.publish` makes the
+    /// connection a publisher, told at once if the store refuses now.
+    pub(crate) fn note_publish(&mut self, method: &AMQPClass) -> Result<(), Exception> {
+        let publish = matches!(method, AMQPClass::Basic(basic::AMQPMethod::Publish(_)));
+        match self.blocked.as_mut() {
+            Some(b) if publish && !b.publisher => {
+                b.publisher = true;
+                self.tell_blocked()
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Tells a publishing client if the store's state differs from what it
+    /// was last told (at its first publish and on every change).
     pub(crate) fn tell_blocked(&mut self) -> Result<(), Exception> {
         let Some(b) = self.blocked.as_mut() else {
             return Ok(());
         };
+        // Seen either way, so that the next change is a new one.
         let now = *b.full.borrow_and_update();
+        if !b.publisher {
+            return Ok(());
+        }
         let method = match (now, b.told) {
             (Some(full), false) => connection::AMQPMethod::Blocked(connection::Blocked {
                 reason: reason(full).into(),

@@ -627,7 +627,10 @@ impl Connection {
                     "expected content header for the basic.publish on channel {ch}, got {frame}"
                 ),
             )),
-            AMQPFrame::Method(_, method) => self.on_method(ch, method).await,
+            AMQPFrame::Method(_, method) => match self.note_publish(&method) {
+                Ok(()) => self.on_method(ch, method).await,
+                Err(e) => Err(e),
+            },
             _ => Ok(()),
         };
         match result {

@@ -99,8 +99,6 @@ impl Connection {
             0,
             AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
         )?;
-        // A client connecting while the store refuses hears it at once.
-        self.tell_blocked()?;
         tracing::debug!(peer = %self.peer, name = %self.name, frame_max = self.frame_max, channel_max = self.channel_max, heartbeat = ?self.heartbeat, "AMQP connection open");
         Ok(())
     }

@@ -52,8 +52,8 @@
 //! 505. Exceptions use RabbitMQ's reply codes and texts; a channel
 //! exception closes that channel only.
 //!
-//! `connection.blocked` / `connection.unblocked` go to clients that
-//! announce the capability, while the store refuses (quota or disk
+//! `connection.blocked` / `connection.unblocked` go to publishing
+//! connections whose clients announce the capability, while the store refuses (quota or disk
 //! reserve; `blocked.rs`); the socket is not paused meanwhile, publishes
 //! are nacked in confirm mode.
 //!

@@ -1,5 +1,6 @@
-//! `connection.blocked` / `connection.unblocked` to pika (which announces
-//! the capability) while the store refuses: a tiny quota filled over AMQP,
+//! `connection.blocked` / `connection.unblocked` to publishing connections
+//! of pika (which announces the capability) and raw clients while the
+//! store refuses: a tiny quota filled over AMQP,
 //! the upstream that would drain it refusing the gateway's login until the
 //! test creates its user; then the backlog drains, the store clears its
 //! "full" state without any publish, the clients hear `unblocked`, and a
@@ -12,7 +13,7 @@ use amq_protocol::protocol::{AMQPClass, connection};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use anyhow::{Context, Result, bail};
 use edge_tests::amqp::{AmqpQueue, QueueSpec};
-use edge_tests::amqp_raw::RawAmqp;
+use edge_tests::amqp_raw::{RawAmqp, frame_bytes};
 use edge_tests::http::{get, metric};
 use edge_tests::{TestGateway, unique, wait_for};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -110,9 +111,11 @@ async fn pika_is_told_blocked_while_the_store_is_full_and_unblocked_once_it_drai
     );
     let blocked = "['blocked store full: store.max_bytes quota reached']";
     assert_eq!(next().await?, format!("first: {blocked}"));
-    // A connection opened while full is told right after open-ok if it
+    // A connection opened while full is told at its first publish if it
     // announced the capability, and never if it did not.
     let mut late = announcing(gw.amqp_addr(), true).await?;
+    late.open_channel(1).await?;
+    publish_raw(&mut late, 1).await?;
     match late.frame().await? {
         AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Blocked(b))) => {
             assert_eq!(
@@ -124,6 +127,7 @@ async fn pika_is_told_blocked_while_the_store_is_full_and_unblocked_once_it_drai
     }
     let mut silent = announcing(gw.amqp_addr(), false).await?;
     silent.open_channel(1).await?;
+    publish_raw(&mut silent, 1).await?;
     let (_, health) = get(metrics, "/healthz").await?;
     assert!(health.contains("store: full"), "{health}");
     let nacks = metric(
@@ -170,6 +174,34 @@ async fn pika_is_told_blocked_while_the_store_is_full_and_unblocked_once_it_drai
     upstream_queue.delete().await?;
     gw.shutdown().await?;
     Ok(())
+}
+
+/// One transient basic.publish (to the default exchange, a key no queue
+/// has) on channel `ch`: what makes a connection a publisher.
+async fn publish_raw(c: &mut RawAmqp, ch: u16) -> Result<()> {
+    use amq_protocol::frame::AMQPContentHeader;
+    use amq_protocol::protocol::basic;
+    c.method(
+        ch,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: "nobody-here".into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    )
+    .await?;
+    let header = AMQPFrame::Header(
+        ch,
+        AMQPContentHeader {
+            class_id: 60,
+            body_size: 1,
+            properties: basic::AMQPProperties::default(),
+        },
+    );
+    c.write(&frame_bytes(&header)).await?;
+    c.write(&frame_bytes(&AMQPFrame::Body(ch, b"x".to_vec())))
+        .await
 }
 
 /// A raw connection whose start-ok does or does not announce the
@@ -237,7 +269,10 @@ async fn blocked_on_the_disk_reserve_and_unblocked_when_space_comes_back() -> Re
         Ok(tokio::time::timeout(SHORT, confirm).await??)
     };
     assert_eq!(publish(b"before").await?, Confirmation::Ack(None));
+    // A publishing connection (one publish while there is room: told nothing).
     let mut watcher = announcing(gw.amqp_addr(), true).await?;
+    watcher.open_channel(1).await?;
+    publish_raw(&mut watcher, 1).await?;
 
     // Another file takes the filesystem down to 2 MiB free, below the reserve.
     let ballast = dir.path().join("ballast");
