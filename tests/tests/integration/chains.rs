@@ -170,12 +170,14 @@ async fn a_route_selects_amqp_publishes_by_local_exchange_and_key_pattern() -> a
     );
     assert_eq!(got.message_id.as_deref(), Some("m1"));
     assert_eq!(got.correlation_id.as_deref(), Some("corr-m1"));
-    // Once nothing waits for the upstream, it was sent that one message only.
+    // Once the upstream confirmed and nothing waits for it, it was sent
+    // that one message only.
     let label = format!("upstream=\"{upstream}\"");
     let forwarded = wait_for("the backlog forwarded", crate::SHORT, || async {
         let text = gw.metrics().await.ok()?;
-        (metric(&text, "edge_upstream_backlog_messages", &[&label]) == Some(0.0))
-            .then(|| metric(&text, "edge_messages_forwarded_total", &[&label]))
+        let forwarded = metric(&text, "edge_messages_forwarded_total", &[&label])?;
+        let backlog = metric(&text, "edge_upstream_backlog_messages", &[&label])?;
+        (forwarded >= 1.0 && backlog == 0.0).then_some(Some(forwarded))
     })
     .await?;
     assert_eq!(
