@@ -112,3 +112,32 @@ impl Connection {
         self.method(0, AMQPClass::Connection(method))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn properties(capability: Option<AMQPValue>) -> FieldTable {
+        let mut caps = FieldTable::default();
+        if let Some(v) = capability {
+            caps.insert("connection.blocked".into(), v);
+        }
+        let mut props = FieldTable::default();
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        props
+    }
+
+    #[test]
+    fn only_a_true_capability_announces_blocked() {
+        assert!(announced(&properties(Some(AMQPValue::Boolean(true)))));
+        assert!(!announced(&properties(Some(AMQPValue::Boolean(false)))));
+        assert!(!announced(&properties(None)));
+        assert!(!announced(&FieldTable::default()));
+    }
+
+    #[test]
+    fn the_reason_names_the_setting() {
+        assert!(reason(FullReason::Quota).contains("store.max_bytes"));
+        assert!(reason(FullReason::Disk).contains("store.min_free"));
+    }
+}
