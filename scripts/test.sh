@@ -32,6 +32,9 @@ command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 # pika, the AMQP client most local applications use, against the gateway's
 # AMQP listener.
 /usr/bin/python3 -c 'import pika' >/dev/null 2>&1 || missing+=(python3-pika)
+# rabbitmq-c's command-line clients (amqp-publish, amqp-consume, amqp-get,
+# amqp-declare-queue, amqp-delete-queue) against the AMQP listener.
+command -v amqp-publish >/dev/null 2>&1 || missing+=(amqp-tools)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update

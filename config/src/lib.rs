@@ -189,8 +189,12 @@ impl std::fmt::Debug for UpstreamTls {
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub name: String,
-    /// MQTT topic filter selecting the messages of this route.
+    /// MQTT topic filter selecting the messages of this route. Empty for a
+    /// route with `local`, whose filter in the core's topic space the
+    /// gateway derives from it with the AMQP adapter's exchange mapping.
     pub filter: String,
+    /// Instead of `filter`: what AMQP clients publish to a local exchange.
+    pub local: Option<LocalSource>,
     /// Name of an `[[upstream]]`.
     pub upstream: String,
     pub exchange: String,
@@ -202,6 +206,17 @@ pub struct RouteConfig {
     pub ttl: Option<Duration>,
     /// AMQP delivery mode 2 (persistent) when true.
     pub persistent: bool,
+}
+
+/// A route's selection by local AMQP exchange and routing-key pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSource {
+    /// A local exchange other than `amq.topic` (that one is the MQTT topic
+    /// space: select it with `filter`).
+    pub exchange: String,
+    /// AMQP topic pattern over the publish's routing key: words separated
+    /// by `.`, `*` one word, `#` (only as the last word) any number.
+    pub routing_key: String,
 }
 
 /// The documented defaults, also used by `cargo run` without a file.

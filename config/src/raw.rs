@@ -99,6 +99,8 @@ pub struct RawUpstream {
 pub struct RawRoute {
     pub name: Option<String>,
     pub filter: Option<String>,
+    pub local_exchange: Option<String>,
+    pub local_routing_key: Option<String>,
     pub upstream: Option<String>,
     pub exchange: Option<String>,
     pub routing_key: Option<String>,

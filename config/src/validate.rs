@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::raw::{RawAmqp, RawConfig, RawRoute, RawUpstream};
 use crate::{
-    AmqpConfig, Config, ConfigError, GatewayConfig, MetricsConfig, MqttConfig, OnCorrupt, Problem,
-    RouteConfig, StoreConfig, UpstreamConfig, UpstreamTls, WhenFull, defaults,
+    AmqpConfig, Config, ConfigError, GatewayConfig, LocalSource, MetricsConfig, MqttConfig,
+    OnCorrupt, Problem, RouteConfig, StoreConfig, UpstreamConfig, UpstreamTls, WhenFull, defaults,
 };
 
 const MILLI: Duration = Duration::from_millis(1);
@@ -741,9 +741,10 @@ pub(crate) fn redact_password(uri: &str) -> String {
 fn route(c: &mut Checker, i: usize, r: &RawRoute, upstreams: &HashSet<String>) -> RouteConfig {
     let key = |field: &str| format!("route[{i}].{field}");
     let name = c.name(&key("name"), r.name.as_deref());
+    let local = local_source(c, i, r);
     let filter = r.filter.clone().unwrap_or_default();
-    if !is_valid_filter(&filter) {
-        c.problem(key("filter"), r.filter.clone(), "an MQTT topic filter such as \"sensors/+/temp\" or \"#\" ('#' only as the last level, '+' only as a whole level)");
+    if local.is_none() && !is_valid_filter(&filter) {
+        c.problem(key("filter"), r.filter.clone(), "an MQTT topic filter such as \"sensors/+/temp\" or \"#\" ('#' only as the last level, '+' only as a whole level), or local_exchange instead");
     }
     let upstream = r.upstream.clone().unwrap_or_default();
     if !upstreams.contains(&upstream) {
@@ -803,6 +804,7 @@ fn route(c: &mut Checker, i: usize, r: &RawRoute, upstreams: &HashSet<String>) -
     RouteConfig {
         name,
         filter,
+        local,
         upstream,
         exchange,
         routing_key,
@@ -812,9 +814,98 @@ fn route(c: &mut Checker, i: usize, r: &RawRoute, upstreams: &HashSet<String>) -
     }
 }
 
+/// `local_exchange` (+ `local_routing_key`), the alternative to `filter`.
+fn local_source(c: &mut Checker, i: usize, r: &RawRoute) -> Option<LocalSource> {
+    let key = |field: &str| format!("route[{i}].{field}");
+    let Some(exchange) = r.local_exchange.clone() else {
+        if r.local_routing_key.is_some() {
+            c.problem(
+                key("local_routing_key"),
+                r.local_routing_key.clone(),
+                "no local_routing_key without local_exchange (it selects within that exchange)",
+            );
+        }
+        return None;
+    };
+    if r.filter.is_some() {
+        c.problem(
+            key("filter"),
+            r.filter.clone(),
+            "either filter (MQTT topics) or local_exchange (what AMQP clients publish to a local exchange), not both",
+        );
+    }
+    if exchange.is_empty() || exchange.len() > 255 || exchange == defaults::EXCHANGE {
+        c.problem(
+            key("local_exchange"),
+            Some(exchange.clone()),
+            "the name of a local AMQP exchange (1 to 255 bytes) other than amq.topic, which is the MQTT topic space: select that with filter",
+        );
+    }
+    let routing_key = r
+        .local_routing_key
+        .clone()
+        .unwrap_or_else(|| "#".to_string());
+    let words: Vec<&str> = routing_key.split('.').collect();
+    let inner_hash = words[..words.len() - 1].contains(&"#");
+    if routing_key.is_empty() || routing_key.len() > 255 || inner_hash {
+        c.problem(
+            key("local_routing_key"),
+            Some(routing_key.clone()),
+            "an AMQP topic pattern such as \"eu.#\" or \"*.orders\" (words separated by '.', '*' one word, '#' any number and only as the last word), at most 255 bytes",
+        );
+    }
+    Some(LocalSource {
+        exchange,
+        routing_key,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_route_selects_by_local_exchange_and_routing_key_pattern() {
+        let route = |lines: &str| {
+            Config::parse(&format!(
+                "[[upstream]]\nname = \"central\"\nuris = [\"amqp://127.0.0.1:5672/%2f\"]\n\
+                 [[route]]\nname = \"orders\"\nupstream = \"central\"\n{lines}\n"
+            ))
+        };
+        let c = route("local_exchange = \"orders\"\nlocal_routing_key = \"eu.#\"").expect("valid");
+        assert_eq!(
+            c.routes[0].local,
+            Some(LocalSource {
+                exchange: "orders".into(),
+                routing_key: "eu.#".into()
+            })
+        );
+        let all = route("local_exchange = \"orders\"").expect("valid");
+        assert_eq!(
+            all.routes[0].local.as_ref().map(|l| l.routing_key.as_str()),
+            Some("#")
+        );
+        for (lines, problem) in [
+            (
+                "local_exchange = \"orders\"\nfilter = \"a/#\"",
+                "route[0].filter",
+            ),
+            (
+                "local_routing_key = \"eu.#\"\nfilter = \"a/#\"",
+                "route[0].local_routing_key",
+            ),
+            ("local_exchange = \"amq.topic\"", "route[0].local_exchange"),
+            ("local_exchange = \"\"", "route[0].local_exchange"),
+            (
+                "local_exchange = \"x\"\nlocal_routing_key = \"a.#.b\"",
+                "route[0].local_routing_key",
+            ),
+            ("", "route[0].filter"),
+        ] {
+            let err = route(lines).expect_err(lines).to_string();
+            assert!(err.contains(problem), "{lines:?}: {err}");
+        }
+    }
 
     #[test]
     fn defaults_are_valid_and_loopback_only() {

@@ -9,6 +9,10 @@ use crate::topic;
 #[derive(Debug, Clone)]
 pub struct Route {
     config: RouteConfig,
+    /// For a route selecting a local AMQP exchange: the publish's own
+    /// routing key from its core topic (the AMQP adapter's mapping), which
+    /// `{topic}` in the routing-key template then stands for.
+    key_of: Option<fn(&str) -> String>,
 }
 
 impl std::ops::Deref for Route {
@@ -21,7 +25,21 @@ impl std::ops::Deref for Route {
 
 impl Route {
     pub fn new(config: RouteConfig) -> Route {
-        Route { config }
+        Route {
+            config,
+            key_of: None,
+        }
+    }
+
+    /// A route over what AMQP clients publish to a local exchange: `filter`
+    /// is its selection in the core's topic space and `key_of` recovers a
+    /// publish's routing key from its topic (both from the AMQP adapter).
+    pub fn local(mut config: RouteConfig, filter: String, key_of: fn(&str) -> String) -> Route {
+        config.filter = filter;
+        Route {
+            config,
+            key_of: Some(key_of),
+        }
     }
 
     pub fn from_config(c: &RouteConfig) -> Route {
@@ -34,11 +52,14 @@ impl Route {
 
     /// The AMQP routing key for a message on `topic`.
     pub fn routing_key_for(&self, topic: &str) -> String {
+        let key = match self.key_of {
+            Some(key_of) => key_of(topic),
+            None => topic::to_routing_key(topic),
+        };
         if self.routing_key == "{topic}" {
-            topic::to_routing_key(topic)
+            key
         } else {
-            self.routing_key
-                .replace("{topic}", &topic::to_routing_key(topic))
+            self.routing_key.replace("{topic}", &key)
         }
     }
 }

@@ -54,8 +54,16 @@ fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
 }
 
 fn check_config(file: &Path) -> ExitCode {
-    match Config::load(file) {
-        Ok(config) => {
+    let checked = Config::load(file).map(|config| {
+        let routes = crate::routes(&config.routes);
+        (config, routes)
+    });
+    match checked {
+        Ok((_, Err(e))) => {
+            eprintln!("{}: {e}", file.display());
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Ok((config, Ok(_))) => {
             println!(
                 "{}: ok (gateway id {}, MQTT on {}, {} upstream(s), {} route(s))",
                 file.display(),

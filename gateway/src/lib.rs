@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 use edge_amqp::AmqpListener;
 use edge_config::{Config, OnCorrupt};
-use edge_core::{Router, RouterOptions, Routes};
+use edge_core::{Route, Router, RouterOptions, Routes};
 use edge_mqtt::MqttListener;
 use edge_store::{Store, StoreOptions};
 use edge_upstream::Replicator;
@@ -156,6 +156,23 @@ fn open_store(
     }
 }
 
+/// The configured routes; one over a local AMQP exchange gets its filter
+/// and routing key from the AMQP adapter's exchange mapping.
+pub fn routes(configs: &[edge_config::RouteConfig]) -> Result<Routes, edge_amqp::LocalRouteError> {
+    let mut routes = Vec::with_capacity(configs.len());
+    for c in configs {
+        routes.push(match &c.local {
+            Some(local) => Route::local(
+                c.clone(),
+                edge_amqp::local_route_filter(&local.exchange, &local.routing_key)?,
+                edge_amqp::local_routing_key,
+            ),
+            None => Route::from_config(c),
+        });
+    }
+    Ok(Routes::new(routes))
+}
+
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
@@ -196,7 +213,7 @@ impl Gateway {
         let store = open_store(&config.gateway.data_dir, options, config.store.on_corrupt)?;
         let id = resolve_id(&store, config.gateway.id.as_deref()).await?;
         tracing::info!(id = %id, "gateway identity");
-        let routes = Routes::from_config(&config.routes);
+        let routes = routes(&config.routes)?;
         let router = Router::start(
             store.clone(),
             routes.clone(),
@@ -222,6 +239,9 @@ impl Gateway {
             None => None,
         };
         let amqp_addr = amqp.as_ref().map(AmqpListener::local_addr);
+        let amqp_health = amqp
+            .as_ref()
+            .map(|a| (a.local_addr(), a.open_connections()));
 
         let telemetry_listener = match &config.metrics {
             Some(m) => Some(telemetry::bind(m.listen).await?),
@@ -271,6 +291,7 @@ impl Gateway {
                 handle,
                 links,
                 store.failure(),
+                amqp_health,
                 telemetry_stop.clone(),
             ));
             if let Some(addr) = metrics_addr {

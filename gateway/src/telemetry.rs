@@ -9,6 +9,7 @@ use axum::Router as HttpRouter;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use edge_amqp::OpenConnections;
 use edge_upstream::LinkStatus;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -117,6 +118,25 @@ fn describe() {
         "edge_messages_forwarded_total",
         "Messages confirmed by the upstream, by route."
     );
+    describe_gauge!("edge_amqp_channels", "AMQP channels open now.");
+    describe_counter!(
+        "edge_amqp_confirms_total",
+        "Publishes confirmed to AMQP clients in confirm mode, by result (ack, nack)."
+    );
+    describe_counter!(
+        "edge_amqp_exceptions_total",
+        "AMQP channel and connection exceptions sent, by scope and reply code."
+    );
+    describe_gauge!("edge_amqp_queues", "AMQP queues declared now.");
+    describe_gauge!(
+        "edge_amqp_queue_messages",
+        "Messages of an AMQP queue, ready or unacked (at most 64 queue names, the rest under queue=\"_other\")."
+    );
+    describe_gauge!(
+        "edge_amqp_queue_bytes",
+        "Payload bytes an AMQP queue holds in memory."
+    );
+    describe_gauge!("edge_amqp_queue_consumers", "Consumers of an AMQP queue.");
 }
 
 #[derive(Clone)]
@@ -125,6 +145,7 @@ struct HttpState {
     metrics: PrometheusHandle,
     links: Vec<(String, LinkStatus)>,
     store_failure: tokio::sync::watch::Receiver<Option<String>>,
+    amqp: Option<(SocketAddr, OpenConnections)>,
 }
 
 /// Binds the telemetry listener; `serve` runs it.
@@ -140,6 +161,7 @@ pub async fn serve(
     metrics: PrometheusHandle,
     links: Vec<(String, LinkStatus)>,
     store_failure: tokio::sync::watch::Receiver<Option<String>>,
+    amqp: Option<(SocketAddr, OpenConnections)>,
     shutdown: CancellationToken,
 ) {
     let app = HttpRouter::new()
@@ -153,6 +175,7 @@ pub async fn serve(
             metrics,
             links,
             store_failure,
+            amqp,
         });
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app)
@@ -171,10 +194,11 @@ async fn render_metrics(State(state): State<HttpState>) -> String {
 /// exists to ride out, and a full store (quota or disk) empties itself as
 /// upstreams confirm, so both are reported in the body, not as unhealthy —
 /// a supervisor restarting on them would only make things worse. 503 once
-/// the store has failed (a restart is the recovery).
+/// the store has failed (a restart is the recovery). The AMQP listener's
+/// address and connection count follow, then each upstream link.
 async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
     let failure = state.store_failure.borrow().clone();
-    let full = state.store.full().borrow().clone();
+    let full = *state.store.full().borrow();
     let (status, mut body) = match (failure, full) {
         (Some(reason), _) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -186,6 +210,9 @@ async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
         ),
         (None, None) => (StatusCode::OK, String::from("ok\n")),
     };
+    if let Some((addr, open)) = &state.amqp {
+        body.push_str(&format!("amqp {addr}: {} connection(s)\n", open.get()));
+    }
     for (name, link) in &state.links {
         let state = if link.is_up() { "up" } else { "down" };
         body.push_str(&format!("upstream {name}: {state}\n"));

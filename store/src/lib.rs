@@ -268,7 +268,7 @@ pub(crate) struct Shared {
     /// I/O error, so the store is unusable until reopened.
     pub(crate) failure: watch::Sender<Option<String>>,
     /// `Some(reason)` while appends are refused (quota or disk space).
-    pub(crate) full: watch::Sender<Option<String>>,
+    pub(crate) full: watch::Sender<Option<FullReason>>,
 }
 
 pub(crate) type Reopen = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
@@ -832,10 +832,13 @@ impl Store {
     }
 
     /// Watch of refusals: `Some(reason)` while appends are refused because
-    /// the quota or the disk is full, `None` again once one is accepted.
+    /// the quota or the disk is full, `None` again once one is accepted or
+    /// a commit (a cursor advance, a queue acknowledgement) left room for
+    /// the refused append; while idle and refusing, the writer also reads
+    /// the free space again every second (room can come back from outside).
     /// The store stays up meanwhile: forwarding retires records and the
     /// space comes back by itself.
-    pub fn full(&self) -> watch::Receiver<Option<String>> {
+    pub fn full(&self) -> watch::Receiver<Option<FullReason>> {
         self.shared().full.subscribe()
     }
 

@@ -131,6 +131,37 @@ async fn full_store_refuses_then_reuses_space_after_cursor_advance() {
     assert_eq!(seqs, vec![3, 4, 5]);
 }
 
+#[tokio::test]
+async fn the_full_watch_clears_when_retirement_makes_room_without_an_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = record(0, 100).encoded_len() as u64;
+    let store = Store::open(dir.path(), options(3 * size, &["up"])).unwrap();
+    let mut full = store.full();
+    for n in 1..=3 {
+        store.append(record(n, 100)).await.unwrap();
+    }
+    assert!(full.borrow_and_update().is_none());
+    assert!(matches!(
+        store.append(record(4, 100)).await,
+        Err(AppendError::Full { .. })
+    ));
+    // The refusal is answered inside the batch, the watch set after its commit.
+    let reason = *tokio::time::timeout(Duration::from_secs(5), full.wait_for(Option::is_some))
+        .await
+        .expect("reported as full")
+        .unwrap();
+    assert_eq!(reason, Some(FullReason::Quota));
+    // A cursor that retires nothing (still at the first record) makes no room.
+    store.advance_cursor("up", 1).await.unwrap();
+    assert!(full.borrow_and_update().is_some(), "still full");
+    store.advance_cursor("up", 2).await.unwrap();
+    assert!(
+        full.borrow().is_none(),
+        "room again after the retiring commit, no append needed"
+    );
+    assert_eq!(store.append(record(4, 100)).await.unwrap(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_after_a_refusal_in_the_same_batch_are_refused() {
     let dir = tempfile::tempdir().unwrap();

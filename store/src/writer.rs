@@ -29,6 +29,11 @@ const LINGER: Duration = Duration::from_micros(500);
 const LINGER_STEP: Duration = Duration::from_micros(50);
 /// How long a reopen waits for readers still holding the old database.
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
+/// While refusing with an empty inbox: how often the writer looks at its
+/// inbox, and how often it reads the free space again (room can come back
+/// from outside, another process freeing the disk, with no op to commit).
+const FULL_POLL: Duration = Duration::from_millis(20);
+const ROOM_RECHECK: Duration = Duration::from_secs(1);
 
 static REFUSED: edge_log::Summary = edge_log::Summary::new(
     "Store full: refusing appends (nothing stored is touched; space comes back as upstreams confirm)",
@@ -256,6 +261,8 @@ pub(crate) struct Writer {
     disk: Disk,
     /// Set when an append of the current batch was refused.
     refused_in_batch: Option<FullReason>,
+    /// When the free space was last read while idle and refusing.
+    room_checked: Instant,
 }
 
 /// The filesystem as the writer last saw it (see `space.rs`).
@@ -293,6 +300,7 @@ impl Writer {
             waiting_for: None,
             disk: Disk::default(),
             refused_in_batch: None,
+            room_checked: Instant::now(),
         }
     }
 
@@ -306,6 +314,16 @@ impl Writer {
                     Ok(op) => op,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         self.commit_batch(Vec::new());
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else if self.shared.full.borrow().is_some() {
+                match self.rx.try_recv() {
+                    Ok(op) => op,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        self.recheck_room();
+                        std::thread::sleep(FULL_POLL);
                         continue;
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
@@ -387,7 +405,9 @@ impl Writer {
         let mut close = None;
         let mut appended = 0u64;
         self.refused_in_batch = None;
-        if ops.iter().any(|op| matches!(op, Op::Append(_))) {
+        // While refusing, every commit re-reads the free space: room can come
+        // back with a retirement, not only with the next append.
+        if self.shared.full.borrow().is_some() || ops.iter().any(|op| matches!(op, Op::Append(_))) {
             self.check_space();
         }
         if self.disk.closed && !self.reopen() {
@@ -463,20 +483,46 @@ impl Writer {
         }
     }
 
-    /// Keeps the `full` watch true to what this batch did.
+    /// Keeps the `full` watch true to what this batch did: set by a
+    /// refusal, cleared by an accepted append or as soon as retirement (a
+    /// cursor moved, a queue entry acknowledged) or the filesystem made room
+    /// for what the refused append would add, so that watchers (AMQP's
+    /// `connection.unblocked`, `/healthz`) learn it without waiting for a
+    /// publisher to try again.
     fn report_full(&mut self, appended: u64) {
         match self.refused_in_batch {
-            Some(reason) => {
-                let text = reason.to_string();
-                if self.shared.full.borrow().as_deref() != Some(text.as_str()) {
-                    self.shared.full.send_replace(Some(text));
-                }
+            Some(reason) if *self.shared.full.borrow() != Some(reason) => {
+                self.shared.full.send_replace(Some(reason));
             }
-            None if appended > 0 && self.shared.full.borrow().is_some() => {
+            Some(_) => {}
+            None if self.shared.full.borrow().is_some()
+                && (appended > 0 || self.room_for_refused()) =>
+            {
                 self.shared.full.send_replace(None);
             }
             None => {}
         }
+    }
+
+    /// Idle while refusing: reads the free space (at most every
+    /// [`ROOM_RECHECK`]) and clears the `full` watch once there is room.
+    fn recheck_room(&mut self) {
+        if self.room_checked.elapsed() < ROOM_RECHECK {
+            return;
+        }
+        self.room_checked = Instant::now();
+        self.check_space();
+        if self.room_for_refused() {
+            self.shared.full.send_replace(None);
+        }
+    }
+
+    /// Whether the next append would be taken: room for the largest refused
+    /// one (see `waiting_for`), else for at least a byte.
+    fn room_for_refused(&self) -> bool {
+        let (max, _) = self.limit();
+        let need = self.waiting_for.unwrap_or(1);
+        self.state.used().saturating_add(need) <= max
     }
 
     fn publish_stats(&self) {

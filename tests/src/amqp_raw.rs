@@ -59,6 +59,16 @@ impl RawAmqp {
 
     /// The same with `heartbeat` seconds in tune-ok.
     pub async fn open_tuned(addr: SocketAddr, frame_max: u32, heartbeat: u16) -> Result<RawAmqp> {
+        RawAmqp::open_announcing(addr, frame_max, heartbeat, FieldTable::default()).await
+    }
+
+    /// The same with these start-ok client-properties (e.g. capabilities).
+    pub async fn open_announcing(
+        addr: SocketAddr,
+        frame_max: u32,
+        heartbeat: u16,
+        client_properties: FieldTable,
+    ) -> Result<RawAmqp> {
         let mut c = RawAmqp::connect(addr).await?;
         c.write(b"AMQP\x00\x00\x09\x01").await?;
         match c.frame().await? {
@@ -68,7 +78,7 @@ impl RawAmqp {
         c.method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-                client_properties: FieldTable::default(),
+                client_properties,
                 mechanism: "PLAIN".into(),
                 response: "\0guest\0guest".into(),
                 locale: "en_US".into(),

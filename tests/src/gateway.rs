@@ -137,6 +137,25 @@ impl TestGatewayBuilder {
         self
     }
 
+    /// A `[[route]]` selecting what AMQP clients publish to the local
+    /// `exchange` with a routing key matching `pattern`.
+    pub fn local_route(
+        mut self,
+        name: &str,
+        exchange: &str,
+        pattern: &str,
+        upstream: &str,
+    ) -> Self {
+        self.routes.push(format!(
+            "[[route]]\nname = {}\nlocal_exchange = {}\nlocal_routing_key = {}\nupstream = {}\n",
+            quote(name),
+            quote(exchange),
+            quote(pattern),
+            quote(upstream)
+        ));
+        self
+    }
+
     /// Reuse a directory (its `data/` holds the store) from an earlier gateway.
     pub fn root(mut self, root: tempfile::TempDir) -> Self {
         self.root = Some(root);

@@ -629,6 +629,11 @@ impl Broker {
         }
     }
 
+    /// Every queue now (for the queue gauges, `telemetry.rs`).
+    pub(crate) fn queues(&self) -> Vec<Arc<Queue>> {
+        self.registry().queues.values().cloned().collect()
+    }
+
     /// The exclusive queues of a connection.
     pub(crate) fn owned_by(&self, conn: ConnId) -> Vec<Arc<Queue>> {
         self.registry()

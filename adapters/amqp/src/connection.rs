@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::blocked::Blocked;
 use crate::broker::Broker;
 use crate::channel::Channel;
 use crate::codec::{self, FRAME_OVERHEAD, PROTOCOL_HEADER};
@@ -152,6 +153,9 @@ pub(crate) struct Connection {
     pub(crate) deliver_due: bool,
     /// The publisher name of messages from this connection.
     pub(crate) name: Arc<str>,
+    /// The store's refusals, for a client with the `connection.blocked`
+    /// capability (`blocked.rs`).
+    pub(crate) blocked: Option<Blocked>,
     /// Channels opened so far (each opening's epoch).
     epochs: u64,
     /// Commits that failed (channel, epoch, why): their channels close.
@@ -194,6 +198,7 @@ impl Connection {
             wake: Arc::new(Notify::new()),
             deliver_due: false,
             name: format!("amqp:{peer}").into(),
+            blocked: None,
             epochs: 0,
             failed_commits: Vec::new(),
         }
@@ -473,6 +478,11 @@ impl Connection {
                     Err(e) => return e.into(),
                 },
                 _ = self.wake.notified() => self.deliver_due = true,
+                () = crate::blocked::changed(&mut self.blocked) => {
+                    if let Err(e) = self.tell_blocked() {
+                        return e.into();
+                    }
+                }
                 _ = tick.tick() => {
                     let now = Instant::now();
                     if stalled_since.is_some_and(|at| now.duration_since(at) > stall) {
@@ -519,6 +529,7 @@ impl Connection {
         let (Some(tag), true) = (s.tag, self.is_open(s.channel, s.epoch)) else {
             return Ok(());
         };
+        telemetry::confirmed(s.result.is_ok() && !s.refused, 1);
         if s.result.is_ok() && !s.refused {
             match run {
                 Some(r) if r.channel == s.channel && r.epoch == s.epoch && r.last + 1 == tag => {
@@ -634,7 +645,10 @@ impl Connection {
                     "expected content header for the basic.publish on channel {ch}, got {frame}"
                 ),
             )),
-            AMQPFrame::Method(_, method) => self.on_method(ch, method).await,
+            AMQPFrame::Method(_, method) => match self.note_publish(&method) {
+                Ok(()) => self.on_method(ch, method).await,
+                Err(e) => Err(e),
+            },
             _ => Ok(()),
         };
         match result {

@@ -1,5 +1,6 @@
 //! The handshake of a connection: protocol header, start/start-ok with
-//! PLAIN or AMQPLAIN, tune/tune-ok, open of vhost `/`.
+//! PLAIN or AMQPLAIN (and the client's capabilities), tune/tune-ok, open of
+//! vhost `/`.
 
 use std::time::Duration;
 
@@ -7,6 +8,7 @@ use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{AMQPClass, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 
+use crate::blocked::{self, Blocked};
 use crate::codec::{self, Greeting};
 use crate::connection::{Connection, End};
 use crate::error::{ACCESS_REFUSED, COMMAND_INVALID, Exception, NOT_ALLOWED};
@@ -55,6 +57,9 @@ impl Connection {
             self.name = format!("amqp:{}", String::from_utf8_lossy(name.as_bytes())).into();
         }
         self.authenticate(start_ok.mechanism.as_str(), start_ok.response.as_bytes())?;
+        if blocked::announced(&start_ok.client_properties) {
+            self.blocked = Some(Blocked::new(self.broker.router().store().full()));
+        }
 
         let s = &self.settings;
         let tune = connection::Tune {
@@ -148,6 +153,7 @@ fn start() -> connection::Start {
         "basic.nack",
         "consumer_cancel_notify",
         "authentication_failure_close",
+        "connection.blocked",
         "per_consumer_qos",
     ] {
         capabilities.insert(cap.into(), AMQPValue::Boolean(true));

@@ -45,6 +45,10 @@
 //!   An auto-delete exchange goes when it stops being the source of any
 //!   binding; deleting an exchange removes the bindings it is the source
 //!   or destination of.
+//! - **Routes over a local exchange** (`[[route]] local_exchange`,
+//!   `local_routing_key`, `routes.rs`): the pattern becomes a topic
+//!   binding's filter under `$amqp/<X>/`, and the upstream routing key is
+//!   the publish's own key.
 //! - **Durable exchanges, queues and bindings** are rows of the store's
 //!   `definitions` table (`broker.rs`), loaded when the listener starts; a
 //!   binding with its arguments (`broker/rows.rs`), an exchange binding
@@ -115,14 +119,26 @@
 //! original's CC/BCC keys; a copy that reaches several queues, some in a
 //! cycle, goes to all of them (RabbitMQ leaves out the cycling ones).
 //!
-//! Not yet: exchange arguments (`alternate-exchange`; refused, 540),
-//! `connection.blocked`, the redelivered flag across restarts.
+//! `connection.blocked` / `connection.unblocked` go to publishing
+//! connections whose clients announce the capability, while the store
+//! refuses (quota or disk reserve; `blocked.rs`), as RabbitMQ blocks only
+//! publishers; the socket is not paused meanwhile, publishes are nacked in
+//! confirm mode.
+//!
+//! Metrics (`telemetry.rs`): connections, channels, per-queue depth,
+//! bytes and consumers (bounded label cardinality), confirms, exceptions
+//! by reply code, messages in and out; `/healthz` gets the listener's
+//! address and connection count from [`AmqpListener::open_connections`].
+//!
+//! Not yet: exchange arguments (`alternate-exchange`; refused, 540), the
+//! redelivered flag across restarts.
 //!
 //! `basic.qos` reads `global` as RabbitMQ does: false limits each consumer
 //! created afterwards, true the channel as a whole (both may apply).
 
 mod args;
 mod bindings;
+mod blocked;
 mod broker;
 mod channel;
 mod codec;
@@ -137,11 +153,13 @@ mod logs;
 mod methods;
 mod properties;
 mod queue;
+mod routes;
 mod telemetry;
 mod tx;
 
 pub use error::AmqpError;
-pub use listener::AmqpListener;
+pub use listener::{AmqpListener, OpenConnections};
+pub use routes::{LocalRouteError, local_route_filter, local_routing_key};
 
 /// The frame decoder the connections use, reachable from property tests
 /// and fuzz targets. Not a stable API.

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use edge_config::AmqpConfig;
@@ -28,6 +28,17 @@ pub struct AmqpListener {
     local_addr: SocketAddr,
     max_connections: usize,
     settings: Arc<Settings>,
+    open: Arc<AtomicUsize>,
+}
+
+/// The number of connections a listener serves now (for `/healthz`).
+#[derive(Debug, Clone)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl AmqpListener {
@@ -54,11 +65,17 @@ impl AmqpListener {
                 max_message_size: config.max_message_size,
                 max_unconfirmed: config.max_unconfirmed.get(),
             }),
+            open: Arc::new(AtomicUsize::new(0)),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Counts the connections this listener serves.
+    pub fn open_connections(&self) -> OpenConnections {
+        OpenConnections(Arc::clone(&self.open))
     }
 
     /// Loads the AMQP definitions (durable exchanges, queues and their
@@ -72,6 +89,11 @@ impl AmqpListener {
                 return;
             }
         };
+        let sampler_stop = CancellationToken::new();
+        let sampler = tokio::spawn(telemetry::sample_queues(
+            Arc::downgrade(&broker),
+            sampler_stop.clone(),
+        ));
         let limit = Arc::new(Semaphore::new(self.max_connections));
         let tracker = TaskTracker::new();
         let ids = AtomicU64::new(1);
@@ -105,6 +127,8 @@ impl AmqpListener {
             }
             metrics::counter!("edge_connections_total", "protocol" => PROTOCOL).increment(1);
             metrics::gauge!("edge_connections", "protocol" => PROTOCOL).increment(1.0);
+            let open = Arc::clone(&self.open);
+            open.fetch_add(1, Ordering::Relaxed);
             let id = ids.fetch_add(1, Ordering::Relaxed);
             let connection = Connection::new(
                 stream,
@@ -117,6 +141,7 @@ impl AmqpListener {
             tracker.spawn(async move {
                 connection.serve(shutdown).await;
                 metrics::gauge!("edge_connections", "protocol" => PROTOCOL).decrement(1.0);
+                open.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }
@@ -124,6 +149,8 @@ impl AmqpListener {
         tracing::info!(listen = %self.local_addr, connections = tracker.len(), "AMQP listener stopped accepting; closing connections");
         tracker.close();
         tracker.wait().await;
+        sampler_stop.cancel();
+        let _ = sampler.await;
         broker.close().await;
         tracing::info!(listen = %self.local_addr, "AMQP listener stopped");
     }

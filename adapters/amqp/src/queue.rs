@@ -717,6 +717,13 @@ impl Queue {
     pub(crate) fn is_deleted(&self) -> bool {
         self.stop.is_cancelled()
     }
+
+    /// Deliveries awaiting an ack, and the payload bytes held in memory
+    /// (ready and unacked), for the queue gauges (`telemetry.rs`).
+    pub(crate) fn held(&self) -> (usize, usize) {
+        let s = self.state();
+        (s.unacked.len(), s.held_bytes)
+    }
 }
 
 /// Moves the session's deliveries (and, when it lagged, its store entries)

@@ -151,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
         Route::new(edge_config::RouteConfig {
             name: name.into(),
             filter: filter.into(),
+            local: None,
             upstream: "central".into(),
             exchange: "amq.topic".into(),
             routing_key: key.into(),

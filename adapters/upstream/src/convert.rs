@@ -202,6 +202,7 @@ mod tests {
         Route::new(edge_config::RouteConfig {
             name: "telemetry".into(),
             filter: "sensors/#".into(),
+            local: None,
             upstream: "central".into(),
             exchange: "amq.topic".into(),
             routing_key: "edge.{topic}".into(),

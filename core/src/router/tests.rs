@@ -34,6 +34,7 @@ fn route(filter: &str) -> Route {
     Route::new(edge_config::RouteConfig {
         name: "r".into(),
         filter: filter.into(),
+        local: None,
         upstream: "up".into(),
         exchange: "amq.topic".into(),
         routing_key: "{topic}".into(),

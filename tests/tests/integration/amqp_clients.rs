@@ -628,7 +628,14 @@ async fn a_full_store_nacks_confirmed_publishes() -> Result<()> {
         confirms[acked..].iter().all(|c| c.is_nack()),
         "after the first refusal every publish is nacked"
     );
-    // The connection lives on, and what was acked is there.
+    // The connection lives on (blocked: lapin, which announces
+    // connection.blocked, writes nothing more on it), and what was acked
+    // is there for a consuming connection, which is never blocked.
+    assert!(
+        conn.status().connected(),
+        "the publishing connection closed"
+    );
+    let (consuming, channel) = open(&gw.amqp_uri()).await?;
     let mut consumer = consume(&channel, &q, true).await?;
     for want in &sent[..acked] {
         let d = next(&mut consumer).await?;
@@ -645,7 +652,7 @@ async fn a_full_store_nacks_confirmed_publishes() -> Result<()> {
         refused.is_some_and(|v| v >= (100 - acked) as f64),
         "counted: {refused:?}"
     );
-    conn.close(200, "bye".into()).await?;
+    consuming.close(200, "bye".into()).await?;
     gw.shutdown().await?;
     Ok(())
 }

@@ -77,6 +77,42 @@ upstream = "central"
 }
 
 #[tokio::test]
+async fn check_config_checks_routes_over_a_local_exchange() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let upstream = "[[upstream]]\nname = \"central\"\nuris = [\"amqp://127.0.0.1:5672/%2f\"]\n";
+    let good = write(
+        &dir,
+        "good.toml",
+        &format!(
+            "{upstream}[[route]]\nname = \"orders\"\nlocal_exchange = \"orders\"\nlocal_routing_key = \"eu.*.#\"\nupstream = \"central\"\n"
+        ),
+    );
+    let (code, out) = run_binary(gateway_bin(), &["check-config", &good]).await?;
+    assert_eq!(code, Some(0), "output:\n{out}");
+    let bad = write(
+        &dir,
+        "bad.toml",
+        &format!(
+            "{upstream}[[route]]\nname = \"both\"\nfilter = \"a/#\"\nlocal_exchange = \"amq.topic\"\nupstream = \"central\"\n\
+             [[route]]\nname = \"inner\"\nlocal_exchange = \"orders\"\nlocal_routing_key = \"eu.#.x\"\nupstream = \"central\"\n"
+        ),
+    );
+    let (code, out) = run_binary(gateway_bin(), &["check-config", &bad]).await?;
+    assert_eq!(code, Some(EX_CONFIG), "output:\n{out}");
+    for needle in [
+        "route[0].filter",
+        "not both",
+        "route[0].local_exchange",
+        "other than amq.topic",
+        "route[1].local_routing_key",
+        "eu.#.x",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn unknown_key_is_named() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let file = write(

@@ -4,10 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod amqp_blocked;
 mod amqp_clients;
 mod amqp_dead_letters;
 mod amqp_exchanges;
 mod amqp_frames;
+mod amqp_tools;
+mod chains;
 mod config;
 mod corrupt;
 mod crash;

@@ -20,6 +20,7 @@ fn forwarder(store: &Store, filter: &str) -> Forwarder {
     let route = Route::new(edge_config::RouteConfig {
         name: "up".into(),
         filter: filter.into(),
+        local: None,
         upstream: "central".into(),
         exchange: "amq.topic".into(),
         routing_key: "{topic}".into(),
