@@ -81,9 +81,15 @@ impl Flags {
     }
 }
 
+/// Where a ready message waits: highest priority first (`x-max-priority`;
+/// 0 for every message of a queue without it), arrival order within one.
+type ReadyKey = (std::cmp::Reverse<u8>, u64);
+
 #[derive(Debug, Default)]
 struct State {
-    ready: BTreeMap<u64, Queued>,
+    ready: BTreeMap<ReadyKey, Queued>,
+    /// `x-max-priority`, if the queue has priorities.
+    max_priority: Option<u8>,
     unacked: HashMap<u64, Queued>,
     held: HashSet<Seq>,
     held_bytes: usize,
@@ -103,6 +109,25 @@ struct State {
 }
 
 impl State {
+    /// A message's place in `ready`: its priority (missing: 0, above the
+    /// queue's maximum: the maximum), then its arrival.
+    fn ready_key(&self, q: &Queued) -> ReadyKey {
+        let priority = self
+            .max_priority
+            .map_or(0, |max| q.message.properties.priority.unwrap_or(0).min(max));
+        (std::cmp::Reverse(priority), q.id)
+    }
+
+    /// Puts a message into `ready` at its place.
+    fn put_ready(&mut self, q: Queued) {
+        self.ready.insert(self.ready_key(&q), q);
+    }
+
+    /// The next message to deliver.
+    fn pop_ready(&mut self) -> Option<Queued> {
+        self.ready.pop_first().map(|(_, q)| q)
+    }
+
     fn has_room(&self) -> bool {
         self.ready.len() + self.unacked.len() < MAX_HELD && self.held_bytes < MAX_HELD_BYTES
     }
@@ -114,15 +139,12 @@ impl State {
         self.held_bytes += message.payload.len();
         let id = self.next_id;
         self.next_id += 1;
-        self.ready.insert(
+        self.put_ready(Queued {
             id,
-            Queued {
-                id,
-                message,
-                seq,
-                redelivered,
-            },
-        );
+            message,
+            seq,
+            redelivered,
+        });
     }
 
     /// A live delivery (the caller checked there is room and the queue is
@@ -190,6 +212,7 @@ impl Queue {
             )
             .await?;
         let acker = attached.subscriber.acker();
+        let max_priority = flags.args.max_priority;
         let queue = Arc::new(Queue {
             name: name.into(),
             flags,
@@ -197,6 +220,7 @@ impl Queue {
             subscriber: attached.subscriber,
             acker,
             state: Mutex::new(State {
+                max_priority,
                 catching_up: persistent,
                 live: Some(attached.deliveries),
                 ..State::default()
@@ -310,7 +334,7 @@ impl Queue {
             let mut done = Vec::new();
             let now = edge_core::message::now_ms();
             while out.len() < max {
-                let Some((_, q)) = s.ready.pop_first() else {
+                let Some(q) = s.pop_ready() else {
                     break;
                 };
                 if self.flags.expired(&q.message, now) {
@@ -360,7 +384,7 @@ impl Queue {
         for id in ids {
             if let Some(mut q) = s.unacked.remove(id) {
                 q.redelivered = true;
-                s.ready.insert(q.id, q);
+                s.put_ready(q);
             }
         }
         s.wake();
