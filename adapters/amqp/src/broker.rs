@@ -26,7 +26,7 @@
 //! Changes of definitions are serialised (`changes`), so the registry and
 //! the store never disagree while one is under way.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -40,7 +40,7 @@ use crate::error::{
     ACCESS_REFUSED, Exception, INTERNAL_ERROR, NOT_FOUND, NOT_IMPLEMENTED, PRECONDITION_FAILED,
     RESOURCE_LOCKED,
 };
-use crate::queue::{ConnId, Flags, Queue};
+use crate::queue::{ConnId, DELIVERED_ROW, Flags, Queue};
 
 const EXCHANGE_ROW: &str = "amqp/exchange/";
 const QUEUE_ROW: &str = "amqp/queue/";
@@ -94,6 +94,8 @@ struct Registry {
 /// Shared by every connection of the listener.
 #[derive(Debug)]
 pub(crate) struct Broker {
+    /// Itself, for the tasks it starts.
+    me: std::sync::Weak<Broker>,
     router: Router,
     registry: Mutex<Registry>,
     changes: tokio::sync::Mutex<()>,
@@ -222,7 +224,8 @@ impl Broker {
         let rows = tokio::task::spawn_blocking(move || store.definitions("amqp/"))
             .await
             .map_err(|e| StoreError::Read(e.to_string()))??;
-        let broker = Arc::new(Broker {
+        let broker = Arc::new_cyclic(|me| Broker {
+            me: me.clone(),
             router,
             registry: Mutex::default(),
             changes: tokio::sync::Mutex::new(()),
@@ -243,21 +246,27 @@ impl Broker {
             }
         }
         let mut bindings = Vec::new();
-        for (row, value) in rows {
+        let delivered: HashSet<&str> = rows
+            .iter()
+            .filter_map(|(row, _)| row.strip_prefix(DELIVERED_ROW))
+            .collect();
+        for (row, value) in &rows {
             if let Some(name) = row.strip_prefix(EXCHANGE_ROW) {
-                match decode_exchange(&value) {
+                match decode_exchange(value) {
                     Some(x) => {
                         broker.registry().exchanges.insert(name.to_string(), x);
                     }
                     None => tracing::warn!(exchange = name, "unreadable stored exchange: ignored"),
                 }
             } else if let Some(name) = row.strip_prefix(QUEUE_ROW) {
-                let Some(flags) = decode_queue(&value) else {
+                let Some(flags) = decode_queue(value) else {
                     tracing::warn!(queue = name, "unreadable stored queue: ignored");
                     continue;
                 };
-                match Queue::start(&broker.router, name, flags, None).await {
+                let marked = delivered.contains(name);
+                match Queue::start(&broker.router, name, flags, None, marked).await {
                     Ok(q) => {
+                        broker.watch_expiry(&q);
                         broker.registry().queues.insert(name.to_string(), q);
                     }
                     Err(error) => {
@@ -265,7 +274,7 @@ impl Broker {
                     }
                 }
             } else if row.starts_with(BINDING_ROW) {
-                match decode_binding(&value) {
+                match decode_binding(value) {
                     Some(b) => bindings.push(b),
                     None => tracing::warn!(row = %row, "unreadable stored binding: ignored"),
                 }
@@ -495,7 +504,9 @@ impl Broker {
     ) -> Result<Arc<Queue>, Exception> {
         let _change = self.changes.lock().await;
         if spec.passive {
-            return self.queue(&spec.name, conn);
+            let q = self.queue(&spec.name, conn)?;
+            q.touch();
+            return Ok(q);
         }
         let name = if spec.name.is_empty() {
             self.generated_name()
@@ -538,6 +549,7 @@ impl Broker {
                     ),
                 ));
             }
+            q.touch();
             return Ok(q);
         }
         let durable = spec.flags.durable && !spec.flags.exclusive;
@@ -549,9 +561,10 @@ impl Broker {
                 .map_err(store_err)?;
         }
         let owner = spec.flags.exclusive.then_some(conn);
-        let q = Queue::start(&self.router, &name, spec.flags.clone(), owner)
+        let q = Queue::start(&self.router, &name, spec.flags.clone(), owner, false)
             .await
             .map_err(session_err)?;
+        self.watch_expiry(&q);
         // The default exchange: every queue is bound by its name.
         let filter = convert::filter_of("", Kind::Direct, &name).map_err(internal)?;
         q.bind(&filter).await.map_err(session_err)?;
@@ -598,6 +611,10 @@ impl Broker {
                     .map_err(store_err)?;
             }
             store
+                .delete_definition(&format!("{DELIVERED_ROW}{name}"))
+                .await
+                .map_err(store_err)?;
+            store
                 .delete_definition(&format!("{QUEUE_ROW}{name}"))
                 .await
                 .map_err(store_err)?;
@@ -619,6 +636,42 @@ impl Broker {
         if let Err(error) = self.remove_queue(q).await {
             tracing::warn!(queue = %q.name, %error, "cannot delete the queue");
         }
+    }
+
+    /// Deletes `q` once it has been unused for its `x-expires` (a task that
+    /// holds neither the queue nor the broker while it waits).
+    fn watch_expiry(&self, q: &Arc<Queue>) {
+        if q.flags.args.expires.is_none() {
+            return;
+        }
+        let (broker, queue) = (self.me.clone(), Arc::downgrade(q));
+        tokio::spawn(async move {
+            while let Some(q) = crate::queue::until_expired(queue.clone()).await {
+                let Some(broker) = broker.upgrade() else {
+                    return;
+                };
+                if broker.expire(&q).await {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Deletes an expired queue as queue.delete does; false if it was used
+    /// meanwhile (then it is watched on).
+    async fn expire(&self, q: &Arc<Queue>) -> bool {
+        let _change = self.changes.lock().await;
+        if q.is_deleted() {
+            return true;
+        }
+        if !q.is_expired() {
+            return false;
+        }
+        tracing::info!(queue = %q.name, "deleting the queue: unused for its x-expires");
+        if let Err(error) = self.remove_queue(q).await {
+            tracing::warn!(queue = %q.name, %error, "cannot delete the expired queue");
+        }
+        true
     }
 
     /// At shutdown, once every connection ended: detaches every queue's

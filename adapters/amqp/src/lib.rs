@@ -48,11 +48,40 @@
 //! 505. Exceptions use RabbitMQ's reply codes and texts; a channel
 //! exception closes that channel only.
 //!
-//! Queue argument `x-message-ttl` is served (`queue.rs`, `Flags::expired`).
-//! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings, other
-//! queue and exchange arguments (all refused, 540), `connection.blocked`, the
-//! redelivered flag across restarts, basic.qos `global` (prefetch is per
-//! channel either way).
+//! Queue arguments served (`queue.rs`; every RabbitMQ one is read, compared
+//! on a redeclare (406) and kept, `args.rs`):
+//! - `x-message-ttl` (`Flags::expired`).
+//! - `x-max-priority`: a higher `priority` property is delivered first
+//!   (missing: 0, above the maximum: the maximum), arrival order within a
+//!   priority, requeued messages back at their place. The order covers
+//!   what the queue holds in memory (up to 4096 messages / 32 MiB): a
+//!   durable queue's stored backlog is read in arrival order, so of a
+//!   backlog larger than that, a higher priority message further back
+//!   waits until room lets the queue read it. Consumers of a priority
+//!   queue wait until the backlog that fits is read (at start, after a
+//!   lag); basic.get does not wait.
+//! - `x-single-active-consumer`: only the first registered consumer
+//!   receives; when it is cancelled or its channel or connection ends, the
+//!   next in registration order does. As in RabbitMQ, a basic.cancel
+//!   leaves the cancelled consumer's unacked messages with its channel (to
+//!   ack, or to come back when it nacks or closes); an exclusive consume
+//!   on such a queue is refused (403).
+//! - `x-expires`: a queue without consumers that nobody declared (passive
+//!   declares included, as in RabbitMQ) or got from for that long is
+//!   deleted as by queue.delete; a durable one's time counts from the
+//!   gateway's start. One timer per such queue.
+//! - The redelivered flag survives restarts: a durable queue writes the
+//!   definition row `amqp/delivered/<queue>` once, before its first
+//!   delivery of a run; a clean stop records the stored entries that may
+//!   have been delivered (entry state 1) and removes the row. A start that
+//!   finds the row (the gateway died after delivering) reports every entry
+//!   stored then as redelivered; otherwise only the recorded ones.
+//!
+//! Not yet: `tx`, headers exchanges, exchange-to-exchange bindings,
+//! exchange arguments, the effect of the other queue arguments
+//! (`x-max-length`, dead-lettering, `x-delivery-limit`),
+//! `connection.blocked`, basic.qos `global` (prefetch is per channel either
+//! way).
 
 mod args;
 mod broker;

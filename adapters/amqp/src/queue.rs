@@ -13,17 +13,26 @@
 //! or nack/reject with requeue, a closed channel or connection (back to
 //! `ready` at its place, marked redelivered).
 //!
+//! `ready` is ordered by priority (`x-max-priority`), then arrival; of a
+//! single-active-consumer queue only the first consumer takes; an
+//! `x-expires` queue is watched by one task (`until_expired`). A durable
+//! queue's `DELIVERED_ROW` and entry states keep the redelivered flag
+//! across restarts (`mark_delivered`, `record_delivered`).
+//!
 //! Invariants: a message is in at most one of `ready` and `unacked`;
 //! `held` is exactly the seqs of the durable ones among them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
 
 use edge_core::{Acker, AttachOptions, Delivery, Message, QoS, Router, SessionError, Subscriber};
 use edge_store::Seq;
 
 use crate::args::QueueArgs;
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Deliveries the core may queue for the pump.
@@ -34,6 +43,12 @@ const MAX_HELD: usize = 4096;
 const MAX_HELD_BYTES: usize = 32 << 20;
 /// Entries read from the store at once.
 const BACKLOG_PAGE: usize = 256;
+
+/// The definition row saying a durable queue may have delivered messages
+/// since it last recorded which (`Queue::close`): `amqp/delivered/<name>`.
+pub(crate) const DELIVERED_ROW: &str = "amqp/delivered/";
+/// A store entry's state once its message may have been delivered.
+const DELIVERED: u32 = 1;
 
 /// The core session of a queue.
 pub(crate) fn session_id(queue: &str) -> Arc<str> {
@@ -85,7 +100,7 @@ impl Flags {
 /// 0 for every message of a queue without it), arrival order within one.
 type ReadyKey = (std::cmp::Reverse<u8>, u64);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     ready: BTreeMap<ReadyKey, Queued>,
     /// `x-max-priority`, if the queue has priorities.
@@ -97,7 +112,16 @@ struct State {
     consumers: BTreeMap<u64, Arc<Notify>>,
     /// The key of an exclusive consumer, which keeps every other out.
     exclusive: Option<u64>,
+    /// `x-single-active-consumer`: only the first consumer (the smallest
+    /// key: keys grow in registration order) receives.
+    single_active: bool,
     had_consumer: bool,
+    /// The last use (declare, get, last consumer gone, start), for `x-expires`.
+    last_used: Instant,
+    /// Store entries up to this seq may have been delivered before the
+    /// gateway stopped without recording which (`DELIVERED_ROW`); cleared
+    /// once the pump has read every one of them.
+    suspect_up_to: Option<Seq>,
     next_id: u64,
     /// Store entries below this seq have been read (or delivered live).
     read_from: Seq,
@@ -109,6 +133,31 @@ struct State {
 }
 
 impl State {
+    fn new(flags: &Flags, persistent: bool, live: mpsc::Receiver<Delivery>) -> State {
+        State {
+            ready: BTreeMap::new(),
+            max_priority: flags.args.max_priority,
+            unacked: HashMap::new(),
+            held: HashSet::new(),
+            held_bytes: 0,
+            consumers: BTreeMap::new(),
+            exclusive: None,
+            single_active: flags.args.single_active_consumer,
+            had_consumer: false,
+            last_used: Instant::now(),
+            suspect_up_to: None,
+            next_id: 0,
+            read_from: 0,
+            catching_up: persistent,
+            live: Some(live),
+        }
+    }
+
+    /// Whether the consumer `key` may receive now.
+    fn may_deliver_to(&self, key: u64) -> bool {
+        !self.single_active || self.consumers.keys().next() == Some(&key)
+    }
+
     /// A message's place in `ready`: its priority (missing: 0, above the
     /// queue's maximum: the maximum), then its arrival.
     fn ready_key(&self, q: &Queued) -> ReadyKey {
@@ -171,7 +220,10 @@ impl State {
     }
 
     fn wake(&self) {
-        for waker in self.consumers.values() {
+        let wakers = self.consumers.values();
+        // Of a single-active-consumer queue only the active one is woken.
+        let n = if self.single_active { 1 } else { usize::MAX };
+        for waker in wakers.take(n) {
             waker.notify_one();
         }
     }
@@ -188,18 +240,26 @@ pub(crate) struct Queue {
     acker: Option<Acker>,
     state: Mutex<State>,
     room: Arc<Notify>,
+    /// Woken when the queue is used or loses its last consumer (`x-expires`).
+    used: Arc<Notify>,
+    /// A durable queue's store, for its `DELIVERED_ROW`.
+    store: Option<edge_store::Store>,
+    /// The `DELIVERED_ROW` is written (this run, or left by the last one).
+    delivered_mark: AtomicBool,
     stop: CancellationToken,
     pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Queue {
     /// Attaches the queue's session (resuming a durable one with its
-    /// entries) and starts its pump.
+    /// entries) and starts its pump. `marked`: the queue's `DELIVERED_ROW`
+    /// was found at start, so its stored entries may have been delivered.
     pub(crate) async fn start(
         router: &Router,
         name: &str,
         flags: Flags,
         owner: Option<ConnId>,
+        marked: bool,
     ) -> Result<Arc<Queue>, SessionError> {
         let persistent = flags.durable && !flags.exclusive;
         let attached = router
@@ -212,20 +272,21 @@ impl Queue {
             )
             .await?;
         let acker = attached.subscriber.acker();
-        let max_priority = flags.args.max_priority;
+        let mut state = State::new(&flags, persistent, attached.deliveries);
+        if persistent && marked {
+            state.suspect_up_to = Some(*router.store().committed().borrow());
+        }
         let queue = Arc::new(Queue {
             name: name.into(),
             flags,
             owner,
             subscriber: attached.subscriber,
             acker,
-            state: Mutex::new(State {
-                max_priority,
-                catching_up: persistent,
-                live: Some(attached.deliveries),
-                ..State::default()
-            }),
+            state: Mutex::new(state),
             room: Arc::new(Notify::new()),
+            used: Arc::new(Notify::new()),
+            store: persistent.then(|| router.store().clone()),
+            delivered_mark: AtomicBool::new(persistent && marked),
             stop: CancellationToken::new(),
             pump: Mutex::new(None),
         });
@@ -299,9 +360,11 @@ impl Queue {
 
     /// Adds a consumer; false (and nothing added) when an exclusive one
     /// is asked for while there are others, or there is an exclusive one.
+    /// Exclusive consumers are refused on a single-active-consumer queue,
+    /// as RabbitMQ does.
     pub(crate) fn add_consumer(&self, key: u64, waker: Arc<Notify>, exclusive: bool) -> bool {
         let mut s = self.state();
-        if s.exclusive.is_some() || exclusive && !s.consumers.is_empty() {
+        if s.exclusive.is_some() || exclusive && (s.single_active || !s.consumers.is_empty()) {
             return false;
         }
         if exclusive {
@@ -310,25 +373,65 @@ impl Queue {
         s.consumers.insert(key, waker);
         s.had_consumer = true;
         s.wake();
+        drop(s);
+        self.used.notify_one();
         true
     }
 
     /// Removes a consumer; true when it was the last one of a queue that
     /// had one (an auto-delete queue goes then).
+    /// The next consumer of a single-active-consumer queue becomes active.
     pub(crate) fn remove_consumer(&self, key: u64) -> bool {
         let mut s = self.state();
         s.consumers.remove(&key);
         if s.exclusive == Some(key) {
             s.exclusive = None;
         }
-        s.had_consumer && s.consumers.is_empty()
+        let last = s.had_consumer && s.consumers.is_empty();
+        if s.consumers.is_empty() {
+            s.last_used = Instant::now();
+        }
+        s.wake();
+        drop(s);
+        self.used.notify_one();
+        last
     }
 
-    /// Up to `max` ready messages, oldest first. Unless `no_ack`, they wait
-    /// in `unacked`; with `no_ack` they count as delivered now.
-    pub(crate) async fn take(&self, max: usize, no_ack: bool) -> Vec<Queued> {
+    /// A declare (passive or not) or get renews an `x-expires` lease, as
+    /// in RabbitMQ.
+    pub(crate) fn touch(&self) {
+        if self.flags.args.expires.is_some() {
+            self.state().last_used = Instant::now();
+            self.used.notify_one();
+        }
+    }
+
+    /// A basic.get: `take` for nobody in particular; renews the lease.
+    pub(crate) async fn get(&self, no_ack: bool) -> Option<Queued> {
+        self.touch();
+        self.take(None, 1, no_ack).await.pop()
+    }
+
+    /// Up to `max` ready messages for the consumer `consumer` (`None`: a
+    /// get), in priority then arrival order; none for a waiting consumer of
+    /// a single-active-consumer queue, and none for consumers of a priority
+    /// queue while the backlog that fits in memory is still being read
+    /// (so that it is ordered as a whole). Unless `no_ack`, they wait in
+    /// `unacked`; with `no_ack` they count as delivered now.
+    pub(crate) async fn take(
+        &self,
+        consumer: Option<u64>,
+        max: usize,
+        no_ack: bool,
+    ) -> Vec<Queued> {
         let (out, done) = {
             let mut s = self.state();
+            if let Some(key) = consumer
+                && (!s.may_deliver_to(key)
+                    || s.max_priority.is_some() && s.catching_up && s.has_room())
+            {
+                return Vec::new();
+            }
             self.drain_live(&mut s);
             let mut out = Vec::new();
             let mut done = Vec::new();
@@ -358,7 +461,80 @@ impl Queue {
             self.room.notify_one();
         }
         self.forget(done).await;
+        if !self.mark_delivered(&out).await {
+            let mut s = self.state();
+            for q in out {
+                // Not sent: back at their place, as they were.
+                if s.unacked.remove(&q.id).is_some() {
+                    s.put_ready(q);
+                }
+            }
+            return Vec::new();
+        }
         out
+    }
+
+    /// Before a durable queue's first delivery of a run, writes its
+    /// `DELIVERED_ROW`, so that after a crash its entries come back
+    /// redelivered; false if that write failed (then nothing is sent).
+    async fn mark_delivered(&self, out: &[Queued]) -> bool {
+        let Some(store) = &self.store else {
+            return true;
+        };
+        if self.delivered_mark.load(Ordering::Acquire) || out.iter().all(|q| q.seq.is_none()) {
+            return true;
+        }
+        let row = format!("{DELIVERED_ROW}{}", self.name);
+        match store.put_definition(&row, vec![1]).await {
+            Ok(()) => {
+                self.delivered_mark.store(true, Ordering::Release);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(queue = %self.name, %error, "cannot record that the queue delivers; not delivering");
+                false
+            }
+        }
+    }
+
+    /// At a clean stop: records which stored entries may have been
+    /// delivered (their state), then removes the `DELIVERED_ROW`, so the
+    /// next start knows the others never were. Left as it is while some
+    /// entries the last crash made suspect were not read yet.
+    async fn record_delivered(&self) {
+        let Some(store) = &self.store else { return };
+        if !self.delivered_mark.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(acker) = &self.acker {
+            // Acknowledgements under way land first.
+            acker.settled().await;
+        }
+        let seqs: Vec<Seq> = {
+            let s = self.state();
+            if s.suspect_up_to.is_some() {
+                return;
+            }
+            let delivered = s.ready.values().filter(|q| q.redelivered);
+            delivered
+                .chain(s.unacked.values())
+                .filter_map(|q| q.seq)
+                .collect()
+        };
+        if let Some(acker) = &self.acker {
+            let writes = seqs.iter().map(|seq| acker.set_state(*seq, DELIVERED));
+            // Concurrent, so the store commits them together.
+            for result in futures::future::join_all(writes).await {
+                if let Err(error) = result {
+                    tracing::warn!(queue = %self.name, %error, "cannot record a delivered message; the queue's messages count as delivered");
+                    return;
+                }
+            }
+        }
+        let row = format!("{DELIVERED_ROW}{}", self.name);
+        if let Err(error) = store.delete_definition(&row).await {
+            tracing::warn!(queue = %self.name, %error, "cannot clear the queue's delivered mark");
+        }
     }
 
     /// The consumer has these messages: their store entries go.
@@ -482,6 +658,7 @@ impl Queue {
         if let Some(task) = task {
             let _ = task.await;
         }
+        queue.record_delivered().await;
         match Arc::try_unwrap(queue) {
             Ok(queue) => {
                 if let Err(error) = queue.subscriber.leave().await {
@@ -530,11 +707,13 @@ async fn pump(queue: Weak<Queue>) {
                     for e in page {
                         s.read_from = e.seq + 1;
                         if !s.held.contains(&e.seq) {
-                            s.push(e.message, Some(e.seq), e.state != 0);
+                            let suspect = s.suspect_up_to.is_some_and(|last| e.seq <= last);
+                            s.push(e.message, Some(e.seq), e.state != 0 || suspect);
                         }
                     }
                     if caught_up {
                         s.catching_up = false;
+                        s.suspect_up_to = None;
                     }
                     s.wake();
                 }
@@ -596,4 +775,48 @@ fn poll_live(queue: &Weak<Queue>, cx: &mut std::task::Context<'_>) -> std::task:
     }
     s.wake();
     Poll::Ready(true)
+}
+
+/// Resolves with the queue once it has been unused (no consumers, no
+/// declare or get) for its `x-expires`; `None` when it has none, or is
+/// deleted or gone first. One timer at a time, reset when it is used.
+pub(crate) async fn until_expired(queue: Weak<Queue>) -> Option<Arc<Queue>> {
+    loop {
+        let q = queue.upgrade()?;
+        let expires = Duration::from_millis(q.flags.args.expires?);
+        if q.stop.is_cancelled() {
+            return None;
+        }
+        let deadline = {
+            let s = q.state();
+            s.consumers.is_empty().then(|| s.last_used + expires)
+        };
+        if deadline.is_some_and(|at| at <= Instant::now()) {
+            return Some(q);
+        }
+        let (stop, used) = (q.stop.clone(), Arc::clone(&q.used));
+        drop(q);
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = timer => {}
+            _ = used.notified() => {}
+            _ = stop.cancelled() => return None,
+        }
+    }
+}
+
+impl Queue {
+    /// Whether the queue is unused past its `x-expires` now.
+    pub(crate) fn is_expired(&self) -> bool {
+        let Some(ms) = self.flags.args.expires else {
+            return false;
+        };
+        let s = self.state();
+        s.consumers.is_empty() && s.last_used + Duration::from_millis(ms) <= Instant::now()
+    }
 }

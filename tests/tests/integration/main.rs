@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod amqp_clients;
+mod amqp_consumers;
 mod amqp_frames;
 mod config;
 mod corrupt;
