@@ -424,66 +424,76 @@ impl Queue {
         max: usize,
         no_ack: bool,
     ) -> Vec<Queued> {
-        let (out, done) = {
-            let mut s = self.state();
-            if let Some(key) = consumer
-                && (!s.may_deliver_to(key)
-                    || s.max_priority.is_some() && s.catching_up && s.has_room())
-            {
+        loop {
+            let marked = self.store.is_none() || self.delivered_mark.load(Ordering::Acquire);
+            let Some((out, done, unmarked)) = self.take_now(consumer, max, no_ack, marked) else {
                 return Vec::new();
+            };
+            if !out.is_empty() {
+                self.room.notify_one();
             }
-            self.drain_live(&mut s);
-            let mut out = Vec::new();
-            let mut done = Vec::new();
-            let now = edge_core::message::now_ms();
-            while out.len() < max {
-                let Some(q) = s.pop_ready() else {
-                    break;
-                };
-                if self.flags.expired(&q.message, now) {
-                    // Delivered to nobody, as the core does for its queues.
-                    s.release(&q);
-                    done.extend(q.seq);
-                    crate::telemetry::expired(&q.message);
-                    continue;
-                }
-                if no_ack {
-                    s.release(&q);
-                    done.extend(q.seq);
-                } else {
-                    s.unacked.insert(q.id, q.clone());
-                }
-                out.push(q);
+            self.forget(done).await;
+            // A durable message waits for the mark; what came before it goes.
+            if !unmarked || !out.is_empty() || !self.mark_delivered().await {
+                return out;
             }
-            (out, done)
-        };
-        if !out.is_empty() {
-            self.room.notify_one();
         }
-        self.forget(done).await;
-        if !self.mark_delivered(&out).await {
-            let mut s = self.state();
-            for q in out {
-                // Not sent: back at their place, as they were.
-                if s.unacked.remove(&q.id).is_some() {
-                    s.put_ready(q);
-                }
-            }
-            return Vec::new();
+    }
+
+    /// `take` under the lock: `None` when `consumer` may not take now;
+    /// else the messages, the store entries done with, and whether a
+    /// durable message was left because the queue is not `marked` yet.
+    fn take_now(
+        &self,
+        consumer: Option<u64>,
+        max: usize,
+        no_ack: bool,
+        marked: bool,
+    ) -> Option<(Vec<Queued>, Vec<Seq>, bool)> {
+        let mut s = self.state();
+        if let Some(key) = consumer
+            && (!s.may_deliver_to(key) || s.max_priority.is_some() && s.catching_up && s.has_room())
+        {
+            return None;
         }
-        out
+        self.drain_live(&mut s);
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        let now = edge_core::message::now_ms();
+        while out.len() < max {
+            let Some(q) = s.pop_ready() else {
+                break;
+            };
+            if self.flags.expired(&q.message, now) {
+                // Delivered to nobody, as the core does for its queues.
+                s.release(&q);
+                done.extend(q.seq);
+                crate::telemetry::expired(&q.message);
+                continue;
+            }
+            if q.seq.is_some() && !marked {
+                s.put_ready(q);
+                return Some((out, done, true));
+            }
+            if no_ack {
+                s.release(&q);
+                done.extend(q.seq);
+            } else {
+                s.unacked.insert(q.id, q.clone());
+            }
+            out.push(q);
+        }
+        Some((out, done, false))
     }
 
     /// Before a durable queue's first delivery of a run, writes its
     /// `DELIVERED_ROW`, so that after a crash its entries come back
-    /// redelivered; false if that write failed (then nothing is sent).
-    async fn mark_delivered(&self, out: &[Queued]) -> bool {
+    /// redelivered; false if that write failed (then nothing durable is
+    /// sent).
+    async fn mark_delivered(&self) -> bool {
         let Some(store) = &self.store else {
             return true;
         };
-        if self.delivered_mark.load(Ordering::Acquire) || out.iter().all(|q| q.seq.is_none()) {
-            return true;
-        }
         let row = format!("{DELIVERED_ROW}{}", self.name);
         match store.put_definition(&row, vec![1]).await {
             Ok(()) => {
