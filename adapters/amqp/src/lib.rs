@@ -53,13 +53,15 @@
 //! - `x-message-ttl` (`Flags::expired`).
 //! - `x-max-priority`: a higher `priority` property is delivered first
 //!   (missing: 0, above the maximum: the maximum), arrival order within a
-//!   priority, requeued messages back at their place. The order covers
-//!   what the queue holds in memory (up to 4096 messages / 32 MiB): a
-//!   durable queue's stored backlog is read in arrival order, so of a
-//!   backlog larger than that, a higher priority message further back
-//!   waits until room lets the queue read it. Consumers of a priority
-//!   queue wait until the backlog that fits is read (at start, after a
-//!   lag); basic.get does not wait.
+//!   priority, requeued messages back at their place. The order covers the
+//!   whole backlog: a durable queue's stored entries beyond its memory
+//!   (4096 messages / 32 MiB) are known by priority and seq (up to 262144
+//!   of them, `queue/priority.rs`) and read back when their turn comes;
+//!   only further back is the store read in arrival order. Consumers wait
+//!   while that backlog is read (at start, after a lag); basic.get does
+//!   not wait. A transient message that finds a priority queue's memory
+//!   full is dropped (counted), as the core drops what a full queue
+//!   cannot hold.
 //! - `x-single-active-consumer`: only the first registered consumer
 //!   receives; when it is cancelled or its channel or connection ends, the
 //!   next in registration order does. As in RabbitMQ, a basic.cancel

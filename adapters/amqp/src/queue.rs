@@ -13,11 +13,12 @@
 //! or nack/reject with requeue, a closed channel or connection (back to
 //! `ready` at its place, marked redelivered).
 //!
-//! `ready` is ordered by priority (`x-max-priority`), then arrival; of a
-//! single-active-consumer queue only the first consumer takes; an
-//! `x-expires` queue is watched by one task (`until_expired`). A durable
-//! queue's `DELIVERED_ROW` and entry states keep the redelivered flag
-//! across restarts (`mark_delivered`, `record_delivered`).
+//! `ready` is ordered by priority, then arrival; a priority queue's
+//! stored entries beyond memory wait in a spill of (priority, seq)
+//! (`queue/priority.rs`). Of a single-active-consumer queue only the first
+//! consumer takes. An `x-expires` queue is watched by one task
+//! (`queue/expiry.rs`). A durable queue's `DELIVERED_ROW` and entry states
+//! keep the redelivered flag across restarts (`queue/delivered.rs`).
 //!
 //! Invariants: a message is in at most one of `ready` and `unacked`;
 //! `held` is exactly the seqs of the durable ones among them.
@@ -25,7 +26,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
 
 use edge_core::{Acker, AttachOptions, Delivery, Message, QoS, Router, SessionError, Subscriber};
 use edge_store::Seq;
@@ -43,6 +43,15 @@ const MAX_HELD: usize = 4096;
 const MAX_HELD_BYTES: usize = 32 << 20;
 /// Entries read from the store at once.
 const BACKLOG_PAGE: usize = 256;
+/// Stored entries a priority queue knows by priority and seq only, at most
+/// (beyond that the store is read on in arrival order as room frees).
+const MAX_SPILLED: usize = 1 << 18;
+
+mod delivered;
+mod expiry;
+mod priority;
+
+pub(crate) use expiry::until_expired;
 
 /// The definition row saying a durable queue may have delivered messages
 /// since it last recorded which (`Queue::close`): `amqp/delivered/<name>`.
@@ -105,6 +114,9 @@ struct State {
     ready: BTreeMap<ReadyKey, Queued>,
     /// `x-max-priority`, if the queue has priorities.
     max_priority: Option<u8>,
+    /// A priority queue's durable entries read but not held (`priority.rs`):
+    /// whether each is redelivered.
+    spilled: BTreeMap<priority::SpillKey, bool>,
     unacked: HashMap<u64, Queued>,
     held: HashSet<Seq>,
     held_bytes: usize,
@@ -133,10 +145,11 @@ struct State {
 }
 
 impl State {
-    fn new(flags: &Flags, persistent: bool, live: mpsc::Receiver<Delivery>) -> State {
+    fn new(flags: &Flags, catching_up: bool, live: mpsc::Receiver<Delivery>) -> State {
         State {
             ready: BTreeMap::new(),
             max_priority: flags.args.max_priority,
+            spilled: BTreeMap::new(),
             unacked: HashMap::new(),
             held: HashSet::new(),
             held_bytes: 0,
@@ -148,7 +161,7 @@ impl State {
             suspect_up_to: None,
             next_id: 0,
             read_from: 0,
-            catching_up: persistent,
+            catching_up,
             live: Some(live),
         }
     }
@@ -156,25 +169,6 @@ impl State {
     /// Whether the consumer `key` may receive now.
     fn may_deliver_to(&self, key: u64) -> bool {
         !self.single_active || self.consumers.keys().next() == Some(&key)
-    }
-
-    /// A message's place in `ready`: its priority (missing: 0, above the
-    /// queue's maximum: the maximum), then its arrival.
-    fn ready_key(&self, q: &Queued) -> ReadyKey {
-        let priority = self
-            .max_priority
-            .map_or(0, |max| q.message.properties.priority.unwrap_or(0).min(max));
-        (std::cmp::Reverse(priority), q.id)
-    }
-
-    /// Puts a message into `ready` at its place.
-    fn put_ready(&mut self, q: Queued) {
-        self.ready.insert(self.ready_key(&q), q);
-    }
-
-    /// The next message to deliver.
-    fn pop_ready(&mut self) -> Option<Queued> {
-        self.ready.pop_first().map(|(_, q)| q)
     }
 
     fn has_room(&self) -> bool {
@@ -196,20 +190,25 @@ impl State {
         });
     }
 
-    /// A live delivery (the caller checked there is room and the queue is
-    /// not catching up with its store entries).
+    /// A live delivery (the caller checked `can_admit` and that the queue
+    /// is not catching up with its store entries).
     fn accept(&mut self, d: Delivery) {
         if d.retained {
             // Retained messages are MQTT's; AMQP queues see publishes only.
             return;
         }
-        if let Some(seq) = d.seq {
-            if seq < self.read_from || self.held.contains(&seq) {
-                return;
+        match d.seq {
+            Some(seq) => {
+                if seq < self.read_from || self.held.contains(&seq) {
+                    return;
+                }
+                self.read_from = seq + 1;
+                self.admit(d.message, seq, false);
             }
-            self.read_from = seq + 1;
+            None if self.has_room() => self.push(d.message, None, false),
+            // A priority queue's spill holds stored entries only.
+            None => crate::telemetry::dropped("amqp_queue_full", 1),
         }
-        self.push(d.message, d.seq, false);
     }
 
     fn release(&mut self, q: &Queued) {
@@ -272,7 +271,11 @@ impl Queue {
             )
             .await?;
         let acker = attached.subscriber.acker();
-        let mut state = State::new(&flags, persistent, attached.deliveries);
+        // Only a resumed session can have entries to read; a new queue's
+        // messages all come live (so a get right after a confirmed publish
+        // to it finds the message).
+        let resumed = persistent && attached.session_present;
+        let mut state = State::new(&flags, resumed, attached.deliveries);
         if persistent && marked {
             state.suspect_up_to = Some(*router.store().committed().borrow());
         }
@@ -340,7 +343,7 @@ impl Queue {
     /// Takes what the session's channel holds now, while there is room and
     /// the store entries are not being caught up with.
     fn drain_live(&self, s: &mut State) {
-        while s.has_room() && !s.catching_up {
+        while s.can_admit() && !s.catching_up {
             if self.subscriber.take_lagged() {
                 s.catching_up = true;
                 // The pump reads the store.
@@ -397,15 +400,6 @@ impl Queue {
         last
     }
 
-    /// A declare (passive or not) or get renews an `x-expires` lease, as
-    /// in RabbitMQ.
-    pub(crate) fn touch(&self) {
-        if self.flags.args.expires.is_some() {
-            self.state().last_used = Instant::now();
-            self.used.notify_one();
-        }
-    }
-
     /// A basic.get: `take` for nobody in particular; renews the lease.
     pub(crate) async fn get(&self, no_ack: bool) -> Option<Queued> {
         self.touch();
@@ -415,8 +409,9 @@ impl Queue {
     /// Up to `max` ready messages for the consumer `consumer` (`None`: a
     /// get), in priority then arrival order; none for a waiting consumer of
     /// a single-active-consumer queue, and none for consumers of a priority
-    /// queue while the backlog that fits in memory is still being read
-    /// (so that it is ordered as a whole). Unless `no_ack`, they wait in
+    /// queue while its backlog (as far as memory and the spill hold it) is
+    /// still being read or a spilled entry comes first (so that it is
+    /// ordered as a whole, `priority.rs`). Unless `no_ack`, they wait in
     /// `unacked`; with `no_ack` they count as delivered now.
     pub(crate) async fn take(
         &self,
@@ -452,8 +447,12 @@ impl Queue {
     ) -> Option<(Vec<Queued>, Vec<Seq>, bool)> {
         let mut s = self.state();
         if let Some(key) = consumer
-            && (!s.may_deliver_to(key) || s.max_priority.is_some() && s.catching_up && s.has_room())
+            && (!s.may_deliver_to(key)
+                || s.max_priority.is_some() && s.catching_up && s.can_admit()
+                || s.spill_first())
         {
+            // The pump reads what comes first.
+            self.room.notify_one();
             return None;
         }
         self.drain_live(&mut s);
@@ -486,96 +485,6 @@ impl Queue {
         Some((out, done, false))
     }
 
-    /// Before a durable queue's first delivery of a run, writes its
-    /// `DELIVERED_ROW`, so that after a crash its entries come back
-    /// redelivered; false if that write failed (then nothing durable is
-    /// sent).
-    async fn mark_delivered(&self) -> bool {
-        let Some(store) = &self.store else {
-            return true;
-        };
-        let row = format!("{DELIVERED_ROW}{}", self.name);
-        match store.put_definition(&row, vec![1]).await {
-            Ok(()) => {
-                self.delivered_mark.store(true, Ordering::Release);
-                true
-            }
-            Err(error) => {
-                tracing::warn!(queue = %self.name, %error, "cannot record that the queue delivers; not delivering");
-                false
-            }
-        }
-    }
-
-    /// At a clean stop: records which stored entries may have been
-    /// delivered (their state), then removes the `DELIVERED_ROW`, so the
-    /// next start knows the others never were. Left as it is while some
-    /// entries the last crash made suspect were not read yet.
-    async fn record_delivered(&self) {
-        let Some(store) = &self.store else { return };
-        if !self.delivered_mark.load(Ordering::Acquire) {
-            return;
-        }
-        if let Some(acker) = &self.acker {
-            // Acknowledgements under way land first.
-            acker.settled().await;
-        }
-        let seqs: Vec<Seq> = {
-            let s = self.state();
-            if s.suspect_up_to.is_some() {
-                return;
-            }
-            let delivered = s.ready.values().filter(|q| q.redelivered);
-            delivered
-                .chain(s.unacked.values())
-                .filter_map(|q| q.seq)
-                .collect()
-        };
-        if let Some(acker) = &self.acker {
-            let writes = seqs.iter().map(|seq| acker.set_state(*seq, DELIVERED));
-            // Concurrent, so the store commits them together.
-            for result in futures::future::join_all(writes).await {
-                if let Err(error) = result {
-                    tracing::warn!(queue = %self.name, %error, "cannot record a delivered message; the queue's messages count as delivered");
-                    return;
-                }
-            }
-        }
-        let row = format!("{DELIVERED_ROW}{}", self.name);
-        if let Err(error) = store.delete_definition(&row).await {
-            tracing::warn!(queue = %self.name, %error, "cannot clear the queue's delivered mark");
-        }
-    }
-
-    /// The consumer has these messages: their store entries go.
-    pub(crate) async fn ack(&self, ids: &[u64]) {
-        let done = {
-            let mut s = self.state();
-            let mut done = Vec::new();
-            for id in ids {
-                if let Some(q) = s.unacked.remove(id) {
-                    s.release(&q);
-                    done.extend(q.seq);
-                }
-            }
-            done
-        };
-        self.room.notify_one();
-        self.forget(done).await;
-    }
-
-    /// Back to `ready` at their place, marked redelivered.
-    pub(crate) fn requeue(&self, ids: &[u64]) {
-        let mut s = self.state();
-        for id in ids {
-            if let Some(mut q) = s.unacked.remove(id) {
-                q.redelivered = true;
-                s.put_ready(q);
-            }
-        }
-        s.wake();
-    }
-
     async fn forget(&self, seqs: Vec<Seq>) {
         if let (Some(acker), false) = (&self.acker, seqs.is_empty()) {
             // Awaited only for its registration: a later backlog read waits
@@ -595,7 +504,9 @@ impl Queue {
                 s.release(q);
                 seqs.extend(q.seq);
             }
-            (ready.len() as u32, seqs, s.catching_up)
+            let spilled = std::mem::take(&mut s.spilled);
+            seqs.extend(spilled.keys().map(|(_, seq)| *seq));
+            ((ready.len() + spilled.len()) as u32, seqs, s.catching_up)
         };
         if let Some(acker) = &self.acker {
             acker.ack(seqs).await?;
@@ -647,6 +558,7 @@ impl Queue {
         {
             let mut s = self.state();
             s.ready.clear();
+            s.spilled.clear();
             s.held.clear();
             s.held_bytes = 0;
             // Their connections cancel them (basic.cancel).
@@ -692,13 +604,34 @@ async fn pump(queue: Weak<Queue>) {
         if q.stop.is_cancelled() {
             return;
         }
-        let (room, catching_up) = {
+        let (room, catching_up, load) = {
             let mut s = q.state();
             if q.subscriber.take_lagged() {
                 s.catching_up = true;
             }
-            (s.has_room(), s.catching_up)
+            (s.can_admit(), s.catching_up, s.next_to_load())
         };
+        if let Some(key) = load {
+            // A spilled entry's turn: read it back.
+            match q.subscriber.backlog(key.1, 1).await {
+                Ok(mut entry) => {
+                    let mut s = q.state();
+                    s.loaded(key, entry.pop());
+                    s.wake();
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(queue = %q.name, %error, "cannot read a stored message back; retrying");
+                    let stop = q.stop.clone();
+                    drop(q);
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    continue;
+                }
+            }
+        }
         if !room {
             let stop = q.stop.clone();
             let room = Arc::clone(&q.room);
@@ -718,7 +651,7 @@ async fn pump(queue: Weak<Queue>) {
                         s.read_from = e.seq + 1;
                         if !s.held.contains(&e.seq) {
                             let suspect = s.suspect_up_to.is_some_and(|last| e.seq <= last);
-                            s.push(e.message, Some(e.seq), e.state != 0 || suspect);
+                            s.admit(e.message, e.seq, e.state != 0 || suspect);
                         }
                     }
                     if caught_up {
@@ -763,7 +696,7 @@ fn poll_live(queue: &Weak<Queue>, cx: &mut std::task::Context<'_>) -> std::task:
     let mut s = q.state();
     let mut moved = false;
     loop {
-        if !s.has_room() || s.catching_up {
+        if !s.can_admit() || s.catching_up {
             break;
         }
         if q.subscriber.take_lagged() {
@@ -785,48 +718,4 @@ fn poll_live(queue: &Weak<Queue>, cx: &mut std::task::Context<'_>) -> std::task:
     }
     s.wake();
     Poll::Ready(true)
-}
-
-/// Resolves with the queue once it has been unused (no consumers, no
-/// declare or get) for its `x-expires`; `None` when it has none, or is
-/// deleted or gone first. One timer at a time, reset when it is used.
-pub(crate) async fn until_expired(queue: Weak<Queue>) -> Option<Arc<Queue>> {
-    loop {
-        let q = queue.upgrade()?;
-        let expires = Duration::from_millis(q.flags.args.expires?);
-        if q.stop.is_cancelled() {
-            return None;
-        }
-        let deadline = {
-            let s = q.state();
-            s.consumers.is_empty().then(|| s.last_used + expires)
-        };
-        if deadline.is_some_and(|at| at <= Instant::now()) {
-            return Some(q);
-        }
-        let (stop, used) = (q.stop.clone(), Arc::clone(&q.used));
-        drop(q);
-        let timer = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = timer => {}
-            _ = used.notified() => {}
-            _ = stop.cancelled() => return None,
-        }
-    }
-}
-
-impl Queue {
-    /// Whether the queue is unused past its `x-expires` now.
-    pub(crate) fn is_expired(&self) -> bool {
-        let Some(ms) = self.flags.args.expires else {
-            return false;
-        };
-        let s = self.state();
-        s.consumers.is_empty() && s.last_used + Duration::from_millis(ms) <= Instant::now()
-    }
 }

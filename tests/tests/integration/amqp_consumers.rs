@@ -577,3 +577,103 @@ async fn after_a_clean_restart_only_delivered_messages_are_redelivered() -> Resu
     gw.shutdown().await?;
     Ok(())
 }
+
+// ---- a priority backlog larger than memory (lapin) ----------------------
+
+/// Publishes `(body, priority)` persistent, confirmed, in chunks.
+async fn publish_all(ch: &Channel, queue: &str, sent: &[(String, u8)]) -> Result<()> {
+    for chunk in sent.chunks(500) {
+        let mut confirms = Vec::new();
+        for (body, priority) in chunk {
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_priority(*priority);
+            confirms.push(
+                ch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    properties,
+                )
+                .await?,
+            );
+        }
+        for confirm in confirms {
+            if !tokio::time::timeout(SHORT, confirm).await??.is_ack() {
+                bail!("a publish was not confirmed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `n` messages of `queue`, acked, by a consumer with prefetch 50.
+async fn consume_n(uri: &str, queue: &str, n: usize) -> Result<Vec<String>> {
+    let conn = connect(uri).await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(50, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "deep".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let d = tokio::time::timeout(crate::LONG, consumer.next())
+            .await
+            .with_context(|| format!("only {} of {n} delivered", got.len()))?
+            .context("consumer ended")??;
+        got.push(String::from_utf8(d.data.clone())?);
+        d.acker.ack(BasicAckOptions::default()).await?;
+    }
+    conn.close(200, "bye".into()).await?;
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priority_backlog_larger_than_memory_is_delivered_in_priority_order() -> Result<()> {
+    // More than a queue holds in memory (4096) and the core's channel to it
+    // (1024), then high priorities behind them: live, then after a restart.
+    const LOW: usize = 6000;
+    let mut sent: Vec<(String, u8)> = (0..LOW).map(|i| (format!("low-{i:05}"), 1)).collect();
+    sent.extend((0..10).map(|i| (format!("high-{i:02}"), 9)));
+    sent.extend((0..10).map(|i| (format!("mid-{i:02}"), 5)));
+    let mut want: Vec<String> = sent[LOW..].iter().map(|(b, _)| b.clone()).collect();
+    want.extend(sent[..LOW].iter().map(|(b, _)| b.clone()));
+
+    let gw = TestGateway::builder().start().await?;
+    let queue = unique("deepprio");
+    let conn = connect(&gw.amqp_uri()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-max-priority".into(),
+        lapin::types::AMQPValue::ShortShortUInt(9),
+    );
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await?;
+    publish_all(&ch, &queue, &sent).await?;
+    let got = consume_n(&gw.amqp_uri(), &queue, sent.len()).await?;
+    assert!(got == want, "live: first {:?}", &got[..25]);
+
+    publish_all(&ch, &queue, &sent).await?;
+    conn.close(200, "bye".into()).await?;
+    let root = gw.shutdown().await?;
+    let gw = TestGateway::builder().root(root).start().await?;
+    let got = consume_n(&gw.amqp_uri(), &queue, sent.len()).await?;
+    assert!(got == want, "after a restart: first {:?}", &got[..25]);
+    gw.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The redelivered flag across restarts, for a durable queue.
+//!
+//! Before its first delivery of a run the queue writes its
+//! `DELIVERED_ROW` (once). A clean stop records the stored entries that
+//! may have been delivered (entry state `DELIVERED`) and removes the row.
+//! So a start that finds the row knows the gateway stopped without
+//! recording (kill -9, power loss): every entry stored then may have been
+//! delivered (`State::suspect_up_to`). Without the row, exactly the
+//! entries with a state were. Nothing is written per delivery.
+
+use std::sync::atomic::Ordering;
+
+use edge_store::Seq;
+
+use super::{DELIVERED, DELIVERED_ROW, Queue};
+
+impl Queue {
+    /// Before a durable queue's first delivery of a run, writes its
+    /// `DELIVERED_ROW`, so that after a crash its entries come back
+    /// redelivered; false if that write failed (then nothing durable is
+    /// sent).
+    pub(super) async fn mark_delivered(&self) -> bool {
+        let Some(store) = &self.store else {
+            return true;
+        };
+        let row = format!("{DELIVERED_ROW}{}", self.name);
+        match store.put_definition(&row, vec![1]).await {
+            Ok(()) => {
+                self.delivered_mark.store(true, Ordering::Release);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(queue = %self.name, %error, "cannot record that the queue delivers; not delivering");
+                false
+            }
+        }
+    }
+
+    /// At a clean stop: records which stored entries may have been
+    /// delivered (their state), then removes the `DELIVERED_ROW`, so the
+    /// next start knows the others never were. Left as it is while some
+    /// entries the last crash made suspect were not read yet.
+    pub(super) async fn record_delivered(&self) {
+        let Some(store) = &self.store else { return };
+        if !self.delivered_mark.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(acker) = &self.acker {
+            // Acknowledgements under way land first.
+            acker.settled().await;
+        }
+        let seqs: Vec<Seq> = {
+            let s = self.state();
+            if s.suspect_up_to.is_some() {
+                return;
+            }
+            let delivered = s.ready.values().filter(|q| q.redelivered);
+            let spilled = s.spilled.iter().filter(|(_, redelivered)| **redelivered);
+            delivered
+                .chain(s.unacked.values())
+                .filter_map(|q| q.seq)
+                .chain(spilled.map(|((_, seq), _)| *seq))
+                .collect()
+        };
+        if let Some(acker) = &self.acker {
+            let writes = seqs.iter().map(|seq| acker.set_state(*seq, DELIVERED));
+            // Concurrent, so the store commits them together.
+            for result in futures::future::join_all(writes).await {
+                if let Err(error) = result {
+                    tracing::warn!(queue = %self.name, %error, "cannot record a delivered message; the queue's messages count as delivered");
+                    return;
+                }
+            }
+        }
+        let row = format!("{DELIVERED_ROW}{}", self.name);
+        if let Err(error) = store.delete_definition(&row).await {
+            tracing::warn!(queue = %self.name, %error, "cannot clear the queue's delivered mark");
+        }
+    }
+
+    /// The consumer has these messages: their store entries go.
+    pub(crate) async fn ack(&self, ids: &[u64]) {
+        let done = {
+            let mut s = self.state();
+            let mut done = Vec::new();
+            for id in ids {
+                if let Some(q) = s.unacked.remove(id) {
+                    s.release(&q);
+                    done.extend(q.seq);
+                }
+            }
+            done
+        };
+        self.room.notify_one();
+        self.forget(done).await;
+    }
+
+    /// Back to `ready` at their place, marked redelivered.
+    pub(crate) fn requeue(&self, ids: &[u64]) {
+        let mut s = self.state();
+        for id in ids {
+            if let Some(mut q) = s.unacked.remove(id) {
+                q.redelivered = true;
+                s.put_ready(q);
+            }
+        }
+        s.wake();
+    }
+}
