@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use bytes::{Buf, BufMut};
 use edge_core::{Router, SessionError};
@@ -95,7 +95,7 @@ struct Registry {
 #[derive(Debug)]
 pub(crate) struct Broker {
     /// Itself, for the tasks it starts.
-    me: std::sync::Weak<Broker>,
+    me: Weak<Broker>,
     router: Router,
     registry: Mutex<Registry>,
     changes: tokio::sync::Mutex<()>,

@@ -485,6 +485,35 @@ impl Queue {
         Some((out, done, false))
     }
 
+    /// The consumer has these messages: their store entries go.
+    pub(crate) async fn ack(&self, ids: &[u64]) {
+        let done = {
+            let mut s = self.state();
+            let mut done = Vec::new();
+            for id in ids {
+                if let Some(q) = s.unacked.remove(id) {
+                    s.release(&q);
+                    done.extend(q.seq);
+                }
+            }
+            done
+        };
+        self.room.notify_one();
+        self.forget(done).await;
+    }
+
+    /// Back to `ready` at their place, marked redelivered.
+    pub(crate) fn requeue(&self, ids: &[u64]) {
+        let mut s = self.state();
+        for id in ids {
+            if let Some(mut q) = s.unacked.remove(id) {
+                q.redelivered = true;
+                s.put_ready(q);
+            }
+        }
+        s.wake();
+    }
+
     async fn forget(&self, seqs: Vec<Seq>) {
         if let (Some(acker), false) = (&self.acker, seqs.is_empty()) {
             // Awaited only for its registration: a later backlog read waits
@@ -624,9 +653,8 @@ async fn pump(queue: Weak<Queue>) {
                     tracing::warn!(queue = %q.name, %error, "cannot read a stored message back; retrying");
                     let stop = q.stop.clone();
                     drop(q);
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                        _ = stop.cancelled() => return,
+                    if !pause(&stop).await {
+                        return;
                     }
                     continue;
                 }
@@ -664,9 +692,8 @@ async fn pump(queue: Weak<Queue>) {
                     tracing::warn!(queue = %q.name, %error, "cannot read the queue's stored messages; retrying");
                     let stop = q.stop.clone();
                     drop(q);
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                        _ = stop.cancelled() => return,
+                    if !pause(&stop).await {
+                        return;
                     }
                 }
             }
@@ -682,6 +709,15 @@ async fn pump(queue: Weak<Queue>) {
             _ = room.notified() => {}
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+/// Waits a second before a failed store read is tried again; false if
+/// the queue was deleted or closed meanwhile.
+async fn pause(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => true,
+        _ = stop.cancelled() => false,
     }
 }
 

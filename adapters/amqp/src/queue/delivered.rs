@@ -77,33 +77,4 @@ impl Queue {
             tracing::warn!(queue = %self.name, %error, "cannot clear the queue's delivered mark");
         }
     }
-
-    /// The consumer has these messages: their store entries go.
-    pub(crate) async fn ack(&self, ids: &[u64]) {
-        let done = {
-            let mut s = self.state();
-            let mut done = Vec::new();
-            for id in ids {
-                if let Some(q) = s.unacked.remove(id) {
-                    s.release(&q);
-                    done.extend(q.seq);
-                }
-            }
-            done
-        };
-        self.room.notify_one();
-        self.forget(done).await;
-    }
-
-    /// Back to `ready` at their place, marked redelivered.
-    pub(crate) fn requeue(&self, ids: &[u64]) {
-        let mut s = self.state();
-        for id in ids {
-            if let Some(mut q) = s.unacked.remove(id) {
-                q.redelivered = true;
-                s.put_ready(q);
-            }
-        }
-        s.wake();
-    }
 }

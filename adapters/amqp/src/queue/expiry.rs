@@ -15,14 +15,11 @@ use super::Queue;
 pub(crate) async fn until_expired(queue: Weak<Queue>) -> Option<Arc<Queue>> {
     loop {
         let q = queue.upgrade()?;
-        let expires = Duration::from_millis(q.flags.args.expires?);
+        q.flags.args.expires?;
         if q.stop.is_cancelled() {
             return None;
         }
-        let deadline = {
-            let s = q.state();
-            s.consumers.is_empty().then(|| s.last_used + expires)
-        };
+        let deadline = q.expires_at();
         if deadline.is_some_and(|at| at <= Instant::now()) {
             return Some(q);
         }
@@ -52,12 +49,16 @@ impl Queue {
         }
     }
 
+    /// When the queue expires if nobody uses it; `None` while it has
+    /// consumers or without `x-expires`.
+    fn expires_at(&self) -> Option<Instant> {
+        let expires = Duration::from_millis(self.flags.args.expires?);
+        let s = self.state();
+        s.consumers.is_empty().then(|| s.last_used + expires)
+    }
+
     /// Whether the queue is unused past its `x-expires` now.
     pub(crate) fn is_expired(&self) -> bool {
-        let Some(ms) = self.flags.args.expires else {
-            return false;
-        };
-        let s = self.state();
-        s.consumers.is_empty() && s.last_used + Duration::from_millis(ms) <= Instant::now()
+        self.expires_at().is_some_and(|at| at <= Instant::now())
     }
 }
