@@ -134,3 +134,109 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{Flags, MAX_HELD};
+    use edge_core::QoS;
+
+    fn state(max_priority: u8) -> State {
+        let flags = Flags {
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            args: Arc::new(crate::args::QueueArgs {
+                max_priority: Some(max_priority),
+                ..Default::default()
+            }),
+        };
+        let (_tx, rx) = tokio::sync::mpsc::channel(1);
+        State::new(&flags, false, rx)
+    }
+
+    fn message(priority: Option<u8>) -> Arc<Message> {
+        let mut m = Message::new(
+            "t",
+            bytes::Bytes::from_static(b"x"),
+            QoS::AtLeastOnce,
+            "p".into(),
+        );
+        m.properties.priority = priority;
+        Arc::new(m)
+    }
+
+    fn order(s: &mut State) -> Vec<(u8, Option<Seq>)> {
+        std::iter::from_fn(|| s.pop_ready())
+            .map(|q| (q.message.properties.priority.unwrap_or(0), q.seq))
+            .collect()
+    }
+
+    #[test]
+    fn ready_is_by_priority_capped_then_arrival() {
+        let mut s = state(5);
+        for (seq, p) in [
+            (1, Some(1)),
+            (2, None),
+            (3, Some(9)),
+            (4, Some(5)),
+            (5, Some(1)),
+        ] {
+            s.admit(message(p), seq, false);
+        }
+        let seqs: Vec<_> = order(&mut s).into_iter().map(|(_, seq)| seq).collect();
+        assert_eq!(seqs, [Some(3), Some(4), Some(1), Some(5), Some(2)]);
+    }
+
+    #[test]
+    fn beyond_memory_a_higher_priority_takes_the_place_of_the_worst() {
+        let mut s = state(9);
+        let full = MAX_HELD as Seq;
+        for seq in 1..=full {
+            s.admit(message(Some(0)), seq, false);
+        }
+        assert!(!s.has_room());
+        // Better than what is held: the newest p0 is spilled for it.
+        s.admit(message(Some(9)), full + 1, false);
+        // Not better than the spill's best: spilled, behind it.
+        s.admit(message(Some(0)), full + 2, true);
+        assert_eq!(
+            s.spilled.iter().collect::<Vec<_>>(),
+            [
+                (&(Reverse(0), full), &false),
+                (&(Reverse(0), full + 2), &true)
+            ]
+        );
+        assert!(!s.spill_first(), "the held head comes first");
+        let got = order(&mut s);
+        assert_eq!(got[0], (9, Some(full + 1)));
+        assert_eq!(got[1..].len(), MAX_HELD - 1);
+        assert!(
+            got[1..].windows(2).all(|w| w[0].1 < w[1].1),
+            "FIFO within p0"
+        );
+        // Memory is free: the spill's entries are read back in turn.
+        assert!(s.spill_first());
+        assert_eq!(s.next_to_load(), Some((Reverse(0), full)));
+    }
+
+    #[test]
+    fn a_spilled_entry_read_back_keeps_its_redelivered_flag() {
+        let mut s = state(9);
+        s.spilled.insert((Reverse(3), 7), true);
+        let key = s.next_to_load();
+        assert_eq!(key, Some((Reverse(3), 7)));
+        let entry = Backlogged {
+            seq: 7,
+            state: 0,
+            message: message(Some(3)),
+        };
+        s.loaded((Reverse(3), 7), Some(entry));
+        let q = s.pop_ready().map(|q| (q.seq, q.redelivered));
+        assert_eq!(q, Some((Some(7), true)));
+        // Gone from the store meanwhile: nothing.
+        s.spilled.insert((Reverse(3), 8), false);
+        s.loaded((Reverse(3), 8), None);
+        assert!(s.spilled.is_empty() && s.ready.is_empty());
+    }
+}
