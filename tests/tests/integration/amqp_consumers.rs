@@ -20,8 +20,10 @@ use crate::SHORT;
 
 /// Helpers every script below starts with: `port` and `queue` from argv,
 /// `connect()`, `publish(ch, body, priority)` (persistent, confirmed,
-/// mandatory: False when it was returned) and `drain(conn, cond)`, which
-/// processes events on `conn` until `cond()` holds (bounded).
+/// mandatory: False when it was returned), `drain(conn, cond)`, which
+/// processes events on `conn` until `cond()` holds (bounded),
+/// `single_active_with(conn, n)` (the queue as a single-active-consumer
+/// one holding m0..m<n-1>) and `consume_all(ch, q, n)`.
 const PRELUDE: &str = r#"
 import sys, time, pika
 port, queue = int(sys.argv[1]), sys.argv[2]
@@ -41,6 +43,13 @@ def drain(conn, cond, limit=15):
         if time.monotonic() > deadline:
             raise Exception("condition not met within %ss" % limit)
         conn.process_data_events(time_limit=0.05)
+def single_active_with(conn, n):
+    ch = conn.channel()
+    ch.queue_declare(queue, arguments={"x-single-active-consumer": True})
+    ch.confirm_delivery()
+    for i in range(n):
+        assert publish(ch, "m%d" % i)
+    return ch
 def consume_all(ch, q, n):
     got = []
     def on(c, m, p, b):
@@ -202,11 +211,7 @@ async fn redeclaring_with_another_max_priority_is_precondition_failed() -> Resul
 /// messages stay with its channel, as in RabbitMQ (acked there).
 const SINGLE_ACTIVE: &str = r#"
 setup = connect()
-sch = setup.channel()
-sch.queue_declare(queue, arguments={"x-single-active-consumer": True})
-sch.confirm_delivery()
-for i in range(10):
-    assert publish(sch, "m%d" % i)
+sch = single_active_with(setup, 10)
 a_conn, b_conn = connect(), connect()
 a, b = a_conn.channel(), b_conn.channel()
 a.basic_qos(prefetch_count=3)
@@ -275,11 +280,7 @@ print("a", " ".join(got), flush=True)
 sys.stdin.read()
 '''
 setup = connect()
-sch = setup.channel()
-sch.queue_declare(queue, arguments={"x-single-active-consumer": True})
-sch.confirm_delivery()
-for i in range(10):
-    assert publish(sch, "m%d" % i)
+sch = single_active_with(setup, 10)
 a = subprocess.Popen([sys.executable, "-c", PRELUDE + CHILD, str(port), queue],
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 print(a.stdout.readline().strip())
@@ -319,10 +320,12 @@ async fn the_next_single_active_consumer_gets_the_unacked_ones_of_a_vanished_one
     Ok(())
 }
 
-/// `declare <ms> [durable]`, `probe` (is the queue there? a mandatory
-/// publish to it is returned once it is gone; a passive declare would
-/// renew its lease, as in RabbitMQ), `gone` (a passive declare's 404),
-/// `consume-for <s>` (a consumer keeps it, then cancels).
+/// Commands in order: `declare=<ms>` (a durable queue with x-expires),
+/// `probe` (is the queue there? a mandatory publish to it is returned once
+/// it is gone; a passive declare would renew its lease, as in RabbitMQ),
+/// `wait-gone` (probes until it is gone, bounded), `passive` (a passive
+/// declare: ok or the 404), `consume-for=<s>` (a consumer keeps it that
+/// long and gets a message published then; cancelled after).
 const EXPIRES: &str = r#"
 conn = connect()
 ch = conn.channel()
