@@ -12,7 +12,13 @@
 //!                        flags, then u64 LE x-message-ttl (ms) when it has one
 //! amqp/binding/<n>:<queue><m>:<exchange><key>
 //!                        u8 version = 1, then queue, exchange and key, each u8 length + UTF-8
+//! amqp/delivered/<name>  u8 1: the durable queue delivered since its last clean stop
+//!                        (`queue/delivered.rs`)
 //! ```
+//!
+//! The rows' encoding is `broker/rows.rs`. A queue with `x-expires` is
+//! watched by one task (`watch_expiry`) that deletes it as queue.delete
+//! does once it has been unused that long.
 //!
 //! A durable queue's messages are its core session's store queue; its
 //! bindings are also the session's filters. The rows here are the source
