@@ -20,6 +20,6 @@ pub use error::PublishError;
 pub use message::{Message, Origin, Properties, Protocol, QoS, Value};
 pub use receipt::Receipt;
 pub use route::{Route, Routes};
-pub use router::{Delivery, Router, RouterOptions, SessionId};
-pub use session::{Acker, AttachOptions, Attached, Backlogged, SessionError, Subscriber};
+pub use router::{Delivery, Gated, Refused, Router, RouterOptions, SessionId};
+pub use session::{Acker, AttachOptions, Attached, Backlogged, Gate, SessionError, Subscriber};
 pub use trie::{InvalidFilter, TopicTrie};

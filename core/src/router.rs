@@ -117,6 +117,8 @@ pub(crate) struct Online {
     /// A durable delivery did not fit the queue: the session must read its
     /// queue from the store to catch up.
     pub lagged: Arc<AtomicBool>,
+    /// The session's own admission of messages.
+    pub gate: Option<Arc<dyn crate::session::Gate>>,
 }
 
 #[derive(Debug, Default)]
@@ -220,15 +222,38 @@ impl Router {
     /// Whether a message on `topic` would go anywhere: a session's filter or
     /// a route matches it (AMQP `mandatory` returns the message otherwise).
     pub fn is_routed(&self, topic: &str) -> bool {
-        if self.inner.routes.matching(topic).next().is_some() {
-            return true;
+        self.is_routed_any(std::iter::once(topic))
+    }
+
+    /// Whether a message published on any of `topics` would go anywhere
+    /// (see [`Router::publish_to`]).
+    pub fn is_routed_any<'t>(&self, topics: impl IntoIterator<Item = &'t str>) -> bool {
+        let registry = self.inner.registry();
+        topics.into_iter().any(|topic| {
+            if self.inner.routes.matching(topic).next().is_some() {
+                return true;
+            }
+            let mut any = false;
+            registry.trie.for_each_match(topic, |_, _, _| any = true);
+            any
+        })
+    }
+
+    /// The client ids of the sessions a message on any of `topics` would
+    /// reach, each once.
+    pub fn sessions_matching(&self, topics: &[&str]) -> Vec<Arc<str>> {
+        let registry = self.inner.registry();
+        let mut keys: Vec<u64> = Vec::new();
+        for topic in topics {
+            registry.trie.for_each_match(topic, |_, key, _| {
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            });
         }
-        let mut any = false;
-        self.inner
-            .registry()
-            .trie
-            .for_each_match(topic, |_, _, _| any = true);
-        any
+        keys.iter()
+            .filter_map(|key| registry.by_key.get(key).cloned())
+            .collect()
     }
 
     /// Routes one message. Waits only while the store's inbox or the
@@ -236,6 +261,23 @@ impl Router {
     /// message is durable and handed to online subscribers.
     pub async fn publish(&self, message: Message) -> Result<Receipt, PublishError> {
         self.publish_keyed(message, None).await
+    }
+
+    /// Routes one message to the union of what its topic and each of
+    /// `also` match, as if it were published on all of them at once: each
+    /// session gets it once, at the highest QoS any matching filter grants,
+    /// a route matching any of them takes it, and it is stored once. Its
+    /// subscribers see it on its own topic. For adapters whose routing is
+    /// more than one topic (AMQP headers exchanges, exchange-to-exchange
+    /// bindings). Retaining concerns the message's own topic only.
+    pub async fn publish_to(
+        &self,
+        message: Message,
+        also: &[String],
+    ) -> Result<Receipt, PublishError> {
+        self.publish_inner(message, None, also)
+            .await
+            .map(|(receipt, _)| receipt)
     }
 
     /// Like [`Router::publish`], recording `dedup` (a key from
@@ -246,9 +288,36 @@ impl Router {
         message: Message,
         dedup: Option<String>,
     ) -> Result<Receipt, PublishError> {
+        self.publish_inner(message, dedup, &[])
+            .await
+            .map(|(receipt, _)| receipt)
+    }
+
+    /// Like [`Router::publish_to`], also telling which sessions refused the
+    /// message at their [`crate::session::Gate`] (decided before it was
+    /// queued anywhere; none of them gets it), with the message itself
+    /// when any did.
+    pub async fn publish_gated(
+        &self,
+        message: Message,
+        also: &[String],
+    ) -> Result<Gated, PublishError> {
+        self.publish_inner(message, None, also)
+            .await
+            .map(|(receipt, refused)| Gated { receipt, refused })
+    }
+
+    async fn publish_inner(
+        &self,
+        message: Message,
+        dedup: Option<String>,
+        also: &[String],
+    ) -> Result<(Receipt, Option<Refused>), PublishError> {
         let record = message.to_record()?;
         let size = record.encoded_len() as u64;
-        let targets = self.targets(&message.topic, message.qos, size);
+        let topics = || std::iter::once(&*message.topic).chain(also.iter().map(String::as_str));
+        let mut refused_by = Vec::new();
+        let targets = self.targets(&message, topics(), size, &mut refused_by);
         let queues: Vec<u64> = {
             let registry = self.inner.registry();
             targets
@@ -268,7 +337,7 @@ impl Router {
             }
         });
         let log = message.qos != QoS::AtMostOnce
-            || self.inner.routes.matching(&message.topic).next().is_some()
+            || topics().any(|t| self.inner.routes.matching(t).next().is_some())
             || !queues.is_empty();
         let commit = if log || retain.is_some() {
             let placement = Placement {
@@ -280,7 +349,7 @@ impl Router {
             match self.inner.store.submit_with(record, placement).await {
                 Ok(commit) => Some(commit),
                 Err(error) => {
-                    self.inner.unqueue(&targets, size);
+                    self.inner.unqueue(&targets, size, &message);
                     return Err(error.into());
                 }
             }
@@ -288,11 +357,17 @@ impl Router {
             None
         };
         let (reply, rx) = oneshot::channel();
+        let retain = message.retain;
+        let message = Arc::new(message);
+        let refused = (!refused_by.is_empty()).then(|| Refused {
+            sessions: refused_by,
+            message: Arc::clone(&message),
+        });
         let dispatch = Dispatch {
             commit,
             size,
-            retain: message.retain,
-            message: Arc::new(message),
+            retain,
+            message,
             targets,
             reply,
         };
@@ -301,29 +376,47 @@ impl Router {
             .send(dispatch)
             .await
             .map_err(|_| PublishError::Closed)?;
-        Ok(Receipt::Pending(rx))
+        Ok((Receipt::Pending(rx), refused))
     }
 
-    /// The sessions `topic` goes to, once each at the highest QoS any of
+    /// The sessions `topics` go to, once each at the highest QoS any of
     /// their matching filters grants (capped at the message's QoS).
-    fn targets(&self, topic: &str, qos: QoS, size: u64) -> Vec<Target> {
+    /// A session whose gate refuses the message is left out, its client id
+    /// added to `refused`.
+    fn targets<'t>(
+        &self,
+        message: &Message,
+        topics: impl Iterator<Item = &'t str>,
+        size: u64,
+        refused: &mut Vec<Arc<str>>,
+    ) -> Vec<Target> {
+        let qos = message.qos;
         let registry = self.inner.registry();
         let mut best: Vec<(u64, QoS)> = Vec::new();
-        registry.trie.for_each_match(topic, |_, key, granted| {
-            match best.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, q)) => *q = (*q).max(*granted),
-                None => best.push((key, *granted)),
-            }
-        });
+        for topic in topics {
+            registry.trie.for_each_match(topic, |_, key, granted| {
+                match best.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, q)) => *q = (*q).max(*granted),
+                    None => best.push((key, *granted)),
+                }
+            });
+        }
         let max = self.inner.options.max_session_queue as u64;
         let max_bytes = self.inner.options.max_session_queue_bytes;
         best.into_iter()
-            .map(|(key, granted)| {
+            .filter_map(|(key, granted)| {
                 let qos = granted.min(qos);
                 let slot = registry
                     .by_key
                     .get(&key)
                     .and_then(|id| registry.sessions.get(id));
+                let gate = slot.and_then(|s| s.online.as_ref()?.gate.as_ref());
+                if let (Some(gate), Some(slot)) = (gate, slot)
+                    && !gate.admit(message)
+                {
+                    refused.push(Arc::clone(&slot.client_id));
+                    return None;
+                }
                 let durable = slot.and_then(|s| s.durable.as_ref());
                 // An AMQP queue is bounded by the store's quota alone, as a
                 // RabbitMQ queue without x-max-length is by its disk: its
@@ -340,10 +433,25 @@ impl Router {
                             false
                         }
                     });
-                Target { key, qos, queued }
+                Some(Target { key, qos, queued })
             })
             .collect()
     }
+}
+
+/// What [`Router::publish_gated`] hands back.
+#[derive(Debug)]
+pub struct Gated {
+    pub receipt: Receipt,
+    /// Set when some session's gate refused the message.
+    pub refused: Option<Refused>,
+}
+
+/// The sessions that refused a message at their gate, and the message.
+#[derive(Debug)]
+pub struct Refused {
+    pub sessions: Vec<Arc<str>>,
+    pub message: Arc<Message>,
 }
 
 /// A message not queued for a persistent session (policy `drop-new`):
@@ -394,9 +502,16 @@ impl Inner {
                 continue;
             };
             let Some(online) = &slot.online else { continue };
+            let refund = || {
+                if let Some(gate) = &online.gate {
+                    gate.refund(message);
+                }
+            };
             if expired {
                 if t.queued {
                     online.lagged.store(true, Ordering::Release);
+                } else {
+                    refund();
                 }
                 continue;
             }
@@ -412,6 +527,7 @@ impl Inner {
                     online.lagged.store(true, Ordering::Release);
                     continue;
                 }
+                refund();
                 metrics::counter!("edge_messages_dropped_total", "reason" => "subscriber_queue_full").increment(1);
                 QUEUE_FULL.record("subscriber_queue_full", || {
                     format!("client_id={} topic={}", slot.client_id, message.topic)
@@ -459,7 +575,7 @@ async fn dispatcher(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Dispat
                         }
                         inner.fan_out(&message, *seq, &targets);
                     }
-                    Err(_) => inner.unqueue(&targets, size),
+                    Err(_) => inner.unqueue(&targets, size, &message),
                 }
                 let _ = reply.send(result);
             }

@@ -62,13 +62,34 @@ impl From<StoreError> for SessionError {
 }
 
 /// How a connection attaches.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AttachOptions {
     /// Start a session that ends with the connection, discarding any
     /// earlier one (MQTT clean session).
     pub clean: bool,
     /// Deliveries buffered in memory for the connection.
     pub queue: usize,
+    /// The session's own bound on what it takes, asked for every message
+    /// routed to it while this connection is attached (see [`Gate`]).
+    pub gate: Option<Arc<dyn Gate>>,
+}
+
+/// A session's admission of messages, decided by its adapter (e.g. an AMQP
+/// queue at its `x-max-length` with `reject-publish`). Asked by
+/// [`Router::publish_gated`] (and every publish) before the message is
+/// queued, while the router's registry is read-locked: it must only look
+/// at atomics. A refused message is neither queued nor delivered to the
+/// session, and the publisher learns which sessions refused it.
+pub trait Gate: Send + Sync + std::fmt::Debug {
+    /// Whether the session takes `message`; taking counts it.
+    fn admit(&self, message: &Message) -> bool;
+
+    /// An admitted message will not reach the session after all: the
+    /// store refused it, or (not queued durably) it expired before its
+    /// fan-out or found the session's channel full.
+    fn refund(&self, message: &Message) {
+        let _ = message;
+    }
 }
 
 /// A connection attached to its session.
@@ -119,7 +140,7 @@ impl Router {
         client_id: Arc<str>,
         queue: usize,
     ) -> (Subscriber, mpsc::Receiver<Delivery>) {
-        let (subscriber, rx, _) = self.attach_slot(client_id, queue, None, true);
+        let (subscriber, rx, _) = self.attach_slot(client_id, queue, None, true, None);
         (subscriber, rx)
     }
 
@@ -147,7 +168,7 @@ impl Router {
                 store.delete_session(&client_id).await?;
             }
             let (subscriber, deliveries, _) =
-                self.attach_slot(client_id, options.queue, None, true);
+                self.attach_slot(client_id, options.queue, None, true, options.gate);
             return Ok(Attached {
                 subscriber,
                 deliveries,
@@ -156,7 +177,7 @@ impl Router {
         }
         let queue = store.create_queue(&queue_name(&client_id)).await?;
         let (subscriber, deliveries, present) =
-            self.attach_slot(client_id, options.queue, Some(queue), false);
+            self.attach_slot(client_id, options.queue, Some(queue), false, options.gate);
         self.persist(&subscriber.client_id).await?;
         Ok(Attached {
             subscriber,
@@ -174,6 +195,7 @@ impl Router {
         queue: usize,
         durable_queue: Option<u64>,
         clean: bool,
+        gate: Option<Arc<dyn Gate>>,
     ) -> (Subscriber, mpsc::Receiver<Delivery>, bool) {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let conn = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -232,6 +254,7 @@ impl Router {
                 tx,
                 taken_over: Arc::clone(&taken_over),
                 lagged: Arc::clone(&lagged),
+                gate,
             });
         }
         metrics::gauge!("edge_sessions").set(registry.sessions.len() as f64);
@@ -355,15 +378,21 @@ impl Router {
 
 impl Inner {
     /// A refused append: the queue entries counted for it were not made.
-    pub(crate) fn unqueue(&self, targets: &[crate::router::Target], size: u64) {
+    /// (Gates that admitted it are refunded.)
+    pub(crate) fn unqueue(&self, targets: &[crate::router::Target], size: u64, message: &Message) {
         let registry = self.registry();
-        for t in targets.iter().filter(|t| t.queued) {
-            if let Some(d) = registry
+        for t in targets {
+            let Some(slot) = registry
                 .by_key
                 .get(&t.key)
                 .and_then(|id| registry.sessions.get(id))
-                .and_then(|s| s.durable.as_ref())
-            {
+            else {
+                continue;
+            };
+            if let Some(gate) = slot.online.as_ref().and_then(|o| o.gate.as_ref()) {
+                gate.refund(message);
+            }
+            if let (true, Some(d)) = (t.queued, &slot.durable) {
                 d.queued.remove_exact(size);
             }
         }
@@ -498,6 +527,26 @@ impl Subscriber {
     /// expiry ([`crate::Properties::expires_at_ms`]) are acknowledged and
     /// skipped (an expired one counted: `edge_messages_expired_total`).
     pub async fn backlog(&self, from: Seq, max: usize) -> Result<Vec<Backlogged>, SessionError> {
+        self.read_queue(from, max, true).await
+    }
+
+    /// Like [`Subscriber::backlog`], but entries past their expiry are
+    /// returned too: the adapter decides their fate (e.g. an AMQP queue
+    /// dead-letters them).
+    pub async fn backlog_with_expired(
+        &self,
+        from: Seq,
+        max: usize,
+    ) -> Result<Vec<Backlogged>, SessionError> {
+        self.read_queue(from, max, false).await
+    }
+
+    async fn read_queue(
+        &self,
+        from: Seq,
+        max: usize,
+        drop_expired: bool,
+    ) -> Result<Vec<Backlogged>, SessionError> {
         let Some(queue) = self.queue else {
             return Ok(Vec::new());
         };
@@ -515,7 +564,7 @@ impl Subscriber {
                     .ok()
             });
             match message {
-                Some(message) if message.is_expired(now) => {
+                Some(message) if drop_expired && message.is_expired(now) => {
                     expired(&message);
                     gone.push(e.seq);
                 }

@@ -10,8 +10,8 @@
 //! amqp/queue/<name>      u8 version = 2, u8 flags (1 auto-delete), then the
 //!                        arguments' fields (`args.rs`); version 1 (still read):
 //!                        flags, then u64 LE x-message-ttl (ms) when it has one
-//! amqp/binding/<n>:<queue><m>:<exchange><key>
-//!                        u8 version = 1, then queue, exchange and key, each u8 length + UTF-8
+//! amqp/binding/...      a binding of a queue or an exchange, with its
+//!                        arguments (`broker/rows.rs`)
 //! amqp/delivered/<name>  u8 1: the durable queue delivered since its last clean stop
 //!                        (`queue/delivered.rs`)
 //! ```
@@ -36,20 +36,23 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
+use amq_protocol::types::FieldTable;
 use edge_core::{Router, SessionError};
 use edge_store::StoreError;
 
-use crate::convert::{self, Kind, Unmappable};
+use crate::bindings::{self, BindArgs, Edges, Leads, Resolved};
+use crate::convert::{self, Kind};
 use crate::error::{
-    ACCESS_REFUSED, Exception, INTERNAL_ERROR, NOT_FOUND, NOT_IMPLEMENTED, PRECONDITION_FAILED,
-    RESOURCE_LOCKED,
+    ACCESS_REFUSED, Exception, INTERNAL_ERROR, NOT_FOUND, PRECONDITION_FAILED, RESOURCE_LOCKED,
 };
 use crate::queue::{ConnId, DELIVERED_ROW, Flags, Queue};
 
+mod e2e;
+mod queue_bindings;
 mod rows;
+
 use rows::{
-    binding_row, decode_binding, decode_exchange, decode_queue, encode_binding, encode_queue,
-    kind_code,
+    Dest, binding_row, decode_binding, decode_exchange, decode_queue, encode_queue, kind_code,
 };
 
 const EXCHANGE_ROW: &str = "amqp/exchange/";
@@ -97,14 +100,20 @@ pub(crate) struct QueueSpec {
 struct Registry {
     exchanges: HashMap<String, Exchange>,
     queues: HashMap<String, Arc<Queue>>,
-    /// queue → (exchange, key)
-    bindings: BTreeMap<String, BTreeSet<(String, String)>>,
+    /// queue → (exchange, key, arguments)
+    bindings: BTreeMap<String, BTreeSet<(String, String, BindArgs)>>,
+    /// Exchange bindings: (source, destination, key, arguments).
+    e2e: BTreeSet<(String, String, String, BindArgs)>,
+    /// The bindings the adapter evaluates, by source exchange: every
+    /// binding to a headers exchange, every exchange binding.
+    edges: Edges,
 }
 
 /// Shared by every connection of the listener.
 #[derive(Debug)]
 pub(crate) struct Broker {
-    /// Itself, for the tasks it starts.
+    /// Itself, for the tasks it starts and the queues (they dead-letter
+    /// through it).
     me: Weak<Broker>,
     router: Router,
     registry: Mutex<Registry>,
@@ -161,7 +170,7 @@ impl Broker {
                 );
             }
         }
-        let mut bindings = Vec::new();
+        let mut bindings: Vec<rows::Stored> = Vec::new();
         let delivered: HashSet<&str> = rows
             .iter()
             .filter_map(|(row, _)| row.strip_prefix(DELIVERED_ROW))
@@ -180,7 +189,7 @@ impl Broker {
                     continue;
                 };
                 let marked = delivered.contains(name);
-                match Queue::start(&broker.router, name, flags, None, marked).await {
+                match Queue::start(&broker.router, &broker.me, name, flags, None, marked).await {
                     Ok(q) => {
                         broker.watch_expiry(&q);
                         broker.registry().queues.insert(name.to_string(), q);
@@ -196,11 +205,7 @@ impl Broker {
                 }
             }
         }
-        for (queue, exchange, key) in bindings {
-            if let Err(e) = broker.subscribe(&queue, &exchange, &key).await {
-                tracing::warn!(queue = %queue, exchange = %exchange, key = %key, error = %e, "cannot restore a stored binding");
-            }
-        }
+        broker.restore(bindings).await;
         broker.reconcile().await;
         let (exchanges, queues) = {
             let r = broker.registry();
@@ -221,9 +226,9 @@ impl Broker {
                 .map(|q| {
                     let mut wanted = BTreeSet::new();
                     wanted.extend(convert::filter_of("", Kind::Direct, &q.name).ok());
-                    for (x, key) in r.bindings.get(q.name.as_ref()).into_iter().flatten() {
+                    for (x, key, _) in r.bindings.get(q.name.as_ref()).into_iter().flatten() {
                         if let Some(e) = r.exchanges.get(x) {
-                            wanted.extend(convert::filter_of(x, e.kind, key).ok());
+                            wanted.extend(Self::binding_filter(x, e.kind, key, &q.name).ok());
                         }
                     }
                     (Arc::clone(q), wanted)
@@ -248,6 +253,25 @@ impl Broker {
 
     pub(crate) fn router(&self) -> &Router {
         &self.router
+    }
+
+    /// The exchange a publish goes to and the topics it is routed on.
+    pub(crate) fn route(
+        &self,
+        name: &str,
+        key: &str,
+        headers: Option<&FieldTable>,
+    ) -> Result<(Exchange, Resolved), Exception> {
+        let r = self.registry();
+        let x = r
+            .exchanges
+            .get(name)
+            .copied()
+            .ok_or_else(|| not_found_exchange(name))?;
+        let resolved = bindings::resolve(name, x.kind, key, headers, &r.edges, |d| {
+            r.exchanges.get(d).map(|e| e.kind)
+        });
+        Ok((x, resolved))
     }
 
     /// The exchange a publish goes to.
@@ -303,12 +327,6 @@ impl Broker {
                 ),
             ));
         }
-        if kind == Kind::Headers {
-            return Err(Exception::connection(
-                NOT_IMPLEMENTED,
-                "headers exchanges are not implemented yet",
-            ));
-        }
         let exchange = Exchange {
             kind,
             durable: spec.durable,
@@ -348,27 +366,32 @@ impl Broker {
         let Some(exchange) = self.registry().exchanges.get(name).copied() else {
             return Err(not_found_exchange(name));
         };
-        let bound: Vec<(String, String)> = self
-            .registry()
-            .bindings
-            .iter()
-            .flat_map(|(q, set)| {
-                set.iter()
-                    .filter(|(x, _)| x == name)
-                    .map(move |(_, k)| (q.clone(), k.clone()))
-            })
-            .collect();
-        if if_unused && !bound.is_empty() {
+        if if_unused && self.registry().is_source(name) {
             return Err(Exception::channel(
                 PRECONDITION_FAILED,
                 format!("exchange '{name}' in vhost '/' in use"),
             ));
         }
-        for (queue, key) in bound {
-            self.remove_binding(&queue, name, exchange.kind, &key)
+        let bound: Vec<(String, String, BindArgs)> = self
+            .registry()
+            .bindings
+            .iter()
+            .flat_map(|(q, set)| {
+                set.iter()
+                    .filter(|(x, _, _)| x == name)
+                    .map(move |(_, k, a)| (q.clone(), k.clone(), a.clone()))
+            })
+            .collect();
+        for (queue, key, args) in bound {
+            self.remove_binding(&queue, name, exchange.kind, &key, &args)
                 .await?;
         }
-        self.forget_exchange(name, exchange.durable).await
+        let sources = self.unlink_all(name).await?;
+        self.forget_exchange(name, exchange.durable).await?;
+        for source in sources {
+            self.drop_if_unused(&source).await?;
+        }
+        Ok(())
     }
 
     /// Removes an exchange from the registry and, when durable, its row.
@@ -380,7 +403,9 @@ impl Broker {
                 .await
                 .map_err(store_err)?;
         }
-        self.registry().exchanges.remove(name);
+        let mut r = self.registry();
+        r.exchanges.remove(name);
+        r.edges.remove(name);
         Ok(())
     }
 
@@ -477,9 +502,16 @@ impl Broker {
                 .map_err(store_err)?;
         }
         let owner = spec.flags.exclusive.then_some(conn);
-        let q = Queue::start(&self.router, &name, spec.flags.clone(), owner, false)
-            .await
-            .map_err(session_err)?;
+        let q = Queue::start(
+            &self.router,
+            &self.me,
+            &name,
+            spec.flags.clone(),
+            owner,
+            false,
+        )
+        .await
+        .map_err(session_err)?;
         self.watch_expiry(&q);
         // The default exchange: every queue is bound by its name.
         let filter = convert::filter_of("", Kind::Direct, &name).map_err(internal)?;
@@ -520,9 +552,9 @@ impl Broker {
         let count = q.delete(&self.router).await.map_err(session_err)?;
         if q.flags.durable && !q.flags.exclusive {
             let store = self.router.store();
-            for (exchange, key) in &bound {
+            for (exchange, key, args) in &bound {
                 store
-                    .delete_definition(&binding_row(&name, exchange, key))
+                    .delete_definition(&binding_row(Dest::Queue(&name), exchange, key, args))
                     .await
                     .map_err(store_err)?;
             }
@@ -535,7 +567,14 @@ impl Broker {
                 .await
                 .map_err(store_err)?;
         }
-        let exchanges: BTreeSet<&str> = bound.iter().map(|(x, _)| x.as_str()).collect();
+        {
+            let mut r = self.registry();
+            for (x, key, args) in &bound {
+                let filter = convert::headers_filter(x, &name);
+                r.remove_edge(x, &Leads::Topic(filter), key, args);
+            }
+        }
+        let exchanges: BTreeSet<&str> = bound.iter().map(|(x, _, _)| x.as_str()).collect();
         for x in exchanges {
             self.drop_if_unused(x).await?;
         }
@@ -609,137 +648,41 @@ impl Broker {
             .collect()
     }
 
-    fn binding_filter(exchange: &str, kind: Kind, key: &str) -> Result<String, Exception> {
-        convert::filter_of(exchange, kind, key).map_err(|e| match e {
-            Unmappable::Headers => Exception::connection(NOT_IMPLEMENTED, e),
-            e => Exception::channel(NOT_IMPLEMENTED, e),
-        })
+    /// The queues a message published on any of `topics` would reach
+    /// (dead-lettering's cycle check).
+    pub(crate) fn queues_for(&self, topics: &[&str]) -> Vec<String> {
+        self.router
+            .sessions_matching(topics)
+            .iter()
+            .filter_map(|id| id.strip_prefix(edge_core::session::AMQP_QUEUE_PREFIX))
+            .map(str::to_string)
+            .collect()
     }
 
-    /// The queue's session takes the binding's filter (at start: again).
-    async fn subscribe(&self, queue: &str, exchange: &str, key: &str) -> Result<(), Exception> {
-        let (q, x) = {
-            let r = self.registry();
-            let q = r
-                .queues
-                .get(queue)
-                .cloned()
-                .ok_or_else(|| not_found_queue(queue))?;
-            let x = r
-                .exchanges
-                .get(exchange)
-                .copied()
-                .ok_or_else(|| not_found_exchange(exchange))?;
-            (q, x)
-        };
-        let filter = Self::binding_filter(exchange, x.kind, key)?;
-        q.bind(&filter).await.map_err(session_err)?;
-        self.registry()
-            .bindings
-            .entry(queue.to_string())
-            .or_default()
-            .insert((exchange.to_string(), key.to_string()));
-        Ok(())
+    /// The queue of a core session (`amqp:<name>`), if registered.
+    pub(crate) fn queue_of_session(&self, session: &str) -> Option<Arc<Queue>> {
+        let name = session.strip_prefix(edge_core::session::AMQP_QUEUE_PREFIX)?;
+        self.registry().queues.get(name).cloned()
     }
 
-    pub(crate) async fn bind(
-        &self,
-        queue: &str,
-        exchange: &str,
-        key: &str,
-        conn: ConnId,
-    ) -> Result<(), Exception> {
-        let _change = self.changes.lock().await;
-        let q = self.queue(queue, conn)?;
-        let x = self.exchange(exchange)?;
-        if exchange.is_empty() {
-            return Err(Exception::channel(
-                ACCESS_REFUSED,
-                "operation not permitted on the default exchange",
-            ));
-        }
-        Self::binding_filter(exchange, x.kind, key)?;
-        if q.flags.durable && !q.flags.exclusive && x.durable {
-            self.router
-                .store()
-                .put_definition(
-                    &binding_row(queue, exchange, key),
-                    encode_binding(queue, exchange, key),
-                )
-                .await
-                .map_err(store_err)?;
-        }
-        self.subscribe(queue, exchange, key).await
-    }
-
-    pub(crate) async fn unbind(
-        &self,
-        queue: &str,
-        exchange: &str,
-        key: &str,
-        conn: ConnId,
-    ) -> Result<(), Exception> {
-        let _change = self.changes.lock().await;
-        self.queue(queue, conn)?;
-        let x = self.exchange(exchange)?;
-        self.remove_binding(queue, exchange, x.kind, key).await
-    }
-
-    async fn remove_binding(
-        &self,
-        queue: &str,
-        exchange: &str,
-        kind: Kind,
-        key: &str,
-    ) -> Result<(), Exception> {
-        let binding = (exchange.to_string(), key.to_string());
-        let filter = Self::binding_filter(exchange, kind, key)?;
-        let (q, filter_still_used) = {
-            let mut r = self.registry();
-            let Some(set) = r.bindings.get_mut(queue) else {
-                return Ok(());
-            };
-            if !set.remove(&binding) {
-                return Ok(());
-            }
-            // Another binding with the same filter (fanout keys) keeps it.
-            let used = set.iter().any(|(x, k)| {
-                x == exchange && Self::binding_filter(x, kind, k).is_ok_and(|f| f == filter)
-            });
-            (r.queues.get(queue).cloned(), used)
-        };
-        let Some(q) = q else { return Ok(()) };
-        if !filter_still_used {
-            q.unbind(&filter).await.map_err(session_err)?;
-        }
-        if q.flags.durable && !q.flags.exclusive {
-            self.router
-                .store()
-                .delete_definition(&binding_row(queue, exchange, key))
-                .await
-                .map_err(store_err)?;
-        }
-        self.drop_if_unused(exchange).await
-    }
-
-    /// Deletes an auto-delete exchange that lost its last binding.
+    /// Deletes an auto-delete exchange that lost its last binding (as the
+    /// source, RabbitMQ's rule).
+    /// Bindings that lead to it go with it, and so do auto-delete
+    /// exchanges that were their sources and have no binding left.
     async fn drop_if_unused(&self, name: &str) -> Result<(), Exception> {
-        let unused = {
-            let r = self.registry();
-            r.exchanges
-                .get(name)
-                .filter(|x| {
-                    x.auto_delete
-                        && !r
-                            .bindings
-                            .values()
-                            .any(|set| set.iter().any(|(bx, _)| bx == name))
-                })
-                .copied()
-        };
-        let Some(exchange) = unused else {
-            return Ok(());
-        };
-        self.forget_exchange(name, exchange.durable).await
+        let mut work = vec![name.to_string()];
+        while let Some(name) = work.pop() {
+            let unused = {
+                let r = self.registry();
+                r.exchanges
+                    .get(&name)
+                    .filter(|x| x.auto_delete && !r.is_source(&name))
+                    .copied()
+            };
+            let Some(exchange) = unused else { continue };
+            work.extend(self.unlink_all(&name).await?);
+            self.forget_exchange(&name, exchange.durable).await?;
+        }
+        Ok(())
     }
 }

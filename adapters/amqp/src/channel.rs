@@ -1,5 +1,6 @@
-//! One channel's state: the content being received, its consumers, and
-//! the deliveries awaiting an ack (by delivery tag).
+//! One channel's state: the content being received, its consumers, the
+//! deliveries awaiting an ack (by delivery tag), and what a transaction
+//! holds until its commit.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +21,11 @@ pub(crate) struct Consumer {
     pub no_ack: bool,
     /// Its key in the queue's consumer list (unique per connection).
     pub key: u64,
+    /// basic.qos (global = false) when it was created: its unacked
+    /// deliveries at most (0: no limit).
+    pub prefetch: u16,
+    /// Its deliveries awaiting an ack.
+    pub unacked: usize,
 }
 
 /// A delivery the client has not acknowledged yet.
@@ -27,6 +33,8 @@ pub(crate) struct Consumer {
 pub(crate) struct Unacked {
     pub queue: Arc<Queue>,
     pub id: u64,
+    /// The consumer it went to (none for basic.get).
+    pub consumer: Option<Arc<str>>,
 }
 
 /// A publish whose content is still arriving.
@@ -35,6 +43,30 @@ struct Incoming {
     publish: Publish,
     header: Option<(u64, AMQPProperties)>,
     body: Vec<u8>,
+}
+
+/// Publishes, acks, nacks and rejects one transaction holds at most.
+pub(crate) const TX_MAX_HELD: usize = 16 * 1024;
+/// Message bytes one transaction holds at most.
+pub(crate) const TX_MAX_BYTES: usize = 32 << 20;
+
+/// What a transaction holds until it is committed or rolled back.
+#[derive(Debug)]
+pub(crate) enum Held {
+    Publish(Box<Content>),
+    /// Deliveries settled in the transaction (no longer unacked on the
+    /// channel): acked (`None`), requeued (`Some(true)`) or dropped.
+    Settle {
+        entries: Vec<(u64, Unacked)>,
+        requeue: Option<bool>,
+    },
+}
+
+/// A channel in transaction mode (tx.select).
+#[derive(Debug, Default)]
+pub(crate) struct Tx {
+    pub held: Vec<Held>,
+    bytes: usize,
 }
 
 /// A publish with all of its content.
@@ -56,13 +88,19 @@ pub(crate) struct Channel {
     pub active: bool,
     /// Publisher confirms (confirm.select).
     pub confirm: bool,
+    /// Transaction mode (tx.select) and what the current one holds.
+    pub tx: Option<Tx>,
     /// The delivery tag of the next publish in confirm mode.
     pub next_publish: u64,
     pub consumers: BTreeMap<String, Consumer>,
     pub unacked: BTreeMap<u64, Unacked>,
     pub next_tag: u64,
-    /// basic.qos prefetch count: unacked deliveries at most (0: no limit).
+    /// basic.qos with global = true: unacked deliveries of the whole
+    /// channel at most (0: no limit).
     pub prefetch: u16,
+    /// basic.qos with global = false: the limit of each consumer created
+    /// afterwards (RabbitMQ's reading of the flag).
+    pub consumer_prefetch: u16,
     /// The queue declared last: what an empty queue name means.
     pub last_queue: Option<String>,
     incoming: Option<Incoming>,
@@ -75,11 +113,13 @@ impl Default for Channel {
             closing: false,
             active: true,
             confirm: false,
+            tx: None,
             next_publish: 1,
             consumers: BTreeMap::new(),
             unacked: BTreeMap::new(),
             next_tag: 1,
             prefetch: 0,
+            consumer_prefetch: 0,
             last_queue: None,
             incoming: None,
         }
@@ -113,12 +153,18 @@ impl Channel {
         self.incoming.is_some()
     }
 
-    /// Deliveries that may still be sent before the prefetch limit.
-    pub(crate) fn credit(&self) -> usize {
-        match self.prefetch {
+    /// Deliveries that may still be sent to consumer `tag` before its own
+    /// prefetch limit or the channel's.
+    pub(crate) fn credit(&self, tag: &str) -> usize {
+        let limit = |prefetch: u16, used: usize| match prefetch {
             0 => usize::MAX,
-            n => usize::from(n).saturating_sub(self.unacked.len()),
-        }
+            n => usize::from(n).saturating_sub(used),
+        };
+        let own = self
+            .consumers
+            .get(tag)
+            .map_or(usize::MAX, |c| limit(c.prefetch, c.unacked));
+        own.min(limit(self.prefetch, self.unacked.len()))
     }
 
     pub(crate) fn start_publish(&mut self, publish: Publish) {
@@ -194,54 +240,166 @@ impl Channel {
     }
 
     /// Registers a delivery awaiting its ack; returns its delivery tag.
-    pub(crate) fn delivered(&mut self, queue: &Arc<Queue>, id: u64, no_ack: bool) -> u64 {
+    pub(crate) fn delivered(
+        &mut self,
+        queue: &Arc<Queue>,
+        id: u64,
+        no_ack: bool,
+        consumer: Option<&str>,
+    ) -> u64 {
         let tag = self.next_tag;
         self.next_tag += 1;
         if !no_ack {
+            let consumer = consumer.and_then(|t| {
+                let c = self.consumers.get_mut(t)?;
+                c.unacked += 1;
+                Some(Arc::from(t))
+            });
             self.unacked.insert(
                 tag,
                 Unacked {
                     queue: Arc::clone(queue),
                     id,
+                    consumer,
                 },
             );
         }
         tag
     }
 
+    /// Deliveries leave (`back` false) or come back to their consumers'
+    /// counts of unacked ones.
+    fn count(&mut self, entries: &[(u64, Unacked)], back: bool) {
+        for (_, u) in entries {
+            if let Some(c) = u
+                .consumer
+                .as_deref()
+                .and_then(|t| self.consumers.get_mut(t))
+            {
+                c.unacked = if back {
+                    c.unacked + 1
+                } else {
+                    c.unacked.saturating_sub(1)
+                };
+            }
+        }
+    }
+
+    /// Settled deliveries a transaction held are unacked again.
+    fn restore(&mut self, entries: Vec<(u64, Unacked)>) {
+        self.count(&entries, true);
+        self.unacked.extend(entries);
+    }
+
     /// The deliveries an ack, nack or reject settles: `tag` alone, with
     /// `multiple` every one up to it (tag 0 with `multiple`: all).
     pub(crate) fn settle(&mut self, tag: u64, multiple: bool) -> Result<ByQueue, Exception> {
-        let settled: Vec<Unacked> = if multiple && tag == 0 {
-            std::mem::take(&mut self.unacked).into_values().collect()
+        let settled = self.settle_entries(tag, multiple)?;
+        Ok(by_queue(settled.into_iter().map(|(_, u)| u).collect()))
+    }
+
+    /// Like [`Channel::settle`], keeping the delivery tags (a transaction
+    /// rolled back puts them back).
+    pub(crate) fn settle_entries(
+        &mut self,
+        tag: u64,
+        multiple: bool,
+    ) -> Result<Vec<(u64, Unacked)>, Exception> {
+        let settled: Vec<(u64, Unacked)> = if multiple && tag == 0 {
+            std::mem::take(&mut self.unacked).into_iter().collect()
         } else if multiple {
             if !self.unacked.contains_key(&tag) {
                 return Err(unknown_tag(tag));
             }
             let rest = self.unacked.split_off(&(tag + 1));
             std::mem::replace(&mut self.unacked, rest)
-                .into_values()
+                .into_iter()
                 .collect()
         } else {
             match self.unacked.remove(&tag) {
-                Some(u) => vec![u],
+                Some(u) => vec![(tag, u)],
                 None => return Err(unknown_tag(tag)),
             }
         };
-        Ok(by_queue(settled))
+        self.count(&settled, false);
+        Ok(settled)
     }
 
-    /// Every unacknowledged delivery, by queue (channel closed, recover).
-    pub(crate) fn take_unacked(&mut self) -> ByQueue {
-        by_queue(std::mem::take(&mut self.unacked).into_values().collect())
+    /// Adds to the transaction under way, within its bounds (406 beyond).
+    pub(crate) fn hold(&mut self, held: Held) -> Result<(), Exception> {
+        let Some(tx) = self.tx.as_mut() else {
+            return Err(not_transactional());
+        };
+        let bytes = match &held {
+            Held::Publish(c) => c.body.len(),
+            Held::Settle { .. } => 0,
+        };
+        if tx.held.len() >= TX_MAX_HELD || tx.bytes + bytes > TX_MAX_BYTES {
+            if let Held::Settle { entries, .. } = held {
+                self.restore(entries);
+            }
+            return Err(Exception::channel(
+                PRECONDITION_FAILED,
+                format!(
+                    "a transaction holds at most {TX_MAX_HELD} publishes, acks and rejects and {TX_MAX_BYTES} message bytes: commit or roll back"
+                ),
+            ));
+        }
+        tx.bytes += bytes;
+        tx.held.push(held);
+        Ok(())
     }
+
+    /// Ends the transaction under way: what it held, the channel staying
+    /// in transaction mode.
+    pub(crate) fn take_tx(&mut self) -> Result<Vec<Held>, Exception> {
+        let tx = self.tx.as_mut().ok_or_else(not_transactional)?;
+        tx.bytes = 0;
+        Ok(std::mem::take(&mut tx.held))
+    }
+
+    /// A rollback: the settled deliveries it held are unacked again (not
+    /// redelivered until recovered or the channel closes, as RabbitMQ),
+    /// its publishes discarded.
+    pub(crate) fn roll_back(&mut self) -> Result<(), Exception> {
+        for held in self.take_tx()? {
+            if let Held::Settle { entries, .. } = held {
+                self.restore(entries);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every unacknowledged delivery, by queue (recover).
+    pub(crate) fn take_unacked(&mut self) -> ByQueue {
+        let all: Vec<(u64, Unacked)> = std::mem::take(&mut self.unacked).into_iter().collect();
+        self.count(&all, false);
+        by_queue(all.into_iter().map(|(_, u)| u).collect())
+    }
+
+    /// At the channel's end: every delivery not settled for good, those an
+    /// uncommitted transaction settled included, by queue.
+    pub(crate) fn take_unsettled(&mut self) -> ByQueue {
+        if let Some(tx) = self.tx.as_mut() {
+            for held in std::mem::take(&mut tx.held) {
+                if let Held::Settle { entries, .. } = held {
+                    self.restore(entries);
+                }
+            }
+        }
+        self.take_unacked()
+    }
+}
+
+fn not_transactional() -> Exception {
+    Exception::channel(PRECONDITION_FAILED, "channel is not transactional")
 }
 
 fn unknown_tag(tag: u64) -> Exception {
     Exception::channel(PRECONDITION_FAILED, format!("unknown delivery tag {tag}"))
 }
 
-fn by_queue(settled: Vec<Unacked>) -> ByQueue {
+pub(crate) fn by_queue(settled: Vec<Unacked>) -> ByQueue {
     let mut out: ByQueue = Vec::new();
     for u in settled {
         match out.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
@@ -305,5 +463,33 @@ mod tests {
             .on_header(60, 0, AMQPProperties::default(), 10)
             .expect("header");
         assert!(empty.is_some_and(|c| c.body.is_empty()));
+    }
+
+    #[test]
+    fn a_transaction_is_bounded_and_needs_select() {
+        let mut ch = Channel::default();
+        let content = || {
+            Box::new(Content {
+                publish: publish(),
+                properties: AMQPProperties::default(),
+                body: Bytes::from_static(b"x"),
+            })
+        };
+        let e = ch.hold(Held::Publish(content())).expect_err("no tx");
+        assert_eq!(e.text, "PRECONDITION_FAILED - channel is not transactional");
+        assert!(ch.roll_back().is_err());
+        ch.tx = Some(Tx::default());
+        for _ in 0..TX_MAX_HELD {
+            ch.hold(Held::Publish(content())).expect("within bounds");
+        }
+        let e = ch.hold(Held::Publish(content())).expect_err("bounded");
+        assert_eq!(e.code, PRECONDITION_FAILED);
+        assert_eq!(ch.take_tx().expect("tx").len(), TX_MAX_HELD);
+        let big = Box::new(Content {
+            body: Bytes::from(vec![0u8; TX_MAX_BYTES + 1]),
+            ..*content()
+        });
+        assert!(ch.hold(Held::Publish(big)).is_err(), "bytes bounded too");
+        assert!(ch.take_tx().expect("still in tx mode").is_empty());
     }
 }

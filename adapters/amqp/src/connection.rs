@@ -124,6 +124,11 @@ pub(crate) struct Settled {
     /// Its delivery tag in confirm mode.
     pub tag: Option<u64>,
     pub result: Result<(), PublishError>,
+    /// The end of a transaction's commit (its publishes' outcomes before
+    /// it): tx.commit-ok, or the channel closed if one failed.
+    pub commit: bool,
+    /// A queue refused it at its limit (`reject-publish`): nacked.
+    pub refused: bool,
 }
 
 pub(crate) struct Connection {
@@ -149,6 +154,8 @@ pub(crate) struct Connection {
     pub(crate) name: Arc<str>,
     /// Channels opened so far (each opening's epoch).
     epochs: u64,
+    /// Commits that failed (channel, epoch, why): their channels close.
+    pub(crate) failed_commits: Vec<(u16, u64, Exception)>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -188,6 +195,7 @@ impl Connection {
             deliver_due: false,
             name: format!("amqp:{peer}").into(),
             epochs: 0,
+            failed_commits: Vec::new(),
         }
     }
 
@@ -300,7 +308,7 @@ impl Connection {
             return;
         };
         telemetry::channels(-1.0);
-        for (q, ids) in channel.take_unacked() {
+        for (q, ids) in channel.take_unsettled() {
             q.requeue(&ids);
         }
         for (_, consumer) in std::mem::take(&mut channel.consumers) {
@@ -448,6 +456,13 @@ impl Connection {
                     if let Err(e) = self.flush_acks(&mut run) {
                         return e.into();
                     }
+                    for (ch, epoch, e) in std::mem::take(&mut self.failed_commits) {
+                        if self.is_open(ch, epoch)
+                            && let Err(e) = self.channel_exception(ch, e).await
+                        {
+                            return e.into();
+                        }
+                    }
                 }
                 read = self.reader.read_buf(&mut self.rbuf), if reading => match read {
                     Ok(0) => return End::PeerGone,
@@ -498,10 +513,13 @@ impl Connection {
                 )
             });
         }
+        if s.commit {
+            return self.committed(s, run);
+        }
         let (Some(tag), true) = (s.tag, self.is_open(s.channel, s.epoch)) else {
             return Ok(());
         };
-        if s.result.is_ok() {
+        if s.result.is_ok() && !s.refused {
             match run {
                 Some(r) if r.channel == s.channel && r.epoch == s.epoch && r.last + 1 == tag => {
                     r.last = tag
@@ -528,7 +546,7 @@ impl Connection {
     }
 
     /// Whether channel `ch` is still the opening `epoch` (and not closing).
-    fn is_open(&self, ch: u16, epoch: u64) -> bool {
+    pub(crate) fn is_open(&self, ch: u16, epoch: u64) -> bool {
         self.channels
             .get(&ch)
             .is_some_and(|c| c.epoch == epoch && !c.closing)
@@ -537,7 +555,7 @@ impl Connection {
     /// Sends the acks of `run`: every tag up to its last on the channel is
     /// settled by then (outcomes come in publish order), so one ack with
     /// `multiple` covers exactly the run.
-    fn flush_acks(&mut self, run: &mut Option<AckRun>) -> Result<(), Exception> {
+    pub(crate) fn flush_acks(&mut self, run: &mut Option<AckRun>) -> Result<(), Exception> {
         use amq_protocol::protocol::basic;
         let Some(r) = run.take() else { return Ok(()) };
         if !self.is_open(r.channel, r.epoch) {
@@ -701,7 +719,7 @@ impl Connection {
         // Its deliveries go back and its consumers end now; the number
         // stays taken until the client's close-ok.
         if let Some(mut c) = self.channels.remove(&ch) {
-            for (q, ids) in c.take_unacked() {
+            for (q, ids) in c.take_unsettled() {
                 q.requeue(&ids);
             }
             for (_, consumer) in std::mem::take(&mut c.consumers) {

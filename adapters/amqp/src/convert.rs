@@ -46,7 +46,8 @@ pub(crate) enum Unmappable {
     InnerHash(String),
     #[error("binding key {0:?} has no MQTT filter (a malformed %-escape or '+')")]
     NotMqtt(String),
-    #[error("headers exchanges are not implemented")]
+    /// A headers binding's filter names its queue (`headers_filter`).
+    #[error("a headers exchange's bindings have no key filter")]
     Headers,
 }
 
@@ -94,9 +95,16 @@ fn prefix(exchange: &str) -> String {
     out
 }
 
+/// The level under a headers exchange's prefix that its bindings' filters
+/// start with: `escape_level` never writes a `%` that is not followed by
+/// two hex digits, so no publish to any exchange has this level.
+const HEADERS_LEVEL: &str = "%headers";
+
 /// The core topic of a publish to `exchange` (of `kind`) with `key`;
-/// `None` when it cannot go anywhere (a headers exchange, or a key on
-/// `amq.topic` that is no MQTT topic).
+/// `None` when it cannot go anywhere (a key on `amq.topic` that is no MQTT
+/// topic). A headers exchange's topic is its key as one level, which no
+/// binding filter matches: its queues are found by their headers
+/// (`bindings.rs`) and reached through [`headers_filter`].
 pub(crate) fn topic_of(exchange: &str, kind: Kind, key: &str) -> Option<String> {
     if exchange == AMQ_TOPIC {
         let t = topic::from_routing_key(key)?;
@@ -105,7 +113,7 @@ pub(crate) fn topic_of(exchange: &str, kind: Kind, key: &str) -> Option<String> 
     }
     let mut out = prefix(exchange);
     match kind {
-        Kind::Direct | Kind::Fanout => escape_level(key, &mut out),
+        Kind::Direct | Kind::Fanout | Kind::Headers => escape_level(key, &mut out),
         Kind::Topic => {
             for (i, word) in key.split('.').enumerate() {
                 if i > 0 {
@@ -114,9 +122,19 @@ pub(crate) fn topic_of(exchange: &str, kind: Kind, key: &str) -> Option<String> 
                 escape_level(word, &mut out);
             }
         }
-        Kind::Headers => return None,
     }
     Some(out)
+}
+
+/// The one filter (and topic) of every binding of `queue` to the headers
+/// exchange `exchange`: `$amqp/<exchange>/%headers/<queue>`, a topic no
+/// publish has, which the adapter adds to a publish whose headers match.
+pub(crate) fn headers_filter(exchange: &str, queue: &str) -> String {
+    let mut out = prefix(exchange);
+    out.push_str(HEADERS_LEVEL);
+    out.push('/');
+    escape_level(queue, &mut out);
+    out
 }
 
 /// The trie filter of a binding of a queue to `exchange` with `key`.
@@ -271,6 +289,20 @@ mod tests {
             let fanout = filter_of(&exchange, Kind::Fanout, "x").expect("a filter");
             proptest::prop_assert!(matches(&fanout, &direct));
         }
+    }
+
+    #[test]
+    fn headers_filters_match_no_publish_but_their_own_topic() {
+        let f = headers_filter("hx", "q/1");
+        assert!(matches(&f, &f), "the filter is its own topic");
+        for kind in [Kind::Direct, Kind::Fanout, Kind::Topic, Kind::Headers] {
+            for key in ["%headers.q/1", "%headers", "", "q/1"] {
+                let t = topic_of("hx", kind, key).expect("a topic");
+                assert!(!matches(&f, &t), "{t}");
+            }
+        }
+        let fanout = filter_of("hx", Kind::Fanout, "").expect("filter");
+        assert!(matches(&fanout, &f), "only a fanout of the same name would");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The methods of an open channel: exchanges, queues, bindings, publish,
+//! The methods of an open channel: exchanges, queues, bindings (of queues
+//! and of exchanges), publish (held in a transaction, `tx.rs`),
 //! consume, get, acknowledgements, qos, flow and confirms.
 
 use std::sync::Arc;
@@ -7,12 +8,14 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue
 use amq_protocol::types::FieldTable;
 use edge_core::{Message, QoS};
 use futures::FutureExt;
+use futures::future::BoxFuture;
 
 use crate::args::QueueArgs;
+use crate::bindings::Resolved;
 use crate::broker::{ExchangeSpec, QueueSpec};
-use crate::channel::{Consumer, Content};
+use crate::channel::{ByQueue, Consumer, Content, Held};
 use crate::connection::{Connection, Settled, WRITE_HIGH_WATER};
-use crate::convert::{self, Kind};
+use crate::convert;
 use crate::error::{ACCESS_REFUSED, Exception, NO_ROUTE, NOT_ALLOWED, NOT_IMPLEMENTED};
 use crate::queue::{Flags, Queue, Queued};
 use crate::{properties, telemetry};
@@ -68,6 +71,12 @@ impl Connection {
             AMQPClass::Basic(m) => self.on_basic(ch, m).await,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 if let Some(c) = self.channels.get_mut(&ch) {
+                    if c.tx.is_some() {
+                        return Err(Exception::channel(
+                            crate::error::PRECONDITION_FAILED,
+                            "cannot switch from tx to confirm mode",
+                        ));
+                    }
                     c.confirm = true;
                 }
                 self.reply(
@@ -76,10 +85,7 @@ impl Connection {
                     AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
                 )
             }
-            AMQPClass::Tx(_) => Err(Exception::connection(
-                NOT_IMPLEMENTED,
-                "transactions (tx.select) are not implemented yet",
-            )),
+            AMQPClass::Tx(m) => self.on_tx(ch, m).await,
             other => Err(Exception::connection(
                 crate::error::COMMAND_INVALID,
                 format!("unexpected method {other:?}"),
@@ -147,9 +153,39 @@ impl Connection {
                     AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
                 )
             }
-            _ => Err(Exception::connection(
-                NOT_IMPLEMENTED,
-                "exchange-to-exchange bindings are not implemented yet",
+            exchange::AMQPMethod::Bind(b) => {
+                self.broker
+                    .bind_exchange(
+                        b.destination.as_str(),
+                        b.source.as_str(),
+                        b.routing_key.as_str(),
+                        &b.arguments,
+                    )
+                    .await?;
+                self.reply(
+                    ch,
+                    b.nowait,
+                    AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                )
+            }
+            exchange::AMQPMethod::Unbind(u) => {
+                self.broker
+                    .unbind_exchange(
+                        u.destination.as_str(),
+                        u.source.as_str(),
+                        u.routing_key.as_str(),
+                        &u.arguments,
+                    )
+                    .await?;
+                self.reply(
+                    ch,
+                    u.nowait,
+                    AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                )
+            }
+            other => Err(Exception::connection(
+                crate::error::COMMAND_INVALID,
+                format!("unexpected exchange method {other:?}"),
             )),
         }
     }
@@ -195,6 +231,7 @@ impl Connection {
                         &q.name,
                         b.exchange.as_str(),
                         b.routing_key.as_str(),
+                        &b.arguments,
                         self.id,
                     )
                     .await?;
@@ -211,6 +248,7 @@ impl Connection {
                         &q.name,
                         u.exchange.as_str(),
                         u.routing_key.as_str(),
+                        &u.arguments,
                         self.id,
                     )
                     .await?;
@@ -262,7 +300,11 @@ impl Connection {
             }
             basic::AMQPMethod::Qos(q) => {
                 if let Some(c) = self.channels.get_mut(&ch) {
-                    c.prefetch = q.prefetch_count;
+                    if q.global {
+                        c.prefetch = q.prefetch_count;
+                    } else {
+                        c.consumer_prefetch = q.prefetch_count;
+                    }
                 }
                 self.deliver_due = true;
                 self.method(
@@ -357,6 +399,8 @@ impl Connection {
                 queue: Arc::clone(&q),
                 no_ack: c.no_ack,
                 key,
+                prefetch: chan.consumer_prefetch,
+                unacked: 0,
             },
         );
         self.deliver_due = true;
@@ -380,7 +424,7 @@ impl Connection {
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Ok(());
         };
-        let delivery_tag = chan.delivered(&q, m.id, g.no_ack);
+        let delivery_tag = chan.delivered(&q, m.id, g.no_ack, None);
         let (exchange, routing_key) = convert::origin_of(&m.message.topic);
         let method = AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
             delivery_tag,
@@ -390,7 +434,8 @@ impl Connection {
             message_count: q.message_count(),
         }));
         telemetry::message_out();
-        self.content(ch, method, properties::of(&m.message), &m.message.payload)
+        let props = delivery_properties(&q, &m);
+        self.content(ch, method, props, &m.message.payload)
     }
 
     async fn settle(
@@ -403,19 +448,25 @@ impl Connection {
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Ok(());
         };
+        if chan.tx.is_some() {
+            let entries = chan.settle_entries(tag, multiple)?;
+            return chan.hold(Held::Settle { entries, requeue });
+        }
         let settled = chan.settle(tag, multiple)?;
+        self.apply_settle(settled, requeue).await;
+        Ok(())
+    }
+
+    /// Performs settled deliveries: acked, requeued or dropped.
+    pub(crate) async fn apply_settle(&mut self, settled: ByQueue, requeue: Option<bool>) {
         for (q, ids) in settled {
             match requeue {
                 Some(true) => q.requeue(&ids),
-                Some(false) => {
-                    telemetry::dropped("amqp_rejected", ids.len() as u64);
-                    q.ack(&ids).await;
-                }
+                Some(false) => q.reject(&ids),
                 None => q.ack(&ids).await,
             }
         }
         self.deliver_due = true;
-        Ok(())
     }
 
     /// Takes ready messages for the consumers that have credit, while the
@@ -446,8 +497,8 @@ impl Connection {
                 break;
             }
             let credit = match self.channels.get(&ch) {
-                Some(c) if no_ack => c.credit().clamp(1, DELIVERY_BATCH),
-                Some(c) => c.credit().min(DELIVERY_BATCH),
+                Some(_) if no_ack => DELIVERY_BATCH,
+                Some(c) => c.credit(&tag).min(DELIVERY_BATCH),
                 None => 0,
             };
             if credit == 0 {
@@ -491,7 +542,7 @@ impl Connection {
             q.requeue(&[m.id]);
             return Ok(());
         };
-        let delivery_tag = chan.delivered(q, m.id, no_ack);
+        let delivery_tag = chan.delivered(q, m.id, no_ack, Some(tag));
         let (exchange, routing_key) = convert::origin_of(&m.message.topic);
         let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
             consumer_tag: tag.into(),
@@ -501,12 +552,39 @@ impl Connection {
             routing_key: crate::error::truncate(&routing_key, 255).into(),
         }));
         telemetry::message_out();
-        self.content(ch, method, properties::of(&m.message), &m.message.payload)
+        let props = delivery_properties(q, &m);
+        self.content(ch, method, props, &m.message.payload)
     }
 
     /// A publish with all of its content: routed through the core; its
     /// confirm (if the channel is in confirm mode) waits for the receipt.
+    /// In a transaction it is held until the commit (its exchange checked
+    /// now, as RabbitMQ does).
     pub(crate) async fn publish(&mut self, ch: u16, content: Content) -> Result<(), Exception> {
+        if self.channels.get(&ch).is_some_and(|c| c.tx.is_some()) {
+            let name = content.publish.exchange.as_str();
+            let exchange = self.broker.exchange(name).map_err(|e| e.on(60, 40))?;
+            if exchange.internal {
+                return Err(internal_exchange(name));
+            }
+            return match self.channels.get_mut(&ch) {
+                Some(c) => c
+                    .hold(Held::Publish(Box::new(content)))
+                    .map_err(|e| e.on(60, 40)),
+                None => Ok(()),
+            };
+        }
+        let settled = self.publish_now(ch, content).await?;
+        self.pending.push_back(settled);
+        Ok(())
+    }
+
+    /// Routes a publish; its outcome, for `pending`.
+    pub(crate) async fn publish_now(
+        &mut self,
+        ch: u16,
+        content: Content,
+    ) -> Result<BoxFuture<'static, Settled>, Exception> {
         let Content {
             publish,
             properties,
@@ -514,19 +592,14 @@ impl Connection {
         } = content;
         telemetry::message_in();
         let name = publish.exchange.as_str();
-        let exchange = self.broker.exchange(name).map_err(|e| e.on(60, 40))?;
-        if exchange.internal {
-            return Err(Exception::channel(
-                ACCESS_REFUSED,
-                format!("cannot publish to internal exchange '{name}' in vhost '/'"),
-            )
-            .on(60, 40));
-        }
         let key = publish.routing_key.as_str();
-        let topic = match exchange.kind {
-            Kind::Headers => None,
-            kind => convert::topic_of(name, kind, key),
-        };
+        let (exchange, resolved) = self
+            .broker
+            .route(name, key, properties.headers().as_ref())
+            .map_err(|e| e.on(60, 40))?;
+        if exchange.internal {
+            return Err(internal_exchange(name));
+        }
         let epoch = self.channels.get(&ch).map_or(0, |c| c.epoch);
         let tag = self.channels.get_mut(&ch).and_then(|c| {
             c.confirm.then(|| {
@@ -534,7 +607,11 @@ impl Connection {
                 c.next_publish - 1
             })
         });
-        let routed = topic.filter(|t| self.broker.router().is_routed(t));
+        let Resolved { topic, also } = resolved;
+        let router = self.broker.router();
+        let routed = topic.filter(|t| {
+            router.is_routed_any(std::iter::once(t.as_str()).chain(also.iter().map(String::as_str)))
+        });
         let Some(topic) = routed else {
             telemetry::dropped("amqp_unroutable", 1);
             crate::logs::UNROUTABLE.record("unroutable", || {
@@ -552,16 +629,15 @@ impl Connection {
                 }));
                 self.content(ch, method, properties, &body)?;
             }
-            self.pending.push_back(
-                futures::future::ready(Settled {
-                    channel: ch,
-                    epoch,
-                    tag,
-                    result: Ok(()),
-                })
-                .boxed(),
-            );
-            return Ok(());
+            return Ok(futures::future::ready(Settled {
+                channel: ch,
+                epoch,
+                tag,
+                result: Ok(()),
+                commit: false,
+                refused: false,
+            })
+            .boxed());
         };
         // Persistent messages are committed (and queued durably) before
         // their confirm: QoS 1. Transient ones are delivered from memory.
@@ -571,25 +647,71 @@ impl Connection {
         };
         let mut message = Message::new(topic, body, qos, Arc::clone(&self.name));
         properties::apply(&properties, &mut message);
-        let settled = match self.broker.router().publish(message).await {
-            Ok(receipt) => async move {
-                Settled {
-                    channel: ch,
-                    epoch,
-                    tag,
-                    result: receipt.await.map(|_| ()),
+        let settled = match self.broker.router().publish_gated(message, &also).await {
+            Ok(gated) => {
+                let refused = gated.refused.is_some();
+                if let Some(r) = gated.refused {
+                    self.refused(r);
                 }
+                let receipt = gated.receipt;
+                async move {
+                    Settled {
+                        channel: ch,
+                        epoch,
+                        tag,
+                        result: receipt.await.map(|_| ()),
+                        commit: false,
+                        refused,
+                    }
+                }
+                .boxed()
             }
-            .boxed(),
             Err(e) => futures::future::ready(Settled {
                 channel: ch,
                 epoch,
                 tag,
                 result: Err(e),
+                commit: false,
+                refused: false,
             })
             .boxed(),
         };
-        self.pending.push_back(settled);
-        Ok(())
+        Ok(settled)
     }
+}
+
+fn internal_exchange(name: &str) -> Exception {
+    Exception::channel(
+        ACCESS_REFUSED,
+        format!("cannot publish to internal exchange '{name}' in vhost '/'"),
+    )
+    .on(60, 40)
+}
+
+impl Connection {
+    /// A publish some queues refused at their limit (`reject-publish`):
+    /// counted; a `reject-publish-dlx` queue dead-letters it.
+    fn refused(&self, refused: edge_core::Refused) {
+        telemetry::dropped("amqp_max_length", refused.sessions.len() as u64);
+        for session in &refused.sessions {
+            if let Some(q) = self.broker.queue_of_session(session) {
+                q.refused(Arc::clone(&refused.message));
+            }
+        }
+    }
+}
+
+/// A delivery's properties: the message's, and `x-delivery-count` on a
+/// redelivery from a queue with a delivery limit.
+fn delivery_properties(q: &Queue, m: &Queued) -> amq_protocol::protocol::basic::AMQPProperties {
+    let props = properties::of(&m.message);
+    if m.returns == 0 || !q.counts_deliveries() {
+        return props;
+    }
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        amq_protocol::types::AMQPValue::LongLongInt(i64::from(m.returns)),
+    );
+    props.with_headers(headers)
 }

@@ -1,12 +1,12 @@
 //! One AMQP queue: a core session (`amqp:<name>`) whose filters are the
 //! queue's bindings, and the messages it holds for its consumers.
 //!
-//! A pump task drains the session's deliveries into `ready` (bounded in
-//! count and bytes; beyond that the pump stops and the core keeps durable
-//! entries in the store and drops transient ones, counted). A durable
-//! queue's entries live in the store's queue until acknowledged: the pump
-//! reads them from there when the session lagged and at start, skipping
-//! the ones it holds already.
+//! A pump task (`queue/pump.rs`) drains the session's deliveries into
+//! `ready` (bounded in count and bytes; beyond that the pump stops and the
+//! core keeps durable entries in the store and drops transient ones,
+//! counted). A durable queue's entries live in the store's queue until
+//! acknowledged: the pump reads them from there when the session lagged
+//! and at start, skipping the ones it holds already.
 //!
 //! Consumers pull: a connection with credit takes from `ready`; what it
 //! takes without no-ack waits in `unacked` until ack (the store entry goes)
@@ -20,17 +20,43 @@
 //! (`queue/expiry.rs`). A durable queue's `DELIVERED_ROW` and entry states
 //! keep the redelivered flag across restarts (`queue/delivered.rs`).
 //!
+//! A message that leaves without being delivered (`dead_letter.rs`) goes
+//! to the queue's dead-letter task, which republishes it to the queue's
+//! dead-letter exchange (if any) and only then acknowledges its store
+//! entry (`queue/dying.rs`). Limits (`x-max-length`, `x-max-length-bytes`)
+//! count ready messages and their payload bytes. With `drop-head` the head
+//! (the next message to deliver: of a priority queue the highest priority)
+//! dies whenever messages arrive, and before every count (declare-ok,
+//! get-ok) and every take: a durable queue counts its entries not in
+//! memory (in the store, in a priority queue's spill, or on their way;
+//! their bytes once read) and, when its head is among them, reads it from
+//! the store to drop it. So a count never exceeds the limit and no
+//! consumer gets a message that was beyond it; what "never" leaves out:
+//! between a commit and the pump's next turn the store holds the new
+//! entries too (a queue whose memory is full looks again every 100 ms),
+//! and a crash then leaves them to be trimmed at the next start. With
+//! `reject-publish(-dlx)` the queue's [`Admission`] refuses a message at
+//! publish time, before the publisher's confirm. Expired messages die when
+//! they reach the head of their priority (the pump wakes for the earliest
+//! such expiry) or when a consumer would have got them.
+//!
 //! Invariants: a message is in at most one of `ready` and `unacked`;
-//! `held` is exactly the seqs of the durable ones among them.
+//! `held` is exactly the seqs of the durable ones among them and of those
+//! whose dead-lettering is under way.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use edge_core::{Acker, AttachOptions, Delivery, Message, QoS, Router, SessionError, Subscriber};
+use edge_core::{
+    Acker, AttachOptions, Delivery, Gate, Message, QoS, Router, SessionError, Subscriber,
+};
 use edge_store::Seq;
 
-use crate::args::QueueArgs;
+use crate::args::{Overflow, QueueArgs};
+use crate::broker::Broker;
+use crate::dead_letter::{Dead, Reason};
+use crate::limits::Admission;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,18 +72,21 @@ const BACKLOG_PAGE: usize = 256;
 /// Stored entries a priority queue knows by priority and seq only, at most
 /// (beyond that the store is read on in arrival order as room frees).
 const MAX_SPILLED: usize = 1 << 18;
+/// How often a `drop-head` queue whose memory is full looks for arrivals
+/// that put it over its limit.
+const LIMIT_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 mod delivered;
+mod dying;
 mod expiry;
 mod priority;
+mod pump;
 
 pub(crate) use expiry::until_expired;
 
 /// The definition row saying a durable queue may have delivered messages
 /// since it last recorded which (`Queue::close`): `amqp/delivered/<name>`.
 pub(crate) const DELIVERED_ROW: &str = "amqp/delivered/";
-/// A store entry's state once its message may have been delivered.
-const DELIVERED: u32 = 1;
 
 /// The core session of a queue.
 pub(crate) fn session_id(queue: &str) -> Arc<str> {
@@ -81,7 +110,10 @@ pub(crate) struct Queued {
     pub message: Arc<Message>,
     /// The store entry of a durable message.
     pub seq: Option<Seq>,
+    /// It may have been delivered before.
     pub redelivered: bool,
+    /// Times it came back to the queue (`x-delivery-count`).
+    pub returns: u32,
 }
 
 /// How a queue was declared.
@@ -97,11 +129,25 @@ pub(crate) struct Flags {
 impl Flags {
     /// Whether `message` is past its own expiry or the queue's TTL at `now`.
     pub(crate) fn expired(&self, message: &Message, now: u64) -> bool {
-        message.is_expired(now)
-            || self
-                .args
-                .message_ttl
-                .is_some_and(|ttl| message.timestamp_ms.saturating_add(ttl) <= now)
+        self.expires_at(message).is_some_and(|at| at <= now)
+    }
+
+    /// When `message` expires here: its own expiry or the queue's TTL.
+    fn expires_at(&self, message: &Message) -> Option<u64> {
+        let ttl = self
+            .args
+            .message_ttl
+            .map(|ttl| message.timestamp_ms.saturating_add(ttl));
+        match (message.properties.expires_at_ms, ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether arrivals may push the head out.
+    fn drops_head(&self) -> bool {
+        self.args.overflow == Overflow::DropHead
+            && (self.args.max_length.is_some() || self.args.max_length_bytes.is_some())
     }
 }
 
@@ -115,11 +161,16 @@ struct State {
     /// `x-max-priority`, if the queue has priorities.
     max_priority: Option<u8>,
     /// A priority queue's durable entries read but not held (`priority.rs`):
-    /// whether each is redelivered.
-    spilled: BTreeMap<priority::SpillKey, bool>,
+    /// the entry state each would have in the store (`delivered.rs`).
+    spilled: BTreeMap<priority::SpillKey, u32>,
     unacked: HashMap<u64, Queued>,
     held: HashSet<Seq>,
     held_bytes: usize,
+    /// Payload bytes of `ready`.
+    ready_bytes: usize,
+    /// To the dead-letter task.
+    dead: Option<mpsc::UnboundedSender<Dead>>,
+    admission: Option<Arc<Admission>>,
     /// Consumers: key → the waker of the connection that serves it.
     consumers: BTreeMap<u64, Arc<Notify>>,
     /// The key of an exclusive consumer, which keeps every other out.
@@ -153,6 +204,9 @@ impl State {
             unacked: HashMap::new(),
             held: HashSet::new(),
             held_bytes: 0,
+            ready_bytes: 0,
+            dead: None,
+            admission: None,
             consumers: BTreeMap::new(),
             exclusive: None,
             single_active: flags.args.single_active_consumer,
@@ -175,7 +229,8 @@ impl State {
         self.ready.len() + self.unacked.len() < MAX_HELD && self.held_bytes < MAX_HELD_BYTES
     }
 
-    fn push(&mut self, message: Arc<Message>, seq: Option<Seq>, redelivered: bool) {
+    /// A message arriving, after `returns` earlier returns to the queue.
+    fn push(&mut self, message: Arc<Message>, seq: Option<Seq>, redelivered: bool, returns: u32) {
         if let Some(seq) = seq {
             self.held.insert(seq);
         }
@@ -186,7 +241,8 @@ impl State {
             id,
             message,
             seq,
-            redelivered,
+            redelivered: redelivered || returns > 0,
+            returns,
         });
     }
 
@@ -203,9 +259,9 @@ impl State {
                     return;
                 }
                 self.read_from = seq + 1;
-                self.admit(d.message, seq, false);
+                self.admit(d.message, seq, 0);
             }
-            None if self.has_room() => self.push(d.message, None, false),
+            None if self.has_room() => self.push(d.message, None, false, 0),
             // A priority queue's spill holds stored entries only.
             None => crate::telemetry::dropped("amqp_queue_full", 1),
         }
@@ -251,31 +307,44 @@ pub(crate) struct Queue {
 
 impl Queue {
     /// Attaches the queue's session (resuming a durable one with its
-    /// entries) and starts its pump. `marked`: the queue's `DELIVERED_ROW`
-    /// was found at start, so its stored entries may have been delivered.
+    /// entries) and starts its pump and its dead-letter task. `marked`: the
+    /// queue's `DELIVERED_ROW` was found at start, so its stored entries
+    /// may have been delivered.
     pub(crate) async fn start(
         router: &Router,
+        broker: &Weak<Broker>,
         name: &str,
         flags: Flags,
         owner: Option<ConnId>,
         marked: bool,
     ) -> Result<Arc<Queue>, SessionError> {
         let persistent = flags.durable && !flags.exclusive;
+        let args = &flags.args;
+        let admission = (args.overflow != Overflow::DropHead
+            && (args.max_length.is_some() || args.max_length_bytes.is_some()))
+        .then(|| Arc::new(Admission::new(args.max_length, args.max_length_bytes)));
         let attached = router
             .attach(
                 session_id(name),
                 AttachOptions {
                     clean: !persistent,
                     queue: LIVE_QUEUE,
+                    gate: admission.clone().map(|a| a as Arc<dyn Gate>),
                 },
             )
             .await?;
+        if let (Some(a), Some(stored)) = (&admission, attached.subscriber.queued_messages()) {
+            a.add_stored(stored);
+        }
+        let (dead, graves) = mpsc::unbounded_channel();
         let acker = attached.subscriber.acker();
         // Only a resumed session can have entries to read; a new queue's
         // messages all come live (so a get right after a confirmed publish
         // to it finds the message).
         let resumed = persistent && attached.session_present;
         let mut state = State::new(&flags, resumed, attached.deliveries);
+        state.dead = Some(dead);
+        state.admission = admission;
         if persistent && marked {
             state.suspect_up_to = Some(*router.store().committed().borrow());
         }
@@ -293,8 +362,13 @@ impl Queue {
             stop: CancellationToken::new(),
             pump: Mutex::new(None),
         });
-        let task = tokio::spawn(pump(Arc::downgrade(&queue)));
+        let task = tokio::spawn(pump::pump(Arc::downgrade(&queue)));
         *queue.pump.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        tokio::spawn(crate::dead_letter::run(
+            Arc::downgrade(&queue),
+            Weak::clone(broker),
+            graves,
+        ));
         Ok(queue)
     }
 
@@ -320,19 +394,22 @@ impl Queue {
     }
 
     /// Ready messages (not those awaiting an ack): a durable queue's
-    /// entries in the store, less those delivered and unacknowledged, plus
-    /// its transient ones in memory; a transient queue's in memory.
+    /// entries in the store (a priority queue's spilled ones among them),
+    /// less those delivered and unacknowledged or dying, plus its transient
+    /// ones in memory; a transient queue's in memory.
     pub(crate) fn message_count(&self) -> u32 {
         let mut s = self.state();
         self.drain_live(&mut s);
         let in_memory = s.ready.len() as u64;
         let count = match self.subscriber.queued_messages() {
             Some(stored) => {
-                let unacked = s.unacked.values().filter(|q| q.seq.is_some()).count() as u64;
-                let transient = s.ready.values().filter(|q| q.seq.is_none()).count() as u64;
+                // Held but not ready: unacked, and dying (dead-lettering).
+                let durable = s.ready.values().filter(|q| q.seq.is_some()).count();
+                let not_ready = s.held.len().saturating_sub(durable) as u64;
+                let transient = s.ready.len() - durable;
                 stored
-                    .saturating_sub(unacked)
-                    .saturating_add(transient)
+                    .saturating_sub(not_ready)
+                    .saturating_add(transient as u64)
                     .max(in_memory)
             }
             None => in_memory,
@@ -355,6 +432,7 @@ impl Queue {
             };
             s.accept(d);
         }
+        self.arrived(s);
     }
 
     pub(crate) fn consumer_count(&self) -> u32 {
@@ -412,7 +490,8 @@ impl Queue {
     /// queue while its backlog (as far as memory and the spill hold it) is
     /// still being read or a spilled entry comes first (so that it is
     /// ordered as a whole, `priority.rs`). Unless `no_ack`, they wait in
-    /// `unacked`; with `no_ack` they count as delivered now.
+    /// `unacked`; with `no_ack` they count as delivered now. Expired ones
+    /// met on the way die (dead-lettered).
     pub(crate) async fn take(
         &self,
         consumer: Option<u64>,
@@ -460,19 +539,17 @@ impl Queue {
         let mut done = Vec::new();
         let now = edge_core::message::now_ms();
         while out.len() < max {
+            let durable_head = s.ready.first_key_value().map(|(_, q)| q.seq.is_some());
+            if durable_head == Some(true) && !marked {
+                return Some((out, done, true));
+            }
             let Some(q) = s.pop_ready() else {
                 break;
             };
             if self.flags.expired(&q.message, now) {
-                // Delivered to nobody, as the core does for its queues.
-                s.release(&q);
-                done.extend(q.seq);
                 crate::telemetry::expired(&q.message);
+                s.bury(q, Reason::Expired);
                 continue;
-            }
-            if q.seq.is_some() && !marked {
-                s.put_ready(q);
-                return Some((out, done, true));
             }
             if no_ack {
                 s.release(&q);
@@ -502,18 +579,6 @@ impl Queue {
         self.forget(done).await;
     }
 
-    /// Back to `ready` at their place, marked redelivered.
-    pub(crate) fn requeue(&self, ids: &[u64]) {
-        let mut s = self.state();
-        for id in ids {
-            if let Some(mut q) = s.unacked.remove(id) {
-                q.redelivered = true;
-                s.put_ready(q);
-            }
-        }
-        s.wake();
-    }
-
     async fn forget(&self, seqs: Vec<Seq>) {
         if let (Some(acker), false) = (&self.acker, seqs.is_empty()) {
             // Awaited only for its registration: a later backlog read waits
@@ -527,15 +592,20 @@ impl Queue {
     pub(crate) async fn purge(&self) -> Result<u32, SessionError> {
         let (mut count, seqs, catching_up) = {
             let mut s = self.state();
-            let ready = std::mem::take(&mut s.ready);
             let mut seqs = Vec::new();
-            for q in ready.values() {
-                s.release(q);
+            let mut count = 0;
+            while let Some(q) = s.pop_ready() {
+                s.release(&q);
                 seqs.extend(q.seq);
+                count += 1;
             }
             let spilled = std::mem::take(&mut s.spilled);
+            if let Some(a) = &s.admission {
+                spilled.keys().for_each(|_| a.left(0));
+            }
             seqs.extend(spilled.keys().map(|(_, seq)| *seq));
-            ((ready.len() + spilled.len()) as u32, seqs, s.catching_up)
+            count += spilled.len() as u32;
+            (count, seqs, s.catching_up)
         };
         if let Some(acker) = &self.acker {
             acker.ack(seqs).await?;
@@ -546,10 +616,15 @@ impl Queue {
                     let last = page.last().map(|e| e.seq);
                     let seqs: Vec<Seq> = {
                         let s = self.state();
-                        page.iter()
+                        let seqs: Vec<Seq> = page
+                            .iter()
                             .map(|e| e.seq)
                             .filter(|seq| !s.held.contains(seq))
-                            .collect()
+                            .collect();
+                        if let Some(a) = &s.admission {
+                            seqs.iter().for_each(|_| a.left(0));
+                        }
+                        seqs
                     };
                     count += seqs.len() as u32;
                     acker.ack(seqs).await?;
@@ -580,6 +655,7 @@ impl Queue {
                 AttachOptions {
                     clean: true,
                     queue: 1,
+                    gate: None,
                 },
             )
             .await?;
@@ -590,6 +666,7 @@ impl Queue {
             s.spilled.clear();
             s.held.clear();
             s.held_bytes = 0;
+            s.ready_bytes = 0;
             // Their connections cancel them (basic.cancel).
             s.wake();
         }
@@ -623,135 +700,4 @@ impl Queue {
     pub(crate) fn is_deleted(&self) -> bool {
         self.stop.is_cancelled()
     }
-}
-
-/// Moves the session's deliveries (and, when it lagged, its store entries)
-/// into `ready`, while there is room, until the queue is deleted or gone.
-async fn pump(queue: Weak<Queue>) {
-    loop {
-        let Some(q) = queue.upgrade() else { return };
-        if q.stop.is_cancelled() {
-            return;
-        }
-        let (room, catching_up, load) = {
-            let mut s = q.state();
-            if q.subscriber.take_lagged() {
-                s.catching_up = true;
-            }
-            (s.can_admit(), s.catching_up, s.next_to_load())
-        };
-        if let Some(key) = load {
-            // A spilled entry's turn: read it back.
-            match q.subscriber.backlog(key.1, 1).await {
-                Ok(mut entry) => {
-                    let mut s = q.state();
-                    s.loaded(key, entry.pop());
-                    s.wake();
-                    continue;
-                }
-                Err(error) => {
-                    tracing::warn!(queue = %q.name, %error, "cannot read a stored message back; retrying");
-                    let stop = q.stop.clone();
-                    drop(q);
-                    if !pause(&stop).await {
-                        return;
-                    }
-                    continue;
-                }
-            }
-        }
-        if !room {
-            let stop = q.stop.clone();
-            let room = Arc::clone(&q.room);
-            drop(q);
-            tokio::select! {
-                _ = room.notified() => continue,
-                _ = stop.cancelled() => return,
-            }
-        }
-        if catching_up {
-            let from = q.state().read_from;
-            match q.subscriber.backlog(from, BACKLOG_PAGE).await {
-                Ok(page) => {
-                    let mut s = q.state();
-                    let caught_up = page.len() < BACKLOG_PAGE;
-                    for e in page {
-                        s.read_from = e.seq + 1;
-                        if !s.held.contains(&e.seq) {
-                            let suspect = s.suspect_up_to.is_some_and(|last| e.seq <= last);
-                            s.admit(e.message, e.seq, e.state != 0 || suspect);
-                        }
-                    }
-                    if caught_up {
-                        s.catching_up = false;
-                        s.suspect_up_to = None;
-                    }
-                    s.wake();
-                }
-                Err(error) => {
-                    tracing::warn!(queue = %q.name, %error, "cannot read the queue's stored messages; retrying");
-                    let stop = q.stop.clone();
-                    drop(q);
-                    if !pause(&stop).await {
-                        return;
-                    }
-                }
-            }
-            continue;
-        }
-        let stop = q.stop.clone();
-        let room = Arc::clone(&q.room);
-        drop(q);
-        let live = std::future::poll_fn(|cx| poll_live(&queue, cx));
-        tokio::select! {
-            open = live => if !open { return },
-            // A take() found the session lagged: read the store.
-            _ = room.notified() => {}
-            _ = stop.cancelled() => return,
-        }
-    }
-}
-
-/// Waits a second before a failed store read is tried again; false if
-/// the queue was deleted or closed meanwhile.
-async fn pause(stop: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => true,
-        _ = stop.cancelled() => false,
-    }
-}
-
-/// Moves what the session's channel holds into `ready`; pending until
-/// there is something (or no room: then ready, for the pump to wait for
-/// room). Ready(false) once the channel or the queue is gone.
-fn poll_live(queue: &Weak<Queue>, cx: &mut std::task::Context<'_>) -> std::task::Poll<bool> {
-    use std::task::Poll;
-    let Some(q) = queue.upgrade() else {
-        return Poll::Ready(false);
-    };
-    let mut s = q.state();
-    let mut moved = false;
-    loop {
-        if !s.can_admit() || s.catching_up {
-            break;
-        }
-        if q.subscriber.take_lagged() {
-            s.catching_up = true;
-            break;
-        }
-        let Some(live) = s.live.as_mut() else {
-            return Poll::Ready(false);
-        };
-        match live.poll_recv(cx) {
-            Poll::Ready(Some(d)) => {
-                s.accept(d);
-                moved = true;
-            }
-            Poll::Ready(None) => return Poll::Ready(false),
-            Poll::Pending if moved => break,
-            Poll::Pending => return Poll::Pending,
-        }
-    }
-    s.wake();
-    Poll::Ready(true)
 }

@@ -11,7 +11,16 @@
 //! - `edge_messages_in_total{protocol="amqp"}`, `edge_messages_out_total{protocol="amqp"}`.
 //! - `edge_messages_dropped_total{reason="amqp_unroutable"|"amqp_rejected"|"amqp_refused"}`:
 //!   a publish no queue, subscriber or route took; a delivery rejected
-//!   without requeue; a publish the store refused (confirm mode: nacked).
+//!   without requeue (by a queue without a dead-letter exchange); a
+//!   publish the store refused (confirm mode: nacked).
+//! - `edge_messages_dropped_total{reason="amqp_expired"|"amqp_delivery_limit"}`: a message
+//!   that expired or passed `x-delivery-limit` in a queue without a
+//!   dead-letter exchange; `amqp_max_length`: one a queue at its limit
+//!   dropped (`drop-head`, without a dead-letter exchange) or refused
+//!   (`reject-publish`, per queue); `amqp_dead_letter_no_exchange`,
+//!   `amqp_dead_letter_unroutable`, `amqp_dead_letter_cycle`: a dead-lettered
+//!   message dropped because its dead-letter exchange does not exist, its
+//!   copy went nowhere, or it went round in a cycle.
 
 use crate::error::{CODES, Scope, name};
 
@@ -25,7 +34,17 @@ pub(crate) fn zero() {
                 .increment(0);
         }
     }
-    for reason in ["amqp_unroutable", "amqp_rejected", "amqp_refused"] {
+    for reason in [
+        "amqp_unroutable",
+        "amqp_rejected",
+        "amqp_refused",
+        "amqp_expired",
+        "amqp_max_length",
+        "amqp_delivery_limit",
+        "amqp_dead_letter_no_exchange",
+        "amqp_dead_letter_unroutable",
+        "amqp_dead_letter_cycle",
+    ] {
         metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(0);
     }
     metrics::counter!("edge_connections_rejected_total", "protocol" => PROTOCOL, "reason" => "max_connections")

@@ -281,6 +281,7 @@ impl Connection {
         let attach = AttachOptions {
             clean: connect.clean_session,
             queue: self.settings.max_queued_messages,
+            gate: None,
         };
         let attached = match Box::pin(router.attach(client_id.clone(), attach)).await {
             Ok(attached) => attached,

@@ -46,6 +46,7 @@ fn route(filter: &str) -> Route {
 const PERSISTENT: AttachOptions = AttachOptions {
     clean: false,
     queue: 8,
+    gate: None,
 };
 
 fn msg(topic: &str, qos: QoS) -> Message {
@@ -190,7 +191,7 @@ async fn a_persistent_session_keeps_what_came_while_it_was_away() {
     let router = Router::new(store(dir.path()), Routes::default());
     let persistent = PERSISTENT;
     let a = router
-        .attach("dev".into(), persistent)
+        .attach("dev".into(), persistent.clone())
         .await
         .expect("attach");
     assert!(!a.session_present);
@@ -240,6 +241,7 @@ async fn a_persistent_session_keeps_what_came_while_it_was_away() {
             AttachOptions {
                 clean: true,
                 queue: 8,
+                gate: None,
             },
         )
         .await
@@ -485,5 +487,165 @@ async fn leave_writes_the_record_before_it_returns() {
         again.subscriber.filters(),
         ["a/#"],
         "resumed with its filters"
+    );
+}
+
+#[tokio::test]
+async fn publish_to_reaches_the_union_of_its_topics_once_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::new(vec![route("up/#")]));
+    let (both, mut both_rx) = router.connect("both".into(), 8);
+    both.subscribe("a/#", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    both.subscribe("b/x", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let (only_b, mut b_rx) = router.connect("b".into(), 8);
+    only_b
+        .subscribe("b/x", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    let (none, mut none_rx) = router.connect("none".into(), 8);
+    none.subscribe("c/#", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+
+    assert!(!router.is_routed_any(["z/1", "d"]));
+    assert!(router.is_routed_any(["z/1", "b/x"]));
+    assert!(router.is_routed_any(["z/1", "up/q"]), "a route counts");
+
+    let also = ["b/x".to_string(), "a/y".to_string()];
+    router
+        .publish_to(msg("a/x", QoS::AtLeastOnce), &also)
+        .await
+        .expect("publish")
+        .await
+        .expect("accepted");
+    let d = recv(&mut both_rx).await;
+    assert_eq!(&*d.message.topic, "a/x", "seen on its own topic");
+    assert_eq!(d.qos, QoS::AtLeastOnce, "the highest grant of any topic");
+    assert!(both_rx.try_recv().is_err(), "one copy per session");
+    let d = recv(&mut b_rx).await;
+    assert_eq!(d.qos, QoS::AtMostOnce);
+    assert!(b_rx.try_recv().is_err());
+    assert!(none_rx.try_recv().is_err());
+
+    // Logged once, for the route that only an extra topic matches.
+    let seq = router
+        .publish_to(msg("z/0", QoS::AtMostOnce), &["up/1".to_string()])
+        .await
+        .expect("publish")
+        .await
+        .expect("accepted");
+    assert_eq!(seq, Some(2));
+    assert_eq!(router.store().read(1, 10, 1 << 20).expect("read").len(), 2);
+}
+
+/// Admits `left` more messages.
+#[derive(Debug)]
+struct Admit(std::sync::atomic::AtomicU64);
+
+impl crate::session::Gate for Admit {
+    fn admit(&self, _: &Message) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+#[tokio::test]
+async fn a_gate_refuses_for_its_session_only_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let gated = router
+        .attach(
+            "amqp:gated".into(),
+            AttachOptions {
+                gate: Some(Arc::new(Admit(1.into()))),
+                ..PERSISTENT
+            },
+        )
+        .await
+        .expect("attach");
+    let (open, mut open_rx) = router.connect("other".into(), 8);
+    gated
+        .subscriber
+        .subscribe("g/#", QoS::AtLeastOnce)
+        .await
+        .expect("sub");
+    open.subscribe("g/#", QoS::AtLeastOnce).await.expect("sub");
+    let mut gated_rx = gated.deliveries;
+    let first = router
+        .publish_gated(msg("g/1", QoS::AtLeastOnce), &[])
+        .await
+        .expect("publish");
+    assert!(first.refused.is_none());
+    first.receipt.await.expect("accepted");
+    let second = router
+        .publish_gated(msg("g/2", QoS::AtLeastOnce), &[])
+        .await
+        .expect("publish");
+    let refused = second.refused.expect("refused by the gated session");
+    assert_eq!(refused.sessions, vec![Arc::<str>::from("amqp:gated")]);
+    assert_eq!(&*refused.message.topic, "g/2");
+    second.receipt.await.expect("accepted");
+    assert_eq!(&*recv(&mut gated_rx).await.message.topic, "g/1");
+    assert_eq!(&*recv(&mut open_rx).await.message.topic, "g/1");
+    assert_eq!(&*recv(&mut open_rx).await.message.topic, "g/2");
+    assert!(
+        gated_rx.try_recv().is_err(),
+        "the refused message is not delivered"
+    );
+    assert_eq!(gated.subscriber.queued_messages(), Some(1), "nor queued");
+}
+
+/// Counts what it admitted and what came back.
+#[derive(Debug, Default)]
+struct Ledger {
+    admitted: std::sync::atomic::AtomicU64,
+    refunded: std::sync::atomic::AtomicU64,
+}
+
+impl crate::session::Gate for Ledger {
+    fn admit(&self, _: &Message) -> bool {
+        self.admitted.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn refund(&self, _: &Message) {
+        self.refunded.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test]
+async fn a_gate_is_refunded_for_what_its_full_channel_could_not_take() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let ledger = Arc::new(Ledger::default());
+    let attached = router
+        .attach(
+            "amqp:small".into(),
+            AttachOptions {
+                clean: true,
+                queue: 1,
+                gate: Some(Arc::clone(&ledger) as Arc<dyn crate::session::Gate>),
+            },
+        )
+        .await
+        .expect("attach");
+    attached
+        .subscriber
+        .subscribe("s/#", QoS::AtMostOnce)
+        .await
+        .expect("sub");
+    for n in 0..3 {
+        publish(&router, msg(&format!("s/{n}"), QoS::AtMostOnce)).await;
+    }
+    assert_eq!(ledger.admitted.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        ledger.refunded.load(Ordering::Relaxed),
+        2,
+        "one fits the channel, two were dropped"
     );
 }

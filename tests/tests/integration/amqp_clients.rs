@@ -1022,3 +1022,82 @@ async fn a_queue_message_ttl_expires_what_waited_longer() -> Result<()> {
     gw.shutdown().await?;
     Ok(())
 }
+
+/// Whether a delivery is waiting: after a round trip on the channel (the
+/// server sends what it decided to send before the reply, in order).
+async fn has_more(channel: &Channel, queue: &str, consumer: &mut lapin::Consumer) -> Result<bool> {
+    message_count(channel, queue).await?;
+    Ok(futures::FutureExt::now_or_never(consumer.next()).is_some())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_qos_limits_each_consumer_or_the_whole_channel_as_rabbitmq() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let queues = [unique("qos-a"), unique("qos-b")];
+    for q in &queues {
+        declare(&channel, q, false).await?;
+        publish(&channel, "", q, &bodies(q, 5), false).await?;
+    }
+
+    // global = false: a limit of 2 for each consumer created afterwards.
+    let per_consumer = conn.create_channel().await?;
+    per_consumer
+        .basic_qos(2, BasicQosOptions { global: false })
+        .await?;
+    let mut a = consume(&per_consumer, &queues[0], false).await?;
+    let mut b = consume(&per_consumer, &queues[1], false).await?;
+    let mut held = Vec::new();
+    for consumer in [&mut a, &mut b] {
+        for _ in 0..2 {
+            held.push(next(consumer).await?);
+        }
+    }
+    assert!(
+        !has_more(&per_consumer, &queues[0], &mut a).await?,
+        "a got a third"
+    );
+    assert!(
+        !has_more(&per_consumer, &queues[1], &mut b).await?,
+        "b got a third"
+    );
+    // An ack gives credit back to the consumer that had the message.
+    held[0].ack(BasicAckOptions::default()).await?;
+    held.push(next(&mut a).await?);
+    assert!(!has_more(&per_consumer, &queues[1], &mut b).await?);
+    per_consumer.close(200, "done".into()).await?;
+
+    // global = true: 3 in flight over the whole channel, whichever consumer.
+    let shared = conn.create_channel().await?;
+    shared
+        .basic_qos(3, BasicQosOptions { global: true })
+        .await?;
+    let mut a = consume(&shared, &queues[0], false).await?;
+    let mut b = consume(&shared, &queues[1], false).await?;
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        tokio::select! {
+            d = next(&mut a) => got.push(d?),
+            d = next(&mut b) => got.push(d?),
+        }
+    }
+    assert!(
+        !has_more(&shared, &queues[0], &mut a).await?,
+        "over the channel limit"
+    );
+    assert!(
+        !has_more(&shared, &queues[1], &mut b).await?,
+        "over the channel limit"
+    );
+    got[0]
+        .ack(BasicAckOptions::default())
+        .await
+        .context("ack")?;
+    let more = tokio::select! {
+        d = next(&mut a) => d?,
+        d = next(&mut b) => d?,
+    };
+    assert!(more.delivery_tag > got[2].delivery_tag);
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}

@@ -6,6 +6,8 @@
 
 mod amqp_clients;
 mod amqp_consumers;
+mod amqp_dead_letters;
+mod amqp_exchanges;
 mod amqp_frames;
 mod config;
 mod corrupt;

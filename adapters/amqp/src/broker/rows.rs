@@ -1,4 +1,18 @@
 //! The encoding of the definition rows (the table is in `broker.rs`).
+//!
+//! Bindings:
+//!
+//! ```text
+//! amqp/binding/<n>:<queue><m>:<exchange><key>
+//!     a queue binding without arguments (the name version 1 rows have)
+//! amqp/binding/<q|e>/<n>:<destination><m>:<source><k>:<key><arguments in hex>
+//!     a queue (q) or exchange (e) binding with arguments, or an exchange
+//!     binding without
+//! value, version 2: u8 2, u8 destination (0 queue, 1 exchange), then
+//!     destination, source and key (each u8 length + UTF-8), then the
+//!     arguments' field table (AMQP encoding; nothing when none)
+//! value, version 1 (still read): u8 1, then queue, exchange and key
+//! ```
 
 use std::sync::Arc;
 
@@ -6,16 +20,26 @@ use bytes::{Buf, BufMut};
 
 use super::{BINDING_ROW, Exchange};
 use crate::args::QueueArgs;
+use crate::bindings::BindArgs;
 use crate::convert::Kind;
 use crate::queue::Flags;
 
-pub(super) fn kind_code(kind: Kind) -> u8 {
-    match kind {
-        Kind::Direct => 0,
-        Kind::Fanout => 1,
-        Kind::Topic => 2,
-        Kind::Headers => 3,
-    }
+/// What a binding leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dest<'a> {
+    Queue(&'a str),
+    Exchange(&'a str),
+}
+
+/// A binding read back from its row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    /// Its destination is an exchange (else a queue).
+    pub to_exchange: bool,
+    pub destination: String,
+    pub source: String,
+    pub key: String,
+    pub args: BindArgs,
 }
 
 fn put_short(out: &mut Vec<u8>, s: &str) {
@@ -32,28 +56,83 @@ fn get_short(v: &mut &[u8]) -> Option<String> {
     Some(s)
 }
 
-pub(super) fn binding_row(queue: &str, exchange: &str, key: &str) -> String {
-    format!(
-        "{BINDING_ROW}{}:{queue}{}:{exchange}{key}",
-        queue.len(),
-        exchange.len()
-    )
+pub(crate) fn binding_row(dest: Dest<'_>, source: &str, key: &str, args: &BindArgs) -> String {
+    let (tag, destination) = match dest {
+        Dest::Queue(queue) if args.as_bytes().is_empty() => {
+            return format!(
+                "{BINDING_ROW}{}:{queue}{}:{source}{key}",
+                queue.len(),
+                source.len()
+            );
+        }
+        Dest::Queue(queue) => ('q', queue),
+        Dest::Exchange(exchange) => ('e', exchange),
+    };
+    let mut row = format!(
+        "{BINDING_ROW}{tag}/{}:{destination}{}:{source}{}:{key}",
+        destination.len(),
+        source.len(),
+        key.len()
+    );
+    for b in args.as_bytes() {
+        row.push_str(&format!("{b:02x}"));
+    }
+    row
 }
 
-pub(super) fn encode_binding(queue: &str, exchange: &str, key: &str) -> Vec<u8> {
-    let mut out = vec![1];
-    put_short(&mut out, queue);
-    put_short(&mut out, exchange);
+pub(crate) fn encode_binding(dest: Dest<'_>, source: &str, key: &str, args: &BindArgs) -> Vec<u8> {
+    let (kind, destination) = match dest {
+        Dest::Queue(q) => (0, q),
+        Dest::Exchange(x) => (1, x),
+    };
+    let mut out = vec![2, kind];
+    put_short(&mut out, destination);
+    put_short(&mut out, source);
     put_short(&mut out, key);
+    out.extend_from_slice(args.as_bytes());
     out
 }
 
-pub(super) fn decode_binding(mut v: &[u8]) -> Option<(String, String, String)> {
-    if v.first() != Some(&1) {
-        return None;
-    }
+pub(crate) fn decode_binding(mut v: &[u8]) -> Option<Stored> {
+    let version = *v.first()?;
     v.advance(1);
-    Some((get_short(&mut v)?, get_short(&mut v)?, get_short(&mut v)?))
+    let to_exchange = match version {
+        1 => false,
+        2 => {
+            let kind = *v.first()?;
+            v.advance(1);
+            match kind {
+                0 => false,
+                1 => true,
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    let destination = get_short(&mut v)?;
+    let source = get_short(&mut v)?;
+    let key = get_short(&mut v)?;
+    let args = match version {
+        1 if v.is_empty() => BindArgs::default(),
+        1 => return None,
+        _ => BindArgs::from_bytes(v)?,
+    };
+    Some(Stored {
+        to_exchange,
+        destination,
+        source,
+        key,
+        args,
+    })
+}
+
+pub(super) fn kind_code(kind: Kind) -> u8 {
+    match kind {
+        Kind::Direct => 0,
+        Kind::Fanout => 1,
+        Kind::Topic => 2,
+        Kind::Headers => 3,
+    }
 }
 
 pub(super) fn decode_exchange(v: &[u8]) -> Option<Exchange> {
@@ -106,17 +185,65 @@ pub(super) fn decode_queue(v: &[u8]) -> Option<Flags> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
     #[test]
     fn rows_round_trip_and_refuse_cuts() {
-        let v = encode_binding("q", "ex", "a.b");
-        assert_eq!(
-            decode_binding(&v),
-            Some(("q".into(), "ex".into(), "a.b".into()))
+        let mut t = FieldTable::default();
+        t.insert(
+            ShortString::from("x-match"),
+            AMQPValue::LongString("any".into()),
         );
-        for cut in 0..v.len() {
-            assert!(decode_binding(&v[..cut]).is_none(), "cut at {cut}");
+        let args = BindArgs::new(&t).expect("args");
+        for (dest, args) in [
+            (Dest::Queue("q"), BindArgs::default()),
+            (Dest::Queue("q"), args.clone()),
+            (Dest::Exchange("d"), args.clone()),
+        ] {
+            let v = encode_binding(dest, "ex", "a.b", &args);
+            let (to_exchange, destination) = match dest {
+                Dest::Queue(q) => (false, q),
+                Dest::Exchange(x) => (true, x),
+            };
+            assert_eq!(
+                decode_binding(&v),
+                Some(Stored {
+                    to_exchange,
+                    destination: destination.into(),
+                    source: "ex".into(),
+                    key: "a.b".into(),
+                    args: args.clone(),
+                })
+            );
+            let header = 2 + 2 + 3 + 4;
+            for cut in 0..header {
+                assert!(decode_binding(&v[..cut]).is_none(), "cut at {cut}");
+            }
         }
+        // A version 1 row, as earlier releases wrote them.
+        let v1 = [&[1u8, 1, b'q', 2][..], b"ex", &[3], b"a.b"].concat();
+        let old = decode_binding(&v1).expect("version 1");
+        assert_eq!(
+            (old.destination.as_str(), old.args),
+            ("q", BindArgs::default())
+        );
+        assert_eq!(
+            binding_row(Dest::Queue("q"), "ex", "a.b", &BindArgs::default()),
+            "amqp/binding/1:q2:exa.b",
+            "the name version 1 rows have"
+        );
+        assert_ne!(
+            binding_row(Dest::Queue("ab"), "c", "", &BindArgs::default()),
+            binding_row(Dest::Queue("a"), "bc", "", &BindArgs::default())
+        );
+        assert_ne!(
+            binding_row(Dest::Queue("q"), "x", "k", &args),
+            binding_row(Dest::Exchange("q"), "x", "k", &args)
+        );
+    }
+
+    #[test]
+    fn exchange_rows_decode() {
         assert_eq!(
             decode_exchange(&[1, 2, 3]),
             Some(Exchange {
@@ -127,6 +254,5 @@ mod tests {
             })
         );
         assert_eq!(decode_exchange(&[2, 0, 0]), None);
-        assert_ne!(binding_row("ab", "c", ""), binding_row("a", "bc", ""));
     }
 }

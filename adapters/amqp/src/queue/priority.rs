@@ -18,6 +18,7 @@ use std::sync::Arc;
 use edge_core::{Backlogged, Message};
 use edge_store::Seq;
 
+use super::delivered::{entry_state, read_state};
 use super::{MAX_SPILLED, Queued, ReadyKey, State};
 
 /// A spilled entry: its priority (highest first), then its arrival.
@@ -38,12 +39,25 @@ impl State {
 
     /// Puts a message into `ready` at its place.
     pub(super) fn put_ready(&mut self, q: Queued) {
+        self.ready_bytes += q.message.payload.len();
         self.ready.insert(self.ready_key(&q), q);
     }
 
-    /// The next message to deliver.
+    /// The next message to deliver (the head), out of `ready`.
     pub(super) fn pop_ready(&mut self) -> Option<Queued> {
-        self.ready.pop_first().map(|(_, q)| q)
+        let key = *self.ready.first_key_value()?.0;
+        self.remove_ready(&key)
+    }
+
+    /// A ready message leaves `ready` (delivered, or dying).
+    pub(super) fn remove_ready(&mut self, key: &ReadyKey) -> Option<Queued> {
+        let q = self.ready.remove(key)?;
+        let len = q.message.payload.len();
+        self.ready_bytes = self.ready_bytes.saturating_sub(len);
+        if let Some(a) = &self.admission {
+            a.left(len);
+        }
+        Some(q)
     }
 
     /// Whether another stored entry can be taken in: room in memory, or in
@@ -52,11 +66,13 @@ impl State {
         self.has_room() || self.max_priority.is_some() && self.spilled.len() < MAX_SPILLED
     }
 
-    /// A stored entry read (from the store or live): into `ready`, or
-    /// into the spill when it is behind the spill or there is no room.
-    pub(super) fn admit(&mut self, message: Arc<Message>, seq: Seq, redelivered: bool) {
+    /// A stored entry read (from the store or live) with its entry state
+    /// (`delivered.rs`): into `ready`, or into the spill when it is behind
+    /// the spill or there is no room.
+    pub(super) fn admit(&mut self, message: Arc<Message>, seq: Seq, state: u32) {
         if self.max_priority.is_none() {
-            self.push(message, Some(seq), redelivered);
+            let (redelivered, returns) = read_state(state);
+            self.push(message, Some(seq), redelivered, returns);
             return;
         }
         let p = self.priority(&message);
@@ -65,9 +81,10 @@ impl State {
             .first_key_value()
             .is_some_and(|((Reverse(best), _), _)| p <= *best);
         if !behind && self.make_room_below(p) {
-            self.push(message, Some(seq), redelivered);
+            let (redelivered, returns) = read_state(state);
+            self.push(message, Some(seq), redelivered, returns);
         } else {
-            self.spilled.insert((Reverse(p), seq), redelivered);
+            self.spilled.insert((Reverse(p), seq), state);
         }
     }
 
@@ -94,8 +111,11 @@ impl State {
         let Some(q) = self.ready.remove(&key) else {
             return false;
         };
+        // Still ready (for the limits and admission), only not in memory.
+        self.ready_bytes = self.ready_bytes.saturating_sub(q.message.payload.len());
         self.release(&q);
-        self.spilled.insert((key.0, seq), q.redelivered);
+        self.spilled
+            .insert((key.0, seq), entry_state(q.redelivered, q.returns));
         true
     }
 
@@ -104,6 +124,16 @@ impl State {
     pub(super) fn next_to_load(&mut self) -> Option<SpillKey> {
         let (&key, _) = self.spilled.first_key_value()?;
         self.make_room_below(key.0.0).then_some(key)
+    }
+
+    /// A `drop-head` queue over its limit with nothing ready: its head is
+    /// the best spilled entry, to be read back (room or not) and dropped,
+    /// unless unread store entries may come first (then the pump reads on).
+    pub(super) fn spilled_head(&self) -> Option<SpillKey> {
+        if self.catching_up && self.can_admit() {
+            return None;
+        }
+        self.spilled.first_key_value().map(|(key, _)| *key)
     }
 
     /// Whether consumers wait for the best spilled entry: it is better
@@ -123,14 +153,24 @@ impl State {
 
     /// A spilled entry read back (`None`, or another seq: it is gone).
     pub(super) fn loaded(&mut self, key: SpillKey, entry: Option<Backlogged>) {
-        let Some(redelivered) = self.spilled.remove(&key) else {
+        let Some(state) = self.spilled.remove(&key) else {
             // Purged or deleted meanwhile.
             return;
         };
         if let Some(e) = entry.filter(|e| e.seq == key.1)
             && !self.held.contains(&e.seq)
         {
-            self.push(e.message, Some(e.seq), redelivered || e.state != 0);
+            let (spilled_redelivered, spilled_returns) = read_state(state);
+            let (redelivered, returns) = read_state(e.state);
+            self.push(
+                e.message,
+                Some(e.seq),
+                spilled_redelivered || redelivered,
+                spilled_returns.max(returns),
+            );
+        } else if let Some(a) = &self.admission {
+            // Gone from the store meanwhile: no longer ready.
+            a.left(0);
         }
     }
 }
@@ -182,7 +222,7 @@ mod tests {
             (4, Some(5)),
             (5, Some(1)),
         ] {
-            s.admit(message(p), seq, false);
+            s.admit(message(p), seq, 0);
         }
         let seqs: Vec<_> = order(&mut s).into_iter().map(|(_, seq)| seq).collect();
         assert_eq!(seqs, [Some(3), Some(4), Some(1), Some(5), Some(2)]);
@@ -193,18 +233,18 @@ mod tests {
         let mut s = state(9);
         let full = MAX_HELD as Seq;
         for seq in 1..=full {
-            s.admit(message(Some(0)), seq, false);
+            s.admit(message(Some(0)), seq, 0);
         }
         assert!(!s.has_room());
         // Better than what is held: the newest p0 is spilled for it.
-        s.admit(message(Some(9)), full + 1, false);
+        s.admit(message(Some(9)), full + 1, 0);
         // Not better than the spill's best: spilled, behind it.
-        s.admit(message(Some(0)), full + 2, true);
+        s.admit(message(Some(0)), full + 2, entry_state(true, 0));
         assert_eq!(
             s.spilled.iter().collect::<Vec<_>>(),
             [
-                (&(Reverse(0), full), &false),
-                (&(Reverse(0), full + 2), &true)
+                (&(Reverse(0), full), &0),
+                (&(Reverse(0), full + 2), &entry_state(true, 0))
             ]
         );
         assert!(!s.spill_first(), "the held head comes first");
@@ -223,7 +263,7 @@ mod tests {
     #[test]
     fn a_spilled_entry_read_back_keeps_its_redelivered_flag() {
         let mut s = state(9);
-        s.spilled.insert((Reverse(3), 7), true);
+        s.spilled.insert((Reverse(3), 7), entry_state(true, 2));
         let key = s.next_to_load();
         assert_eq!(key, Some((Reverse(3), 7)));
         let entry = Backlogged {
@@ -232,10 +272,10 @@ mod tests {
             message: message(Some(3)),
         };
         s.loaded((Reverse(3), 7), Some(entry));
-        let q = s.pop_ready().map(|q| (q.seq, q.redelivered));
-        assert_eq!(q, Some((Some(7), true)));
+        let q = s.pop_ready().map(|q| (q.seq, q.redelivered, q.returns));
+        assert_eq!(q, Some((Some(7), true, 2)));
         // Gone from the store meanwhile: nothing.
-        s.spilled.insert((Reverse(3), 8), false);
+        s.spilled.insert((Reverse(3), 8), 0);
         s.loaded((Reverse(3), 8), None);
         assert!(s.spilled.is_empty() && s.ready.is_empty());
     }
