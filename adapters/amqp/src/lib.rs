@@ -86,7 +86,9 @@
 //! - `x-message-ttl` and the per-message `expiration` (`queue.rs`,
 //!   `Flags::expired`): an expired message dies when it reaches the head
 //!   of its priority in its queue (the pump wakes for the earliest such
-//!   expiry) or when a consumer would have got it.
+//!   expiry) or when a consumer would have got it. (RabbitMQ's priority
+//!   queues expire only at the head of the whole queue, so expired lower
+//!   priorities wait behind live higher ones; here they die on time.)
 //! - `x-max-priority` (`queue/priority.rs`): a higher `priority` property
 //!   is delivered first (missing: 0, above the maximum: the maximum),
 //!   arrival order within a priority, requeued messages back at their

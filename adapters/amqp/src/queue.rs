@@ -432,7 +432,10 @@ impl Queue {
             };
             s.accept(d);
         }
-        self.arrived(s);
+        if self.arrived(s) {
+            // The pump reads the head (and what may come before it).
+            self.room.notify_one();
+        }
     }
 
     pub(crate) fn consumer_count(&self) -> u32 {

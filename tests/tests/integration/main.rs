@@ -9,6 +9,7 @@ mod amqp_consumers;
 mod amqp_dead_letters;
 mod amqp_exchanges;
 mod amqp_frames;
+mod amqp_queue_mix;
 mod config;
 mod corrupt;
 mod crash;

@@ -6,7 +6,9 @@
 //! The head is the next message to deliver (`priority.rs`): of a priority
 //! queue the oldest of the highest priority, so `drop-head` drops that one,
 //! as RabbitMQ does; a head spilled to the store is read back to drop it
-//! (`State::spilled_head`). Expiry looks at the head of each priority, so a
+//! (`State::spilled_head`), and entries not read yet (on their way, or in
+//! the store) are read before any is dropped, since they may come first.
+//! Expiry looks at the head of each priority, so a
 //! lower priority's expired messages die on time behind live higher ones.
 
 use std::cmp::Reverse;
@@ -66,7 +68,14 @@ impl State {
                     .max_length_bytes
                     .is_some_and(|max| s.ready_bytes as u64 > max)
         };
+        // A priority queue's entries not read yet (neither ready nor
+        // spilled) may come before its ready head: they are read first.
+        let unread = beyond.saturating_sub(self.spilled.len() as u64);
         while over(self) {
+            if self.max_priority.is_some() && unread > 0 {
+                self.catching_up = true;
+                return true;
+            }
             let Some(q) = self.pop_ready() else {
                 return true;
             };
@@ -81,7 +90,9 @@ impl State {
         let mut next: Option<u64> = None;
         let mut from: ReadyKey = (Reverse(u8::MAX), 0);
         loop {
-            let (&key, head) = self.ready.range(from..).next()?;
+            let Some((&key, head)) = self.ready.range(from..).next() else {
+                return next;
+            };
             match flags.expires_at(&head.message) {
                 Some(at) if at <= now => {
                     if let Some(q) = self.remove_ready(&key) {
@@ -203,5 +214,89 @@ impl Queue {
                 reason: Reason::Maxlen,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_core::QoS;
+
+    fn state() -> (State, mpsc::UnboundedReceiver<Dead>) {
+        let flags = Flags {
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            args: Arc::new(QueueArgs {
+                max_priority: Some(9),
+                ..Default::default()
+            }),
+        };
+        let (_tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut s = State::new(&flags, false, rx);
+        let (dead, graves) = mpsc::unbounded_channel();
+        s.dead = Some(dead);
+        (s, graves)
+    }
+
+    fn message(body: &'static str, priority: u8, expires_at: Option<u64>) -> Arc<Message> {
+        let mut m = Message::new(
+            "t",
+            bytes::Bytes::from_static(body.as_bytes()),
+            QoS::AtMostOnce,
+            "p".into(),
+        );
+        m.properties.priority = Some(priority);
+        m.properties.expires_at_ms = expires_at;
+        Arc::new(m)
+    }
+
+    #[test]
+    fn each_prioritys_head_expires_and_the_earliest_next_one_is_returned() {
+        let (mut s, mut graves) = state();
+        let flags = Flags {
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            args: Arc::new(QueueArgs::default()),
+        };
+        s.push(message("high", 9, None), None, false, 0);
+        s.push(message("late", 1, Some(400)), None, false, 0);
+        s.push(message("mid", 4, Some(60_000)), None, false, 0);
+        s.push(message("soon", 1, Some(100)), None, false, 0);
+        s.push(message("lowest", 0, Some(200)), None, false, 0);
+        assert_eq!(s.expire_heads(&flags, 50), Some(200));
+        assert_eq!(s.expire_heads(&flags, 250), Some(400));
+        assert_eq!(s.expire_heads(&flags, 450), Some(60_000));
+        let dead: Vec<_> = std::iter::from_fn(|| graves.try_recv().ok())
+            .map(|d| d.message.payload.clone())
+            .collect();
+        assert_eq!(dead, ["lowest", "late", "soon"]);
+        let left: Vec<_> = s
+            .ready
+            .values()
+            .map(|q| q.message.payload.clone())
+            .collect();
+        assert_eq!(left, ["high", "mid"]);
+    }
+
+    #[test]
+    fn drop_head_of_a_priority_queue_drops_the_highest_but_waits_for_unread_entries() {
+        let (mut s, mut graves) = state();
+        let args = QueueArgs {
+            max_priority: Some(9),
+            max_length: Some(2),
+            ..Default::default()
+        };
+        s.push(message("p1", 1, None), None, false, 0);
+        // One more on its way: its priority is not known yet.
+        assert!(s.drop_head(&args, 2));
+        assert!(s.catching_up && graves.try_recv().is_err());
+        s.catching_up = false;
+        s.push(message("p5", 5, None), None, false, 0);
+        s.push(message("p3", 3, None), None, false, 0);
+        assert!(!s.drop_head(&args, 0));
+        let dead = graves.try_recv().map(|d| d.message.payload.clone());
+        assert_eq!(dead.ok().as_deref(), Some(&b"p5"[..]));
     }
 }
