@@ -713,6 +713,12 @@ impl Acker {
     pub async fn set_state(&self, seq: Seq, state: u32) -> Result<(), SessionError> {
         Ok(self.store.queue_set(self.queue, seq, state).await?)
     }
+
+    /// Resolves once every acknowledgement started with
+    /// [`Acker::ack_in_background`] before this call is done.
+    pub async fn settled(&self) {
+        drop(self.acks.write().await);
+    }
 }
 
 impl Subscriber {

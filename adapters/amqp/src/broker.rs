@@ -10,9 +10,15 @@
 //! amqp/queue/<name>      u8 version = 2, u8 flags (1 auto-delete), then the
 //!                        arguments' fields (`args.rs`); version 1 (still read):
 //!                        flags, then u64 LE x-message-ttl (ms) when it has one
-//! amqp/binding/...     a binding of a queue or an exchange, with its
+//! amqp/binding/...      a binding of a queue or an exchange, with its
 //!                        arguments (`broker/rows.rs`)
+//! amqp/delivered/<name>  u8 1: the durable queue delivered since its last clean stop
+//!                        (`queue/delivered.rs`)
 //! ```
+//!
+//! The rows' encoding is `broker/rows.rs`. A queue with `x-expires` is
+//! watched by one task (`watch_expiry`) that deletes it as queue.delete
+//! does once it has been unused that long.
 //!
 //! A durable queue's messages are its core session's store queue; its
 //! bindings are also the session's filters. The rows here are the source
@@ -26,27 +32,28 @@
 //! Changes of definitions are serialised (`changes`), so the registry and
 //! the store never disagree while one is under way.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use amq_protocol::types::FieldTable;
 use edge_core::{Router, SessionError};
 use edge_store::StoreError;
 
-use crate::args::QueueArgs;
 use crate::bindings::{self, BindArgs, Edges, Leads, Resolved};
 use crate::convert::{self, Kind};
 use crate::error::{
     ACCESS_REFUSED, Exception, INTERNAL_ERROR, NOT_FOUND, PRECONDITION_FAILED, RESOURCE_LOCKED,
 };
-use crate::queue::{ConnId, Flags, Queue};
+use crate::queue::{ConnId, DELIVERED_ROW, Flags, Queue};
 
 mod e2e;
 mod queue_bindings;
 mod rows;
 
-use rows::{Dest, binding_row, decode_binding};
+use rows::{
+    Dest, binding_row, decode_binding, decode_exchange, decode_queue, encode_queue, kind_code,
+};
 
 const EXCHANGE_ROW: &str = "amqp/exchange/";
 const QUEUE_ROW: &str = "amqp/queue/";
@@ -105,8 +112,9 @@ struct Registry {
 /// Shared by every connection of the listener.
 #[derive(Debug)]
 pub(crate) struct Broker {
-    /// Itself, for the queues (they dead-letter through it).
-    me: std::sync::Weak<Broker>,
+    /// Itself, for the tasks it starts and the queues (they dead-letter
+    /// through it).
+    me: Weak<Broker>,
     router: Router,
     registry: Mutex<Registry>,
     changes: tokio::sync::Mutex<()>,
@@ -123,62 +131,6 @@ fn store_err(e: StoreError) -> Exception {
 
 fn session_err(e: SessionError) -> Exception {
     internal(format!("queue session: {e}"))
-}
-
-fn kind_code(kind: Kind) -> u8 {
-    match kind {
-        Kind::Direct => 0,
-        Kind::Fanout => 1,
-        Kind::Topic => 2,
-        Kind::Headers => 3,
-    }
-}
-
-fn decode_exchange(v: &[u8]) -> Option<Exchange> {
-    let [1, kind, flags] = *v else { return None };
-    let kind = match kind {
-        0 => Kind::Direct,
-        1 => Kind::Fanout,
-        2 => Kind::Topic,
-        3 => Kind::Headers,
-        _ => return None,
-    };
-    Some(Exchange {
-        kind,
-        durable: true,
-        auto_delete: flags & 1 != 0,
-        internal: flags & 2 != 0,
-    })
-}
-
-fn encode_queue(flags: &Flags) -> Vec<u8> {
-    let mut row = vec![2, u8::from(flags.auto_delete)];
-    flags.args.encode(&mut row);
-    row
-}
-
-/// A stored durable queue: version 1 (flags, then an optional
-/// x-message-ttl) or 2 (flags, then the arguments' fields).
-fn decode_queue(v: &[u8]) -> Option<Flags> {
-    let (version, auto_delete, rest) = match v {
-        [version, flags, rest @ ..] => (*version, flags & 1 != 0, rest),
-        _ => return None,
-    };
-    let args = match (version, rest) {
-        (1, []) => QueueArgs::default(),
-        (1, ttl) => QueueArgs {
-            message_ttl: Some(u64::from_le_bytes(ttl.try_into().ok()?)),
-            ..QueueArgs::default()
-        },
-        (2, fields) => QueueArgs::decode(fields)?,
-        _ => return None,
-    };
-    Some(Flags {
-        durable: true,
-        exclusive: false,
-        auto_delete,
-        args: Arc::new(args),
-    })
 }
 
 fn not_found_exchange(name: &str) -> Exception {
@@ -219,21 +171,27 @@ impl Broker {
             }
         }
         let mut bindings: Vec<rows::Stored> = Vec::new();
-        for (row, value) in rows {
+        let delivered: HashSet<&str> = rows
+            .iter()
+            .filter_map(|(row, _)| row.strip_prefix(DELIVERED_ROW))
+            .collect();
+        for (row, value) in &rows {
             if let Some(name) = row.strip_prefix(EXCHANGE_ROW) {
-                match decode_exchange(&value) {
+                match decode_exchange(value) {
                     Some(x) => {
                         broker.registry().exchanges.insert(name.to_string(), x);
                     }
                     None => tracing::warn!(exchange = name, "unreadable stored exchange: ignored"),
                 }
             } else if let Some(name) = row.strip_prefix(QUEUE_ROW) {
-                let Some(flags) = decode_queue(&value) else {
+                let Some(flags) = decode_queue(value) else {
                     tracing::warn!(queue = name, "unreadable stored queue: ignored");
                     continue;
                 };
-                match Queue::start(&broker.router, &broker.me, name, flags, None).await {
+                let marked = delivered.contains(name);
+                match Queue::start(&broker.router, &broker.me, name, flags, None, marked).await {
                     Ok(q) => {
+                        broker.watch_expiry(&q);
                         broker.registry().queues.insert(name.to_string(), q);
                     }
                     Err(error) => {
@@ -241,7 +199,7 @@ impl Broker {
                     }
                 }
             } else if row.starts_with(BINDING_ROW) {
-                match decode_binding(&value) {
+                match decode_binding(value) {
                     Some(b) => bindings.push(b),
                     None => tracing::warn!(row = %row, "unreadable stored binding: ignored"),
                 }
@@ -487,7 +445,9 @@ impl Broker {
     ) -> Result<Arc<Queue>, Exception> {
         let _change = self.changes.lock().await;
         if spec.passive {
-            return self.queue(&spec.name, conn);
+            let q = self.queue(&spec.name, conn)?;
+            q.touch();
+            return Ok(q);
         }
         let name = if spec.name.is_empty() {
             self.generated_name()
@@ -530,6 +490,7 @@ impl Broker {
                     ),
                 ));
             }
+            q.touch();
             return Ok(q);
         }
         let durable = spec.flags.durable && !spec.flags.exclusive;
@@ -541,9 +502,17 @@ impl Broker {
                 .map_err(store_err)?;
         }
         let owner = spec.flags.exclusive.then_some(conn);
-        let q = Queue::start(&self.router, &self.me, &name, spec.flags.clone(), owner)
-            .await
-            .map_err(session_err)?;
+        let q = Queue::start(
+            &self.router,
+            &self.me,
+            &name,
+            spec.flags.clone(),
+            owner,
+            false,
+        )
+        .await
+        .map_err(session_err)?;
+        self.watch_expiry(&q);
         // The default exchange: every queue is bound by its name.
         let filter = convert::filter_of("", Kind::Direct, &name).map_err(internal)?;
         q.bind(&filter).await.map_err(session_err)?;
@@ -590,6 +559,10 @@ impl Broker {
                     .map_err(store_err)?;
             }
             store
+                .delete_definition(&format!("{DELIVERED_ROW}{name}"))
+                .await
+                .map_err(store_err)?;
+            store
                 .delete_definition(&format!("{QUEUE_ROW}{name}"))
                 .await
                 .map_err(store_err)?;
@@ -618,6 +591,42 @@ impl Broker {
         if let Err(error) = self.remove_queue(q).await {
             tracing::warn!(queue = %q.name, %error, "cannot delete the queue");
         }
+    }
+
+    /// Deletes `q` once it has been unused for its `x-expires` (a task that
+    /// holds neither the queue nor the broker while it waits).
+    fn watch_expiry(&self, q: &Arc<Queue>) {
+        if q.flags.args.expires.is_none() {
+            return;
+        }
+        let (broker, queue) = (self.me.clone(), Arc::downgrade(q));
+        tokio::spawn(async move {
+            while let Some(q) = crate::queue::until_expired(queue.clone()).await {
+                let Some(broker) = broker.upgrade() else {
+                    return;
+                };
+                if broker.expire(&q).await {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Deletes an expired queue as queue.delete does; false if it was used
+    /// meanwhile (then it is watched on).
+    async fn expire(&self, q: &Arc<Queue>) -> bool {
+        let _change = self.changes.lock().await;
+        if q.is_deleted() {
+            return true;
+        }
+        if !q.is_expired() {
+            return false;
+        }
+        tracing::info!(queue = %q.name, "deleting the queue: unused for its x-expires");
+        if let Err(error) = self.remove_queue(q).await {
+            tracing::warn!(queue = %q.name, %error, "cannot delete the expired queue");
+        }
+        true
     }
 
     /// At shutdown, once every connection ended: detaches every queue's
@@ -680,24 +689,5 @@ impl Broker {
             self.forget_exchange(&name, exchange.durable).await?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exchange_rows_decode() {
-        assert_eq!(
-            decode_exchange(&[1, 2, 3]),
-            Some(Exchange {
-                kind: Kind::Topic,
-                durable: true,
-                auto_delete: true,
-                internal: true
-            })
-        );
-        assert_eq!(decode_exchange(&[2, 0, 0]), None);
     }
 }

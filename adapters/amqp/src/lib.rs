@@ -89,14 +89,40 @@
 //!
 //! - `x-message-ttl` and the per-message `expiration` (`queue.rs`,
 //!   `Flags::expired`): an expired message dies when it reaches the head
-//!   of its queue (the pump wakes for the head's expiry) or when a
-//!   consumer would have got it.
+//!   of its priority in its queue (the pump wakes for the earliest such
+//!   expiry) or when a consumer would have got it. (RabbitMQ's priority
+//!   queues expire only at the head of the whole queue, so expired lower
+//!   priorities wait behind live higher ones; here they die on time.)
+//! - `x-max-priority` (`queue/priority.rs`): a higher `priority` property
+//!   is delivered first (missing: 0, above the maximum: the maximum),
+//!   arrival order within a priority, requeued messages back at their
+//!   place. The order covers the whole backlog: a durable queue's stored
+//!   entries beyond its memory (4096 messages / 32 MiB) are known by
+//!   priority and seq (up to 262144 of them) and read back when their turn
+//!   comes; only further back is the store read in arrival order.
+//!   Consumers wait while that backlog is read (at start, after a lag);
+//!   basic.get does not wait. A transient message that finds a priority
+//!   queue's memory full is dropped (counted), as the core drops what a
+//!   full queue cannot hold.
+//! - `x-single-active-consumer`: only the first registered consumer
+//!   receives; when it is cancelled or its channel or connection ends, the
+//!   next in registration order does. As in RabbitMQ, a basic.cancel
+//!   leaves the cancelled consumer's unacked messages with its channel (to
+//!   ack, or to come back when it nacks or closes; with a delivery limit
+//!   each such return counts); an exclusive consume on such a queue is
+//!   refused (403).
+//! - `x-expires`: a queue without consumers that nobody declared (passive
+//!   declares included, as in RabbitMQ) or got from for that long is
+//!   deleted as by queue.delete; a durable one's time counts from the
+//!   gateway's start. One timer per such queue.
 //! - `x-max-length`, `x-max-length-bytes` (ready messages and their
 //!   payload bytes, not unacknowledged ones) with `x-overflow`:
-//!   `drop-head` drops (dead-letters, reason `maxlen`) the oldest after
-//!   each arrival; `reject-publish` refuses the message for that queue at
-//!   publish time (`limits.rs`: the core session's `Gate`, so other
-//!   queues still get it) and a confirming publisher gets `basic.nack`;
+//!   `drop-head` drops (dead-letters, reason `maxlen`) the head after each
+//!   arrival: the oldest message, of a priority queue the oldest of the
+//!   highest priority (as RabbitMQ), read back from the store if spilled;
+//!   `reject-publish` refuses the message for that queue at publish time
+//!   (`limits.rs`: the core session's `Gate`, so other queues still get
+//!   it) and a confirming publisher gets `basic.nack`;
 //!   `reject-publish-dlx` also dead-letters the refused message.
 //! - `x-dead-letter-exchange`, `x-dead-letter-routing-key`
 //!   (`dead_letter.rs`): rejected or nacked without requeue, expired,
@@ -109,15 +135,23 @@
 //! - `x-delivery-limit` (quorum queues: 20 unless declared): a message
 //!   returned to its queue more often dies (reason `delivery_limit`);
 //!   redeliveries from such a queue carry `x-delivery-count`. A durable
-//!   queue records the count in its store entry (so it, and the
-//!   redelivered flag, hold across restarts; a delivery unacknowledged at
-//!   a crash is not counted as returned).
+//!   queue records the count in its store entry (so it holds across
+//!   restarts; a delivery unacknowledged at a crash is not counted as
+//!   returned).
 //!
-//! Kept and without effect yet: `x-expires`, `x-max-priority`,
-//! `x-single-active-consumer`. Dead-lettering publishes the copy with
-//! the dead-letter routing key (or the original one) only, not the
-//! original's CC/BCC keys; a copy that reaches several queues, some in a
-//! cycle, goes to all of them (RabbitMQ leaves out the cycling ones).
+//! The redelivered flag survives restarts (`queue/delivered.rs`): a
+//! durable queue writes the definition row `amqp/delivered/<queue>` once,
+//! before its first delivery of a run; a clean stop records the stored
+//! entries that may have been delivered (the `DELIVERED` bit of the entry
+//! state, whose other bits are the delivery limit's return count) and
+//! removes the row. A start that finds the row (the gateway died after
+//! delivering) reports every entry stored then as redelivered; otherwise
+//! only the recorded ones (and those with returns).
+//!
+//! Dead-lettering publishes the copy with the dead-letter routing key (or
+//! the original one) only, not the original's CC/BCC keys; a copy that
+//! reaches several queues, some in a cycle, goes to all of them (RabbitMQ
+//! leaves out the cycling ones).
 //!
 //! `connection.blocked` / `connection.unblocked` go to publishing
 //! connections whose clients announce the capability, while the store
@@ -130,8 +164,7 @@
 //! by reply code, messages in and out; `/healthz` gets the listener's
 //! address and connection count from [`AmqpListener::open_connections`].
 //!
-//! Not yet: exchange arguments (`alternate-exchange`; refused, 540), the
-//! redelivered flag across restarts.
+//! Not yet: exchange arguments (`alternate-exchange`; refused, 540).
 //!
 //! `basic.qos` reads `global` as RabbitMQ does: false limits each consumer
 //! created afterwards, true the channel as a whole (both may apply).

@@ -415,7 +415,7 @@ impl Connection {
 
     async fn get(&mut self, ch: u16, g: basic::Get) -> Result<(), Exception> {
         let q = self.queue_named(ch, g.queue.as_str())?;
-        let Some(m) = q.take(1, g.no_ack).await.pop() else {
+        let Some(m) = q.get(g.no_ack).await else {
             return self.method(
                 ch,
                 AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
@@ -476,17 +476,17 @@ impl Connection {
             return Ok(());
         }
         self.deliver_due = false;
-        let consumers: Vec<(u16, String, Arc<Queue>, bool)> = self
+        let consumers: Vec<(u16, String, Arc<Queue>, bool, u64)> = self
             .channels
             .iter()
             .filter(|(_, c)| c.active && !c.closing)
             .flat_map(|(ch, c)| {
                 c.consumers
                     .iter()
-                    .map(|(tag, k)| (*ch, tag.clone(), Arc::clone(&k.queue), k.no_ack))
+                    .map(|(tag, k)| (*ch, tag.clone(), Arc::clone(&k.queue), k.no_ack, k.key))
             })
             .collect();
-        for (ch, tag, q, no_ack) in consumers {
+        for (ch, tag, q, no_ack, key) in consumers {
             if q.is_deleted() {
                 self.cancelled(ch, &tag)?;
                 continue;
@@ -504,7 +504,7 @@ impl Connection {
             if credit == 0 {
                 continue;
             }
-            let taken = q.take(credit, no_ack).await;
+            let taken = q.take(Some(key), credit, no_ack).await;
             if taken.len() == credit {
                 self.deliver_due = true;
             }

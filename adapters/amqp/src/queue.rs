@@ -1,41 +1,51 @@
 //! One AMQP queue: a core session (`amqp:<name>`) whose filters are the
 //! queue's bindings, and the messages it holds for its consumers.
 //!
-//! A pump task drains the session's deliveries into `ready` (bounded in
-//! count and bytes; beyond that the pump stops and the core keeps durable
-//! entries in the store and drops transient ones, counted). A durable
-//! queue's entries live in the store's queue until acknowledged: the pump
-//! reads them from there when the session lagged and at start, skipping
-//! the ones it holds already.
+//! A pump task (`queue/pump.rs`) drains the session's deliveries into
+//! `ready` (bounded in count and bytes; beyond that the pump stops and the
+//! core keeps durable entries in the store and drops transient ones,
+//! counted). A durable queue's entries live in the store's queue until
+//! acknowledged: the pump reads them from there when the session lagged
+//! and at start, skipping the ones it holds already.
 //!
 //! Consumers pull: a connection with credit takes from `ready`; what it
 //! takes without no-ack waits in `unacked` until ack (the store entry goes)
 //! or nack/reject with requeue, a closed channel or connection (back to
 //! `ready` at its place, marked redelivered).
 //!
+//! `ready` is ordered by priority, then arrival; a priority queue's
+//! stored entries beyond memory wait in a spill of (priority, seq)
+//! (`queue/priority.rs`). Of a single-active-consumer queue only the first
+//! consumer takes. An `x-expires` queue is watched by one task
+//! (`queue/expiry.rs`). A durable queue's `DELIVERED_ROW` and entry states
+//! keep the redelivered flag across restarts (`queue/delivered.rs`).
+//!
 //! A message that leaves without being delivered (`dead_letter.rs`) goes
 //! to the queue's dead-letter task, which republishes it to the queue's
 //! dead-letter exchange (if any) and only then acknowledges its store
-//! entry. Limits (`x-max-length`, `x-max-length-bytes`) count ready
-//! messages and their payload bytes. With `drop-head` the oldest die
-//! whenever messages arrive, and before every count (declare-ok, get-ok)
-//! and every take: a durable queue counts its entries not in memory (in
-//! the store, or on their way; their bytes once read) and, when its head
-//! is among them, reads it from the store to drop it. So a count never
-//! exceeds the limit and no consumer gets a message that was beyond it;
-//! what "never" leaves out: between a commit and the pump's next turn the
-//! store holds the new entries too (a queue whose memory is full looks
-//! again every 100 ms), and a crash then leaves them to be trimmed at the
-//! next start. With `reject-publish(-dlx)` the queue's [`Admission`]
-//! refuses a message at publish time, before the publisher's confirm.
-//! Expired messages die when they reach the head (the pump wakes for the
-//! head's expiry) or when a consumer would have got them.
+//! entry (`queue/dying.rs`). Limits (`x-max-length`, `x-max-length-bytes`)
+//! count ready messages and their payload bytes. With `drop-head` the head
+//! (the next message to deliver: of a priority queue the highest priority)
+//! dies whenever messages arrive, and before every count (declare-ok,
+//! get-ok) and every take: a durable queue counts its entries not in
+//! memory (in the store, in a priority queue's spill, or on their way;
+//! their bytes once read) and, when its head is among them, reads it from
+//! the store to drop it. So a count never exceeds the limit and no
+//! consumer gets a message that was beyond it; what "never" leaves out:
+//! between a commit and the pump's next turn the store holds the new
+//! entries too (a queue whose memory is full looks again every 100 ms),
+//! and a crash then leaves them to be trimmed at the next start. With
+//! `reject-publish(-dlx)` the queue's [`Admission`] refuses a message at
+//! publish time, before the publisher's confirm. Expired messages die when
+//! they reach the head of their priority (the pump wakes for the earliest
+//! such expiry) or when a consumer would have got them.
 //!
 //! Invariants: a message is in at most one of `ready` and `unacked`;
 //! `held` is exactly the seqs of the durable ones among them and of those
 //! whose dead-lettering is under way.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use edge_core::{
@@ -48,6 +58,7 @@ use crate::broker::Broker;
 use crate::dead_letter::{Dead, Reason};
 use crate::limits::Admission;
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Deliveries the core may queue for the pump.
@@ -58,9 +69,24 @@ const MAX_HELD: usize = 4096;
 const MAX_HELD_BYTES: usize = 32 << 20;
 /// Entries read from the store at once.
 const BACKLOG_PAGE: usize = 256;
+/// Stored entries a priority queue knows by priority and seq only, at most
+/// (beyond that the store is read on in arrival order as room frees).
+const MAX_SPILLED: usize = 1 << 18;
 /// How often a `drop-head` queue whose memory is full looks for arrivals
 /// that put it over its limit.
 const LIMIT_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+mod delivered;
+mod dying;
+mod expiry;
+mod priority;
+mod pump;
+
+pub(crate) use expiry::until_expired;
+
+/// The definition row saying a durable queue may have delivered messages
+/// since it last recorded which (`Queue::close`): `amqp/delivered/<name>`.
+pub(crate) const DELIVERED_ROW: &str = "amqp/delivered/";
 
 /// The core session of a queue.
 pub(crate) fn session_id(queue: &str) -> Arc<str> {
@@ -84,6 +110,7 @@ pub(crate) struct Queued {
     pub message: Arc<Message>,
     /// The store entry of a durable message.
     pub seq: Option<Seq>,
+    /// It may have been delivered before.
     pub redelivered: bool,
     /// Times it came back to the queue (`x-delivery-count`).
     pub returns: u32,
@@ -117,16 +144,25 @@ impl Flags {
         }
     }
 
-    /// Whether arrivals may push the oldest messages out.
+    /// Whether arrivals may push the head out.
     fn drops_head(&self) -> bool {
         self.args.overflow == Overflow::DropHead
             && (self.args.max_length.is_some() || self.args.max_length_bytes.is_some())
     }
 }
 
-#[derive(Debug, Default)]
+/// Where a ready message waits: highest priority first (`x-max-priority`;
+/// 0 for every message of a queue without it), arrival order within one.
+type ReadyKey = (std::cmp::Reverse<u8>, u64);
+
+#[derive(Debug)]
 struct State {
-    ready: BTreeMap<u64, Queued>,
+    ready: BTreeMap<ReadyKey, Queued>,
+    /// `x-max-priority`, if the queue has priorities.
+    max_priority: Option<u8>,
+    /// A priority queue's durable entries read but not held (`priority.rs`):
+    /// the entry state each would have in the store (`delivered.rs`).
+    spilled: BTreeMap<priority::SpillKey, u32>,
     unacked: HashMap<u64, Queued>,
     held: HashSet<Seq>,
     held_bytes: usize,
@@ -139,7 +175,16 @@ struct State {
     consumers: BTreeMap<u64, Arc<Notify>>,
     /// The key of an exclusive consumer, which keeps every other out.
     exclusive: Option<u64>,
+    /// `x-single-active-consumer`: only the first consumer (the smallest
+    /// key: keys grow in registration order) receives.
+    single_active: bool,
     had_consumer: bool,
+    /// The last use (declare, get, last consumer gone, start), for `x-expires`.
+    last_used: Instant,
+    /// Store entries up to this seq may have been delivered before the
+    /// gateway stopped without recording which (`DELIVERED_ROW`); cleared
+    /// once the pump has read every one of them.
+    suspect_up_to: Option<Seq>,
     next_id: u64,
     /// Store entries below this seq have been read (or delivered live).
     read_from: Seq,
@@ -151,126 +196,75 @@ struct State {
 }
 
 impl State {
+    fn new(flags: &Flags, catching_up: bool, live: mpsc::Receiver<Delivery>) -> State {
+        State {
+            ready: BTreeMap::new(),
+            max_priority: flags.args.max_priority,
+            spilled: BTreeMap::new(),
+            unacked: HashMap::new(),
+            held: HashSet::new(),
+            held_bytes: 0,
+            ready_bytes: 0,
+            dead: None,
+            admission: None,
+            consumers: BTreeMap::new(),
+            exclusive: None,
+            single_active: flags.args.single_active_consumer,
+            had_consumer: false,
+            last_used: Instant::now(),
+            suspect_up_to: None,
+            next_id: 0,
+            read_from: 0,
+            catching_up,
+            live: Some(live),
+        }
+    }
+
+    /// Whether the consumer `key` may receive now.
+    fn may_deliver_to(&self, key: u64) -> bool {
+        !self.single_active || self.consumers.keys().next() == Some(&key)
+    }
+
     fn has_room(&self) -> bool {
         self.ready.len() + self.unacked.len() < MAX_HELD && self.held_bytes < MAX_HELD_BYTES
     }
 
     /// A message arriving, after `returns` earlier returns to the queue.
-    fn push(&mut self, message: Arc<Message>, seq: Option<Seq>, returns: u32) {
+    fn push(&mut self, message: Arc<Message>, seq: Option<Seq>, redelivered: bool, returns: u32) {
         if let Some(seq) = seq {
             self.held.insert(seq);
         }
         self.held_bytes += message.payload.len();
-        self.ready_bytes += message.payload.len();
         let id = self.next_id;
         self.next_id += 1;
-        self.ready.insert(
+        self.put_ready(Queued {
             id,
-            Queued {
-                id,
-                message,
-                seq,
-                redelivered: returns > 0,
-                returns,
-            },
-        );
+            message,
+            seq,
+            redelivered: redelivered || returns > 0,
+            returns,
+        });
     }
 
-    /// Takes the oldest ready message.
-    fn pop_head(&mut self) -> Option<Queued> {
-        let (_, q) = self.ready.pop_first()?;
-        let len = q.message.payload.len();
-        self.ready_bytes = self.ready_bytes.saturating_sub(len);
-        if let Some(a) = &self.admission {
-            a.left(len);
-        }
-        Some(q)
-    }
-
-    /// A delivered message back in `ready` at its place, unless it came
-    /// back more than `limit` times (then it dies).
-    fn put_back(&mut self, mut q: Queued, limit: Option<u64>) {
-        q.redelivered = true;
-        q.returns = q.returns.saturating_add(1);
-        if limit.is_some_and(|limit| u64::from(q.returns) > limit) {
-            self.bury(q, Reason::DeliveryLimit);
-            return;
-        }
-        let len = q.message.payload.len();
-        self.ready_bytes += len;
-        if let Some(a) = &self.admission {
-            a.back(len);
-        }
-        self.ready.insert(q.id, q);
-    }
-
-    /// Hands a message (out of `ready` and `unacked`) to the dead-letter
-    /// task; its seq stays held until its entry is acknowledged.
-    fn bury(&mut self, q: Queued, reason: Reason) {
-        self.held_bytes = self.held_bytes.saturating_sub(q.message.payload.len());
-        let dead = Dead {
-            message: q.message,
-            seq: q.seq,
-            reason,
-        };
-        if let Some(Err(mpsc::error::SendError(dead))) = self.dead.as_ref().map(|tx| tx.send(dead))
-        {
-            // The queue is going away: its entry stays for a restart.
-            if let Some(seq) = dead.seq {
-                self.held.remove(&seq);
-            }
-        }
-    }
-
-    /// `drop-head`: the oldest ready messages die while the queue is over
-    /// a limit; `beyond` counts durable entries not read into memory yet.
-    /// True when it is still over (the rest is not in memory).
-    fn drop_head(&mut self, args: &QueueArgs, beyond: u64) -> bool {
-        let over = |s: &State| {
-            args.max_length
-                .is_some_and(|max| s.ready.len() as u64 + beyond > max)
-                || args
-                    .max_length_bytes
-                    .is_some_and(|max| s.ready_bytes as u64 > max)
-        };
-        while over(self) {
-            let Some(q) = self.pop_head() else {
-                return true;
-            };
-            self.bury(q, Reason::Maxlen);
-        }
-        false
-    }
-
-    /// Expired messages at the head die; returns when the head expires.
-    fn expire_head(&mut self, flags: &Flags, now: u64) -> Option<u64> {
-        loop {
-            let head = self.ready.first_key_value()?.1;
-            let at = flags.expires_at(&head.message)?;
-            if at > now {
-                return Some(at);
-            }
-            if let Some(q) = self.pop_head() {
-                crate::telemetry::expired(&q.message);
-                self.bury(q, Reason::Expired);
-            }
-        }
-    }
-
-    /// A live delivery (the caller checked there is room and the queue is
-    /// not catching up with its store entries).
+    /// A live delivery (the caller checked `can_admit` and that the queue
+    /// is not catching up with its store entries).
     fn accept(&mut self, d: Delivery) {
         if d.retained {
             // Retained messages are MQTT's; AMQP queues see publishes only.
             return;
         }
-        if let Some(seq) = d.seq {
-            if seq < self.read_from || self.held.contains(&seq) {
-                return;
+        match d.seq {
+            Some(seq) => {
+                if seq < self.read_from || self.held.contains(&seq) {
+                    return;
+                }
+                self.read_from = seq + 1;
+                self.admit(d.message, seq, 0);
             }
-            self.read_from = seq + 1;
+            None if self.has_room() => self.push(d.message, None, false, 0),
+            // A priority queue's spill holds stored entries only.
+            None => crate::telemetry::dropped("amqp_queue_full", 1),
         }
-        self.push(d.message, d.seq, 0);
     }
 
     fn release(&mut self, q: &Queued) {
@@ -281,7 +275,10 @@ impl State {
     }
 
     fn wake(&self) {
-        for waker in self.consumers.values() {
+        let wakers = self.consumers.values();
+        // Of a single-active-consumer queue only the active one is woken.
+        let n = if self.single_active { 1 } else { usize::MAX };
+        for waker in wakers.take(n) {
             waker.notify_one();
         }
     }
@@ -298,19 +295,28 @@ pub(crate) struct Queue {
     acker: Option<Acker>,
     state: Mutex<State>,
     room: Arc<Notify>,
+    /// Woken when the queue is used or loses its last consumer (`x-expires`).
+    used: Arc<Notify>,
+    /// A durable queue's store, for its `DELIVERED_ROW`.
+    store: Option<edge_store::Store>,
+    /// The `DELIVERED_ROW` is written (this run, or left by the last one).
+    delivered_mark: AtomicBool,
     stop: CancellationToken,
     pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Queue {
     /// Attaches the queue's session (resuming a durable one with its
-    /// entries) and starts its pump.
+    /// entries) and starts its pump and its dead-letter task. `marked`: the
+    /// queue's `DELIVERED_ROW` was found at start, so its stored entries
+    /// may have been delivered.
     pub(crate) async fn start(
         router: &Router,
         broker: &Weak<Broker>,
         name: &str,
         flags: Flags,
         owner: Option<ConnId>,
+        marked: bool,
     ) -> Result<Arc<Queue>, SessionError> {
         let persistent = flags.durable && !flags.exclusive;
         let args = &flags.args;
@@ -332,24 +338,31 @@ impl Queue {
         }
         let (dead, graves) = mpsc::unbounded_channel();
         let acker = attached.subscriber.acker();
+        // Only a resumed session can have entries to read; a new queue's
+        // messages all come live (so a get right after a confirmed publish
+        // to it finds the message).
+        let resumed = persistent && attached.session_present;
+        let mut state = State::new(&flags, resumed, attached.deliveries);
+        state.dead = Some(dead);
+        state.admission = admission;
+        if persistent && marked {
+            state.suspect_up_to = Some(*router.store().committed().borrow());
+        }
         let queue = Arc::new(Queue {
             name: name.into(),
             flags,
             owner,
             subscriber: attached.subscriber,
             acker,
-            state: Mutex::new(State {
-                catching_up: persistent,
-                live: Some(attached.deliveries),
-                dead: Some(dead),
-                admission,
-                ..State::default()
-            }),
+            state: Mutex::new(state),
             room: Arc::new(Notify::new()),
+            used: Arc::new(Notify::new()),
+            store: persistent.then(|| router.store().clone()),
+            delivered_mark: AtomicBool::new(persistent && marked),
             stop: CancellationToken::new(),
             pump: Mutex::new(None),
         });
-        let task = tokio::spawn(pump(Arc::downgrade(&queue)));
+        let task = tokio::spawn(pump::pump(Arc::downgrade(&queue)));
         *queue.pump.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
         tokio::spawn(crate::dead_letter::run(
             Arc::downgrade(&queue),
@@ -357,76 +370,6 @@ impl Queue {
             graves,
         ));
         Ok(queue)
-    }
-
-    /// The delivery limit in force (`x-delivery-limit`).
-    fn delivery_limit(&self) -> Option<u64> {
-        self.flags.args.effective_delivery_limit()
-    }
-
-    /// Whether deliveries carry `x-delivery-count` (queues with a
-    /// delivery limit, as RabbitMQ 4's quorum queues).
-    pub(crate) fn counts_deliveries(&self) -> bool {
-        self.delivery_limit().is_some()
-    }
-
-    /// `drop-head` after arrivals, counting a durable queue's entries not
-    /// in memory (in the store, or on their way in the session's channel);
-    /// true when the queue is still over its limit: its head is not in
-    /// memory.
-    fn arrived(&self, s: &mut State) -> bool {
-        if !self.flags.drops_head() {
-            return false;
-        }
-        let beyond = self
-            .subscriber
-            .queued_messages()
-            .map_or(0, |stored| stored.saturating_sub(s.held.len() as u64));
-        s.drop_head(&self.flags.args, beyond)
-    }
-
-    /// The dead-letter task is done with these entries: `done` are
-    /// acknowledged (their copy is committed, or they were dropped),
-    /// `failed` stay in the store for the next start.
-    pub(crate) async fn buried(&self, done: Vec<Seq>, failed: &[Seq]) {
-        if let (Some(acker), false) = (&self.acker, done.is_empty()) {
-            // Awaited: until the entries are gone from the store's count,
-            // `held` keeps them out of the ready count.
-            if let Err(error) = acker.ack(done.clone()).await {
-                tracing::warn!(queue = %self.name, %error, "cannot acknowledge dead-lettered entries; they come back at the next start");
-            }
-        }
-        let mut s = self.state();
-        for seq in done.iter().chain(failed) {
-            s.held.remove(seq);
-        }
-        drop(s);
-        self.room.notify_one();
-    }
-
-    /// A message this queue refused at publish (`reject-publish-dlx`).
-    pub(crate) fn refused(&self, message: Arc<Message>) {
-        if self.flags.args.overflow == Overflow::RejectPublishDlx
-            && let Some(tx) = &self.state().dead
-        {
-            let _ = tx.send(Dead {
-                message,
-                seq: None,
-                reason: Reason::Maxlen,
-            });
-        }
-    }
-
-    /// Rejected without requeue: they die.
-    pub(crate) fn reject(&self, ids: &[u64]) {
-        let mut s = self.state();
-        for id in ids {
-            if let Some(q) = s.unacked.remove(id) {
-                s.bury(q, Reason::Rejected);
-            }
-        }
-        drop(s);
-        self.room.notify_one();
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -451,8 +394,9 @@ impl Queue {
     }
 
     /// Ready messages (not those awaiting an ack): a durable queue's
-    /// entries in the store, less those delivered and unacknowledged, plus
-    /// its transient ones in memory; a transient queue's in memory.
+    /// entries in the store (a priority queue's spilled ones among them),
+    /// less those delivered and unacknowledged or dying, plus its transient
+    /// ones in memory; a transient queue's in memory.
     pub(crate) fn message_count(&self) -> u32 {
         let mut s = self.state();
         self.drain_live(&mut s);
@@ -476,7 +420,7 @@ impl Queue {
     /// Takes what the session's channel holds now, while there is room and
     /// the store entries are not being caught up with.
     fn drain_live(&self, s: &mut State) {
-        while s.has_room() && !s.catching_up {
+        while s.can_admit() && !s.catching_up {
             if self.subscriber.take_lagged() {
                 s.catching_up = true;
                 // The pump reads the store.
@@ -488,7 +432,10 @@ impl Queue {
             };
             s.accept(d);
         }
-        self.arrived(s);
+        if self.arrived(s) {
+            // The pump reads the head (and what may come before it).
+            self.room.notify_one();
+        }
     }
 
     pub(crate) fn consumer_count(&self) -> u32 {
@@ -497,9 +444,11 @@ impl Queue {
 
     /// Adds a consumer; false (and nothing added) when an exclusive one
     /// is asked for while there are others, or there is an exclusive one.
+    /// Exclusive consumers are refused on a single-active-consumer queue,
+    /// as RabbitMQ does.
     pub(crate) fn add_consumer(&self, key: u64, waker: Arc<Notify>, exclusive: bool) -> bool {
         let mut s = self.state();
-        if s.exclusive.is_some() || exclusive && !s.consumers.is_empty() {
+        if s.exclusive.is_some() || exclusive && (s.single_active || !s.consumers.is_empty()) {
             return false;
         }
         if exclusive {
@@ -508,53 +457,112 @@ impl Queue {
         s.consumers.insert(key, waker);
         s.had_consumer = true;
         s.wake();
+        drop(s);
+        self.used.notify_one();
         true
     }
 
     /// Removes a consumer; true when it was the last one of a queue that
     /// had one (an auto-delete queue goes then).
+    /// The next consumer of a single-active-consumer queue becomes active.
     pub(crate) fn remove_consumer(&self, key: u64) -> bool {
         let mut s = self.state();
         s.consumers.remove(&key);
         if s.exclusive == Some(key) {
             s.exclusive = None;
         }
-        s.had_consumer && s.consumers.is_empty()
+        let last = s.had_consumer && s.consumers.is_empty();
+        if s.consumers.is_empty() {
+            s.last_used = Instant::now();
+        }
+        s.wake();
+        drop(s);
+        self.used.notify_one();
+        last
     }
 
-    /// Up to `max` ready messages, oldest first. Unless `no_ack`, they wait
-    /// in `unacked`; with `no_ack` they count as delivered now.
-    pub(crate) async fn take(&self, max: usize, no_ack: bool) -> Vec<Queued> {
-        let (out, done) = {
-            let mut s = self.state();
-            self.drain_live(&mut s);
-            let mut out = Vec::new();
-            let mut done = Vec::new();
-            let now = edge_core::message::now_ms();
-            while out.len() < max {
-                let Some(q) = s.pop_head() else {
-                    break;
-                };
-                if self.flags.expired(&q.message, now) {
-                    crate::telemetry::expired(&q.message);
-                    s.bury(q, Reason::Expired);
-                    continue;
-                }
-                if no_ack {
-                    s.release(&q);
-                    done.extend(q.seq);
-                } else {
-                    s.unacked.insert(q.id, q.clone());
-                }
-                out.push(q);
+    /// A basic.get: `take` for nobody in particular; renews the lease.
+    pub(crate) async fn get(&self, no_ack: bool) -> Option<Queued> {
+        self.touch();
+        self.take(None, 1, no_ack).await.pop()
+    }
+
+    /// Up to `max` ready messages for the consumer `consumer` (`None`: a
+    /// get), in priority then arrival order; none for a waiting consumer of
+    /// a single-active-consumer queue, and none for consumers of a priority
+    /// queue while its backlog (as far as memory and the spill hold it) is
+    /// still being read or a spilled entry comes first (so that it is
+    /// ordered as a whole, `priority.rs`). Unless `no_ack`, they wait in
+    /// `unacked`; with `no_ack` they count as delivered now. Expired ones
+    /// met on the way die (dead-lettered).
+    pub(crate) async fn take(
+        &self,
+        consumer: Option<u64>,
+        max: usize,
+        no_ack: bool,
+    ) -> Vec<Queued> {
+        loop {
+            let marked = self.store.is_none() || self.delivered_mark.load(Ordering::Acquire);
+            let Some((out, done, unmarked)) = self.take_now(consumer, max, no_ack, marked) else {
+                return Vec::new();
+            };
+            if !out.is_empty() {
+                self.room.notify_one();
             }
-            (out, done)
-        };
-        if !out.is_empty() {
-            self.room.notify_one();
+            self.forget(done).await;
+            // A durable message waits for the mark; what came before it goes.
+            if !unmarked || !out.is_empty() || !self.mark_delivered().await {
+                return out;
+            }
         }
-        self.forget(done).await;
-        out
+    }
+
+    /// `take` under the lock: `None` when `consumer` may not take now;
+    /// else the messages, the store entries done with, and whether a
+    /// durable message was left because the queue is not `marked` yet.
+    fn take_now(
+        &self,
+        consumer: Option<u64>,
+        max: usize,
+        no_ack: bool,
+        marked: bool,
+    ) -> Option<(Vec<Queued>, Vec<Seq>, bool)> {
+        let mut s = self.state();
+        if let Some(key) = consumer
+            && (!s.may_deliver_to(key)
+                || s.max_priority.is_some() && s.catching_up && s.can_admit()
+                || s.spill_first())
+        {
+            // The pump reads what comes first.
+            self.room.notify_one();
+            return None;
+        }
+        self.drain_live(&mut s);
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        let now = edge_core::message::now_ms();
+        while out.len() < max {
+            let durable_head = s.ready.first_key_value().map(|(_, q)| q.seq.is_some());
+            if durable_head == Some(true) && !marked {
+                return Some((out, done, true));
+            }
+            let Some(q) = s.pop_ready() else {
+                break;
+            };
+            if self.flags.expired(&q.message, now) {
+                crate::telemetry::expired(&q.message);
+                s.bury(q, Reason::Expired);
+                continue;
+            }
+            if no_ack {
+                s.release(&q);
+                done.extend(q.seq);
+            } else {
+                s.unacked.insert(q.id, q.clone());
+            }
+            out.push(q);
+        }
+        Some((out, done, false))
     }
 
     /// The consumer has these messages: their store entries go.
@@ -574,36 +582,6 @@ impl Queue {
         self.forget(done).await;
     }
 
-    /// Back to `ready` at their place, marked redelivered.
-    /// A durable queue with a delivery limit records each entry's returns
-    /// in the store (the entry's state), so the limit holds across restarts.
-    pub(crate) fn requeue(&self, ids: &[u64]) {
-        let limit = self.delivery_limit();
-        let mut returned = Vec::new();
-        let mut s = self.state();
-        for id in ids {
-            if let Some(q) = s.unacked.remove(id) {
-                if let (Some(seq), Some(_)) = (q.seq, limit) {
-                    returned.push((seq, q.returns.saturating_add(1)));
-                }
-                s.put_back(q, limit);
-            }
-        }
-        s.wake();
-        drop(s);
-        if let (Some(acker), false) = (&self.acker, returned.is_empty()) {
-            let acker = acker.clone();
-            // A state set after the entry went (dead, acked) is a no-op.
-            tokio::spawn(async move {
-                for (seq, returns) in returned {
-                    if let Err(error) = acker.set_state(seq, returns).await {
-                        tracing::debug!(%error, "cannot record a delivery's returns");
-                    }
-                }
-            });
-        }
-    }
-
     async fn forget(&self, seqs: Vec<Seq>) {
         if let (Some(acker), false) = (&self.acker, seqs.is_empty()) {
             // Awaited only for its registration: a later backlog read waits
@@ -619,11 +597,17 @@ impl Queue {
             let mut s = self.state();
             let mut seqs = Vec::new();
             let mut count = 0;
-            while let Some(q) = s.pop_head() {
+            while let Some(q) = s.pop_ready() {
                 s.release(&q);
                 seqs.extend(q.seq);
                 count += 1;
             }
+            let spilled = std::mem::take(&mut s.spilled);
+            if let Some(a) = &s.admission {
+                spilled.keys().for_each(|_| a.left(0));
+            }
+            seqs.extend(spilled.keys().map(|(_, seq)| *seq));
+            count += spilled.len() as u32;
             (count, seqs, s.catching_up)
         };
         if let Some(acker) = &self.acker {
@@ -682,6 +666,7 @@ impl Queue {
         {
             let mut s = self.state();
             s.ready.clear();
+            s.spilled.clear();
             s.held.clear();
             s.held_bytes = 0;
             s.ready_bytes = 0;
@@ -704,6 +689,7 @@ impl Queue {
         if let Some(task) = task {
             let _ = task.await;
         }
+        queue.record_delivered().await;
         match Arc::try_unwrap(queue) {
             Ok(queue) => {
                 if let Err(error) = queue.subscriber.leave().await {
@@ -724,134 +710,4 @@ impl Queue {
         let s = self.state();
         (s.unacked.len(), s.held_bytes)
     }
-}
-
-/// Moves the session's deliveries (and, when it lagged, its store entries)
-/// into `ready`, while there is room, until the queue is deleted or gone.
-async fn pump(queue: Weak<Queue>) {
-    loop {
-        let Some(q) = queue.upgrade() else { return };
-        if q.stop.is_cancelled() {
-            return;
-        }
-        let (room, catching_up) = {
-            let mut s = q.state();
-            if q.subscriber.take_lagged() {
-                s.catching_up = true;
-            }
-            // Over its limit with the head in the store: read it, room
-            // or not (a page beyond the memory bound), to drop it.
-            if q.arrived(&mut s) {
-                s.catching_up = true;
-            }
-            (
-                s.has_room() || s.catching_up && q.flags.drops_head(),
-                s.catching_up,
-            )
-        };
-        if !room {
-            let stop = q.stop.clone();
-            let room = Arc::clone(&q.room);
-            // A full `drop-head` queue also looks again for arrivals that
-            // push it over its limit (they do not wake it).
-            let recheck = q.flags.drops_head();
-            drop(q);
-            tokio::select! {
-                _ = room.notified() => continue,
-                _ = tokio::time::sleep(LIMIT_RECHECK), if recheck => continue,
-                _ = stop.cancelled() => return,
-            }
-        }
-        if catching_up {
-            let from = q.state().read_from;
-            match q.subscriber.backlog_with_expired(from, BACKLOG_PAGE).await {
-                Ok(page) => {
-                    let mut s = q.state();
-                    let caught_up = page.len() < BACKLOG_PAGE;
-                    for e in page {
-                        s.read_from = e.seq + 1;
-                        if !s.held.contains(&e.seq) {
-                            // The entry's state: its returns (`requeue`).
-                            s.push(e.message, Some(e.seq), e.state);
-                        }
-                    }
-                    if caught_up {
-                        s.catching_up = false;
-                    }
-                    q.arrived(&mut s);
-                    s.wake();
-                }
-                Err(error) => {
-                    tracing::warn!(queue = %q.name, %error, "cannot read the queue's stored messages; retrying");
-                    let stop = q.stop.clone();
-                    drop(q);
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            }
-            continue;
-        }
-        let stop = q.stop.clone();
-        let room = Arc::clone(&q.room);
-        let head_expires = q
-            .state()
-            .expire_head(&q.flags, edge_core::message::now_ms());
-        drop(q);
-        let live = std::future::poll_fn(|cx| poll_live(&queue, cx));
-        let expiry = async {
-            match head_expires {
-                Some(at) => {
-                    let wait = at.saturating_sub(edge_core::message::now_ms());
-                    tokio::time::sleep(std::time::Duration::from_millis(wait)).await
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            open = live => if !open { return },
-            // A take() found the session lagged: read the store.
-            _ = room.notified() => {}
-            // The head expires: it dies (next turn).
-            _ = expiry => {}
-            _ = stop.cancelled() => return,
-        }
-    }
-}
-
-/// Moves what the session's channel holds into `ready`; pending until
-/// there is something (or no room: then ready, for the pump to wait for
-/// room). Ready(false) once the channel or the queue is gone.
-fn poll_live(queue: &Weak<Queue>, cx: &mut std::task::Context<'_>) -> std::task::Poll<bool> {
-    use std::task::Poll;
-    let Some(q) = queue.upgrade() else {
-        return Poll::Ready(false);
-    };
-    let mut s = q.state();
-    let mut moved = false;
-    loop {
-        if !s.has_room() || s.catching_up {
-            break;
-        }
-        if q.subscriber.take_lagged() {
-            s.catching_up = true;
-            break;
-        }
-        let Some(live) = s.live.as_mut() else {
-            return Poll::Ready(false);
-        };
-        match live.poll_recv(cx) {
-            Poll::Ready(Some(d)) => {
-                s.accept(d);
-                moved = true;
-            }
-            Poll::Ready(None) => return Poll::Ready(false),
-            Poll::Pending if moved => break,
-            Poll::Pending => return Poll::Pending,
-        }
-    }
-    q.arrived(&mut s);
-    s.wake();
-    Poll::Ready(true)
 }

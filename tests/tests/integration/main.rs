@@ -6,9 +6,11 @@
 
 mod amqp_blocked;
 mod amqp_clients;
+mod amqp_consumers;
 mod amqp_dead_letters;
 mod amqp_exchanges;
 mod amqp_frames;
+mod amqp_queue_mix;
 mod amqp_tools;
 mod chains;
 mod config;

@@ -1,4 +1,6 @@
-//! The rows of bindings in the `definitions` table.
+//! The encoding of the definition rows (the table is in `broker.rs`).
+//!
+//! Bindings:
 //!
 //! ```text
 //! amqp/binding/<n>:<queue><m>:<exchange><key>
@@ -12,10 +14,15 @@
 //! value, version 1 (still read): u8 1, then queue, exchange and key
 //! ```
 
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut};
 
-use super::BINDING_ROW;
+use super::{BINDING_ROW, Exchange};
+use crate::args::QueueArgs;
 use crate::bindings::BindArgs;
+use crate::convert::Kind;
+use crate::queue::Flags;
 
 /// What a binding leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +126,62 @@ pub(crate) fn decode_binding(mut v: &[u8]) -> Option<Stored> {
     })
 }
 
+pub(super) fn kind_code(kind: Kind) -> u8 {
+    match kind {
+        Kind::Direct => 0,
+        Kind::Fanout => 1,
+        Kind::Topic => 2,
+        Kind::Headers => 3,
+    }
+}
+
+pub(super) fn decode_exchange(v: &[u8]) -> Option<Exchange> {
+    let [1, kind, flags] = *v else { return None };
+    let kind = match kind {
+        0 => Kind::Direct,
+        1 => Kind::Fanout,
+        2 => Kind::Topic,
+        3 => Kind::Headers,
+        _ => return None,
+    };
+    Some(Exchange {
+        kind,
+        durable: true,
+        auto_delete: flags & 1 != 0,
+        internal: flags & 2 != 0,
+    })
+}
+
+pub(super) fn encode_queue(flags: &Flags) -> Vec<u8> {
+    let mut row = vec![2, u8::from(flags.auto_delete)];
+    flags.args.encode(&mut row);
+    row
+}
+
+/// A stored durable queue: version 1 (flags, then an optional
+/// x-message-ttl) or 2 (flags, then the arguments' fields).
+pub(super) fn decode_queue(v: &[u8]) -> Option<Flags> {
+    let (version, auto_delete, rest) = match v {
+        [version, flags, rest @ ..] => (*version, flags & 1 != 0, rest),
+        _ => return None,
+    };
+    let args = match (version, rest) {
+        (1, []) => QueueArgs::default(),
+        (1, ttl) => QueueArgs {
+            message_ttl: Some(u64::from_le_bytes(ttl.try_into().ok()?)),
+            ..QueueArgs::default()
+        },
+        (2, fields) => QueueArgs::decode(fields)?,
+        _ => return None,
+    };
+    Some(Flags {
+        durable: true,
+        exclusive: false,
+        auto_delete,
+        args: Arc::new(args),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +240,19 @@ mod tests {
             binding_row(Dest::Queue("q"), "x", "k", &args),
             binding_row(Dest::Exchange("q"), "x", "k", &args)
         );
+    }
+
+    #[test]
+    fn exchange_rows_decode() {
+        assert_eq!(
+            decode_exchange(&[1, 2, 3]),
+            Some(Exchange {
+                kind: Kind::Topic,
+                durable: true,
+                auto_delete: true,
+                internal: true
+            })
+        );
+        assert_eq!(decode_exchange(&[2, 0, 0]), None);
     }
 }
