@@ -59,6 +59,7 @@ impl BenchStore {
 /// Store options of the benches: no quota, no cursor (nothing retired).
 pub fn options() -> StoreOptions {
     StoreOptions {
+        retire_without_cursors: false,
         max_bytes: u64::MAX,
         batch_max_messages: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
         batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap_or(NonZeroUsize::MIN),

@@ -13,6 +13,7 @@ use edge_store::{Store, StoreOptions, WhenFull};
 
 fn options() -> StoreOptions {
     StoreOptions {
+        retire_without_cursors: false,
         max_bytes: 1 << 30,
         batch_max_messages: NonZeroUsize::new(100).unwrap(),
         batch_max_bytes: NonZeroUsize::new(1 << 20).unwrap(),

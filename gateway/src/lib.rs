@@ -205,6 +205,7 @@ impl Gateway {
             batch_max_bytes: config.store.batch_max_bytes,
             inbox_capacity: NonZeroUsize::new(STORE_INBOX).unwrap_or(NonZeroUsize::MIN),
             cursors: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+            retire_without_cursors: true,
             when_full: match config.store.when_full {
                 edge_config::WhenFull::Reject => edge_store::WhenFull::Reject,
                 edge_config::WhenFull::DropOldest => edge_store::WhenFull::DropOldest,

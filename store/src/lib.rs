@@ -54,7 +54,8 @@
 //!   cursor (at most 10 000 per transaction; the writer continues while
 //!   idle) and passes over the referenced ones; the entry that drops a
 //!   passed record's count to zero deletes it. With no cursor nothing is
-//!   retired.
+//!   retired, unless the store is opened with `retire_without_cursors` (the
+//!   gateway without upstreams): then every unreferenced record is.
 //! - Quota: the encoded bytes of the log, the dead letters and the retained
 //!   messages (topic and record), kept in `meta` with every commit (opening
 //!   does not scan). An append adds its record to the log and, when it sets
@@ -193,8 +194,14 @@ pub struct StoreOptions {
     pub inbox_capacity: NonZeroUsize,
     /// Names of the cursors that hold records in the log (one per upstream).
     /// Records below the smallest of them are retired. Cursors stored under
-    /// other names are deleted at open. With no cursor nothing is retired.
+    /// other names are deleted at open. With no cursor nothing is retired,
+    /// unless `retire_without_cursors`.
     pub cursors: Vec<String>,
+    /// With no cursor at all (a gateway without upstreams: nothing will
+    /// forward its records), retire every record no queue entry references,
+    /// so that the log does not grow to the quota. Off, a store without
+    /// cursors keeps its log (for a reader that owns it).
+    pub retire_without_cursors: bool,
     /// What an append does when it would exceed `max_bytes`.
     pub when_full: WhenFull,
     /// Free space to keep on the data directory's filesystem. Below it the

@@ -10,6 +10,7 @@ mod model;
 
 pub(super) fn options(max_bytes: u64, cursors: &[&str]) -> StoreOptions {
     StoreOptions {
+        retire_without_cursors: false,
         max_bytes,
         batch_max_messages: NonZeroUsize::new(1000).unwrap(),
         batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap(),
@@ -636,6 +637,7 @@ async fn drop_oldest_makes_room_moves_cursors_and_never_reuses_seqs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let size = record(0, 100).encoded_len() as u64;
     let opts = || StoreOptions {
+        retire_without_cursors: false,
         when_full: WhenFull::DropOldest,
         min_free: 0,
         ..options(3 * size, &["up"])
@@ -1039,4 +1041,35 @@ async fn the_committed_watch_has_reached_every_acknowledged_seq() {
         let seq = store.append(record(n, 8)).await.unwrap();
         assert_eq!(*committed.borrow(), seq);
     }
+}
+
+#[tokio::test]
+async fn without_cursors_a_gateway_store_keeps_only_what_queues_reference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = || StoreOptions {
+        retire_without_cursors: true,
+        ..options(8 << 10, &[])
+    };
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let q = store.create_queue("amqp:local").await.unwrap();
+    // Far more than the quota goes through: nothing forwards it, so
+    // nothing unreferenced stays.
+    for n in 0..64 {
+        append_to(&store, record(n, 1000), Vec::new()).await;
+    }
+    assert_eq!(store.stats().live_messages, 0, "{:?}", store.stats());
+    let seq = append_to(&store, record(99, 1000), vec![q]).await;
+    append_to(&store, record(100, 1000), Vec::new()).await;
+    assert_eq!(store.stats().live_messages, 1, "the queued one is kept");
+    drop(store);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let entries = store.queue_entries(q, 0, 10).unwrap();
+    assert_eq!(entries[0].record.as_ref(), Some(&record(99, 1000)));
+    store.queue_ack(q, vec![seq]).await.unwrap();
+    assert_eq!(store.stats().live_messages, 0, "retired with its ack");
+    // Off (the default), a store without cursors keeps its log.
+    drop(store);
+    let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
+    append_to(&store, record(101, 10), Vec::new()).await;
+    assert_eq!(store.stats().live_messages, 1);
 }

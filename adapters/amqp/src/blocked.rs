@@ -28,7 +28,7 @@ use crate::error::Exception;
 pub(crate) struct Blocked {
     full: watch::Receiver<Option<FullReason>>,
     /// What the client was last told (`true`: blocked).
-    told: bool,
+    pub(crate) told: bool,
     /// The connection has published.
     publisher: bool,
 }

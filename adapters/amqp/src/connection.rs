@@ -491,10 +491,14 @@ impl Connection {
                     if hb.is_zero() {
                         continue;
                     }
-                    if reading && now.duration_since(last_read) > hb * 2 {
+                    // A client told it is blocked may stop writing altogether,
+                    // heartbeats included (lapin does): as RabbitMQ, its
+                    // silence is not counted meanwhile.
+                    let told_blocked = self.blocked.as_ref().is_some_and(|b| b.told);
+                    if reading && !told_blocked && now.duration_since(last_read) > hb * 2 {
                         return End::HeartbeatMissed;
                     }
-                    if !reading {
+                    if !reading || told_blocked {
                         // The wait is ours, not the client's silence.
                         last_read = now;
                     }

@@ -152,6 +152,7 @@ fn start() -> connection::Start {
         "publisher_confirms",
         "basic.nack",
         "consumer_cancel_notify",
+        "exchange_exchange_bindings",
         "authentication_failure_close",
         "connection.blocked",
         "per_consumer_qos",

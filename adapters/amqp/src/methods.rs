@@ -293,6 +293,10 @@ impl Connection {
     async fn on_basic(&mut self, ch: u16, m: basic::AMQPMethod) -> Result<(), Exception> {
         match m {
             basic::AMQPMethod::Publish(p) => {
+                if p.immediate {
+                    // RabbitMQ has refused it since 3.0.
+                    return Err(Exception::connection(NOT_IMPLEMENTED, "immediate=true"));
+                }
                 if let Some(c) = self.channels.get_mut(&ch) {
                     c.start_publish(p);
                 }

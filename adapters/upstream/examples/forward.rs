@@ -134,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
             batch_max_bytes: NonZeroUsize::new(4 << 20).context("non-zero")?,
             inbox_capacity: NonZeroUsize::new(4096).context("non-zero")?,
             cursors: vec!["central".into()],
+            retire_without_cursors: false,
             when_full: Default::default(),
             min_free: 0,
         },

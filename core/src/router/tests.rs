@@ -14,6 +14,7 @@ fn store_with(dir: &std::path::Path, max_bytes: u64) -> Store {
     Store::open(
         dir,
         StoreOptions {
+            retire_without_cursors: false,
             max_bytes,
             batch_max_messages: NonZeroUsize::new(64).expect("non-zero"),
             batch_max_bytes: NonZeroUsize::new(1 << 20).expect("non-zero"),

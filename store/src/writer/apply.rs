@@ -420,13 +420,19 @@ impl Writer {
         Ok(())
     }
 
-    /// The seq below which no cursor needs records (0: no cursor).
-    pub(super) fn retire_below(state: &State) -> Seq {
-        state.cursors.values().copied().min().unwrap_or(0)
+    /// The seq below which no cursor needs records; with no cursor, 0
+    /// (nothing retired) or, with `retire_without_cursors`, the next seq.
+    pub(super) fn retire_below(&self, state: &State) -> Seq {
+        let none = if self.shared.options.retire_without_cursors {
+            state.next_seq
+        } else {
+            0
+        };
+        state.cursors.values().copied().min().unwrap_or(none)
     }
 
     pub(super) fn must_retire(&self, state: &State) -> bool {
-        state.first_seq != 0 && state.retired_upto < Writer::retire_below(state)
+        state.first_seq != 0 && state.retired_upto < self.retire_below(state)
     }
 
     /// Deletes records below the smallest cursor that no queue references,
@@ -435,7 +441,7 @@ impl Writer {
         if !self.must_retire(next) {
             return Ok(false);
         }
-        let below = Writer::retire_below(next);
+        let below = self.retire_below(next);
         let mut upto = below;
         let mut doomed = Vec::new();
         for (examined, entry) in t.log.range(next.retired_upto..below)?.enumerate() {

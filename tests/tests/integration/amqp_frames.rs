@@ -240,3 +240,25 @@ async fn a_client_that_reads_nothing_is_closed_though_it_sends_heartbeats() -> R
     gw.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_publishes_are_not_implemented_as_in_rabbitmq() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let mut c = RawAmqp::open(gw.amqp_addr(), 131_072).await?;
+    c.open_channel(1).await?;
+    c.method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            mandatory: false,
+            immediate: true,
+        })),
+    )
+    .await?;
+    let closed = c.expect_connection_close().await?;
+    assert_eq!(closed.code, 540, "{closed:?}");
+    assert!(closed.text.contains("immediate=true"), "{closed:?}");
+    gw.shutdown().await?;
+    Ok(())
+}

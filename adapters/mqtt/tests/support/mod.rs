@@ -129,6 +129,7 @@ fn store_options(options: &Options) -> Result<StoreOptions> {
         batch_max_bytes: NonZeroUsize::new(4 << 20).context("nonzero")?,
         inbox_capacity: NonZeroUsize::new(1024).context("nonzero")?,
         cursors: Vec::new(),
+        retire_without_cursors: false,
         when_full: Default::default(),
         min_free: 0,
     })

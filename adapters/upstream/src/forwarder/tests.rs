@@ -78,6 +78,7 @@ fn options() -> StoreOptions {
         batch_max_bytes: NonZeroUsize::new(8 << 20).unwrap(),
         inbox_capacity: NonZeroUsize::new(1024).unwrap(),
         cursors: vec!["central".into()],
+        retire_without_cursors: false,
         when_full: Default::default(),
         min_free: 0,
     }
