@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use amq_protocol::protocol::basic::{AMQPProperties, Publish};
 use bytes::Bytes;
@@ -49,6 +50,13 @@ struct Incoming {
 pub(crate) const TX_MAX_HELD: usize = 16 * 1024;
 /// Message bytes one transaction holds at most.
 pub(crate) const TX_MAX_BYTES: usize = 32 << 20;
+/// Message bytes the transactions of all channels of one connection hold
+/// at most together (else one client could hold `channel_max` times
+/// [`TX_MAX_BYTES`]).
+pub(crate) const TX_MAX_CONNECTION_BYTES: usize = 32 << 20;
+
+/// The message bytes held by the transactions of one connection's channels.
+pub(crate) type TxBudget = Arc<AtomicUsize>;
 
 /// What a transaction holds until it is committed or rolled back.
 #[derive(Debug)]
@@ -67,6 +75,31 @@ pub(crate) enum Held {
 pub(crate) struct Tx {
     pub held: Vec<Held>,
     bytes: usize,
+    /// Shared by the connection's channels; this transaction's `bytes`
+    /// are part of it until it ends.
+    budget: TxBudget,
+}
+
+impl Tx {
+    pub(crate) fn new(budget: TxBudget) -> Self {
+        Tx {
+            held: Vec::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    /// What the transaction held is gone: its bytes leave the budget.
+    fn release(&mut self) {
+        self.budget.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// A publish with all of its content.
@@ -286,7 +319,7 @@ impl Channel {
     }
 
     /// Settled deliveries a transaction held are unacked again.
-    fn restore(&mut self, entries: Vec<(u64, Unacked)>) {
+    pub(crate) fn restore(&mut self, entries: Vec<(u64, Unacked)>) {
         self.count(&entries, true);
         self.unacked.extend(entries);
     }
@@ -334,18 +367,26 @@ impl Channel {
             Held::Publish(c) => c.body.len(),
             Held::Settle { .. } => 0,
         };
-        if tx.held.len() >= TX_MAX_HELD || tx.bytes + bytes > TX_MAX_BYTES {
+        let held_by_connection = tx.budget.load(Ordering::Relaxed);
+        let error = if tx.held.len() >= TX_MAX_HELD || tx.bytes + bytes > TX_MAX_BYTES {
+            Some(format!(
+                "a transaction holds at most {TX_MAX_HELD} publishes, acks and rejects and {TX_MAX_BYTES} message bytes: commit or roll back"
+            ))
+        } else if held_by_connection + bytes > TX_MAX_CONNECTION_BYTES {
+            Some(format!(
+                "the transactions of a connection hold at most {TX_MAX_CONNECTION_BYTES} message bytes together: commit or roll back"
+            ))
+        } else {
+            None
+        };
+        if let Some(text) = error {
             if let Held::Settle { entries, .. } = held {
                 self.restore(entries);
             }
-            return Err(Exception::channel(
-                PRECONDITION_FAILED,
-                format!(
-                    "a transaction holds at most {TX_MAX_HELD} publishes, acks and rejects and {TX_MAX_BYTES} message bytes: commit or roll back"
-                ),
-            ));
+            return Err(Exception::channel(PRECONDITION_FAILED, text));
         }
         tx.bytes += bytes;
+        tx.budget.fetch_add(bytes, Ordering::Relaxed);
         tx.held.push(held);
         Ok(())
     }
@@ -354,7 +395,7 @@ impl Channel {
     /// in transaction mode.
     pub(crate) fn take_tx(&mut self) -> Result<Vec<Held>, Exception> {
         let tx = self.tx.as_mut().ok_or_else(not_transactional)?;
-        tx.bytes = 0;
+        tx.release();
         Ok(std::mem::take(&mut tx.held))
     }
 
@@ -381,6 +422,7 @@ impl Channel {
     /// uncommitted transaction settled included, by queue.
     pub(crate) fn take_unsettled(&mut self) -> ByQueue {
         if let Some(tx) = self.tx.as_mut() {
+            tx.release();
             for held in std::mem::take(&mut tx.held) {
                 if let Held::Settle { entries, .. } = held {
                     self.restore(entries);
@@ -491,5 +533,46 @@ mod tests {
         });
         assert!(ch.hold(Held::Publish(big)).is_err(), "bytes bounded too");
         assert!(ch.take_tx().expect("still in tx mode").is_empty());
+    }
+
+    #[test]
+    fn the_transactions_of_a_connection_share_one_byte_budget() {
+        let budget = TxBudget::default();
+        let content = |n: usize| {
+            Box::new(Content {
+                publish: publish(),
+                properties: AMQPProperties::default(),
+                body: Bytes::from(vec![0u8; n]),
+            })
+        };
+        let mut a = Channel::default();
+        let mut b = Channel::default();
+        a.tx = Some(Tx::new(Arc::clone(&budget)));
+        b.tx = Some(Tx::new(Arc::clone(&budget)));
+        let part = TX_MAX_CONNECTION_BYTES / 2 + 1;
+        a.hold(Held::Publish(content(part)))
+            .expect("within both bounds");
+        let e = b
+            .hold(Held::Publish(content(part)))
+            .expect_err("the connection's budget is spent");
+        assert_eq!(e.code, PRECONDITION_FAILED);
+        assert!(
+            e.text.contains("transactions of a connection"),
+            "{}",
+            e.text
+        );
+        assert_eq!(budget.load(Ordering::Relaxed), part);
+        // A commit (or rollback) gives the bytes back.
+        assert_eq!(a.take_tx().expect("tx").len(), 1);
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+        b.hold(Held::Publish(content(part))).expect("room again");
+        a.hold(Held::Publish(content(10))).expect("small");
+        // So does the channel's end, with or without take_unsettled.
+        drop(b);
+        assert_eq!(budget.load(Ordering::Relaxed), 10);
+        a.take_unsettled();
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+        drop(a);
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
     }
 }

@@ -160,6 +160,8 @@ pub(crate) struct Connection {
     epochs: u64,
     /// Commits that failed (channel, epoch, why): their channels close.
     pub(crate) failed_commits: Vec<(u16, u64, Exception)>,
+    /// Message bytes the transactions of this connection's channels hold.
+    pub(crate) tx_budget: crate::channel::TxBudget,
 }
 
 impl std::fmt::Debug for Connection {
@@ -201,6 +203,7 @@ impl Connection {
             blocked: None,
             epochs: 0,
             failed_commits: Vec::new(),
+            tx_budget: Default::default(),
         }
     }
 

@@ -253,10 +253,20 @@ impl Broker {
                 format!("queue={queue:?} exchange={dlx:?}: dead-lettered in a cycle")
             });
         }
-        self.router()
-            .publish_to(copy, &resolved.also)
-            .await
-            .map(Some)
+        let gated = self.router().publish_gated(copy, &resolved.also).await?;
+        if let Some(refused) = gated.refused {
+            // A full `reject-publish` target does not take it (nor does
+            // RabbitMQ's, dead-lettering at most once); when every target
+            // refused, the copy is gone: counted and logged as dropped.
+            let all = refused.sessions.len() >= targets.len();
+            self.refused(refused, &|| {
+                format!(
+                    "dead-lettered from queue={queue:?} via exchange={dlx:?}{}",
+                    if all { ", dropped" } else { "" }
+                )
+            });
+        }
+        Ok(Some(gated.receipt))
     }
 }
 
@@ -311,7 +321,9 @@ pub(crate) async fn run(
                             Reason::Maxlen => "amqp_max_length",
                             Reason::DeliveryLimit => "amqp_delivery_limit",
                         };
-                        crate::telemetry::dropped(why, 1);
+                        crate::logs::dropped(why, 1, || {
+                            format!("queue={:?}: no dead-letter exchange", q.name)
+                        });
                     }
                     done.extend(d.seq);
                 }

@@ -4,9 +4,12 @@
 //! is refused before its publisher is confirmed (`basic.nack`) while the
 //! other queues it is routed to still take it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use edge_core::{Gate, Message};
+use edge_core::{Gate, Message, Refused};
+
+use crate::broker::Broker;
 
 /// A `reject-publish` queue's admission: ready messages and their payload
 /// bytes, counted when admitted (before the message is queued), taken off
@@ -78,5 +81,31 @@ impl Gate for Admission {
 
     fn refund(&self, message: &Message) {
         self.left(message.payload.len());
+    }
+}
+
+impl Broker {
+    /// A message some queues refused at their limit (`reject-publish`):
+    /// counted and summarised (`amqp_max_length`, once per refusing
+    /// queue; none of them has it); a `reject-publish-dlx` queue
+    /// dead-letters it. `whence` describes where it came from, for the log.
+    pub(crate) fn refused(&self, refused: Refused, whence: &dyn Fn() -> String) {
+        let n = refused.sessions.len() as u64;
+        crate::logs::dropped("amqp_max_length", n, || {
+            let queues: Vec<&str> = refused
+                .sessions
+                .iter()
+                .map(|s| {
+                    s.strip_prefix(edge_core::session::AMQP_QUEUE_PREFIX)
+                        .unwrap_or(s)
+                })
+                .collect();
+            format!("{}: refused at x-max-length by queues {queues:?}", whence())
+        });
+        for session in &refused.sessions {
+            if let Some(q) = self.queue_of_session(session) {
+                q.refused(Arc::clone(&refused.message));
+            }
+        }
     }
 }

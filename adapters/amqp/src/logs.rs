@@ -17,3 +17,14 @@ pub(crate) static OVER_LIMIT: Summary = Summary::new(
     "AMQP connections refused at amqp.max_connections",
     Level::Warn,
 );
+pub(crate) static DROPPED: Summary = Summary::new(
+    "AMQP messages dropped (a full queue, a length limit, or dead-lettered without a dead-letter exchange)",
+    Level::Warn,
+);
+
+/// `n` messages dropped for `reason`: counted
+/// (`edge_messages_dropped_total{reason}`) and summarised in the log.
+pub(crate) fn dropped(reason: &'static str, n: u64, example: impl FnOnce() -> String) {
+    crate::telemetry::dropped(reason, n);
+    DROPPED.record_n(reason, n, example);
+}

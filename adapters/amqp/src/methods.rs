@@ -655,7 +655,10 @@ impl Connection {
             Ok(gated) => {
                 let refused = gated.refused.is_some();
                 if let Some(r) = gated.refused {
-                    self.refused(r);
+                    let conn = &self.name;
+                    self.broker.refused(r, &|| {
+                        format!("connection={conn} exchange={name:?} routing_key={key:?}")
+                    });
                 }
                 let receipt = gated.receipt;
                 async move {
@@ -690,19 +693,6 @@ fn internal_exchange(name: &str) -> Exception {
         format!("cannot publish to internal exchange '{name}' in vhost '/'"),
     )
     .on(60, 40)
-}
-
-impl Connection {
-    /// A publish some queues refused at their limit (`reject-publish`):
-    /// counted; a `reject-publish-dlx` queue dead-letters it.
-    fn refused(&self, refused: edge_core::Refused) {
-        telemetry::dropped("amqp_max_length", refused.sessions.len() as u64);
-        for session in &refused.sessions {
-            if let Some(q) = self.broker.queue_of_session(session) {
-                q.refused(Arc::clone(&refused.message));
-            }
-        }
-    }
 }
 
 /// A delivery's properties: the message's, and `x-delivery-count` on a

@@ -263,7 +263,14 @@ impl State {
             }
             None if self.has_room() => self.push(d.message, None, false, 0),
             // A priority queue's spill holds stored entries only.
-            None => crate::telemetry::dropped("amqp_queue_full", 1),
+            None => {
+                if let Some(a) = &self.admission {
+                    a.refund(&d.message);
+                }
+                crate::logs::dropped("amqp_queue_full", 1, || {
+                    "a transient message found its priority queue's memory full".to_owned()
+                });
+            }
         }
     }
 

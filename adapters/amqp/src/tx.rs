@@ -7,6 +7,8 @@
 //! the settled deliveries unacknowledged again. Transaction and confirm
 //! mode exclude each other on one channel (406).
 
+use std::sync::Arc;
+
 use amq_protocol::protocol::{AMQPClass, tx};
 use futures::FutureExt;
 
@@ -27,7 +29,9 @@ impl Connection {
                         "cannot switch from confirm to tx mode",
                     ));
                 }
-                chan.tx.get_or_insert_with(Default::default);
+                let budget = &self.tx_budget;
+                chan.tx
+                    .get_or_insert_with(|| crate::channel::Tx::new(Arc::clone(budget)));
                 self.method(ch, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})))
             }
             tx::AMQPMethod::Commit(_) => self.commit(ch).await,
@@ -54,9 +58,25 @@ impl Connection {
         let held = chan.take_tx()?;
         let epoch = chan.epoch;
         let mut outcomes = Vec::new();
-        for h in held {
+        let mut held = held.into_iter();
+        while let Some(h) = held.next() {
             match h {
-                Held::Publish(content) => outcomes.push(self.publish_now(ch, *content).await?),
+                Held::Publish(content) => match self.publish_now(ch, *content).await {
+                    Ok(outcome) => outcomes.push(outcome),
+                    Err(e) => {
+                        // The channel closes; the deliveries the rest of
+                        // the transaction settled are unacked again, so
+                        // that its close requeues them (as RabbitMQ).
+                        if let Some(chan) = self.channels.get_mut(&ch) {
+                            for rest in held {
+                                if let Held::Settle { entries, .. } = rest {
+                                    chan.restore(entries);
+                                }
+                            }
+                        }
+                        return Err(e);
+                    }
+                },
                 Held::Settle { entries, requeue } => {
                     let settled = by_queue(entries.into_iter().map(|(_, u)| u).collect());
                     self.apply_settle(settled, requeue).await;

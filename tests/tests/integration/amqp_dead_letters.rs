@@ -198,10 +198,19 @@ async fn run(name: &str) -> Result<(TestGateway, Vec<String>)> {
 
 /// Waits (bounded) until the dropped counter for `reason` is at least one.
 async fn dropped_counted(gw: &TestGateway, reason: &str) -> Result<f64> {
+    dropped_seen(async || gw.metrics().await, reason).await
+}
+
+/// [`dropped_counted`] of a spawned gateway.
+async fn dropped_counted_spawned(gw: &edge_tests::GatewayProcess, reason: &str) -> Result<f64> {
+    dropped_seen(async || gw.metrics().await, reason).await
+}
+
+async fn dropped_seen(metrics: impl AsyncFn() -> Result<String>, reason: &str) -> Result<f64> {
     let label = format!("reason=\"{reason}\"");
     let deadline = Instant::now() + SHORT;
     loop {
-        let text = gw.metrics().await?;
+        let text = metrics().await?;
         let n = edge_tests::http::metric(&text, "edge_messages_dropped_total", &[&label]);
         if let Some(n) = n.filter(|n| *n >= 1.0) {
             return Ok(n);
@@ -731,6 +740,134 @@ async fn drop_head_is_exact_beyond_the_queues_memory() -> Result<()> {
         first.delivery.data,
         format!("m{}", SENT - MAX).as_bytes(),
         "the oldest kept"
+    );
+    Ok(())
+}
+
+/// The lines the gateway's log holds once it has stopped (SIGTERM writes
+/// what its summaries still hold).
+async fn log_after_stop(gw: &mut edge_tests::GatewayProcess) -> Result<String> {
+    gw.terminate(SHORT).await?;
+    Ok(std::fs::read_to_string(gw.log_path())?)
+}
+
+/// A dead-lettered copy whose only target is a full `reject-publish`
+/// queue is refused there: the drop is counted and logged, and the
+/// original leaves its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettering_into_a_full_reject_publish_queue_is_counted_and_logged() -> Result<()> {
+    let mut gw = TestGateway::builder().spawn(crate::gateway_bin()).await?;
+    let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let (a, dlx, b) = (unique("dl-a"), unique("dl-x"), unique("dl-full"));
+    ch.exchange_declare(
+        dlx.as_str().into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let limited = table(&[
+        ("x-max-length", AMQPValue::LongInt(1)),
+        ("x-overflow", text("reject-publish")),
+    ]);
+    ch.queue_declare(b.as_str().into(), QueueDeclareOptions::default(), limited)
+        .await?;
+    ch.queue_bind(
+        b.as_str().into(),
+        dlx.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let to_dlx = table(&[("x-dead-letter-exchange", text(&dlx))]);
+    ch.queue_declare(a.as_str().into(), QueueDeclareOptions::default(), to_dlx)
+        .await?;
+    publish_persistent(&ch, &b, b"fill").await?;
+    publish_persistent(&ch, &a, b"doomed").await?;
+    let text_before = gw.metrics().await?;
+    let label = "reason=\"amqp_max_length\"";
+    let before = edge_tests::http::metric(&text_before, "edge_messages_dropped_total", &[label])
+        .unwrap_or(0.0);
+    assert_eq!(before, 0.0, "nothing refused yet");
+
+    let mut consumer = ch
+        .basic_consume(
+            a.as_str().into(),
+            "dl".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let d = next(&mut consumer).await?;
+    assert_eq!(d.data, b"doomed");
+    d.acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await?;
+    assert!(dropped_counted_spawned(&gw, "amqp_max_length").await? >= 1.0);
+    ch.basic_cancel("dl".into(), Default::default()).await?;
+
+    // B still holds only what filled it; A holds nothing.
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let qa = ch
+        .queue_declare(a.as_str().into(), passive, FieldTable::default())
+        .await?;
+    assert_eq!(qa.message_count(), 0, "the original left its queue");
+    let qb = ch
+        .queue_declare(b.as_str().into(), passive, FieldTable::default())
+        .await?;
+    assert_eq!(qb.message_count(), 1, "the full queue took no copy");
+    conn.close(200, "bye".into()).await?;
+
+    let log = log_after_stop(&mut gw).await?;
+    let line = log
+        .lines()
+        .find(|l| l.contains("amqp_max_length") && l.contains("AMQP messages dropped"));
+    let line = line.with_context(|| format!("no summary line of the drop in:\n{log}"))?;
+    assert!(line.contains(&a), "the line names the queue: {line}");
+    Ok(())
+}
+
+/// A message rejected from a queue without a dead-letter exchange is
+/// dropped: counted, and summarised in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_message_without_a_dead_letter_exchange_is_logged() -> Result<()> {
+    let mut gw = TestGateway::builder().spawn(crate::gateway_bin()).await?;
+    let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let q = unique("no-dlx");
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    publish_persistent(&ch, &q, b"gone").await?;
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let d = next(&mut consumer).await?;
+    d.acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await?;
+    dropped_counted_spawned(&gw, "amqp_rejected").await?;
+    conn.close(200, "bye".into()).await?;
+    let log = log_after_stop(&mut gw).await?;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("amqp_rejected") && l.contains(&q)),
+        "no summary line of the drop in:\n{log}"
     );
     Ok(())
 }

@@ -734,3 +734,66 @@ async fn pika_transactions_and_headers_exchanges() -> Result<()> {
     gw.shutdown().await?;
     Ok(())
 }
+
+/// A commit whose held publish finds its exchange deleted fails (the
+/// channel closes, 404); the delivery the transaction acked after it was
+/// not settled, so the close requeues it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_failing_on_a_deleted_exchange_requeues_the_acks_after_it() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let (conn, ch) = open(&gw.amqp_uri()).await?;
+    let (q, x) = (unique("txfail"), unique("txgone"));
+    queue(&ch, &q, false).await?;
+    publish(&ch, "", &q, "one", None, false).await?;
+    ch.exchange_declare(
+        x.as_str().into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let tx = conn.create_channel().await?;
+    tx.tx_select().await?;
+    let mut consumer = consume(&tx, &q, false).await?;
+    let one = next(&mut consumer).await?;
+    assert_eq!(one.data, b"one");
+    tx.basic_publish(
+        x.as_str().into(),
+        "".into(),
+        BasicPublishOptions::default(),
+        b"held",
+        BasicProperties::default(),
+    )
+    .await?;
+    // A round trip on the transaction's channel: the publish is held (its
+    // exchange checked) before the exchange goes.
+    tx.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_delete(x.as_str().into(), Default::default())
+        .await?;
+    tx.basic_ack(one.delivery_tag, BasicAckOptions::default())
+        .await?;
+    let e = tx
+        .tx_commit()
+        .await
+        .expect_err("the commit publishes to a deleted exchange");
+    assert!(
+        e.to_string().contains("404") || e.to_string().contains("NOT_FOUND"),
+        "{e}"
+    );
+    // The ack was not performed: message one comes again.
+    let mut again = consume(&ch, &q, true).await?;
+    let d = next(&mut again).await?;
+    assert_eq!(d.data, b"one");
+    assert!(d.redelivered);
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
