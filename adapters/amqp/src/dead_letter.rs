@@ -19,7 +19,10 @@
 //! duplicates, never loses). A dead-letter exchange that does not exist,
 //! a copy that goes nowhere and a cycle (the copy would only reach queues
 //! it died in before for an automatic reason, with no rejection since)
-//! drop the message, counted and summarised.
+//! drop the message, counted and summarised. A full `reject-publish`
+//! target refuses the copy like a publish (`Broker::refused`: counted as
+//! `amqp_max_length`, summarised, dead-lettered onward by a
+//! `reject-publish-dlx` queue).
 
 use std::sync::Arc;
 

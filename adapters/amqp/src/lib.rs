@@ -62,10 +62,13 @@
 //!   returned (312 NO_ROUTE) when mandatory.
 //! - **Transactions** (`tx.rs`): on a channel after `tx.select`,
 //!   publishes, acks, nacks and rejects are held (at most 16 Ki of them
-//!   and 32 MiB of bodies, 406 beyond) until `tx.commit`, which performs
+//!   and 32 MiB of bodies per channel, 32 MiB of bodies over all channels
+//!   of a connection, 406 beyond) until `tx.commit`, which performs
 //!   them in order and answers commit-ok once every held publish is
 //!   committed to the store (406 `partial tx completion` if one was
-//!   refused); `tx.rollback` discards the publishes and leaves the
+//!   refused); a held publish whose exchange went away closes the channel
+//!   (404) and the acks held after it are not performed (the close
+//!   requeues those deliveries, as RabbitMQ); `tx.rollback` discards the publishes and leaves the
 //!   deliveries it settled unacknowledged (redelivered once recovered or
 //!   the channel closes), as RabbitMQ. Confirm and tx mode exclude each
 //!   other (406), commit or rollback without select is 406.
@@ -102,8 +105,9 @@
 //!   comes; only further back is the store read in arrival order.
 //!   Consumers wait while that backlog is read (at start, after a lag);
 //!   basic.get does not wait. A transient message that finds a priority
-//!   queue's memory full is dropped (counted), as the core drops what a
-//!   full queue cannot hold.
+//!   queue's memory full is dropped (counted, `amqp_queue_full`, and
+//!   summarised in the log), as the core drops what a full queue cannot
+//!   hold.
 //! - `x-single-active-consumer`: only the first registered consumer
 //!   receives; when it is cancelled or its channel or connection ends, the
 //!   next in registration order does. As in RabbitMQ, a basic.cancel
@@ -123,7 +127,10 @@
 //!   `reject-publish` refuses the message for that queue at publish time
 //!   (`limits.rs`: the core session's `Gate`, so other queues still get
 //!   it) and a confirming publisher gets `basic.nack`;
-//!   `reject-publish-dlx` also dead-letters the refused message.
+//!   `reject-publish-dlx` also dead-letters the refused message. Each
+//!   refusal is counted (`amqp_max_length`) and summarised in the log; a
+//!   dead-lettered copy is refused the same way (dropped when every target
+//!   refused it, as RabbitMQ's at-most-once dead-lettering does).
 //! - `x-dead-letter-exchange`, `x-dead-letter-routing-key`
 //!   (`dead_letter.rs`): rejected or nacked without requeue, expired,
 //!   dropped at the length limit or past the delivery limit, a message is
@@ -131,7 +138,10 @@
 //!   `x-first-death-*` and `x-last-death-*` headers; its store entry is
 //!   acknowledged only once that copy is committed (at least once).
 //!   Cycles without a rejection, a missing exchange and copies routed
-//!   nowhere are dropped, counted.
+//!   nowhere are dropped, counted; so is a message of a queue without a
+//!   dead-letter exchange (`amqp_rejected`, `amqp_expired`,
+//!   `amqp_max_length`, `amqp_delivery_limit`). Every drop is also
+//!   summarised in the log (one line per reason per interval).
 //! - `x-delivery-limit` (quorum queues: 20 unless declared): a message
 //!   returned to its queue more often dies (reason `delivery_limit`);
 //!   redeliveries from such a queue carry `x-delivery-count`. A durable

@@ -3,7 +3,9 @@
 //! and rejects are held (`channel::Tx`, bounded) until the commit, which
 //! performs them in order and answers commit-ok once every held publish
 //! is committed to the store (a failed one closes the channel, 406
-//! `partial tx completion`). A rollback discards the publishes and makes
+//! `partial tx completion`; a held publish whose exchange is gone by then
+//! closes it 404, and the acks, nacks and rejects held after it are put
+//! back as unacknowledged, for the close to requeue). A rollback discards the publishes and makes
 //! the settled deliveries unacknowledged again. Transaction and confirm
 //! mode exclude each other on one channel (406).
 
