@@ -42,10 +42,12 @@
 //!
 //! Invariants: a message is in at most one of `ready` and `unacked`;
 //! `held` is exactly the seqs of the durable ones among them and of those
-//! whose dead-lettering is under way.
+//! whose dead-lettering is under way (retried while the store refuses the
+//! copy); `acking` counts the durable ones let go of whose acknowledgement
+//! has not committed yet (the store's count still has them).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use edge_core::{
@@ -295,6 +297,12 @@ pub(crate) struct Queue {
     acker: Option<Acker>,
     state: Mutex<State>,
     room: Arc<Notify>,
+    /// Durable entries let go of (acknowledged, taken with no-ack, purged)
+    /// whose store acknowledgement is still under way: the store counts
+    /// them until it commits, so they are neither held nor beyond memory
+    /// (`arrived`). Raised under the state lock with their release from
+    /// `held`; lowered after the store's count is.
+    acking: Arc<AtomicU64>,
     /// Woken when the queue is used or loses its last consumer (`x-expires`).
     used: Arc<Notify>,
     /// A durable queue's store, for its `DELIVERED_ROW`.
@@ -356,6 +364,7 @@ impl Queue {
             acker,
             state: Mutex::new(state),
             room: Arc::new(Notify::new()),
+            acking: Arc::new(AtomicU64::new(0)),
             used: Arc::new(Notify::new()),
             store: persistent.then(|| router.store().clone()),
             delivered_mark: AtomicBool::new(persistent && marked),
@@ -401,11 +410,13 @@ impl Queue {
         let mut s = self.state();
         self.drain_live(&mut s);
         let in_memory = s.ready.len() as u64;
+        // Read before the store's count (see `arrived`).
+        let acking = self.acking.load(Ordering::SeqCst);
         let count = match self.subscriber.queued_messages() {
             Some(stored) => {
                 // Held but not ready: unacked, and dying (dead-lettering).
                 let durable = s.ready.values().filter(|q| q.seq.is_some()).count();
-                let not_ready = s.held.len().saturating_sub(durable) as u64;
+                let not_ready = s.held.len().saturating_sub(durable) as u64 + acking;
                 let transient = s.ready.len() - durable;
                 stored
                     .saturating_sub(not_ready)
@@ -556,7 +567,10 @@ impl Queue {
             }
             if no_ack {
                 s.release(&q);
-                done.extend(q.seq);
+                if let Some(seq) = q.seq {
+                    self.acking.fetch_add(1, Ordering::SeqCst);
+                    done.push(seq);
+                }
             } else {
                 s.unacked.insert(q.id, q.clone());
             }
@@ -573,7 +587,10 @@ impl Queue {
             for id in ids {
                 if let Some(q) = s.unacked.remove(id) {
                     s.release(&q);
-                    done.extend(q.seq);
+                    if let Some(seq) = q.seq {
+                        self.acking.fetch_add(1, Ordering::SeqCst);
+                        done.push(seq);
+                    }
                 }
             }
             done
@@ -582,18 +599,36 @@ impl Queue {
         self.forget(done).await;
     }
 
+    /// Acknowledges entries counted in `acking` (by the caller, under
+    /// the lock that released them) in the background; they leave
+    /// `acking` once the store's count no longer has them.
     async fn forget(&self, seqs: Vec<Seq>) {
-        if let (Some(acker), false) = (&self.acker, seqs.is_empty()) {
-            // Awaited only for its registration: a later backlog read waits
-            // for it, so an acknowledged entry is never read again.
-            drop(acker.ack_in_background(seqs).await);
+        if seqs.is_empty() {
+            return;
         }
+        let n = seqs.len() as u64;
+        let Some(acker) = &self.acker else {
+            self.acking.fetch_sub(n, Ordering::SeqCst);
+            return;
+        };
+        // Awaited only for its registration: a later backlog read waits
+        // for it, so an acknowledged entry is never read again.
+        let task = acker.ack_in_background(seqs).await;
+        let (acking, room) = (Arc::clone(&self.acking), Arc::clone(&self.room));
+        tokio::spawn(async move {
+            // Done (or failed: then they stay for the next start, as
+            // entries nothing holds) either way; the store's count is down
+            // before they leave `acking`, and the pump looks again.
+            let _ = task.await;
+            acking.fetch_sub(n, Ordering::SeqCst);
+            room.notify_one();
+        });
     }
 
     /// Drops every ready message (not those awaiting an ack), the durable
     /// ones not read into memory yet included; returns how many.
     pub(crate) async fn purge(&self) -> Result<u32, SessionError> {
-        let (mut count, seqs, catching_up) = {
+        let (mut count, seqs, catching_up, released) = {
             let mut s = self.state();
             let mut seqs = Vec::new();
             let mut count = 0;
@@ -602,16 +637,22 @@ impl Queue {
                 seqs.extend(q.seq);
                 count += 1;
             }
+            // The spilled ones are not held: only these are acknowledged
+            // while the store still counts them.
+            let released = seqs.len() as u64;
+            self.acking.fetch_add(released, Ordering::SeqCst);
             let spilled = std::mem::take(&mut s.spilled);
             if let Some(a) = &s.admission {
                 spilled.keys().for_each(|_| a.left(0));
             }
             seqs.extend(spilled.keys().map(|(_, seq)| *seq));
             count += spilled.len() as u32;
-            (count, seqs, s.catching_up)
+            (count, seqs, s.catching_up, released)
         };
         if let Some(acker) = &self.acker {
-            acker.ack(seqs).await?;
+            let acked = acker.ack(seqs).await;
+            self.acking.fetch_sub(released, Ordering::SeqCst);
+            acked?;
             if catching_up {
                 loop {
                     let from = self.state().read_from;
