@@ -286,6 +286,21 @@ impl State {
     }
 }
 
+/// Entries counted in [`Queue::acking`] until dropped; then the pump
+/// looks at the limits again.
+struct Acking {
+    n: u64,
+    acking: Arc<AtomicU64>,
+    room: Arc<Notify>,
+}
+
+impl Drop for Acking {
+    fn drop(&mut self) {
+        self.acking.fetch_sub(self.n, Ordering::SeqCst);
+        self.room.notify_one();
+    }
+}
+
 /// A queue; shared by the broker's registry and the channels using it.
 #[derive(Debug)]
 pub(crate) struct Queue {
@@ -606,22 +621,25 @@ impl Queue {
         if seqs.is_empty() {
             return;
         }
-        let n = seqs.len() as u64;
+        // Leaves `acking` when dropped: after the ack, or if this future
+        // is dropped before the ack is registered.
+        let counted = Acking {
+            n: seqs.len() as u64,
+            acking: Arc::clone(&self.acking),
+            room: Arc::clone(&self.room),
+        };
         let Some(acker) = &self.acker else {
-            self.acking.fetch_sub(n, Ordering::SeqCst);
             return;
         };
         // Awaited only for its registration: a later backlog read waits
         // for it, so an acknowledged entry is never read again.
         let task = acker.ack_in_background(seqs).await;
-        let (acking, room) = (Arc::clone(&self.acking), Arc::clone(&self.room));
         tokio::spawn(async move {
             // Done (or failed: then they stay for the next start, as
             // entries nothing holds) either way; the store's count is down
-            // before they leave `acking`, and the pump looks again.
+            // before they leave `acking`.
             let _ = task.await;
-            acking.fetch_sub(n, Ordering::SeqCst);
-            room.notify_one();
+            drop(counted);
         });
     }
 
@@ -637,21 +655,26 @@ impl Queue {
                 seqs.extend(q.seq);
                 count += 1;
             }
-            // The spilled ones are not held: only these are acknowledged
-            // while the store still counts them.
-            let released = seqs.len() as u64;
-            self.acking.fetch_add(released, Ordering::SeqCst);
             let spilled = std::mem::take(&mut s.spilled);
             if let Some(a) = &s.admission {
                 spilled.keys().for_each(|_| a.left(0));
             }
             seqs.extend(spilled.keys().map(|(_, seq)| *seq));
             count += spilled.len() as u32;
+            // Neither held nor spilled now, but counted by the store until
+            // acknowledged.
+            let released = seqs.len() as u64;
+            self.acking.fetch_add(released, Ordering::SeqCst);
             (count, seqs, s.catching_up, released)
+        };
+        let counted = Acking {
+            n: released,
+            acking: Arc::clone(&self.acking),
+            room: Arc::clone(&self.room),
         };
         if let Some(acker) = &self.acker {
             let acked = acker.ack(seqs).await;
-            self.acking.fetch_sub(released, Ordering::SeqCst);
+            drop(counted);
             acked?;
             if catching_up {
                 loop {
