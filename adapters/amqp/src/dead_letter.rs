@@ -16,7 +16,9 @@
 //! (`convert::origin_of`). A dead-lettered copy goes through the router
 //! like a publish; the queue acknowledges its store entry only once the
 //! copy's receipt says committed (at least once: a crash in between
-//! duplicates, never loses). A dead-letter exchange that does not exist,
+//! duplicates, never loses). A copy the store refuses for room or by
+//! failing is published again after a pause (`run`), its entry held by
+//! the queue until then. A dead-letter exchange that does not exist,
 //! a copy that goes nowhere and a cycle (the copy would only reach queues
 //! it died in before for an automatic reason, with no rejection since)
 //! drop the message, counted and summarised. A full `reject-publish`
@@ -285,16 +287,50 @@ pub(crate) struct Dead {
 /// together).
 const DEAD_BATCH: usize = 64;
 
+/// How long the dead-letter task waits before it publishes again the
+/// copies the store refused (full, or failing).
+const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Dead-lettered copies the store refused, retried, summarised.
+pub(crate) static RETRYING: edge_log::Summary = edge_log::Summary::new(
+    "dead-lettered AMQP messages the store refused (full or failing); retried every second",
+    edge_log::Level::Warn,
+);
+
 /// The queue's dead-letter task: publishes the dead messages' copies in
-/// order, then acknowledges their store entries (at least once). A copy
-/// the store refuses leaves its entry in the store, for the next start.
+/// order, then acknowledges their store entries (at least once). Copies
+/// the store refuses for room or by failing are published again after a
+/// pause ([`RETRY`]), their entries held by the queue meanwhile (so they
+/// count neither as ready nor as stored beyond memory); a copy that can
+/// never be stored is dropped, counted. At shutdown, entries not yet
+/// dead-lettered stay in the store for the next start.
 pub(crate) async fn run(
     queue: Weak<Queue>,
     broker: Weak<Broker>,
     mut graves: mpsc::UnboundedReceiver<Dead>,
 ) {
     let mut batch = Vec::with_capacity(DEAD_BATCH);
-    while graves.recv_many(&mut batch, DEAD_BATCH).await > 0 {
+    loop {
+        if batch.is_empty() {
+            if graves.recv_many(&mut batch, DEAD_BATCH).await == 0 {
+                return;
+            }
+        } else {
+            // Refused last time: after a pause, with what came since.
+            let Some(stop) = queue.upgrade().map(|q| q.stopping()) else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY) => {}
+                _ = stop.cancelled() => return,
+            }
+            while batch.len() < DEAD_BATCH {
+                match graves.try_recv() {
+                    Ok(d) => batch.push(d),
+                    Err(_) => break,
+                }
+            }
+        }
         let (Some(q), Some(broker)) = (queue.upgrade(), broker.upgrade()) else {
             return;
         };
@@ -308,7 +344,7 @@ pub(crate) async fn run(
             );
         }
         let mut done = Vec::new();
-        let mut failed = Vec::new();
+        let mut again = Vec::new();
         for (d, receipt) in batch.drain(..).zip(receipts) {
             let outcome = match receipt {
                 Ok(Some(receipt)) => receipt.await.map(Some),
@@ -330,13 +366,23 @@ pub(crate) async fn run(
                     }
                     done.extend(d.seq);
                 }
+                // Shutting down: the entry stays for the next start.
+                Err(PublishError::Closed) => return,
+                Err(error @ PublishError::Invalid(_)) => {
+                    crate::telemetry::dropped("amqp_dead_letter_invalid", 1);
+                    DROPPED.record("amqp_dead_letter_invalid", || {
+                        format!("queue={:?}: {error}", q.name)
+                    });
+                    done.extend(d.seq);
+                }
                 Err(error) => {
-                    tracing::warn!(queue = %q.name, %error, "cannot dead-letter a message; its stored entry stays for the next start");
-                    failed.extend(d.seq);
+                    RETRYING.record(error.reason(), || format!("queue={:?}: {error}", q.name));
+                    again.push(d);
                 }
             }
         }
-        q.buried(done, &failed).await;
+        q.buried(done).await;
+        batch = again;
     }
 }
 

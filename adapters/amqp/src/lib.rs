@@ -136,7 +136,9 @@
 //!   dropped at the length limit or past the delivery limit, a message is
 //!   published to the dead-letter exchange with RabbitMQ's `x-death`,
 //!   `x-first-death-*` and `x-last-death-*` headers; its store entry is
-//!   acknowledged only once that copy is committed (at least once).
+//!   acknowledged only once that copy is committed (at least once). A
+//!   copy the store refuses (full, or failing) is published again every
+//!   second, its message held by the queue (not ready) meanwhile.
 //!   Cycles without a rejection, a missing exchange and copies routed
 //!   nowhere are dropped, counted; so is a message of a queue without a
 //!   dead-letter exchange (`amqp_rejected`, `amqp_expired`,

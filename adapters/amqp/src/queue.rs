@@ -42,10 +42,12 @@
 //!
 //! Invariants: a message is in at most one of `ready` and `unacked`;
 //! `held` is exactly the seqs of the durable ones among them and of those
-//! whose dead-lettering is under way.
+//! whose dead-lettering is under way (retried while the store refuses the
+//! copy); `acking` counts the durable ones let go of whose acknowledgement
+//! has not committed yet (the store's count still has them).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use edge_core::{
@@ -291,6 +293,21 @@ impl State {
     }
 }
 
+/// Entries counted in [`Queue::acking`] until dropped; then the pump
+/// looks at the limits again.
+struct Acking {
+    n: u64,
+    acking: Arc<AtomicU64>,
+    room: Arc<Notify>,
+}
+
+impl Drop for Acking {
+    fn drop(&mut self) {
+        self.acking.fetch_sub(self.n, Ordering::SeqCst);
+        self.room.notify_one();
+    }
+}
+
 /// A queue; shared by the broker's registry and the channels using it.
 #[derive(Debug)]
 pub(crate) struct Queue {
@@ -302,6 +319,12 @@ pub(crate) struct Queue {
     acker: Option<Acker>,
     state: Mutex<State>,
     room: Arc<Notify>,
+    /// Durable entries let go of (acknowledged, taken with no-ack, purged)
+    /// whose store acknowledgement is still under way: the store counts
+    /// them until it commits, so they are neither held nor beyond memory
+    /// (`arrived`). Raised under the state lock with their release from
+    /// `held`; lowered after the store's count is.
+    acking: Arc<AtomicU64>,
     /// Woken when the queue is used or loses its last consumer (`x-expires`).
     used: Arc<Notify>,
     /// A durable queue's store, for its `DELIVERED_ROW`.
@@ -363,6 +386,7 @@ impl Queue {
             acker,
             state: Mutex::new(state),
             room: Arc::new(Notify::new()),
+            acking: Arc::new(AtomicU64::new(0)),
             used: Arc::new(Notify::new()),
             store: persistent.then(|| router.store().clone()),
             delivered_mark: AtomicBool::new(persistent && marked),
@@ -408,11 +432,13 @@ impl Queue {
         let mut s = self.state();
         self.drain_live(&mut s);
         let in_memory = s.ready.len() as u64;
+        // Read before the store's count (see `arrived`).
+        let acking = self.acking.load(Ordering::SeqCst);
         let count = match self.subscriber.queued_messages() {
             Some(stored) => {
                 // Held but not ready: unacked, and dying (dead-lettering).
                 let durable = s.ready.values().filter(|q| q.seq.is_some()).count();
-                let not_ready = s.held.len().saturating_sub(durable) as u64;
+                let not_ready = s.held.len().saturating_sub(durable) as u64 + acking;
                 let transient = s.ready.len() - durable;
                 stored
                     .saturating_sub(not_ready)
@@ -563,7 +589,10 @@ impl Queue {
             }
             if no_ack {
                 s.release(&q);
-                done.extend(q.seq);
+                if let Some(seq) = q.seq {
+                    self.acking.fetch_add(1, Ordering::SeqCst);
+                    done.push(seq);
+                }
             } else {
                 s.unacked.insert(q.id, q.clone());
             }
@@ -580,7 +609,10 @@ impl Queue {
             for id in ids {
                 if let Some(q) = s.unacked.remove(id) {
                     s.release(&q);
-                    done.extend(q.seq);
+                    if let Some(seq) = q.seq {
+                        self.acking.fetch_add(1, Ordering::SeqCst);
+                        done.push(seq);
+                    }
                 }
             }
             done
@@ -589,18 +621,39 @@ impl Queue {
         self.forget(done).await;
     }
 
+    /// Acknowledges entries counted in `acking` (by the caller, under
+    /// the lock that released them) in the background; they leave
+    /// `acking` once the store's count no longer has them.
     async fn forget(&self, seqs: Vec<Seq>) {
-        if let (Some(acker), false) = (&self.acker, seqs.is_empty()) {
-            // Awaited only for its registration: a later backlog read waits
-            // for it, so an acknowledged entry is never read again.
-            drop(acker.ack_in_background(seqs).await);
+        if seqs.is_empty() {
+            return;
         }
+        // Leaves `acking` when dropped: after the ack, or if this future
+        // is dropped before the ack is registered.
+        let counted = Acking {
+            n: seqs.len() as u64,
+            acking: Arc::clone(&self.acking),
+            room: Arc::clone(&self.room),
+        };
+        let Some(acker) = &self.acker else {
+            return;
+        };
+        // Awaited only for its registration: a later backlog read waits
+        // for it, so an acknowledged entry is never read again.
+        let task = acker.ack_in_background(seqs).await;
+        tokio::spawn(async move {
+            // Done (or failed: then they stay for the next start, as
+            // entries nothing holds) either way; the store's count is down
+            // before they leave `acking`.
+            let _ = task.await;
+            drop(counted);
+        });
     }
 
     /// Drops every ready message (not those awaiting an ack), the durable
     /// ones not read into memory yet included; returns how many.
     pub(crate) async fn purge(&self) -> Result<u32, SessionError> {
-        let (mut count, seqs, catching_up) = {
+        let (mut count, seqs, catching_up, released) = {
             let mut s = self.state();
             let mut seqs = Vec::new();
             let mut count = 0;
@@ -615,10 +668,21 @@ impl Queue {
             }
             seqs.extend(spilled.keys().map(|(_, seq)| *seq));
             count += spilled.len() as u32;
-            (count, seqs, s.catching_up)
+            // Neither held nor spilled now, but counted by the store until
+            // acknowledged.
+            let released = seqs.len() as u64;
+            self.acking.fetch_add(released, Ordering::SeqCst);
+            (count, seqs, s.catching_up, released)
+        };
+        let counted = Acking {
+            n: released,
+            acking: Arc::clone(&self.acking),
+            room: Arc::clone(&self.room),
         };
         if let Some(acker) = &self.acker {
-            acker.ack(seqs).await?;
+            let acked = acker.ack(seqs).await;
+            drop(counted);
+            acked?;
             if catching_up {
                 loop {
                     let from = self.state().read_from;

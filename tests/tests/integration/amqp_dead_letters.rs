@@ -871,3 +871,149 @@ async fn a_rejected_message_without_a_dead_letter_exchange_is_logged() -> Result
     );
     Ok(())
 }
+
+/// CPU time (user + system) the process `pid` has used, in clock ticks
+/// (100 a second on Linux).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces): state is the 3rd
+    // field, utime the 14th, stime the 15th.
+    let rest = stat.rsplit_once(')').context("no ')' in stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// A dead-lettered copy the store refuses (its quota is reached) is not
+/// lost: the dying messages stay held, are not counted as ready, the
+/// gateway idles meanwhile (nothing spins), and once room is made the
+/// copies arrive in the dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_full_store_refuses_is_retried_once_there_is_room() -> Result<()> {
+    let mut gw = TestGateway::builder()
+        .set("store.max_bytes", "\"32KiB\"")
+        .spawn(crate::gateway_bin())
+        .await?;
+    let pid = gw.pid().context("the gateway's pid")?;
+    // A consuming connection, never blocked (it does not publish).
+    let consuming = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let ch = consuming.create_channel().await?;
+    let (dlx, dlq, q, filler) = (
+        unique("full-dlx"),
+        unique("full-dlq"),
+        unique("full-q"),
+        unique("full-filler"),
+    );
+    dead_letter_queue(&ch, &dlx, &dlq, true).await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    // A small drop-head limit: the dying entries outnumber it.
+    ch.queue_declare(
+        q.as_str().into(),
+        durable,
+        table(&[
+            ("x-dead-letter-exchange", text(&dlx)),
+            ("x-max-length", AMQPValue::LongInt(2)),
+            ("x-overflow", text("drop-head")),
+        ]),
+    )
+    .await?;
+    ch.queue_declare(filler.as_str().into(), durable, FieldTable::default())
+        .await?;
+    ch.basic_qos(10, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "dying".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let publishing = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let pch = publishing.create_channel().await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    // Four messages delivered (unacked: not counted by the limit).
+    let mut deliveries = Vec::new();
+    for i in 0..4 {
+        publish_persistent(&pch, &q, format!("d{i}").as_bytes()).await?;
+        deliveries.push(next(&mut consumer).await?);
+    }
+    // The store fills up to its quota.
+    let body = "x".repeat(1024);
+    let mut filled = 0;
+    loop {
+        let confirm = pch
+            .basic_publish(
+                "".into(),
+                filler.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+        if confirm.is_nack() {
+            break;
+        }
+        filled += 1;
+        assert!(filled < 100, "100 KiB acked under a 32 KiB quota");
+    }
+    // They die; their copies cannot be stored now.
+    for d in &deliveries {
+        d.reject(BasicRejectOptions { requeue: false }).await?;
+    }
+    // None of them is ready, nor lost from the store's view.
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..durable
+    };
+    let counted = ch
+        .queue_declare(q.as_str().into(), passive, FieldTable::default())
+        .await?;
+    assert_eq!(counted.message_count(), 0, "dying messages are not ready");
+    // Meanwhile the gateway idles: no pump turns without waiting.
+    let before = cpu_ticks(pid)?;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid)? - before;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        (used as f64 / 100.0) < 0.25 * elapsed,
+        "the gateway used {used} ticks of CPU in {elapsed:.1} s while idle"
+    );
+    let counted = ch
+        .queue_declare(q.as_str().into(), passive, FieldTable::default())
+        .await?;
+    assert_eq!(counted.message_count(), 0);
+
+    // Room: the filler goes. The copies follow (unless the store made
+    // room on its own meanwhile), in order, nothing lost.
+    let purged = ch
+        .queue_purge(filler.as_str().into(), Default::default())
+        .await?;
+    assert_eq!(purged, filled);
+    let mut dead_consumer = ch
+        .basic_consume(
+            dlq.as_str().into(),
+            "dead".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    for i in 0..4 {
+        let d = next(&mut dead_consumer).await?;
+        assert_eq!(d.data, format!("d{i}").as_bytes());
+        assert_eq!(death_reasons(&d), ["rejected"]);
+        d.ack(BasicAckOptions::default()).await?;
+    }
+    let counted = ch
+        .queue_declare(q.as_str().into(), passive, FieldTable::default())
+        .await?;
+    assert_eq!(counted.message_count(), 0, "the dead entries are gone");
+    consuming.close(200, "bye".into()).await?;
+    gw.terminate(SHORT).await?;
+    Ok(())
+}

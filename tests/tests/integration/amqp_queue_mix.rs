@@ -452,3 +452,105 @@ async fn delivery_counts_and_the_redelivered_flag_share_the_entry_state_across_a
     gw.shutdown().await?;
     Ok(())
 }
+
+/// A durable `drop-head` queue at its limit whose consumer acknowledges
+/// bursts with `multiple` while a publisher refills it at once: the
+/// acknowledged entries are still counted by the store until their ack
+/// commits, yet they are neither ready nor waiting in the store, so no
+/// message within the limit dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_head_drops_nothing_within_the_limit_while_acks_commit() -> Result<()> {
+    const MAX: usize = 100;
+    const BURST: u16 = 50;
+    const ROUNDS: usize = 40;
+    let gw = TestGateway::builder().start().await?;
+    let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let publisher = conn.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let (q, dlx, dlq) = (unique("acking"), unique("acking-dlx"), unique("acking-dlq"));
+    dead_letter_queue(&publisher, &dlx, &dlq).await?;
+    publisher
+        .queue_declare(
+            q.as_str().into(),
+            DURABLE,
+            table(&[
+                ("x-max-length", AMQPValue::LongInt(MAX as i32)),
+                ("x-overflow", text("drop-head")),
+                ("x-dead-letter-exchange", text(&dlx)),
+            ]),
+        )
+        .await?;
+    let batch = |from: usize, n: usize| -> Vec<(String, BasicProperties)> {
+        (from..from + n)
+            .map(|i| (format!("m{i}"), BasicProperties::default()))
+            .collect()
+    };
+    publish(&publisher, &q, &batch(0, MAX)).await?;
+    let mut sent = MAX;
+
+    let consumer_conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let ch = consumer_conn.create_channel().await?;
+    ch.basic_qos(BURST, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "acker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut received = 0usize;
+    // Each round: a burst acknowledged at once, then as many published at
+    // once (ready never exceeds the limit: at most MAX - BURST wait while
+    // a burst is out).
+    for round in 0..ROUNDS {
+        let mut last = 0;
+        for _ in 0..BURST {
+            let d = tokio::time::timeout(SHORT, consumer.next())
+                .await
+                .with_context(|| {
+                    format!("round {round}: no delivery of m{received} in time (dropped?)")
+                })?
+                .context("consumer ended")??;
+            let body = String::from_utf8_lossy(&d.data).into_owned();
+            if body != format!("m{received}") {
+                bail!(
+                    "round {round}: got {body}, expected m{received}: messages within the limit died"
+                );
+            }
+            received += 1;
+            last = d.delivery_tag;
+        }
+        ch.basic_ack(last, BasicAckOptions { multiple: true })
+            .await?;
+        publish(&publisher, &q, &batch(sent, usize::from(BURST))).await?;
+        sent += usize::from(BURST);
+    }
+    // Drain what is left: every message arrives, in order.
+    while received < sent {
+        let d = tokio::time::timeout(SHORT, consumer.next())
+            .await
+            .with_context(|| format!("no delivery of m{received} in time (dropped?)"))?
+            .context("consumer ended")??;
+        let body = String::from_utf8_lossy(&d.data).into_owned();
+        if body != format!("m{received}") {
+            bail!("got {body}, expected m{received}: messages within the limit died");
+        }
+        received += 1;
+        d.ack(BasicAckOptions::default()).await?;
+    }
+    let dead = publisher
+        .queue_declare(
+            dlq.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..DURABLE
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    assert_eq!(dead.message_count(), 0, "nothing was over the limit");
+    Ok(())
+}

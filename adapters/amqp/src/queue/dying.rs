@@ -133,10 +133,14 @@ impl Queue {
         if !self.flags.drops_head() {
             return false;
         }
-        let beyond = self
-            .subscriber
-            .queued_messages()
-            .map_or(0, |stored| stored.saturating_sub(s.held.len() as u64));
+        // Read before the store's count, which goes down first: an ack
+        // finishing in between makes `beyond` smaller, never larger.
+        let acking = self.acking.load(std::sync::atomic::Ordering::SeqCst);
+        let beyond = self.subscriber.queued_messages().map_or(0, |stored| {
+            stored
+                .saturating_sub(s.held.len() as u64)
+                .saturating_sub(acking)
+        });
         s.drop_head(&self.flags.args, beyond)
     }
 
@@ -184,11 +188,15 @@ impl Queue {
         self.room.notify_one();
     }
 
-    /// The dead-letter task is done with these entries: `done` are
-    /// acknowledged (their copy is committed, or they were dropped),
-    /// `failed` stay in the store for the next start.
-    pub(crate) async fn buried(&self, done: Vec<Seq>, failed: &[Seq]) {
-        if let (Some(acker), false) = (&self.acker, done.is_empty()) {
+    /// The dead-letter task is done with these entries (their copy is
+    /// committed, or they were dropped): they are acknowledged, and held
+    /// until the store's count no longer has them. Entries whose copy the
+    /// store refused stay held, for the task to try again.
+    pub(crate) async fn buried(&self, done: Vec<Seq>) {
+        if done.is_empty() {
+            return;
+        }
+        if let Some(acker) = &self.acker {
             // Awaited: until the entries are gone from the store's count,
             // `held` keeps them out of the ready count.
             if let Err(error) = acker.ack(done.clone()).await {
@@ -196,11 +204,16 @@ impl Queue {
             }
         }
         let mut s = self.state();
-        for seq in done.iter().chain(failed) {
+        for seq in &done {
             s.held.remove(seq);
         }
         drop(s);
         self.room.notify_one();
+    }
+
+    /// Cancelled when the queue is deleted or closed.
+    pub(crate) fn stopping(&self) -> tokio_util::sync::CancellationToken {
+        self.stop.clone()
     }
 
     /// A message this queue refused at publish (`reject-publish-dlx`).

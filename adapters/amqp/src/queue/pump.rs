@@ -74,22 +74,40 @@ pub(super) async fn pump(queue: Weak<Queue>) {
             let from = q.state().read_from;
             match q.subscriber.backlog_with_expired(from, BACKLOG_PAGE).await {
                 Ok(page) => {
-                    let mut s = q.state();
-                    let caught_up = page.len() < BACKLOG_PAGE;
-                    for e in page {
-                        s.read_from = e.seq + 1;
-                        if !s.held.contains(&e.seq) {
-                            let suspect = s.suspect_up_to.is_some_and(|last| e.seq <= last);
-                            let state = e.state | delivered::mark_if(suspect);
-                            s.admit(e.message, e.seq, state);
+                    let stalled = {
+                        let mut s = q.state();
+                        let caught_up = page.len() < BACKLOG_PAGE;
+                        let mut admitted = false;
+                        for e in page {
+                            s.read_from = e.seq + 1;
+                            if !s.held.contains(&e.seq) {
+                                let suspect = s.suspect_up_to.is_some_and(|last| e.seq <= last);
+                                let state = e.state | delivered::mark_if(suspect);
+                                s.admit(e.message, e.seq, state);
+                                admitted = true;
+                            }
+                        }
+                        if caught_up {
+                            s.catching_up = false;
+                            s.suspect_up_to = None;
+                        }
+                        let over = q.arrived(&mut s);
+                        s.wake();
+                        caught_up && !admitted && over
+                    };
+                    if stalled {
+                        // The store's count has entries the store has not
+                        // (yet) given: reading again at once would spin.
+                        // Looked at again when room frees or after a while.
+                        let stop = q.stop.clone();
+                        let room = Arc::clone(&q.room);
+                        drop(q);
+                        tokio::select! {
+                            _ = room.notified() => {}
+                            _ = tokio::time::sleep(LIMIT_RECHECK) => {}
+                            _ = stop.cancelled() => return,
                         }
                     }
-                    if caught_up {
-                        s.catching_up = false;
-                        s.suspect_up_to = None;
-                    }
-                    q.arrived(&mut s);
-                    s.wake();
                 }
                 Err(error) => {
                     tracing::warn!(queue = %q.name, %error, "cannot read the queue's stored messages; retrying");
