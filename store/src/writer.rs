@@ -348,6 +348,17 @@ impl Writer {
         self.rx.close();
         tracing::debug!(next_seq = self.state.next_seq, "Store writer stopped.");
         if let Some(reply) = close_reply {
+            // The database goes with the close, not with the last handle
+            // of the store: a handle some task still holds (a background
+            // ack finishing) must not keep the file locked for the next
+            // opener (an in-process restart).
+            drop(
+                self.shared
+                    .db
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take(),
+            );
             let _ = reply.send(());
         }
     }

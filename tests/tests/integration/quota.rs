@@ -147,9 +147,16 @@ async fn space_is_reused_once_the_upstream_confirms() -> anyhow::Result<()> {
 /// messages make room, and the metric says how many.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_keeps_accepting_and_counts_what_it_drops() -> anyhow::Result<()> {
+    // An upstream that is never reachable keeps the records (nothing
+    // forwards them): the quota fills.
     let gw = TestGateway::builder()
         .set("store.max_bytes", "\"32KiB\"")
         .set("store.when_full", "\"drop-oldest\"")
+        .upstream(
+            "unreachable",
+            &["amqp://guest:guest@127.0.0.1:1/%2f".to_string()],
+        )
+        .route("drop", "drop/#", "unreachable")
         .start()
         .await?;
     const COUNT: u64 = 200; // ~200 KiB through a 32 KiB store
