@@ -442,7 +442,18 @@ async fn a_durable_expiring_queue_expires_counting_from_the_gateways_start() -> 
         "deleted {:?} after the kill: the expiry counts from the start",
         killed.elapsed()
     );
-    // Its definition went with it.
+    // Its definition went with it. A declaration waits for a deletion's
+    // rows (definition changes are serialised): once this one is declared,
+    // the deletion is durable, and the kill cannot cut it short.
+    let conn = connect(&gw.amqp_uri()).await?;
+    let ch = conn.create_channel().await?;
+    ch.queue_declare(
+        unique("barrier").as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    conn.close(200, "barrier".into()).await?;
     gw.restart().await?;
     let got = pika("expires", EXPIRES, &[&port, &queue, "passive"]).await?;
     assert_eq!(
