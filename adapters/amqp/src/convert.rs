@@ -137,6 +137,22 @@ pub(crate) fn headers_filter(exchange: &str, queue: &str) -> String {
     out
 }
 
+/// The MQTT topic a publish to `amq.topic` names in its `x-mqtt-topic`
+/// header (a gateway upstream of this one, or a bridge whose routing key
+/// lost the topic's `.`s), if it is a valid topic outside `$amqp/`.
+pub(crate) fn named_mqtt_topic(
+    headers: Option<&amq_protocol::types::FieldTable>,
+) -> Option<String> {
+    use amq_protocol::types::AMQPValue;
+    let t = match headers?.inner().get(topic::MQTT_TOPIC_HEADER)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.to_string(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        _ => return None,
+    };
+    let reserved = t == NAMESPACE || t.starts_with("$amqp/");
+    (topic::is_valid_topic(&t) && !reserved).then_some(t)
+}
+
 /// The trie filter of a binding of a queue to `exchange` with `key`.
 pub(crate) fn filter_of(exchange: &str, kind: Kind, key: &str) -> Result<String, Unmappable> {
     let words = |out: &mut String, word: &dyn Fn(&str, &mut String) -> Result<(), Unmappable>| {

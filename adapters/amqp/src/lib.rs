@@ -16,7 +16,10 @@
 //!   core's lossless mapping (`edge_core::topic`: `.` ↔ `/`, `*` ↔ `+`,
 //!   `#` ↔ `#`, `%`-escapes for what would be corrupted), so an AMQP
 //!   publish to `amq.topic` reaches MQTT subscribers and an MQTT publish
-//!   reaches AMQP queues bound there.
+//!   reaches AMQP queues bound there. A publish to `amq.topic` with an
+//!   `x-mqtt-topic` header (a valid topic outside `$amqp/`) has that MQTT
+//!   topic, and the routing key's topic as an extra topic, so bindings
+//!   still match the key (`convert::named_mqtt_topic`).
 //! - **Every other exchange X** routes in a namespace of the same trie
 //!   that MQTT wildcards never match, because it starts with `$`: a publish
 //!   with key K becomes the topic `$amqp/<X>/<K>` where X and (for direct

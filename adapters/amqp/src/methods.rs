@@ -611,7 +611,20 @@ impl Connection {
                 c.next_publish - 1
             })
         });
-        let Resolved { topic, also } = resolved;
+        let Resolved {
+            mut topic,
+            mut also,
+        } = resolved;
+        // `x-mqtt-topic` on amq.topic names the MQTT topic (MQTT subscribers
+        // see it); bindings still match the routing key's topic as well.
+        if name == convert::AMQ_TOPIC
+            && let Some(own) = topic.as_ref()
+            && let Some(named) = convert::named_mqtt_topic(properties.headers().as_ref())
+            && named != *own
+        {
+            also.push(own.clone());
+            topic = Some(named);
+        }
         let router = self.broker.router();
         let routed = topic.filter(|t| {
             router.is_routed_any(std::iter::once(t.as_str()).chain(also.iter().map(String::as_str)))

@@ -1119,3 +1119,70 @@ async fn basic_qos_limits_each_consumer_or_the_whole_channel_as_rabbitmq() -> Re
     conn.close(200, "done".into()).await?;
     Ok(())
 }
+
+/// A publish to amq.topic with `x-mqtt-topic`: MQTT subscribers get it on
+/// that topic (a bridge's routing key that lost the topic's `.`s does not
+/// hide it), AMQP bindings still match its routing key, each once; a
+/// header naming the `$amqp/` namespace is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_mqtt_topic_names_the_mqtt_topic_of_an_amq_topic_publish() -> Result<()> {
+    use lapin::types::{AMQPValue, LongString};
+    let gw = TestGateway::builder().start().await?;
+    let prefix = unique("site");
+    let (conn, channel) = open(&gw.amqp_uri()).await?;
+    let q = unique("bykey");
+    declare(&channel, &q, false).await?;
+    bind(&channel, &q, "amq.topic", &format!("{prefix}.#")).await?;
+    let named = format!("{prefix}/spBv1.0/cmd");
+    let mut sub = MqttSubscriber::connect(gw.mqtt_addr(), &unique("sub"), &[&named]).await?;
+    let publish_named = |header: String, body: &'static [u8]| {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-mqtt-topic".into(),
+            AMQPValue::LongString(LongString::from(header)),
+        );
+        let channel = channel.clone();
+        let key = format!("{prefix}.spBv1.0.cmd"); // the lossy key
+        async move {
+            channel
+                .basic_publish(
+                    "amq.topic".into(),
+                    key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_headers(headers),
+                )
+                .await?
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    publish_named(named.clone(), b"named").await?;
+    let p = sub.recv(LONG).await?;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        (named.as_str(), &b"named"[..])
+    );
+    let mut consumer = consume(&channel, &q, true).await?;
+    let d = next(&mut consumer).await?;
+    assert_eq!(
+        d.data, b"named",
+        "the binding on the routing key matched too"
+    );
+
+    // Reserved: routed by its key alone, which the subscriber's filter
+    // does not match (the key reads as spBv1/0).
+    publish_named("$amqp/x/y".to_string(), b"reserved").await?;
+    let d = next(&mut consumer).await?;
+    assert_eq!(d.data, b"reserved");
+    publish_named(named.clone(), b"again").await?;
+    let p = sub.recv(LONG).await?;
+    assert_eq!(&p.payload[..], b"again", "the reserved one reached MQTT");
+    let d = next(&mut consumer).await?;
+    assert_eq!(d.data, b"again", "one copy per queue");
+    conn.close(200, "bye".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
