@@ -550,32 +550,47 @@ impl Subscriber {
         let Some(queue) = self.queue else {
             return Ok(Vec::new());
         };
-        let store = self.router.inner.store.clone();
-        let entries = tokio::task::spawn_blocking(move || store.queue_entries(queue, from, max))
-            .await
-            .map_err(|e| SessionError::Store(e.to_string()))??;
         let mut gone = Vec::new();
-        let mut out = Vec::with_capacity(entries.len());
+        let mut out = Vec::with_capacity(max.min(1024));
+        let mut from = from;
         let now = now_ms();
-        for e in entries {
-            let message = e.record.and_then(|record| {
-                Message::from_record(&record)
-                    .map_err(|error| unreadable("queued message", &e.seq.to_string(), &error))
-                    .ok()
-            });
-            match message {
-                Some(message) if drop_expired && message.is_expired(now) => {
-                    expired(&message);
-                    gone.push(e.seq);
+        // Entries skipped (gone, unreadable, expired) do not shorten the
+        // page: fewer than `max` returned means the queue has no more.
+        while out.len() < max {
+            let want = max - out.len();
+            let store = self.router.inner.store.clone();
+            let entries =
+                tokio::task::spawn_blocking(move || store.queue_entries(queue, from, want))
+                    .await
+                    .map_err(|e| SessionError::Store(e.to_string()))??;
+            let read = entries.len();
+            let Some(last) = entries.last().map(|e| e.seq) else {
+                break;
+            };
+            for e in entries {
+                let message = e.record.and_then(|record| {
+                    Message::from_record(&record)
+                        .map_err(|error| unreadable("queued message", &e.seq.to_string(), &error))
+                        .ok()
+                });
+                match message {
+                    Some(message) if drop_expired && message.is_expired(now) => {
+                        expired(&message);
+                        gone.push(e.seq);
+                    }
+                    Some(message) => out.push(Backlogged {
+                        seq: e.seq,
+                        state: e.state,
+                        message: Arc::new(message),
+                    }),
+                    // Gone (`drop-oldest`) or unreadable: acknowledged, skipped.
+                    None => gone.push(e.seq),
                 }
-                Some(message) => out.push(Backlogged {
-                    seq: e.seq,
-                    state: e.state,
-                    message: Arc::new(message),
-                }),
-                // Gone (`drop-oldest`) or unreadable: acknowledged, skipped.
-                None => gone.push(e.seq),
             }
+            if read < want {
+                break;
+            }
+            from = last.saturating_add(1);
         }
         if !gone.is_empty() {
             self.ack(gone).await?;

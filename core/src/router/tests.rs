@@ -651,3 +651,34 @@ async fn a_gate_is_refunded_for_what_its_full_channel_could_not_take() {
         "one fits the channel, two were dropped"
     );
 }
+
+#[tokio::test]
+async fn a_backlog_page_is_not_shortened_by_the_entries_it_skips() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let away = router
+        .attach("away".into(), PERSISTENT)
+        .await
+        .expect("attach");
+    away.subscriber
+        .subscribe("t/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    drop(away);
+    // Three expired entries first, then three live ones.
+    for n in 0..6 {
+        let mut m = msg(&format!("t/{n}"), QoS::AtLeastOnce);
+        m.properties.expires_at_ms = Some(if n < 3 { 1 } else { u64::MAX });
+        publish(&router, m).await;
+    }
+    let away = router
+        .attach("away".into(), PERSISTENT)
+        .await
+        .expect("attach");
+    let page = away.subscriber.backlog(0, 2).await.expect("backlog");
+    let topics: Vec<&str> = page.iter().map(|e| &*e.message.topic).collect();
+    assert_eq!(topics, ["t/3", "t/4"], "a full page: more may follow");
+    let from = page.last().map_or(0, |e| e.seq + 1);
+    let rest = away.subscriber.backlog(from, 2).await.expect("backlog");
+    assert_eq!(rest.len(), 1, "short: the queue has no more");
+}
