@@ -108,6 +108,15 @@ fn invalid(queue: &str, arg: &str, why: impl std::fmt::Display) -> Exception {
     )
 }
 
+/// 406 for an argument of the wrong AMQP type, in RabbitMQ's words.
+fn unacceptable(queue: &str, arg: &str, value: &AMQPValue) -> Exception {
+    invalid(
+        queue,
+        arg,
+        format!("{{unacceptable_type,{}}}", type_name(value)),
+    )
+}
+
 /// An integer argument of any AMQP integer type.
 fn integer(value: &AMQPValue) -> Option<i128> {
     Some(match value {
@@ -150,13 +159,7 @@ fn bounded(
     min: i128,
     max: i128,
 ) -> Result<u64, Exception> {
-    let n = integer(value).ok_or_else(|| {
-        invalid(
-            queue,
-            arg,
-            format!("{{unacceptable_type,{}}}", type_name(value)),
-        )
-    })?;
+    let n = integer(value).ok_or_else(|| unacceptable(queue, arg, value))?;
     if n < min {
         return Err(invalid(
             queue,
@@ -203,13 +206,7 @@ impl QueueArgs {
                     args.delivery_limit = Some(bounded(queue, arg, value, 0, U63_MAX)?);
                 }
                 "x-overflow" => {
-                    let s = text(value).ok_or_else(|| {
-                        invalid(
-                            queue,
-                            arg,
-                            format!("{{unacceptable_type,{}}}", type_name(value)),
-                        )
-                    })?;
+                    let s = text(value).ok_or_else(|| unacceptable(queue, arg, value))?;
                     args.overflow = Overflow::parse(&s).ok_or_else(|| {
                         invalid(
                             queue,
@@ -221,13 +218,7 @@ impl QueueArgs {
                     })?;
                 }
                 "x-dead-letter-exchange" | "x-dead-letter-routing-key" => {
-                    let s = text(value).ok_or_else(|| {
-                        invalid(
-                            queue,
-                            arg,
-                            format!("{{unacceptable_type,{}}}", type_name(value)),
-                        )
-                    })?;
+                    let s = text(value).ok_or_else(|| unacceptable(queue, arg, value))?;
                     let s = Some(Arc::from(s));
                     if arg == "x-dead-letter-exchange" {
                         args.dead_letter_exchange = s;
@@ -237,22 +228,10 @@ impl QueueArgs {
                 }
                 "x-single-active-consumer" => match value {
                     AMQPValue::Boolean(b) => args.single_active_consumer = *b,
-                    v => {
-                        return Err(invalid(
-                            queue,
-                            arg,
-                            format!("{{unacceptable_type,{}}}", type_name(v)),
-                        ));
-                    }
+                    v => return Err(unacceptable(queue, arg, v)),
                 },
                 "x-queue-type" => {
-                    let s = text(value).ok_or_else(|| {
-                        invalid(
-                            queue,
-                            arg,
-                            format!("{{unacceptable_type,{}}}", type_name(value)),
-                        )
-                    })?;
+                    let s = text(value).ok_or_else(|| unacceptable(queue, arg, value))?;
                     args.queue_type = match s.as_str() {
                         "classic" => QueueType::Classic,
                         "quorum" => QueueType::Quorum,
