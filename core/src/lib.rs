@@ -21,5 +21,8 @@ pub use message::{Message, Origin, Properties, Protocol, QoS, Value};
 pub use receipt::Receipt;
 pub use route::{Route, Routes};
 pub use router::{Delivery, Gated, Refused, Router, RouterOptions, SessionId};
-pub use session::{Acker, AttachOptions, Attached, Backlogged, Gate, SessionError, Subscriber};
+pub use session::{
+    Acker, AttachOptions, Attached, Backlogged, Gate, Matched, RetainHandling, SessionError,
+    SessionExpiry, SubOptions, Subscriber,
+};
 pub use trie::{InvalidFilter, TopicTrie};

@@ -34,6 +34,7 @@ use crate::message::{Message, QoS};
 use crate::receipt::Receipt;
 use crate::retained::RetainedIndex;
 use crate::route::Routes;
+use crate::session::{SessionExpiry, SubOptions};
 use crate::trie::TopicTrie;
 
 /// Deliveries dropped because a subscriber's queue was full, summarised.
@@ -58,6 +59,12 @@ pub struct Delivery {
     pub seq: Option<Seq>,
     /// Sent because of a subscription's retained message, not a publish.
     pub retained: bool,
+    /// A live delivery of a message published retained, to a subscription
+    /// that keeps the flag (MQTT 5 retain as published).
+    pub retain_as_published: bool,
+    /// Subscription identifiers of the matching filters (MQTT 5; empty for
+    /// most, and then not allocated).
+    pub sub_ids: Vec<u32>,
 }
 
 /// Router-wide settings.
@@ -91,7 +98,7 @@ impl Default for RouterOptions {
 pub(crate) struct Slot {
     pub key: u64,
     pub client_id: Arc<str>,
-    pub filters: BTreeMap<String, QoS>,
+    pub filters: BTreeMap<String, SubOptions>,
     pub durable: Option<Durable>,
     pub online: Option<Online>,
 }
@@ -107,6 +114,8 @@ pub(crate) struct Durable {
     pub queued: Arc<QueueLevel>,
     /// When its client left (Unix ms), if offline.
     pub disconnected_at_ms: Option<u64>,
+    /// How long it is kept after its client left.
+    pub expiry: SessionExpiry,
 }
 
 #[derive(Debug)]
@@ -123,7 +132,7 @@ pub(crate) struct Online {
 
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    pub trie: TopicTrie<QoS>,
+    pub trie: TopicTrie<SubOptions>,
     pub sessions: HashMap<Arc<str>, Slot>,
     pub by_key: HashMap<u64, Arc<str>>,
 }
@@ -151,12 +160,16 @@ struct Dispatch {
 }
 
 /// A session a message goes to, at the QoS it gets there.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Target {
     pub key: u64,
     pub qos: QoS,
     /// Queued durably for a persistent session.
     pub queued: bool,
+    /// Keeps the message's RETAIN flag (retain as published).
+    pub retain_as_published: bool,
+    /// Subscription identifiers of the matching filters.
+    pub sub_ids: Vec<u32>,
 }
 
 /// Cheap to clone; one per gateway.
@@ -392,20 +405,23 @@ impl Router {
     ) -> Vec<Target> {
         let qos = message.qos;
         let registry = self.inner.registry();
-        let mut best: Vec<(u64, QoS)> = Vec::new();
+        let mut best: Vec<(u64, Merged)> = Vec::new();
         for topic in topics {
-            registry.trie.for_each_match(topic, |_, key, granted| {
+            registry.trie.for_each_match(topic, |_, key, sub| {
+                if sub.no_local && is_own(&registry, key, message) {
+                    return;
+                }
                 match best.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, q)) => *q = (*q).max(*granted),
-                    None => best.push((key, *granted)),
+                    Some((_, m)) => m.add(sub),
+                    None => best.push((key, Merged::new(sub))),
                 }
             });
         }
         let max = self.inner.options.max_session_queue as u64;
         let max_bytes = self.inner.options.max_session_queue_bytes;
         best.into_iter()
-            .filter_map(|(key, granted)| {
-                let qos = granted.min(qos);
+            .filter_map(|(key, merged)| {
+                let qos = merged.qos.min(qos);
                 let slot = registry
                     .by_key
                     .get(&key)
@@ -433,10 +449,57 @@ impl Router {
                             false
                         }
                     });
-                Some(Target { key, qos, queued })
+                Some(Target {
+                    key,
+                    qos,
+                    queued,
+                    retain_as_published: merged.retain_as_published && message.retain,
+                    sub_ids: merged.sub_ids,
+                })
             })
             .collect()
     }
+}
+
+/// A session's matching filters, merged into one delivery (MQTT-3.3.4-2/3,
+/// MQTT 5 §3.3.4: the highest QoS, every subscription identifier).
+struct Merged {
+    qos: QoS,
+    retain_as_published: bool,
+    sub_ids: Vec<u32>,
+}
+
+impl Merged {
+    fn new(sub: &SubOptions) -> Merged {
+        let mut m = Merged {
+            qos: sub.qos,
+            retain_as_published: sub.retain_as_published,
+            sub_ids: Vec::new(),
+        };
+        if sub.id != 0 {
+            m.sub_ids.push(sub.id);
+        }
+        m
+    }
+
+    fn add(&mut self, sub: &SubOptions) {
+        self.qos = self.qos.max(sub.qos);
+        self.retain_as_published |= sub.retain_as_published;
+        if sub.id != 0 && !self.sub_ids.contains(&sub.id) {
+            self.sub_ids.push(sub.id);
+            self.sub_ids.sort_unstable();
+        }
+    }
+}
+
+/// Whether `message` was published by the session of `key` (MQTT 5 no
+/// local: its own messages are not sent back to it).
+fn is_own(registry: &Registry, key: u64, message: &Message) -> bool {
+    message.origin.protocol == crate::message::Protocol::Mqtt
+        && registry
+            .by_key
+            .get(&key)
+            .is_some_and(|id| **id == *message.origin.publisher)
 }
 
 /// What [`Router::publish_gated`] hands back.
@@ -520,6 +583,8 @@ impl Inner {
                 qos: t.qos,
                 seq: (t.queued && seq != 0).then_some(seq),
                 retained: false,
+                retain_as_published: t.retain_as_published,
+                sub_ids: t.sub_ids.clone(),
             };
             if online.tx.try_send(delivery).is_err() {
                 if t.queued {

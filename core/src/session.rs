@@ -10,13 +10,17 @@
 //! store's `sessions` table (layout below) and expires `session_expiry`
 //! after its client left.
 //!
-//! Persisted session, version 1 (little-endian):
+//! Persisted session, version 2 (little-endian; version 1, without the
+//! expiry and the options, is still read):
 //!
 //! ```text
-//! u8   version = 1
+//! u8   version = 2
 //! u64  queue id
 //! u64  disconnected at, Unix ms (0: connected when last written)
-//! u16  filter count, then per filter: u16 length, filter (UTF-8), u8 QoS
+//! u64  expiry, ms (0: the router's session_expiry; u64::MAX: never)
+//! u16  filter count, then per filter: u16 length, filter (UTF-8), u8 QoS,
+//!      u8 flags (bit 0 no local, bit 1 retain as published),
+//!      u32 subscription identifier (0: none)
 //! ```
 
 use std::collections::BTreeMap;
@@ -61,12 +65,96 @@ impl From<StoreError> for SessionError {
     }
 }
 
+/// How long a session outlives its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionExpiry {
+    /// It ends with the connection (MQTT 3.1.1 clean session, MQTT 5
+    /// session expiry interval 0).
+    WithConnection,
+    /// The router's `session_expiry` after its client left (MQTT 3.1.1
+    /// persistent sessions).
+    Default,
+    /// This long after its client left (MQTT 5 session expiry interval).
+    After(Duration),
+    /// Never (MQTT 5 interval `0xFFFFFFFF`).
+    Never,
+}
+
+impl SessionExpiry {
+    /// Milliseconds as persisted (0: default, `u64::MAX`: never).
+    fn to_ms(self) -> u64 {
+        match self {
+            SessionExpiry::WithConnection | SessionExpiry::Default => 0,
+            SessionExpiry::After(d) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1),
+            SessionExpiry::Never => u64::MAX,
+        }
+    }
+
+    fn from_ms(ms: u64) -> SessionExpiry {
+        match ms {
+            0 => SessionExpiry::Default,
+            u64::MAX => SessionExpiry::Never,
+            ms => SessionExpiry::After(Duration::from_millis(ms)),
+        }
+    }
+}
+
+/// A subscription's options (MQTT 5 §3.8.3.1; 3.1.1 and AMQP bindings use
+/// the QoS only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubOptions {
+    /// The highest QoS granted.
+    pub qos: QoS,
+    /// Messages this session published itself are not delivered to it.
+    pub no_local: bool,
+    /// Live deliveries keep the RETAIN flag they were published with.
+    pub retain_as_published: bool,
+    /// MQTT 5 subscription identifier, sent with each matching delivery
+    /// (0: none).
+    pub id: u32,
+}
+
+impl SubOptions {
+    /// Options of a subscription that only has a QoS.
+    pub fn qos(qos: QoS) -> SubOptions {
+        SubOptions {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            id: 0,
+        }
+    }
+}
+
+/// Which retained messages a new subscription is sent (MQTT 5 retain
+/// handling; 3.1.1 always sends them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainHandling {
+    /// Sent at every SUBSCRIBE.
+    Always,
+    /// Sent only when the subscription did not exist before.
+    IfNew,
+    /// Never sent.
+    Never,
+}
+
+/// What a session's filters make of one topic (see [`Subscriber::matched`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched {
+    pub qos: QoS,
+    pub retain_as_published: bool,
+    /// The subscription identifiers of every matching filter, ascending.
+    pub sub_ids: Vec<u32>,
+}
+
 /// How a connection attaches.
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
-    /// Start a session that ends with the connection, discarding any
-    /// earlier one (MQTT clean session).
+    /// Start afresh, discarding any earlier session (MQTT 3.1.1 clean
+    /// session, MQTT 5 clean start).
     pub clean: bool,
+    /// How long the session outlives the connection.
+    pub expiry: SessionExpiry,
     /// Deliveries buffered in memory for the connection.
     pub queue: usize,
     /// The session's own bound on what it takes, asked for every message
@@ -160,13 +248,21 @@ impl Router {
             .sessions
             .get(&client_id)
             .map(|s| s.durable.is_some());
-        if options.clean {
-            if existing == Some(true) {
-                self.forget(&client_id);
-                store.delete_queue(&queue_name(&client_id)).await?;
-                store.release_dedup(&dedup_prefix(&client_id), true).await?;
-                store.delete_session(&client_id).await?;
+        // MQTT 5: resuming a stored session without an expiry resumes it,
+        // and it ends when this connection does.
+        let expiry = match options.expiry {
+            SessionExpiry::WithConnection if !options.clean && existing == Some(true) => {
+                SessionExpiry::After(Duration::ZERO)
             }
+            expiry => expiry,
+        };
+        if options.clean && existing == Some(true) {
+            self.forget(&client_id);
+            store.delete_queue(&queue_name(&client_id)).await?;
+            store.release_dedup(&dedup_prefix(&client_id), true).await?;
+            store.delete_session(&client_id).await?;
+        }
+        if expiry == SessionExpiry::WithConnection {
             let (subscriber, deliveries, _) =
                 self.attach_slot(client_id, options.queue, None, true, options.gate);
             return Ok(Attached {
@@ -176,8 +272,22 @@ impl Router {
             });
         }
         let queue = store.create_queue(&queue_name(&client_id)).await?;
-        let (subscriber, deliveries, present) =
-            self.attach_slot(client_id, options.queue, Some(queue), false, options.gate);
+        let (subscriber, deliveries, present) = self.attach_slot(
+            client_id,
+            options.queue,
+            Some(queue),
+            options.clean,
+            options.gate,
+        );
+        if let Some(d) = self
+            .inner
+            .registry_mut()
+            .sessions
+            .get_mut(&subscriber.client_id)
+            .and_then(|s| s.durable.as_mut())
+        {
+            d.expiry = expiry;
+        }
         self.persist(&subscriber.client_id).await?;
         Ok(Attached {
             subscriber,
@@ -247,6 +357,7 @@ impl Router {
                     acks: Arc::default(),
                     queued: Arc::default(),
                     disconnected_at_ms: None,
+                    expiry: SessionExpiry::Default,
                 }),
             };
             slot.online = Some(Online {
@@ -292,7 +403,7 @@ impl Router {
             let Some(durable) = &slot.durable else {
                 return Ok(());
             };
-            encode(durable.queue, durable.disconnected_at_ms, &slot.filters)
+            encode(durable, &slot.filters)
         };
         self.inner.store.put_session(client_id, value).await?;
         Ok(())
@@ -305,7 +416,13 @@ impl Router {
             let sessions = store.sessions()?;
             let mut out = Vec::new();
             for (id, value) in sessions {
-                let Some((queue, disconnected, filters)) = decode(&value) else {
+                let Some(Stored {
+                    queue,
+                    disconnected,
+                    expiry,
+                    filters,
+                }) = decode(&value)
+                else {
                     tracing::warn!(client_id = %id, "unreadable stored session: dropped");
                     continue;
                 };
@@ -316,7 +433,7 @@ impl Router {
                     .map(|r| r.encoded_len() as u64)
                     .sum();
                 let queued = QueueLevel::new(entries.len() as u64, bytes);
-                out.push((id, queue, disconnected, filters, queued));
+                out.push((id, queue, disconnected, expiry, filters, queued));
             }
             Ok((out, store.retained()?))
         })
@@ -327,11 +444,11 @@ impl Router {
         let count = sessions.len();
         {
             let mut registry = self.inner.registry_mut();
-            for (id, queue, disconnected, filters, queued) in sessions {
+            for (id, queue, disconnected, expiry, filters, queued) in sessions {
                 let id: Arc<str> = id.into();
                 let key = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-                for (filter, qos) in &filters {
-                    if registry.trie.insert(filter, key, *qos).is_err() {
+                for (filter, sub) in &filters {
+                    if registry.trie.insert(filter, key, *sub).is_err() {
                         tracing::warn!(client_id = %id, filter = %filter, "invalid stored filter: dropped");
                     }
                 }
@@ -348,6 +465,7 @@ impl Router {
                             queued: Arc::new(queued),
                             // Connected when the gateway stopped: away since now.
                             disconnected_at_ms: Some(disconnected.unwrap_or(now)),
+                            expiry,
                         }),
                         online: None,
                     },
@@ -406,7 +524,7 @@ pub(crate) async fn expire_sessions(inner: Weak<Inner>) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let expiry = u64::try_from(inner.options.session_expiry.as_millis()).unwrap_or(u64::MAX);
+        let default = u64::try_from(inner.options.session_expiry.as_millis()).unwrap_or(u64::MAX);
         let now = now_ms();
         let expired: Vec<Arc<str>> = inner
             .registry()
@@ -414,10 +532,14 @@ pub(crate) async fn expire_sessions(inner: Weak<Inner>) {
             .values()
             .filter(|s| s.online.is_none())
             .filter(|s| {
-                s.durable
-                    .as_ref()
-                    .and_then(|d| d.disconnected_at_ms)
-                    .is_some_and(|at| now.saturating_sub(at) >= expiry)
+                s.durable.as_ref().is_some_and(|d| {
+                    let expiry = match d.expiry {
+                        SessionExpiry::Default | SessionExpiry::WithConnection => default,
+                        e => e.to_ms(),
+                    };
+                    d.disconnected_at_ms
+                        .is_some_and(|at| now.saturating_sub(at) >= expiry)
+                })
             })
             .map(|s| Arc::clone(&s.client_id))
             .collect();
@@ -478,25 +600,81 @@ impl Subscriber {
         filter: &str,
         qos: QoS,
     ) -> Result<(QoS, Vec<Arc<Message>>), SessionError> {
-        {
+        self.subscribe_with(filter, SubOptions::qos(qos), RetainHandling::Always)
+            .await
+    }
+
+    /// [`Subscriber::subscribe`] with every option: the retained messages
+    /// returned are those `retain` asks for.
+    pub async fn subscribe_with(
+        &self,
+        filter: &str,
+        options: SubOptions,
+        retain: RetainHandling,
+    ) -> Result<(QoS, Vec<Arc<Message>>), SessionError> {
+        let existed = {
             let mut registry = self.router.inner.registry_mut();
-            registry
+            let existed = registry
                 .trie
-                .insert(filter, self.key, qos)
-                .map_err(|_| SessionError::InvalidFilter(filter.to_string()))?;
+                .insert(filter, self.key, options)
+                .map_err(|_| SessionError::InvalidFilter(filter.to_string()))?
+                .is_some();
             if let Some(slot) = registry.sessions.get_mut(&self.client_id) {
-                slot.filters.insert(filter.to_string(), qos);
+                slot.filters.insert(filter.to_string(), options);
             }
-        }
+            existed
+        };
         self.router.persist(&self.client_id).await?;
-        let retained = self
-            .router
+        let send = match retain {
+            RetainHandling::Always => true,
+            RetainHandling::IfNew => !existed,
+            RetainHandling::Never => false,
+        };
+        let retained = if send {
+            self.router
+                .inner
+                .retained
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .matching(filter)
+        } else {
+            Vec::new()
+        };
+        Ok((options.qos, retained))
+    }
+
+    /// Whether the session has a subscription to exactly `filter`.
+    pub fn has_filter(&self, filter: &str) -> bool {
+        self.router
             .inner
-            .retained
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .matching(filter);
-        Ok((qos, retained))
+            .registry()
+            .sessions
+            .get(&self.client_id)
+            .is_some_and(|slot| slot.filters.contains_key(filter))
+    }
+
+    /// Changes how long a persistent session is kept after its client
+    /// leaves (MQTT 5 DISCONNECT with a session expiry interval); durable
+    /// on return. No-op for a session that ends with its connection.
+    pub async fn set_expiry(&self, expiry: SessionExpiry) -> Result<(), SessionError> {
+        let changed = {
+            let mut registry = self.router.inner.registry_mut();
+            match registry
+                .sessions
+                .get_mut(&self.client_id)
+                .and_then(|s| s.durable.as_mut())
+            {
+                Some(d) if self.queue.is_some() => {
+                    d.expiry = expiry;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if changed {
+            self.router.persist(&self.client_id).await?;
+        }
+        Ok(())
     }
 
     pub async fn unsubscribe(&self, filter: &str) -> Result<(), SessionError> {
@@ -680,17 +858,34 @@ impl Subscriber {
             .unwrap_or_default()
     }
 
-    /// The highest QoS this session's filters grant for `topic`, if any
-    /// matches (a resumed session's queued messages go out at it).
-    pub fn granted_for(&self, topic: &str) -> Option<QoS> {
+    /// What this session's filters make of `message` (a resumed session's
+    /// queued messages go out with it): the highest QoS they grant, its
+    /// RETAIN flag kept or not, their subscription identifiers. `None` when
+    /// none matches (any more), or only no-local ones and it is its own.
+    pub fn matched(&self, message: &Message) -> Option<Matched> {
         let registry = self.router.inner.registry();
-        let mut best = None;
-        registry.trie.for_each_match(topic, |_, key, qos| {
-            if key == self.key {
-                best = best.max(Some(*qos));
+        let own = message.origin.protocol == crate::message::Protocol::Mqtt
+            && *message.origin.publisher == *self.client_id;
+        let mut out: Option<Matched> = None;
+        registry.trie.for_each_match(&message.topic, |_, key, sub| {
+            if key != self.key || (sub.no_local && own) {
+                return;
+            }
+            let m = out.get_or_insert(Matched {
+                qos: sub.qos,
+                retain_as_published: false,
+                sub_ids: Vec::new(),
+            });
+            m.qos = m.qos.max(sub.qos);
+            m.retain_as_published |= sub.retain_as_published && message.retain;
+            if sub.id != 0 && !m.sub_ids.contains(&sub.id) {
+                m.sub_ids.push(sub.id);
             }
         });
-        best
+        if let Some(m) = out.as_mut() {
+            m.sub_ids.sort_unstable();
+        }
+        out
     }
 }
 
@@ -772,7 +967,7 @@ impl Subscriber {
             }
             Some(d) => {
                 d.disconnected_at_ms = Some(now_ms());
-                let value = encode(d.queue, d.disconnected_at_ms, &slot.filters);
+                let value = encode(d, &slot.filters);
                 Some((
                     router.inner.store.clone(),
                     self.client_id.to_string(),
@@ -800,33 +995,65 @@ impl Drop for Subscriber {
     }
 }
 
-fn encode(queue: u64, disconnected_at_ms: Option<u64>, filters: &BTreeMap<String, QoS>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(19 + filters.keys().map(|f| f.len() + 3).sum::<usize>());
-    out.put_u8(1);
-    out.put_u64_le(queue);
-    out.put_u64_le(disconnected_at_ms.unwrap_or(0));
+const FLAG_NO_LOCAL: u8 = 1;
+const FLAG_RETAIN_AS_PUBLISHED: u8 = 2;
+
+fn encode(durable: &Durable, filters: &BTreeMap<String, SubOptions>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(27 + filters.keys().map(|f| f.len() + 8).sum::<usize>());
+    out.put_u8(2);
+    out.put_u64_le(durable.queue);
+    out.put_u64_le(durable.disconnected_at_ms.unwrap_or(0));
+    out.put_u64_le(durable.expiry.to_ms());
     let filters: Vec<_> = filters
         .iter()
         .filter(|(f, _)| f.len() <= usize::from(u16::MAX))
         .take(usize::from(u16::MAX))
         .collect();
     out.put_u16_le(filters.len() as u16);
-    for (filter, qos) in filters {
+    for (filter, sub) in filters {
         out.put_u16_le(filter.len() as u16);
         out.put_slice(filter.as_bytes());
-        out.put_u8(*qos as u8);
+        out.put_u8(sub.qos as u8);
+        let mut flags = 0;
+        if sub.no_local {
+            flags |= FLAG_NO_LOCAL;
+        }
+        if sub.retain_as_published {
+            flags |= FLAG_RETAIN_AS_PUBLISHED;
+        }
+        out.put_u8(flags);
+        out.put_u32_le(sub.id);
     }
     out
 }
 
-type Decoded = (u64, Option<u64>, BTreeMap<String, QoS>);
+/// A persisted session, decoded.
+#[derive(Debug, PartialEq)]
+struct Stored {
+    queue: u64,
+    disconnected: Option<u64>,
+    expiry: SessionExpiry,
+    filters: BTreeMap<String, SubOptions>,
+}
 
-fn decode(mut v: &[u8]) -> Option<Decoded> {
-    if v.len() < 19 || v.get_u8() != 1 {
+fn decode(mut v: &[u8]) -> Option<Stored> {
+    let version = *v.first()?;
+    let header = match version {
+        1 => 19,
+        2 => 27,
+        _ => return None,
+    };
+    if v.len() < header {
         return None;
     }
+    v.advance(1);
     let queue = v.get_u64_le();
     let disconnected = Some(v.get_u64_le()).filter(|at| *at != 0);
+    let expiry = if version == 2 {
+        SessionExpiry::from_ms(v.get_u64_le())
+    } else {
+        SessionExpiry::Default
+    };
     let count = v.get_u16_le();
     let mut filters = BTreeMap::new();
     for _ in 0..count {
@@ -839,10 +1066,30 @@ fn decode(mut v: &[u8]) -> Option<Decoded> {
         if v.is_empty() {
             return None;
         }
-        let qos = QoS::from_u8(v.get_u8())?;
-        filters.insert(filter, qos);
+        let mut sub = SubOptions::qos(QoS::from_u8(v.get_u8())?);
+        if version == 2 {
+            if v.len() < 5 {
+                return None;
+            }
+            let flags = v.get_u8();
+            sub.no_local = flags & FLAG_NO_LOCAL != 0;
+            sub.retain_as_published = flags & FLAG_RETAIN_AS_PUBLISHED != 0;
+            sub.id = v.get_u32_le();
+        }
+        filters.insert(filter, sub);
     }
-    Some((queue, disconnected, filters))
+    Some(Stored {
+        queue,
+        disconnected,
+        expiry,
+        filters,
+    })
+}
+
+/// The expiry a persisted session record holds (router tests).
+#[cfg(test)]
+pub(crate) fn tests_decode_expiry(v: &[u8]) -> Option<SessionExpiry> {
+    decode(v).map(|s| s.expiry)
 }
 
 /// A message past its expiry, not delivered: counted.
@@ -861,22 +1108,73 @@ fn unreadable(what: &str, key: &str, error: &crate::message::DecodeError) {
 mod tests {
     use super::*;
 
+    fn durable(queue: u64, at: Option<u64>, expiry: SessionExpiry) -> Durable {
+        Durable {
+            queue,
+            acks: Arc::default(),
+            queued: Arc::default(),
+            disconnected_at_ms: at,
+            expiry,
+        }
+    }
+
     #[test]
     fn persisted_session_round_trips_and_cuts_are_refused() {
         let mut filters = BTreeMap::new();
-        filters.insert("a/+".to_string(), QoS::AtLeastOnce);
-        filters.insert("b/#".to_string(), QoS::ExactlyOnce);
-        let bytes = encode(7, Some(1_700_000_000_000), &filters);
-        assert_eq!(
-            decode(&bytes),
-            Some((7, Some(1_700_000_000_000), filters.clone()))
+        filters.insert("a/+".to_string(), SubOptions::qos(QoS::AtLeastOnce));
+        filters.insert(
+            "b/#".to_string(),
+            SubOptions {
+                qos: QoS::ExactlyOnce,
+                no_local: true,
+                retain_as_published: true,
+                id: 268_435_455,
+            },
         );
-        for cut in 0..bytes.len() {
-            assert!(decode(&bytes[..cut]).is_none(), "cut at {cut}");
+        for expiry in [
+            SessionExpiry::Default,
+            SessionExpiry::Never,
+            SessionExpiry::After(Duration::from_secs(90)),
+        ] {
+            let bytes = encode(&durable(7, Some(1_700_000_000_000), expiry), &filters);
+            assert_eq!(
+                decode(&bytes),
+                Some(Stored {
+                    queue: 7,
+                    disconnected: Some(1_700_000_000_000),
+                    expiry,
+                    filters: filters.clone(),
+                })
+            );
+            for cut in 0..bytes.len() {
+                assert!(decode(&bytes[..cut]).is_none(), "cut at {cut}");
+            }
         }
+        let empty = decode(&encode(
+            &durable(1, None, SessionExpiry::Default),
+            &BTreeMap::new(),
+        ))
+        .expect("decodes");
+        assert_eq!((empty.queue, empty.disconnected), (1, None));
+    }
+
+    #[test]
+    fn version_1_records_are_still_read() {
+        // Version 1: queue 7, away since 1000, one filter "a/#" at QoS 1.
+        let mut v1 = vec![1];
+        v1.extend_from_slice(&7u64.to_le_bytes());
+        v1.extend_from_slice(&1000u64.to_le_bytes());
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&3u16.to_le_bytes());
+        v1.extend_from_slice(b"a/#");
+        v1.push(1);
+        let stored = decode(&v1).expect("version 1 decodes");
+        assert_eq!(stored.queue, 7);
+        assert_eq!(stored.disconnected, Some(1000));
+        assert_eq!(stored.expiry, SessionExpiry::Default);
         assert_eq!(
-            decode(&encode(1, None, &BTreeMap::new())),
-            Some((1, None, BTreeMap::new()))
+            stored.filters.get("a/#"),
+            Some(&SubOptions::qos(QoS::AtLeastOnce))
         );
     }
 }

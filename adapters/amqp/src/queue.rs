@@ -51,7 +51,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use edge_core::{
-    Acker, AttachOptions, Delivery, Gate, Message, QoS, Router, SessionError, Subscriber,
+    Acker, AttachOptions, Delivery, Gate, Message, QoS, Router, SessionError, SessionExpiry,
+    Subscriber,
 };
 use edge_store::Seq;
 
@@ -358,6 +359,11 @@ impl Queue {
                 session_id(name),
                 AttachOptions {
                     clean: !persistent,
+                    expiry: if !persistent {
+                        SessionExpiry::WithConnection
+                    } else {
+                        SessionExpiry::Default
+                    },
                     queue: LIVE_QUEUE,
                     gate: admission.clone().map(|a| a as Arc<dyn Gate>),
                 },
@@ -728,6 +734,7 @@ impl Queue {
                 session_id(&self.name),
                 AttachOptions {
                     clean: true,
+                    expiry: SessionExpiry::WithConnection,
                     queue: 1,
                     gate: None,
                 },

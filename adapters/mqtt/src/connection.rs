@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use edge_core::{AttachOptions, Attached, Delivery, Router};
+use edge_core::{AttachOptions, Attached, Delivery, Router, SessionExpiry};
 use futures::{FutureExt, StreamExt};
 use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -280,6 +280,11 @@ impl Connection {
         accepted.client_id = Some(client_id.clone());
         let attach = AttachOptions {
             clean: connect.clean_session,
+            expiry: if connect.clean_session {
+                SessionExpiry::WithConnection
+            } else {
+                SessionExpiry::Default
+            },
             queue: self.settings.max_queued_messages,
             gate: None,
         };

@@ -258,6 +258,8 @@ mod tests {
             qos,
             seq: None,
             retained: false,
+            retain_as_published: false,
+            sub_ids: Vec::new(),
         }
     }
 

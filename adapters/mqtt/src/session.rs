@@ -283,12 +283,16 @@ impl Session {
                     continue;
                 }
             }
-            let qos = self
-                .subscriber
-                .granted_for(&entry.message.topic)
-                .unwrap_or(QoS::AtLeastOnce)
+            // Queued at QoS >= 1 under the filters of the time; a filter
+            // since removed leaves it at QoS 1.
+            let matched = self.subscriber.matched(&entry.message);
+            let qos = matched
+                .as_ref()
+                .map_or(QoS::AtLeastOnce, |m| m.qos)
                 .min(entry.message.qos)
                 .max(QoS::AtLeastOnce);
+            let (retain_as_published, sub_ids) =
+                matched.map_or((false, Vec::new()), |m| (m.retain_as_published, m.sub_ids));
             let dup = d.dup_left > 0;
             d.dup_left = d.dup_left.saturating_sub(1);
             let delivery = Delivery {
@@ -296,6 +300,8 @@ impl Session {
                 qos,
                 seq: Some(entry.seq),
                 retained: false,
+                retain_as_published,
+                sub_ids,
             };
             self.queued.push_back((delivery, dup));
         }
@@ -522,6 +528,8 @@ impl Session {
                     message,
                     seq: None,
                     retained: true,
+                    retain_as_published: false,
+                    sub_ids: Vec::new(),
                 };
                 self.queued.push_back((delivery, false));
             }

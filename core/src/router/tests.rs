@@ -6,7 +6,7 @@ use edge_store::StoreOptions;
 
 use super::*;
 use crate::route::Route;
-use crate::session::AttachOptions;
+use crate::session::{AttachOptions, SessionExpiry};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -47,6 +47,7 @@ fn route(filter: &str) -> Route {
 
 const PERSISTENT: AttachOptions = AttachOptions {
     clean: false,
+    expiry: SessionExpiry::Default,
     queue: 8,
     gate: None,
 };
@@ -242,6 +243,7 @@ async fn a_persistent_session_keeps_what_came_while_it_was_away() {
             "dev".into(),
             AttachOptions {
                 clean: true,
+                expiry: SessionExpiry::WithConnection,
                 queue: 8,
                 gate: None,
             },
@@ -630,6 +632,7 @@ async fn a_gate_is_refunded_for_what_its_full_channel_could_not_take() {
             "amqp:small".into(),
             AttachOptions {
                 clean: true,
+                expiry: SessionExpiry::WithConnection,
                 queue: 1,
                 gate: Some(Arc::clone(&ledger) as Arc<dyn crate::session::Gate>),
             },
@@ -681,4 +684,132 @@ async fn a_backlog_page_is_not_shortened_by_the_entries_it_skips() {
     let from = page.last().map_or(0, |e| e.seq + 1);
     let rest = away.subscriber.backlog(from, 2).await.expect("backlog");
     assert_eq!(rest.len(), 1, "short: the queue has no more");
+}
+
+/// MQTT 5 subscription options: no local, retain as published, the
+/// identifiers of every matching filter, and retain handling.
+#[tokio::test]
+async fn subscription_options_shape_each_delivery() {
+    use crate::session::{RetainHandling, SubOptions};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let (me, mut rx) = router.connect("me".into(), 8);
+    let sub = |id, no_local, retain_as_published| SubOptions {
+        qos: QoS::AtLeastOnce,
+        no_local,
+        retain_as_published,
+        id,
+    };
+    me.subscribe_with("a/#", sub(7, false, true), RetainHandling::Always)
+        .await
+        .expect("subscribe");
+    me.subscribe_with("a/+", sub(3, true, false), RetainHandling::Always)
+        .await
+        .expect("subscribe");
+    let mut retained = msg("a/x", QoS::AtLeastOnce);
+    retained.retain = true;
+    publish(&router, retained).await;
+    let d = recv(&mut rx).await;
+    assert_eq!(d.sub_ids, [3, 7], "every matching filter's id, ascending");
+    assert!(d.retain_as_published, "a/# keeps the RETAIN flag");
+    assert!(
+        !d.retained,
+        "a live delivery, not one from the retained store"
+    );
+
+    // Its own message: only the filter without no-local matches.
+    let own = Message::new(
+        "a/y",
+        Bytes::from_static(b"o"),
+        QoS::AtLeastOnce,
+        "me".into(),
+    );
+    publish(&router, own).await;
+    let d = recv(&mut rx).await;
+    assert_eq!(d.sub_ids, [7]);
+    assert!(!d.retain_as_published, "not published retained");
+    me.unsubscribe("a/#").await.expect("unsubscribe");
+    let own = Message::new(
+        "a/z",
+        Bytes::from_static(b"o"),
+        QoS::AtLeastOnce,
+        "me".into(),
+    );
+    publish(&router, own).await;
+    publish(&router, msg("a/w", QoS::AtLeastOnce)).await;
+    let d = recv(&mut rx).await;
+    assert_eq!(&*d.message.topic, "a/w", "its own a/z was not sent back");
+
+    // Retain handling: 1 sends the retained message only to a new
+    // subscription, 2 never.
+    let (_, first) = me
+        .subscribe_with("a/x", sub(0, false, false), RetainHandling::IfNew)
+        .await
+        .expect("subscribe");
+    assert_eq!(first.len(), 1);
+    let (_, again) = me
+        .subscribe_with("a/x", sub(0, false, false), RetainHandling::IfNew)
+        .await
+        .expect("subscribe");
+    assert!(again.is_empty(), "the subscription existed");
+    let (_, never) = me
+        .subscribe_with("a/#", sub(0, false, false), RetainHandling::Never)
+        .await
+        .expect("subscribe");
+    assert!(never.is_empty());
+    let (_, always) = me
+        .subscribe_with("a/#", sub(0, false, false), RetainHandling::Always)
+        .await
+        .expect("subscribe");
+    assert_eq!(always.len(), 1);
+}
+
+/// A session's own expiry replaces the router's default, and survives a
+/// restart (the record keeps it).
+#[tokio::test]
+async fn a_session_keeps_its_own_expiry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = RouterOptions {
+        session_expiry: Duration::from_secs(3600),
+        ..RouterOptions::default()
+    };
+    let router = Router::start(store(dir.path()), Routes::default(), options)
+        .await
+        .expect("start");
+    let short = router
+        .attach(
+            "short".into(),
+            AttachOptions {
+                expiry: SessionExpiry::After(Duration::from_millis(1)),
+                ..PERSISTENT
+            },
+        )
+        .await
+        .expect("attach");
+    let long = router
+        .attach(
+            "long".into(),
+            AttachOptions {
+                expiry: SessionExpiry::Never,
+                ..PERSISTENT
+            },
+        )
+        .await
+        .expect("attach");
+    short.subscriber.leave().await.expect("leave");
+    long.subscriber.leave().await.expect("leave");
+    // The expiry check runs every second; bounded wait for its event.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while router.session_count() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "short never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = router.store().sessions().expect("sessions");
+    let ids: Vec<&str> = stored.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["long"]);
+    let decoded = crate::session::tests_decode_expiry(&stored[0].1);
+    assert_eq!(decoded, Some(SessionExpiry::Never));
 }
