@@ -152,6 +152,8 @@ pub fn from_amqp(p: &BasicProperties, now_ms: u64) -> Properties {
         app_id: text(p.app_id()),
         sent_at: *p.timestamp(),
         headers,
+        // AMQP has no payload format indicator.
+        payload_utf8: false,
     }
 }
 
@@ -235,6 +237,7 @@ mod tests {
             user_id: Some("guest".into()),
             app_id: Some("bridge".into()),
             sent_at: Some(1_700_000_000),
+            payload_utf8: false,
             headers: vec![
                 (
                     "a-list".into(),

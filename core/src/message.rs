@@ -123,6 +123,9 @@ pub struct Properties {
     pub sent_at: Option<u64>,
     /// MQTT 5 user properties (as `Str`), AMQP headers (any value), in order.
     pub headers: Vec<(Arc<str>, Value)>,
+    /// MQTT 5 payload format indicator 1: the payload is UTF-8 text
+    /// (checked when it came in; sent on to MQTT 5 subscribers).
+    pub payload_utf8: bool,
 }
 
 /// A published message. Cheap to clone: strings are shared, the payload is

@@ -290,7 +290,7 @@ impl Router {
     ) -> Result<Receipt, PublishError> {
         self.publish_inner(message, None, also)
             .await
-            .map(|(receipt, _)| receipt)
+            .map(|(receipt, _, _)| receipt)
     }
 
     /// Like [`Router::publish`], recording `dedup` (a key from
@@ -303,7 +303,20 @@ impl Router {
     ) -> Result<Receipt, PublishError> {
         self.publish_inner(message, dedup, &[])
             .await
-            .map(|(receipt, _)| receipt)
+            .map(|(receipt, _, _)| receipt)
+    }
+
+    /// Like [`Router::publish_keyed`], also telling whether anything took
+    /// the message: a session's filter or a route (MQTT 5 answers a
+    /// publish nothing took with reason 0x10, no matching subscribers).
+    pub async fn publish_matched(
+        &self,
+        message: Message,
+        dedup: Option<String>,
+    ) -> Result<(Receipt, bool), PublishError> {
+        self.publish_inner(message, dedup, &[])
+            .await
+            .map(|(receipt, _, matched)| (receipt, matched))
     }
 
     /// Like [`Router::publish_to`], also telling which sessions refused the
@@ -317,7 +330,7 @@ impl Router {
     ) -> Result<Gated, PublishError> {
         self.publish_inner(message, None, also)
             .await
-            .map(|(receipt, refused)| Gated { receipt, refused })
+            .map(|(receipt, refused, _)| Gated { receipt, refused })
     }
 
     async fn publish_inner(
@@ -325,7 +338,7 @@ impl Router {
         message: Message,
         dedup: Option<String>,
         also: &[String],
-    ) -> Result<(Receipt, Option<Refused>), PublishError> {
+    ) -> Result<(Receipt, Option<Refused>, bool), PublishError> {
         let record = message.to_record()?;
         let size = record.encoded_len() as u64;
         let topics = || std::iter::once(&*message.topic).chain(also.iter().map(String::as_str));
@@ -349,9 +362,9 @@ impl Router {
                 Retain::Set(message.topic.to_string())
             }
         });
-        let log = message.qos != QoS::AtMostOnce
-            || topics().any(|t| self.inner.routes.matching(t).next().is_some())
-            || !queues.is_empty();
+        let routed = topics().any(|t| self.inner.routes.matching(t).next().is_some());
+        let matched = routed || !targets.is_empty() || !refused_by.is_empty();
+        let log = message.qos != QoS::AtMostOnce || routed || !queues.is_empty();
         let commit = if log || retain.is_some() {
             let placement = Placement {
                 log,
@@ -389,7 +402,7 @@ impl Router {
             .send(dispatch)
             .await
             .map_err(|_| PublishError::Closed)?;
-        Ok((Receipt::Pending(rx), refused))
+        Ok((Receipt::Pending(rx), refused, matched))
     }
 
     /// The sessions `topics` go to, once each at the highest QoS any of

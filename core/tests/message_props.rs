@@ -71,13 +71,14 @@ fn properties() -> impl Strategy<Value = Properties> {
         (
             any::<Option<u64>>(),
             prop::collection::vec((text(20), value()), 0..4),
+            any::<bool>(),
         ),
     )
         .prop_map(
             |(
                 (content_type, content_encoding, correlation, reply_to, expires_at_ms),
                 (priority, persistent, message_id, kind, user_id, app_id),
-                (sent_at, headers),
+                (sent_at, headers, payload_utf8),
             )| Properties {
                 content_type,
                 content_encoding,
@@ -92,6 +93,7 @@ fn properties() -> impl Strategy<Value = Properties> {
                 app_id,
                 sent_at,
                 headers,
+                payload_utf8,
             },
         )
 }

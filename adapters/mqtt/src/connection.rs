@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use edge_core::{AttachOptions, Attached, Delivery, Router, SessionExpiry};
 use futures::{FutureExt, StreamExt};
-use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet};
+use rumqttd::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -27,7 +27,9 @@ use crate::codec::{self, Hello, Version};
 use crate::error::Close;
 use crate::listener::Admission;
 use crate::logs;
+use crate::outbox::Pushed;
 use crate::session::{self, Session};
+use crate::v5::{self, V5};
 use crate::will::{self, Will};
 
 /// How long a shutting-down connection waits for outstanding commits.
@@ -52,6 +54,8 @@ pub(crate) struct Settings {
     pub connect_timeout: Duration,
     pub max_inflight: u16,
     pub max_queued_messages: usize,
+    /// Wills waiting out their MQTT 5 delay, shared by the listeners.
+    pub wills: Arc<will::Delayed>,
 }
 
 static ASSIGNED_IDS: AtomicU64 = AtomicU64::new(1);
@@ -61,6 +65,12 @@ static ASSIGNED_IDS: AtomicU64 = AtomicU64::new(1);
 struct Accepted {
     client_id: Option<Arc<str>>,
     will: Option<Will>,
+    /// How long the session outlives the connection (a will's delay ends
+    /// with it).
+    expiry: Option<SessionExpiry>,
+    /// MQTT 5 past CONNACK: the connection's end is told in a DISCONNECT
+    /// (with a reason string unless the client asked for none).
+    v5_problem_info: Option<bool>,
 }
 
 /// A connection past its CONNACK.
@@ -101,11 +111,35 @@ impl Connection {
     ) {
         let mut accepted = Accepted::default();
         let close = self.run(&router, admission, &shutdown, &mut accepted).await;
+        if let (Some(problem_info), Some(code)) =
+            (accepted.v5_problem_info, close.disconnect_code())
+        {
+            let why = problem_info.then(|| close.to_string());
+            codec::encode_disconnect(&mut self.wbuf, code, why.as_deref());
+        }
         // Handed to the router before the socket closes, so whoever sees
-        // the close can count on the will's fan-out being done.
+        // the close can count on the will's fan-out being done. An MQTT 5
+        // will with a delay waits it out (at most the session's expiry);
+        // a reconnect before then cancels it.
         let will = match (accepted.will.take(), &accepted.client_id) {
             (Some(w), Some(id)) if close.publishes_will() => {
-                Box::pin(will::publish(&router, w, id.clone())).await
+                let delay = match accepted.expiry {
+                    Some(SessionExpiry::After(d)) => w.delay.min(d),
+                    Some(SessionExpiry::WithConnection) | None => Duration::ZERO,
+                    Some(SessionExpiry::Default | SessionExpiry::Never) => w.delay,
+                };
+                if delay.is_zero() || matches!(close, Close::Shutdown) {
+                    Box::pin(will::publish(&router, w, id.clone())).await
+                } else {
+                    self.settings.wills.schedule(
+                        router.clone(),
+                        w,
+                        id.clone(),
+                        delay,
+                        shutdown.clone(),
+                    );
+                    None
+                }
             }
             _ => None,
         };
@@ -133,6 +167,7 @@ impl Connection {
                 });
             }
             Close::KeepAlive(_)
+            | Close::DisconnectWithWill
             | Close::HandshakeEvicted
             | Close::ConnectTimeout(_)
             | Close::TakenOver
@@ -220,33 +255,65 @@ impl Connection {
             logs::REFUSED.record("max_connections", || {
                 format!("peer={} max_connections={max_connections}", self.peer)
             });
+            let version = match &hello {
+                Hello::Accepted { version, .. } => *version,
+                Hello::Unsupported { .. } => Version::V311,
+            };
             return Err(self
                 .refuse(
+                    version,
                     ConnectReturnCode::ServiceUnavailable,
+                    ConnectReturnCode::ServerBusy,
                     format!("{max_connections} clients connected (mqtt.max_connections)"),
                 )
                 .await);
         };
-        let (version, connect, will) = match hello {
+        let (version, connect, props, will) = match hello {
             Hello::Accepted {
                 version,
                 connect,
+                props,
                 login: _,
                 will,
-            } => (version, connect, will),
+            } => (version, connect, props, will),
             Hello::Unsupported { level } => {
+                let version = if level > 5 {
+                    Version::V5
+                } else {
+                    Version::V311
+                };
                 return Err(self
                     .refuse(
+                        version,
                         ConnectReturnCode::RefusedProtocolVersion,
+                        ConnectReturnCode::UnsupportedProtocolVersion,
                         format!("unsupported protocol level {level}"),
                     )
                     .await);
             }
         };
+        if let Some(method) = props
+            .as_ref()
+            .and_then(|p| p.authentication_method.as_ref())
+        {
+            // MQTT 5 enhanced authentication is not served.
+            return Err(self
+                .refuse(
+                    version,
+                    ConnectReturnCode::NotAuthorized,
+                    ConnectReturnCode::BadAuthenticationMethod,
+                    format!("authentication method {method:?} is not supported"),
+                )
+                .await);
+        }
+        let v5 = version.is_v5();
+        let mut assigned = false;
         let client_id: Arc<str> = match (connect.client_id.is_empty(), connect.clean_session) {
             (false, _) if edge_core::session::is_amqp_queue(&connect.client_id) => {
                 return Err(self
                     .refuse(
+                        version,
+                        ConnectReturnCode::ClientIdentifierNotValid,
                         ConnectReturnCode::ClientIdentifierNotValid,
                         format!(
                             "client id {:?} names an AMQP queue's session",
@@ -260,17 +327,23 @@ impl Connection {
             (true, _) if version == Version::V31 => {
                 return Err(self
                     .refuse(
+                        version,
+                        ConnectReturnCode::ClientIdentifierNotValid,
                         ConnectReturnCode::ClientIdentifierNotValid,
                         "empty client id from an MQTT 3.1 client".to_string(),
                     )
                     .await);
             }
-            (true, true) => {
+            // MQTT 5 assigns one whatever the clean start (MQTT-3.1.3-6/7).
+            (true, clean) if clean || v5 => {
+                assigned = true;
                 format!("edge-auto-{}", ASSIGNED_IDS.fetch_add(1, Ordering::Relaxed)).into()
             }
-            (true, false) => {
+            (true, _) => {
                 return Err(self
                     .refuse(
+                        version,
+                        ConnectReturnCode::ClientIdentifierNotValid,
                         ConnectReturnCode::ClientIdentifierNotValid,
                         "empty client id without clean session".to_string(),
                     )
@@ -278,13 +351,24 @@ impl Connection {
             }
         };
         accepted.client_id = Some(client_id.clone());
+        // A client back before its will's delay ran out keeps it unsent.
+        self.settings.wills.cancel(&client_id);
+        let expiry = if v5 {
+            session::session_expiry(
+                props
+                    .as_ref()
+                    .and_then(|p| p.session_expiry_interval)
+                    .unwrap_or(0),
+            )
+        } else if connect.clean_session {
+            SessionExpiry::WithConnection
+        } else {
+            SessionExpiry::Default
+        };
+        accepted.expiry = Some(expiry);
         let attach = AttachOptions {
             clean: connect.clean_session,
-            expiry: if connect.clean_session {
-                SessionExpiry::WithConnection
-            } else {
-                SessionExpiry::Default
-            },
+            expiry,
             queue: self.settings.max_queued_messages,
             gate: None,
         };
@@ -293,7 +377,9 @@ impl Connection {
             Err(e) => {
                 return Err(self
                     .refuse(
+                        version,
                         ConnectReturnCode::ServiceUnavailable,
+                        ConnectReturnCode::ServerUnavailable,
                         format!("cannot open the session: {e}"),
                     )
                     .await);
@@ -309,18 +395,52 @@ impl Connection {
             session_present,
             code: ConnectReturnCode::Success,
         };
-        session::write(Packet::ConnAck(connack, None), &mut self.wbuf)?;
+        let connack_props = v5.then(|| ConnAckProperties {
+            session_expiry_interval: None,
+            receive_max: Some(self.settings.max_inflight),
+            max_qos: None,
+            retain_available: Some(1),
+            max_packet_size: Some(u32::try_from(self.settings.max_packet_size).unwrap_or(u32::MAX)),
+            assigned_client_identifier: assigned.then(|| client_id.to_string()),
+            topic_alias_max: Some(v5::TOPIC_ALIAS_MAX),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(1),
+            shared_subscription_available: Some(1),
+            server_keep_alive: None,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        session::write(
+            Packet::ConnAck(connack, connack_props),
+            &mut self.wbuf,
+            version,
+        )?;
         // Accepted: from here on the will is the connection's (MQTT-3.1.2-8).
         accepted.will = will;
         tracing::debug!(peer = %self.peer, client_id = %client_id, ?version, keep_alive = connect.keep_alive, "client connected");
         let keep_alive = (connect.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+        let v5_state = v5.then(|| {
+            let state = V5::new(props.as_deref());
+            accepted.v5_problem_info = Some(state.problem_info);
+            let receive_max = props
+                .as_ref()
+                .and_then(|p| p.receive_maximum)
+                .unwrap_or(u16::MAX);
+            (state, receive_max)
+        });
         let mut session = Session::new(
             client_id,
             router.clone(),
             subscriber,
             self.settings.max_inflight,
             session_present,
+            version,
+            v5_state,
         );
         if session_present {
             session.load_inbound().await?;
@@ -333,12 +453,39 @@ impl Connection {
         })
     }
 
-    async fn refuse(&mut self, code: ConnectReturnCode, why: String) -> Close {
+    /// A CONNACK refusal, in the form `version` reads: `v3` for MQTT 3.1.x,
+    /// `v5` for MQTT 5.
+    async fn refuse(
+        &mut self,
+        version: Version,
+        v3: ConnectReturnCode,
+        v5: ConnectReturnCode,
+        why: String,
+    ) -> Close {
         let connack = ConnAck {
             session_present: false,
-            code,
+            code: if version.is_v5() { v5 } else { v3 },
         };
-        match session::write(Packet::ConnAck(connack, None), &mut self.wbuf) {
+        let props = version.is_v5().then(|| ConnAckProperties {
+            session_expiry_interval: None,
+            receive_max: None,
+            max_qos: None,
+            retain_available: None,
+            max_packet_size: None,
+            assigned_client_identifier: None,
+            topic_alias_max: None,
+            reason_string: Some(why.clone()),
+            user_properties: Vec::new(),
+            wildcard_subscription_available: None,
+            subscription_identifiers_available: None,
+            shared_subscription_available: None,
+            server_keep_alive: None,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        match session::write(Packet::ConnAck(connack, props), &mut self.wbuf, version) {
             Ok(()) => Close::Refused(why),
             Err(close) => close,
         }
@@ -400,7 +547,11 @@ impl Connection {
             release_if_empty(&mut self.wbuf);
             // Packets already buffered, as far as back-pressure allows.
             while session.can_read() && self.wbuf.len() < WRITE_HIGH_WATER {
-                match codec::decode(&mut self.rbuf, self.settings.max_packet_size) {
+                match codec::decode(
+                    &mut self.rbuf,
+                    self.settings.max_packet_size,
+                    session.version,
+                ) {
                     Ok(Some(inbound)) => {
                         idle.as_mut().reset(Instant::now() + idle_limit);
                         if let Err(close) = session.on_packet(inbound, &mut self.wbuf).await {
@@ -544,7 +695,9 @@ fn release_if_empty(buf: &mut BytesMut) {
 }
 
 /// Encodes one delivery into the write buffer (the caller checked the
-/// outbox has room); an unencodable one is dropped, counted.
+/// outbox has room); an unencodable one is dropped, counted, and one not
+/// to be sent (expired, larger than an MQTT 5 client takes) is settled,
+/// counted.
 fn deliver(
     session: &mut Session,
     delivery: &Delivery,
@@ -552,15 +705,36 @@ fn deliver(
     wbuf: &mut BytesMut,
     peer: SocketAddr,
 ) {
-    if let Err(e) = session.outbox.push(delivery, dup, wbuf) {
-        logs::ENCODE_FAILED.record("delivery", || {
-            format!(
-                "peer={peer} client_id={} topic={} error={e}",
-                session.client_id, delivery.message.topic
-            )
-        });
-        metrics::counter!("edge_messages_dropped_total", "reason" => "unencodable").increment(1);
-    } else {
-        metrics::counter!("edge_messages_out_total", "protocol" => "mqtt").increment(1);
+    match session
+        .outbox
+        .push(delivery, dup, wbuf, session.v5.as_mut())
+    {
+        Err(e) => {
+            logs::ENCODE_FAILED.record("delivery", || {
+                format!(
+                    "peer={peer} client_id={} topic={} error={e}",
+                    session.client_id, delivery.message.topic
+                )
+            });
+            metrics::counter!("edge_messages_dropped_total", "reason" => "unencodable")
+                .increment(1);
+        }
+        Ok(Pushed::Sent) => {
+            metrics::counter!("edge_messages_out_total", "protocol" => "mqtt").increment(1);
+        }
+        Ok(Pushed::Skipped(reason)) => {
+            session.settled(delivery.seq);
+            if reason == "expired" {
+                metrics::counter!("edge_messages_expired_total", "protocol" => delivery.message.origin.protocol.as_str()).increment(1);
+            } else {
+                metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(1);
+                logs::NOT_SENT.record(reason, || {
+                    format!(
+                        "peer={peer} client_id={} topic={} (larger than the client's maximum packet size)",
+                        session.client_id, delivery.message.topic
+                    )
+                });
+            }
+        }
     }
 }

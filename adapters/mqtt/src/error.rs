@@ -56,11 +56,34 @@ pub(crate) enum ProtocolError {
         pkid: u16,
         awaiting: &'static str,
     },
+    /// An MQTT 5 property block that breaks the spec: malformed (0x81),
+    /// or a protocol error (0x82) when `violation`.
+    #[error("{why}")]
+    BadProperty { violation: bool, why: String },
+    /// AUTH (MQTT 5 enhanced authentication) is not served.
+    #[error("AUTH packet, but no authentication method was agreed")]
+    Auth,
+    /// A topic alias of 0, above the maximum granted, or unknown.
+    #[error("topic alias {alias}: {why}")]
+    TopicAlias { alias: u16, why: &'static str },
+    /// More unacknowledged QoS 1/2 publishes than the receive maximum.
+    #[error("more than {0} QoS 1/2 publishes unacknowledged (receive maximum)")]
+    ReceiveMaximum(u16),
+    /// A QoS 0 PUBLISH whose payload format indicator says UTF-8 and
+    /// whose payload is not.
+    #[error("payload is not UTF-8, as its payload format indicator says")]
+    PayloadFormat,
+    /// MQTT 5 DISCONNECT setting a session expiry when CONNECT set none.
+    #[error("DISCONNECT sets a session expiry, CONNECT had 0")]
+    ExpiryAfterZero,
+    /// No local on a shared subscription (MQTT-3.8.3-4).
+    #[error("no local on shared subscription {0:?}")]
+    SharedNoLocal(String),
 }
 
 impl ProtocolError {
     /// Every label [`ProtocolError::reason`] gives.
-    pub(crate) const REASONS: [&'static str; 10] = [
+    pub(crate) const REASONS: [&'static str; 15] = [
         "packet_too_large",
         "malformed",
         "unknown_protocol",
@@ -71,6 +94,11 @@ impl ProtocolError {
         "reserved_topic",
         "invalid_will_topic",
         "unexpected_packet",
+        "bad_property",
+        "auth",
+        "topic_alias",
+        "receive_maximum",
+        "payload_format",
     ];
 
     /// Label of `edge_mqtt_protocol_errors_total`.
@@ -87,7 +115,42 @@ impl ProtocolError {
             ProtocolError::InvalidWillTopic(_) => "invalid_will_topic",
             ProtocolError::Unexpected(_)
             | ProtocolError::EarlyPubRel(_)
-            | ProtocolError::AckMismatch { .. } => "unexpected_packet",
+            | ProtocolError::AckMismatch { .. }
+            | ProtocolError::ExpiryAfterZero
+            | ProtocolError::SharedNoLocal(_) => "unexpected_packet",
+            ProtocolError::BadProperty { .. } => "bad_property",
+            ProtocolError::Auth => "auth",
+            ProtocolError::TopicAlias { .. } => "topic_alias",
+            ProtocolError::ReceiveMaximum(_) => "receive_maximum",
+            ProtocolError::PayloadFormat => "payload_format",
+        }
+    }
+
+    /// The MQTT 5 reason code of the DISCONNECT (or CONNACK) it earns.
+    pub(crate) fn code(&self) -> u8 {
+        match self {
+            ProtocolError::TooLarge { .. } => 0x95,
+            ProtocolError::Malformed(_)
+            | ProtocolError::TopicNotUtf8
+            | ProtocolError::BadProperty {
+                violation: false, ..
+            } => 0x81,
+            ProtocolError::InvalidTopic(_)
+            | ProtocolError::ReservedTopic(_)
+            | ProtocolError::InvalidWillTopic(_) => 0x90,
+            ProtocolError::TopicAlias { .. } => 0x94,
+            ProtocolError::ReceiveMaximum(_) => 0x93,
+            ProtocolError::PayloadFormat => 0x99,
+            ProtocolError::UnknownProtocol
+            | ProtocolError::NotConnect(_)
+            | ProtocolError::DuplicateConnect
+            | ProtocolError::Unexpected(_)
+            | ProtocolError::EarlyPubRel(_)
+            | ProtocolError::AckMismatch { .. }
+            | ProtocolError::BadProperty { .. }
+            | ProtocolError::Auth
+            | ProtocolError::ExpiryAfterZero
+            | ProtocolError::SharedNoLocal(_) => 0x82,
         }
     }
 }
@@ -109,6 +172,9 @@ pub(crate) enum Close {
     Refused(String),
     #[error("client id taken over by a newer connection")]
     TakenOver,
+    /// MQTT 5 DISCONNECT with reason 0x04: the will is published.
+    #[error("client sent DISCONNECT with will message")]
+    DisconnectWithWill,
     #[error("client read nothing for {0:?} while packets waited for it")]
     WriteStalled(Duration),
     #[error("gateway shutting down")]
@@ -127,6 +193,28 @@ pub(crate) enum Close {
 }
 
 impl Close {
+    /// The reason code of the DISCONNECT an MQTT 5 client is sent before
+    /// the socket closes, when there is one to send.
+    pub(crate) fn disconnect_code(&self) -> Option<u8> {
+        match self {
+            Close::Protocol(e) => Some(e.code()),
+            Close::KeepAlive(_) => Some(0x8D),
+            Close::TakenOver => Some(0x8E),
+            Close::Shutdown => Some(0x8B),
+            Close::Store(PublishError::Full { .. }) => Some(0x97),
+            Close::Store(_) | Close::Session(_) => Some(0x80),
+            Close::WriteStalled(_) => Some(0x89),
+            Close::Encode(_) => Some(0x83),
+            Close::Disconnect
+            | Close::DisconnectWithWill
+            | Close::PeerClosed
+            | Close::ConnectTimeout(_)
+            | Close::HandshakeEvicted
+            | Close::Refused(_)
+            | Close::Io(_) => None,
+        }
+    }
+
     /// Whether an accepted connection that ended this way publishes its
     /// will: always, except after the client's DISCONNECT (MQTT-3.1.2-8,
     /// MQTT-3.1.2-10). Gateway shutdown publishes it too, as Mosquitto does.
@@ -144,6 +232,7 @@ impl Close {
             Close::KeepAlive(_) => "keep_alive_timeout",
             Close::Refused(_) => "connect_refused",
             Close::TakenOver => "taken_over",
+            Close::DisconnectWithWill => "client_disconnect_with_will",
             Close::WriteStalled(_) => "write_stalled",
             Close::Shutdown => "shutdown",
             Close::Protocol(_) => "protocol_error",

@@ -32,6 +32,7 @@ mod listener;
 mod logs;
 mod outbox;
 mod session;
+mod v5;
 mod will;
 
 pub use error::MqttError;
@@ -85,13 +86,28 @@ pub mod fuzzing {
         pub retain: bool,
     }
 
-    /// Decodes the next packet of `buf`, consuming it: the packet, its QoS
-    /// and packet id (0 when not a QoS 1/2 PUBLISH). `None` until whole.
+    /// Decodes the next packet of `buf` on an MQTT 3.1.1 connection,
+    /// consuming it: the packet, its QoS and packet id (0 when not a QoS
+    /// 1/2 PUBLISH). `None` until whole.
     pub fn decode(
         buf: &mut BytesMut,
         max_packet_size: usize,
     ) -> Result<Option<(Packet, u8, u16)>, DecodeError> {
-        Ok(crate::codec::decode(buf, max_packet_size)?.map(|i| (i.packet, i.qos, i.pkid)))
+        decode_as(buf, max_packet_size, false)
+    }
+
+    /// [`decode`] on an MQTT 5 connection when `v5`.
+    pub fn decode_as(
+        buf: &mut BytesMut,
+        max_packet_size: usize,
+        v5: bool,
+    ) -> Result<Option<(Packet, u8, u16)>, DecodeError> {
+        let version = if v5 {
+            crate::codec::Version::V5
+        } else {
+            crate::codec::Version::V311
+        };
+        Ok(crate::codec::decode(buf, max_packet_size, version)?.map(|i| (i.packet, i.qos, i.pkid)))
     }
 
     /// Decodes the first packet of a connection, which must be CONNECT.
@@ -104,12 +120,14 @@ pub mod fuzzing {
                 crate::codec::Hello::Accepted {
                     version,
                     connect,
+                    props: _,
                     login,
                     will,
                 } => Hello::Accepted {
                     level: match version {
                         crate::codec::Version::V31 => 3,
                         crate::codec::Version::V311 => 4,
+                        crate::codec::Version::V5 => 5,
                     },
                     connect,
                     login,

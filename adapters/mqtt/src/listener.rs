@@ -64,6 +64,7 @@ impl MqttListener {
                 connect_timeout: config.connect_timeout,
                 max_inflight: config.max_inflight.get(),
                 max_queued_messages: config.max_queued_messages.get(),
+                wills: Arc::default(),
             }),
         })
     }
@@ -117,6 +118,8 @@ impl MqttListener {
         tracing::info!(listen = %self.local_addr, connections = tracker.len(), "MQTT listener stopped accepting; waiting for connections to finish");
         tracker.close();
         tracker.wait().await;
+        // Delayed wills go out now (shutdown cut their wait).
+        self.settings.wills.wait().await;
         tracing::info!(listen = %self.local_addr, "MQTT listener stopped");
     }
 

@@ -13,7 +13,7 @@ pub(crate) static CLOSED: Summary = Summary::new("MQTT connections closed", Leve
 pub(crate) static ENCODE_FAILED: Summary =
     Summary::new("cannot encode an MQTT packet", Level::Warn);
 pub(crate) static STORE_REFUSED: Summary = Summary::new(
-    "store refused messages: not acknowledged, connections closed",
+    "store refused messages: not acknowledged (MQTT 5: refused in the ack; 3.1.1: connection closed)",
     Level::Warn,
 );
 pub(crate) static WILLS_NOT_STORED: Summary = Summary::new(
@@ -24,5 +24,9 @@ pub(crate) static FILTER_REFUSED: Summary =
     Summary::new("invalid topic filters refused", Level::Info);
 pub(crate) static SHUTDOWN_UNACKED: Summary = Summary::new(
     "shutdown: commits still outstanding; closing without their acknowledgements",
+    Level::Warn,
+);
+pub(crate) static NOT_SENT: Summary = Summary::new(
+    "deliveries not sent: larger than the MQTT 5 client's maximum packet size",
     Level::Warn,
 );

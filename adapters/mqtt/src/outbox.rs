@@ -24,10 +24,21 @@ use std::collections::{HashMap, HashSet};
 use edge_core::Seq;
 
 use bytes::BytesMut;
+use edge_core::message::now_ms;
 use edge_core::{Delivery, QoS};
 
-use crate::codec;
+use crate::codec::{self, OutProps, Outgoing};
 use crate::error::ProtocolError;
+use crate::v5::{self, V5};
+
+/// What became of a delivery handed to [`Outbox::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    Sent,
+    /// Not sent, for good (a queued one is settled): the label of
+    /// `edge_messages_dropped_total` it counts under, or `expired`.
+    Skipped(&'static str),
+}
 
 /// The acknowledgement a delivery in flight waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,44 +147,80 @@ impl Outbox {
         true
     }
 
-    /// Encodes `delivery` into `out` (DUP set with `dup`). The caller checks
-    /// [`Outbox::has_room`] first.
+    /// Encodes `delivery` into `out` (DUP set with `dup`), with its MQTT 5
+    /// properties and topic alias when `v5` is given. The caller checks
+    /// [`Outbox::fits`] first. A message past its expiry, or (MQTT 5)
+    /// larger than the client's maximum packet size, is not sent
+    /// (MQTT-3.3.2-5, MQTT-3.1.2-25).
     pub(crate) fn push(
         &mut self,
         delivery: &Delivery,
         dup: bool,
         out: &mut BytesMut,
-    ) -> Result<(), rumqttd::protocol::Error> {
+        v5: Option<&mut V5>,
+    ) -> Result<Pushed, rumqttd::protocol::Error> {
         let message = &delivery.message;
-        let start = out.len();
-        let (qos, pkid, awaiting) = match delivery.qos {
-            QoS::AtMostOnce => (0, 0, None),
-            QoS::AtLeastOnce => (1, self.pkid_for(delivery), Some(Awaiting::Ack)),
-            QoS::ExactlyOnce => (2, self.pkid_for(delivery), Some(Awaiting::Rec)),
+        let now = now_ms();
+        if message.is_expired(now) {
+            return Ok(Pushed::Skipped("expired"));
+        }
+        let (qos, awaiting) = match delivery.qos {
+            QoS::AtMostOnce => (0, None),
+            QoS::AtLeastOnce => (1, Some(Awaiting::Ack)),
+            QoS::ExactlyOnce => (2, Some(Awaiting::Rec)),
         };
-        codec::encode_publish(
-            out,
-            &message.topic,
-            &message.payload,
+        let alias = v5.as_deref().and_then(|v5| v5.alias_for(&message.topic));
+        let p = &message.properties;
+        let props = v5.is_some().then(|| OutProps {
+            payload_utf8: p.payload_utf8,
+            expiry_secs: v5::remaining_secs(p.expires_at_ms, now),
+            alias: alias.map(|(a, _)| a),
+            response_topic: p.reply_to.as_deref(),
+            correlation: p.correlation.as_deref(),
+            content_type: p.content_type.as_deref(),
+            user: &p.headers,
+            sub_ids: &delivery.sub_ids,
+        });
+        let mut packet = Outgoing {
+            topic: match alias {
+                Some((_, true)) => "",
+                _ => &message.topic,
+            },
+            payload: &message.payload,
             qos,
-            pkid,
-            // MQTT-3.3.1-8/9: RETAIN is set only when a retained message
-            // is sent for a new subscription, 0 on live deliveries.
-            delivery.retained,
-        )?;
-        if dup && qos > 0 {
-            // DUP is bit 3 of the first byte (MQTT-3.3.1-1; never on QoS 0).
-            if let Some(first) = out.get_mut(start) {
-                *first |= 0b0000_1000;
-            }
+            pkid: 0,
+            // MQTT-3.3.1-8/9: RETAIN is set when a retained message is
+            // sent for a new subscription, and on live deliveries only
+            // for a subscription with retain as published.
+            retain: delivery.retained || delivery.retain_as_published,
+            dup,
+            props,
+        };
+        if let Some(v5) = v5.as_deref()
+            && packet.size() > v5.client_max_packet
+        {
+            return Ok(Pushed::Skipped("client_max_packet_size"));
+        }
+        if qos > 0 {
+            packet.pkid = self.pkid_for(delivery);
+        }
+        codec::encode_publish(out, &packet)?;
+        if let (Some(v5), Some((alias, false))) = (v5, alias) {
+            v5.remember(&message.topic, alias);
         }
         if let Some(awaiting) = awaiting {
-            self.inflight.insert(pkid, (awaiting, delivery.seq));
+            self.inflight.insert(packet.pkid, (awaiting, delivery.seq));
             if let Some(seq) = delivery.seq {
                 self.seqs.insert(seq);
             }
         }
-        Ok(())
+        Ok(Pushed::Sent)
+    }
+
+    /// An MQTT 5 PUBREC with a failure reason: the QoS 2 delivery ends
+    /// there, no PUBREL (MQTT 5 §4.3.3).
+    pub(crate) fn pubrec_failed(&mut self, pkid: u16) -> Result<Option<Settled>, ProtocolError> {
+        self.advance(Awaiting::Rec, pkid, &[Awaiting::Rec], None)
     }
 
     /// `got` arrived for `pkid`. In a state of `accepts`, the delivery moves
@@ -248,7 +295,7 @@ mod tests {
             d: &Delivery,
             out: &mut BytesMut,
         ) -> Result<(), rumqttd::protocol::Error> {
-            self.push(d, false, out)
+            self.push(d, false, out, None).map(drop)
         }
     }
 

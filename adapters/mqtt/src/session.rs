@@ -25,16 +25,22 @@ use std::task::{Context, Poll};
 use bytes::BytesMut;
 use edge_core::Seq;
 use edge_core::receipt::ReceiptResult;
-use edge_core::{Acker, Delivery, Message, PublishError, QoS, Receipt, Router, Subscriber, topic};
+use edge_core::{
+    Acker, Delivery, Message, PublishError, QoS, Receipt, RetainHandling, Router, SessionExpiry,
+    SubOptions, Subscriber, topic,
+};
 use futures::stream::FuturesOrdered;
 use rumqttd::protocol::{
-    self, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    PubRel, PubRelReason, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
+    self, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, PingResp, PubAck,
+    PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec, PubRecProperties, PubRecReason,
+    PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, SubAck, Subscribe,
+    SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 
-use crate::codec::{self, Inbound};
+use crate::codec::{self, Inbound, Version};
 use crate::error::{Close, ProtocolError};
 use crate::outbox::Outbox;
+use crate::v5::{self, V5};
 
 /// The acknowledgement a committed publish earns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +63,8 @@ pub(crate) struct PendingAck {
     pkid: u16,
     ack: Ack,
     topic: Arc<str>,
+    /// A session or a route took it (else MQTT 5 acks with 0x10).
+    matched: bool,
     receipt: Receipt,
 }
 
@@ -65,6 +73,7 @@ pub(crate) struct Committed {
     pkid: u16,
     ack: Ack,
     topic: Arc<str>,
+    matched: bool,
     result: ReceiptResult,
 }
 
@@ -79,6 +88,7 @@ impl Future for PendingAck {
                 pkid: this.pkid,
                 ack: this.ack,
                 topic: this.topic.clone(),
+                matched: this.matched,
                 result,
             })
     }
@@ -100,6 +110,12 @@ pub(crate) struct Session {
     pub queued: VecDeque<(Delivery, bool)>,
     /// A persistent session's reading of its durable queue.
     durable: Option<Durable>,
+    pub version: Version,
+    /// MQTT 5 state (aliases, what CONNECT asked for); `None` for 3.1.x.
+    pub v5: Option<V5>,
+    /// QoS 1 publishes awaiting their commit (MQTT 5 receive maximum
+    /// counts them with the QoS 2 ones not yet released).
+    qos1_pending: usize,
 }
 
 /// Queue entries read from the store per turn.
@@ -126,13 +142,24 @@ struct Durable {
 }
 
 impl Session {
+    /// `max_inflight` bounds both ways: publishes awaiting their commit
+    /// (MQTT 5: the receive maximum granted), and deliveries awaiting
+    /// their ack (MQTT 5: at most the client's receive maximum).
     pub(crate) fn new(
         client_id: Arc<str>,
         router: Router,
         subscriber: Subscriber,
         max_inflight: u16,
         resumed: bool,
+        version: Version,
+        v5: Option<(V5, u16)>,
     ) -> Session {
+        let (v5, out_max) = match v5 {
+            Some((state, client_receive_max)) => {
+                (Some(state), max_inflight.min(client_receive_max))
+            }
+            None => (None, max_inflight),
+        };
         let durable = subscriber.acker().map(|acker| Durable {
             acker,
             read_from: 0,
@@ -153,9 +180,22 @@ impl Session {
             pending: FuturesOrdered::new(),
             max_inflight: usize::from(max_inflight.max(1)),
             qos2: HashMap::new(),
-            outbox: Outbox::new(max_inflight),
+            outbox: Outbox::new(out_max),
             queued: VecDeque::new(),
+            version,
+            v5,
+            qos1_pending: 0,
         }
+    }
+
+    /// Writes a packet in this connection's protocol version.
+    pub(crate) fn write(&self, packet: Packet, out: &mut BytesMut) -> Result<(), Close> {
+        write(packet, out, self.version)
+    }
+
+    /// A reason string for an MQTT 5 ack, when the client asked for them.
+    fn reason(&self, why: impl FnOnce() -> String) -> Option<String> {
+        self.v5.as_ref().is_some_and(|v5| v5.problem_info).then(why)
     }
 
     /// A resumed persistent session: the QoS 2 packet ids it had committed
@@ -175,7 +215,7 @@ impl Session {
     }
 
     /// A delivery settled; a queued one leaves the store with the next flush.
-    fn settled(&mut self, seq: Option<Seq>) {
+    pub(crate) fn settled(&mut self, seq: Option<Seq>) {
         if let (Some(seq), Some(d)) = (seq, self.durable.as_mut()) {
             d.to_ack.push(seq);
         }
@@ -312,8 +352,10 @@ impl Session {
     }
 
     /// Whether another publish may be read (back-pressure on the socket).
+    /// An MQTT 5 client is read on: it keeps to the receive maximum, and
+    /// one that does not is disconnected with 0x93.
     pub(crate) fn can_read(&self) -> bool {
-        self.pending.len() < self.max_inflight
+        self.v5.is_some() || self.pending.len() < self.max_inflight
     }
 
     /// Handles one packet from the client, writing any reply into `out`.
@@ -326,8 +368,8 @@ impl Session {
         // inline, the largest of them (~2.9 KiB) would be part of every
         // connection's task, idle or not.
         match inbound.packet {
-            Packet::Publish(publish, _) => {
-                Box::pin(self.on_publish(publish, inbound.qos, inbound.pkid, out)).await
+            Packet::Publish(publish, props) => {
+                Box::pin(self.on_publish(publish, props, inbound.qos, inbound.pkid, out)).await
             }
             Packet::PubAck(ack, _) => {
                 match self.outbox.puback(ack.pkid)? {
@@ -335,6 +377,18 @@ impl Session {
                     None => {
                         tracing::debug!(client_id = %self.client_id, pkid = ack.pkid, "PUBACK for a packet id not in flight");
                     }
+                }
+                Ok(())
+            }
+            Packet::PubRec(rec, _)
+                if !matches!(
+                    rec.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                ) =>
+            {
+                // MQTT 5: the client refused it; the exchange ends here.
+                if let Some(settled) = self.outbox.pubrec_failed(rec.pkid)? {
+                    self.settled(settled);
                 }
                 Ok(())
             }
@@ -352,7 +406,7 @@ impl Session {
                     pkid: rec.pkid,
                     reason: PubRelReason::Success,
                 };
-                write(Packet::PubRel(rel, None), out)
+                self.write(Packet::PubRel(rel, None), out)
             }
             Packet::PubComp(comp, _) => {
                 match self.outbox.pubcomp(comp.pkid)? {
@@ -367,12 +421,14 @@ impl Session {
                 if self.qos2.get(&rel.pkid) == Some(&Qos2::Committing) {
                     return Err(ProtocolError::EarlyPubRel(rel.pkid).into());
                 }
-                // An id not there was released before: PUBCOMP again.
+                // An id not there was released before: PUBCOMP again
+                // (MQTT 5 says so: 0x92, packet identifier not found).
                 // A persistent session's id is forgotten durably first: a
                 // crash before PUBCOMP only makes the client send PUBREL
                 // again, while the other order could take a new message
                 // under the id for a retransmission and drop it.
-                if self.qos2.remove(&rel.pkid).is_some()
+                let known = self.qos2.remove(&rel.pkid).is_some();
+                if known
                     && let Err(e) =
                         Box::pin(self.subscriber.release_key(&rel.pkid.to_string())).await
                 {
@@ -380,16 +436,24 @@ impl Session {
                 }
                 let comp = PubComp {
                     pkid: rel.pkid,
-                    reason: PubCompReason::Success,
+                    reason: if known || self.v5.is_none() {
+                        PubCompReason::Success
+                    } else {
+                        PubCompReason::PacketIdentifierNotFound
+                    },
                 };
-                write(Packet::PubComp(comp, None), out)
+                self.write(Packet::PubComp(comp, None), out)
             }
-            Packet::Subscribe(subscribe, _) => Box::pin(self.on_subscribe(subscribe, out)).await,
+            Packet::Subscribe(subscribe, props) => {
+                Box::pin(self.on_subscribe(subscribe, props, out)).await
+            }
             Packet::Unsubscribe(unsubscribe, _) => {
                 Box::pin(self.on_unsubscribe(unsubscribe, out)).await
             }
-            Packet::PingReq(_) => write(Packet::PingResp(PingResp), out),
-            Packet::Disconnect(..) => Err(Close::Disconnect),
+            Packet::PingReq(_) => self.write(Packet::PingResp(PingResp), out),
+            Packet::Disconnect(disconnect, props) => {
+                Box::pin(self.on_disconnect(disconnect, props)).await
+            }
             Packet::Connect(..) => Err(ProtocolError::DuplicateConnect.into()),
             Packet::ConnAck(..) => Err(ProtocolError::Unexpected("CONNACK").into()),
             Packet::SubAck(..) => Err(ProtocolError::Unexpected("SUBACK").into()),
@@ -401,28 +465,56 @@ impl Session {
     async fn on_publish(
         &mut self,
         publish: Publish,
+        props: Option<PublishProperties>,
         qos: u8,
         pkid: u16,
         out: &mut BytesMut,
     ) -> Result<(), Close> {
-        let topic = std::str::from_utf8(&publish.topic).map_err(|_| ProtocolError::TopicNotUtf8)?;
-        if !topic::is_valid_topic(topic) {
-            return Err(ProtocolError::InvalidTopic(topic.to_string()).into());
-        }
-        if topic::is_amqp_namespace(topic) {
-            return Err(ProtocolError::ReservedTopic(topic.to_string()).into());
-        }
         let qos =
             QoS::from_u8(qos).ok_or(ProtocolError::Malformed(protocol::Error::InvalidQoS(qos)))?;
+        let topic = std::str::from_utf8(&publish.topic).map_err(|_| ProtocolError::TopicNotUtf8)?;
+        let (properties, aliased) = match self.v5.as_mut() {
+            None => (None, None),
+            Some(v5) => match v5::publish_properties(props, &publish.payload) {
+                Ok((properties, alias)) => (Some(properties), v5.resolve(topic, alias)?),
+                // QoS 1/2: refused in its ack, the connection stays.
+                Err(ProtocolError::PayloadFormat) if qos != QoS::AtMostOnce => {
+                    return self.refuse_publish(qos, pkid, 0x99, out);
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let topic: Arc<str> = match aliased {
+            Some(t) => t,
+            None => Arc::from(topic),
+        };
+        if !topic::is_valid_topic(&topic) {
+            return Err(ProtocolError::InvalidTopic(topic.to_string()).into());
+        }
+        if topic::is_amqp_namespace(&topic) {
+            return Err(ProtocolError::ReservedTopic(topic.to_string()).into());
+        }
         if qos == QoS::ExactlyOnce {
             match self.qos2.get(&pkid) {
                 Some(Qos2::Committing) => return Ok(()),
-                Some(Qos2::Received) => return write(pubrec(pkid), out),
+                Some(Qos2::Received) => return self.write(pubrec(pkid), out),
                 None => {}
             }
         }
+        if self.v5.is_some()
+            && qos != QoS::AtMostOnce
+            && self.qos1_pending + self.qos2.len() >= self.max_inflight
+        {
+            return Err(ProtocolError::ReceiveMaximum(self.max_inflight as u16).into());
+        }
         let mut message = Message::new(topic, publish.payload, qos, self.client_id.clone());
         message.retain = publish.retain;
+        if let Some(properties) = properties {
+            message.properties = edge_core::Properties {
+                persistent: message.properties.persistent,
+                ..properties
+            };
+        }
         let topic = message.topic.clone();
         metrics::counter!("edge_messages_in_total", "protocol" => "mqtt").increment(1);
         // A persistent session's QoS 2 packet id is committed with the
@@ -431,14 +523,26 @@ impl Session {
         let dedup = (qos == QoS::ExactlyOnce)
             .then(|| self.subscriber.dedup_key(&pkid.to_string()))
             .flatten();
-        let receipt = match self.router.publish_keyed(message, dedup).await {
-            Ok(receipt) => receipt,
-            Err(e) => return Err(self.refused(e, &topic)),
+        let (receipt, matched) = match self.router.publish_matched(message, dedup).await {
+            Ok(published) => published,
+            Err(e) => {
+                let close = self.refused(e, &topic);
+                return match (self.v5.is_some(), qos) {
+                    // MQTT 5: the ack says why; a QoS 0 message is gone,
+                    // counted by the store.
+                    (true, QoS::AtMostOnce) => Ok(()),
+                    (true, _) => self.refuse_publish(qos, pkid, refusal_code(&close), out),
+                    (false, _) => Err(close),
+                };
+            }
         };
         let ack = match qos {
             // Nothing to acknowledge; the store counts what it refuses.
             QoS::AtMostOnce => return Ok(()),
-            QoS::AtLeastOnce => Ack::PubAck,
+            QoS::AtLeastOnce => {
+                self.qos1_pending += 1;
+                Ack::PubAck
+            }
             QoS::ExactlyOnce => {
                 self.qos2.insert(pkid, Qos2::Committing);
                 Ack::PubRec
@@ -448,31 +552,93 @@ impl Session {
             pkid,
             ack,
             topic,
+            matched,
             receipt,
         });
         Ok(())
     }
 
-    /// A receipt resolved: acknowledge, or close on a refusal.
+    /// MQTT 5: a QoS 1/2 publish refused in its PUBACK/PUBREC with `code`.
+    fn refuse_publish(
+        &mut self,
+        qos: QoS,
+        pkid: u16,
+        code: u8,
+        out: &mut BytesMut,
+    ) -> Result<(), Close> {
+        let why = self.reason(|| reason_text(code).to_string());
+        if qos == QoS::ExactlyOnce {
+            // The exchange ends with a failed PUBREC (MQTT 5 §4.3.3).
+            self.qos2.remove(&pkid);
+            let reason = match code {
+                0x97 => PubRecReason::QuotaExceeded,
+                0x99 => PubRecReason::PayloadFormatInvalid,
+                _ => PubRecReason::UnspecifiedError,
+            };
+            let props = why.map(|reason_string| PubRecProperties {
+                reason_string: Some(reason_string),
+                user_properties: Vec::new(),
+            });
+            return self.write(Packet::PubRec(PubRec { pkid, reason }, props), out);
+        }
+        let reason = match code {
+            0x97 => PubAckReason::QuotaExceeded,
+            0x99 => PubAckReason::PayloadFormatInvalid,
+            _ => PubAckReason::UnspecifiedError,
+        };
+        let props = why.map(|reason_string| PubAckProperties {
+            reason_string: Some(reason_string),
+            user_properties: Vec::new(),
+        });
+        self.write(Packet::PubAck(PubAck { pkid, reason }, props), out)
+    }
+
+    /// A receipt resolved: acknowledge, or close on a refusal (MQTT 5:
+    /// refuse in the ack).
     pub(crate) fn on_committed(
         &mut self,
         committed: Committed,
         out: &mut BytesMut,
     ) -> Result<(), Close> {
-        if let Err(e) = committed.result {
-            return Err(self.refused(e, &committed.topic));
+        if committed.ack == Ack::PubAck {
+            self.qos1_pending = self.qos1_pending.saturating_sub(1);
         }
+        if let Err(e) = committed.result {
+            let close = self.refused(e, &committed.topic);
+            if self.v5.is_none() {
+                return Err(close);
+            }
+            let qos = match committed.ack {
+                Ack::PubAck => QoS::AtLeastOnce,
+                Ack::PubRec => QoS::ExactlyOnce,
+            };
+            return self.refuse_publish(qos, committed.pkid, refusal_code(&close), out);
+        }
+        // MQTT 5: 0x10 when no session and no route took it.
+        let unmatched = self.v5.is_some() && !committed.matched;
         match committed.ack {
             Ack::PubAck => {
                 let ack = PubAck {
                     pkid: committed.pkid,
-                    reason: PubAckReason::Success,
+                    reason: if unmatched {
+                        PubAckReason::NoMatchingSubscribers
+                    } else {
+                        PubAckReason::Success
+                    },
                 };
-                write(Packet::PubAck(ack, None), out)
+                self.write(Packet::PubAck(ack, None), out)
             }
             Ack::PubRec => {
                 self.qos2.insert(committed.pkid, Qos2::Received);
-                write(pubrec(committed.pkid), out)
+                let rec = PubRec {
+                    pkid: committed.pkid,
+                    reason: if unmatched {
+                        PubRecReason::NoMatchingSubscribers
+                    } else {
+                        PubRecReason::Success
+                    },
+                };
+                self.write(Packet::PubRec(rec, None), out)
             }
         }
     }
@@ -488,8 +654,11 @@ impl Session {
     async fn on_subscribe(
         &mut self,
         subscribe: Subscribe,
+        props: Option<SubscribeProperties>,
         out: &mut BytesMut,
     ) -> Result<(), Close> {
+        let v5 = self.v5.is_some();
+        let id = props.and_then(|p| p.id).map_or(0, |id| id as u32);
         let mut return_codes = Vec::with_capacity(subscribe.filters.len());
         for filter in &subscribe.filters {
             let refused = if !topic::is_valid_filter(&filter.path) {
@@ -503,11 +672,34 @@ impl Session {
                 crate::logs::FILTER_REFUSED.record(reason, || {
                     format!("client_id={} filter={}", self.client_id, filter.path)
                 });
-                return_codes.push(SubscribeReasonCode::Failure);
+                return_codes.push(if v5 {
+                    SubscribeReasonCode::TopicFilterInvalid
+                } else {
+                    SubscribeReasonCode::Failure
+                });
                 continue;
             }
+            if v5 && filter.nolocal && filter.path.starts_with("$share/") {
+                return Err(ProtocolError::SharedNoLocal(filter.path.clone()).into());
+            }
             let requested = QoS::from_u8(filter.qos as u8).unwrap_or(QoS::AtMostOnce);
-            let (granted, retained) = match self.subscriber.subscribe(&filter.path, requested).await
+            // 3.1.1 has none of the options: rumqttd reads them as unset.
+            let options = SubOptions {
+                qos: requested,
+                no_local: v5 && filter.nolocal,
+                retain_as_published: v5 && filter.preserve_retain,
+                id,
+            };
+            let retain = match filter.retain_forward_rule {
+                _ if !v5 => RetainHandling::Always,
+                RetainForwardRule::OnEverySubscribe => RetainHandling::Always,
+                RetainForwardRule::OnNewSubscribe => RetainHandling::IfNew,
+                RetainForwardRule::Never => RetainHandling::Never,
+            };
+            let (granted, retained) = match self
+                .subscriber
+                .subscribe_with(&filter.path, options, retain)
+                .await
             {
                 Ok(granted) => granted,
                 Err(error) => {
@@ -517,7 +709,11 @@ impl Session {
                             self.client_id, filter.path
                         )
                     });
-                    return_codes.push(SubscribeReasonCode::Failure);
+                    return_codes.push(if v5 {
+                        SubscribeReasonCode::Unspecified
+                    } else {
+                        SubscribeReasonCode::Failure
+                    });
                     continue;
                 }
             };
@@ -529,7 +725,7 @@ impl Session {
                     seq: None,
                     retained: true,
                     retain_as_published: false,
-                    sub_ids: Vec::new(),
+                    sub_ids: if id == 0 { Vec::new() } else { vec![id] },
                 };
                 self.queued.push_back((delivery, false));
             }
@@ -543,7 +739,7 @@ impl Session {
             pkid: subscribe.pkid,
             return_codes,
         };
-        write(Packet::SubAck(suback, None), out)
+        self.write(Packet::SubAck(suback, None), out)
     }
 
     async fn on_unsubscribe(
@@ -551,18 +747,80 @@ impl Session {
         unsubscribe: Unsubscribe,
         out: &mut BytesMut,
     ) -> Result<(), Close> {
+        let mut reasons = Vec::new();
         for filter in &unsubscribe.filters {
-            if let Err(error) = self.subscriber.unsubscribe(filter).await {
-                crate::logs::FILTER_REFUSED.record("session_store", || {
-                    format!("client_id={} filter={filter} error={error}", self.client_id)
-                });
+            let existed = self.subscriber.has_filter(filter);
+            match self.subscriber.unsubscribe(filter).await {
+                Ok(()) if existed => reasons.push(UnsubAckReason::Success),
+                Ok(()) => reasons.push(UnsubAckReason::NoSubscriptionExisted),
+                Err(error) => {
+                    crate::logs::FILTER_REFUSED.record("session_store", || {
+                        format!("client_id={} filter={filter} error={error}", self.client_id)
+                    });
+                    reasons.push(UnsubAckReason::UnspecifiedError);
+                }
             }
+        }
+        if self.v5.is_none() {
+            // 3.1.1's UNSUBACK has no reason codes.
+            reasons.clear();
         }
         let unsuback = UnsubAck {
             pkid: unsubscribe.pkid,
-            reasons: Vec::new(),
+            reasons,
         };
-        write(Packet::UnsubAck(unsuback, None), out)
+        self.write(Packet::UnsubAck(unsuback, None), out)
+    }
+
+    /// DISCONNECT from the client: MQTT 5 may change the session expiry
+    /// (not from 0, MQTT-3.14.2-2) and ask for its will (0x04).
+    async fn on_disconnect(
+        &mut self,
+        disconnect: Disconnect,
+        props: Option<DisconnectProperties>,
+    ) -> Result<(), Close> {
+        let Some(v5) = &self.v5 else {
+            return Err(Close::Disconnect);
+        };
+        if let Some(expiry) = props.and_then(|p| p.session_expiry_interval) {
+            if v5.session_expiry == 0 && expiry != 0 {
+                return Err(ProtocolError::ExpiryAfterZero.into());
+            }
+            self.subscriber
+                .set_expiry(session_expiry(expiry))
+                .await
+                .map_err(|e| Close::Session(e.to_string()))?;
+        }
+        if disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
+            Err(Close::DisconnectWithWill)
+        } else {
+            Err(Close::Disconnect)
+        }
+    }
+}
+
+/// The session expiry an MQTT 5 interval asks for.
+pub(crate) fn session_expiry(interval: u32) -> SessionExpiry {
+    match interval {
+        0 => SessionExpiry::WithConnection,
+        u32::MAX => SessionExpiry::Never,
+        secs => SessionExpiry::After(std::time::Duration::from_secs(u64::from(secs))),
+    }
+}
+
+/// The MQTT 5 reason code of a publish the store refused.
+fn refusal_code(close: &Close) -> u8 {
+    match close {
+        Close::Store(PublishError::Full { .. }) => 0x97,
+        _ => 0x80,
+    }
+}
+
+fn reason_text(code: u8) -> &'static str {
+    match code {
+        0x97 => "the gateway's store is full",
+        0x99 => "payload is not UTF-8 as its payload format indicator says",
+        _ => "the gateway's store could not take the message",
     }
 }
 
@@ -576,6 +834,6 @@ fn pubrec(pkid: u16) -> Packet {
     )
 }
 
-pub(crate) fn write(packet: Packet, out: &mut BytesMut) -> Result<(), Close> {
-    codec::encode(packet, out).map_err(Close::Encode)
+pub(crate) fn write(packet: Packet, out: &mut BytesMut, version: Version) -> Result<(), Close> {
+    codec::encode(packet, out, version).map_err(Close::Encode)
 }

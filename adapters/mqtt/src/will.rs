@@ -21,9 +21,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edge_core::receipt::ReceiptResult;
-use edge_core::{Message, PublishError, QoS, Receipt, Router, topic};
-use rumqttd::protocol::LastWill;
+use edge_core::{Message, Properties, PublishError, QoS, Receipt, Router, topic};
+use rumqttd::protocol::{LastWill, LastWillProperties};
 use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::error::ProtocolError;
 use crate::logs;
@@ -32,15 +34,140 @@ use crate::logs;
 pub(crate) const WILL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Every label of `edge_mqtt_wills_total`.
-pub(crate) const OUTCOMES: [&str; 3] = ["published", "refused", "unconfirmed"];
+pub(crate) const OUTCOMES: [&str; 4] = ["published", "refused", "unconfirmed", "cancelled"];
+
+/// Wills waiting out their MQTT 5 delay, by client id. A new connection
+/// with the same client id cancels its will (MQTT-3.1.3-9); gateway
+/// shutdown publishes the waiting ones at once, like the wills of the
+/// connections it closes.
+#[derive(Debug, Default)]
+pub(crate) struct Delayed {
+    pending: std::sync::Mutex<std::collections::HashMap<Arc<str>, (u64, CancellationToken)>>,
+    next: std::sync::atomic::AtomicU64,
+    tasks: TaskTracker,
+}
+
+impl Delayed {
+    /// A connection of `client_id` began: its delayed will, if any, is
+    /// not published.
+    pub(crate) fn cancel(&self, client_id: &str) {
+        let removed = self.lock().remove(client_id);
+        if let Some((_, token)) = removed {
+            token.cancel();
+        }
+    }
+
+    /// Publishes `will` after `delay`, unless cancelled first.
+    pub(crate) fn schedule(
+        self: &Arc<Self>,
+        router: Router,
+        will: Will,
+        client_id: Arc<str>,
+        delay: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = CancellationToken::new();
+        if let Some((_, old)) = self.lock().insert(client_id.clone(), (id, token.clone())) {
+            old.cancel();
+        }
+        let this = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let publish = tokio::select! {
+                _ = token.cancelled() => false,
+                _ = tokio::time::sleep(delay) => true,
+                _ = shutdown.cancelled() => true,
+            };
+            {
+                let mut pending = this.lock();
+                if pending.get(&client_id).is_some_and(|(i, _)| *i == id) {
+                    pending.remove(&client_id);
+                }
+            }
+            if publish && !token.is_cancelled() {
+                if let Some(published) = self::publish(&router, will, client_id).await {
+                    published.settle().await;
+                }
+            } else {
+                metrics::counter!("edge_mqtt_wills_total", "outcome" => "cancelled").increment(1);
+                tracing::debug!(client_id = %client_id, "delayed will cancelled by a reconnect");
+            }
+        });
+    }
+
+    /// Waits for the delayed wills (after shutdown: until they are out).
+    pub(crate) async fn wait(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Arc<str>, (u64, CancellationToken)>>
+    {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// A will from an accepted CONNECT.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Will {
     pub topic: String,
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// MQTT 5 will delay interval: published this long after the
+    /// connection ended, unless the client is back first.
+    pub delay: Duration,
+    /// MQTT 5 will properties; the expiry relative, seconds (it starts
+    /// when the will is published).
+    pub properties: Properties,
+    pub expiry_secs: Option<u32>,
+    /// MQTT 5 payload format indicator 1: the payload must be UTF-8.
+    pub utf8: bool,
+}
+
+impl Will {
+    /// The will of a CONNECT, with its MQTT 5 properties if any.
+    pub(crate) fn new(
+        will: LastWill,
+        props: Option<LastWillProperties>,
+    ) -> Result<Will, ProtocolError> {
+        let mut out = Will::try_from(will)?;
+        if let Some(p) = props {
+            out.delay = Duration::from_secs(u64::from(p.delay_interval.unwrap_or(0)));
+            out.expiry_secs = p.message_expiry_interval;
+            out.utf8 = p.payload_format_indicator == Some(1);
+            if out.utf8 && std::str::from_utf8(&out.payload).is_err() {
+                return Err(ProtocolError::PayloadFormat);
+            }
+            out.properties = crate::v5::properties_in(crate::v5::InProps {
+                content_type: p.content_type,
+                response_topic: p.response_topic,
+                correlation_data: p.correlation_data,
+                user_properties: p.user_properties,
+                payload_utf8: out.utf8,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The message it publishes now, from `client_id`.
+    fn message(self, client_id: Arc<str>) -> Message {
+        let mut message = Message::new(self.topic, self.payload, self.qos, client_id);
+        message.retain = self.retain;
+        let persistent = message.properties.persistent;
+        message.properties = Properties {
+            persistent,
+            ..self.properties
+        };
+        if let Some(secs) = self.expiry_secs {
+            message.properties.expires_at_ms = Some(message.timestamp_ms + u64::from(secs) * 1000);
+        }
+        message
+    }
 }
 
 impl TryFrom<LastWill> for Will {
@@ -62,6 +189,10 @@ impl TryFrom<LastWill> for Will {
             payload: will.message,
             qos,
             retain: will.retain,
+            delay: Duration::ZERO,
+            properties: Properties::default(),
+            expiry_secs: None,
+            utf8: false,
         })
     }
 }
@@ -80,8 +211,7 @@ pub(crate) struct Published {
 /// counted.
 pub(crate) async fn publish(router: &Router, will: Will, client_id: Arc<str>) -> Option<Published> {
     let deadline = Instant::now() + WILL_TIMEOUT;
-    let mut message = Message::new(will.topic, will.payload, will.qos, client_id.clone());
-    message.retain = will.retain;
+    let message = will.message(client_id.clone());
     let topic = message.topic.clone();
     match timeout_at(deadline, router.publish(message)).await {
         Ok(Ok(receipt)) => Some(Published {
@@ -152,6 +282,10 @@ mod tests {
                 payload: Bytes::from_static(b"gone"),
                 qos: QoS::ExactlyOnce,
                 retain: true,
+                delay: Duration::ZERO,
+                properties: Properties::default(),
+                expiry_secs: None,
+                utf8: false,
             }
         );
         for bad in [&b""[..], b"a/+", b"a/#", b"a\0b", b"\xff\xfe"] {

@@ -236,14 +236,22 @@ async fn silent_connection_is_closed_after_one_and_a_half_keep_alives() -> Resul
 }
 
 #[tokio::test]
-async fn unsupported_protocol_levels_get_connack_0x01() -> Result<()> {
+async fn unsupported_protocol_levels_get_connack_0x01_or_0x84() -> Result<()> {
     let server = Server::start().await?;
-    for (name, level) in [(&b"MQTT"[..], 5u8), (b"MQTT", 3), (b"MQIsdp", 4)] {
+    for (name, level) in [(&b"MQTT"[..], 3u8), (b"MQIsdp", 4)] {
         let mut raw = Raw::connect(server.addr).await?;
         raw.send(&connect(name, level, "modern", 30, true)).await?;
         raw.expect(&[0x20, 2, 0, 0x01]).await?;
         raw.expect_closed().await?;
     }
+    // A level above 5 gets MQTT 5's form: 0x84 with a reason string.
+    let mut raw = Raw::connect(server.addr).await?;
+    raw.send(&connect(b"MQTT", 6, "future", 30, true)).await?;
+    let why = b"unsupported protocol level 6";
+    let mut connack = vec![0x20, 34, 0, 0x84, 31, 0x1F, 0, why.len() as u8];
+    connack.extend_from_slice(why);
+    raw.expect(&connack).await?;
+    raw.expect_closed().await?;
     // An unknown protocol name gets no CONNACK at all (MQTT-3.1.2-1).
     let mut raw = Raw::connect(server.addr).await?;
     raw.send(&connect(b"MQTX", 4, "other", 30, true)).await?;

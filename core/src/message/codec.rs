@@ -6,7 +6,7 @@
 //! u8    version = 2
 //! u64   timestamp_ms        receive time, Unix milliseconds
 //! u8    qos
-//! u8    flags               bit 0 retain, bit 1 persistent
+//! u8    flags               bit 0 retain, bit 1 persistent, bit 2 UTF-8 payload
 //! u8    origin protocol     0 mqtt, 1 amqp, 2 upstream
 //! str16 topic
 //! str16 publisher
@@ -75,7 +75,7 @@ pub(super) fn encode(m: &Message) -> Result<Bytes, EncodeError> {
     out.put_u8(FORMAT_VERSION);
     out.put_u64_le(m.timestamp_ms);
     out.put_u8(m.qos as u8);
-    out.put_u8(u8::from(m.retain) | u8::from(p.persistent) << 1);
+    out.put_u8(u8::from(m.retain) | u8::from(p.persistent) << 1 | u8::from(p.payload_utf8) << 2);
     out.put_u8(m.origin.protocol as u8);
     put_str16(&mut out, &m.topic, "topic")?;
     put_str16(&mut out, &m.origin.publisher, "publisher")?;
@@ -164,6 +164,7 @@ fn decode_v2(mut r: Reader<'_>) -> Result<Message, DecodeError> {
     let has = |bit: u16| mask & (1 << bit) != 0;
     let mut p = Properties {
         persistent: flags & 2 != 0,
+        payload_utf8: flags & 4 != 0,
         ..Properties::default()
     };
     if has(0) {

@@ -24,6 +24,7 @@ fn full() -> Message {
             user_id: Some("guest".into()),
             app_id: Some("plc-bridge".into()),
             sent_at: Some(1_700_000_000),
+            payload_utf8: true,
             headers: vec![
                 ("unit".into(), Value::Str("C".into())),
                 ("count".into(), Value::Int(-3)),
