@@ -74,7 +74,13 @@ impl Server {
     }
 
     async fn on(store: Store, dir: tempfile::TempDir, options: Options) -> Result<Server> {
-        let router = Router::new(store.clone(), Routes::new(Vec::new()));
+        // Started, so that offline sessions expire as in the gateway.
+        let router = Router::start(
+            store.clone(),
+            Routes::new(Vec::new()),
+            edge_core::RouterOptions::default(),
+        )
+        .await?;
         let config = MqttConfig {
             listen: "127.0.0.1:0".parse()?,
             max_connections: NonZeroUsize::new(options.max_connections).context("nonzero")?,
