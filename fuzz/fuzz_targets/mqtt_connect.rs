@@ -49,8 +49,10 @@ fuzz_target!(|data: &[u8]| {
     let whole = hello(data, data.len());
     let split = hello(data, 1);
     assert_eq!(whole, split);
-    if let Ok(Some((_, mut rest))) = whole {
-        // What follows the CONNECT goes to the packet decoder as it is.
-        while let Ok(Some(_)) = fuzzing::decode(&mut rest, MAX) {}
+    if let Ok(Some((hello, mut rest))) = whole {
+        // What follows the CONNECT goes to the packet decoder of its
+        // protocol version as it is.
+        let v5 = matches!(hello, Hello::Accepted { level: 5, .. });
+        while let Ok(Some(_)) = fuzzing::decode_as(&mut rest, MAX, v5) {}
     }
 });

@@ -353,7 +353,29 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic_nor_overconsume(bytes in any_input(), max in max_size()) {
         run(&bytes, false, |b| fuzzing::decode(b, max))?;
+        run(&bytes, false, |b| fuzzing::decode_as(b, max, true))?;
         run(&bytes, false, |b| fuzzing::decode_connect(b, max))?;
+    }
+
+    /// MQTT 5: the same, and the packet types rumqttd's v5 codec panics
+    /// on (CONNACK, UNSUBACK bodies from a client) are an error.
+    #[test]
+    fn arbitrary_bytes_split_decode_the_same_in_mqtt5(bytes in any_input(), max in max_size()) {
+        let (whole, whole_err, _) = run(&bytes, false, |b| fuzzing::decode_as(b, max, true))?;
+        let (split, split_err, _) = run(&bytes, true, |b| fuzzing::decode_as(b, max, true))?;
+        prop_assert_eq!(whole, split);
+        prop_assert_eq!(whole_err, split_err);
+    }
+
+    #[test]
+    fn server_bound_packets_never_reach_the_v5_codec(kind in 0u8..16, body in prop::collection::vec(any::<u8>(), 1..40)) {
+        let mut frame = vec![kind << 4, body.len() as u8];
+        frame.extend_from_slice(&body);
+        let mut buf = BytesMut::from(&frame[..]);
+        let out = fuzzing::decode_as(&mut buf, 1024, true);
+        if matches!(kind, 2 | 9 | 11 | 13 | 15) {
+            prop_assert!(out.is_err(), "type {} accepted", kind);
+        }
     }
 
     /// Fed byte by byte, any input yields the same packets and the same
