@@ -130,6 +130,11 @@ impl Connection {
                 };
                 if delay.is_zero() || matches!(close, Close::Shutdown) {
                     Box::pin(will::publish(&router, w, id.clone())).await
+                } else if matches!(close, Close::TakenOver) {
+                    // The newer connection is the client back within the
+                    // delay: no will (MQTT-3.1.3-9).
+                    will::cancelled(id);
+                    None
                 } else {
                     self.settings.wills.schedule(
                         router.clone(),

@@ -89,8 +89,7 @@ impl Delayed {
                     published.settle().await;
                 }
             } else {
-                metrics::counter!("edge_mqtt_wills_total", "outcome" => "cancelled").increment(1);
-                tracing::debug!(client_id = %client_id, "delayed will cancelled by a reconnect");
+                cancelled(&client_id);
             }
         });
     }
@@ -243,6 +242,12 @@ impl Published {
             Err(_) => unconfirmed(&self.client_id, &self.topic),
         }
     }
+}
+
+/// A delayed will not published: its client came back in time.
+pub(crate) fn cancelled(client_id: &str) {
+    metrics::counter!("edge_mqtt_wills_total", "outcome" => "cancelled").increment(1);
+    tracing::debug!(client_id, "delayed will cancelled by a reconnect");
 }
 
 fn refused(error: &PublishError, client_id: &str, topic: &str) {
