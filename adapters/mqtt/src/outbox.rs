@@ -175,7 +175,11 @@ impl Outbox {
             payload_utf8: p.payload_utf8,
             expiry_secs: v5::remaining_secs(p.expires_at_ms, now),
             alias: alias.map(|(a, _)| a),
-            response_topic: p.reply_to.as_deref(),
+            // An AMQP reply_to may be no topic name (wildcards): left out.
+            response_topic: p
+                .reply_to
+                .as_deref()
+                .filter(|t| edge_core::topic::is_valid_topic(t)),
             correlation: p.correlation.as_deref(),
             content_type: p.content_type.as_deref(),
             user: &p.headers,
