@@ -140,11 +140,32 @@ pub(crate) fn decode(
             buf.advance(size);
             return Err(e);
         }
-        V5.read_mut(buf, max).map_err(ProtocolError::Malformed)?
+        if let Some(packet) = short_disconnect(&buf[..size], header) {
+            buf.advance(size);
+            packet
+        } else {
+            V5.read_mut(buf, max).map_err(ProtocolError::Malformed)?
+        }
     } else {
         V4.read_mut(buf, max).map_err(ProtocolError::Malformed)?
     };
     Ok(Some(Inbound { packet, qos, pkid }))
+}
+
+/// A DISCONNECT with a reason code and no property length (remaining
+/// length 1, which MQTT 5 §3.14.2.2 allows): rumqttd's v5 codec wants the
+/// property length and refuses it, so it is decoded here.
+fn short_disconnect(frame: &[u8], header: usize) -> Option<Packet> {
+    use rumqttd::protocol::{Disconnect, DisconnectReasonCode};
+    if frame[0] != 0xE0 || frame.len() != header + 1 {
+        return None;
+    }
+    let reason_code = match frame[header] {
+        0x00 => DisconnectReasonCode::NormalDisconnection,
+        0x04 => DisconnectReasonCode::DisconnectWithWillMessage,
+        _ => DisconnectReasonCode::UnspecifiedError,
+    };
+    Some(Packet::Disconnect(Disconnect { reason_code }, None))
 }
 
 /// What rumqttd's v5 codec must not see: packet types a client never sends

@@ -383,3 +383,30 @@ async fn a_stored_session_ends_with_a_connection_without_expiry() -> Result<()> 
     }
     server.stop().await
 }
+
+#[tokio::test]
+async fn disconnect_with_a_reason_code_and_no_properties_is_read() -> Result<()> {
+    let server = Server::start().await?;
+    let (mut sub, _) = session5(&server, "watcher", &[]).await?;
+    sub.send(&subscribe5(1, "wills/#", 1, &[])).await?;
+    got(&mut sub).await?;
+    // A will on wills/w, then DISCONNECT 0x04 in its short form.
+    let mut tail = Vec::new();
+    tail.push(0); // will properties
+    string(&mut tail, b"wills/w");
+    string(&mut tail, b"gone");
+    let mut raw = Raw::connect(server.addr).await?;
+    raw.send(&connect5_flags(
+        "leaver",
+        0x02 | 0x04 | (1 << 3),
+        &[],
+        &tail,
+    ))
+    .await?;
+    assert_eq!(got(&mut raw).await?.reason, Some(0));
+    raw.send(&[0xE0, 1, 0x04]).await?;
+    raw.expect_closed().await?;
+    let will = sub.packet().await?;
+    assert_eq!(will[0] >> 4, 3, "the will is published: {will:02x?}");
+    server.stop().await
+}
