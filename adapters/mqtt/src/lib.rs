@@ -32,6 +32,7 @@ mod listener;
 mod logs;
 mod outbox;
 mod session;
+mod transport;
 mod will;
 
 pub use error::MqttError;
