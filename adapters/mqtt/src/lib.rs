@@ -33,6 +33,7 @@ mod logs;
 mod outbox;
 mod session;
 mod transport;
+mod websocket;
 mod will;
 
 pub use error::MqttError;

@@ -26,3 +26,9 @@ pub(crate) static SHUTDOWN_UNACKED: Summary = Summary::new(
     "shutdown: commits still outstanding; closing without their acknowledgements",
     Level::Warn,
 );
+pub(crate) static WS_REFUSED: Summary =
+    Summary::new("MQTT WebSocket upgrades refused", Level::Info);
+pub(crate) static WS_CLOSED: Summary = Summary::new(
+    "MQTT WebSocket connections closed for a WebSocket error",
+    Level::Info,
+);
