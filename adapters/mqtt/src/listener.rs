@@ -151,11 +151,11 @@ impl MqttListener {
             );
         }
         drop(self.listener);
-        drop(self.ws);
-        tracing::info!(listen = %self.local_addr, connections = tracker.len(), "MQTT listener stopped accepting; waiting for connections to finish");
+        let ws_listen = self.ws.map(|ws| ws.local_addr);
+        tracing::info!(listen = %self.local_addr, ws_listen = ?ws_listen, connections = tracker.len(), "MQTT listener stopped accepting; waiting for connections to finish");
         tracker.close();
         tracker.wait().await;
-        tracing::info!(listen = %self.local_addr, "MQTT listener stopped");
+        tracing::info!(listen = %self.local_addr, ws_listen = ?ws_listen, "MQTT listener stopped");
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -22,6 +22,8 @@
 //! hold several packets): framing stays here, the connection loop stays
 //! the one TCP runs. The cost is a copy through the pipe and the pipe's
 //! buffer (at most `PIPE_SIZE` each way, allocated while bytes are in it).
+//! A WebSocket connection holds more memory than a TCP one all the same:
+//! tungstenite's read buffer (`WS_READ_BUFFER`) and the bridge's.
 //! The bridge runs in the connection's own task (joined with it), so
 //! shutdown waits for both.
 
@@ -36,6 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Callback, ErrorResponse, Request, Response,
 };
@@ -59,6 +62,9 @@ const READ_CHUNK: usize = 8 * 1024;
 /// How long the bridge waits, once the connection has ended, for its last
 /// bytes and the close handshake to get through.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// tungstenite's read buffer, allocated for the connection's life (its
+/// default, 128 KiB, is for throughput, not for many quiet dashboards).
+const WS_READ_BUFFER: usize = 8 * 1024;
 /// WebSocket messages may hold several MQTT packets; never less than this.
 const MIN_MESSAGE_SIZE: usize = 64 * 1024;
 
@@ -85,6 +91,8 @@ impl Endpoint {
         Endpoint {
             path: path.into(),
             config: WebSocketConfig::default()
+                .read_buffer_size(WS_READ_BUFFER)
+                .write_buffer_size(0)
                 .max_message_size(Some(max_message))
                 .max_frame_size(Some(max_message)),
         }
@@ -369,6 +377,12 @@ fn record_error(peer: SocketAddr, error: &BridgeError) {
             "a text frame (MQTT needs binary frames)".to_string(),
         ),
         BridgeError::Ws(WsError::ConnectionClosed | WsError::AlreadyClosed) => return,
+        // Many clients drop the socket after DISCONNECT without a close
+        // frame: a TCP close, not a WebSocket fault.
+        BridgeError::Ws(e @ WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+            tracing::debug!(%peer, error = %e, "WebSocket closed without a close frame");
+            return;
+        }
         BridgeError::Ws(WsError::Io(e)) => {
             tracing::debug!(%peer, error = %e, "WebSocket connection failed");
             return;

@@ -332,6 +332,27 @@ async fn raw_mqtt_in_binary_frames_whatever_the_framing() -> Result<()> {
         "both publishes appended"
     );
 
+    // A packet larger than every buffer on the way (tungstenite's, the
+    // bridge's pipe): one frame in, many frames out.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    client.frame(&publish_qos1(9, &topic, &big)).await?;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(client.packet().await?);
+    }
+    assert!(
+        got.contains(&Packet {
+            first: 0x40,
+            body: vec![0, 9]
+        }),
+        "PUBACK 9"
+    );
+    let delivery = got
+        .iter()
+        .find(|p| p.kind() == 3)
+        .context("the large delivery")?;
+    assert_eq!(delivery.publish()?, (topic.clone(), big));
+
     client.frame(&packet(0xe0, &[])).await?;
     client.closed().await?;
     gw.shutdown().await?;
