@@ -3,9 +3,10 @@
 //!
 //! A connection is a TCP connection of the MQTT listener like any other: it
 //! holds a place among pending handshakes from its accept on, the HTTP
-//! upgrade counts as handshake time (bounded by `connect_timeout`, closed
-//! at shutdown or when evicted), and once upgraded it becomes an ordinary
-//! [`Connection`] with the same limits, sessions and router as TCP.
+//! upgrade counts as handshake time (upgrade and CONNECT together within
+//! `connect_timeout`; closed at shutdown or when evicted), and once
+//! upgraded it becomes an ordinary [`Connection`] with the same limits,
+//! sessions and router as TCP.
 //!
 //! The upgrade is accepted only on the configured path (404 otherwise) and
 //! only with the `mqtt` subprotocol, which is answered (400 without it, as
@@ -36,7 +37,7 @@ use edge_core::Router;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{
@@ -110,13 +111,14 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let connect_timeout = settings.connect_timeout;
+    let deadline = Instant::now() + connect_timeout;
     let upgraded = tokio::select! {
         _ = shutdown.cancelled() => return,
         _ = admission.handshake.evicted() => {
             tracing::debug!(%peer, "WebSocket upgrade closed to make room for newer handshakes");
             return;
         }
-        upgraded = timeout(connect_timeout, upgrade(&mut stream, &endpoint)) => upgraded,
+        upgraded = timeout_at(deadline, upgrade(&mut stream, &endpoint)) => upgraded,
     };
     let ws = match upgraded {
         Ok(Ok(ws)) => ws,
@@ -140,6 +142,11 @@ pub(crate) async fn serve(
     metrics::gauge!("edge_mqtt_ws_connections").increment(1.0);
     tracing::debug!(%peer, "WebSocket upgraded");
     let (pipe, bridge_end) = tokio::io::duplex(PIPE_SIZE);
+    // CONNECT gets what the upgrade left of connect_timeout.
+    let settings = Arc::new(Settings {
+        connect_timeout: deadline.saturating_duration_since(Instant::now()),
+        ..Settings::clone(&settings)
+    });
     let connection = Connection::new(Stream(pipe), peer, settings);
     let done = CancellationToken::new();
     let serve = async {

@@ -468,6 +468,9 @@ async fn bad_upgrades_are_refused_and_the_listener_keeps_serving() -> Result<()>
         .context("a silent socket was kept open")?;
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 
+    // Upgraded but no CONNECT: closed within what is left of connect_timeout.
+    WsClient::open(addr, "/ws").await?.closed().await?;
+
     // A text frame is not MQTT (MQTT-6.0.0-1): the connection is closed.
     let mut texting = WsClient::open(addr, "/ws").await?;
     texting.ws.send(Message::text("CONNECT")).await?;
