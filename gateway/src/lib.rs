@@ -300,7 +300,10 @@ impl Gateway {
                 handle,
                 links,
                 store.failure(),
-                amqp_health,
+                telemetry::Listeners {
+                    amqp: amqp_health,
+                    mqtt_ws: mqtt_ws_addr.map(|addr| (addr, config.mqtt.ws_path.clone())),
+                },
                 telemetry_stop.clone(),
             ));
             if let Some(addr) = metrics_addr {

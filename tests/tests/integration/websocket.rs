@@ -481,6 +481,13 @@ async fn bad_upgrades_are_refused_and_the_listener_keeps_serving() -> Result<()>
     client.connect(&id, true).await?;
     client.subscribe(1, &format!("{id}/t")).await?;
 
+    let (status, health) =
+        edge_tests::http::get(gw.metrics_addr().context("metrics")?, "/healthz").await?;
+    assert_eq!(status, 200);
+    assert!(
+        health.contains(&format!("mqtt websocket {addr}: path /ws\n")),
+        "{health}"
+    );
     let metrics = gw.metrics().await?;
     for reason in [
         "wrong_path",
