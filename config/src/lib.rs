@@ -82,6 +82,10 @@ pub struct MqttConfig {
     /// Encoded bytes a persistent session's queue holds at most; newer
     /// messages are not queued for it (counted, `session_queue_bytes`).
     pub max_session_queue_bytes: u64,
+    /// MQTT over WebSocket: the listener's address; `None` = not served.
+    pub ws_listen: Option<SocketAddr>,
+    /// The HTTP path the WebSocket upgrade is accepted on.
+    pub ws_path: String,
 }
 
 /// The AMQP 0-9-1 listener for local applications.
@@ -222,6 +226,7 @@ pub struct LocalSource {
 /// The documented defaults, also used by `cargo run` without a file.
 pub mod defaults {
     pub const MQTT_LISTEN: &str = "127.0.0.1:1883";
+    pub const MQTT_WS_PATH: &str = "/mqtt";
     pub const AMQP_LISTEN: &str = "127.0.0.1:5672";
     pub const AMQP_CHANNEL_MAX: usize = 2047;
     pub const AMQP_FRAME_MAX: &str = "128KiB";

@@ -44,6 +44,8 @@ pub struct RawMqtt {
     pub session_expiry: Option<String>,
     pub max_session_queue: Option<i64>,
     pub max_session_queue_bytes: Option<String>,
+    pub ws_listen: Option<String>,
+    pub ws_path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -173,6 +173,24 @@ impl Checker {
         }
     }
 
+    /// An HTTP path: `/` then printable ASCII, no query or fragment.
+    fn ws_path(&mut self, key: &str, value: Option<&str>) -> String {
+        let text = value.unwrap_or(defaults::MQTT_WS_PATH);
+        let valid = text.starts_with('/')
+            && text.len() <= 1024
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+        if !valid {
+            self.problem(
+                key,
+                Some(text.to_string()),
+                "an HTTP path starting with '/' such as \"/mqtt\" (printable ASCII, no '?' or '#')",
+            );
+        }
+        text.to_string()
+    }
+
     fn name(&mut self, key: &str, value: Option<&str>) -> String {
         match value {
             None => {
@@ -317,7 +335,22 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             m.max_session_queue_bytes.as_deref(),
             defaults::MAX_SESSION_QUEUE_BYTES,
         ),
+        ws_listen: m
+            .ws_listen
+            .as_deref()
+            .map(|text| c.socket("mqtt.ws_listen", Some(text), defaults::MQTT_LISTEN)),
+        ws_path: c.ws_path("mqtt.ws_path", m.ws_path.as_deref()),
     };
+    if let Some(ws) = mqtt.ws_listen
+        && ws == mqtt.listen
+        && ws.port() != 0
+    {
+        c.problem(
+            "mqtt.ws_listen",
+            m.ws_listen.clone(),
+            "an address other than mqtt.listen's (TCP and WebSocket need their own ports)",
+        );
+    }
 
     let amqp = match raw.amqp.enabled {
         Some(false) => None,
@@ -953,6 +986,34 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("\"reject\""), "{text}");
         assert!(text.contains("none is configured"), "{text}");
+    }
+
+    #[test]
+    fn websocket_listener_is_optional_and_its_keys_validated_by_name() {
+        let c = Config::defaults().expect("defaults");
+        assert_eq!(c.mqtt.ws_listen, None);
+        assert_eq!(c.mqtt.ws_path, "/mqtt");
+        let c = Config::parse("[mqtt]\nws_listen = \"127.0.0.1:8083\"\nws_path = \"/ws/mqtt\"\n")
+            .expect("valid");
+        assert_eq!(
+            c.mqtt.ws_listen,
+            Some("127.0.0.1:8083".parse().expect("addr"))
+        );
+        assert_eq!(c.mqtt.ws_path, "/ws/mqtt");
+        for (toml, key) in [
+            ("ws_listen = \"8083\"", "mqtt.ws_listen"),
+            (
+                "listen = \"127.0.0.1:1883\"\nws_listen = \"127.0.0.1:1883\"",
+                "mqtt.ws_listen",
+            ),
+            ("ws_path = \"mqtt\"", "mqtt.ws_path"),
+            ("ws_path = \"/mqtt?x=1\"", "mqtt.ws_path"),
+            ("ws_path = \"/a b\"", "mqtt.ws_path"),
+        ] {
+            let err = Config::parse(&format!("[mqtt]\n{toml}\n")).expect_err(toml);
+            let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(keys, [key], "{toml}");
+        }
     }
 
     #[test]

@@ -178,6 +178,7 @@ pub fn routes(configs: &[edge_config::RouteConfig]) -> Result<Routes, edge_amqp:
 pub struct Gateway {
     id: String,
     mqtt_addr: SocketAddr,
+    mqtt_ws_addr: Option<SocketAddr>,
     amqp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     grace: Duration,
@@ -227,10 +228,17 @@ impl Gateway {
         .await
         .context("loading sessions and retained messages")?;
 
-        let mqtt = MqttListener::bind(&config.mqtt)
-            .await
-            .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
+        let mqtt = MqttListener::bind(&config.mqtt).await.with_context(|| {
+            match config.mqtt.ws_listen {
+                Some(ws) => format!(
+                    "binding the MQTT listeners on {} and {ws} (WebSocket)",
+                    config.mqtt.listen
+                ),
+                None => format!("binding the MQTT listener on {}", config.mqtt.listen),
+            }
+        })?;
         let mqtt_addr = mqtt.local_addr();
+        let mqtt_ws_addr = mqtt.ws_local_addr();
         let amqp = match &config.amqp {
             Some(a) => Some(
                 AmqpListener::bind(a)
@@ -292,7 +300,10 @@ impl Gateway {
                 handle,
                 links,
                 store.failure(),
-                amqp_health,
+                telemetry::Listeners {
+                    amqp: amqp_health,
+                    mqtt_ws: mqtt_ws_addr.map(|addr| (addr, config.mqtt.ws_path.clone())),
+                },
                 telemetry_stop.clone(),
             ));
             if let Some(addr) = metrics_addr {
@@ -303,6 +314,7 @@ impl Gateway {
         Ok(Gateway {
             id,
             mqtt_addr,
+            mqtt_ws_addr,
             amqp_addr,
             metrics_addr,
             grace: config.gateway.shutdown_grace,
@@ -322,6 +334,11 @@ impl Gateway {
 
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// The MQTT over WebSocket listener's address (`None` without `mqtt.ws_listen`).
+    pub fn mqtt_ws_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_ws_addr
     }
 
     /// The AMQP listener's address (`None` when `[amqp] enabled = false`).

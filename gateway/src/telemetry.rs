@@ -146,6 +146,16 @@ struct HttpState {
     links: Vec<(String, LinkStatus)>,
     store_failure: tokio::sync::watch::Receiver<Option<String>>,
     amqp: Option<(SocketAddr, OpenConnections)>,
+    mqtt_ws: Option<(SocketAddr, String)>,
+}
+
+/// The listeners `/healthz` reports on besides MQTT's TCP one.
+#[derive(Debug, Clone)]
+pub struct Listeners {
+    /// The AMQP listener's address and its open connections.
+    pub amqp: Option<(SocketAddr, OpenConnections)>,
+    /// MQTT over WebSocket: address and path.
+    pub mqtt_ws: Option<(SocketAddr, String)>,
 }
 
 /// Binds the telemetry listener; `serve` runs it.
@@ -161,7 +171,7 @@ pub async fn serve(
     metrics: PrometheusHandle,
     links: Vec<(String, LinkStatus)>,
     store_failure: tokio::sync::watch::Receiver<Option<String>>,
-    amqp: Option<(SocketAddr, OpenConnections)>,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) {
     let app = HttpRouter::new()
@@ -175,7 +185,8 @@ pub async fn serve(
             metrics,
             links,
             store_failure,
-            amqp,
+            amqp: listeners.amqp,
+            mqtt_ws: listeners.mqtt_ws,
         });
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app)
@@ -195,7 +206,8 @@ async fn render_metrics(State(state): State<HttpState>) -> String {
 /// upstreams confirm, so both are reported in the body, not as unhealthy —
 /// a supervisor restarting on them would only make things worse. 503 once
 /// the store has failed (a restart is the recovery). The AMQP listener's
-/// address and connection count follow, then each upstream link.
+/// address and connection count follow, the MQTT over WebSocket listener's
+/// address and path, then each upstream link.
 async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
     let failure = state.store_failure.borrow().clone();
     let full = *state.store.full().borrow();
@@ -212,6 +224,9 @@ async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
     };
     if let Some((addr, open)) = &state.amqp {
         body.push_str(&format!("amqp {addr}: {} connection(s)\n", open.get()));
+    }
+    if let Some((addr, path)) = &state.mqtt_ws {
+        body.push_str(&format!("mqtt websocket {addr}: path {path}\n"));
     }
     for (name, link) in &state.links {
         let state = if link.is_up() { "up" } else { "down" };

@@ -300,6 +300,11 @@ impl TestGateway {
         self.running().mqtt_addr()
     }
 
+    /// The MQTT over WebSocket listener, when `mqtt.ws_listen` is set.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.running().mqtt_ws_addr()
+    }
+
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.running().metrics_addr()
     }

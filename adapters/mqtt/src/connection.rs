@@ -7,6 +7,8 @@
 //! The connection owns its read buffer, so the socket read in `select!` is
 //! cancel-safe: bytes of a partial packet stay in the buffer across turns.
 //! Replies are encoded into a write buffer and flushed once per turn.
+//! The byte stream is any [`Transport`] (plain TCP, the WebSocket bridge's
+//! pipe): one loop for all of them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,8 +19,7 @@ use bytes::BytesMut;
 use edge_core::{AttachOptions, Attached, Delivery, Router, SessionExpiry};
 use futures::{FutureExt, StreamExt};
 use rumqttd::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,7 @@ use crate::listener::Admission;
 use crate::logs;
 use crate::outbox::Pushed;
 use crate::session::{self, Session};
+use crate::transport::{ReadSome, Transport};
 use crate::v5::{self, V5};
 use crate::will::{self, Will};
 
@@ -38,7 +40,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Deliveries taken from the router in one loop turn.
 const DELIVERY_BATCH: usize = 64;
-const READ_CHUNK: usize = 8 * 1024;
 /// Bytes waiting for a slow client before the connection stops reading it
 /// and stops taking deliveries (back-pressure instead of buffering).
 const WRITE_HIGH_WATER: usize = 256 * 1024;
@@ -83,16 +84,16 @@ struct Established {
 }
 
 #[derive(Debug)]
-pub(crate) struct Connection {
-    stream: TcpStream,
+pub(crate) struct Connection<S> {
+    stream: S,
     peer: SocketAddr,
     settings: Arc<Settings>,
     rbuf: BytesMut,
     wbuf: BytesMut,
 }
 
-impl Connection {
-    pub(crate) fn new(stream: TcpStream, peer: SocketAddr, settings: Arc<Settings>) -> Connection {
+impl<S: Transport> Connection<S> {
+    pub(crate) fn new(stream: S, peer: SocketAddr, settings: Arc<Settings>) -> Connection<S> {
         Connection {
             stream,
             peer,
@@ -509,8 +510,7 @@ impl Connection {
 
     /// Reads more bytes into the read buffer. Cancel-safe.
     async fn fill(&mut self) -> Result<(), Close> {
-        self.rbuf.reserve(READ_CHUNK);
-        match self.stream.read_buf(&mut self.rbuf).await? {
+        match self.stream.read_some(&mut self.rbuf).await? {
             0 => Err(Close::PeerClosed),
             _ => Ok(()),
         }
@@ -541,7 +541,7 @@ impl Connection {
         let idle = sleep_until(Instant::now() + idle_limit);
         let stall = sleep_until(Instant::now() + stall_limit);
         tokio::pin!(idle, stall);
-        let (reader, mut writer) = self.stream.split();
+        let (mut reader, mut writer) = self.stream.split();
         let mut was_writing = false;
         loop {
             // An idle connection holds no buffers: they are allocated when
@@ -619,18 +619,11 @@ impl Connection {
                         idle.as_mut().reset(Instant::now() + idle_limit);
                     }
                 }
-                ready = reader.as_ref().readable(), if reading => {
-                    if let Err(e) = ready {
-                        return e.into();
-                    }
-                    self.rbuf.reserve(READ_CHUNK);
-                    match reader.as_ref().try_read_buf(&mut self.rbuf) {
-                        Ok(0) => return Close::PeerClosed,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return e.into(),
-                    }
-                }
+                read = reader.read_some(&mut self.rbuf), if reading => match read {
+                    Ok(0) => return Close::PeerClosed,
+                    Ok(_) => {}
+                    Err(e) => return e.into(),
+                },
                 Some(delivery) = deliveries.recv(),
                     if live && room && session.queued.is_empty() && session.outbox.has_room() =>
                 {

@@ -22,6 +22,11 @@
 //! - Retained messages are stored by the router; a SUBSCRIBE sends the
 //!   matching ones with RETAIN set before live deliveries.
 //!
+//! - MQTT over WebSocket (`mqtt.ws_listen`, subprotocol `mqtt`) is the same
+//!   server: the upgrade shares the handshake budget, then the connection
+//!   loop runs on a pipe bridged to the WebSocket (`websocket.rs`). The loop
+//!   is generic over its byte stream (`transport.rs`), for TLS next.
+//!
 //! Authentication is not served yet.
 
 mod codec;
@@ -32,7 +37,9 @@ mod listener;
 mod logs;
 mod outbox;
 mod session;
+mod transport;
 mod v5;
+mod websocket;
 mod will;
 
 pub use error::MqttError;

@@ -30,3 +30,9 @@ pub(crate) static NOT_SENT: Summary = Summary::new(
     "deliveries not sent: larger than the MQTT 5 client's maximum packet size",
     Level::Warn,
 );
+pub(crate) static WS_REFUSED: Summary =
+    Summary::new("MQTT WebSocket upgrades refused", Level::Info);
+pub(crate) static WS_CLOSED: Summary = Summary::new(
+    "MQTT WebSocket connections closed for a WebSocket error",
+    Level::Info,
+);

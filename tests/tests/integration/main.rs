@@ -34,6 +34,7 @@ mod retained;
 mod sessions;
 mod tls;
 mod upstream_faults;
+mod websocket;
 
 use std::collections::HashMap;
 use std::path::Path;

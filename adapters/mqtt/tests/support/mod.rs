@@ -93,6 +93,8 @@ impl Server {
             session_expiry: Duration::from_secs(3600),
             max_session_queue: NonZeroUsize::new(1000).context("nonzero")?,
             max_session_queue_bytes: 64 << 20,
+            ws_listen: None,
+            ws_path: "/mqtt".to_string(),
         };
         let listener = MqttListener::bind(&config).await?;
         let addr = listener.local_addr();
