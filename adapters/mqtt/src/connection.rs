@@ -172,12 +172,12 @@ impl Connection {
             };
         let Established {
             mut session,
-            deliveries,
+            mut deliveries,
             keep_alive,
             permit,
         } = established;
         let close = self
-            .session_loop(&mut session, deliveries, keep_alive, shutdown)
+            .session_loop(&mut session, &mut deliveries, keep_alive, shutdown)
             .await;
         let close = match close {
             Close::Shutdown => Box::pin(self.drain(&mut session)).await,
@@ -186,6 +186,11 @@ impl Connection {
         // Before the session is left: what the client acknowledged is out
         // of its queue, so a reconnect does not get it again.
         Box::pin(session.finish_acks()).await;
+        // Shared subscriptions' deliveries it did not complete go to other
+        // members of their groups (not at shutdown: they are closing too).
+        if !matches!(close, Close::Shutdown) {
+            session.hand_back(deliveries);
+        }
         drop(permit);
         close
     }
@@ -380,7 +385,7 @@ impl Connection {
     async fn session_loop(
         &mut self,
         session: &mut Session,
-        mut deliveries: mpsc::Receiver<Delivery>,
+        deliveries: &mut mpsc::Receiver<Delivery>,
         keep_alive: Option<Duration>,
         shutdown: &CancellationToken,
     ) -> Close {

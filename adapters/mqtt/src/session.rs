@@ -31,6 +31,7 @@ use rumqttd::protocol::{
     self, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
     PubRel, PubRelReason, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
+use tokio::sync::mpsc;
 
 use crate::codec::{self, Inbound};
 use crate::error::{Close, ProtocolError};
@@ -221,6 +222,34 @@ impl Session {
         }
     }
 
+    /// The connection is over: leaves the session (as dropping it does),
+    /// then hands the group deliveries it did not complete — in flight
+    /// without PUBACK or PUBREC, waiting in `queued`, or still in the
+    /// router's channel — to other members of their groups. Leaving first
+    /// means nothing more is chosen for this connection meanwhile.
+    pub(crate) fn hand_back(self, mut deliveries: mpsc::Receiver<Delivery>) {
+        let Session {
+            client_id,
+            router,
+            subscriber,
+            mut outbox,
+            queued,
+            ..
+        } = self;
+        drop(subscriber);
+        let mut undelivered = outbox.unsettled_shared();
+        undelivered.extend(queued.into_iter().map(|(delivery, _)| delivery));
+        deliveries.close();
+        while let Ok(delivery) = deliveries.try_recv() {
+            undelivered.push(delivery);
+        }
+        // The router keeps only the group deliveries no queue holds.
+        undelivered.retain(|d| d.share.is_some() && d.seq.is_none());
+        if !undelivered.is_empty() {
+            router.redistribute(&client_id, undelivered);
+        }
+    }
+
     /// Whether deliveries are taken from the router now (not while the
     /// durable queue is read from the store).
     pub(crate) fn takes_live(&mut self) -> bool {
@@ -302,6 +331,7 @@ impl Session {
                 retained: false,
                 retain_as_published,
                 sub_ids,
+                share: None,
             };
             self.queued.push_back((delivery, dup));
         }
@@ -492,12 +522,11 @@ impl Session {
     ) -> Result<(), Close> {
         let mut return_codes = Vec::with_capacity(subscribe.filters.len());
         for filter in &subscribe.filters {
-            let refused = if !topic::is_valid_filter(&filter.path) {
-                Some("invalid_filter")
-            } else if topic::is_amqp_namespace(&filter.path) {
-                Some("reserved_filter")
-            } else {
-                None
+            // A shared subscription's own filter is checked (`$share/g/f`).
+            let refused = match topic::parse_subscription(&filter.path) {
+                None => Some("invalid_filter"),
+                Some(s) if topic::is_amqp_namespace(s.filter()) => Some("reserved_filter"),
+                Some(_) => None,
             };
             if let Some(reason) = refused {
                 crate::logs::FILTER_REFUSED.record(reason, || {
@@ -530,6 +559,7 @@ impl Session {
                     retained: true,
                     retain_as_published: false,
                     sub_ids: Vec::new(),
+                    share: None,
                 };
                 self.queued.push_back((delivery, false));
             }
