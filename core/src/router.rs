@@ -212,6 +212,7 @@ impl Router {
         ] {
             metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(0);
         }
+        metrics::counter!("edge_shared_redistributed_total").increment(0);
         let (dispatch, rx) = mpsc::channel(DISPATCH_QUEUE);
         let inner = Arc::new(Inner {
             store,
