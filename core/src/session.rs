@@ -625,6 +625,11 @@ impl Subscriber {
         };
         let existed = {
             let mut registry = self.router.inner.registry_mut();
+            if registry.session(self.key).is_none() {
+                // The session is gone (replaced by a clean start, or
+                // expired): a subscription of it would stay behind.
+                return Ok((options.qos, Vec::new()));
+            }
             let existed = registry
                 .subscribe(self.key, filter, options, &self.router.inner.next_id)
                 .map_err(|_| invalid())?
