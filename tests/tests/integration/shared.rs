@@ -1,7 +1,8 @@
 //! Shared subscriptions (`$share/{group}/{filter}`) over MQTT 3.1.1 with
 //! real clients: each message goes to one member of the group, round-robin;
 //! what a member's connection ends without acknowledging goes to the others;
-//! persistent members keep the group's messages while all are away.
+//! persistent members keep the group's messages while all are away;
+//! malformed share names are refused in the SUBACK.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -292,4 +293,37 @@ async fn next_numbers(events: &mut EventLoop, n: usize) -> Result<Vec<u64>> {
     .await
     .map_err(|_| anyhow!("only {} of {n} messages arrived: {got:?}", got.len()))??;
     Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_share_names_get_a_suback_failure() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let (client, mut events) = AsyncClient::new(options(gw.mqtt_addr(), &unique("bad")), 16);
+    // Well-formed as plain filters (rumqttc checks that much), not as
+    // shared ones: an empty ShareName, no filter, an empty filter.
+    let filters = ["$share//t", "$share/g", "$share/g/", "$share/g/t"];
+    client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce)),
+        )
+        .await?;
+    let ack = tokio::time::timeout(SHORT, async {
+        loop {
+            if let Event::Incoming(Incoming::SubAck(ack)) = events.poll().await? {
+                return anyhow::Ok(ack);
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("no SUBACK"))??;
+    use rumqttc::SubscribeReasonCode::{Failure, Success};
+    assert_eq!(
+        ack.return_codes,
+        [Failure, Failure, Failure, Success(QoS::AtLeastOnce)],
+        "only the well-formed one is granted"
+    );
+    gw.shutdown().await?;
+    Ok(())
 }
