@@ -329,3 +329,43 @@ async fn a_clean_member_leaving_takes_its_membership_along() {
     assert!(registry.shares.groups.is_empty() && registry.shares.members.is_empty());
     assert!(registry.trie.is_empty());
 }
+
+/// Routes `n` without waiting for its receipt: the members are chosen, the
+/// fan-out (after the commit, on the dispatcher) has not happened yet.
+async fn route(router: &Router, n: usize) -> crate::Receipt {
+    let message = Message::new(
+        "t",
+        Bytes::from(n.to_string()),
+        QoS::AtLeastOnce,
+        "p".into(),
+    );
+    router.publish(message).await.expect("publish")
+}
+
+// Current-thread runtime: the dispatcher cannot fan out before the test
+// awaits a receipt.
+#[tokio::test(flavor = "current_thread")]
+async fn a_member_gone_or_full_at_the_fan_out_is_passed_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::new(store(dir.path()), Routes::default());
+    let (a, _a_rx) = member(&router, "a", "$share/g/t", 8).await;
+    let (_b, mut b_rx) = member(&router, "b", "$share/g/t", 8).await;
+    let receipt = route(&router, 0).await;
+    drop(a);
+    receipt.await.expect("accepted");
+    assert_eq!(drain(&mut b_rx), [0], "a left before the fan-out");
+
+    let (_c, mut c_rx) = member(&router, "c", "$share/h/t", 1).await;
+    let (_d, mut d_rx) = member(&router, "d", "$share/h/t", 8).await;
+    // c, d, c: c's one place is still free when it is chosen again.
+    let mut receipts = Vec::new();
+    for n in 1..4 {
+        receipts.push(route(&router, n).await);
+    }
+    for receipt in receipts {
+        receipt.await.expect("accepted");
+    }
+    assert_eq!(drain(&mut c_rx), [1]);
+    assert_eq!(drain(&mut d_rx), [2, 3], "c was full at its second turn");
+    assert_eq!(drain(&mut b_rx), [1, 2, 3], "group g: b alone");
+}
