@@ -60,8 +60,10 @@ pub(crate) struct Outbox {
     inflight: HashMap<u16, (Awaiting, Option<Seq>)>,
     /// Queue seqs of the deliveries in flight.
     seqs: HashSet<Seq>,
-    /// Group deliveries in flight that no queue keeps, by packet id.
-    shared: HashMap<u16, Delivery>,
+    /// Group deliveries in flight that no queue keeps, by packet id, with
+    /// their place in send order.
+    shared: HashMap<u16, (u64, Delivery)>,
+    shared_sent: u64,
     max_inflight: usize,
     next_pkid: u16,
 }
@@ -84,6 +86,7 @@ impl Outbox {
             inflight: HashMap::new(),
             seqs: HashSet::new(),
             shared: HashMap::new(),
+            shared_sent: 0,
             max_inflight: usize::from(max_inflight.max(1)),
             next_pkid: 0,
         }
@@ -188,15 +191,22 @@ impl Outbox {
     /// Keeps a group delivery that only this connection holds.
     fn keep_shared(&mut self, pkid: u16, delivery: &Delivery) {
         if delivery.share.is_some() && delivery.seq.is_none() {
-            self.shared.insert(pkid, delivery.clone());
+            self.shared_sent += 1;
+            self.shared
+                .insert(pkid, (self.shared_sent, delivery.clone()));
         }
     }
 
     /// The group deliveries sent and not yet received by the client (no
     /// PUBACK or PUBREC), for another member to take at the end of the
-    /// connection.
+    /// connection; in the order they were sent.
     pub(crate) fn unsettled_shared(&mut self) -> Vec<Delivery> {
-        self.shared.drain().map(|(_, delivery)| delivery).collect()
+        let mut unsettled: Vec<(u64, Delivery)> = self.shared.drain().map(|(_, d)| d).collect();
+        unsettled.sort_unstable_by_key(|(sent, _)| *sent);
+        unsettled
+            .into_iter()
+            .map(|(_, delivery)| delivery)
+            .collect()
     }
 
     /// `got` arrived for `pkid`. In a state of `accepts`, the delivery moves
@@ -418,11 +428,10 @@ mod tests {
         let back = outbox.unsettled_shared();
         let qos: Vec<QoS> = back.iter().map(|d| d.qos).collect();
         assert_eq!(
-            qos.len(),
-            2,
-            "the unacknowledged QoS 1 and the QoS 2 without PUBREC"
+            qos,
+            [QoS::AtLeastOnce, QoS::ExactlyOnce],
+            "the unacknowledged QoS 1 and the QoS 2 without PUBREC, in send order"
         );
-        assert!(qos.contains(&QoS::AtLeastOnce) && qos.contains(&QoS::ExactlyOnce));
         assert!(outbox.unsettled_shared().is_empty());
     }
 
