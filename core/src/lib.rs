@@ -11,6 +11,7 @@ mod retained;
 pub mod route;
 pub mod router;
 pub mod session;
+mod share;
 pub mod topic;
 pub mod trie;
 pub mod window;

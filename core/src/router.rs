@@ -17,7 +17,8 @@
 //! Matching uses one [`TopicTrie`] over every session's filters, online or
 //! not: its cost does not grow with non-matching subscriptions. A session
 //! matched by several filters gets one copy at the highest QoS granted
-//! (MQTT-3.3.5-1).
+//! (MQTT-3.3.5-1). A shared subscription's group (`share.rs`) adds one
+//! member per matching group, chosen round-robin, merged likewise.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +36,7 @@ use crate::receipt::Receipt;
 use crate::retained::RetainedIndex;
 use crate::route::Routes;
 use crate::session::{SessionExpiry, SubOptions};
+use crate::share::{self, Shares};
 use crate::trie::TopicTrie;
 
 /// Deliveries dropped because a subscriber's queue was full, summarised.
@@ -65,6 +67,10 @@ pub struct Delivery {
     /// Subscription identifiers of the matching filters (MQTT 5; empty for
     /// most, and then not allocated).
     pub sub_ids: Vec<u32>,
+    /// The shared subscription (`$share/{group}/{filter}`) it was chosen
+    /// through, if any: one its connection does not complete goes to
+    /// another member ([`Router::redistribute`]).
+    pub share: Option<Arc<str>>,
 }
 
 /// Router-wide settings.
@@ -132,9 +138,19 @@ pub(crate) struct Online {
 
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
+    /// Sessions' plain filters under their keys, group memberships under
+    /// keys of their own (`share.rs`).
     pub trie: TopicTrie<SubOptions>,
     pub sessions: HashMap<Arc<str>, Slot>,
     pub by_key: HashMap<u64, Arc<str>>,
+    pub shares: Shares,
+}
+
+impl Registry {
+    /// The session of `key` (a session's own key).
+    pub(crate) fn session(&self, key: u64) -> Option<&Slot> {
+        self.sessions.get(self.by_key.get(&key)?)
+    }
 }
 
 #[derive(Debug)]
@@ -170,6 +186,8 @@ pub(crate) struct Target {
     pub retain_as_published: bool,
     /// Subscription identifiers of the matching filters.
     pub sub_ids: Vec<u32>,
+    /// The group that chose the session, if one did.
+    pub share: Option<Arc<str>>,
 }
 
 /// Cheap to clone; one per gateway.
@@ -187,9 +205,14 @@ impl Router {
 
     pub fn with_options(store: Store, routes: Routes, options: RouterOptions) -> Router {
         // Exist at zero from the start, for alerts.
-        for reason in ["subscriber_queue_full", "session_queue_full"] {
+        for reason in [
+            "subscriber_queue_full",
+            "session_queue_full",
+            "shared_no_member",
+        ] {
             metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(0);
         }
+        metrics::counter!("edge_shared_redistributed_total").increment(0);
         let (dispatch, rx) = mpsc::channel(DISPATCH_QUEUE);
         let inner = Arc::new(Inner {
             store,
@@ -259,6 +282,7 @@ impl Router {
         let mut keys: Vec<u64> = Vec::new();
         for topic in topics {
             registry.trie.for_each_match(topic, |_, key, _| {
+                let key = registry.owner(key);
                 if !keys.contains(&key) {
                     keys.push(key);
                 }
@@ -419,16 +443,18 @@ impl Router {
         let qos = message.qos;
         let registry = self.inner.registry();
         let mut best: Vec<(u64, Merged)> = Vec::new();
+        let mut groups = share::Matches::default();
         for topic in topics {
             registry.trie.for_each_match(topic, |_, key, sub| {
-                if sub.no_local && is_own(&registry, key, message) {
-                    return;
-                }
-                match best.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, m)) => m.add(sub),
-                    None => best.push((key, Merged::new(sub))),
+                if let Some(member) = registry.shares.member(key) {
+                    groups.add(member, key, *sub);
+                } else if !(sub.no_local && is_own(&registry, key, message)) {
+                    merge(&mut best, key, sub, None);
                 }
             });
+        }
+        for (group, chosen) in groups.choose(&registry) {
+            merge(&mut best, chosen.session, &chosen.options, Some(group));
         }
         let max = self.inner.options.max_session_queue as u64;
         let max_bytes = self.inner.options.max_session_queue_bytes;
@@ -468,6 +494,7 @@ impl Router {
                     queued,
                     retain_as_published: merged.retain_as_published && message.retain,
                     sub_ids: merged.sub_ids,
+                    share: merged.share,
                 })
             })
             .collect()
@@ -480,6 +507,25 @@ struct Merged {
     qos: QoS,
     retain_as_published: bool,
     sub_ids: Vec<u32>,
+    /// The first group that chose the session.
+    share: Option<Arc<str>>,
+}
+
+/// Adds one matching subscription of session `key` to `best`.
+fn merge(best: &mut Vec<(u64, Merged)>, key: u64, sub: &SubOptions, share: Option<Arc<str>>) {
+    match best.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, m)) => {
+            m.add(sub);
+            if m.share.is_none() {
+                m.share = share;
+            }
+        }
+        None => {
+            let mut m = Merged::new(sub);
+            m.share = share;
+            best.push((key, m));
+        }
+    }
 }
 
 impl Merged {
@@ -488,6 +534,7 @@ impl Merged {
             qos: sub.qos,
             retain_as_published: sub.retain_as_published,
             sub_ids: Vec::new(),
+            share: None,
         };
         if sub.id != 0 {
             m.sub_ids.push(sub.id);
@@ -562,22 +609,31 @@ impl Inner {
 
     /// Hands a committed message to the online sessions it targets. One
     /// already past its expiry goes to nobody (a queued entry of it is
-    /// acknowledged when the session reads its queue).
+    /// acknowledged when the session reads its queue). A group's member
+    /// that left, went away or filled its queue since it was chosen, and
+    /// did not queue the message durably, is passed over for another
+    /// online member of the group.
     fn fan_out(&self, message: &Arc<Message>, seq: Seq, targets: &[Target]) {
         let expired = message.is_expired(crate::message::now_ms());
         if expired {
             crate::session::expired(message);
         }
         let registry = self.registry();
+        let targeted = |session: u64| targets.iter().any(|t| t.key == session);
+        let pass_on = |t: &Target| match &t.share {
+            Some(group) if !t.queued && !expired => {
+                share::pass_on(&registry, group, message, targeted)
+            }
+            _ => false,
+        };
         for t in targets {
-            let Some(slot) = registry
-                .by_key
-                .get(&t.key)
-                .and_then(|id| registry.sessions.get(id))
+            let Some((slot, online)) = registry
+                .session(t.key)
+                .and_then(|s| Some((s, s.online.as_ref()?)))
             else {
+                pass_on(t);
                 continue;
             };
-            let Some(online) = &slot.online else { continue };
             let refund = || {
                 if let Some(gate) = &online.gate {
                     gate.refund(message);
@@ -598,6 +654,7 @@ impl Inner {
                 retained: false,
                 retain_as_published: t.retain_as_published,
                 sub_ids: t.sub_ids.clone(),
+                share: t.share.clone(),
             };
             if online.tx.try_send(delivery).is_err() {
                 if t.queued {
@@ -606,6 +663,9 @@ impl Inner {
                     continue;
                 }
                 refund();
+                if pass_on(t) {
+                    continue;
+                }
                 metrics::counter!("edge_messages_dropped_total", "reason" => "subscriber_queue_full").increment(1);
                 QUEUE_FULL.record("subscriber_queue_full", || {
                     format!("client_id={} topic={}", slot.client_id, message.topic)

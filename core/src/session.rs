@@ -35,6 +35,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::level::QueueLevel;
 use crate::message::{Message, QoS, now_ms};
 use crate::router::{Delivery, Durable, Inner, Online, Router, SessionId, Slot};
+use crate::topic::{self, Subscription};
 
 /// Client ids of the AMQP adapter's queues (`amqp:<queue name>`): no
 /// other adapter may attach to one (an MQTT client with such an id would
@@ -320,11 +321,7 @@ impl Router {
             present = !clean && slot.durable.is_some();
             if clean || slot.durable.is_none() {
                 // A clean start: the old subscriptions go.
-                let key = slot.key;
-                registry.trie.remove_key(key);
-                if let Some(slot) = registry.sessions.get_mut(&client_id) {
-                    slot.filters.clear();
-                }
+                registry.unsubscribe_all(&client_id);
             }
         }
         let key = match registry.sessions.get(&client_id) {
@@ -386,8 +383,8 @@ impl Router {
     /// Removes a session from the registry and the trie.
     fn forget(&self, client_id: &str) {
         let mut registry = self.inner.registry_mut();
+        registry.unsubscribe_all(client_id);
         if let Some(slot) = registry.sessions.remove(client_id) {
-            registry.trie.remove_key(slot.key);
             registry.by_key.remove(&slot.key);
         }
         metrics::gauge!("edge_sessions").set(registry.sessions.len() as f64);
@@ -448,7 +445,11 @@ impl Router {
                 let id: Arc<str> = id.into();
                 let key = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
                 for (filter, sub) in &filters {
-                    if registry.trie.insert(filter, key, *sub).is_err() {
+                    // A shared filter rejoins its group.
+                    if registry
+                        .subscribe(key, filter, *sub, &self.inner.next_id)
+                        .is_err()
+                    {
                         tracing::warn!(client_id = %id, filter = %filter, "invalid stored filter: dropped");
                     }
                 }
@@ -592,9 +593,12 @@ impl Subscriber {
             .map(|d| d.queued.messages())
     }
 
-    /// Adds or replaces a subscription (`filter` must be valid); returns the
-    /// QoS granted and the retained messages it matches, to be sent now.
-    /// A persistent session's subscription is durable on return.
+    /// Adds or replaces a subscription (`filter` must be valid: a topic
+    /// filter, or `$share/{group}/{filter}` to join that group, see
+    /// [`crate::topic::parse_subscription`]); returns the QoS granted and
+    /// the retained messages it matches, to be sent now (none for a shared
+    /// subscription, MQTT 5 §4.8.2). A persistent session's subscription is
+    /// durable on return.
     pub async fn subscribe(
         &self,
         filter: &str,
@@ -605,19 +609,30 @@ impl Subscriber {
     }
 
     /// [`Subscriber::subscribe`] with every option: the retained messages
-    /// returned are those `retain` asks for.
+    /// returned are those `retain` asks for. No local on a shared
+    /// subscription is refused as an invalid filter (MQTT-3.8.3-4).
     pub async fn subscribe_with(
         &self,
         filter: &str,
         options: SubOptions,
         retain: RetainHandling,
     ) -> Result<(QoS, Vec<Arc<Message>>), SessionError> {
+        let invalid = || SessionError::InvalidFilter(filter.to_string());
+        let shared = match topic::parse_subscription(filter).ok_or_else(invalid)? {
+            Subscription::Shared { .. } if options.no_local => return Err(invalid()),
+            Subscription::Shared { .. } => true,
+            Subscription::Plain(_) => false,
+        };
         let existed = {
             let mut registry = self.router.inner.registry_mut();
+            if registry.session(self.key).is_none() {
+                // The session is gone (replaced by a clean start, or
+                // expired): a subscription of it would stay behind.
+                return Ok((options.qos, Vec::new()));
+            }
             let existed = registry
-                .trie
-                .insert(filter, self.key, options)
-                .map_err(|_| SessionError::InvalidFilter(filter.to_string()))?
+                .subscribe(self.key, filter, options, &self.router.inner.next_id)
+                .map_err(|_| invalid())?
                 .is_some();
             if let Some(slot) = registry.sessions.get_mut(&self.client_id) {
                 slot.filters.insert(filter.to_string(), options);
@@ -625,11 +640,12 @@ impl Subscriber {
             existed
         };
         self.router.persist(&self.client_id).await?;
-        let send = match retain {
-            RetainHandling::Always => true,
-            RetainHandling::IfNew => !existed,
-            RetainHandling::Never => false,
-        };
+        let send = !shared
+            && match retain {
+                RetainHandling::Always => true,
+                RetainHandling::IfNew => !existed,
+                RetainHandling::Never => false,
+            };
         let retained = if send {
             self.router
                 .inner
@@ -680,7 +696,7 @@ impl Subscriber {
     pub async fn unsubscribe(&self, filter: &str) -> Result<(), SessionError> {
         {
             let mut registry = self.router.inner.registry_mut();
-            registry.trie.remove(filter, self.key);
+            registry.unsubscribe(self.key, filter);
             if let Some(slot) = registry.sessions.get_mut(&self.client_id) {
                 slot.filters.remove(filter);
             }
@@ -859,7 +875,8 @@ impl Subscriber {
     }
 
     /// What this session's filters make of `message` (a resumed session's
-    /// queued messages go out with it): the highest QoS they grant, its
+    /// queued messages go out with it; its groups' filters count, as the
+    /// message may have been queued through one): the highest QoS they grant, its
     /// RETAIN flag kept or not, their subscription identifiers. `None` when
     /// none matches (any more), or only no-local ones and it is its own.
     pub fn matched(&self, message: &Message) -> Option<Matched> {
@@ -868,7 +885,7 @@ impl Subscriber {
             && *message.origin.publisher == *self.client_id;
         let mut out: Option<Matched> = None;
         registry.trie.for_each_match(&message.topic, |_, key, sub| {
-            if key != self.key || (sub.no_local && own) {
+            if registry.owner(key) != self.key || (sub.no_local && own) {
                 return;
             }
             let m = out.get_or_insert(Matched {
@@ -960,8 +977,8 @@ impl Subscriber {
         let write = match slot.durable.as_mut() {
             None => {
                 let key = slot.key;
+                registry.unsubscribe_all(&self.client_id);
                 registry.sessions.remove(&self.client_id);
-                registry.trie.remove_key(key);
                 registry.by_key.remove(&key);
                 None
             }

@@ -55,6 +55,41 @@ pub fn is_valid_filter(filter: &str) -> bool {
     true
 }
 
+/// First level of a shared subscription's filter (MQTT 5 §4.8.2).
+pub const SHARE_PREFIX: &str = "$share/";
+
+/// What a SUBSCRIBE's topic filter asks for, once validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription<'f> {
+    /// An ordinary filter: every match goes to the session.
+    Plain(&'f str),
+    /// `$share/{group}/{filter}`: each match goes to one member of the
+    /// group `(group, filter)`.
+    Shared { group: &'f str, filter: &'f str },
+}
+
+impl<'f> Subscription<'f> {
+    /// The filter topics are matched against (a shared one's own filter).
+    pub fn filter(self) -> &'f str {
+        match self {
+            Subscription::Plain(filter) | Subscription::Shared { filter, .. } => filter,
+        }
+    }
+}
+
+/// Validates a subscription's filter: a plain one by §4.7.1, a shared one
+/// (`$share/` first) by MQTT 5 §4.8.2 — its ShareName non-empty and without
+/// `/`, `+` or `#`, followed by `/` and a valid, non-empty filter.
+/// `None` when invalid. (`$share` alone is a plain filter.)
+pub fn parse_subscription(filter: &str) -> Option<Subscription<'_>> {
+    let Some(rest) = filter.strip_prefix(SHARE_PREFIX) else {
+        return is_valid_filter(filter).then_some(Subscription::Plain(filter));
+    };
+    let (group, filter) = rest.split_once('/')?;
+    let group_ok = !group.is_empty() && !group.contains(['+', '#', '\0']);
+    (group_ok && is_valid_filter(filter)).then_some(Subscription::Shared { group, filter })
+}
+
 /// Whether `topic` matches `filter` (both assumed valid). Topics starting
 /// with `$` are not matched by a leading wildcard (§4.7.2).
 pub fn matches(filter: &str, topic: &str) -> bool {
@@ -183,6 +218,45 @@ mod tests {
         assert!(is_valid_topic("a/b"));
         assert!(!is_valid_topic("a/+"));
         assert!(!is_valid_topic(""));
+    }
+
+    #[test]
+    fn shared_subscriptions_are_parsed_and_checked() {
+        assert_eq!(
+            parse_subscription("$share/g/t/#"),
+            Some(Subscription::Shared {
+                group: "g",
+                filter: "t/#"
+            })
+        );
+        assert_eq!(
+            parse_subscription("$share/g/+").map(Subscription::filter),
+            Some("+")
+        );
+        assert_eq!(parse_subscription("t/#"), Some(Subscription::Plain("t/#")));
+        assert_eq!(
+            parse_subscription("$share"),
+            Some(Subscription::Plain("$share"))
+        );
+        assert_eq!(
+            parse_subscription("$shared/g/t"),
+            Some(Subscription::Plain("$shared/g/t"))
+        );
+        for invalid in [
+            "$share/",
+            "$share/g",
+            "$share/g/",
+            "$share//t",
+            "$share/g+/t",
+            "$share/+/t",
+            "$share/#/t",
+            "$share/g#/t",
+            "$share/g/t/#/x",
+            "$share/g/t+",
+            "a/#/b",
+        ] {
+            assert_eq!(parse_subscription(invalid), None, "{invalid:?}");
+        }
     }
 
     proptest! {

@@ -213,12 +213,12 @@ impl<S: Transport> Connection<S> {
             };
         let Established {
             mut session,
-            deliveries,
+            mut deliveries,
             keep_alive,
             permit,
         } = established;
         let close = self
-            .session_loop(&mut session, deliveries, keep_alive, shutdown)
+            .session_loop(&mut session, &mut deliveries, keep_alive, shutdown)
             .await;
         let close = match close {
             Close::Shutdown => Box::pin(self.drain(&mut session)).await,
@@ -227,6 +227,11 @@ impl<S: Transport> Connection<S> {
         // Before the session is left: what the client acknowledged is out
         // of its queue, so a reconnect does not get it again.
         Box::pin(session.finish_acks()).await;
+        // Shared subscriptions' deliveries it did not complete go to other
+        // members of their groups (not at shutdown: they are closing too).
+        if !matches!(close, Close::Shutdown) {
+            session.hand_back(deliveries);
+        }
         drop(permit);
         close
     }
@@ -532,7 +537,7 @@ impl<S: Transport> Connection<S> {
     async fn session_loop(
         &mut self,
         session: &mut Session,
-        mut deliveries: mpsc::Receiver<Delivery>,
+        deliveries: &mut mpsc::Receiver<Delivery>,
         keep_alive: Option<Duration>,
         shutdown: &CancellationToken,
     ) -> Close {

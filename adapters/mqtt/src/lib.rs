@@ -21,6 +21,10 @@
 //!   message so a retransmission after a restart is not routed twice.
 //! - Retained messages are stored by the router; a SUBSCRIBE sends the
 //!   matching ones with RETAIN set before live deliveries.
+//! - Shared subscriptions (`$share/{group}/{filter}`) are the core's
+//!   (`edge_core` `share.rs`); the connection keeps its in-flight group
+//!   deliveries until PUBACK/PUBREC and, when it ends, hands back those
+//!   and the unsent ones for another member (`Router::redistribute`).
 //!
 //! - MQTT over WebSocket (`mqtt.ws_listen`, subprotocol `mqtt`) is the same
 //!   server: the upgrade shares the handshake budget, then the connection

@@ -18,6 +18,11 @@
 //! the earlier one's acknowledgement ([`Outbox::fits`]). Deliveries that
 //! are not queued (clean sessions, retained messages on SUBSCRIBE) take the
 //! next free id. Within a connection nothing is resent.
+//!
+//! A delivery through a shared subscription that is not in a durable queue
+//! (no seq) is kept while in flight, until PUBACK or PUBREC (the client
+//! has it then): those the connection ends without go to another member
+//! of the group ([`Outbox::unsettled_shared`], `Router::redistribute`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -66,6 +71,10 @@ pub(crate) struct Outbox {
     inflight: HashMap<u16, (Awaiting, Option<Seq>)>,
     /// Queue seqs of the deliveries in flight.
     seqs: HashSet<Seq>,
+    /// Group deliveries in flight that no queue keeps, by packet id, with
+    /// their place in send order.
+    shared: HashMap<u16, (u64, Delivery)>,
+    shared_sent: u64,
     max_inflight: usize,
     next_pkid: u16,
 }
@@ -87,6 +96,8 @@ impl Outbox {
             // Grows with use: an idle connection holds no table.
             inflight: HashMap::new(),
             seqs: HashSet::new(),
+            shared: HashMap::new(),
+            shared_sent: 0,
             max_inflight: usize::from(max_inflight.max(1)),
             next_pkid: 0,
         }
@@ -217,6 +228,7 @@ impl Outbox {
             if let Some(seq) = delivery.seq {
                 self.seqs.insert(seq);
             }
+            self.keep_shared(packet.pkid, delivery);
         }
         Ok(Pushed::Sent)
     }
@@ -225,6 +237,27 @@ impl Outbox {
     /// there, no PUBREL (MQTT 5 §4.3.3).
     pub(crate) fn pubrec_failed(&mut self, pkid: u16) -> Result<Option<Settled>, ProtocolError> {
         self.advance(Awaiting::Rec, pkid, &[Awaiting::Rec], None)
+    }
+
+    /// Keeps a group delivery that only this connection holds.
+    fn keep_shared(&mut self, pkid: u16, delivery: &Delivery) {
+        if delivery.share.is_some() && delivery.seq.is_none() {
+            self.shared_sent += 1;
+            self.shared
+                .insert(pkid, (self.shared_sent, delivery.clone()));
+        }
+    }
+
+    /// The group deliveries sent and not yet received by the client (no
+    /// PUBACK or PUBREC), for another member to take at the end of the
+    /// connection; in the order they were sent.
+    pub(crate) fn unsettled_shared(&mut self) -> Vec<Delivery> {
+        let mut unsettled: Vec<(u64, Delivery)> = self.shared.drain().map(|(_, d)| d).collect();
+        unsettled.sort_unstable_by_key(|(sent, _)| *sent);
+        unsettled
+            .into_iter()
+            .map(|(_, delivery)| delivery)
+            .collect()
     }
 
     /// `got` arrived for `pkid`. In a state of `accepts`, the delivery moves
@@ -241,6 +274,8 @@ impl Outbox {
         match self.inflight.get(&pkid).copied() {
             None => Ok(None),
             Some((state, seq)) if accepts.contains(&state) => {
+                // PUBACK or PUBREC: the client has the message.
+                self.shared.remove(&pkid);
                 match next {
                     Some(next) => {
                         self.inflight.insert(pkid, (next, seq));
@@ -311,6 +346,7 @@ mod tests {
             retained: false,
             retain_as_published: false,
             sub_ids: Vec::new(),
+            share: None,
         }
     }
 
@@ -411,6 +447,43 @@ mod tests {
             outbox.pubcomp(1),
             Err(ProtocolError::AckMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn unacknowledged_group_deliveries_are_handed_back() {
+        let shared = |qos| Delivery {
+            share: Some("$share/g/t".into()),
+            ..delivery(qos)
+        };
+        let queued = Delivery {
+            seq: Some(7),
+            ..shared(QoS::AtLeastOnce)
+        };
+        let mut outbox = Outbox::new(10);
+        let mut out = BytesMut::new();
+        for d in [
+            shared(QoS::AtMostOnce),
+            shared(QoS::AtLeastOnce),
+            shared(QoS::AtLeastOnce),
+            shared(QoS::ExactlyOnce),
+            shared(QoS::ExactlyOnce),
+            delivery(QoS::AtLeastOnce),
+            queued,
+        ] {
+            outbox.push_plain(&d, &mut out).expect("encodes");
+        }
+        // Ids 1..=4 are the group's QoS 1 and 2 deliveries, 5 a plain one.
+        outbox.puback(1).expect("in flight");
+        outbox.pubrec(3).expect("in flight");
+        outbox.puback(5).expect("in flight");
+        let back = outbox.unsettled_shared();
+        let qos: Vec<QoS> = back.iter().map(|d| d.qos).collect();
+        assert_eq!(
+            qos,
+            [QoS::AtLeastOnce, QoS::ExactlyOnce],
+            "the unacknowledged QoS 1 and the QoS 2 without PUBREC, in send order"
+        );
+        assert!(outbox.unsettled_shared().is_empty());
     }
 
     #[test]

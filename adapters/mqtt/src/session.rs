@@ -36,6 +36,7 @@ use rumqttd::protocol::{
     PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, SubAck, Subscribe,
     SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
+use tokio::sync::mpsc;
 
 use crate::codec::{self, Inbound, Version};
 use crate::error::{Close, ProtocolError};
@@ -261,6 +262,34 @@ impl Session {
         }
     }
 
+    /// The connection is over: leaves the session (as dropping it does),
+    /// then hands the group deliveries it did not complete — in flight
+    /// without PUBACK or PUBREC, waiting in `queued`, or still in the
+    /// router's channel — to other members of their groups. Leaving first
+    /// means nothing more is chosen for this connection meanwhile.
+    pub(crate) fn hand_back(self, mut deliveries: mpsc::Receiver<Delivery>) {
+        let Session {
+            client_id,
+            router,
+            subscriber,
+            mut outbox,
+            queued,
+            ..
+        } = self;
+        drop(subscriber);
+        let mut undelivered = outbox.unsettled_shared();
+        undelivered.extend(queued.into_iter().map(|(delivery, _)| delivery));
+        deliveries.close();
+        while let Ok(delivery) = deliveries.try_recv() {
+            undelivered.push(delivery);
+        }
+        // The router keeps only the group deliveries no queue holds.
+        undelivered.retain(|d| d.share.is_some() && d.seq.is_none());
+        if !undelivered.is_empty() {
+            router.redistribute(&client_id, undelivered);
+        }
+    }
+
     /// Whether deliveries are taken from the router now (not while the
     /// durable queue is read from the store).
     pub(crate) fn takes_live(&mut self) -> bool {
@@ -342,6 +371,7 @@ impl Session {
                 retained: false,
                 retain_as_published,
                 sub_ids,
+                share: None,
             };
             self.queued.push_back((delivery, dup));
         }
@@ -661,12 +691,11 @@ impl Session {
         let id = props.and_then(|p| p.id).map_or(0, |id| id as u32);
         let mut return_codes = Vec::with_capacity(subscribe.filters.len());
         for filter in &subscribe.filters {
-            let refused = if !topic::is_valid_filter(&filter.path) {
-                Some("invalid_filter")
-            } else if topic::is_amqp_namespace(&filter.path) {
-                Some("reserved_filter")
-            } else {
-                None
+            // A shared subscription's own filter is checked (`$share/g/f`).
+            let refused = match topic::parse_subscription(&filter.path) {
+                None => Some("invalid_filter"),
+                Some(s) if topic::is_amqp_namespace(s.filter()) => Some("reserved_filter"),
+                Some(_) => None,
             };
             if let Some(reason) = refused {
                 crate::logs::FILTER_REFUSED.record(reason, || {
@@ -726,6 +755,7 @@ impl Session {
                     retained: true,
                     retain_as_published: false,
                     sub_ids: if id == 0 { Vec::new() } else { vec![id] },
+                    share: None,
                 };
                 self.queued.push_back((delivery, false));
             }

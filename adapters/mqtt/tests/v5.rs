@@ -178,7 +178,7 @@ async fn connack_states_what_the_gateway_does() -> Result<()> {
 async fn broken_properties_close_only_their_connection_with_the_right_code() -> Result<()> {
     let server = Server::start().await?;
     let (mut bystander, _) = session5(&server, "bystander", &[]).await?;
-    let cases: [(&str, Vec<u8>, u8); 6] = [
+    let cases: [(&str, Vec<u8>, u8); 7] = [
         // Unknown property id 0x7F: malformed.
         ("unknown id", publish5("a/b", &[0x7F, 0], b"x", 0, 0), 0x81),
         // Message expiry twice: protocol error.
@@ -208,6 +208,12 @@ async fn broken_properties_close_only_their_connection_with_the_right_code() -> 
         ),
         // A second CONNECT.
         ("second CONNECT", connect5("again", &[]), 0x82),
+        // No local on a shared subscription (MQTT-3.8.3-4).
+        (
+            "shared no local",
+            subscribe5(1, "$share/g/t/#", 0x04 | 1, &[]),
+            0x82,
+        ),
     ];
     for (what, bytes, code) in cases {
         let (mut raw, _) = session5(&server, &format!("broken-{}", what.len()), &[]).await?;

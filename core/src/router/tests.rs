@@ -798,16 +798,20 @@ async fn a_session_keeps_its_own_expiry() {
         .expect("attach");
     short.subscriber.leave().await.expect("leave");
     long.subscriber.leave().await.expect("leave");
-    // The expiry check runs every second; bounded wait for its event.
+    // The expiry check runs every second, and deletes the record after
+    // the session left the registry; bounded wait for both.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while router.session_count() != 1 {
+    let stored = loop {
+        let stored = router.store().sessions().expect("sessions");
+        if router.session_count() == 1 && stored.len() == 1 {
+            break stored;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "short never expired"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let stored = router.store().sessions().expect("sessions");
+    };
     let ids: Vec<&str> = stored.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids, ["long"]);
     let decoded = crate::session::tests_decode_expiry(&stored[0].1);

@@ -32,6 +32,7 @@ mod pika;
 mod quota;
 mod retained;
 mod sessions;
+mod shared;
 mod tls;
 mod upstream_faults;
 mod websocket;
