@@ -1,15 +1,24 @@
-//! MQTT 3.1.1 server adapter: decodes client packets with rumqttd's
-//! `protocol` codec, publishes into the [`edge_core::Router`], acknowledges
-//! QoS 1/2 publishes only once they are committed to the store, and writes
-//! the router's deliveries back to subscribers at QoS 0, 1 or 2.
+//! MQTT 5.0, 3.1.1 and 3.1 server adapter: decodes client packets with
+//! rumqttd's `protocol` codecs (v4 and v5), publishes into the
+//! [`edge_core::Router`], acknowledges QoS 1/2 publishes only once they
+//! are committed to the store, and writes the router's deliveries back to
+//! subscribers at QoS 0, 1 or 2.
 //!
 //! - MQTT 3.1 (`MQIsdp`, level 3) is served like 3.1.1: its CONNECT is
 //!   rewritten into a 3.1.1 one before rumqttd parses it (`codec.rs`).
-//!   Other levels, MQTT 5 among them, get CONNACK 0x01; an unknown
-//!   protocol name is closed without a CONNACK.
+//!   Levels below 5 that are not served get CONNACK 0x01, above 5 MQTT 5's
+//!   0x84; an unknown protocol name is closed without a CONNACK.
+//! - MQTT 5 (`v5.rs`): the connection's state (topic aliases both ways,
+//!   the client's receive maximum and maximum packet size, problem
+//!   information) and the mapping of its properties to the core's
+//!   `Properties`; reason codes in every ack, DISCONNECT with a reason
+//!   before the gateway closes a connection (`error.rs`). The property
+//!   blocks and packet types the v5 codec mishandles are checked from the
+//!   raw frame first (`codec/props.rs`).
 //! - Last wills are kept from CONNECT and published through the router
-//!   when an accepted connection ends any way but DISCONNECT, gateway
-//!   shutdown included (`will.rs`).
+//!   when an accepted connection ends any way but DISCONNECT (MQTT 5:
+//!   or with DISCONNECT 0x04), gateway shutdown included; an MQTT 5 will
+//!   delay holds it, and a reconnect in time cancels it (`will.rs`).
 //! - QoS 2 both ways: inbound PUBREC after the commit, PUBREL → PUBCOMP
 //!   (`session.rs`); outbound PUBLISH → PUBREC → PUBREL → PUBCOMP within
 //!   `max_inflight` (`outbox.rs`).
