@@ -309,16 +309,22 @@ struct RawWill<'a> {
 
 /// An MQTT 5 CONNECT: clean start, keep-alive 60 s, no properties.
 fn raw_connect(id: &str, will: Option<RawWill<'_>>) -> Vec<u8> {
+    raw_connect_with(id, true, &[], will)
+}
+
+/// An MQTT 5 CONNECT with `clean` start and the raw property block `props`.
+fn raw_connect_with(id: &str, clean: bool, props: &[u8], will: Option<RawWill<'_>>) -> Vec<u8> {
     let mut body = Vec::new();
     string(b"MQTT", &mut body);
     body.push(5);
-    let mut flags = 0x02;
+    let mut flags = if clean { 0x02 } else { 0 };
     if will.is_some() {
         flags |= 0x04 | (1 << 3); // will, at QoS 1
     }
     body.push(flags);
     body.extend_from_slice(&60u16.to_be_bytes());
-    body.push(0); // no properties
+    varint(props.len(), &mut body);
+    body.extend_from_slice(props);
     string(id.as_bytes(), &mut body);
     if let Some(w) = will {
         varint(w.props.len(), &mut body);
@@ -468,10 +474,21 @@ async fn a_v5_session_with_expiry_survives_kill_9_and_restart() -> Result<()> {
 
     let (mut c, ack) = V5Client::connect(persistent(addr, &id, 300)).await?;
     assert!(!ack.session_present);
-    c.subscribe1(&topic).await?;
+    let codes = c
+        .subscribe(vec![Filter::new(&topic, QoS::AtLeastOnce)], Some(7))
+        .await?;
+    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
     c.disconnect().await?;
+    let typed = [
+        "-V",
+        "mqttv5",
+        "-D",
+        "publish",
+        "content-type",
+        "text/x-kept",
+    ];
     for n in 0..3 {
-        mosquitto_pub_with(addr.port(), &topic, &format!("m{n}"), 1, &["-V", "mqttv5"]).await?;
+        mosquitto_pub_with(addr.port(), &topic, &format!("m{n}"), 1, &typed).await?;
     }
     gw.kill().await?;
     gw.restart().await?;
@@ -482,6 +499,11 @@ async fn a_v5_session_with_expiry_survives_kill_9_and_restart() -> Result<()> {
     for _ in 0..3 {
         let p = c.publish().await?;
         assert_eq!(p.qos, QoS::AtLeastOnce);
+        let props = p.properties.clone().unwrap_or_default();
+        // The subscription identifier is part of the stored session, the
+        // properties of the stored message.
+        assert_eq!(props.subscription_identifiers, [7], "{p:?}");
+        assert_eq!(props.content_type.as_deref(), Some("text/x-kept"), "{p:?}");
         got.push(text(&p.payload));
     }
     assert_eq!(got, ["m0", "m1", "m2"]);
@@ -584,6 +606,72 @@ async fn session_expiry_zero_ends_with_the_connection_and_a_short_one_runs_out()
     Ok(())
 }
 
+/// Session expiry interval (0x11) as a property block entry.
+fn expiry_prop(secs: u32) -> Vec<u8> {
+    let mut p = vec![0x11];
+    p.extend_from_slice(&secs.to_be_bytes());
+    p
+}
+
+/// A DISCONNECT (reason 0) setting the session expiry to `secs`.
+fn disconnect_with_expiry(secs: u32) -> Vec<u8> {
+    let props = expiry_prop(secs);
+    let mut body = vec![0x00];
+    varint(props.len(), &mut body);
+    body.extend_from_slice(&props);
+    packet(0xE0, &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_may_end_the_session_but_not_revive_one_without_expiry() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let addr = gw.mqtt_addr();
+
+    // CONNECT with 300 s, DISCONNECT with 0: the session ends now.
+    let id = unique("dexp");
+    let mut s = raw_connected(addr, &raw_connect_with(&id, false, &expiry_prop(300), None)).await?;
+    s.write_all(&disconnect_with_expiry(0)).await?;
+    let after = read_packet(&mut s).await?;
+    assert!(after.is_none(), "DISCONNECT answered with {after:?}");
+    let (c, ack) = V5Client::connect(persistent(addr, &id, 300)).await?;
+    assert!(
+        !ack.session_present,
+        "DISCONNECT with expiry 0 left the session"
+    );
+    c.disconnect().await?;
+
+    // And with a longer one it stays (the CONNECT had 1 s).
+    let id = unique("dlong");
+    let mut s = raw_connected(addr, &raw_connect_with(&id, false, &expiry_prop(1), None)).await?;
+    s.write_all(&disconnect_with_expiry(300)).await?;
+    assert!(read_packet(&mut s).await?.is_none());
+    tokio::time::sleep(Duration::from_millis(2500)).await; // past the CONNECT's 1 s
+    let (c, ack) = V5Client::connect(persistent(addr, &id, 300)).await?;
+    assert!(
+        ack.session_present,
+        "DISCONNECT's longer expiry was not taken"
+    );
+    c.disconnect().await?;
+
+    // CONNECT without expiry (0), DISCONNECT with 300: a protocol error
+    // (MQTT-3.14.2-2), answered with DISCONNECT 0x82.
+    let id = unique("dzero");
+    let mut s = raw_connected(addr, &raw_connect_with(&id, false, &[], None)).await?;
+    s.write_all(&disconnect_with_expiry(300)).await?;
+    match read_packet(&mut s).await? {
+        Some((0xE0, d)) => assert_eq!(d.first(), Some(&0x82), "DISCONNECT {d:?}"),
+        other => bail!("raising the expiry from 0 got {other:?}, not DISCONNECT 0x82"),
+    }
+    let (c, ack) = V5Client::connect(persistent(addr, &id, 300)).await?;
+    assert!(
+        !ack.session_present,
+        "a session without expiry outlived its connection"
+    );
+    c.disconnect().await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------
 // Message expiry
 
@@ -644,6 +732,59 @@ async fn expired_queued_messages_are_not_delivered_and_others_carry_what_is_left
         "an expired message was delivered"
     );
     c.disconnect().await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_expires_too() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let addr = gw.mqtt_addr();
+    let t = unique("rexp");
+    let (p, _) = V5Client::connect(opts(addr, &unique("rpub"))).await?;
+    for (topic, secs) in [("short", 1), ("long", 60)] {
+        let expiring = PublishProperties {
+            message_expiry_interval: Some(secs),
+            ..props()
+        };
+        p.client
+            .publish_with_properties(
+                format!("{t}/{topic}"),
+                QoS::AtLeastOnce,
+                true,
+                topic,
+                expiring,
+            )
+            .await?;
+    }
+    let mut p = p;
+    p.expect("PUBACK", |p| matches!(p, Packet::PubAck(_)).then_some(()))
+        .await?;
+    p.expect("PUBACK", |p| matches!(p, Packet::PubAck(_)).then_some(()))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(2200)).await; // past the 1 s expiry
+
+    let (mut sub, _) = V5Client::connect(opts(addr, &unique("rsub"))).await?;
+    sub.subscribe1(&format!("{t}/#")).await?;
+    let m = sub.publish().await?;
+    assert_eq!(
+        text(&m.payload),
+        "long",
+        "an expired retained message was sent"
+    );
+    assert!(m.retain);
+    let left = m
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval);
+    assert!(
+        matches!(left, Some(s) if (1..60).contains(&s)),
+        "remaining lifetime {left:?}"
+    );
+    assert!(
+        sub.publish_within(QUIET).await?.is_none(),
+        "an expired retained message was sent"
+    );
     gw.shutdown().await?;
     Ok(())
 }
@@ -756,7 +897,8 @@ async fn properties_travel_from_mqtt5_to_mqtt5_clients() -> Result<()> {
     Ok(())
 }
 
-/// One delivery on the gateway's own AMQP server: body and properties.
+/// One AMQP delivery: body and the properties MQTT 5 maps to.
+#[derive(Debug)]
 struct AmqpGot {
     body: String,
     content_type: Option<String>,
@@ -766,76 +908,82 @@ struct AmqpGot {
     headers: Vec<(String, String)>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn properties_map_from_mqtt5_to_amqp() -> Result<()> {
-    let gw = TestGateway::builder().start().await?;
-    let t = unique("toamqp");
-    let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+/// An exclusive queue on `uri`'s `amq.topic` bound with `key`, consumed
+/// (auto-ack); the connection must be kept open while it is used.
+async fn amqp_consumer(uri: &str, key: &str) -> Result<(lapin::Connection, lapin::Consumer)> {
+    let conn = edge_tests::amqp::connect(uri).await?;
     let channel = conn.create_channel().await?;
     let q = unique("q5");
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..QueueDeclareOptions::default()
+    };
     channel
-        .queue_declare(
-            q.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+        .queue_declare(q.as_str().into(), exclusive, FieldTable::default())
         .await?;
     channel
         .queue_bind(
             q.as_str().into(),
             "amq.topic".into(),
-            format!("{t}.#").as_str().into(),
+            key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await?;
-    let mut consumer = channel
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..BasicConsumeOptions::default()
+    };
+    let consumer = channel
         .basic_consume(
             q.as_str().into(),
             "c5".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
+            no_ack,
             FieldTable::default(),
         )
         .await?;
+    Ok((conn, consumer))
+}
 
-    let (mut p, _) = V5Client::connect(opts(gw.mqtt_addr(), &unique("apub"))).await?;
-    p.publish1(&format!("{t}/a"), "{}", Some(full_props("replies/here")))
-        .await?;
-    let d = tokio::time::timeout(SHORT, consumer.next())
+/// The next delivery of `consumer` (bounded by `timeout`).
+async fn amqp_next(consumer: &mut lapin::Consumer, timeout: Duration) -> Result<AmqpGot> {
+    let d = tokio::time::timeout(timeout, consumer.next())
         .await
-        .map_err(|_| anyhow!("no AMQP delivery within {SHORT:?}"))?
+        .map_err(|_| anyhow!("no AMQP delivery within {timeout:?}"))?
         .context("consumer ended")??;
     let s = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_string());
     let pr = &d.properties;
     let mut headers = Vec::new();
     if let Some(table) = pr.headers() {
         for (k, v) in table.inner() {
-            if let AMQPValue::LongString(v) = v {
-                headers.push((
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                ));
-            }
+            let v = match v {
+                AMQPValue::LongString(v) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                AMQPValue::ShortString(v) => v.as_str().to_string(),
+                other => format!("{other:?}"),
+            };
+            headers.push((k.as_str().to_string(), v));
         }
     }
-    let got = AmqpGot {
+    Ok(AmqpGot {
         body: String::from_utf8_lossy(&d.data).into_owned(),
         content_type: s(pr.content_type()),
         correlation_id: s(pr.correlation_id()),
         reply_to: s(pr.reply_to()),
         expiration: s(pr.expiration()),
         headers,
-    };
-    assert_eq!(got.body, "{}");
-    assert_eq!(got.content_type.as_deref(), Some("application/json"));
-    assert_eq!(got.correlation_id.as_deref(), Some("req-42"));
-    assert_eq!(got.reply_to.as_deref(), Some("replies/here"));
+    })
+}
+
+/// What [`full_props`] must become in AMQP basic properties.
+fn assert_amqp_mapping(got: &AmqpGot, reply: &str) -> Result<()> {
+    assert_eq!(got.body, "{}", "{got:?}");
+    assert_eq!(
+        got.content_type.as_deref(),
+        Some("application/json"),
+        "{got:?}"
+    );
+    assert_eq!(got.correlation_id.as_deref(), Some("req-42"), "{got:?}");
+    assert_eq!(got.reply_to.as_deref(), Some(reply), "{got:?}");
     let ms: u64 = got
         .expiration
         .as_deref()
@@ -852,6 +1000,42 @@ async fn properties_map_from_mqtt5_to_amqp() -> Result<()> {
             got.headers
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_map_from_mqtt5_to_the_gateways_amqp_server() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let t = unique("toamqp");
+    let (conn, mut consumer) = amqp_consumer(&gw.amqp_uri(), &format!("{t}.#")).await?;
+    let (mut p, _) = V5Client::connect(opts(gw.mqtt_addr(), &unique("apub"))).await?;
+    p.publish1(&format!("{t}/a"), "{}", Some(full_props("replies/here")))
+        .await?;
+    assert_amqp_mapping(&amqp_next(&mut consumer, SHORT).await?, "replies/here")?;
+    conn.close(200, "done".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
+/// The same mapping on the way upstream: a route to RabbitMQ, with the
+/// remaining lifetime as `expiration`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_map_from_mqtt5_to_an_upstream_broker() -> Result<()> {
+    let node = crate::shared_node().await?;
+    let t = unique("up5");
+    let (conn, mut consumer) = amqp_consumer(&node.amqp_uri(), &format!("{t}.#")).await?;
+    let gw = TestGateway::builder()
+        .upstream("central", &[node.amqp_uri()])
+        .route("v5", &format!("{t}/#"), "central")
+        .start()
+        .await?;
+    let (mut p, _) = V5Client::connect(opts(gw.mqtt_addr(), &unique("upub"))).await?;
+    let routed = p
+        .publish1(&format!("{t}/a"), "{}", Some(full_props("replies/up")))
+        .await?;
+    assert_eq!(routed, PubAckReason::Success, "a routed message is matched");
+    let got = amqp_next(&mut consumer, crate::LONG).await?;
+    assert_amqp_mapping(&got, "replies/up")?;
     conn.close(200, "done".into()).await?;
     gw.shutdown().await?;
     Ok(())
@@ -915,6 +1099,51 @@ async fn topic_aliases_work_both_ways() -> Result<()> {
     let m = plain.publish().await?;
     assert_eq!(text(&m.topic), topic);
     assert_eq!(m.properties.as_ref().and_then(|p| p.topic_alias), None);
+
+    // A client alias may be set again to another topic.
+    let other = format!("{t}/other");
+    let remap = PublishProperties {
+        topic_alias: Some(3),
+        ..props()
+    };
+    p.publish1(&other, "five", Some(remap.clone())).await?;
+    p.publish1("", "six", Some(remap)).await?;
+    for payload in ["five", "six"] {
+        let m = plain.publish().await?;
+        assert_eq!(
+            (text(&m.topic), text(&m.payload)),
+            (other.clone(), payload.to_string())
+        );
+    }
+
+    // With its one alias taken, the gateway sends other topics whole.
+    let mut o = opts(addr, &unique("onealias"));
+    o.set_topic_alias_max(Some(1));
+    let (mut one, _) = V5Client::connect(o).await?;
+    one.subscribe1(&format!("{t}/#")).await?;
+    for (to, payload) in [
+        (&topic, "x1"),
+        (&other, "y1"),
+        (&topic, "x2"),
+        (&other, "y2"),
+    ] {
+        p.publish1(to, payload, None).await?;
+    }
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let m = one.publish().await?;
+        let alias = m.properties.as_ref().and_then(|p| p.topic_alias);
+        seen.push((text(&m.topic), alias, text(&m.payload)));
+    }
+    assert_eq!(
+        seen,
+        [
+            (topic.clone(), Some(1), "x1".to_string()),
+            (other.clone(), None, "y1".to_string()),
+            (String::new(), Some(1), "x2".to_string()),
+            (other.clone(), None, "y2".to_string()),
+        ]
+    );
 
     // An alias never set, with an empty topic: DISCONNECT 0x82/0x94.
     let mut s = raw_connected(addr, &raw_connect(&unique("rawalias"), None)).await?;
@@ -986,9 +1215,9 @@ async fn a_client_past_the_gateways_receive_maximum_is_disconnected_with_0x93() 
         .await?;
     let addr = gw.mqtt_addr();
     let mut s = raw_connected(addr, &raw_connect(&unique("greedy"), None)).await?;
-    // Ten QoS 1 publishes in one write: more unacknowledged than 2.
+    // Thirty QoS 1 publishes in one write: more unacknowledged than 2.
     let mut burst = Vec::new();
-    for pkid in 1..=10u16 {
+    for pkid in 1..=30u16 {
         burst.extend(raw_publish1("rmax/in", pkid, b"x"));
     }
     s.write_all(&burst).await?;
@@ -1196,6 +1425,71 @@ async fn reason_codes_for_no_subscribers_unsubscribe_and_take_over() -> Result<(
     Ok(())
 }
 
+/// A QoS 1 publish with payload format indicator 1 and a payload that is
+/// not UTF-8: the PUBACK's reason and reason string.
+async fn publish_bad_utf8(c: &mut V5Client, topic: &str) -> Result<(PubAckReason, Option<String>)> {
+    let utf8 = PublishProperties {
+        payload_format_indicator: Some(1),
+        ..props()
+    };
+    c.client
+        .publish_with_properties(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            Bytes::from_static(&[0xC3, 0x28, 0xFF]),
+            utf8,
+        )
+        .await?;
+    c.expect("PUBACK", |p| match p {
+        Packet::PubAck(a) => Some((a.reason, a.properties.and_then(|p| p.reason_string))),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_that_is_not_the_utf8_it_claims_gets_0x99_with_a_reason_only_if_asked()
+-> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let addr = gw.mqtt_addr();
+    let t = unique("pfi");
+    let (mut watcher, _) = V5Client::connect(opts(addr, &unique("pfiw"))).await?;
+    watcher.subscribe1(&format!("{t}/#")).await?;
+
+    // Problem information requested (the default): a reason string.
+    let (mut c, _) = V5Client::connect(opts(addr, &unique("pfi1"))).await?;
+    let (reason, why) = publish_bad_utf8(&mut c, &format!("{t}/bad")).await?;
+    assert_eq!(reason, PubAckReason::PayloadFormatInvalid);
+    assert!(
+        why.is_some_and(|w| !w.is_empty()),
+        "no reason string though problem information was requested"
+    );
+    // The connection stays and the refused message went nowhere.
+    assert_eq!(
+        c.publish1(&format!("{t}/good"), "fine", None).await?,
+        PubAckReason::Success
+    );
+    assert_eq!(
+        text(&watcher.publish().await?.payload),
+        "fine",
+        "the invalid payload was delivered"
+    );
+
+    // Request problem information 0: the reason code alone.
+    let mut o = opts(addr, &unique("pfi0"));
+    o.set_request_problem_info(Some(0));
+    let (mut c, _) = V5Client::connect(o).await?;
+    let (reason, why) = publish_bad_utf8(&mut c, &format!("{t}/bad")).await?;
+    assert_eq!(reason, PubAckReason::PayloadFormatInvalid);
+    assert_eq!(
+        why, None,
+        "a reason string though request problem information was 0"
+    );
+    gw.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_refuses_with_0x97_and_keeps_the_connection() -> Result<()> {
     let nowhere = format!(
@@ -1375,6 +1669,36 @@ async fn disconnect_0x04_publishes_the_will_and_a_normal_one_does_not() -> Resul
         watcher.publish_within(QUIET).await?.is_none(),
         "a normal DISCONNECT published its will"
     );
+    gw.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_delay_longer_than_the_session_ends_with_the_session() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let addr = gw.mqtt_addr();
+    let t = unique("wsess");
+    let (mut watcher, _) = V5Client::connect(opts(addr, &unique("watch"))).await?;
+    watcher.subscribe1(&format!("{t}/#")).await?;
+    // Delay 60 s, session expiry 1 s: the will goes when the session ends
+    // (MQTT 5 §3.1.3.2.2), well within SHORT.
+    vanish(
+        addr,
+        &unique("brief"),
+        will(&format!("{t}/will"), "session-over", Some(60)),
+        1,
+    )
+    .await?;
+    assert_eq!(text(&watcher.publish().await?.payload), "session-over");
+    // Session expiry 0: at once, whatever the delay.
+    vanish(
+        addr,
+        &unique("none"),
+        will(&format!("{t}/will"), "no-session", Some(60)),
+        0,
+    )
+    .await?;
+    assert_eq!(text(&watcher.publish().await?.payload), "no-session");
     gw.shutdown().await?;
     Ok(())
 }
