@@ -420,6 +420,42 @@ async fn connack_assigns_an_id_and_states_the_limits() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_come_in_a_connack_the_client_can_read() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let addr = gw.mqtt_addr();
+    // Enhanced authentication is not served: 0x8C, bad authentication
+    // method, in rumqttc's own reading of the CONNACK.
+    let mut o = opts(addr, &unique("auth"));
+    o.set_authentication_method(Some("SCRAM-SHA-1".into()));
+    let (_c, ack) = V5Client::connect_any(o).await?;
+    assert_eq!(ack.code, ConnectReturnCode::BadAuthenticationMethod);
+
+    // A protocol level above 5: CONNACK 0x84 in MQTT 5's form (flags,
+    // reason code, property length), then close.
+    let mut connect = raw_connect(&unique("lvl6"), None);
+    connect[8] = 6; // the protocol level after 0x10, length, "MQTT"
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(&connect).await?;
+    match read_packet(&mut s).await? {
+        Some((0x20, body)) => {
+            assert_eq!(body.get(..2), Some(&[0x00, 0x84][..]), "CONNACK {body:?}");
+            assert!(body.len() >= 3, "no property length: {body:?}");
+        }
+        other => bail!("level 6 got {other:?}, not CONNACK 0x84"),
+    }
+    assert!(
+        read_packet(&mut s).await?.is_none(),
+        "still open after 0x84"
+    );
+
+    // Others connect as before.
+    let (c, _) = V5Client::connect(opts(addr, &unique("fine"))).await?;
+    c.disconnect().await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
 /// The CONNACK's shared subscription availability is what SUBSCRIBE does:
 /// available (absent or 1) means one message of `$share/g/t` reaches one
 /// member; unavailable (0) means the SUBACK refuses with 0x9E.
@@ -1203,6 +1239,34 @@ async fn the_gateway_keeps_to_the_clients_receive_maximum() -> Result<()> {
         }
     }
     assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+
+    // The same for what a persistent session's queue holds at reconnect.
+    let id = unique("rback");
+    let mut o = persistent(addr, &id, 300);
+    o.set_receive_maximum(Some(2));
+    o.set_manual_acks(true);
+    let (mut c, _) = V5Client::connect(o.clone()).await?;
+    c.subscribe1(&format!("{t}/q")).await?;
+    c.disconnect().await?;
+    for n in 0..5 {
+        p.publish1(&format!("{t}/q"), &format!("b{n}"), None)
+            .await?;
+    }
+    let (mut c, ack) = V5Client::connect(o).await?;
+    assert!(ack.session_present);
+    let mut unacked = vec![c.publish().await?, c.publish().await?];
+    let mut got: Vec<String> = unacked.iter().map(|m| text(&m.payload)).collect();
+    assert!(
+        c.publish_within(QUIET).await?.is_none(),
+        "a third queued delivery with 2 unacknowledged and receive maximum 2"
+    );
+    while got.len() < 5 {
+        c.client.ack(&unacked.remove(0)).await?;
+        let next = c.publish().await?;
+        got.push(text(&next.payload));
+        unacked.push(next);
+    }
+    assert_eq!(got, ["b0", "b1", "b2", "b3", "b4"]);
     gw.shutdown().await?;
     Ok(())
 }
@@ -1243,25 +1307,57 @@ async fn a_client_past_the_gateways_receive_maximum_is_disconnected_with_0x93() 
 // Maximum packet size
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deliveries_over_the_clients_maximum_packet_size_are_skipped() -> Result<()> {
-    let gw = TestGateway::builder().start().await?;
+async fn maximum_packet_sizes_hold_both_ways() -> Result<()> {
+    let gw = TestGateway::builder()
+        .set("mqtt.max_packet_size", "\"1KiB\"")
+        .start()
+        .await?;
     let addr = gw.mqtt_addr();
     let t = unique("mps");
+    let big = "B".repeat(600);
+    let (mut p, _) = V5Client::connect(opts(addr, &unique("big"))).await?;
+
+    // Live: the oversized delivery is skipped, the next one arrives.
     let mut o = opts(addr, &unique("small"));
     o.set_max_packet_size(Some(256));
     let (mut sub, _) = V5Client::connect(o).await?;
-    sub.subscribe1(&format!("{t}/#")).await?;
-    let (mut p, _) = V5Client::connect(opts(addr, &unique("big"))).await?;
-    p.publish1(&format!("{t}/a"), "small-1", None).await?;
-    p.publish1(&format!("{t}/a"), &"B".repeat(1000), None)
-        .await?;
-    p.publish1(&format!("{t}/a"), "small-2", None).await?;
+    sub.subscribe1(&format!("{t}/live")).await?;
+    for payload in ["small-1", &big, "small-2"] {
+        p.publish1(&format!("{t}/live"), payload, None).await?;
+    }
     assert_eq!(text(&sub.publish().await?.payload), "small-1");
-    assert_eq!(
-        text(&sub.publish().await?.payload),
-        "small-2",
-        "the oversized one was not skipped"
-    );
+    let next = text(&sub.publish().await?.payload);
+    assert_eq!(next, "small-2", "the oversized one was not skipped");
+
+    // Queued for an offline session: skipped for good (MQTT-3.1.2-25:
+    // discarded), not kept for a later connection that takes more.
+    let id = unique("mpsq");
+    let mut small = persistent(addr, &id, 300);
+    small.set_max_packet_size(Some(256));
+    let (mut c, _) = V5Client::connect(small.clone()).await?;
+    c.subscribe1(&format!("{t}/queued")).await?;
+    c.disconnect().await?;
+    for payload in ["q-1", &big, "q-2"] {
+        p.publish1(&format!("{t}/queued"), payload, None).await?;
+    }
+    let (mut c, _) = V5Client::connect(small).await?;
+    assert_eq!(text(&c.publish().await?.payload), "q-1");
+    assert_eq!(text(&c.publish().await?.payload), "q-2");
+    c.disconnect().await?;
+    let (mut c, ack) = V5Client::connect(persistent(addr, &id, 300)).await?;
+    assert!(ack.session_present);
+    let late = c.publish_within(QUIET).await?;
+    assert!(late.is_none(), "a skipped delivery came later: {late:?}");
+    c.disconnect().await?;
+
+    // Towards the gateway: a PUBLISH over mqtt.max_packet_size is 0x95.
+    let mut s = raw_connected(addr, &raw_connect(&unique("huge"), None)).await?;
+    s.write_all(&raw_publish1(&format!("{t}/in"), 1, &[b'x'; 2000]))
+        .await?;
+    match read_packet(&mut s).await? {
+        Some((0xE0, d)) => assert_eq!(d.first(), Some(&0x95), "DISCONNECT {d:?}"),
+        other => bail!("an oversized PUBLISH got {other:?}, not DISCONNECT 0x95"),
+    }
     gw.shutdown().await?;
     Ok(())
 }
@@ -1372,6 +1468,17 @@ async fn subscription_options_are_honoured() -> Result<()> {
     assert!(
         ids.publish_within(QUIET).await?.is_none(),
         "overlapping filters delivered twice"
+    );
+    // A retained message sent for a SUBSCRIBE carries its identifier.
+    ids.subscribe(vec![Filter::new(&rt, QoS::AtLeastOnce)], Some(44))
+        .await?;
+    let m = ids.publish().await?;
+    assert!(m.retain && text(&m.payload) == "kept", "{m:?}");
+    let got = m.properties.map(|p| p.subscription_identifiers);
+    assert_eq!(
+        got,
+        Some(vec![44]),
+        "the retained message's subscription id"
     );
     gw.shutdown().await?;
     Ok(())
@@ -1699,6 +1806,42 @@ async fn a_will_delay_longer_than_the_session_ends_with_the_session() -> Result<
     )
     .await?;
     assert_eq!(text(&watcher.publish().await?.payload), "no-session");
+    gw.shutdown().await?;
+    Ok(())
+}
+
+/// Gateway shutdown publishes a will still waiting out its delay, like
+/// those of the connections it closes; a persistent watcher gets it after
+/// the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_publishes_a_delayed_will_at_once() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let addr = gw.mqtt_addr();
+    let t = unique("wshut");
+    let watch_id = unique("watch");
+    let (mut watcher, _) = V5Client::connect(persistent(addr, &watch_id, 300)).await?;
+    watcher.subscribe1(&format!("{t}/#")).await?;
+    watcher.disconnect().await?;
+    vanish(
+        addr,
+        &unique("pending"),
+        will(&format!("{t}/will"), "at-shutdown", Some(60)),
+        300,
+    )
+    .await?;
+    // Whether the gateway saw the close first (the will then waits out
+    // its delay) or closes the connection itself, shutdown publishes it.
+    let root = gw.shutdown().await?;
+
+    let gw = TestGateway::builder().root(root).start().await?;
+    let (mut watcher, ack) = V5Client::connect(persistent(gw.mqtt_addr(), &watch_id, 300)).await?;
+    assert!(ack.session_present);
+    let m = watcher.publish().await?;
+    assert_eq!(
+        text(&m.payload),
+        "at-shutdown",
+        "the delayed will was lost at shutdown"
+    );
     gw.shutdown().await?;
     Ok(())
 }
