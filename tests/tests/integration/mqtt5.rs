@@ -1077,6 +1077,55 @@ async fn properties_map_from_mqtt5_to_an_upstream_broker() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_properties_reach_mqtt5_subscribers() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let t = unique("fromamqp");
+    let (mut sub, _) = V5Client::connect(opts(gw.mqtt_addr(), &unique("asub"))).await?;
+    sub.subscribe1(&format!("{t}/#")).await?;
+
+    let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let channel = conn.create_channel().await?;
+    let mut headers = FieldTable::default();
+    headers.insert("site".into(), AMQPValue::LongString("south".into()));
+    let props = lapin::BasicProperties::default()
+        .with_content_type("text/csv".into())
+        .with_correlation_id("corr-9".into())
+        .with_reply_to(format!("{t}/replies").as_str().into())
+        .with_expiration("60000".into())
+        .with_headers(headers);
+    channel
+        .basic_publish(
+            "amq.topic".into(),
+            format!("{t}.a").as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"1,2",
+            props,
+        )
+        .await?;
+    let m = sub.publish().await?;
+    assert_eq!(
+        (text(&m.topic), text(&m.payload)),
+        (format!("{t}/a"), "1,2".to_string())
+    );
+    let p = m.properties.context("no properties from AMQP")?;
+    assert_eq!(p.content_type.as_deref(), Some("text/csv"), "{p:?}");
+    assert_eq!(p.correlation_data.as_deref(), Some(&b"corr-9"[..]), "{p:?}");
+    assert_eq!(p.response_topic, Some(format!("{t}/replies")), "{p:?}");
+    assert!(
+        p.user_properties
+            .contains(&("site".to_string(), "south".to_string())),
+        "{p:?}"
+    );
+    assert!(
+        matches!(p.message_expiry_interval, Some(s) if (1..=60).contains(&s)),
+        "{p:?}"
+    );
+    conn.close(200, "done".into()).await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------
 // Topic aliases
 
@@ -1842,6 +1891,41 @@ async fn shutdown_publishes_a_delayed_will_at_once() -> Result<()> {
         "at-shutdown",
         "the delayed will was lost at shutdown"
     );
+    gw.shutdown().await?;
+    Ok(())
+}
+
+/// DISCONNECT 0x04 that also sets the session expiry to 0: the session
+/// ends now, so a will waiting for a longer delay goes now too (the will is
+/// published at the earlier of its delay and the session's end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_goes_when_disconnect_ends_the_session_before_its_delay() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let addr = gw.mqtt_addr();
+    let t = unique("wend");
+    let (mut watcher, _) = V5Client::connect(opts(addr, &unique("watch"))).await?;
+    watcher.subscribe1(&format!("{t}/#")).await?;
+    let mut delay = vec![0x18]; // will delay interval: 60 s
+    delay.extend_from_slice(&60u32.to_be_bytes());
+    let topic = format!("{t}/will");
+    let w = RawWill {
+        topic: &topic,
+        payload: b"ended",
+        props: &delay,
+    };
+    let connect = raw_connect_with(&unique("wender"), false, &expiry_prop(300), Some(w));
+    let mut s = raw_connected(addr, &connect).await?;
+    let props = expiry_prop(0);
+    let mut body = vec![0x04];
+    varint(props.len(), &mut body);
+    body.extend_from_slice(&props);
+    s.write_all(&packet(0xE0, &body)).await?;
+    assert!(read_packet(&mut s).await?.is_none());
+    let m = watcher
+        .publish()
+        .await
+        .context("the will waited for its delay after the session ended")?;
+    assert_eq!(text(&m.payload), "ended");
     gw.shutdown().await?;
     Ok(())
 }
