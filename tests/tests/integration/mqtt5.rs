@@ -511,7 +511,7 @@ async fn a_v5_session_with_expiry_survives_kill_9_and_restart() -> Result<()> {
     let (mut c, ack) = V5Client::connect(persistent(addr, &id, 300)).await?;
     assert!(!ack.session_present);
     let codes = c
-        .subscribe(vec![Filter::new(&topic, QoS::AtLeastOnce)], Some(7))
+        .subscribe(vec![filter(&topic, |f| f.nolocal = true)], Some(7))
         .await?;
     assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
     c.disconnect().await?;
@@ -543,6 +543,11 @@ async fn a_v5_session_with_expiry_survives_kill_9_and_restart() -> Result<()> {
         got.push(text(&p.payload));
     }
     assert_eq!(got, ["m0", "m1", "m2"]);
+    // No local is part of the stored session too.
+    c.publish1(&topic, "own", None).await?;
+    mosquitto_pub_with(addr.port(), &topic, "other", 1, &["-V", "mqttv5"]).await?;
+    let next = text(&c.publish().await?.payload);
+    assert_eq!(next, "other", "no local was lost across kill -9");
     c.disconnect().await?;
 
     // mosquitto_sub's own session with an expiry (-x) is kept too: it
@@ -1483,6 +1488,27 @@ async fn subscription_options_are_honoured() -> Result<()> {
                 assert!(m.retain && text(&m.payload) == "kept", "{m:?}");
             }
         }
+    }
+
+    // Retain handling 1 on a resumed session: the subscription exists.
+    let id = unique("rh1");
+    for (round, want) in [(0, true), (1, false)] {
+        let (mut c, ack) = V5Client::connect(persistent(addr, &id, 300)).await?;
+        assert_eq!(ack.session_present, round == 1);
+        c.subscribe(
+            vec![filter(&rt, |f| {
+                f.retain_forward_rule = RetainForwardRule::OnNewSubscribe
+            })],
+            None,
+        )
+        .await?;
+        let got = c.publish_within(if want { SHORT } else { QUIET }).await?;
+        assert_eq!(
+            got.is_some(),
+            want,
+            "retain handling 1, connection {round}: {got:?}"
+        );
+        c.disconnect().await?;
     }
 
     // Subscription identifiers: two overlapping filters, both ids.
