@@ -24,7 +24,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnectReturnCode, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet,
-    PubAckReason, Publish, PublishProperties, RetainForwardRule, SubscribeProperties,
+    PubAckReason, PubRecReason, Publish, PublishProperties, RetainForwardRule, SubscribeProperties,
     SubscribeReasonCode, UnsubAckReason,
 };
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions, StateError};
@@ -1578,6 +1578,19 @@ async fn reason_codes_for_no_subscribers_unsubscribe_and_take_over() -> Result<(
         c.publish1(&format!("{t}/me"), "x", None).await?,
         PubAckReason::Success
     );
+    // QoS 2: the PUBREC says 0x10, and the exchange still completes.
+    c.client
+        .publish(format!("{t}/nobody"), QoS::ExactlyOnce, false, "y")
+        .await?;
+    let rec = c
+        .expect("PUBREC", |p| match p {
+            Packet::PubRec(r) => Some(r.reason),
+            _ => None,
+        })
+        .await?;
+    assert_eq!(rec, PubRecReason::NoMatchingSubscribers);
+    c.expect("PUBCOMP", |p| matches!(p, Packet::PubComp(_)).then_some(()))
+        .await?;
 
     c.client.unsubscribe(format!("{t}/never")).await?;
     let reasons = c
@@ -1704,11 +1717,21 @@ async fn a_full_store_refuses_with_0x97_and_keeps_the_connection() -> Result<()>
         Some(PubAckReason::QuotaExceeded),
         "after {accepted} accepted"
     );
-    // The connection stays: it is still answered.
+    // The connection stays: it is still answered, QoS 2 in its PUBREC.
     assert_eq!(
         c.publish1("quota5/fill", &big, None).await?,
         PubAckReason::QuotaExceeded
     );
+    c.client
+        .publish("quota5/fill", QoS::ExactlyOnce, false, big.clone())
+        .await?;
+    let rec = c
+        .expect("PUBREC", |p| match p {
+            Packet::PubRec(r) => Some(r.reason),
+            _ => None,
+        })
+        .await?;
+    assert_eq!(rec, PubRecReason::QuotaExceeded);
     c.disconnect().await?;
     gw.shutdown().await?;
     Ok(())
