@@ -1685,6 +1685,45 @@ async fn a_payload_that_is_not_the_utf8_it_claims_gets_0x99_with_a_reason_only_i
     Ok(())
 }
 
+/// Subscription identifiers a client may not send: 0 in SUBSCRIBE
+/// (MQTT 5 §3.8.2.1.2) and any in a PUBLISH to the server (MQTT-3.3.4-6).
+/// Each is a protocol error: DISCONNECT 0x82 for that connection only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misplaced_subscription_identifiers_are_protocol_errors() -> Result<()> {
+    let gw = TestGateway::builder().start().await?;
+    let addr = gw.mqtt_addr();
+    let (mut bystander, _) = V5Client::connect(opts(addr, &unique("by"))).await?;
+    bystander.subscribe1("subid/#").await?;
+
+    let mut zero = Vec::new();
+    zero.extend_from_slice(&1u16.to_be_bytes());
+    zero.extend_from_slice(&[2, 0x0B, 0]); // subscription identifier 0
+    string(b"subid/a", &mut zero);
+    zero.push(1);
+    let mut in_publish = Vec::new();
+    string(b"subid/b", &mut in_publish);
+    in_publish.extend_from_slice(&1u16.to_be_bytes());
+    in_publish.extend_from_slice(&[2, 0x0B, 5]); // subscription identifier 5
+    in_publish.extend_from_slice(b"x");
+    for (what, bytes) in [
+        ("id 0 in SUBSCRIBE", packet(0x82, &zero)),
+        ("id in PUBLISH", packet(0x32, &in_publish)),
+    ] {
+        let mut s = raw_connected(addr, &raw_connect(&unique("subid"), None)).await?;
+        s.write_all(&bytes).await?;
+        match read_packet(&mut s).await? {
+            Some((0xE0, d)) => assert_eq!(d.first(), Some(&0x82), "{what}: DISCONNECT {d:?}"),
+            other => bail!("{what}: got {other:?}, not DISCONNECT 0x82"),
+        }
+    }
+    // Neither reached anyone; the bystander is fine.
+    let (mut p, _) = V5Client::connect(opts(addr, &unique("after"))).await?;
+    p.publish1("subid/c", "after", None).await?;
+    assert_eq!(text(&bystander.publish().await?.payload), "after");
+    gw.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_refuses_with_0x97_and_keeps_the_connection() -> Result<()> {
     let nowhere = format!(
