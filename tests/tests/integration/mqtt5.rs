@@ -1,15 +1,19 @@
 //! MQTT 5.0 end to end with real clients: rumqttc's v5 client,
-//! `mosquitto_pub`/`mosquitto_sub -V mqttv5`, Python paho-mqtt v5, and raw
-//! bytes where a client library will not misbehave on purpose. What the
-//! CONNACK states, sessions with an expiry (across a kill -9), message
-//! expiry, properties to MQTT 5 and to AMQP, topic aliases and receive
-//! maximum both ways, the client's maximum packet size, subscription
-//! options, reason codes, wills with a delay, and 3.1.1 and 5 clients
-//! on one listener.
+//! `mosquitto_pub`/`mosquitto_sub -V mqttv5` (`-D` properties, `-x`
+//! session expiry), Python paho-mqtt v5, and raw bytes where no client
+//! library misbehaves on purpose. Covered: what CONNACK states and
+//! refusals in v5 form; sessions with an expiry (across a kill -9, 0, a
+//! short one, changed by DISCONNECT); message expiry (queued, retained,
+//! the remaining lifetime); properties MQTT 5 → MQTT 5, → the gateway's
+//! AMQP server, → an upstream broker, and AMQP → MQTT 5; topic aliases,
+//! receive maximum and maximum packet size both ways; subscription
+//! options and identifiers; reason codes; wills (delay, cancel, bounded
+//! by the session, 0x04, at shutdown); 3.1.1 and 5 on one listener.
 //!
 //! Waits are bounded and await events; where the subject is time itself
 //! (an expiry, a will delay), the test lets that time pass and then awaits
-//! an event that orders what it checks.
+//! an event that orders what it checks. A check that something does not
+//! arrive waits [`QUIET`], which a slow gateway can only pass wrongly.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -1234,6 +1238,27 @@ async fn topic_aliases_work_both_ways() -> Result<()> {
             (other.clone(), None, "y2".to_string()),
         ]
     );
+
+    // Aliases are the connection's: a resumed session starts afresh.
+    let id = unique("aliasq");
+    let mut o = persistent(addr, &id, 300);
+    o.set_topic_alias_max(Some(4));
+    let (mut c, _) = V5Client::connect(o.clone()).await?;
+    c.subscribe1(&format!("{t}/#")).await?;
+    p.publish1(&topic, "before", None).await?;
+    let m = c.publish().await?;
+    assert!(!m.topic.is_empty() && m.properties.and_then(|p| p.topic_alias).is_some());
+    c.disconnect().await?;
+    p.publish1(&topic, "queued", None).await?;
+    let (mut c, _) = V5Client::connect(o).await?;
+    let m = c.publish().await?;
+    assert_eq!(text(&m.payload), "queued");
+    assert_eq!(
+        text(&m.topic),
+        topic,
+        "a new connection relied on an old alias"
+    );
+    c.disconnect().await?;
 
     // An alias never set, with an empty topic: DISCONNECT 0x82/0x94.
     let mut s = raw_connected(addr, &raw_connect(&unique("rawalias"), None)).await?;
