@@ -243,6 +243,11 @@ impl Router {
         options: AttachOptions,
     ) -> Result<Attached, SessionError> {
         let store = &self.inner.store;
+        // Past its expiry it is gone, even if the sweep (every
+        // EXPIRY_CHECK) has not deleted it yet.
+        if self.expired_offline(&client_id) {
+            self.delete_expired(&client_id).await;
+        }
         let existing = self
             .inner
             .registry()
@@ -533,37 +538,63 @@ pub(crate) async fn expire_sessions(inner: Weak<Inner>) {
             .values()
             .filter(|s| s.online.is_none())
             .filter(|s| {
-                s.durable.as_ref().is_some_and(|d| {
-                    let expiry = match d.expiry {
-                        SessionExpiry::Default | SessionExpiry::WithConnection => default,
-                        e => e.to_ms(),
-                    };
-                    d.disconnected_at_ms
-                        .is_some_and(|at| now.saturating_sub(at) >= expiry)
-                })
+                s.durable
+                    .as_ref()
+                    .is_some_and(|d| is_expired(d, default, now))
             })
             .map(|s| Arc::clone(&s.client_id))
             .collect();
+        let router = Router { inner };
         for id in expired {
-            let router = Router {
-                inner: Arc::clone(&inner),
-            };
-            router.forget(&id);
-            let store = &inner.store;
-            let result = async {
-                store.delete_queue(&queue_name(&id)).await?;
-                store.release_dedup(&dedup_prefix(&id), true).await?;
-                store.delete_session(&id).await
-            }
-            .await;
-            metrics::counter!("edge_sessions_expired_total").increment(1);
-            match result {
-                Ok(()) => tracing::info!(client_id = %id, "persistent session expired"),
-                Err(error) => {
-                    tracing::warn!(client_id = %id, %error, "cannot delete an expired session")
-                }
+            router.delete_expired(&id).await;
+        }
+    }
+}
+
+/// Whether an offline persistent session has been away past its expiry
+/// (`default_ms`: the router's `session_expiry`).
+fn is_expired(d: &crate::router::Durable, default_ms: u64, now: u64) -> bool {
+    let expiry = match d.expiry {
+        SessionExpiry::Default | SessionExpiry::WithConnection => default_ms,
+        e => e.to_ms(),
+    };
+    d.disconnected_at_ms
+        .is_some_and(|at| now.saturating_sub(at) >= expiry)
+}
+
+impl Router {
+    /// Deletes an expired session: memory, queue, dedup keys, record.
+    async fn delete_expired(&self, id: &Arc<str>) {
+        self.forget(id);
+        let store = &self.inner.store;
+        let result = async {
+            store.delete_queue(&queue_name(id)).await?;
+            store.release_dedup(&dedup_prefix(id), true).await?;
+            store.delete_session(id).await
+        }
+        .await;
+        metrics::counter!("edge_sessions_expired_total").increment(1);
+        match result {
+            Ok(()) => tracing::info!(client_id = %id, "persistent session expired"),
+            Err(error) => {
+                tracing::warn!(client_id = %id, %error, "cannot delete an expired session")
             }
         }
+    }
+
+    /// Whether `client_id`'s session is offline and past its expiry, the
+    /// sweep not having reached it yet.
+    fn expired_offline(&self, client_id: &str) -> bool {
+        let default =
+            u64::try_from(self.inner.options.session_expiry.as_millis()).unwrap_or(u64::MAX);
+        let now = now_ms();
+        self.inner
+            .registry()
+            .sessions
+            .get(client_id)
+            .filter(|s| s.online.is_none())
+            .and_then(|s| s.durable.as_ref())
+            .is_some_and(|d| is_expired(d, default, now))
     }
 }
 
@@ -681,7 +712,12 @@ impl Subscriber {
                 .and_then(|s| s.durable.as_mut())
             {
                 Some(d) if self.queue.is_some() => {
-                    d.expiry = expiry;
+                    // Ending with the connection, for a stored session, is
+                    // a zero expiry (WithConnection is stored as Default).
+                    d.expiry = match expiry {
+                        SessionExpiry::WithConnection => SessionExpiry::After(Duration::ZERO),
+                        e => e,
+                    };
                     true
                 }
                 _ => false,

@@ -220,6 +220,11 @@ impl<S: Transport> Connection<S> {
         let close = self
             .session_loop(&mut session, &mut deliveries, keep_alive, shutdown)
             .await;
+        // MQTT 5: a DISCONNECT may have changed the session expiry, which
+        // bounds the will's delay.
+        if let Some(v5) = &session.v5 {
+            accepted.expiry = Some(session::session_expiry(v5.session_expiry));
+        }
         let close = match close {
             Close::Shutdown => Box::pin(self.drain(&mut session)).await,
             close => close,

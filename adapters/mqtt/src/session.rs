@@ -820,6 +820,10 @@ impl Session {
                 .set_expiry(session_expiry(expiry))
                 .await
                 .map_err(|e| Close::Session(e.to_string()))?;
+            // It bounds the will's delay too.
+            if let Some(v5) = self.v5.as_mut() {
+                v5.session_expiry = expiry;
+            }
         }
         if disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
             Err(Close::DisconnectWithWill)

@@ -105,7 +105,7 @@ pub(crate) struct V5 {
     /// problem information, default 1).
     pub problem_info: bool,
     /// The session expiry interval CONNECT set (DISCONNECT may not raise
-    /// it from 0).
+    /// it from 0), or the one DISCONNECT set.
     pub session_expiry: u32,
     /// Largest packet the client takes (its maximum packet size).
     pub client_max_packet: usize,

@@ -26,6 +26,7 @@ mod link;
 mod local;
 mod malformed;
 mod mqtt311;
+mod mqtt5;
 mod observability;
 mod paho;
 mod pika;
