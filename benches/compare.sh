@@ -7,11 +7,18 @@
 #   ROUNDS=2 benches/compare.sh     # rounds interleave the targets; medians
 #   TARGETS="gateway mosquitto" benches/compare.sh
 #   LOADS="1 1 20000 10;1 1 20000" INFLIGHT=100 benches/compare.sh
+#   PROTO=v5 PAYLOAD=100 benches/compare.sh   # MQTT 5 (mqtt5-load), QoS 0/1/2
 #
 # A load is "qos publishers messages-per-publisher [subscribers [rate]]":
 # with subscribers, that many clean-session QoS 1 subscribers to load/# each
 # receive every message, and the rate column is deliveries/s with the
 # publish-to-delivery latency beside it; rate paces each publisher (msgs/s).
+# PROTO=v4 (the default) runs mqtt-load (MQTT 3.1.1, QoS 0 and 1);
+# PROTO=v5 runs mqtt5-load (MQTT 5, QoS 0, 1 and 2, no subscribers or rate:
+# a load is "qos publishers messages-per-publisher") against the gateway and
+# Mosquitto only, as RabbitMQ's MQTT plugin (3.10) has no MQTT 5. Its QoS 2
+# latency is PUBLISH to PUBCOMP, and any ack with a failure reason code
+# fails the load.
 # INFLIGHT (default 64) is the client's window and both the gateway's
 # mqtt.max_inflight and Mosquitto's max_inflight_messages (outgoing QoS 1
 # deliveries per client; its default is 20); Mosquitto's
@@ -24,7 +31,8 @@
 # directory is handed to that user.
 #
 # Durability is not equal across targets:
-# - edge-gateway sends a QoS 1 PUBACK after the message is fsync'ed to its log.
+# - edge-gateway sends a QoS 1 PUBACK (QoS 2 PUBREC) after the message is
+#   fsync'ed to its log.
 # - RabbitMQ: a durable queue (a clean_session=false QoS 1 subscription on
 #   load/#) takes every message, so QoS 1 publishes are persistent messages in
 #   a durable queue and the PUBACK waits for the broker's confirm (on disk).
@@ -34,20 +42,59 @@
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-1}
-TARGETS=${TARGETS:-"gateway mosquitto rabbitmq"}
+PROTO=${PROTO:-v4}
 PAYLOAD=${PAYLOAD:-256}
 INFLIGHT=${INFLIGHT:-64}
 TIMEOUT=${TIMEOUT:-120}
-# "qos publishers messages-per-publisher"
-LOADS=${LOADS:-"1 1 20000;1 8 10000;1 64 2000;0 8 50000"}
+case $PROTO in
+v4)
+    TARGETS=${TARGETS:-"gateway mosquitto rabbitmq"}
+    # "qos publishers messages-per-publisher [subscribers [rate]]"
+    LOADS=${LOADS:-"1 1 20000;1 8 10000;1 64 2000;0 8 50000"}
+    LOAD_BIN=mqtt-load
+    ;;
+v5)
+    TARGETS=${TARGETS:-"gateway mosquitto"}
+    # "qos publishers messages-per-publisher"
+    LOADS=${LOADS:-"1 4 10000;1 64 1000;2 4 10000;2 64 1000;0 4 50000;0 64 5000"}
+    LOAD_BIN=mqtt5-load
+    if [[ " $TARGETS " == *" rabbitmq "* ]]; then
+        echo "note: PROTO=v5 skips rabbitmq (its MQTT plugin 3.10 has no MQTT 5)" >&2
+        TARGETS=$(tr ' ' '\n' <<<"$TARGETS" | { grep -vx rabbitmq || true; } | xargs)
+    fi
+    ;;
+*)
+    echo "PROTO must be v4 or v5, not '$PROTO'" >&2
+    exit 64
+    ;;
+esac
+if [[ -z $TARGETS ]]; then
+    echo "no target left to run" >&2
+    exit 64
+fi
+
+# Every load is checked before a server starts.
+IFS=';' read -ra specs <<<"$LOADS"
+for spec in "${specs[@]}"; do
+    read -r qos pubs msgs subs rate <<<"$spec"
+    if [[ $PROTO == v4 && $qos != [01] ]] || [[ $PROTO == v5 && $qos != [012] ]]; then
+        echo "load '$spec': QoS $qos is not measured with PROTO=$PROTO" >&2
+        exit 64
+    fi
+    if [[ $PROTO == v5 && -n ${subs:-}${rate:-} ]]; then
+        echo "load '$spec': PROTO=v5 has no subscribers or rate (mqtt5-load publishes only)" >&2
+        exit 64
+    fi
+done
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
 echo "== building (release)" >&2
 cargo build --release -p edge-gateway -p edge-benches >&2
-GATEWAY=$ROOT/target/release/edge-gateway
-LOAD=$ROOT/target/release/mqtt-load
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+GATEWAY=$BIN/edge-gateway
+LOAD=$BIN/$LOAD_BIN
 
 WORK=$(mktemp -d /tmp/edge-compare.XXXXXX)
 chmod 755 "$WORK"
@@ -223,11 +270,15 @@ run_loads() { # target round
     for spec in "${specs[@]}"; do
         read -r qos pubs msgs subs rate <<<"$spec"
         if [[ $target == rabbitmq ]]; then before_load_rabbitmq; fi
+        local extra=()
+        if [[ $PROTO == v4 ]]; then
+            extra=(--subscribers "${subs:-0}" --rate "${rate:-0}")
+        fi
         cpu0=$(cpu_ticks)
         # In the background, so a signal runs the EXIT trap at once.
         "$LOAD" --port "$PORT" --publishers "$pubs" --messages "$msgs" --payload "$PAYLOAD" \
             --qos "$qos" --timeout "$TIMEOUT" --label "$target" --inflight "$INFLIGHT" \
-            --subscribers "${subs:-0}" --rate "${rate:-0}" >"$WORK/line" &
+            "${extra[@]}" >"$WORK/line" &
         LOAD_PID=$!
         if wait "$LOAD_PID"; then
             LOAD_PID=""
@@ -258,10 +309,16 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 echo
-echo "Payload $PAYLOAD B, loopback, $INFLIGHT in flight, $ROUNDS round(s) (median of rounds);"
-echo "rate = msgs/s, or deliveries/s with subscribers; latency = PUBACK p50/p99 ms, or"
-echo "publish-to-delivery p50/p99 ms with subscribers; CPU = the server's user+system time per"
-echo "message (per delivery with subscribers), median of rounds; loadavg at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+if [[ $PROTO == v5 ]]; then
+    echo "MQTT 5 (mqtt5-load), payload $PAYLOAD B, loopback, $INFLIGHT in flight, $ROUNDS round(s) (median of rounds);"
+    echo "rate = msgs/s; latency = PUBACK (QoS 1) or PUBCOMP (QoS 2) p50/p99 ms, PUBLISH written to ack;"
+    echo "CPU = the server's user+system time per message, median of rounds; loadavg at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+else
+    echo "Payload $PAYLOAD B, loopback, $INFLIGHT in flight, $ROUNDS round(s) (median of rounds);"
+    echo "rate = msgs/s, or deliveries/s with subscribers; latency = PUBACK p50/p99 ms, or"
+    echo "publish-to-delivery p50/p99 ms with subscribers; CPU = the server's user+system time per"
+    echo "message (per delivery with subscribers), median of rounds; loadavg at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+fi
 echo
 awk -v targets="$TARGETS" '
 function field(name,   i, kv) {

@@ -1,7 +1,9 @@
-//! Shared by the MQTT load tools (`mqtt-load`, `session-figures`): rumqttc
-//! clients that wait for their acknowledgements, payloads stamped with the
-//! time they were published, percentiles, and brokers (edge-gateway or
-//! Mosquitto) started as private child processes on loopback.
+//! Shared by the MQTT load tools (`mqtt-load`, `mqtt5-load`,
+//! `session-figures`): rumqttc clients that wait for their
+//! acknowledgements (MQTT 3.1.1 here, MQTT 5 in [`v5`]), payloads stamped
+//! with the time they were published, percentiles, and brokers
+//! (edge-gateway or Mosquitto) started as private child processes on
+//! loopback.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -369,4 +371,65 @@ impl Drop for Broker {
 pub fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding an ephemeral port")?;
     listener.local_addr().context("reading the ephemeral port")
+}
+
+/// The MQTT 5 twins of the helpers above, on `rumqttc::v5`.
+pub mod v5 {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use rumqttc::v5::mqttbytes::v5::{ConnAck, Packet};
+    use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+
+    /// Options every MQTT 5 load client uses: clean start, a long
+    /// keep-alive, at most `inflight` unacknowledged QoS 1/2 publishes (less
+    /// if the server's receive maximum is lower), packets up to `payload`
+    /// plus headers, and a connect that may take `timeout_secs`.
+    pub fn options(
+        client_id: String,
+        addr: SocketAddr,
+        inflight: u16,
+        payload: usize,
+        timeout_secs: u64,
+    ) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        let max_packet = u32::try_from(payload + 1024).unwrap_or(u32::MAX);
+        options
+            .set_clean_start(true)
+            .set_keep_alive(Duration::from_secs(60))
+            .set_outgoing_inflight_upper_limit(inflight)
+            .set_max_packet_size(Some(max_packet))
+            .set_request_channel_capacity(usize::from(inflight) * 2)
+            .set_connection_timeout(timeout_secs);
+        let mut network = options.network_options();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
+        options
+    }
+
+    /// A client and its event loop, after the CONNACK, which is returned
+    /// (its properties carry the server's receive maximum).
+    pub async fn connect(
+        options: MqttOptions,
+    ) -> anyhow::Result<(AsyncClient, EventLoop, ConnAck)> {
+        let capacity = options.request_channel_capacity();
+        let (client, mut eventloop) = AsyncClient::new(options, capacity);
+        loop {
+            if let Event::Incoming(Packet::ConnAck(connack)) = eventloop.poll().await? {
+                return Ok((client, eventloop, connack));
+            }
+        }
+    }
+
+    /// Sends DISCONNECT and polls until it is written (or the connection ends).
+    pub async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
+        if client.disconnect().await.is_err() {
+            return;
+        }
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = event {
+                break;
+            }
+        }
+    }
 }

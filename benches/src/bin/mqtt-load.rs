@@ -199,7 +199,9 @@ async fn run(args: Args) -> anyhow::Result<String> {
 
     let outcome = tokio::time::timeout(limit, async {
         // A publisher that ends before everyone is connected has failed.
+        // Once all are, one may end before this task sees the barrier open.
         tokio::select! {
+            biased;
             _ = connected.wait() => {}
             Some(joined) = tasks.join_next() => {
                 joined.context("a publisher task failed")??;
