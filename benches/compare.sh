@@ -166,6 +166,9 @@ data_dir = "$dir/data"
 [mqtt]
 listen = "127.0.0.1:$PORT"
 max_inflight = $INFLIGHT
+# Every load client connects from 127.0.0.1, all at once: the per-source
+# handshake budget (32 by default, against floods) would close the oldest.
+max_handshakes_per_source = 1024
 [metrics]
 enabled = false
 EOF
