@@ -503,12 +503,12 @@ impl Router {
 
 /// A session's matching filters, merged into one delivery (MQTT-3.3.4-2/3,
 /// MQTT 5 §3.3.4: the highest QoS, every subscription identifier).
-struct Merged {
-    qos: QoS,
-    retain_as_published: bool,
-    sub_ids: Vec<u32>,
+pub(crate) struct Merged {
+    pub qos: QoS,
+    pub retain_as_published: bool,
+    pub sub_ids: Vec<u32>,
     /// The first group that chose the session.
-    share: Option<Arc<str>>,
+    pub share: Option<Arc<str>>,
 }
 
 /// Adds one matching subscription of session `key` to `best`.
@@ -529,7 +529,7 @@ fn merge(best: &mut Vec<(u64, Merged)>, key: u64, sub: &SubOptions, share: Optio
 }
 
 impl Merged {
-    fn new(sub: &SubOptions) -> Merged {
+    pub(crate) fn new(sub: &SubOptions) -> Merged {
         let mut m = Merged {
             qos: sub.qos,
             retain_as_published: sub.retain_as_published,
@@ -542,7 +542,7 @@ impl Merged {
         m
     }
 
-    fn add(&mut self, sub: &SubOptions) {
+    pub(crate) fn add(&mut self, sub: &SubOptions) {
         self.qos = self.qos.max(sub.qos);
         self.retain_as_published |= sub.retain_as_published;
         if sub.id != 0 && !self.sub_ids.contains(&sub.id) {

@@ -919,26 +919,21 @@ impl Subscriber {
         let registry = self.router.inner.registry();
         let own = message.origin.protocol == crate::message::Protocol::Mqtt
             && *message.origin.publisher == *self.client_id;
-        let mut out: Option<Matched> = None;
+        let mut out: Option<crate::router::Merged> = None;
         registry.trie.for_each_match(&message.topic, |_, key, sub| {
             if registry.owner(key) != self.key || (sub.no_local && own) {
                 return;
             }
-            let m = out.get_or_insert(Matched {
-                qos: sub.qos,
-                retain_as_published: false,
-                sub_ids: Vec::new(),
-            });
-            m.qos = m.qos.max(sub.qos);
-            m.retain_as_published |= sub.retain_as_published && message.retain;
-            if sub.id != 0 && !m.sub_ids.contains(&sub.id) {
-                m.sub_ids.push(sub.id);
+            match out.as_mut() {
+                Some(m) => m.add(sub),
+                None => out = Some(crate::router::Merged::new(sub)),
             }
         });
-        if let Some(m) = out.as_mut() {
-            m.sub_ids.sort_unstable();
-        }
-        out
+        out.map(|m| Matched {
+            qos: m.qos,
+            retain_as_published: m.retain_as_published && message.retain,
+            sub_ids: m.sub_ids,
+        })
     }
 }
 

@@ -412,23 +412,15 @@ impl<S: Transport> Connection<S> {
             code: ConnectReturnCode::Success,
         };
         let connack_props = v5.then(|| ConnAckProperties {
-            session_expiry_interval: None,
             receive_max: Some(self.settings.max_inflight),
-            max_qos: None,
             retain_available: Some(1),
             max_packet_size: Some(u32::try_from(self.settings.max_packet_size).unwrap_or(u32::MAX)),
             assigned_client_identifier: assigned.then(|| client_id.to_string()),
             topic_alias_max: Some(v5::TOPIC_ALIAS_MAX),
-            reason_string: None,
-            user_properties: Vec::new(),
             wildcard_subscription_available: Some(1),
             subscription_identifiers_available: Some(1),
             shared_subscription_available: Some(1),
-            server_keep_alive: None,
-            response_information: None,
-            server_reference: None,
-            authentication_method: None,
-            authentication_data: None,
+            ..ConnAckProperties::default()
         });
         session::write(
             Packet::ConnAck(connack, connack_props),
@@ -483,23 +475,8 @@ impl<S: Transport> Connection<S> {
             code: if version.is_v5() { v5 } else { v3 },
         };
         let props = version.is_v5().then(|| ConnAckProperties {
-            session_expiry_interval: None,
-            receive_max: None,
-            max_qos: None,
-            retain_available: None,
-            max_packet_size: None,
-            assigned_client_identifier: None,
-            topic_alias_max: None,
             reason_string: Some(why.clone()),
-            user_properties: Vec::new(),
-            wildcard_subscription_available: None,
-            subscription_identifiers_available: None,
-            shared_subscription_available: None,
-            server_keep_alive: None,
-            response_information: None,
-            server_reference: None,
-            authentication_method: None,
-            authentication_data: None,
+            ..ConnAckProperties::default()
         });
         match session::write(Packet::ConnAck(connack, props), &mut self.wbuf, version) {
             Ok(()) => Close::Refused(why),
