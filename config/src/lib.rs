@@ -38,6 +38,94 @@ pub struct Config {
     pub store: StoreConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    pub auth: AuthConfig,
+    /// `None` without a `[tls]` section (then no TLS listener may be set).
+    pub tls: Option<TlsConfig>,
+    pub limits: LimitsConfig,
+}
+
+impl Config {
+    /// Every listener address clients can connect to, with its key.
+    pub fn client_listeners(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut all = vec![("mqtt.listen", self.mqtt.listen)];
+        let optional = [
+            ("mqtt.tls_listen", self.mqtt.tls_listen),
+            ("mqtt.ws_listen", self.mqtt.ws_listen),
+            ("mqtt.wss_listen", self.mqtt.wss_listen),
+            ("amqp.listen", self.amqp.as_ref().map(|a| a.listen)),
+            ("amqp.tls_listen", self.amqp.as_ref().and_then(|a| a.tls_listen)),
+        ];
+        all.extend(
+            optional
+                .into_iter()
+                .filter_map(|(key, addr)| addr.map(|a| (key, a))),
+        );
+        all
+    }
+}
+
+/// Who may connect, and what they may touch (`[auth]`).
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Users and their argon2id hashes (`edge-gateway passwd FILE USER`).
+    pub password_file: Option<PathBuf>,
+    /// Mosquitto-style topic rules plus AMQP permissions; `None`: every
+    /// client that got in may publish and subscribe anywhere.
+    pub acl_file: Option<PathBuf>,
+    /// Clients without credentials are let in (as no user).
+    pub allow_anonymous: bool,
+    /// Which part of a verified client certificate is the user name.
+    pub cert_identity: CertIdentity,
+    /// Users allowed to use the admin HTTP API (dead letters) from
+    /// anywhere; with none, the API answers loopback peers only.
+    pub admin_users: Vec<String>,
+}
+
+/// Which part of a verified client certificate names the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CertIdentity {
+    /// Certificates are checked, users log in with a password.
+    #[default]
+    None,
+    /// The subject's common name.
+    CommonName,
+    /// The first DNS name, e-mail address or URI in subjectAltName.
+    SubjectAltName,
+}
+
+/// The server certificate all TLS listeners share (`[tls]`), reloaded on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CAs client certificates are verified against; `None`: no client
+    /// certificates are asked for.
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse clients without a valid certificate (mutual TLS).
+    pub require_client_cert: bool,
+}
+
+/// Limits against misbehaving clients (`[limits]`), for MQTT and AMQP.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Open connections from one source address, at most.
+    pub max_connections_per_source: NonZeroUsize,
+    /// New connections a second from one source address (bursts of twice
+    /// that are let through).
+    pub connection_rate_per_source: f64,
+    /// PUBLISH packets a second per MQTT client; `None`: unlimited.
+    pub publish_rate: Option<f64>,
+    /// Payload bytes a second per MQTT client; `None`: unlimited.
+    pub publish_byte_rate: Option<u64>,
+    /// A client held back by its rate for this long without a break is
+    /// disconnected.
+    pub rate_grace: Duration,
+    /// First back-off after a failed login from a source; doubles with
+    /// each further failure up to `login_backoff_max`.
+    pub login_backoff: Duration,
+    pub login_backoff_max: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +174,10 @@ pub struct MqttConfig {
     pub ws_listen: Option<SocketAddr>,
     /// The HTTP path the WebSocket upgrade is accepted on.
     pub ws_path: String,
+    /// MQTT over TLS (usually port 8883); needs `[tls]`.
+    pub tls_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS; needs `[tls]`.
+    pub wss_listen: Option<SocketAddr>,
 }
 
 /// The AMQP 0-9-1 listener for local applications.
@@ -111,11 +203,15 @@ pub struct AmqpConfig {
     /// Per connection: publishes awaiting their commit before the gateway
     /// stops reading the socket (back-pressure).
     pub max_unconfirmed: NonZeroUsize,
+    /// AMQP over TLS (usually port 5671); needs `[tls]`.
+    pub tls_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
+    /// Serve HTTPS with the `[tls]` certificate.
+    pub tls: bool,
 }
 
 /// What the store does when a new message would exceed its quota.
@@ -257,6 +353,11 @@ pub mod defaults {
     pub const CONFIRM_TIMEOUT: &str = "30s";
     pub const EXCHANGE: &str = "amq.topic";
     pub const ROUTING_KEY: &str = "{topic}";
+    pub const MAX_CONNECTIONS_PER_SOURCE: usize = 256;
+    pub const CONNECTION_RATE_PER_SOURCE: f64 = 100.0;
+    pub const RATE_GRACE: &str = "10s";
+    pub const LOGIN_BACKOFF: &str = "1s";
+    pub const LOGIN_BACKOFF_MAX: &str = "30s";
 }
 
 impl Config {

@@ -16,6 +16,12 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub store: RawStore,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub limits: RawLimits,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<RawUpstream>,
     #[serde(default, rename = "route")]
@@ -46,6 +52,8 @@ pub struct RawMqtt {
     pub max_session_queue_bytes: Option<String>,
     pub ws_listen: Option<String>,
     pub ws_path: Option<String>,
+    pub tls_listen: Option<String>,
+    pub wss_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -60,6 +68,7 @@ pub struct RawAmqp {
     pub handshake_timeout: Option<String>,
     pub max_message_size: Option<String>,
     pub max_unconfirmed: Option<i64>,
+    pub tls_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +76,38 @@ pub struct RawAmqp {
 pub struct RawMetrics {
     pub enabled: Option<bool>,
     pub listen: Option<String>,
+    pub tls: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub password_file: Option<String>,
+    pub acl_file: Option<String>,
+    pub allow_anonymous: Option<bool>,
+    pub cert_identity: Option<String>,
+    pub admin_users: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub client_ca_file: Option<String>,
+    pub require_client_cert: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections_per_source: Option<i64>,
+    pub connection_rate_per_source: Option<f64>,
+    pub publish_rate: Option<f64>,
+    pub publish_byte_rate: Option<String>,
+    pub rate_grace: Option<String>,
+    pub login_backoff: Option<String>,
+    pub login_backoff_max: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,5 +1,7 @@
 //! `RawConfig` → `Config`, collecting every problem.
 
+mod security;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroUsize};
@@ -340,18 +342,15 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .as_deref()
             .map(|text| c.socket("mqtt.ws_listen", Some(text), defaults::MQTT_LISTEN)),
         ws_path: c.ws_path("mqtt.ws_path", m.ws_path.as_deref()),
+        tls_listen: m
+            .tls_listen
+            .as_deref()
+            .map(|text| c.socket("mqtt.tls_listen", Some(text), defaults::MQTT_LISTEN)),
+        wss_listen: m
+            .wss_listen
+            .as_deref()
+            .map(|text| c.socket("mqtt.wss_listen", Some(text), defaults::MQTT_LISTEN)),
     };
-    if let Some(ws) = mqtt.ws_listen
-        && ws == mqtt.listen
-        && ws.port() != 0
-    {
-        c.problem(
-            "mqtt.ws_listen",
-            m.ws_listen.clone(),
-            "an address other than mqtt.listen's (TCP and WebSocket need their own ports)",
-        );
-    }
-
     let amqp = match raw.amqp.enabled {
         Some(false) => None,
         _ => Some(amqp(&mut c, &raw.amqp)),
@@ -365,6 +364,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 raw.metrics.listen.as_deref(),
                 defaults::METRICS_LISTEN,
             ),
+            tls: raw.metrics.tls.unwrap_or(false),
         }),
     };
 
@@ -451,16 +451,24 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         routes.push(route);
     }
 
+    let tls = security::tls(&mut c, &raw.tls);
+    let auth = security::auth(&mut c, &raw.auth);
+    let limits = security::limits(&mut c, &raw.limits);
+    let config = Config {
+        gateway,
+        mqtt,
+        amqp,
+        metrics,
+        store,
+        upstreams,
+        routes,
+        auth,
+        tls,
+        limits,
+    };
+    security::listeners(&mut c, &raw, &config);
     if c.problems.is_empty() {
-        Ok(Config {
-            gateway,
-            mqtt,
-            amqp,
-            metrics,
-            store,
-            upstreams,
-            routes,
-        })
+        Ok(config)
     } else {
         Err(ConfigError::Invalid {
             path: None,
@@ -534,6 +542,10 @@ fn amqp(c: &mut Checker, a: &RawAmqp) -> AmqpConfig {
             defaults::AMQP_MAX_UNCONFIRMED,
             1_000_000,
         ),
+        tls_listen: a
+            .tls_listen
+            .as_deref()
+            .map(|text| c.socket("amqp.tls_listen", Some(text), defaults::AMQP_LISTEN)),
     }
 }
 
