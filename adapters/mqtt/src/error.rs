@@ -7,6 +7,8 @@ use edge_core::PublishError;
 /// Errors of the public API.
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
+    #[error("MQTT over TLS on {addr} needs a server certificate ([tls] cert_file and key_file)")]
+    NoCertificate { addr: SocketAddr },
     #[error("cannot bind the MQTT listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -177,6 +179,8 @@ pub(crate) enum Close {
     DisconnectWithWill,
     #[error("client read nothing for {0:?} while packets waited for it")]
     WriteStalled(Duration),
+    #[error("held back by the publish rate limit for {0:?} without a break")]
+    RateLimited(Duration),
     #[error("gateway shutting down")]
     Shutdown,
     #[error("protocol error: {0}")]
@@ -204,6 +208,7 @@ impl Close {
             Close::Store(PublishError::Full { .. }) => Some(0x97),
             Close::Store(_) | Close::Session(_) => Some(0x80),
             Close::WriteStalled(_) => Some(0x89),
+            Close::RateLimited(_) => Some(0x96),
             Close::Encode(_) => Some(0x83),
             Close::Disconnect
             | Close::DisconnectWithWill
@@ -234,6 +239,7 @@ impl Close {
             Close::TakenOver => "taken_over",
             Close::DisconnectWithWill => "client_disconnect_with_will",
             Close::WriteStalled(_) => "write_stalled",
+            Close::RateLimited(_) => "rate_limited",
             Close::Shutdown => "shutdown",
             Close::Protocol(_) => "protocol_error",
             Close::Store(PublishError::Full { .. }) => "store_full",

@@ -1,15 +1,21 @@
 //! Accepts TCP connections, one task each, on `mqtt.listen` and, when
-//! configured, MQTT over WebSocket on `mqtt.ws_listen` (`websocket.rs`).
-//! Both share one budget: connections that have not sent CONNECT yet are
-//! held to their own (`handshakes.rs`); the others to `max_connections`,
-//! checked once CONNECT has been read.
+//! configured, MQTT over TLS (`mqtt.tls_listen`), over WebSocket
+//! (`mqtt.ws_listen`, `websocket.rs`) and over WebSocket over TLS
+//! (`mqtt.wss_listen`). All share one budget: a new connection passes the
+//! per-source guard (connections and connection rate per address, login
+//! back-off) at accept; until it has sent CONNECT it is held to the
+//! handshake budget (`handshakes.rs`, which bounds the TLS handshake too);
+//! then to `max_connections`, checked once CONNECT has been read.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use edge_auth::{Security, SourcePermit};
 use edge_config::MqttConfig;
 use edge_core::Router;
+use futures::StreamExt;
+use tokio_rustls::server::TlsStream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::connection::{Connection, Settings};
 use crate::error::MqttError;
 use crate::handshakes::{Handshake, Handshakes};
+use crate::transport::Stream;
 use crate::websocket::{self, Endpoint};
 
 /// What a new connection needs to become a client: its place among pending
@@ -27,6 +34,8 @@ pub(crate) struct Admission {
     pub(crate) handshake: Handshake,
     pub(crate) limit: Arc<Semaphore>,
     pub(crate) max_connections: usize,
+    /// Its place under the per-source limits, held until it ends.
+    pub(crate) source: SourcePermit,
 }
 
 /// Pause after a failed accept (e.g. out of file descriptors).
@@ -35,50 +44,76 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// A bound MQTT listener; [`MqttListener::run`] serves it.
 #[derive(Debug)]
 pub struct MqttListener {
-    listener: TcpListener,
-    local_addr: SocketAddr,
+    /// `mqtt.listen`, then the optional ones: TLS, WebSocket, WebSocket over TLS.
+    sockets: Vec<Socket>,
     max_connections: usize,
     handshakes: Arc<Handshakes>,
     settings: Arc<Settings>,
-    ws: Option<WsListener>,
-}
-
-/// The WebSocket side of the listener.
-#[derive(Debug)]
-struct WsListener {
-    listener: TcpListener,
-    local_addr: SocketAddr,
     endpoint: Endpoint,
 }
 
-/// Which of the listener's sockets accepted a connection.
-#[derive(Debug, Clone, Copy)]
+/// One bound socket and what its connections speak.
+#[derive(Debug)]
+struct Socket {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    transport: Transport,
+}
+
+/// What a listening socket's connections speak below MQTT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
     Tcp,
+    Tls,
     WebSocket,
+    WebSocketTls,
+}
+
+impl Transport {
+    fn tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::WebSocketTls)
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::WebSocket => "ws",
+            Transport::WebSocketTls => "wss",
+        }
+    }
 }
 
 impl MqttListener {
-    /// Binds `config.listen` and `config.ws_listen` if set (port 0 = ephemeral).
-    pub async fn bind(config: &MqttConfig) -> Result<MqttListener, MqttError> {
-        let (listener, local_addr) = bind(config.listen).await?;
-        tracing::info!(listen = %local_addr, "MQTT listener bound");
-        let ws = match config.ws_listen {
-            Some(addr) => {
-                let (listener, local_addr) = bind(addr).await?;
-                tracing::info!(listen = %local_addr, path = %config.ws_path, subprotocol = websocket::SUBPROTOCOL, "MQTT over WebSocket listener bound");
-                Some(WsListener {
-                    listener,
-                    local_addr,
-                    endpoint: Endpoint::new(&config.ws_path, config.max_packet_size.get()),
-                })
+    /// Binds `config.listen` and each optional listener that is set (port
+    /// 0 = ephemeral). A TLS listener needs `security.tls`.
+    pub async fn bind(config: &MqttConfig, security: Arc<Security>) -> Result<MqttListener, MqttError> {
+        let wanted = [
+            (Some(config.listen), Transport::Tcp),
+            (config.tls_listen, Transport::Tls),
+            (config.ws_listen, Transport::WebSocket),
+            (config.wss_listen, Transport::WebSocketTls),
+        ];
+        let mut sockets = Vec::new();
+        for (addr, transport) in wanted {
+            let Some(addr) = addr else { continue };
+            if transport.tls() && security.tls.is_none() {
+                return Err(MqttError::NoCertificate { addr });
             }
-            None => None,
-        };
+            let (listener, local_addr) = bind(addr).await?;
+            match transport {
+                Transport::WebSocket | Transport::WebSocketTls => tracing::info!(listen = %local_addr, transport = transport.label(), path = %config.ws_path, subprotocol = websocket::SUBPROTOCOL, "MQTT over WebSocket listener bound"),
+                _ => tracing::info!(listen = %local_addr, transport = transport.label(), "MQTT listener bound"),
+            }
+            sockets.push(Socket {
+                listener,
+                local_addr,
+                transport,
+            });
+        }
         zero_failure_counters();
         Ok(MqttListener {
-            listener,
-            local_addr,
+            sockets,
             max_connections: config.max_connections.get(),
             handshakes: Handshakes::new(
                 config.max_handshakes.get(),
@@ -90,19 +125,40 @@ impl MqttListener {
                 max_inflight: config.max_inflight.get(),
                 max_queued_messages: config.max_queued_messages.get(),
                 wills: Arc::default(),
+                security,
             }),
-            ws,
+            endpoint: Endpoint::new(&config.ws_path, config.max_packet_size.get()),
         })
+    }
+
+    fn addr_of(&self, transport: Transport) -> Option<SocketAddr> {
+        self.sockets
+            .iter()
+            .find(|s| s.transport == transport)
+            .map(|s| s.local_addr)
     }
 
     /// Local address of the WebSocket listener, if one is configured.
     pub fn ws_local_addr(&self) -> Option<SocketAddr> {
-        self.ws.as_ref().map(|ws| ws.local_addr)
+        self.addr_of(Transport::WebSocket)
     }
 
-    /// Local address the listener is bound to.
+    /// Local address of the MQTT over TLS listener, if one is configured.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.addr_of(Transport::Tls)
+    }
+
+    /// Local address of the WebSocket over TLS listener, if one is configured.
+    pub fn wss_local_addr(&self) -> Option<SocketAddr> {
+        self.addr_of(Transport::WebSocketTls)
+    }
+
+    /// Local address of the plain TCP listener.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.sockets
+            .first()
+            .map(|s| s.local_addr)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     /// Accepts until `shutdown` is cancelled; then stops accepting, tells
@@ -111,25 +167,44 @@ impl MqttListener {
     pub async fn run(self, router: Router, shutdown: CancellationToken) {
         let limit = Arc::new(Semaphore::new(self.max_connections));
         let tracker = TaskTracker::new();
+        let mut accepts: futures::stream::SelectAll<_> = self
+            .sockets
+            .iter()
+            .map(|socket| {
+                Box::pin(futures::stream::unfold(socket, |socket| async move {
+                    let accepted = socket.listener.accept().await;
+                    Some(((accepted, socket.transport, socket.local_addr), socket))
+                }))
+            })
+            .collect();
         loop {
-            let (accepted, transport) = tokio::select! {
+            let (accepted, transport, listen) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = self.listener.accept() => (accepted, Transport::Tcp),
-                accepted = accept_ws(self.ws.as_ref()) => (accepted, Transport::WebSocket),
+                next = accepts.next() => match next {
+                    Some(next) => next,
+                    None => break,
+                },
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    let listen = match (transport, &self.ws) {
-                        (Transport::WebSocket, Some(ws)) => ws.local_addr,
-                        _ => self.local_addr,
-                    };
                     crate::logs::ACCEPT_FAILED
                         .record("accept", || format!("listen={listen} error={error}"));
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
                     }
+                }
+            };
+            let source = match self.settings.security.guard.admit(peer.ip(), std::time::Instant::now()) {
+                Ok(permit) => permit,
+                Err(refusal) => {
+                    metrics::counter!("edge_connections_rejected_total", "protocol" => "mqtt", "reason" => refusal.reason()).increment(1);
+                    crate::logs::REFUSED.record(refusal.reason(), || {
+                        format!("peer={peer} listen={listen} why={refusal}")
+                    });
+                    drop(stream);
+                    continue;
                 }
             };
             let (handshake, evicted) = self.handshakes.admit(peer.ip());
@@ -146,19 +221,21 @@ impl MqttListener {
                 handshake,
                 limit: limit.clone(),
                 max_connections: self.max_connections,
+                source,
             };
             self.spawn(
                 &tracker, transport, stream, peer, admission, &router, &shutdown,
             );
         }
-        drop(self.listener);
-        let ws_listen = self.ws.map(|ws| ws.local_addr);
-        tracing::info!(listen = %self.local_addr, ws_listen = ?ws_listen, connections = tracker.len(), "MQTT listener stopped accepting; waiting for connections to finish");
+        drop(accepts);
+        let listen: Vec<SocketAddr> = self.sockets.iter().map(|s| s.local_addr).collect();
+        drop(self.sockets);
+        tracing::info!(?listen, connections = tracker.len(), "MQTT listeners stopped accepting; waiting for connections to finish");
         tracker.close();
         tracker.wait().await;
         // Delayed wills go out now (shutdown cut their wait).
         self.settings.wills.wait().await;
-        tracing::info!(listen = %self.local_addr, ws_listen = ?ws_listen, "MQTT listener stopped");
+        tracing::info!(?listen, "MQTT listeners stopped");
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -177,30 +254,90 @@ impl MqttListener {
         }
         metrics::counter!("edge_connections_total", "protocol" => "mqtt").increment(1);
         metrics::gauge!("edge_connections", "protocol" => "mqtt").increment(1.0);
-        tracing::debug!(%peer, "connection accepted");
+        tracing::debug!(%peer, transport = transport.label(), "connection accepted");
         let settings = self.settings.clone();
-        let endpoint = match transport {
-            Transport::Tcp => None,
-            Transport::WebSocket => self.ws.as_ref().map(|ws| ws.endpoint.clone()),
-        };
+        let endpoint = self.endpoint.clone();
         let router = router.clone();
         let shutdown = shutdown.clone();
         let task = async move {
-            match endpoint {
-                None => {
-                    let connection = Connection::new(stream, peer, settings);
+            match transport {
+                Transport::Tcp => {
+                    let connection = Connection::new(stream, peer, settings, None);
                     connection.serve(router, admission, shutdown).await;
                 }
-                Some(endpoint) => {
+                Transport::WebSocket => {
                     let ws = websocket::serve(
-                        stream, peer, endpoint, settings, router, admission, shutdown,
+                        stream, peer, None, endpoint, settings, router, admission, shutdown,
                     );
                     Box::pin(ws).await;
+                }
+                Transport::Tls | Transport::WebSocketTls => {
+                    let deadline = tokio::time::Instant::now() + settings.connect_timeout;
+                    let Some((tls, identity)) =
+                        tls_handshake(stream, peer, &settings, &admission, &shutdown, deadline)
+                            .await
+                    else {
+                        metrics::gauge!("edge_connections", "protocol" => "mqtt").decrement(1.0);
+                        return;
+                    };
+                    // CONNECT (or the upgrade) gets what the TLS handshake left.
+                    let settings = Arc::new(Settings {
+                        connect_timeout: deadline
+                            .saturating_duration_since(tokio::time::Instant::now()),
+                        ..Settings::clone(&settings)
+                    });
+                    if transport == Transport::Tls {
+                        let connection =
+                            Connection::new(Stream(tls), peer, settings, identity);
+                        Box::pin(connection.serve(router, admission, shutdown)).await;
+                    } else {
+                        let ws = websocket::serve(
+                            tls, peer, identity, endpoint, settings, router, admission, shutdown,
+                        );
+                        Box::pin(ws).await;
+                    }
                 }
             }
             metrics::gauge!("edge_connections", "protocol" => "mqtt").decrement(1.0);
         };
         tracker.spawn(task);
+    }
+}
+
+/// The TLS handshake of a new connection, bounded by the CONNECT deadline
+/// and by eviction among pending handshakes; the verified client
+/// certificate's identity when `auth.cert_identity` asks for one.
+async fn tls_handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    settings: &Settings,
+    admission: &Admission,
+    shutdown: &CancellationToken,
+    deadline: tokio::time::Instant,
+) -> Option<(TlsStream<TcpStream>, Option<String>)> {
+    let tls = settings.security.tls.as_ref()?;
+    let accepted = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        _ = admission.handshake.evicted() => return None,
+        accepted = tokio::time::timeout_at(deadline, tls.accept(stream)) => accepted,
+    };
+    match accepted {
+        Ok(Ok(stream)) => {
+            let identity = edge_tls::peer_identity(&stream, settings.security.cert_identity);
+            Some((stream, identity))
+        }
+        Ok(Err(error)) => {
+            metrics::counter!("edge_tls_handshake_failures_total", "protocol" => "mqtt", "reason" => error.reason()).increment(1);
+            crate::logs::TLS_FAILED.record(error.reason(), || format!("peer={peer} error={error}"));
+            None
+        }
+        Err(_) => {
+            metrics::counter!("edge_tls_handshake_failures_total", "protocol" => "mqtt", "reason" => "timeout").increment(1);
+            crate::logs::TLS_FAILED.record("timeout", || {
+                format!("peer={peer} no TLS handshake within mqtt.connect_timeout")
+            });
+            None
+        }
     }
 }
 
@@ -214,14 +351,6 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), MqttError> 
     Ok((listener, local_addr))
 }
 
-/// The WebSocket listener's next connection; never, without one.
-async fn accept_ws(ws: Option<&WsListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
-    match ws {
-        Some(ws) => ws.listener.accept().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Failure counters exist at zero from the start (alerts can be written
 /// before the first event).
 fn zero_failure_counters() {
@@ -229,6 +358,9 @@ fn zero_failure_counters() {
         "max_connections",
         "max_handshakes",
         "max_handshakes_per_source",
+        "max_connections_per_source",
+        "connection_rate",
+        "login_backoff",
     ] {
         metrics::counter!("edge_connections_rejected_total", "protocol" => "mqtt", "reason" => reason)
             .increment(0);

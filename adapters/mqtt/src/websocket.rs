@@ -36,7 +36,6 @@ use bytes::BytesMut;
 use edge_core::Router;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -101,8 +100,8 @@ impl Endpoint {
 }
 
 /// Upgrades the connection and serves MQTT on it until it ends.
-pub(crate) async fn serve(
-    mut stream: TcpStream,
+pub(crate) async fn serve<S: Wire>(
+    mut stream: S,
     peer: SocketAddr,
     endpoint: Endpoint,
     settings: Arc<Settings>,
@@ -185,10 +184,10 @@ impl Refused {
 }
 
 /// The HTTP upgrade, checked against the endpoint.
-async fn upgrade<'s>(
-    stream: &'s mut TcpStream,
+async fn upgrade<'s, S: Wire>(
+    stream: &'s mut S,
     endpoint: &Endpoint,
-) -> Result<WebSocketStream<&'s mut TcpStream>, Refused> {
+) -> Result<WebSocketStream<&'s mut S>, Refused> {
     let check = Check {
         path: endpoint.path.clone(),
     };
@@ -276,7 +275,7 @@ fn error_response(status: StatusCode, body: String) -> ErrorResponse {
 }
 
 /// A 400 for a request that is no WebSocket upgrade (best effort).
-async fn answer_bad_request(stream: &mut TcpStream, endpoint: &Endpoint) -> std::io::Result<()> {
+async fn answer_bad_request<S: Wire>(stream: &mut S, endpoint: &Endpoint) -> std::io::Result<()> {
     let body = format!(
         "MQTT over WebSocket: send a WebSocket upgrade to {} with Sec-WebSocket-Protocol: {SUBPROTOCOL}\n",
         endpoint.path
@@ -289,12 +288,16 @@ async fn answer_bad_request(stream: &mut TcpStream, endpoint: &Endpoint) -> std:
     stream.shutdown().await
 }
 
-type Ws<'s> = WebSocketStream<&'s mut TcpStream>;
+/// What the WebSocket runs on: plain TCP (`ws_listen`) or TLS (`wss_listen`).
+pub(crate) trait Wire: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Wire for S {}
+
+type Ws<'s, S> = WebSocketStream<&'s mut S>;
 
 /// Moves bytes both ways between the WebSocket and the connection's pipe
 /// until both directions are done, or `done` (the connection ended) plus
 /// [`CLOSE_TIMEOUT`].
-async fn bridge(ws: Ws<'_>, pipe: DuplexStream, peer: SocketAddr, done: &CancellationToken) {
+async fn bridge<S: Wire>(ws: Ws<'_, S>, pipe: DuplexStream, peer: SocketAddr, done: &CancellationToken) {
     let (sink, source) = ws.split();
     let (from_connection, to_connection) = tokio::io::split(pipe);
     let both = async {
@@ -322,8 +325,8 @@ async fn bridge(ws: Ws<'_>, pipe: DuplexStream, peer: SocketAddr, done: &Cancell
 /// Client → connection: the payload of binary messages, in order. At the
 /// client's close (or failure) the pipe is shut down, so the connection
 /// reads the end of its stream.
-async fn inbound(
-    mut source: futures::stream::SplitStream<Ws<'_>>,
+async fn inbound<S: Wire>(
+    mut source: futures::stream::SplitStream<Ws<'_, S>>,
     mut to_connection: WriteHalf<DuplexStream>,
 ) -> Result<(), BridgeError> {
     let result = async {
@@ -351,9 +354,9 @@ async fn inbound(
 
 /// Connection → client: what the connection wrote, one binary message per
 /// read; at its end, the close handshake.
-async fn outbound(
+async fn outbound<S: Wire>(
     mut from_connection: ReadHalf<DuplexStream>,
-    mut sink: futures::stream::SplitSink<Ws<'_>, Message>,
+    mut sink: futures::stream::SplitSink<Ws<'_, S>, Message>,
 ) -> Result<(), BridgeError> {
     let mut buf = BytesMut::new();
     loop {
