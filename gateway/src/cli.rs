@@ -1,5 +1,7 @@
-//! `edge-gateway [--config FILE]` and `edge-gateway check-config FILE`.
+//! `edge-gateway [--config FILE]`, `edge-gateway check-config FILE` and
+//! `edge-gateway passwd FILE USER [--stdin] [--delete]`.
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -36,12 +38,34 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Add a user to a password file or change its password (prompted twice,
+    /// or one line from stdin with --stdin); --delete removes the user.
+    Passwd {
+        /// The password file (created if missing; rewritten atomically, mode 0600).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The user name.
+        #[arg(value_name = "USER")]
+        user: String,
+        /// Read the password from one line of standard input instead of prompting.
+        #[arg(long, conflicts_with = "delete")]
+        stdin: bool,
+        /// Remove the user instead of setting its password.
+        #[arg(long)]
+        delete: bool,
+    },
 }
 
 pub fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Passwd {
+            file,
+            user,
+            stdin,
+            delete,
+        }) => passwd(&file, &user, stdin, delete),
         None => run(cli.config.as_deref()),
     }
 }
@@ -82,6 +106,56 @@ fn check_config(file: &Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+fn passwd(file: &Path, user: &str, stdin: bool, delete: bool) -> ExitCode {
+    match passwd_change(file, user, stdin, delete) {
+        Ok(message) => {
+            eprintln!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edge-gateway passwd: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Carries out `passwd`; the message to print on success.
+fn passwd_change(file: &Path, user: &str, stdin: bool, delete: bool) -> anyhow::Result<String> {
+    if delete {
+        if edge_auth::remove_user(file, user)? {
+            return Ok(format!("removed user {user} from {}", file.display()));
+        }
+        anyhow::bail!("user {user} is not in {}", file.display());
+    }
+    edge_auth::validate_user_name(user)?;
+    let password = if stdin {
+        read_password_line()?
+    } else {
+        let first = rpassword::prompt_password("Password: ")?;
+        let second = rpassword::prompt_password("Reenter password: ")?;
+        if first != second {
+            anyhow::bail!("the passwords do not match");
+        }
+        first
+    };
+    if password.is_empty() {
+        anyhow::bail!("empty password refused");
+    }
+    edge_auth::set_user(file, user, password.as_bytes())?;
+    Ok(format!("updated user {user} in {}", file.display()))
+}
+
+/// One line of standard input without its line ending.
+fn read_password_line() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let trimmed = line
+        .strip_suffix('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .unwrap_or(&line);
+    Ok(trimmed.to_string())
 }
 
 fn run(file: Option<&Path>) -> ExitCode {

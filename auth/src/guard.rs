@@ -1,0 +1,224 @@
+//! Per-source limits against misbehaving clients, shared by the MQTT and
+//! AMQP listeners: concurrent connections, connection rate, and a doubling
+//! back-off after failed logins. Keyed by source IP; loopback is not exempt.
+//!
+//! Memory bound: an entry with no connections, a full bucket and no back-off
+//! running holds nothing worth keeping and is removed by a lazy prune (every
+//! [`PRUNE_EVERY`] admissions, or when the map outgrows its high-water mark).
+//! A pruned source's back-off level is forgotten once its back-off has run out.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::rate::TokenBucket;
+
+/// Admissions between two prunes of idle entries.
+pub const PRUNE_EVERY: u64 = 1024;
+/// The map may grow to this many entries before a size-triggered prune.
+const MIN_HIGH_WATER: usize = 4096;
+
+/// The per-source limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardLimits {
+    /// Concurrent connections one source may hold.
+    pub max_connections_per_source: usize,
+    /// New connections per second per source (token bucket rate, burst =
+    /// max(1, 2 × rate)). Zero, negative, NaN or infinite: no rate limit.
+    pub connections_per_second_per_source: f64,
+    /// First back-off after a failed login (e.g. 1 s); doubled per further failure.
+    pub login_backoff_base: Duration,
+    /// Cap of the login back-off (e.g. 60 s).
+    pub login_backoff_max: Duration,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The source already holds `max_connections_per_source` connections.
+    TooManyConnections,
+    /// The source opens connections faster than `connections_per_second_per_source`.
+    ConnectionRate,
+    /// A failed login's back-off is still running for this source.
+    LoginBackoff {
+        /// Time left until the back-off ends.
+        remaining: Duration,
+    },
+}
+
+impl Refusal {
+    /// The limit's name, for logs and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::TooManyConnections => "max_connections_per_source",
+            Refusal::ConnectionRate => "connection_rate",
+            Refusal::LoginBackoff { .. } => "login_backoff",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    connections: usize,
+    bucket: TokenBucket,
+    /// The back-off last imposed (zero: none since the last success).
+    backoff: Duration,
+    /// When the running back-off ends (None: none imposed yet).
+    backoff_until: Option<Instant>,
+}
+
+impl Entry {
+    fn idle(&self, now: Instant) -> bool {
+        self.connections == 0
+            && self.bucket.is_full(now)
+            && self.backoff_until.is_none_or(|until| until <= now)
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    entries: HashMap<IpAddr, Entry>,
+    admissions: u64,
+    high_water: usize,
+}
+
+/// Counts connections, connection rate and login failures per source IP.
+#[derive(Debug)]
+pub struct SourceGuard {
+    limits: GuardLimits,
+    state: Mutex<State>,
+}
+
+/// One admitted connection; dropping it gives the source's slot back.
+pub struct SourcePermit {
+    guard: Arc<SourceGuard>,
+    ip: IpAddr,
+}
+
+impl std::fmt::Debug for SourcePermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourcePermit")
+            .field("ip", &self.ip)
+            .finish()
+    }
+}
+
+impl SourcePermit {
+    /// The source this permit counts against.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+}
+
+impl Drop for SourcePermit {
+    fn drop(&mut self) {
+        let mut state = self.guard.lock();
+        if let Some(entry) = state.entries.get_mut(&self.ip) {
+            entry.connections = entry.connections.saturating_sub(1);
+        }
+    }
+}
+
+impl SourceGuard {
+    /// A guard with no sources yet.
+    pub fn new(limits: GuardLimits) -> Arc<SourceGuard> {
+        Arc::new(SourceGuard {
+            limits,
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                admissions: 0,
+                high_water: MIN_HIGH_WATER,
+            }),
+        })
+    }
+
+    /// At accept: counts the connection for `ip` until the permit drops.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<SourcePermit, Refusal> {
+        let mut state = self.lock();
+        state.admissions = state.admissions.wrapping_add(1);
+        if state.admissions.is_multiple_of(PRUNE_EVERY) || state.entries.len() >= state.high_water {
+            state.entries.retain(|_, e| !e.idle(now));
+            state.high_water = MIN_HIGH_WATER.max(state.entries.len().saturating_mul(2));
+        }
+        let entry = state
+            .entries
+            .entry(ip)
+            .or_insert_with(|| self.new_entry(now));
+        if let Some(until) = entry.backoff_until
+            && until > now
+        {
+            return Err(Refusal::LoginBackoff {
+                remaining: until - now,
+            });
+        }
+        if entry.connections >= self.limits.max_connections_per_source {
+            return Err(Refusal::TooManyConnections);
+        }
+        if !entry.bucket.try_take(1.0, now) {
+            return Err(Refusal::ConnectionRate);
+        }
+        entry.connections += 1;
+        Ok(SourcePermit {
+            guard: Arc::clone(self),
+            ip,
+        })
+    }
+
+    /// After a failed login from ip: doubles its back-off (base, 2*base, ...
+    /// up to max); while it runs, admit() refuses with LoginBackoff. Returns
+    /// the back-off now in force.
+    pub fn login_failed(&self, ip: IpAddr, now: Instant) -> Duration {
+        let limits = &self.limits;
+        let mut state = self.lock();
+        let entry = state
+            .entries
+            .entry(ip)
+            .or_insert_with(|| self.new_entry(now));
+        let next = if entry.backoff.is_zero() {
+            limits.login_backoff_base
+        } else {
+            entry.backoff.saturating_mul(2)
+        };
+        let backoff = next.min(limits.login_backoff_max);
+        entry.backoff = backoff;
+        entry.backoff_until = Some(now.checked_add(backoff).unwrap_or(now));
+        backoff
+    }
+
+    /// After a successful login from ip: resets its back-off.
+    pub fn login_succeeded(&self, ip: IpAddr) {
+        let mut state = self.lock();
+        if let Some(entry) = state.entries.get_mut(&ip) {
+            entry.backoff = Duration::ZERO;
+            entry.backoff_until = None;
+        }
+    }
+
+    /// Entries held (for a gauge and tests).
+    pub fn sources(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    fn new_entry(&self, now: Instant) -> Entry {
+        let rate = self.limits.connections_per_second_per_source;
+        let burst = (2.0 * rate).max(1.0);
+        Entry {
+            connections: 0,
+            bucket: TokenBucket::new(rate, burst, now),
+            backoff: Duration::ZERO,
+            backoff_until: None,
+        }
+    }
+
+    /// The state; a panic while it was held left only counters behind, so a
+    /// poisoned lock is used as is.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests;
