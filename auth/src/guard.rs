@@ -34,13 +34,16 @@ pub struct GuardLimits {
 }
 
 /// Why a connection was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// The source already holds `max_connections_per_source` connections.
+    #[error("the source holds limits.max_connections_per_source connections")]
     TooManyConnections,
     /// The source opens connections faster than `connections_per_second_per_source`.
+    #[error("the source opens connections faster than limits.connection_rate_per_source")]
     ConnectionRate,
     /// A failed login's back-off is still running for this source.
+    #[error("a failed login's back-off runs for {remaining:?} more (limits.login_backoff)")]
     LoginBackoff {
         /// Time left until the back-off ends.
         remaining: Duration,

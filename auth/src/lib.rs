@@ -17,12 +17,14 @@ pub mod error;
 pub mod guard;
 pub mod passwd;
 pub mod rate;
+pub mod security;
 
 pub use acl::{Acl, AmqpPermission};
 pub use error::AuthError;
 pub use guard::{GuardLimits, Refusal, SourceGuard, SourcePermit};
 pub use passwd::{PasswordFile, hash_password, remove_user, set_user, validate_user_name};
 pub use rate::TokenBucket;
+pub use security::{ClientLimits, Security};
 
 /// Who a connection is, once logged in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +86,15 @@ impl Authority {
             passwords: RwLock::new(passwords),
             acl: RwLock::new(acl),
         }))
+    }
+
+    /// Lets nobody in (a fallback that needs no files).
+    pub fn closed() -> Authority {
+        Authority {
+            settings: AuthSettings::default(),
+            passwords: RwLock::new(None),
+            acl: RwLock::new(None),
+        }
     }
 
     /// Re-reads both files; on error keeps the old ones and returns the error (caller logs).

@@ -53,7 +53,10 @@ impl Config {
             ("mqtt.ws_listen", self.mqtt.ws_listen),
             ("mqtt.wss_listen", self.mqtt.wss_listen),
             ("amqp.listen", self.amqp.as_ref().map(|a| a.listen)),
-            ("amqp.tls_listen", self.amqp.as_ref().and_then(|a| a.tls_listen)),
+            (
+                "amqp.tls_listen",
+                self.amqp.as_ref().and_then(|a| a.tls_listen),
+            ),
         ];
         all.extend(
             optional

@@ -87,6 +87,10 @@ fn check_config(file: &Path) -> ExitCode {
             eprintln!("{}: {e}", file.display());
             ExitCode::from(EXIT_CONFIG)
         }
+        Ok((config, Ok(_))) if let Err(e) = crate::security::build(&config) => {
+            eprintln!("{}: {e:#}", file.display());
+            ExitCode::from(EXIT_CONFIG)
+        }
         Ok((config, Ok(_))) => {
             println!(
                 "{}: ok (gateway id {}, MQTT on {}, {} upstream(s), {} route(s))",

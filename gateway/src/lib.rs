@@ -11,6 +11,7 @@
 //! outstanding confirms and persist their cursors) → close the store.
 
 mod cli;
+pub mod security;
 mod telemetry;
 
 use std::net::SocketAddr;
@@ -179,8 +180,12 @@ pub struct Gateway {
     id: String,
     mqtt_addr: SocketAddr,
     mqtt_ws_addr: Option<SocketAddr>,
+    mqtt_tls_addr: Option<SocketAddr>,
+    mqtt_wss_addr: Option<SocketAddr>,
     amqp_addr: Option<SocketAddr>,
+    amqp_tls_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    security: std::sync::Arc<edge_auth::Security>,
     grace: Duration,
     store: Store,
     listeners_stop: CancellationToken,
@@ -228,26 +233,30 @@ impl Gateway {
         .await
         .context("loading sessions and retained messages")?;
 
-        let mqtt = MqttListener::bind(&config.mqtt).await.with_context(|| {
-            match config.mqtt.ws_listen {
+        let security = security::build(&config)?;
+        let mqtt = MqttListener::bind(&config.mqtt, security.clone())
+            .await
+            .with_context(|| match config.mqtt.ws_listen {
                 Some(ws) => format!(
                     "binding the MQTT listeners on {} and {ws} (WebSocket)",
                     config.mqtt.listen
                 ),
                 None => format!("binding the MQTT listener on {}", config.mqtt.listen),
-            }
-        })?;
+            })?;
         let mqtt_addr = mqtt.local_addr();
         let mqtt_ws_addr = mqtt.ws_local_addr();
+        let mqtt_tls_addr = mqtt.tls_local_addr();
+        let mqtt_wss_addr = mqtt.wss_local_addr();
         let amqp = match &config.amqp {
             Some(a) => Some(
-                AmqpListener::bind(a)
+                AmqpListener::bind(a, security.clone())
                     .await
                     .with_context(|| format!("binding the AMQP listener on {}", a.listen))?,
             ),
             None => None,
         };
         let amqp_addr = amqp.as_ref().map(AmqpListener::local_addr);
+        let amqp_tls_addr = amqp.as_ref().and_then(AmqpListener::tls_local_addr);
         let amqp_health = amqp
             .as_ref()
             .map(|a| (a.local_addr(), a.open_connections()));
@@ -293,6 +302,10 @@ impl Gateway {
 
         let telemetry_stop = CancellationToken::new();
         tokio::spawn(flush_log_summaries(telemetry_stop.clone()));
+        tokio::spawn(security::reload_on_hangup(
+            security.clone(),
+            telemetry_stop.clone(),
+        ));
         if let (Some(listener), Some(handle)) = (telemetry_listener, metrics) {
             tokio::spawn(telemetry::serve(
                 listener,
@@ -303,6 +316,16 @@ impl Gateway {
                 telemetry::Listeners {
                     amqp: amqp_health,
                     mqtt_ws: mqtt_ws_addr.map(|addr| (addr, config.mqtt.ws_path.clone())),
+                },
+                telemetry::Admin {
+                    tls: config
+                        .metrics
+                        .as_ref()
+                        .is_some_and(|m| m.tls)
+                        .then(|| security.tls.clone())
+                        .flatten(),
+                    users: config.auth.admin_users.clone(),
+                    security: security.clone(),
                 },
                 telemetry_stop.clone(),
             ));
@@ -315,8 +338,12 @@ impl Gateway {
             id,
             mqtt_addr,
             mqtt_ws_addr,
+            mqtt_tls_addr,
+            mqtt_wss_addr,
             amqp_addr,
+            amqp_tls_addr,
             metrics_addr,
+            security,
             grace: config.gateway.shutdown_grace,
             store,
             listeners_stop,
@@ -339,6 +366,26 @@ impl Gateway {
     /// The MQTT over WebSocket listener's address (`None` without `mqtt.ws_listen`).
     pub fn mqtt_ws_addr(&self) -> Option<SocketAddr> {
         self.mqtt_ws_addr
+    }
+
+    /// The MQTT over TLS listener's address (`None` without `mqtt.tls_listen`).
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_tls_addr
+    }
+
+    /// The MQTT over WebSocket over TLS listener's address.
+    pub fn mqtt_wss_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_wss_addr
+    }
+
+    /// The AMQP over TLS listener's address (`None` without `amqp.tls_listen`).
+    pub fn amqp_tls_addr(&self) -> Option<SocketAddr> {
+        self.amqp_tls_addr
+    }
+
+    /// Re-reads the certificate and the auth files, as SIGHUP does.
+    pub fn reload(&self) {
+        security::reload(&self.security);
     }
 
     /// The AMQP listener's address (`None` when `[amqp] enabled = false`).

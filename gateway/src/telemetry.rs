@@ -1,13 +1,16 @@
-//! Logs (tracing) and the HTTP endpoint with `/metrics` and `/healthz`.
+//! Logs (tracing) and the HTTP endpoint with `/metrics` and `/healthz`
+//! (HTTPS with `metrics.tls`), and the admin endpoints (`/dead-letters`):
+//! with `auth.admin_users`, only those users (HTTP basic authentication
+//! against the password file); without, only loopback clients.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router as HttpRouter;
 use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{get, post};
 use edge_amqp::OpenConnections;
 use edge_upstream::LinkStatus;
@@ -141,6 +144,7 @@ fn describe() {
 
 #[derive(Clone)]
 struct HttpState {
+    admin: Arc<Admin>,
     store: edge_store::Store,
     metrics: PrometheusHandle,
     links: Vec<(String, LinkStatus)>,
@@ -158,6 +162,16 @@ pub struct Listeners {
     pub mqtt_ws: Option<(SocketAddr, String)>,
 }
 
+/// Who may use the admin endpoints, and the certificate for HTTPS.
+#[derive(Debug)]
+pub struct Admin {
+    /// Serve HTTPS with this certificate (`metrics.tls`).
+    pub tls: Option<Arc<edge_tls::ServerTls>>,
+    /// `auth.admin_users`; empty: loopback clients only.
+    pub users: Vec<String>,
+    pub security: Arc<edge_auth::Security>,
+}
+
 /// Binds the telemetry listener; `serve` runs it.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -165,6 +179,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding the metrics listener on {addr}"))
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     store: edge_store::Store,
@@ -172,8 +187,10 @@ pub async fn serve(
     links: Vec<(String, LinkStatus)>,
     store_failure: tokio::sync::watch::Receiver<Option<String>>,
     listeners: Listeners,
+    admin: Admin,
     shutdown: CancellationToken,
 ) {
+    let tls = admin.tls.clone();
     let app = HttpRouter::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
@@ -181,6 +198,7 @@ pub async fn serve(
         .route("/dead-letters/replay", post(replay_dead_letters))
         .route("/dead-letters/purge", post(purge_dead_letters))
         .with_state(HttpState {
+            admin: Arc::new(admin),
             store,
             metrics,
             links,
@@ -188,6 +206,10 @@ pub async fn serve(
             amqp: listeners.amqp,
             mqtt_ws: listeners.mqtt_ws,
         });
+    if let Some(tls) = tls {
+        serve_https(listener, app, tls, shutdown).await;
+        return;
+    }
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -240,18 +262,116 @@ const DEAD_LETTER_PAGE: usize = 100;
 /// Dead letters replayed or purged per store operation (one commit).
 const DEAD_LETTER_CHUNK: usize = 1000;
 
-/// The dead-letter endpoints change data and have no authentication yet:
-/// they answer only to clients on this machine, even when the metrics
-/// listener is opened to the network for Prometheus.
-fn local_only(peer: SocketAddr) -> Result<(), (StatusCode, String)> {
-    if peer.ip().is_loopback() {
-        Ok(())
-    } else {
-        Err((
-            StatusCode::FORBIDDEN,
-            "the dead-letter endpoints answer only to loopback clients\n".to_string(),
-        ))
+/// HTTPS: each connection's TLS handshake, then HTTP/1.1 on it.
+async fn serve_https(
+    listener: TcpListener,
+    app: HttpRouter,
+    tls: Arc<edge_tls::ServerTls>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let tls = tls.clone();
+        let app = app.clone().layer(axum::Extension(ConnectInfo(peer)));
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HTTPS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    metrics::counter!("edge_tls_handshake_failures_total", "protocol" => "http", "reason" => error.reason()).increment(1);
+                    tracing::debug!(%peer, %error, "metrics endpoint: TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                served = connection => if let Err(error) = served {
+                    tracing::debug!(%peer, %error, "metrics endpoint: connection failed");
+                },
+            }
+        });
     }
+}
+
+/// Time an HTTPS client has for its TLS handshake.
+const HTTPS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The admin endpoints change data. With `auth.admin_users` they need one
+/// of those users' name and password (basic authentication, best over
+/// HTTPS); without, they answer only to clients on this machine, even when
+/// the metrics listener is opened to the network for Prometheus.
+async fn admin_only(
+    admin: &Admin,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), (StatusCode, String)> {
+    if admin.users.is_empty() {
+        return if peer.ip().is_loopback() {
+            Ok(())
+        } else {
+            Err((
+                StatusCode::FORBIDDEN,
+                "the admin endpoints answer only to loopback clients (set auth.admin_users to open them to admin users)\n".to_string(),
+            ))
+        };
+    }
+    let unauthorized = || {
+        (
+            StatusCode::UNAUTHORIZED,
+            "the admin endpoints need an admin user (HTTP basic authentication)\n".to_string(),
+        )
+    };
+    let (user, password) = basic_credentials(headers).ok_or_else(unauthorized)?;
+    if !admin.users.contains(&user) {
+        metrics::counter!("edge_logins_total", "protocol" => "http", "outcome" => "not_admin")
+            .increment(1);
+        tracing::warn!(%peer, user = %user, "admin endpoint refused: not an admin user");
+        return Err(unauthorized());
+    }
+    match admin
+        .security
+        .login(peer.ip(), None, Some(&user), Some(password.as_bytes()))
+        .await
+    {
+        Ok(_) => {
+            metrics::counter!("edge_logins_total", "protocol" => "http", "outcome" => "accepted")
+                .increment(1);
+            Ok(())
+        }
+        Err(_) => {
+            metrics::counter!("edge_logins_total", "protocol" => "http", "outcome" => "bad_credentials").increment(1);
+            tracing::warn!(%peer, user = %user, "admin endpoint refused: bad user name or password");
+            Err(unauthorized())
+        }
+    }
+}
+
+/// `Authorization: Basic base64(user:password)`.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
 }
 
 /// `GET /dead-letters`: one line per parked message, oldest first:
@@ -259,8 +379,9 @@ fn local_only(peer: SocketAddr) -> Result<(), (StatusCode, String)> {
 async fn list_dead_letters(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     State(state): State<HttpState>,
+    headers: HeaderMap,
 ) -> (StatusCode, String) {
-    if let Err(refused) = local_only(peer) {
+    if let Err(refused) = admin_only(&state.admin, peer, &headers).await {
         return refused;
     }
     let store = state.store.clone();
@@ -294,8 +415,9 @@ async fn list_dead_letters(
 async fn replay_dead_letters(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     State(state): State<HttpState>,
+    headers: HeaderMap,
 ) -> (StatusCode, String) {
-    if let Err(refused) = local_only(peer) {
+    if let Err(refused) = admin_only(&state.admin, peer, &headers).await {
         return refused;
     }
     drain_dead_letters(&state.store, "replayed", |store, max| async move {
@@ -308,8 +430,9 @@ async fn replay_dead_letters(
 async fn purge_dead_letters(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     State(state): State<HttpState>,
+    headers: HeaderMap,
 ) -> (StatusCode, String) {
-    if let Err(refused) = local_only(peer) {
+    if let Err(refused) = admin_only(&state.admin, peer, &headers).await {
         return refused;
     }
     drain_dead_letters(&state.store, "purged", |store, max| async move {
@@ -356,14 +479,48 @@ where
 mod tests {
     use super::*;
 
-    #[test]
-    fn dead_letter_endpoints_are_for_loopback_clients_only() {
-        assert!(local_only(SocketAddr::from(([127, 0, 0, 1], 4000))).is_ok());
-        assert!(local_only("[::1]:4000".parse().expect("addr")).is_ok());
-        let refused = local_only(SocketAddr::from(([192, 0, 2, 7], 4000)));
+    fn admin(users: &[&str]) -> Admin {
+        Admin {
+            tls: None,
+            users: users.iter().map(|u| u.to_string()).collect(),
+            security: edge_auth::Security::open(),
+        }
+    }
+
+    #[tokio::test]
+    async fn without_admin_users_the_admin_endpoints_are_for_loopback_clients_only() {
+        let admin = admin(&[]);
+        let headers = HeaderMap::new();
+        for peer in ["127.0.0.1:4000", "[::1]:4000"] {
+            let peer = peer.parse().expect("addr");
+            assert!(admin_only(&admin, peer, &headers).await.is_ok());
+        }
+        let refused = admin_only(&admin, "192.0.2.7:4000".parse().expect("addr"), &headers).await;
         assert_eq!(
             refused.map_err(|(status, _)| status),
             Err(StatusCode::FORBIDDEN)
+        );
+    }
+
+    #[tokio::test]
+    async fn with_admin_users_even_loopback_needs_credentials() {
+        let admin = admin(&["ops"]);
+        let peer = "127.0.0.1:4000".parse().expect("addr");
+        let refused = admin_only(&admin, peer, &HeaderMap::new()).await;
+        assert_eq!(
+            refused.map_err(|(status, _)| status),
+            Err(StatusCode::UNAUTHORIZED)
+        );
+        let mut headers = HeaderMap::new();
+        // "intruder:x" is not an admin user.
+        headers.insert(
+            header::AUTHORIZATION,
+            "Basic aW50cnVkZXI6eA==".parse().expect("header"),
+        );
+        assert!(admin_only(&admin, peer, &headers).await.is_err());
+        assert_eq!(
+            basic_credentials(&headers),
+            Some(("intruder".to_string(), "x".to_string()))
         );
     }
 }

@@ -309,6 +309,26 @@ impl TestGateway {
         self.running().metrics_addr()
     }
 
+    /// The MQTT over TLS listener, when `mqtt.tls_listen` is set.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.running().mqtt_tls_addr()
+    }
+
+    /// The MQTT over WebSocket over TLS listener, when `mqtt.wss_listen` is set.
+    pub fn mqtt_wss_addr(&self) -> Option<SocketAddr> {
+        self.running().mqtt_wss_addr()
+    }
+
+    /// The AMQP over TLS listener, when `amqp.tls_listen` is set.
+    pub fn amqp_tls_addr(&self) -> Option<SocketAddr> {
+        self.running().amqp_tls_addr()
+    }
+
+    /// Re-reads certificates and auth files, as SIGHUP does.
+    pub fn reload(&self) {
+        self.running().reload();
+    }
+
     /// The AMQP listener (enabled in test gateways unless set otherwise).
     pub fn amqp_addr(&self) -> SocketAddr {
         self.running()

@@ -16,13 +16,12 @@ use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::protocol::{AMQPClass, connection};
 use bytes::{Bytes, BytesMut};
+use edge_auth::{Principal, Security};
 use edge_core::PublishError;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
@@ -60,7 +59,13 @@ pub(crate) struct Settings {
     pub handshake_timeout: Duration,
     pub max_message_size: u64,
     pub max_unconfirmed: usize,
+    /// Users, permissions, TLS and limits.
+    pub security: Arc<Security>,
 }
+
+/// The halves of a connection's byte stream (plain TCP or TLS).
+pub(crate) type Reader = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Why a connection ends.
 #[derive(Debug)]
@@ -135,8 +140,12 @@ pub(crate) struct Settled {
 pub(crate) struct Connection {
     pub(crate) id: ConnId,
     pub(crate) peer: SocketAddr,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
+    /// The verified client certificate's user name, for EXTERNAL.
+    pub(crate) identity: Option<String>,
+    /// Who logged in (anonymous until then).
+    pub(crate) who: Principal,
     pub(crate) rbuf: BytesMut,
     pub(crate) out: Vec<u8>,
     pub(crate) settings: Arc<Settings>,
@@ -176,18 +185,20 @@ impl std::fmt::Debug for Connection {
 
 impl Connection {
     pub(crate) fn new(
-        stream: TcpStream,
+        (reader, writer): (Reader, Writer),
         peer: SocketAddr,
+        identity: Option<String>,
         id: ConnId,
         settings: Arc<Settings>,
         broker: Arc<Broker>,
     ) -> Connection {
-        let (reader, writer) = stream.into_split();
         Connection {
             id,
             peer,
             reader,
             writer,
+            identity,
+            who: Principal::anonymous(),
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             out: Vec::with_capacity(READ_CHUNK),
             settings,

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 /// The listener could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
+    #[error("AMQP over TLS on {addr} needs a server certificate ([tls] cert_file and key_file)")]
+    NoCertificate { addr: SocketAddr },
     #[error("cannot bind the AMQP listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,

@@ -12,9 +12,11 @@ use crate::blocked::{self, Blocked};
 use crate::codec::{self, Greeting};
 use crate::connection::{Connection, End};
 use crate::error::{ACCESS_REFUSED, COMMAND_INVALID, Exception, NOT_ALLOWED};
+use crate::logs;
 
-/// The only user until authentication exists; like RabbitMQ's default
-/// user, it may only log in over loopback.
+/// Without a password file, the one user; like RabbitMQ's default user,
+/// it may only log in over loopback (and only while anonymous access is
+/// allowed: it is the anonymous user of AMQP).
 const GUEST: (&str, &str) = ("guest", "guest");
 
 impl Connection {
@@ -45,7 +47,9 @@ impl Connection {
         }
         self.method(
             0,
-            AMQPClass::Connection(connection::AMQPMethod::Start(start())),
+            AMQPClass::Connection(connection::AMQPMethod::Start(start(
+                self.identity.is_some(),
+            ))),
         )?;
         let start_ok = match self.next_handshake_method().await? {
             connection::AMQPMethod::StartOk(ok) => ok,
@@ -56,7 +60,11 @@ impl Connection {
         {
             self.name = format!("amqp:{}", String::from_utf8_lossy(name.as_bytes())).into();
         }
-        self.authenticate(start_ok.mechanism.as_str(), start_ok.response.as_bytes())?;
+        let outcome = self
+            .authenticate(start_ok.mechanism.as_str(), start_ok.response.as_bytes())
+            .await;
+        metrics::counter!("edge_logins_total", "protocol" => "amqp", "outcome" => if outcome.is_ok() { "accepted" } else { "refused" }).increment(1);
+        outcome?;
         if blocked::announced(&start_ok.client_properties) {
             self.blocked = Some(Blocked::new(self.broker.router().store().full()));
         }
@@ -103,7 +111,9 @@ impl Connection {
         Ok(())
     }
 
-    fn authenticate(&self, mechanism: &str, response: &[u8]) -> Result<(), Exception> {
+    /// PLAIN and AMQPLAIN against the password file (without one: guest
+    /// over loopback), EXTERNAL by the verified client certificate.
+    async fn authenticate(&mut self, mechanism: &str, response: &[u8]) -> Result<(), Exception> {
         let refused = || {
             Exception::connection(
                 ACCESS_REFUSED,
@@ -113,9 +123,26 @@ impl Connection {
             )
             .on(10, 11)
         };
+        let security = self.settings.security.clone();
         let (user, password) = match mechanism {
             "PLAIN" => plain(response).ok_or_else(refused)?,
             "AMQPLAIN" => amqplain(response).ok_or_else(refused)?,
+            "EXTERNAL" => {
+                let Some(identity) = self.identity.clone() else {
+                    logs::LOGIN_REFUSED.record("external", || {
+                        format!(
+                            "peer={} EXTERNAL without a client certificate identity",
+                            self.peer
+                        )
+                    });
+                    return Err(refused());
+                };
+                self.who = security
+                    .login(self.peer.ip(), Some(&identity), None, None)
+                    .await
+                    .map_err(|_| refused())?;
+                return Ok(());
+            }
             other => {
                 return Err(Exception::connection(
                     ACCESS_REFUSED,
@@ -126,8 +153,33 @@ impl Connection {
                 .on(10, 11));
             }
         };
-        if (user.as_str(), password.as_str()) != GUEST {
-            tracing::info!(peer = %self.peer, user = %user, "AMQP login refused");
+        if security.authority.has_password_file() {
+            match security
+                .login(self.peer.ip(), None, Some(&user), Some(password.as_bytes()))
+                .await
+            {
+                Ok(who) => {
+                    self.who = who;
+                    return Ok(());
+                }
+                Err(_) => {
+                    // The user name is logged, never the password.
+                    logs::LOGIN_REFUSED.record("bad_credentials", || {
+                        format!("peer={} user={user:?}", self.peer)
+                    });
+                    return Err(refused());
+                }
+            }
+        }
+        if (user.as_str(), password.as_str()) != GUEST
+            || !security.authority.settings().allow_anonymous
+        {
+            security
+                .guard
+                .login_failed(self.peer.ip(), std::time::Instant::now());
+            logs::LOGIN_REFUSED.record("bad_credentials", || {
+                format!("peer={} user={user:?}", self.peer)
+            });
             return Err(refused());
         }
         if !self.peer.ip().is_loopback() {
@@ -137,6 +189,7 @@ impl Connection {
             )
             .on(10, 11));
         }
+        self.who = security.authority.login_certificate(GUEST.0);
         Ok(())
     }
 }
@@ -146,7 +199,7 @@ fn out_of_order(expected: &str, got: &connection::AMQPMethod) -> Exception {
 }
 
 /// connection.start: version 0-9-1, what the server supports.
-fn start() -> connection::Start {
+fn start(external: bool) -> connection::Start {
     let mut capabilities = FieldTable::default();
     for cap in [
         "publisher_confirms",
@@ -177,7 +230,11 @@ fn start() -> connection::Start {
         version_major: 0,
         version_minor: 9,
         server_properties: props,
-        mechanisms: "PLAIN AMQPLAIN".into(),
+        mechanisms: if external {
+            "EXTERNAL PLAIN AMQPLAIN".into()
+        } else {
+            "PLAIN AMQPLAIN".into()
+        },
         locales: "en_US".into(),
     }
 }

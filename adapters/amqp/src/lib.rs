@@ -199,6 +199,7 @@ mod limits;
 mod listener;
 mod logs;
 mod methods;
+mod permissions;
 mod properties;
 mod queue;
 mod routes;

@@ -3,6 +3,20 @@
 
 use edge_log::{Level, Summary};
 
+pub(crate) static DENIED: Summary = Summary::new(
+    "AMQP operations refused by the ACL (403 ACCESS_REFUSED)",
+    Level::Info,
+);
+pub(crate) static LOGIN_REFUSED: Summary = Summary::new("AMQP logins refused", Level::Warn);
+pub(crate) static TLS_FAILED: Summary = Summary::new(
+    "AMQP TLS handshakes failed: connections closed",
+    Level::Info,
+);
+pub(crate) static GUARD_REFUSED: Summary = Summary::new(
+    "AMQP connections refused by the per-source limits",
+    Level::Warn,
+);
+
 pub(crate) static REFUSED: Summary = Summary::new(
     "store refused AMQP publishes (nacked in confirm mode)",
     Level::Warn,

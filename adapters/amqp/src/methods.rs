@@ -17,8 +17,10 @@ use crate::channel::{ByQueue, Consumer, Content, Held};
 use crate::connection::{Connection, Settled, WRITE_HIGH_WATER};
 use crate::convert;
 use crate::error::{ACCESS_REFUSED, Exception, NO_ROUTE, NOT_ALLOWED, NOT_IMPLEMENTED};
+use crate::permissions::Resource;
 use crate::queue::{Flags, Queue, Queued};
 use crate::{properties, telemetry};
+use edge_auth::AmqpPermission::{Configure, Read, Write};
 
 /// Deliveries taken from one queue for one consumer in a turn.
 const DELIVERY_BATCH: usize = 64;
@@ -126,6 +128,8 @@ impl Connection {
         match m {
             exchange::AMQPMethod::Declare(d) => {
                 if !d.passive {
+                    self.permit(Configure, Resource::Exchange, d.exchange.as_str())
+                        .map_err(|e| e.on(40, 10))?;
                     unsupported_arguments(&d.arguments, "exchange")?;
                 }
                 let spec = ExchangeSpec {
@@ -144,6 +148,8 @@ impl Connection {
                 )
             }
             exchange::AMQPMethod::Delete(d) => {
+                self.permit(Configure, Resource::Exchange, d.exchange.as_str())
+                    .map_err(|e| e.on(40, 20))?;
                 self.broker
                     .delete_exchange(d.exchange.as_str(), d.if_unused)
                     .await?;
@@ -154,6 +160,9 @@ impl Connection {
                 )
             }
             exchange::AMQPMethod::Bind(b) => {
+                self.permit(Write, Resource::Exchange, b.destination.as_str())
+                    .and_then(|()| self.permit(Read, Resource::Exchange, b.source.as_str()))
+                    .map_err(|e| e.on(40, 30))?;
                 self.broker
                     .bind_exchange(
                         b.destination.as_str(),
@@ -169,6 +178,9 @@ impl Connection {
                 )
             }
             exchange::AMQPMethod::Unbind(u) => {
+                self.permit(Write, Resource::Exchange, u.destination.as_str())
+                    .and_then(|()| self.permit(Read, Resource::Exchange, u.source.as_str()))
+                    .map_err(|e| e.on(40, 40))?;
                 self.broker
                     .unbind_exchange(
                         u.destination.as_str(),
@@ -193,6 +205,16 @@ impl Connection {
     async fn on_queue(&mut self, ch: u16, m: queue::AMQPMethod) -> Result<(), Exception> {
         match m {
             queue::AMQPMethod::Declare(d) => {
+                if !d.passive {
+                    // A server-named queue is checked under the prefix of
+                    // the names the server makes.
+                    let name = match d.queue.as_str() {
+                        "" => "amq.gen-",
+                        name => name,
+                    };
+                    self.permit(Configure, Resource::Queue, name)
+                        .map_err(|e| e.on(50, 10))?;
+                }
                 let args = if d.passive {
                     QueueArgs::default()
                 } else {
@@ -226,6 +248,10 @@ impl Connection {
             }
             queue::AMQPMethod::Bind(b) => {
                 let q = self.queue_named(ch, b.queue.as_str())?;
+                self.permit(Write, Resource::Queue, &q.name)
+                    .and_then(|()| self.permit(Read, Resource::Exchange, b.exchange.as_str()))
+                    .and_then(|()| self.permit_binding(b.exchange.as_str(), b.routing_key.as_str()))
+                    .map_err(|e| e.on(50, 20))?;
                 self.broker
                     .bind(
                         &q.name,
@@ -243,6 +269,9 @@ impl Connection {
             }
             queue::AMQPMethod::Unbind(u) => {
                 let q = self.queue_named(ch, u.queue.as_str())?;
+                self.permit(Write, Resource::Queue, &q.name)
+                    .and_then(|()| self.permit(Read, Resource::Exchange, u.exchange.as_str()))
+                    .map_err(|e| e.on(50, 50))?;
                 self.broker
                     .unbind(
                         &q.name,
@@ -259,6 +288,8 @@ impl Connection {
             }
             queue::AMQPMethod::Purge(p) => {
                 let q = self.queue_named(ch, p.queue.as_str())?;
+                self.permit(Read, Resource::Queue, &q.name)
+                    .map_err(|e| e.on(50, 30))?;
                 let message_count = q
                     .purge()
                     .await
@@ -271,6 +302,8 @@ impl Connection {
             }
             queue::AMQPMethod::Delete(d) => {
                 let q = self.queue_named(ch, d.queue.as_str())?;
+                self.permit(Configure, Resource::Queue, &q.name)
+                    .map_err(|e| e.on(50, 40))?;
                 let message_count = self
                     .broker
                     .delete_queue(&q.name, self.id, d.if_unused, d.if_empty)
@@ -377,6 +410,8 @@ impl Connection {
 
     async fn consume(&mut self, ch: u16, c: basic::Consume) -> Result<(), Exception> {
         let q = self.queue_named(ch, c.queue.as_str())?;
+        self.permit(Read, Resource::Queue, &q.name)
+            .map_err(|e| e.on(60, 20))?;
         let key = crate::queue::consumer_key();
         let tag = match c.consumer_tag.as_str() {
             "" => format!("amq.ctag-{key}"),
@@ -419,6 +454,8 @@ impl Connection {
 
     async fn get(&mut self, ch: u16, g: basic::Get) -> Result<(), Exception> {
         let q = self.queue_named(ch, g.queue.as_str())?;
+        self.permit(Read, Resource::Queue, &q.name)
+            .map_err(|e| e.on(60, 70))?;
         let Some(m) = q.get(g.no_ack).await else {
             return self.method(
                 ch,
@@ -565,6 +602,8 @@ impl Connection {
     /// In a transaction it is held until the commit (its exchange checked
     /// now, as RabbitMQ does).
     pub(crate) async fn publish(&mut self, ch: u16, content: Content) -> Result<(), Exception> {
+        self.permit(Write, Resource::Exchange, content.publish.exchange.as_str())
+            .map_err(|e| e.on(60, 40))?;
         if self.channels.get(&ch).is_some_and(|c| c.tx.is_some()) {
             let name = content.publish.exchange.as_str();
             let exchange = self.broker.exchange(name).map_err(|e| e.on(60, 40))?;
@@ -624,6 +663,11 @@ impl Connection {
         {
             also.push(own.clone());
             topic = Some(named);
+        }
+        if name == convert::AMQ_TOPIC
+            && let Some(t) = topic.as_ref()
+        {
+            self.permit_topic(t).map_err(|e| e.on(60, 40))?;
         }
         let router = self.broker.router();
         let routed = topic.filter(|t| {

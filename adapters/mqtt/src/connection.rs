@@ -16,14 +16,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use edge_auth::{LoginError, Principal, Security};
 use edge_core::{AttachOptions, Attached, Delivery, Router, SessionExpiry};
 use futures::{FutureExt, StreamExt};
-use rumqttd::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet};
+use rumqttd::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Login, Packet};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::Access;
 use crate::codec::{self, Hello, Version};
 use crate::error::Close;
 use crate::listener::Admission;
@@ -57,6 +59,8 @@ pub(crate) struct Settings {
     pub max_queued_messages: usize,
     /// Wills waiting out their MQTT 5 delay, shared by the listeners.
     pub wills: Arc<will::Delayed>,
+    /// Users, permissions, TLS and limits.
+    pub security: Arc<Security>,
 }
 
 static ASSIGNED_IDS: AtomicU64 = AtomicU64::new(1);
@@ -88,16 +92,25 @@ pub(crate) struct Connection<S> {
     stream: S,
     peer: SocketAddr,
     settings: Arc<Settings>,
+    /// The user name of the client's verified TLS certificate, when
+    /// `auth.cert_identity` takes it from there.
+    identity: Option<String>,
     rbuf: BytesMut,
     wbuf: BytesMut,
 }
 
 impl<S: Transport> Connection<S> {
-    pub(crate) fn new(stream: S, peer: SocketAddr, settings: Arc<Settings>) -> Connection<S> {
+    pub(crate) fn new(
+        stream: S,
+        peer: SocketAddr,
+        settings: Arc<Settings>,
+        identity: Option<String>,
+    ) -> Connection<S> {
         Connection {
             stream,
             peer,
             settings,
+            identity,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
         }
@@ -178,6 +191,7 @@ impl<S: Transport> Connection<S> {
             | Close::ConnectTimeout(_)
             | Close::TakenOver
             | Close::WriteStalled(_)
+            | Close::RateLimited(_)
             | Close::Session(_)
             | Close::Refused(_) => {
                 logs::CLOSED.record(close.reason(), || {
@@ -254,6 +268,7 @@ impl<S: Transport> Connection<S> {
             handshake,
             limit,
             max_connections,
+            source: _source,
         } = admission;
         let hello = tokio::select! {
             _ = shutdown.cancelled() => return Err(Close::Shutdown),
@@ -284,14 +299,14 @@ impl<S: Transport> Connection<S> {
                 )
                 .await);
         };
-        let (version, connect, props, will) = match hello {
+        let (version, connect, props, login, will) = match hello {
             Hello::Accepted {
                 version,
                 connect,
                 props,
-                login: _,
+                login,
                 will,
-            } => (version, connect, props, will),
+            } => (version, connect, props, login, will),
             Hello::Unsupported { level } => {
                 let version = if level > 5 {
                     Version::V5
@@ -322,6 +337,24 @@ impl<S: Transport> Connection<S> {
                 )
                 .await);
         }
+        let who = match self.login(login).await {
+            Ok(who) => who,
+            Err(refused) => {
+                let (v3, v5, why) = match refused {
+                    LoginError::BadCredentials => (
+                        ConnectReturnCode::BadUserNamePassword,
+                        ConnectReturnCode::BadUserNamePassword,
+                        "bad user name or password",
+                    ),
+                    LoginError::NotAuthorized => (
+                        ConnectReturnCode::NotAuthorized,
+                        ConnectReturnCode::NotAuthorized,
+                        "not authorized",
+                    ),
+                };
+                return Err(self.refuse(version, v3, v5, why.to_string()).await);
+            }
+        };
         let v5 = version.is_v5();
         let mut assigned = false;
         let client_id: Arc<str> = match (connect.client_id.is_empty(), connect.clean_session) {
@@ -366,6 +399,32 @@ impl<S: Transport> Connection<S> {
                     .await);
             }
         };
+        if let Some(w) = &will
+            && !self
+                .settings
+                .security
+                .authority
+                .can_publish(&who, &client_id, &w.topic)
+        {
+            metrics::counter!("edge_acl_denied_total", "protocol" => "mqtt", "action" => "will")
+                .increment(1);
+            logs::DENIED.record("will", || {
+                format!(
+                    "peer={} client_id={client_id:?} user={:?} will_topic={}",
+                    self.peer,
+                    who.user(),
+                    w.topic
+                )
+            });
+            return Err(self
+                .refuse(
+                    version,
+                    ConnectReturnCode::NotAuthorized,
+                    ConnectReturnCode::NotAuthorized,
+                    format!("publishing the will to {:?} is not allowed", w.topic),
+                )
+                .await);
+        }
         accepted.client_id = Some(client_id.clone());
         // A client back before its will's delay ran out keeps it unsent.
         self.settings.wills.cancel(&client_id);
@@ -441,7 +500,9 @@ impl<S: Transport> Connection<S> {
                 .unwrap_or(u16::MAX);
             (state, receive_max)
         });
+        let access = Access::new(self.settings.security.clone(), who, client_id.clone());
         let mut session = Session::new(
+            access,
             client_id,
             router.clone(),
             subscriber,
@@ -482,6 +543,35 @@ impl<S: Transport> Connection<S> {
             Ok(()) => Close::Refused(why),
             Err(close) => close,
         }
+    }
+
+    /// Who the client is: its certificate's identity, or its CONNECT's
+    /// user name and password checked against the password file.
+    async fn login(&self, login: Option<Login>) -> Result<Principal, LoginError> {
+        let (user, password) = match &login {
+            Some(l) => (
+                Some(l.username.as_str()),
+                (!l.password.is_empty()).then_some(l.password.as_bytes()),
+            ),
+            None => (None, None),
+        };
+        let result = self
+            .settings
+            .security
+            .login(self.peer.ip(), self.identity.as_deref(), user, password)
+            .await;
+        let outcome = match &result {
+            Ok(_) => "accepted",
+            Err(LoginError::BadCredentials) => "bad_credentials",
+            Err(LoginError::NotAuthorized) => "not_authorized",
+        };
+        metrics::counter!("edge_logins_total", "protocol" => "mqtt", "outcome" => outcome)
+            .increment(1);
+        if result.is_err() {
+            // The user name is logged, never the password.
+            logs::LOGIN_REFUSED.record(outcome, || format!("peer={} user={user:?}", self.peer));
+        }
+        result
     }
 
     async fn read_connect(&mut self) -> Result<Hello, Close> {
@@ -583,6 +673,7 @@ impl<S: Transport> Connection<S> {
             // Stop taking work while the client is this far behind.
             let room = self.wbuf.len() < WRITE_HIGH_WATER;
             let reading = session.can_read() && room;
+            let held = session.access.held();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Close::Shutdown,
@@ -605,6 +696,10 @@ impl<S: Transport> Connection<S> {
                         // The wait was ours, not the client's silence.
                         idle.as_mut().reset(Instant::now() + idle_limit);
                     }
+                }
+                _ = sleep_until(held.unwrap_or_else(Instant::now)), if held.is_some() => {
+                    // The wait was ours, not the client's silence.
+                    idle.as_mut().reset(Instant::now() + idle_limit);
                 }
                 read = reader.read_some(&mut self.rbuf), if reading => match read {
                     Ok(0) => return Close::PeerClosed,

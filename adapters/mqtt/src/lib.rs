@@ -42,6 +42,7 @@
 //!
 //! Authentication is not served yet.
 
+mod access;
 mod codec;
 mod connection;
 mod error;

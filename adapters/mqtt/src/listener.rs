@@ -15,9 +15,9 @@ use edge_auth::{Security, SourcePermit};
 use edge_config::MqttConfig;
 use edge_core::Router;
 use futures::StreamExt;
-use tokio_rustls::server::TlsStream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -87,7 +87,10 @@ impl Transport {
 impl MqttListener {
     /// Binds `config.listen` and each optional listener that is set (port
     /// 0 = ephemeral). A TLS listener needs `security.tls`.
-    pub async fn bind(config: &MqttConfig, security: Arc<Security>) -> Result<MqttListener, MqttError> {
+    pub async fn bind(
+        config: &MqttConfig,
+        security: Arc<Security>,
+    ) -> Result<MqttListener, MqttError> {
         let wanted = [
             (Some(config.listen), Transport::Tcp),
             (config.tls_listen, Transport::Tls),
@@ -102,8 +105,12 @@ impl MqttListener {
             }
             let (listener, local_addr) = bind(addr).await?;
             match transport {
-                Transport::WebSocket | Transport::WebSocketTls => tracing::info!(listen = %local_addr, transport = transport.label(), path = %config.ws_path, subprotocol = websocket::SUBPROTOCOL, "MQTT over WebSocket listener bound"),
-                _ => tracing::info!(listen = %local_addr, transport = transport.label(), "MQTT listener bound"),
+                Transport::WebSocket | Transport::WebSocketTls => {
+                    tracing::info!(listen = %local_addr, transport = transport.label(), path = %config.ws_path, subprotocol = websocket::SUBPROTOCOL, "MQTT over WebSocket listener bound")
+                }
+                _ => {
+                    tracing::info!(listen = %local_addr, transport = transport.label(), "MQTT listener bound")
+                }
             }
             sockets.push(Socket {
                 listener,
@@ -196,7 +203,12 @@ impl MqttListener {
                     }
                 }
             };
-            let source = match self.settings.security.guard.admit(peer.ip(), std::time::Instant::now()) {
+            let source = match self
+                .settings
+                .security
+                .guard
+                .admit(peer.ip(), std::time::Instant::now())
+            {
                 Ok(permit) => permit,
                 Err(refusal) => {
                     metrics::counter!("edge_connections_rejected_total", "protocol" => "mqtt", "reason" => refusal.reason()).increment(1);
@@ -230,7 +242,11 @@ impl MqttListener {
         drop(accepts);
         let listen: Vec<SocketAddr> = self.sockets.iter().map(|s| s.local_addr).collect();
         drop(self.sockets);
-        tracing::info!(?listen, connections = tracker.len(), "MQTT listeners stopped accepting; waiting for connections to finish");
+        tracing::info!(
+            ?listen,
+            connections = tracker.len(),
+            "MQTT listeners stopped accepting; waiting for connections to finish"
+        );
         tracker.close();
         tracker.wait().await;
         // Delayed wills go out now (shutdown cut their wait).
@@ -287,8 +303,7 @@ impl MqttListener {
                         ..Settings::clone(&settings)
                     });
                     if transport == Transport::Tls {
-                        let connection =
-                            Connection::new(Stream(tls), peer, settings, identity);
+                        let connection = Connection::new(Stream(tls), peer, settings, identity);
                         Box::pin(connection.serve(router, admission, shutdown)).await;
                     } else {
                         let ws = websocket::serve(

@@ -36,10 +36,11 @@ pub(crate) static WS_CLOSED: Summary = Summary::new(
     "MQTT WebSocket connections closed for a WebSocket error",
     Level::Info,
 );
-pub(crate) static TLS_FAILED: Summary =
-    Summary::new("MQTT TLS handshakes failed: connections closed", Level::Info);
-pub(crate) static LOGIN_REFUSED: Summary =
-    Summary::new("MQTT logins refused", Level::Warn);
+pub(crate) static TLS_FAILED: Summary = Summary::new(
+    "MQTT TLS handshakes failed: connections closed",
+    Level::Info,
+);
+pub(crate) static LOGIN_REFUSED: Summary = Summary::new("MQTT logins refused", Level::Warn);
 pub(crate) static DENIED: Summary = Summary::new(
     "MQTT publishes and subscriptions denied by the ACL",
     Level::Info,

@@ -38,6 +38,7 @@ use rumqttd::protocol::{
 };
 use tokio::sync::mpsc;
 
+use crate::access::Access;
 use crate::codec::{self, Inbound, Version};
 use crate::error::{Close, ProtocolError};
 use crate::outbox::Outbox;
@@ -97,6 +98,8 @@ impl Future for PendingAck {
 
 #[derive(Debug)]
 pub(crate) struct Session {
+    /// Its permissions and publish rates.
+    pub access: Access,
     pub client_id: Arc<str>,
     router: Router,
     pub subscriber: Subscriber,
@@ -146,7 +149,9 @@ impl Session {
     /// `max_inflight` bounds both ways: publishes awaiting their commit
     /// (MQTT 5: the receive maximum granted), and deliveries awaiting
     /// their ack (MQTT 5: at most the client's receive maximum).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        access: Access,
         client_id: Arc<str>,
         router: Router,
         subscriber: Subscriber,
@@ -174,6 +179,7 @@ impl Session {
             in_flight: Vec::new(),
         });
         Session {
+            access,
             durable,
             client_id,
             router,
@@ -385,7 +391,8 @@ impl Session {
     /// An MQTT 5 client is read on: it keeps to the receive maximum, and
     /// one that does not is disconnected with 0x93.
     pub(crate) fn can_read(&self) -> bool {
-        self.v5.is_some() || self.pending.len() < self.max_inflight
+        (self.v5.is_some() || self.pending.len() < self.max_inflight)
+            && self.access.held().is_none()
     }
 
     /// Handles one packet from the client, writing any reply into `out`.
@@ -524,6 +531,40 @@ impl Session {
         if topic::is_amqp_namespace(&topic) {
             return Err(ProtocolError::ReservedTopic(topic.to_string()).into());
         }
+        self.access.charge(publish.payload.len())?;
+        if !self.access.can_publish(&self.client_id, &topic) {
+            metrics::counter!("edge_acl_denied_total", "protocol" => "mqtt", "action" => "publish")
+                .increment(1);
+            crate::logs::DENIED.record("publish", || {
+                format!(
+                    "client_id={} user={:?} topic={topic}",
+                    self.client_id,
+                    self.access.user()
+                )
+            });
+            return match (self.v5.is_some(), qos) {
+                (_, QoS::AtMostOnce) => Ok(()),
+                (true, _) => self.refuse_publish(qos, pkid, 0x87, out),
+                // MQTT 3.1.1 has no way to refuse a publish: it is
+                // acknowledged and dropped, as the specification allows.
+                (false, QoS::AtLeastOnce) => self.write(
+                    Packet::PubAck(
+                        PubAck {
+                            pkid,
+                            reason: PubAckReason::Success,
+                        },
+                        None,
+                    ),
+                    out,
+                ),
+                (false, QoS::ExactlyOnce) => {
+                    // The exchange completes (PUBREL → PUBCOMP) as for a
+                    // stored one; nothing is stored.
+                    self.qos2.insert(pkid, Qos2::Received);
+                    self.write(pubrec(pkid), out)
+                }
+            };
+        }
         if qos == QoS::ExactlyOnce {
             match self.qos2.get(&pkid) {
                 Some(Qos2::Committing) => return Ok(()),
@@ -603,6 +644,7 @@ impl Session {
             let reason = match code {
                 0x97 => PubRecReason::QuotaExceeded,
                 0x99 => PubRecReason::PayloadFormatInvalid,
+                0x87 => PubRecReason::NotAuthorized,
                 _ => PubRecReason::UnspecifiedError,
             };
             let props = why.map(|reason_string| PubRecProperties {
@@ -614,6 +656,7 @@ impl Session {
         let reason = match code {
             0x97 => PubAckReason::QuotaExceeded,
             0x99 => PubAckReason::PayloadFormatInvalid,
+            0x87 => PubAckReason::NotAuthorized,
             _ => PubAckReason::UnspecifiedError,
         };
         let props = why.map(|reason_string| PubAckProperties {
@@ -703,6 +746,23 @@ impl Session {
                 });
                 return_codes.push(if v5 {
                     SubscribeReasonCode::TopicFilterInvalid
+                } else {
+                    SubscribeReasonCode::Failure
+                });
+                continue;
+            }
+            if !self.access.can_subscribe(&self.client_id, &filter.path) {
+                metrics::counter!("edge_acl_denied_total", "protocol" => "mqtt", "action" => "subscribe").increment(1);
+                crate::logs::DENIED.record("subscribe", || {
+                    format!(
+                        "client_id={} user={:?} filter={}",
+                        self.client_id,
+                        self.access.user(),
+                        filter.path
+                    )
+                });
+                return_codes.push(if v5 {
+                    SubscribeReasonCode::NotAuthorized
                 } else {
                     SubscribeReasonCode::Failure
                 });
@@ -854,6 +914,7 @@ fn reason_text(code: u8) -> &'static str {
     match code {
         0x97 => "the gateway's store is full",
         0x99 => "payload is not UTF-8 as its payload format indicator says",
+        0x87 => "not authorized to publish to this topic",
         _ => "the gateway's store could not take the message",
     }
 }

@@ -100,9 +100,11 @@ impl Endpoint {
 }
 
 /// Upgrades the connection and serves MQTT on it until it ends.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve<S: Wire>(
     mut stream: S,
     peer: SocketAddr,
+    identity: Option<String>,
     endpoint: Endpoint,
     settings: Arc<Settings>,
     router: Router,
@@ -146,7 +148,7 @@ pub(crate) async fn serve<S: Wire>(
         connect_timeout: deadline.saturating_duration_since(Instant::now()),
         ..Settings::clone(&settings)
     });
-    let connection = Connection::new(Stream(pipe), peer, settings);
+    let connection = Connection::new(Stream(pipe), peer, settings, identity);
     let done = CancellationToken::new();
     let serve = async {
         connection.serve(router, admission, shutdown).await;
@@ -297,7 +299,12 @@ type Ws<'s, S> = WebSocketStream<&'s mut S>;
 /// Moves bytes both ways between the WebSocket and the connection's pipe
 /// until both directions are done, or `done` (the connection ended) plus
 /// [`CLOSE_TIMEOUT`].
-async fn bridge<S: Wire>(ws: Ws<'_, S>, pipe: DuplexStream, peer: SocketAddr, done: &CancellationToken) {
+async fn bridge<S: Wire>(
+    ws: Ws<'_, S>,
+    pipe: DuplexStream,
+    peer: SocketAddr,
+    done: &CancellationToken,
+) {
     let (sink, source) = ws.split();
     let (from_connection, to_connection) = tokio::io::split(pipe);
     let both = async {

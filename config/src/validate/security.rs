@@ -212,7 +212,10 @@ pub(super) fn listeners(c: &mut Checker, raw: &RawConfig, config: &Config) {
             "amqp.tls_listen",
             config.amqp.as_ref().is_some_and(|a| a.tls_listen.is_some()),
         ),
-        ("metrics.tls", config.metrics.as_ref().is_some_and(|m| m.tls)),
+        (
+            "metrics.tls",
+            config.metrics.as_ref().is_some_and(|m| m.tls),
+        ),
     ];
     // A half-written [tls] section has its own problems already.
     if raw.tls.cert_file.is_none() && raw.tls.key_file.is_none() {
@@ -293,18 +296,23 @@ mod tests {
         let err = Config::parse("[mqtt]\nlisten = \"0.0.0.0:1883\"\n").expect_err("exposed");
         assert_eq!(keys(&err), ["auth.allow_anonymous"]);
         let text = err.to_string();
-        assert!(text.contains("mqtt.listen") && text.contains("auth.password_file"), "{text}");
+        assert!(
+            text.contains("mqtt.listen") && text.contains("auth.password_file"),
+            "{text}"
+        );
 
         // An AMQP listener counts as much as an MQTT one.
         let err = Config::parse("[amqp]\nlisten = \"[::]:5672\"\n").expect_err("exposed");
         assert!(err.to_string().contains("amqp.listen"), "{err}");
 
-        let c = Config::parse("[mqtt]\nlisten = \"0.0.0.0:1883\"\n[auth]\nallow_anonymous = true\n")
-            .expect("explicit");
+        let c =
+            Config::parse("[mqtt]\nlisten = \"0.0.0.0:1883\"\n[auth]\nallow_anonymous = true\n")
+                .expect("explicit");
         assert!(c.anonymous_exposed());
 
-        let c = Config::parse("[mqtt]\nlisten = \"0.0.0.0:1883\"\n[auth]\npassword_file = \"users\"\n")
-            .expect("users");
+        let c =
+            Config::parse("[mqtt]\nlisten = \"0.0.0.0:1883\"\n[auth]\npassword_file = \"users\"\n")
+                .expect("users");
         assert!(!c.auth.allow_anonymous && !c.anonymous_exposed());
     }
 
@@ -316,7 +324,12 @@ mod tests {
         .expect_err("no [tls]");
         assert_eq!(
             keys(&err),
-            ["amqp.tls_listen", "metrics.tls", "mqtt.tls_listen", "mqtt.wss_listen"]
+            [
+                "amqp.tls_listen",
+                "metrics.tls",
+                "mqtt.tls_listen",
+                "mqtt.wss_listen"
+            ]
         );
         let c = Config::parse(&format!(
             "[mqtt]\ntls_listen = \"127.0.0.1:8883\"\n[amqp]\ntls_listen = \"127.0.0.1:5671\"\n{TLS}"
@@ -333,8 +346,8 @@ mod tests {
 
     #[test]
     fn identities_from_certificates_need_a_client_ca() {
-        let err = Config::parse(&format!("[auth]\ncert_identity = \"cn\"\n{TLS}"))
-            .expect_err("no CA");
+        let err =
+            Config::parse(&format!("[auth]\ncert_identity = \"cn\"\n{TLS}")).expect_err("no CA");
         assert_eq!(keys(&err), ["auth.cert_identity"]);
         let err = Config::parse("[auth]\ncert_identity = \"subject\"\n").expect_err("bad name");
         assert!(err.to_string().contains("\"cn\" or \"san\""), "{err}");

@@ -95,8 +95,10 @@ impl Server {
             max_session_queue_bytes: 64 << 20,
             ws_listen: None,
             ws_path: "/mqtt".to_string(),
+            tls_listen: None,
+            wss_listen: None,
         };
-        let listener = MqttListener::bind(&config).await?;
+        let listener = MqttListener::bind(&config, edge_auth::Security::open()).await?;
         let addr = listener.local_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(listener.run(router.clone(), shutdown.clone()));
