@@ -31,6 +31,10 @@ pub struct GuardLimits {
     pub login_backoff_base: Duration,
     /// Cap of the login back-off (e.g. 60 s).
     pub login_backoff_max: Duration,
+    /// Consecutive failed logins a source may make before the back-off
+    /// starts: a mistyped password or a misconfigured local application
+    /// must not lock every client of that address out at once.
+    pub login_failures_allowed: u32,
 }
 
 /// Why a connection was refused.
@@ -69,6 +73,8 @@ struct Entry {
     backoff: Duration,
     /// When the running back-off ends (None: none imposed yet).
     backoff_until: Option<Instant>,
+    /// Failed logins since the last success.
+    failures: u32,
 }
 
 impl Entry {
@@ -178,6 +184,10 @@ impl SourceGuard {
             .entries
             .entry(ip)
             .or_insert_with(|| self.new_entry(now));
+        entry.failures = entry.failures.saturating_add(1);
+        if entry.failures <= limits.login_failures_allowed {
+            return Duration::ZERO;
+        }
         let next = if entry.backoff.is_zero() {
             limits.login_backoff_base
         } else {
@@ -195,6 +205,7 @@ impl SourceGuard {
         if let Some(entry) = state.entries.get_mut(&ip) {
             entry.backoff = Duration::ZERO;
             entry.backoff_until = None;
+            entry.failures = 0;
         }
     }
 
@@ -211,6 +222,7 @@ impl SourceGuard {
             bucket: TokenBucket::new(rate, burst, now),
             backoff: Duration::ZERO,
             backoff_until: None,
+            failures: 0,
         }
     }
 

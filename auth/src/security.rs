@@ -85,6 +85,7 @@ impl Security {
                 connections_per_second_per_source: 0.0,
                 login_backoff_base: Duration::ZERO,
                 login_backoff_max: Duration::ZERO,
+                login_failures_allowed: u32::MAX,
             }),
             ClientLimits::default(),
         )

@@ -129,6 +129,8 @@ pub struct LimitsConfig {
     /// each further failure up to `login_backoff_max`.
     pub login_backoff: Duration,
     pub login_backoff_max: Duration,
+    /// Consecutive failed logins from a source before its back-off starts.
+    pub login_failures_allowed: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -361,6 +363,7 @@ pub mod defaults {
     pub const RATE_GRACE: &str = "10s";
     pub const LOGIN_BACKOFF: &str = "1s";
     pub const LOGIN_BACKOFF_MAX: &str = "30s";
+    pub const LOGIN_FAILURES_ALLOWED: u32 = 3;
 }
 
 impl Config {

@@ -108,6 +108,7 @@ pub struct RawLimits {
     pub rate_grace: Option<String>,
     pub login_backoff: Option<String>,
     pub login_backoff_max: Option<String>,
+    pub login_failures_allowed: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -40,6 +40,7 @@ pub fn build(config: &Config) -> anyhow::Result<Arc<Security>> {
         connections_per_second_per_source: l.connection_rate_per_source,
         login_backoff_base: l.login_backoff,
         login_backoff_max: l.login_backoff_max,
+        login_failures_allowed: l.login_failures_allowed,
     });
     let cert_identity = match a.cert_identity {
         CertIdentity::None => edge_tls::CertIdentity::None,

@@ -10,7 +10,28 @@ fn limits() -> GuardLimits {
         connections_per_second_per_source: 1000.0,
         login_backoff_base: Duration::from_secs(1),
         login_backoff_max: Duration::from_secs(5),
+        login_failures_allowed: 0,
     }
+}
+
+#[test]
+fn the_first_failures_are_allowed_before_the_backoff() {
+    let guard = SourceGuard::new(GuardLimits {
+        login_failures_allowed: 2,
+        ..limits()
+    });
+    let now = Instant::now();
+    for _ in 0..2 {
+        assert_eq!(guard.login_failed(LOOPBACK, now), Duration::ZERO);
+        drop(guard.admit(LOOPBACK, now).expect("no back-off yet"));
+    }
+    assert_eq!(guard.login_failed(LOOPBACK, now), Duration::from_secs(1));
+    assert!(matches!(
+        guard.admit(LOOPBACK, now),
+        Err(Refusal::LoginBackoff { .. })
+    ));
+    guard.login_succeeded(LOOPBACK);
+    assert_eq!(guard.login_failed(LOOPBACK, now), Duration::ZERO);
 }
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);

@@ -183,6 +183,20 @@ pub(super) fn limits(c: &mut Checker, l: &RawLimits) -> LimitsConfig {
         ),
         login_backoff,
         login_backoff_max,
+        login_failures_allowed: match l.login_failures_allowed {
+            None => defaults::LOGIN_FAILURES_ALLOWED,
+            Some(n) => match u32::try_from(n) {
+                Ok(n) if n <= 1000 => n,
+                _ => {
+                    c.problem(
+                        "limits.login_failures_allowed",
+                        Some(n.to_string()),
+                        "an integer from 0 to 1000",
+                    );
+                    0
+                }
+            },
+        },
     }
 }
 
