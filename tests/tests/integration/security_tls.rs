@@ -665,11 +665,18 @@ async fn security_tls_lapin_external_login_is_the_certificate_cn() -> Result<()>
 
     // A certificate whose CN has no AMQP permissions in the ACL file: the
     // login may succeed, but declaring anything is refused.
-    let refused = match lapin_connect(&uri, &pki, Some(&stranger)).await {
-        Err(_) => true,
-        Ok(conn) => amqp_round_trip(&conn, b"x").await.is_err(),
-    };
-    assert!(refused, "a CN without amqp permissions used AMQP");
+    let conn = lapin_connect(&uri, &pki, Some(&stranger))
+        .await
+        .context("EXTERNAL login of a user without amqp line")?;
+    let err = amqp_round_trip(&conn, b"x")
+        .await
+        .err()
+        .context("a CN without amqp permissions used AMQP")?;
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("ACCESS") && text.contains("REFUSED"),
+        "not an access refusal: {text}"
+    );
 
     // EXTERNAL without a client certificate is refused.
     assert!(
@@ -806,8 +813,8 @@ async fn security_tls_legacy_tls_versions_are_refused_as_protocol_version() -> R
     Ok(())
 }
 
-// 5e. Plain MQTT on the TLS port: closed without CONNACK, not_tls; the plain
-// listener beside it still serves.
+// 5e. Plain MQTT (and plain AMQP) on the TLS ports: closed unanswered,
+// not_tls; the plain listeners beside them still serve.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn security_tls_plain_mqtt_on_the_tls_port_is_closed_as_not_tls() -> Result<()> {
     let pki = Pki::new()?;
@@ -824,6 +831,20 @@ async fn security_tls_plain_mqtt_on_the_tls_port_is_closed_as_not_tls() -> Resul
     let mut tcp = TcpStream::connect(gw.mqtt_addr()).await?;
     let connack = mqtt_handshake(&mut tcp).await?;
     assert_eq!(connack.as_deref(), Some(&[0x20, 0x02, 0x00, 0x00][..]));
+
+    // The AMQP protocol header on the AMQP TLS port: closed, never answered
+    // with connection.start (an AMQP frame starts with type 1).
+    let labels = ["protocol=\"amqp\"", "reason=\"not_tls\""];
+    let before = counter(&gw, FAILURES, &labels).await?;
+    let answer = answer_to(amqp_tls_addr(&gw)?, b"AMQP\x00\x00\x09\x01").await?;
+    assert!(
+        answer.first() != Some(&0x01) && !answer.starts_with(b"AMQP"),
+        "an AMQP answer came back on the TLS port: {answer:02x?}"
+    );
+    counter_rises(&gw, FAILURES, &labels, before).await?;
+    // The plain AMQP listener still serves.
+    let plain = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    plain.close(200, "done".into()).await?;
     gw.shutdown().await?;
     Ok(())
 }
@@ -914,6 +935,48 @@ async fn security_tls_reload_serves_the_new_certificate_and_keeps_clients() -> R
         .publish_acked(&format!("{}/b", unique("rot")), b"after a failed reload")
         .await?;
     gw.shutdown().await?;
+    Ok(())
+}
+
+// 7b. The same rotation by SIGHUP to a gateway process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_tls_sighup_to_a_gateway_process_rotates_the_certificate() -> Result<()> {
+    let pki = Pki::new()?;
+    let port = edge_tests::free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let gw = TestGateway::builder()
+        .set("tls.cert_file", &path_value(&pki.server_files.cert))
+        .set("tls.key_file", &path_value(&pki.server_files.key))
+        .set("mqtt.tls_listen", &quoted(addr.to_string()))
+        .spawn(crate::gateway_bin())
+        .await?;
+    let config = client_config(pki.ca.pem(), None)?;
+    let first = tls_connect(addr, config.clone()).await?;
+    assert_eq!(served_leaf(&first)?, der_of(&pki.server.cert_pem)?);
+    drop(first);
+    let mut client_a = TlsMqtt::connect(addr, config.clone()).await?;
+
+    let second = pki.ca.server("edge-gateway-sighup")?;
+    std::fs::write(&pki.server_files.cert, &second.cert_pem)?;
+    std::fs::write(&pki.server_files.key, &second.key_pem)?;
+    let ok = ["what=\"tls\"", "outcome=\"ok\""];
+    let before = metric(&gw.metrics().await?, "edge_reloads_total", &ok).unwrap_or(0.0);
+    let pid = gw.pid().context("gateway process has no pid")?;
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()?;
+    assert!(status.success(), "kill -HUP {pid} failed");
+    wait_for("a TLS reload after SIGHUP", SHORT, || async {
+        let text = gw.metrics().await.ok()?;
+        metric(&text, "edge_reloads_total", &ok).filter(|v| *v > before)
+    })
+    .await
+    .with_context(|| gw.log())?;
+    let fresh = tls_connect(addr, config).await?;
+    assert_eq!(served_leaf(&fresh)?, der_of(&second.cert_pem)?);
+    client_a
+        .publish_acked(&format!("{}/a", unique("hup")), b"after SIGHUP")
+        .await?;
     Ok(())
 }
 
