@@ -12,6 +12,7 @@ pub mod amqp_raw;
 pub mod gateway;
 pub mod http;
 pub mod mqtt;
+pub mod pki;
 pub mod rabbit;
 
 use std::future::Future;
