@@ -257,6 +257,11 @@ impl Connection {
             }
             End::PeerGone => {}
         }
+        if !matches!(end, End::Io(_) | End::PeerGone) {
+            // A clean end of the byte stream: over TLS, the close_notify
+            // that tells the client nothing was cut off.
+            let _ = timeout(CLOSE_TIMEOUT, self.writer.shutdown()).await;
+        }
         self.cleanup().await;
     }
 

@@ -34,7 +34,7 @@ mod quota;
 mod retained;
 mod security_tls;
 // Known bug (AMQP over TLS closes without close_notify): enable once fixed.
-// mod security_tls_close;
+mod security_tls_close;
 mod sessions;
 mod shared;
 mod tls;
