@@ -100,6 +100,11 @@ max_connections = $((IDLE + 64))
 listen = "127.0.0.1:$metrics"
 [store]
 max_bytes = "16GiB"
+# Every load client connects from 127.0.0.1: lift the per-source limits
+# (256 connections, 100 new a second), which exist against floods.
+[limits]
+max_connections_per_source = 100000
+connection_rate_per_source = 1000000
 EOF
     "$GATEWAY" --config "$dir/gateway.toml" >"$dir/log" 2>&1 &
     GW_PID=$!

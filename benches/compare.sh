@@ -171,6 +171,11 @@ max_inflight = $INFLIGHT
 max_handshakes_per_source = 1024
 [metrics]
 enabled = false
+# Every load client connects from 127.0.0.1: lift the per-source limits
+# (256 connections, 100 new a second), which exist against floods.
+[limits]
+max_connections_per_source = 100000
+connection_rate_per_source = 1000000
 EOF
     "$GATEWAY" --config "$dir/gateway.toml" >"$dir/log" 2>&1 &
     SERVER_PID=$!

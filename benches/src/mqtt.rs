@@ -211,7 +211,9 @@ impl Broker {
                     &config,
                     format!(
                         "[gateway]\nid = \"bench\"\ndata_dir = {:?}\n\n[mqtt]\nlisten = \"{addr}\"\n{extra}\n\n\
-                         [metrics]\nenabled = false\n",
+                         [metrics]\nenabled = false\n\n\
+                         # Every load client connects from 127.0.0.1: lift the per-source limits.\n\
+                         [limits]\nmax_connections_per_source = 100000\nconnection_rate_per_source = 1000000\n",
                         data.display().to_string()
                     ),
                 )

@@ -254,7 +254,8 @@ impl Gateway {
         let config = format!(
             "[gateway]\nid = \"conn-churn\"\ndata_dir = {:?}\nshutdown_grace = \"5s\"\n\n\
              [mqtt]\nlisten = \"{mqtt}\"\nmax_connections = {max_connections}\n\n\
-             [metrics]\nlisten = \"{metrics}\"\n",
+             [metrics]\nlisten = \"{metrics}\"\n\n\
+             [limits]\nmax_connections_per_source = 100000\nconnection_rate_per_source = 1000000\n",
             dir.path().join("data").display().to_string()
         );
         let config_path = dir.path().join("gateway.toml");

@@ -140,8 +140,7 @@ fn start(kind: Kind, gateway: &Path, pki: &Pki, tls: SocketAddr) -> anyhow::Resu
         Kind::Gateway => format!(
             "tls_listen = \"{tls}\"\nmax_connections = 20000\nmax_handshakes = 20000\n\
              max_handshakes_per_source = 20000\n\n[tls]\ncert_file = {:?}\nkey_file = {:?}\n\n\
-             [amqp]\nenabled = false\n\n[limits]\nmax_connections_per_source = 100000\n\
-             connection_rate_per_source = 1000000\n",
+             [amqp]\nenabled = false\n",
             pki.cert.display().to_string(),
             pki.key.display().to_string()
         ),
