@@ -99,11 +99,45 @@ async fn thousands_of_idle_sockets_do_not_keep_a_client_out() -> Result<()> {
         (IDLE - 32) as f64,
     )
     .await?;
+    // A second wave of idle sockets while a client from another address
+    // connects and publishes: it is served meanwhile.
+    let wave = async {
+        let mut more = Vec::with_capacity(IDLE / 2);
+        for _ in 0..IDLE / 200 {
+            let batch = (0..100).map(|_| TcpStream::connect(addr));
+            for s in futures::future::join_all(batch).await {
+                more.push(s?);
+            }
+        }
+        anyhow::Ok(more)
+    };
+    let other = async {
+        let (client, code) = RawMqtt::connect(OTHER, addr, 4, &unique("other"), None).await?;
+        if code != Some(0) {
+            bail!("client from 127.0.0.2 during the wave: CONNACK {code:?}");
+        }
+        client.publish_acked(4, "good/other", 500, SHORT).await
+    };
+    let (more, acked) = tokio::join!(wave, other);
+    let more = more?;
+    assert_eq!(
+        acked?, 500,
+        "the client from 127.0.0.2 during the second wave"
+    );
+    let total = reaches(
+        &gw,
+        "edge_connections_rejected_total",
+        &["protocol=\"mqtt\"", "reason=\"max_handshakes_per_source\""],
+        (IDLE + IDLE / 2 - 64) as f64,
+    )
+    .await?;
     println!(
         "{IDLE} idle sockets opened in {opened:?}; good client: 500 acked in {took:?}; \
-         {evicted} handshakes evicted"
+         {evicted} handshakes evicted; after a second wave of {} while 127.0.0.2 got 500 acked: {total}",
+        more.len()
     );
     drop(idle);
+    drop(more);
     Ok(())
 }
 
