@@ -9,6 +9,7 @@
 
 pub mod amqp;
 pub mod amqp_raw;
+pub mod auth;
 pub mod gateway;
 pub mod http;
 pub mod mqtt;

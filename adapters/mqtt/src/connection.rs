@@ -85,6 +85,8 @@ struct Established {
     keep_alive: Option<Duration>,
     /// Its place under `mqtt.max_connections`, held until it ends.
     permit: tokio::sync::OwnedSemaphorePermit,
+    /// Its place under the per-source limits, held until it ends.
+    source: edge_auth::SourcePermit,
 }
 
 #[derive(Debug)]
@@ -230,6 +232,7 @@ impl<S: Transport> Connection<S> {
             mut deliveries,
             keep_alive,
             permit,
+            source,
         } = established;
         let close = self
             .session_loop(&mut session, &mut deliveries, keep_alive, shutdown)
@@ -252,6 +255,7 @@ impl<S: Transport> Connection<S> {
             session.hand_back(deliveries);
         }
         drop(permit);
+        drop(source);
         close
     }
 
@@ -268,7 +272,7 @@ impl<S: Transport> Connection<S> {
             handshake,
             limit,
             max_connections,
-            source: _source,
+            source,
         } = admission;
         let hello = tokio::select! {
             _ = shutdown.cancelled() => return Err(Close::Shutdown),
@@ -519,6 +523,7 @@ impl<S: Transport> Connection<S> {
             deliveries,
             keep_alive,
             permit,
+            source,
         })
     }
 

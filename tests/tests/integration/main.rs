@@ -32,8 +32,9 @@ mod paho;
 mod pika;
 mod quota;
 mod retained;
+mod security_abuse;
+mod security_acl;
 mod security_tls;
-// Known bug (AMQP over TLS closes without close_notify): enable once fixed.
 mod security_tls_close;
 mod sessions;
 mod shared;
