@@ -9,8 +9,11 @@
 //!
 //! Plain TCP keeps its idle-memory trick: it waits for readability without
 //! a buffer and reserves one only once there is something to read, so a
-//! quiet connection holds no read buffer. A generic stream can only read
-//! into a buffer it already has; it reserves one before each read.
+//! quiet connection holds no read buffer. A generic stream (TLS, the
+//! WebSocket pipe) can only read into a buffer it already has; it reserves
+//! one before each read: a small one while reads are small (a quiet client
+//! waits on [`IDLE_CHUNK`] bytes, not [`READ_CHUNK`]), a full one once a
+//! read filled what was reserved.
 
 use std::future::Future;
 use std::io;
@@ -24,6 +27,9 @@ use tokio::net::tcp;
 
 /// Bytes reserved in the read buffer before a read.
 const READ_CHUNK: usize = 8 * 1024;
+/// Bytes a generic stream reserves after a read that did not fill its
+/// reservation: what a quiet TLS or WebSocket client holds while it waits.
+const IDLE_CHUNK: usize = 512;
 
 /// The reading side of a transport.
 pub(crate) trait ReadSome {
@@ -89,26 +95,44 @@ impl Transport for TcpStream {
 #[derive(Debug)]
 pub(crate) struct Stream<S>(pub(crate) S);
 
-async fn read_into<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
-    buf.reserve(READ_CHUNK);
-    reader.read_buf(buf).await
+/// Reads into `buf` after reserving [`READ_CHUNK`] if `hot`, else
+/// [`IDLE_CHUNK`]; `hot` becomes whether the read filled the reservation.
+async fn read_into<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    hot: &mut bool,
+) -> io::Result<usize> {
+    let want = if *hot { READ_CHUNK } else { IDLE_CHUNK };
+    buf.reserve(want);
+    let n = reader.read_buf(buf).await?;
+    *hot = n >= want;
+    Ok(n)
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ReadSome for Stream<S> {
     fn read_some(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send {
-        read_into(&mut self.0, buf)
+        let mut hot = true;
+        async move { read_into(&mut self.0, buf, &mut hot).await }
     }
 }
 
-impl<S: AsyncRead + Unpin + Send> ReadSome for tokio::io::ReadHalf<S> {
+/// The read half of a generic stream, and whether its last read filled
+/// its reservation.
+#[derive(Debug)]
+pub(crate) struct Half<R> {
+    reader: R,
+    hot: bool,
+}
+
+impl<R: AsyncRead + Unpin + Send> ReadSome for Half<R> {
     fn read_some(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send {
-        read_into(self, buf)
+        read_into(&mut self.reader, buf, &mut self.hot)
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for Stream<S> {
     type Reader<'a>
-        = tokio::io::ReadHalf<&'a mut S>
+        = Half<tokio::io::ReadHalf<&'a mut S>>
     where
         S: 'a;
     type Writer<'a>
@@ -117,7 +141,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for Stream<S> {
         S: 'a;
 
     fn split(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
-        tokio::io::split(&mut self.0)
+        let (reader, writer) = tokio::io::split(&mut self.0);
+        (Half { reader, hot: false }, writer)
     }
 }
 

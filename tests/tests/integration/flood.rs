@@ -145,6 +145,9 @@ async fn refusal_and_drop_storms_write_a_bounded_number_of_log_lines() -> Result
     let mut gw = TestGateway::builder()
         .set("mqtt.max_connections", "2")
         .set("mqtt.max_queued_messages", "100")
+        // Its 5,000 clients come from 127.0.0.1 as fast as they can: this
+        // test is about max_connections, not the per-source rate.
+        .set("limits.connection_rate_per_source", "1000000")
         .spawn(crate::gateway_bin())
         .await?;
     let addr = gw.mqtt_addr();
