@@ -465,7 +465,8 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
+/// Appends MQTT's variable-length encoding of a remaining length.
+pub fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;

@@ -117,18 +117,7 @@ fn served_leaf(stream: &TlsStream<TcpStream>) -> Result<Vec<u8>> {
 /// An MQTT packet: fixed header byte, remaining length, body.
 fn packet(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
+    edge_tests::auth::put_remaining_length(&mut out, body.len());
     out.extend_from_slice(body);
     out
 }
