@@ -23,7 +23,7 @@ pub use acl::{Acl, AmqpPermission};
 pub use error::AuthError;
 pub use guard::{GuardLimits, Refusal, SourceGuard, SourcePermit};
 pub use passwd::{PasswordFile, hash_password, remove_user, set_user, validate_user_name};
-pub use rate::TokenBucket;
+pub use rate::{Pace, Pacer, TokenBucket};
 pub use security::{ClientLimits, Security};
 
 /// Who a connection is, once logged in.

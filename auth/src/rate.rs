@@ -157,3 +157,121 @@ mod tests {
         }
     }
 }
+
+/// What [`Pacer::charge`] decided about one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Within the rates.
+    Go,
+    /// Over them: stop reading the client until this instant. `first` is
+    /// true when this starts a hold (for counting holds, not publishes).
+    Held { until: Instant, first: bool },
+    /// Over them for longer than the grace without a break.
+    OverGrace,
+}
+
+/// A client's publish rates (messages and payload bytes a second) and how
+/// long it has been over them without a break.
+#[derive(Debug)]
+pub struct Pacer {
+    messages: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+    grace: Duration,
+    held_until: Option<Instant>,
+    held_since: Option<Instant>,
+}
+
+impl Pacer {
+    /// `None` for a rate means unlimited; a second's worth may come at once.
+    pub fn new(messages: Option<f64>, bytes: Option<u64>, grace: Duration, now: Instant) -> Pacer {
+        Pacer {
+            messages: messages.map(|rate| TokenBucket::new(rate, rate.max(1.0), now)),
+            bytes: bytes.map(|rate| TokenBucket::new(rate as f64, rate as f64, now)),
+            grace,
+            held_until: None,
+            held_since: None,
+        }
+    }
+
+    /// Whether the client is held back at `now`, and until when.
+    pub fn held(&self, now: Instant) -> Option<Instant> {
+        self.held_until.filter(|until| *until > now)
+    }
+
+    /// Charges one publish of `payload` bytes.
+    pub fn charge(&mut self, payload: usize, now: Instant) -> Pace {
+        if self.messages.is_none() && self.bytes.is_none() {
+            return Pace::Go;
+        }
+        let mut wait = Duration::ZERO;
+        if let Some(bucket) = &mut self.messages
+            && let Err(w) = bucket.take(1.0, now)
+        {
+            wait = wait.max(w);
+        }
+        if let Some(bucket) = &mut self.bytes
+            && let Err(w) = bucket.take(payload as f64, now)
+        {
+            wait = wait.max(w);
+        }
+        if wait.is_zero() {
+            self.held_since = None;
+            self.held_until = None;
+            return Pace::Go;
+        }
+        let since = *self.held_since.get_or_insert(now);
+        if now.duration_since(since) + wait > self.grace {
+            return Pace::OverGrace;
+        }
+        let first = self.held_until.is_none_or(|until| until <= now);
+        let until = now + wait;
+        self.held_until = Some(until);
+        Pace::Held { until, first }
+    }
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::*;
+
+    #[test]
+    fn a_client_within_its_rate_goes_a_burst_is_held_a_flood_is_over_grace() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(Some(10.0), None, Duration::from_secs(2), t0);
+        // A second's worth at once.
+        for _ in 0..10 {
+            assert_eq!(p.charge(100, t0), Pace::Go);
+        }
+        let Pace::Held { until, first } = p.charge(100, t0) else {
+            panic!("the 11th message in the same instant is held");
+        };
+        assert!(first && until > t0);
+        assert!(p.held(t0).is_some() && p.held(until).is_none());
+        // Paid off and slow again: goes, and the hold is over.
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(p.charge(100, later), Pace::Go);
+        // Always over: past the grace it is disconnected.
+        let mut now = later;
+        let mut outcome = Pace::Go;
+        for _ in 0..100 {
+            outcome = p.charge(100, now);
+            if outcome == Pace::OverGrace {
+                break;
+            }
+            now += Duration::from_millis(50);
+        }
+        assert_eq!(outcome, Pace::OverGrace);
+    }
+
+    #[test]
+    fn byte_rates_count_payload_and_no_rate_is_unlimited() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(None, Some(1000), Duration::from_secs(10), t0);
+        assert_eq!(p.charge(1000, t0), Pace::Go);
+        assert!(matches!(p.charge(1000, t0), Pace::Held { .. }));
+        let mut free = Pacer::new(None, None, Duration::from_secs(1), t0);
+        for _ in 0..10_000 {
+            assert_eq!(free.charge(1 << 20, t0), Pace::Go);
+        }
+    }
+}

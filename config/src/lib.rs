@@ -118,12 +118,13 @@ pub struct LimitsConfig {
     /// New connections a second from one source address (bursts of twice
     /// that are let through).
     pub connection_rate_per_source: f64,
-    /// PUBLISH packets a second per MQTT client; `None`: unlimited.
+    /// Publishes a second per MQTT client or AMQP connection; `None`:
+    /// unlimited.
     pub publish_rate: Option<f64>,
-    /// Payload bytes a second per MQTT client; `None`: unlimited.
+    /// Payload bytes a second, likewise; `None`: unlimited.
     pub publish_byte_rate: Option<u64>,
-    /// A client held back by its rate for this long without a break is
-    /// disconnected.
+    /// An MQTT client held back by its rate for this long without a break
+    /// is disconnected (AMQP connections are only held back).
     pub rate_grace: Duration,
     /// First back-off after a failed login from a source; doubles with
     /// each further failure up to `login_backoff_max`.

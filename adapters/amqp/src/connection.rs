@@ -16,7 +16,7 @@ use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::protocol::{AMQPClass, connection};
 use bytes::{Bytes, BytesMut};
-use edge_auth::{Principal, Security};
+use edge_auth::{Pacer, Principal, Security};
 use edge_core::PublishError;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
@@ -146,6 +146,9 @@ pub(crate) struct Connection {
     pub(crate) identity: Option<String>,
     /// Who logged in (anonymous until then).
     pub(crate) who: Principal,
+    /// Its publish rates (`limits.publish_rate`, `publish_byte_rate`): over
+    /// them the connection is not read until they are paid.
+    pub(crate) pacer: Pacer,
     pub(crate) rbuf: BytesMut,
     pub(crate) out: Vec<u8>,
     pub(crate) settings: Arc<Settings>,
@@ -199,6 +202,13 @@ impl Connection {
             writer,
             identity,
             who: Principal::anonymous(),
+            // Local applications are held back, never disconnected.
+            pacer: Pacer::new(
+                settings.security.client_limits.publish_rate,
+                settings.security.client_limits.publish_byte_rate,
+                Duration::MAX,
+                std::time::Instant::now(),
+            ),
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             out: Vec::with_capacity(READ_CHUNK),
             settings,
@@ -263,6 +273,13 @@ impl Connection {
             let _ = timeout(CLOSE_TIMEOUT, self.writer.shutdown()).await;
         }
         self.cleanup().await;
+    }
+
+    /// Until when the connection is not read, for its publish rates.
+    fn held(&self) -> Option<Instant> {
+        self.pacer
+            .held(std::time::Instant::now())
+            .map(Instant::from_std)
     }
 
     /// Sends connection.close and waits (bounded) for close-ok.
@@ -432,6 +449,7 @@ impl Connection {
             // Frames already buffered, as far as back-pressure allows.
             while self.pending.len() < self.settings.max_unconfirmed
                 && self.out.len() < WRITE_HIGH_WATER
+                && self.held().is_none()
             {
                 match self.decode() {
                     Ok(Some(frame)) => {
@@ -452,8 +470,10 @@ impl Connection {
             } else if stalled_since.is_none() {
                 stalled_since = Some(Instant::now());
             }
+            let held = self.held();
             let reading = self.pending.len() < self.settings.max_unconfirmed
-                && self.out.len() < WRITE_HIGH_WATER;
+                && self.out.len() < WRITE_HIGH_WATER
+                && held.is_none();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
@@ -496,6 +516,10 @@ impl Connection {
                     }
                     Err(e) => return e.into(),
                 },
+                _ = tokio::time::sleep_until(held.unwrap_or_else(Instant::now)), if held.is_some() => {
+                    // The wait was ours, not the client's silence.
+                    last_read = Instant::now();
+                }
                 _ = self.wake.notified() => self.deliver_due = true,
                 () = crate::blocked::changed(&mut self.blocked) => {
                     if let Err(e) = self.tell_blocked() {

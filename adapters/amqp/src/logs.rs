@@ -7,6 +7,10 @@ pub(crate) static DENIED: Summary = Summary::new(
     "AMQP operations refused by the ACL (403 ACCESS_REFUSED)",
     Level::Info,
 );
+pub(crate) static RATE_LIMITED: Summary = Summary::new(
+    "AMQP connections held back by limits.publish_rate / publish_byte_rate",
+    Level::Info,
+);
 pub(crate) static LOGIN_REFUSED: Summary = Summary::new("AMQP logins refused", Level::Warn);
 pub(crate) static TLS_FAILED: Summary = Summary::new(
     "AMQP TLS handshakes failed: connections closed",

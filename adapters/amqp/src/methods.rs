@@ -604,6 +604,21 @@ impl Connection {
     pub(crate) async fn publish(&mut self, ch: u16, content: Content) -> Result<(), Exception> {
         self.permit(Write, Resource::Exchange, content.publish.exchange.as_str())
             .map_err(|e| e.on(60, 40))?;
+        let now = std::time::Instant::now();
+        if let edge_auth::Pace::Held { until, first: true } =
+            self.pacer.charge(content.body.len(), now)
+        {
+            metrics::counter!("edge_rate_limited_total", "protocol" => "amqp", "outcome" => "held")
+                .increment(1);
+            crate::logs::RATE_LIMITED.record("held", || {
+                format!(
+                    "connection={} user={:?} wait={:?}",
+                    self.name,
+                    self.who.user(),
+                    until.saturating_duration_since(now)
+                )
+            });
+        }
         if self.channels.get(&ch).is_some_and(|c| c.tx.is_some()) {
             let name = content.publish.exchange.as_str();
             let exchange = self.broker.exchange(name).map_err(|e| e.on(60, 40))?;

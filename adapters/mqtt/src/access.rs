@@ -8,10 +8,8 @@
 //! A client that stays over its rate for `limits.rate_grace` without a
 //! break is disconnected (MQTT 5: reason 0x96, message rate too high).
 
+use edge_auth::{Pace, Pacer, Principal, Security};
 use std::sync::Arc;
-use std::time::Duration;
-
-use edge_auth::{Principal, Security, TokenBucket};
 use tokio::time::Instant;
 
 use crate::error::Close;
@@ -21,33 +19,23 @@ pub(crate) struct Access {
     security: Arc<Security>,
     who: Principal,
     client_id: Arc<str>,
-    messages: Option<TokenBucket>,
-    bytes: Option<TokenBucket>,
-    /// Reading resumes at this instant (the client's debt is paid).
-    held_until: Option<Instant>,
-    /// Since when the client has been held back without a break.
-    held_since: Option<Instant>,
+    pacer: Pacer,
 }
 
 impl Access {
     pub(crate) fn new(security: Arc<Security>, who: Principal, client_id: Arc<str>) -> Access {
-        let now = std::time::Instant::now();
         let limits = security.client_limits;
-        // A second's worth may come at once.
-        let messages = limits
-            .publish_rate
-            .map(|rate| TokenBucket::new(rate, rate.max(1.0), now));
-        let bytes = limits
-            .publish_byte_rate
-            .map(|rate| TokenBucket::new(rate as f64, rate as f64, now));
+        let pacer = Pacer::new(
+            limits.publish_rate,
+            limits.publish_byte_rate,
+            limits.rate_grace,
+            std::time::Instant::now(),
+        );
         Access {
             security,
             who,
             client_id,
-            messages,
-            bytes,
-            held_until: None,
-            held_since: None,
+            pacer,
         }
     }
 
@@ -67,59 +55,43 @@ impl Access {
             .can_subscribe(&self.who, client_id, filter)
     }
 
-    /// Whether reading is paused for the client's rate.
+    /// Until when reading is paused for the client's rate.
     pub(crate) fn held(&self) -> Option<Instant> {
-        self.held_until.filter(|until| *until > Instant::now())
+        self.pacer
+            .held(std::time::Instant::now())
+            .map(Instant::from_std)
     }
 
     /// Charges one PUBLISH of `payload` bytes against the client's rates.
     pub(crate) fn charge(&mut self, payload: usize) -> Result<(), Close> {
-        if self.messages.is_none() && self.bytes.is_none() {
-            return Ok(());
+        match self.pacer.charge(payload, std::time::Instant::now()) {
+            Pace::Go => Ok(()),
+            Pace::Held { until, first } => {
+                if first {
+                    metrics::counter!("edge_rate_limited_total", "protocol" => "mqtt", "outcome" => "held").increment(1);
+                    crate::logs::RATE_LIMITED.record("held", || {
+                        format!(
+                            "client_id={} user={:?} wait={:?}",
+                            self.client_id,
+                            self.who.user(),
+                            until.saturating_duration_since(std::time::Instant::now())
+                        )
+                    });
+                }
+                Ok(())
+            }
+            Pace::OverGrace => {
+                let grace = self.security.client_limits.rate_grace;
+                metrics::counter!("edge_rate_limited_total", "protocol" => "mqtt", "outcome" => "disconnected").increment(1);
+                crate::logs::RATE_LIMITED.record("disconnected", || {
+                    format!(
+                        "client_id={} user={:?} grace={grace:?}",
+                        self.client_id,
+                        self.who.user()
+                    )
+                });
+                Err(Close::RateLimited(grace))
+            }
         }
-        let now = Instant::now();
-        let std_now = now.into_std();
-        let mut wait = Duration::ZERO;
-        if let Some(bucket) = &mut self.messages
-            && let Err(w) = bucket.take(1.0, std_now)
-        {
-            wait = wait.max(w);
-        }
-        if let Some(bucket) = &mut self.bytes
-            && let Err(w) = bucket.take(payload as f64, std_now)
-        {
-            wait = wait.max(w);
-        }
-        if wait.is_zero() {
-            self.held_since = None;
-            self.held_until = None;
-            return Ok(());
-        }
-        let since = *self.held_since.get_or_insert(now);
-        let grace = self.security.client_limits.rate_grace;
-        if now.duration_since(since) + wait > grace {
-            metrics::counter!("edge_rate_limited_total", "protocol" => "mqtt", "outcome" => "disconnected").increment(1);
-            crate::logs::RATE_LIMITED.record("disconnected", || {
-                format!(
-                    "client_id={} user={:?} grace={grace:?}",
-                    self.client_id,
-                    self.who.user()
-                )
-            });
-            return Err(Close::RateLimited(grace));
-        }
-        if self.held_until.is_none_or(|until| until <= now) {
-            metrics::counter!("edge_rate_limited_total", "protocol" => "mqtt", "outcome" => "held")
-                .increment(1);
-            crate::logs::RATE_LIMITED.record("held", || {
-                format!(
-                    "client_id={} user={:?} wait={wait:?}",
-                    self.client_id,
-                    self.who.user()
-                )
-            });
-        }
-        self.held_until = Some(now + wait);
-        Ok(())
     }
 }

@@ -448,6 +448,78 @@ async fn one_source_gets_at_most_its_share_of_amqp_connections() -> Result<()> {
     Ok(())
 }
 
+/// An AMQP publisher over `limits.publish_rate` is held back (the gateway
+/// stops reading it), never disconnected: every publish is confirmed, the
+/// hold is counted, and the connection is still usable afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp_publisher_over_its_rate_is_held_back_not_dropped() -> Result<()> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    let gw = TestGateway::builder()
+        .set("limits.publish_rate", "20")
+        .set("limits.rate_grace", "\"1s\"")
+        .spawn(gateway_bin())
+        .await?;
+    let connection = Connection::connect(&gw.amqp_uri(), ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = unique("paced");
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    // Three seconds' worth at 20/s, sent at once: well past the 1 s grace
+    // that would disconnect an MQTT client.
+    const COUNT: usize = 60;
+    let mut confirms = Vec::with_capacity(COUNT);
+    for i in 0..COUNT {
+        confirms.push(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    format!("{i}").as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await?,
+        );
+    }
+    for confirm in confirms {
+        let confirmation = tokio::time::timeout(SHORT, confirm)
+            .await
+            .context("no confirm in time")??;
+        assert!(confirmation.is_ack(), "{confirmation:?}");
+    }
+    let held = reaches(
+        &gw,
+        "edge_rate_limited_total",
+        &["protocol=\"amqp\"", "outcome=\"held\""],
+        1.0,
+    )
+    .await?;
+    assert!(connection.status().connected(), "still connected");
+    let count = channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?
+        .message_count();
+    assert_eq!(count as usize, COUNT, "every held publish was taken");
+    println!("AMQP publisher at {COUNT} messages against 20/s: held {held} time(s), all confirmed");
+    Ok(())
+}
+
 /// Regression tests of bugs found here.
 mod regressions {
     use super::*;
