@@ -86,6 +86,12 @@ fn unescape_level(s: &str) -> Option<String> {
     Some(out)
 }
 
+/// Whether `topic` lies in an exchange's own namespace (`$amqp/...`),
+/// outside the MQTT topic space the topic rules speak of.
+pub(crate) fn is_exchange_namespace(topic: &str) -> bool {
+    topic == NAMESPACE || topic.starts_with("$amqp/")
+}
+
 fn prefix(exchange: &str) -> String {
     let mut out = String::with_capacity(NAMESPACE.len() + exchange.len() + 2);
     out.push_str(NAMESPACE);

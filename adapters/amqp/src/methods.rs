@@ -162,6 +162,7 @@ impl Connection {
             exchange::AMQPMethod::Bind(b) => {
                 self.permit(Write, Resource::Exchange, b.destination.as_str())
                     .and_then(|()| self.permit(Read, Resource::Exchange, b.source.as_str()))
+                    .and_then(|()| self.permit_binding(b.source.as_str(), b.routing_key.as_str()))
                     .map_err(|e| e.on(40, 30))?;
                 self.broker
                     .bind_exchange(
@@ -679,10 +680,13 @@ impl Connection {
             also.push(own.clone());
             topic = Some(named);
         }
-        if name == convert::AMQ_TOPIC
-            && let Some(t) = topic.as_ref()
-        {
-            self.permit_topic(t).map_err(|e| e.on(60, 40))?;
+        // Every MQTT topic the publish reaches, whichever way: its own on
+        // amq.topic, the routing key's beside an `x-mqtt-topic`, and those
+        // an exchange-to-exchange binding into amq.topic adds.
+        for t in topic.iter().chain(also.iter()) {
+            if !convert::is_exchange_namespace(t) {
+                self.permit_topic(t).map_err(|e| e.on(60, 40))?;
+            }
         }
         let router = self.broker.router();
         let routed = topic.filter(|t| {

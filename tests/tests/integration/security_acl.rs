@@ -636,3 +636,119 @@ async fn a_reloaded_acl_applies_to_new_connections() -> Result<()> {
     gw.shutdown().await?;
     Ok(())
 }
+
+/// Publishes with an `x-mqtt-topic` header, waiting for the confirm.
+async fn publish_naming(
+    channel: &Channel,
+    exchange: &str,
+    key: &str,
+    mqtt_topic: &str,
+) -> Result<()> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, LongString};
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-mqtt-topic".into(),
+        AMQPValue::LongString(LongString::from(mqtt_topic)),
+    );
+    let confirmation = tokio::time::timeout(
+        SHORT,
+        channel
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                b"sneaky",
+                lapin::BasicProperties::default().with_headers(headers),
+            )
+            .await?,
+    )
+    .await
+    .map_err(|_| anyhow!("no confirm within {SHORT:?}"))??;
+    if !confirmation.is_ack() {
+        bail!("nacked: {confirmation:?}");
+    }
+    Ok(())
+}
+
+/// The topic rules hold however an AMQP publish or binding reaches MQTT's
+/// topic space: a routing key beside an `x-mqtt-topic` header (both topics
+/// are reached), an exchange-to-exchange binding out of `amq.topic` (a
+/// subscription), and one into it (a publish).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_rules_cannot_be_side_stepped_through_headers_or_exchange_bindings() -> Result<()> {
+    use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions};
+    let files = AuthFiles::new(ACL).await?;
+    let gw = gateway(&files).await?;
+    let alice = amqp_connect(&amqp_uri(gw.amqp_addr(), ALICE))
+        .await
+        .map_err(|e| anyhow!("alice over AMQP: {e}"))?;
+    let refused = |what: &str, r: Result<()>| {
+        let text = format!("{:?}", r.err());
+        assert!(is_access_refused(&text), "{what}: {text}");
+    };
+
+    // The header names an allowed topic, the key a denied one, and the
+    // other way round: both reach a topic she may not write.
+    let ch = alice.create_channel().await?;
+    refused(
+        "key sensors.bob.t, header sensors/alice/t",
+        publish_naming(&ch, "amq.topic", "sensors.bob.t", "sensors/alice/t").await,
+    );
+    let ch = alice.create_channel().await?;
+    refused(
+        "key sensors.alice.t, header sensors/bob/t",
+        publish_naming(&ch, "amq.topic", "sensors.alice.t", "sensors/bob/t").await,
+    );
+    let ch = alice.create_channel().await?;
+    publish_naming(&ch, "amq.topic", "sensors.alice.t", "sensors/alice/u").await?;
+
+    // Her own exchanges.
+    let ch = alice.create_channel().await?;
+    for name in ["alice.out", "alice.in"] {
+        ch.exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    // Out of amq.topic: a subscription to the mapped filter.
+    let bind = |ch: Channel, destination: &'static str, source: &'static str, key: &'static str| async move {
+        ch.exchange_bind(
+            destination.into(),
+            source.into(),
+            key.into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    };
+    let ch = alice.create_channel().await?;
+    assert_refused(
+        "alice.out <- amq.topic cmd.bob.#",
+        bind(ch, "alice.out", "amq.topic", "cmd.bob.#").await,
+    );
+    let ch = alice.create_channel().await?;
+    bind(ch, "alice.out", "amq.topic", "cmd.alice.#").await?;
+    // Into amq.topic: every topic it reaches is a publish to it.
+    let ch = alice.create_channel().await?;
+    bind(ch, "amq.topic", "alice.in", "#").await?;
+    let ch = alice.create_channel().await?;
+    refused(
+        "alice.in sensors.bob.t",
+        edge_tests::amqp::publish_confirmed(&ch, "alice.in", "sensors.bob.t", b"no").await,
+    );
+    let ch = alice.create_channel().await?;
+    edge_tests::amqp::publish_confirmed(&ch, "alice.in", "sensors.alice.t", b"yes").await?;
+    alice.close(200, "bye".into()).await.ok();
+    gw.shutdown().await?;
+    Ok(())
+}
