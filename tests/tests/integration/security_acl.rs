@@ -752,3 +752,101 @@ async fn topic_rules_cannot_be_side_stepped_through_headers_or_exchange_bindings
     gw.shutdown().await?;
     Ok(())
 }
+
+/// A persistent-session MQTT 3.1.1 client logged in as `user`.
+async fn persistent(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    (user, password): (&str, &str),
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop, bool)> {
+    let mut options = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options
+        .set_clean_session(false)
+        .set_credentials(user, password)
+        .set_keep_alive(std::time::Duration::from_secs(30));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
+    let present = tokio::time::timeout(SHORT, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack)) =
+                eventloop.poll().await?
+            {
+                anyhow::ensure!(ack.code == Code4::Success, "refused: {:?}", ack.code);
+                return Ok(ack.session_present);
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("no CONNACK within {SHORT:?}"))??;
+    Ok((client, eventloop, present))
+}
+
+/// A persistent session resumed under another user (or after the ACL
+/// changed) keeps only the subscriptions that user may read: bob, taking
+/// over alice's client id, gets neither what was queued for her while she
+/// was away nor what is published afterwards on her topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_keeps_only_what_its_new_user_may_read() -> Result<()> {
+    let files = AuthFiles::new(ACL).await?;
+    let gw = gateway(&files).await?;
+    let addr = gw.mqtt_addr();
+    let id = unique("shared-device");
+
+    let (alice, mut events, _) = persistent(addr, &id, ALICE).await?;
+    alice.subscribe("cmd/alice/#", QoS::AtLeastOnce).await?;
+    tokio::time::timeout(SHORT, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = events.poll().await? {
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("no SUBACK"))??;
+    alice.disconnect().await?;
+    while events.poll().await.is_ok() {}
+
+    // Queued for the offline session.
+    let mut ops = Mqtt5::connect(addr, &unique("ops"), Some(OPS)).await?;
+    ops.publish1("cmd/alice/queued", "for-alice-only").await?;
+
+    let (bob, mut events, present) = persistent(addr, &id, BOB).await?;
+    assert!(present, "the session itself is resumed");
+    ops.publish1("cmd/alice/live", "for-alice-only").await?;
+    // A marker bob may read, published after both: once it is there,
+    // anything for alice would have been delivered before it.
+    bob.subscribe("shared/open", QoS::AtLeastOnce).await?;
+    let mut seen = Vec::new();
+    tokio::time::timeout(SHORT, async {
+        let mut marker_sent = false;
+        loop {
+            match events.poll().await? {
+                rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) if !marker_sent => {
+                    marker_sent = true;
+                    ops.publish1("shared/open", "marker").await?;
+                }
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                    let payload = String::from_utf8_lossy(&p.payload).to_string();
+                    if payload == "marker" {
+                        return anyhow::Ok(());
+                    }
+                    seen.push((p.topic.clone(), payload));
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("marker not received within {SHORT:?}"))??;
+    assert!(seen.is_empty(), "bob got alice's messages: {seen:?}");
+    let m = gw.metrics().await?;
+    let dropped = metric(
+        &m,
+        "edge_acl_denied_total",
+        &["protocol=\"mqtt\"", "action=\"resumed_subscription\""],
+    )
+    .unwrap_or(0.0);
+    assert!(dropped >= 1.0, "{m}");
+    bob.disconnect().await.ok();
+    gw.shutdown().await?;
+    Ok(())
+}
