@@ -73,15 +73,43 @@ struct Entry {
     backoff: Duration,
     /// When the running back-off ends (None: none imposed yet).
     backoff_until: Option<Instant>,
-    /// Failed logins since the last success.
+    /// Failed logins not yet forgotten (see [`SourceGuard::quiet`]).
     failures: u32,
+    /// The latest failed login.
+    last_failure: Option<Instant>,
 }
 
 impl Entry {
-    fn idle(&self, now: Instant) -> bool {
+    fn idle(&self, now: Instant, quiet: Duration) -> bool {
         self.connections == 0
             && self.bucket.is_full(now)
             && self.backoff_until.is_none_or(|until| until <= now)
+            && self.forgotten(now, quiet)
+    }
+
+    /// No failed login for `quiet`: the failures are forgotten.
+    fn forgotten(&self, now: Instant, quiet: Duration) -> bool {
+        self.last_failure
+            .is_none_or(|at| now.saturating_duration_since(at) > quiet)
+    }
+}
+
+/// Failures are forgotten after this long without one, at the least.
+const MIN_QUIET: Duration = Duration::from_secs(60);
+
+/// The key a source is counted under: an IPv4 address (IPv4-mapped IPv6
+/// included) as it is, an IPv6 address by its /64, which is what one
+/// host or site holds (it could take a new address for every connection).
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) if v6.is_loopback() => IpAddr::V6(v6),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
     }
 }
 
@@ -144,10 +172,12 @@ impl SourceGuard {
 
     /// At accept: counts the connection for `ip` until the permit drops.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<SourcePermit, Refusal> {
+        let ip = source_key(ip);
+        let quiet = self.quiet();
         let mut state = self.lock();
         state.admissions = state.admissions.wrapping_add(1);
         if state.admissions.is_multiple_of(PRUNE_EVERY) || state.entries.len() >= state.high_water {
-            state.entries.retain(|_, e| !e.idle(now));
+            state.entries.retain(|_, e| !e.idle(now, quiet));
             state.high_water = MIN_HIGH_WATER.max(state.entries.len().saturating_mul(2));
         }
         let entry = state
@@ -174,16 +204,28 @@ impl SourceGuard {
         })
     }
 
-    /// After a failed login from ip: doubles its back-off (base, 2*base, ...
-    /// up to max); while it runs, admit() refuses with LoginBackoff. Returns
-    /// the back-off now in force.
+    /// After a failed login from ip: beyond the allowed failures, doubles
+    /// its back-off (base, 2*base, ... up to max); while it runs, admit()
+    /// refuses with LoginBackoff. Returns the back-off now in force.
+    ///
+    /// A successful login does not reset the count (an attacker with an
+    /// account of its own, or anonymous access, could otherwise guess
+    /// forever); failures are forgotten after [`SourceGuard::quiet`]
+    /// without one.
     pub fn login_failed(&self, ip: IpAddr, now: Instant) -> Duration {
+        let ip = source_key(ip);
         let limits = &self.limits;
+        let quiet = self.quiet();
         let mut state = self.lock();
         let entry = state
             .entries
             .entry(ip)
             .or_insert_with(|| self.new_entry(now));
+        if entry.forgotten(now, quiet) {
+            entry.failures = 0;
+            entry.backoff = Duration::ZERO;
+        }
+        entry.last_failure = Some(now);
         entry.failures = entry.failures.saturating_add(1);
         if entry.failures <= limits.login_failures_allowed {
             return Duration::ZERO;
@@ -199,14 +241,13 @@ impl SourceGuard {
         backoff
     }
 
-    /// After a successful login from ip: resets its back-off.
-    pub fn login_succeeded(&self, ip: IpAddr) {
-        let mut state = self.lock();
-        if let Some(entry) = state.entries.get_mut(&ip) {
-            entry.backoff = Duration::ZERO;
-            entry.backoff_until = None;
-            entry.failures = 0;
-        }
+    /// How long a source must go without a failed login for its failures
+    /// to be forgotten: twice the longest back-off, at least a minute.
+    pub fn quiet(&self) -> Duration {
+        self.limits
+            .login_backoff_max
+            .saturating_mul(2)
+            .max(MIN_QUIET)
     }
 
     /// Entries held (for a gauge and tests).
@@ -223,6 +264,7 @@ impl SourceGuard {
             backoff: Duration::ZERO,
             backoff_until: None,
             failures: 0,
+            last_failure: None,
         }
     }
 

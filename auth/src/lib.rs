@@ -119,9 +119,9 @@ impl Authority {
     /// - user None, password Some: refused as bad credentials.
     /// - user Some with a password file: verified (CPU-heavy: callers run it
     ///   in spawn_blocking); a missing password fails.
-    /// - user Some without a password file: accepted as that user name only if
-    ///   allow_anonymous (no file = no credentials to check; the name is then
-    ///   just a label for ACL).
+    /// - user Some without a password file: accepted as anonymous if
+    ///   allow_anonymous (no file = no credentials to check, so the name
+    ///   cannot pick an ACL section).
     pub fn login(
         &self,
         user: Option<&str>,
@@ -144,7 +144,9 @@ impl Authority {
                     Err(LoginError::BadCredentials)
                 }
             }
-            None if self.settings.allow_anonymous => Ok(named(user)),
+            // Nothing to check the name against: it would let anyone be
+            // any user of the ACL. The client is anonymous.
+            None if self.settings.allow_anonymous => Ok(Principal::anonymous()),
             None => Err(LoginError::NotAuthorized),
         }
     }
@@ -170,6 +172,11 @@ impl Authority {
     pub fn amqp_allows(&self, who: &Principal, p: AmqpPermission, resource: &str) -> bool {
         self.acl()
             .is_none_or(|acl| acl.amqp_allows(who.user(), p, resource))
+    }
+
+    /// Whether `user` is in the password file.
+    pub fn knows(&self, user: &str) -> bool {
+        self.passwords().is_some_and(|f| f.contains(user))
     }
 
     /// Whether a password file is configured (so credentials are checked).

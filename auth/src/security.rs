@@ -121,12 +121,20 @@ impl Security {
             }
             _ => self.authority.login(user, password),
         };
-        match &result {
-            Ok(_) => self.guard.login_succeeded(ip),
-            Err(_) => {
-                self.guard.login_failed(ip, Instant::now());
-            }
+        if result.is_err() {
+            self.guard.login_failed(ip, Instant::now());
         }
         result
+    }
+
+    /// The user name as it may be logged: a user of the password file by
+    /// name, anything else by its length only (a password typed into the
+    /// user name field must not reach the log).
+    pub fn loggable_user(&self, user: Option<&str>) -> String {
+        match user {
+            None => "(none)".to_string(),
+            Some(u) if self.authority.knows(u) => format!("{u:?}"),
+            Some(u) => format!("(unknown, {} chars)", u.chars().count()),
+        }
     }
 }

@@ -165,7 +165,11 @@ impl Connection {
                 Err(_) => {
                     // The user name is logged, never the password.
                     logs::LOGIN_REFUSED.record("bad_credentials", || {
-                        format!("peer={} user={user:?}", self.peer)
+                        format!(
+                            "peer={} user={}",
+                            self.peer,
+                            security.loggable_user(Some(&user))
+                        )
                     });
                     return Err(refused());
                 }
@@ -178,7 +182,11 @@ impl Connection {
                 .guard
                 .login_failed(self.peer.ip(), std::time::Instant::now());
             logs::LOGIN_REFUSED.record("bad_credentials", || {
-                format!("peer={} user={user:?}", self.peer)
+                format!(
+                    "peer={} user={}",
+                    self.peer,
+                    security.loggable_user(Some(&user))
+                )
             });
             return Err(refused());
         }

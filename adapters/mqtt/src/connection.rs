@@ -607,7 +607,8 @@ impl<S: Transport> Connection<S> {
             .increment(1);
         if result.is_err() {
             // The user name is logged, never the password.
-            logs::LOGIN_REFUSED.record(outcome, || format!("peer={} user={user:?}", self.peer));
+            let shown = self.settings.security.loggable_user(user);
+            logs::LOGIN_REFUSED.record(outcome, || format!("peer={} user={shown}", self.peer));
         }
         result
     }

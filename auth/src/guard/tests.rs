@@ -30,8 +30,31 @@ fn the_first_failures_are_allowed_before_the_backoff() {
         guard.admit(LOOPBACK, now),
         Err(Refusal::LoginBackoff { .. })
     ));
-    guard.login_succeeded(LOOPBACK);
-    assert_eq!(guard.login_failed(LOOPBACK, now), Duration::ZERO);
+    // A success does not reset the count; a quiet spell does.
+    let quiet = now + guard.quiet() + Duration::from_secs(1);
+    assert_eq!(guard.login_failed(LOOPBACK, quiet), Duration::ZERO);
+}
+
+#[test]
+fn ipv6_sources_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+    let guard = SourceGuard::new(limits());
+    let now = Instant::now();
+    let a: IpAddr = "2001:db8:1:2::10".parse().expect("addr");
+    let b: IpAddr = "2001:db8:1:2:ffff::99".parse().expect("addr");
+    let elsewhere: IpAddr = "2001:db8:1:3::10".parse().expect("addr");
+    let _one = guard.admit(a, now).expect("first");
+    let _two = guard.admit(b, now).expect("second, same /64");
+    assert_eq!(
+        guard.admit(a, now).err(),
+        Some(Refusal::TooManyConnections),
+        "a new address in the same /64 is the same source"
+    );
+    assert!(guard.admit(elsewhere, now).is_ok());
+    let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("addr");
+    assert_eq!(
+        source_key(mapped),
+        "192.0.2.1".parse::<IpAddr>().expect("addr")
+    );
 }
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -125,13 +148,10 @@ fn login_backoff_doubles_up_to_the_max_and_resets() {
         guard.admit(OTHER, now).is_ok(),
         "other sources are unaffected"
     );
-    guard.login_succeeded(LOOPBACK);
-    assert_eq!(guard.login_failed(LOOPBACK, now), Duration::from_secs(1));
-    guard.login_succeeded(LOOPBACK);
-    assert!(
-        guard.admit(LOOPBACK, now).is_ok(),
-        "success ends a running back-off"
-    );
+    // Failures are forgotten only after a quiet spell: the doubling then
+    // starts again from the base.
+    let later = now + guard.quiet() + Duration::from_secs(1);
+    assert_eq!(guard.login_failed(LOOPBACK, later), Duration::from_secs(1));
 }
 
 #[test]

@@ -850,3 +850,24 @@ async fn a_resumed_session_keeps_only_what_its_new_user_may_read() -> Result<()>
     gw.shutdown().await?;
     Ok(())
 }
+
+/// Without a password file a user name proves nothing, so it cannot pick
+/// an ACL section: a client naming itself `ops` (who may do anything) is
+/// anonymous, and the anonymous rules (none here) apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_password_file_a_user_name_is_not_an_identity() -> Result<()> {
+    let files = AuthFiles::new(ACL).await?;
+    let gw = TestGateway::builder()
+        .set("auth.acl_file", &toml_path(&files.acl()))
+        .start()
+        .await?;
+    let mut claimed =
+        Mqtt5::connect(gw.mqtt_addr(), &unique("claims-ops"), Some(("ops", "x"))).await?;
+    assert_eq!(claimed.subscribe("#").await?, Sub5::NotAuthorized);
+    assert_eq!(
+        claimed.publish1("cmd/alice/x", "forged").await?,
+        PubAckReason::NotAuthorized
+    );
+    gw.shutdown().await?;
+    Ok(())
+}
