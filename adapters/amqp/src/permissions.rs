@@ -90,10 +90,11 @@ impl Connection {
         if exchange != AMQ_TOPIC {
             return Ok(());
         }
-        // A key that maps to no filter is refused later, for what it is.
-        let Ok(filter) = convert::filter_of(exchange, convert::Kind::Topic, key) else {
-            return Ok(());
-        };
+        // A key that maps to no MQTT filter (an inner `#`, which an
+        // exchange binding still matches with) is checked as the widest
+        // filter: only a user who may read everything may bind it.
+        let filter = convert::filter_of(exchange, convert::Kind::Topic, key)
+            .unwrap_or_else(|_| "#".to_string());
         let security = &self.settings.security;
         if security
             .authority

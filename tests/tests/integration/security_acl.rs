@@ -736,6 +736,13 @@ async fn topic_rules_cannot_be_side_stepped_through_headers_or_exchange_bindings
         "alice.out <- amq.topic cmd.bob.#",
         bind(ch, "alice.out", "amq.topic", "cmd.bob.#").await,
     );
+    // An inner `#` maps to no MQTT filter but still matches in an
+    // exchange binding (cmd.bob.secret.x): checked as `#`, refused.
+    let ch = alice.create_channel().await?;
+    assert_refused(
+        "alice.out <- amq.topic cmd.#.x",
+        bind(ch, "alice.out", "amq.topic", "cmd.#.x").await,
+    );
     let ch = alice.create_channel().await?;
     bind(ch, "alice.out", "amq.topic", "cmd.alice.#").await?;
     // Into amq.topic: every topic it reaches is a publish to it.
