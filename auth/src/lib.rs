@@ -88,13 +88,18 @@ impl Authority {
         }))
     }
 
-    /// Lets nobody in (a fallback that needs no files).
-    pub fn closed() -> Authority {
-        Authority {
-            settings: AuthSettings::default(),
+    /// Without a password file or an ACL (nothing to read, so nothing
+    /// can fail): anonymous clients may do everything, or nobody gets in.
+    pub fn without_files(allow_anonymous: bool) -> Arc<Authority> {
+        Arc::new(Authority {
+            settings: AuthSettings {
+                password_file: None,
+                acl_file: None,
+                allow_anonymous,
+            },
             passwords: RwLock::new(None),
             acl: RwLock::new(None),
-        }
+        })
     }
 
     /// Re-reads both files; on error keeps the old ones and returns the error (caller logs).

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use edge_tls::{CertIdentity, ServerTls};
 use tokio::sync::Semaphore;
 
-use crate::{AuthSettings, Authority, GuardLimits, LoginError, Principal, SourceGuard};
+use crate::{Authority, GuardLimits, LoginError, Principal, SourceGuard};
 
 /// Password verifications running at once.
 pub const VERIFY_SLOTS: usize = 2;
@@ -65,17 +65,7 @@ impl Security {
     /// Anyone may connect and do anything, without limits beyond generous
     /// per-source ones: for adapter tests and embedded use on loopback.
     pub fn open() -> Arc<Security> {
-        let authority = Authority::load(AuthSettings {
-            password_file: None,
-            acl_file: None,
-            allow_anonymous: true,
-        });
-        let authority = match authority {
-            Ok(a) => a,
-            // Without files nothing is read, so this cannot fail; stay
-            // closed rather than panic if it ever did.
-            Err(_) => Arc::new(Authority::closed()),
-        };
+        let authority = Authority::without_files(true);
         Security::new(
             None,
             CertIdentity::None,

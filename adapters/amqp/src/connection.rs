@@ -277,9 +277,7 @@ impl Connection {
 
     /// Until when the connection is not read, for its publish rates.
     fn held(&self) -> Option<Instant> {
-        self.pacer
-            .held(std::time::Instant::now())
-            .map(Instant::from_std)
+        self.pacer.held().map(Instant::from_std)
     }
 
     /// Sends connection.close and waits (bounded) for close-ok.

@@ -55,11 +55,34 @@ impl Access {
             .can_subscribe(&self.who, client_id, filter)
     }
 
+    /// A resumed session keeps only what this client may read now: the ACL
+    /// may have changed since, or another user may be using the client
+    /// id. Filters it may not read are dropped; messages queued under them
+    /// are skipped when the backlog is read (`Session::fill_from_store`).
+    pub(crate) async fn prune_resumed(
+        &self,
+        subscriber: &edge_core::Subscriber,
+    ) -> Result<(), edge_core::SessionError> {
+        for filter in subscriber.filters() {
+            if self.can_subscribe(&self.client_id, &filter) {
+                continue;
+            }
+            metrics::counter!("edge_acl_denied_total", "protocol" => "mqtt", "action" => "resumed_subscription").increment(1);
+            crate::logs::DENIED.record("resumed_subscription", || {
+                format!(
+                    "client_id={:?} user={:?} filter={filter}: dropped from the resumed session",
+                    self.client_id,
+                    self.who.user()
+                )
+            });
+            subscriber.unsubscribe(&filter).await?;
+        }
+        Ok(())
+    }
+
     /// Until when reading is paused for the client's rate.
     pub(crate) fn held(&self) -> Option<Instant> {
-        self.pacer
-            .held(std::time::Instant::now())
-            .map(Instant::from_std)
+        self.pacer.held().map(Instant::from_std)
     }
 
     /// Charges one PUBLISH of `payload` bytes against the client's rates.

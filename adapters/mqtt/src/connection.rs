@@ -469,38 +469,16 @@ impl<S: Transport> Connection<S> {
             deliveries,
             session_present,
         } = attached;
-        if session_present {
-            // A resumed session keeps only what this client may read now:
-            // the ACL may have changed since, or another user may be using
-            // the client id. Messages queued under a dropped filter no
-            // longer match and are not delivered.
-            for filter in subscriber.filters() {
-                if self
-                    .settings
-                    .security
-                    .authority
-                    .can_subscribe(&who, &client_id, &filter)
-                {
-                    continue;
-                }
-                metrics::counter!("edge_acl_denied_total", "protocol" => "mqtt", "action" => "resumed_subscription").increment(1);
-                logs::DENIED.record("resumed_subscription", || {
-                    format!(
-                        "client_id={client_id:?} user={:?} filter={filter}: dropped from the resumed session",
-                        who.user()
-                    )
-                });
-                if let Err(e) = subscriber.unsubscribe(&filter).await {
-                    return Err(self
-                        .refuse(
-                            version,
-                            ConnectReturnCode::ServiceUnavailable,
-                            ConnectReturnCode::ServerUnavailable,
-                            format!("cannot update the session: {e}"),
-                        )
-                        .await);
-                }
-            }
+        let access = Access::new(self.settings.security.clone(), who, client_id.clone());
+        if session_present && let Err(e) = access.prune_resumed(&subscriber).await {
+            return Err(self
+                .refuse(
+                    version,
+                    ConnectReturnCode::ServiceUnavailable,
+                    ConnectReturnCode::ServerUnavailable,
+                    format!("cannot update the session: {e}"),
+                )
+                .await);
         }
         let connack = ConnAck {
             // MQTT-3.2.2-1/2.
@@ -537,7 +515,6 @@ impl<S: Transport> Connection<S> {
                 .unwrap_or(u16::MAX);
             (state, receive_max)
         });
-        let access = Access::new(self.settings.security.clone(), who, client_id.clone());
         let mut session = Session::new(
             access,
             client_id,

@@ -360,8 +360,12 @@ impl Session {
             }
             // Queued under the filters of the time, maybe for another
             // user of this client id, or before the ACL changed: what this
-            // client may not read now leaves the queue undelivered.
-            if may_not_read(&self.access, &self.client_id, &entry.message.topic) {
+            // client may not read now (a topic is a filter matching only
+            // itself) leaves the queue undelivered.
+            if !self
+                .access
+                .can_subscribe(&self.client_id, &entry.message.topic)
+            {
                 metrics::counter!("edge_acl_denied_total", "protocol" => "mqtt", "action" => "queued_delivery").increment(1);
                 self.settled(Some(entry.seq));
                 continue;
@@ -916,12 +920,6 @@ fn refusal_code(close: &Close) -> u8 {
         Close::Store(PublishError::Full { .. }) => 0x97,
         _ => 0x80,
     }
-}
-
-/// Whether the client may no longer read `topic` (a topic is a filter
-/// that matches only itself).
-fn may_not_read(access: &Access, client_id: &str, topic: &str) -> bool {
-    !access.can_subscribe(client_id, topic)
 }
 
 fn reason_text(code: u8) -> &'static str {
