@@ -136,6 +136,8 @@ pub struct RawUpstream {
     pub tls_key_file: Option<String>,
     pub password_file: Option<String>,
     pub password_env: Option<String>,
+    pub return_to_first: Option<bool>,
+    pub max_replay_rate: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,4 +153,5 @@ pub struct RawRoute {
     pub priority: Option<i64>,
     pub ttl: Option<String>,
     pub persistent: Option<bool>,
+    pub ack: Option<String>,
 }

@@ -15,10 +15,12 @@ mod cursor;
 mod error;
 mod exchanges;
 mod forwarder;
+mod health;
 mod metrics;
 mod replicator;
 mod summary;
 
 pub use convert::PUBLISHER_HEADER;
 pub use error::LinkError;
-pub use replicator::{LinkStatus, Replicator};
+pub use health::{LinkState, LinkStatus};
+pub use replicator::Replicator;
