@@ -61,6 +61,8 @@ pub struct QueueSpec {
     /// Durable survives a broker restart (link tests); otherwise the queue
     /// is deleted with its consumer.
     pub durable: bool,
+    /// A quorum queue (durable; confirms come after the Raft commit).
+    pub quorum: bool,
 }
 
 impl QueueSpec {
@@ -71,11 +73,18 @@ impl QueueSpec {
             exchange: "amq.topic".to_string(),
             binding_key: binding_key.to_string(),
             durable: false,
+            quorum: false,
         }
     }
 
     pub fn durable(mut self) -> QueueSpec {
         self.durable = true;
+        self
+    }
+
+    pub fn quorum(mut self) -> QueueSpec {
+        self.durable = true;
+        self.quorum = true;
         self
     }
 }
@@ -200,8 +209,15 @@ async fn declare_and_bind(channel: &Channel, spec: &QueueSpec) -> Result<()> {
         auto_delete: !spec.durable,
         ..QueueDeclareOptions::default()
     };
+    let mut arguments = FieldTable::default();
+    if spec.quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
     channel
-        .queue_declare(spec.name.as_str().into(), options, FieldTable::default())
+        .queue_declare(spec.name.as_str().into(), options, arguments)
         .await
         .with_context(|| format!("declaring queue {}", spec.name))?;
     channel

@@ -395,3 +395,111 @@ async fn a_replay_rate_cap_spreads_the_backlog_drain() -> Result<()> {
     gw.shutdown().await?;
     Ok(())
 }
+
+/// `edge_messages_forwarded_total` of `upstream`, summed over its routes.
+async fn forwarded(gw: &TestGateway, upstream: &str) -> f64 {
+    let Ok(text) = gw.metrics().await else {
+        return 0.0;
+    };
+    let label = format!("upstream=\"{upstream}\"");
+    text.lines()
+        .filter(|l| l.starts_with("edge_messages_forwarded_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_broker_crashes_under_load_lose_nothing() -> Result<()> {
+    const CRASHES: usize = 10;
+    let mut node = blocking(|| RabbitNode::dedicated("crashes")).await?;
+    let uri = node.amqp_uri();
+    let prefix = unique("crashes");
+    // Read only at the end: what the broker confirmed must survive its
+    // own kill -9 (a durable queue confirms persistent messages once they
+    // are on its disk).
+    let spec = QueueSpec::topic(&format!("{prefix}.#")).durable();
+    AmqpQueue::declare(&uri, &spec).await?;
+    let gw = TestGateway::builder()
+        .upstream("central", std::slice::from_ref(&uri))
+        .route("all", &format!("{prefix}/#"), "central")
+        .start()
+        .await?;
+    let publisher = Publisher::new(gw.mqtt_addr(), &unique("meter")).inflight(8);
+    let stop = publisher.stop_flag();
+    let topic = format!("{prefix}/meter/1");
+    let publishing = tokio::spawn(async move {
+        publisher
+            .run(u64::MAX, LONG, move |i| {
+                (topic.clone(), payload("meter", i))
+            })
+            .await
+    });
+    for crash in 0..CRASHES {
+        // Forwarding has resumed since the last crash before the next one.
+        let before = forwarded(&gw, "central").await;
+        wait_for(
+            &format!("forwarding before crash {crash}"),
+            LONG,
+            || async { (forwarded(&gw, "central").await >= before + 50.0).then_some(()) },
+        )
+        .await?;
+        node = blocking(move || {
+            node.kill()?;
+            node.start_again().map(|()| node)
+        })
+        .await?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let report = publishing.await?;
+    let sent = report.sent;
+    assert!(report.all_acked(sent), "{report:?}");
+
+    let last = payload("meter", sent - 1);
+    let mut queue = AmqpQueue::open(&uri, &spec).await?;
+    let received = queue
+        .take_until(LONG, |got| got.iter().any(|m| m.body == last))
+        .await?;
+    let per_publisher = check_order_and_identity(gw.id(), &received)?;
+    let got: BTreeSet<u64> = per_publisher.values().flatten().copied().collect();
+    let lost: Vec<u64> = (0..sent).filter(|n| !got.contains(n)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {sent} acknowledged messages lost: {lost:?}",
+        lost.len()
+    );
+    queue.delete().await?;
+    gw.shutdown().await?;
+    blocking(move || node.stop()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_to_a_quorum_queue_is_confirmed_after_its_raft_commit() -> Result<()> {
+    const COUNT: u64 = 200;
+    let uri = crate::shared_node().await?.amqp_uri();
+    let prefix = unique("quorum");
+    let spec = QueueSpec::topic(&format!("{prefix}.#")).quorum();
+    let mut queue = AmqpQueue::open(&uri, &spec).await?;
+    let gw = TestGateway::builder()
+        .upstream("central", std::slice::from_ref(&uri))
+        .route("all", &format!("{prefix}/#"), "central")
+        .start()
+        .await?;
+    let topic = format!("{prefix}/meter/1");
+    let report = Publisher::new(gw.mqtt_addr(), &unique("meter"))
+        .run(COUNT, LONG, move |i| (topic.clone(), payload("meter", i)))
+        .await;
+    assert!(report.all_acked(COUNT), "{report:?}");
+    let received = queue.take(COUNT as usize, LONG).await?;
+    let per_publisher = check_order_and_identity(gw.id(), &received)?;
+    assert_eq!(
+        per_publisher.values().next().map(Vec::len),
+        Some(COUNT as usize)
+    );
+    wait_for("the cursor past every message", SHORT, || async {
+        (forwarded(&gw, "central").await >= COUNT as f64).then_some(())
+    })
+    .await?;
+    queue.delete().await?;
+    gw.shutdown().await?;
+    Ok(())
+}
