@@ -18,7 +18,9 @@ mod forwarder;
 mod metrics;
 mod replicator;
 mod summary;
+mod tls;
 
 pub use convert::PUBLISHER_HEADER;
 pub use error::LinkError;
 pub use replicator::{LinkStatus, Replicator};
+pub use tls::{TlsError, TlsFailure};
