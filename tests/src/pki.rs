@@ -114,11 +114,22 @@ impl Ca {
     /// A server certificate for `names` that expired years ago (valid 2001
     /// to 2002).
     pub fn expired_server(&self, common_name: &str, names: &[&str]) -> Result<CertKey> {
+        self.server_with(common_name, names, expired)
+    }
+
+    /// A server certificate for `names` with `tweak` applied to its
+    /// parameters (validity dates, ...) before it is signed.
+    pub fn server_with(
+        &self,
+        common_name: &str,
+        names: &[&str],
+        tweak: impl FnOnce(&mut CertificateParams),
+    ) -> Result<CertKey> {
         self.leaf(
             common_name,
             names,
             ExtendedKeyUsagePurpose::ServerAuth,
-            expired,
+            tweak,
         )
     }
 

@@ -197,13 +197,22 @@ impl TlsClient {
     /// certificate, a CA file rustls cannot use, no system roots).
     pub(crate) fn new(upstream: &str, tls: &UpstreamTls) -> TlsClient {
         let failures = crate::metrics::tls_failure_counters(upstream);
-        let (connector, client_cert) = match client_cert(tls) {
+        let build = || match client_cert(tls) {
             Ok(cert) => {
                 let cert = Arc::new(cert);
                 let config = client_config(tls, cert.clone());
                 (config.map(|c| RustlsConnector::from(Arc::new(c))), cert)
             }
             Err(e) => (Err(e), Arc::new(ClientCert::default())),
+        };
+        // Reading and parsing the system's roots blocks for a while (tens to
+        // hundreds of milliseconds): off the runtime's other tasks.
+        let on_workers = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let (connector, client_cert) = if on_workers {
+            tokio::task::block_in_place(build)
+        } else {
+            build()
         };
         match &connector {
             Ok(_) => info!(
@@ -397,8 +406,12 @@ fn client_cert(tls: &UpstreamTls) -> Result<ClientCert, String> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("tls_cert_file: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("tls_key_file: {e}"))?;
-    let key = CertifiedKey::from_der(chain, key, &provider())
-        .map_err(|e| format!("tls_cert_file and tls_key_file: {e}"))?;
+    let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            "tls_cert_file and tls_key_file: the key is not the certificate's".to_string()
+        }
+        e => format!("tls_cert_file and tls_key_file: {e}"),
+    })?;
     Ok(ClientCert {
         key: Some(Arc::new(key)),
         requests: AtomicU64::new(0),
@@ -559,7 +572,10 @@ mod tests {
             ..tls
         };
         let err = client_cert(&mismatched).expect_err("key does not match");
-        assert!(err.starts_with("tls_cert_file and tls_key_file"), "{err}");
+        assert_eq!(
+            err,
+            "tls_cert_file and tls_key_file: the key is not the certificate's"
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `amqps://` upstreams against one private RabbitMQ node with a TLS
 //! listener that requires a client certificate, every certificate made by
 //! the test (rcgen). The node's certificate is for `broker.example` only
-//! (the gateway connects to 127.0.0.1), and for the SNI name
-//! `expired.example` it presents a certificate that expired years ago.
+//! (the gateway connects to 127.0.0.1); for other SNI names it presents a
+//! certificate that expired years ago, one valid only from 2090, and one
+//! for TLS clients only.
 //!
 //! One gateway carries one upstream per case, each with its own route: the
 //! cases differ only on the gateway's side, so one broker start serves them
@@ -18,9 +19,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use edge_tests::amqp::{AmqpQueue, QueueSpec};
 use edge_tests::http::metric;
-use edge_tests::mqtt::publish_one;
 use edge_tests::pki::{CertFiles, Pki};
-use edge_tests::{GatewayProcess, RabbitNode, TestGateway, unique, wait_for};
+use edge_tests::{GatewayProcess, Publisher, RabbitNode, TestGateway, unique, wait_for};
 
 use crate::{SHORT, blocking, gateway_bin};
 
@@ -28,6 +28,10 @@ use crate::{SHORT, blocking, gateway_bin};
 const BROKER_NAME: &str = "broker.example";
 /// The SNI name for which the node presents its expired certificate.
 const EXPIRED_NAME: &str = "expired.example";
+/// The SNI name for which the node presents a certificate valid from 2090.
+const FUTURE_NAME: &str = "future.example";
+/// The SNI name for which the node presents a client-only certificate.
+const PURPOSE_NAME: &str = "purpose.example";
 
 /// Every `reason` of `edge_upstream_tls_failures_total` (the README lists
 /// them for operators' alerts).
@@ -51,10 +55,26 @@ fn path_value(p: &Path) -> String {
 }
 
 /// A node whose TLS listener verifies clients against the test CA and
-/// refuses those without a certificate.
-async fn tls_node(pki: &Pki, broker: &CertFiles, expired: &CertFiles) -> Result<(RabbitNode, u16)> {
+/// refuses those without a certificate; it presents `default` unless the
+/// client's SNI names one of `by_name`.
+async fn tls_node(
+    pki: &Pki,
+    default: &CertFiles,
+    by_name: &[(&'static str, CertFiles)],
+) -> Result<(RabbitNode, u16)> {
     let ca = pki.ca_file.clone();
-    let (broker, expired) = (broker.clone(), expired.clone());
+    let default = default.clone();
+    let sni_hosts: Vec<String> = by_name
+        .iter()
+        .map(|(name, files)| {
+            format!(
+                "{{{}, [{{certfile, {}}}, {{keyfile, {}}}]}}",
+                quoted(name),
+                path_value(&files.cert),
+                path_value(&files.key)
+            )
+        })
+        .collect();
     blocking(move || {
         RabbitNode::dedicated_with_advanced(
             "tls",
@@ -69,14 +89,12 @@ async fn tls_node(pki: &Pki, broker: &CertFiles, expired: &CertFiles) -> Result<
                      {{keyfile, {}}},\n\
                      {{verify, verify_peer}},\n\
                      {{fail_if_no_peer_cert, true}},\n\
-                     {{sni_hosts, [{{{}, [{{certfile, {}}}, {{keyfile, {}}}]}}]}}\n\
+                     {{sni_hosts, [{}]}}\n\
                      ]}}]}}].\n",
                     path_value(&ca),
-                    path_value(&broker.cert),
-                    path_value(&broker.key),
-                    quoted(EXPIRED_NAME),
-                    path_value(&expired.cert),
-                    path_value(&expired.key),
+                    path_value(&default.cert),
+                    path_value(&default.key),
+                    sni_hosts.join(", "),
                 ))
             },
         )
@@ -122,6 +140,18 @@ async fn amqps_forwards_over_mutual_tls_and_names_each_tls_failure() -> Result<(
         .ca
         .expired_server("expired broker", &[EXPIRED_NAME])?
         .write(dir, "expired")?;
+    let future = pki
+        .ca
+        .server_with("future broker", &[FUTURE_NAME], |params| {
+            params.not_before = rcgen::date_time_ymd(2090, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2091, 1, 1);
+        })?
+        .write(dir, "future")?;
+    // A certificate for clients only (extended key usage clientAuth).
+    let wrong_purpose = pki
+        .ca
+        .client("client only", &[PURPOSE_NAME])?
+        .write(dir, "purpose")?;
     let client = pki
         .ca
         .client("edge-gateway", &["edge-gateway"])?
@@ -130,7 +160,12 @@ async fn amqps_forwards_over_mutual_tls_and_names_each_tls_failure() -> Result<(
         .other_ca
         .client("edge-gateway", &["edge-gateway"])?
         .write(dir, "stranger")?;
-    let (node, tls_port) = tls_node(&pki, &broker, &expired).await?;
+    let by_name = [
+        (EXPIRED_NAME, expired),
+        (FUTURE_NAME, future),
+        (PURPOSE_NAME, wrong_purpose),
+    ];
+    let (node, tls_port) = tls_node(&pki, &broker, &by_name).await?;
 
     // What the upstream that forwards has; each other case changes some of
     // it (`None`: the key is left out).
@@ -165,6 +200,16 @@ async fn amqps_forwards_over_mutual_tls_and_names_each_tls_failure() -> Result<(
             failure: Some(("expired", "has expired")),
         },
         Case {
+            upstream: "future-cert",
+            changes: vec![set("tls_server_name", &quoted(FUTURE_NAME))],
+            failure: Some(("not_yet_valid", "is not valid yet")),
+        },
+        Case {
+            upstream: "client-only-cert",
+            changes: vec![set("tls_server_name", &quoted(PURPOSE_NAME))],
+            failure: Some(("handshake", "TLS handshake with purpose.example failed")),
+        },
+        Case {
             upstream: "by-address",
             changes: vec![("tls_server_name", None)],
             failure: Some(("name_mismatch", "not valid for the name 127.0.0.1")),
@@ -187,6 +232,16 @@ async fn amqps_forwards_over_mutual_tls_and_names_each_tls_failure() -> Result<(
             ],
             failure: Some(("client_cert_refused", "refused the client certificate")),
         },
+        Case {
+            upstream: "someone-elses-key",
+            // Both files are PEM (check-config passes): the setup finds
+            // they do not belong together.
+            changes: vec![set("tls_key_file", &path_value(&stranger.key))],
+            failure: Some((
+                "setup",
+                "TLS setup failed: tls_cert_file and tls_key_file: the key is not the certificate's",
+            )),
+        },
     ];
 
     let prefix = unique("tls");
@@ -206,10 +261,20 @@ async fn amqps_forwards_over_mutual_tls_and_names_each_tls_failure() -> Result<(
             );
     }
     let gw = builder.spawn(gateway_bin()).await?;
-    for case in &cases {
-        let topic = format!("{prefix}/{}/m", case.upstream);
-        publish_one(gw.mqtt_addr(), &topic, case.upstream.as_bytes()).await?;
-    }
+    // One message per upstream, its name as payload, all on one connection.
+    let messages: Vec<(String, Vec<u8>)> = cases
+        .iter()
+        .map(|c| (format!("{prefix}/{}/m", c.upstream), c.upstream.into()))
+        .collect();
+    let count = messages.len() as u64;
+    let report = Publisher::new(gw.mqtt_addr(), &unique("tls-pub"))
+        .run(count, SHORT, move |i| messages[i as usize].clone())
+        .await;
+    anyhow::ensure!(
+        report.all_acked(count),
+        "{report:?}; gateway log:\n{}",
+        gw.log()
+    );
 
     // Verified end to end: the broker's name comes from tls_server_name,
     // not from the URI's address, and the client certificate is accepted.
