@@ -11,7 +11,7 @@ pub mod raw;
 mod validate;
 
 use std::net::SocketAddr;
-use std::num::{NonZeroU16, NonZeroUsize};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -271,6 +271,12 @@ pub struct UpstreamConfig {
     /// For `amqps://` nodes: what to trust, the client identity, the name
     /// to verify.
     pub tls: UpstreamTls,
+    /// Linked to a node other than the first: probe the first every
+    /// `reconnect_max` and move back to it once it answers.
+    pub return_to_first: bool,
+    /// Most messages per second forwarded while a backlog drains (records
+    /// older than the link); live traffic is not held back. None: no cap.
+    pub max_replay_rate: Option<NonZeroU32>,
 }
 
 /// TLS settings of an upstream, with the files the config names
@@ -324,6 +330,20 @@ pub struct RouteConfig {
     pub ttl: Option<Duration>,
     /// AMQP delivery mode 2 (persistent) when true.
     pub persistent: bool,
+    /// When a publisher's message on this route is acknowledged.
+    pub ack: AckPoint,
+}
+
+/// When the gateway acknowledges a message to its publisher (MQTT PUBACK /
+/// PUBREC, AMQP confirm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckPoint {
+    /// Once it is fsynced in the local store (`"persisted"`).
+    #[default]
+    Persisted,
+    /// Once the route's upstream broker confirmed it (`"upstream-confirmed"`);
+    /// it is in the local store before that, too.
+    UpstreamConfirmed,
 }
 
 /// A route's selection by local AMQP exchange and routing-key pattern.

@@ -138,6 +138,8 @@ pub struct RawUpstream {
     pub tls_server_name: Option<String>,
     pub password_file: Option<String>,
     pub password_env: Option<String>,
+    pub return_to_first: Option<bool>,
+    pub max_replay_rate: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,4 +155,5 @@ pub struct RawRoute {
     pub priority: Option<i64>,
     pub ttl: Option<String>,
     pub persistent: Option<bool>,
+    pub ack: Option<String>,
 }

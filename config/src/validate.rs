@@ -4,14 +4,15 @@ mod security;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::num::{NonZeroU16, NonZeroUsize};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::raw::{RawAmqp, RawConfig, RawRoute, RawUpstream};
 use crate::{
-    AmqpConfig, Config, ConfigError, GatewayConfig, LocalSource, MetricsConfig, MqttConfig,
-    OnCorrupt, Problem, RouteConfig, StoreConfig, UpstreamConfig, UpstreamTls, WhenFull, defaults,
+    AckPoint, AmqpConfig, Config, ConfigError, GatewayConfig, LocalSource, MetricsConfig,
+    MqttConfig, OnCorrupt, Problem, RouteConfig, StoreConfig, UpstreamConfig, UpstreamTls,
+    WhenFull, defaults,
 };
 
 const MILLI: Duration = Duration::from_millis(1);
@@ -615,6 +616,11 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamConfig {
             HOUR,
         ),
         tls,
+        return_to_first: u.return_to_first.unwrap_or(false),
+        max_replay_rate: u.max_replay_rate.map(|rate| {
+            let rate = c.non_zero(&key("max_replay_rate"), Some(rate), 1, 1_000_000);
+            NonZeroU32::try_from(rate).unwrap_or(NonZeroU32::MIN)
+        }),
     }
 }
 
@@ -909,6 +915,14 @@ fn route(c: &mut Checker, i: usize, r: &RawRoute, upstreams: &HashSet<String>) -
         priority,
         ttl,
         persistent: r.persistent.unwrap_or(true),
+        ack: c.choice(
+            &key("ack"),
+            r.ack.as_deref(),
+            &[
+                ("persisted", AckPoint::Persisted),
+                ("upstream-confirmed", AckPoint::UpstreamConfirmed),
+            ],
+        ),
     }
 }
 
@@ -1145,6 +1159,42 @@ mod tests {
         let err = Config::parse("[store]\nwhen_full = \"drop-newest\"\n").expect_err("invalid");
         assert!(
             err.to_string().contains("\"reject\" or \"drop-oldest\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn uplink_keys_take_their_values_and_name_what_is_allowed() {
+        let toml = |upstream: &str, route: &str| {
+            format!(
+                "[[upstream]]\nname = \"central\"\nuris = [\"amqp://h\"]\n{upstream}\n\
+                 [[route]]\nname = \"r\"\nfilter = \"#\"\nupstream = \"central\"\n{route}\n"
+            )
+        };
+        let c = Config::parse(&toml(
+            "return_to_first = true\nmax_replay_rate = 500",
+            "ack = \"upstream-confirmed\"",
+        ))
+        .expect("valid");
+        assert!(c.upstreams[0].return_to_first);
+        assert_eq!(c.upstreams[0].max_replay_rate.map(|r| r.get()), Some(500));
+        assert_eq!(c.routes[0].ack, AckPoint::UpstreamConfirmed);
+        let c = Config::parse(&toml("", "")).expect("valid");
+        assert!(!c.upstreams[0].return_to_first);
+        assert_eq!(c.upstreams[0].max_replay_rate, None);
+        assert_eq!(c.routes[0].ack, AckPoint::Persisted);
+
+        let err =
+            Config::parse(&toml("max_replay_rate = 0", "ack = \"broker\"")).expect_err("invalid");
+        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["upstream[0].max_replay_rate", "route[0].ack"],
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("\"persisted\" or \"upstream-confirmed\""),
             "{err}"
         );
     }

@@ -1,6 +1,7 @@
 //! Acknowledgements as values: an adapter acknowledges its client only when
 //! the receipt of that message resolves — after the message is durable and
-//! has been handed to the online subscribers.
+//! has been handed to the online subscribers (and, on a route with
+//! `ack = "upstream-confirmed"`, once its upstream confirmed it).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,13 +13,25 @@ use tokio::sync::oneshot;
 use crate::error::PublishError;
 
 /// What the router promises for one published message.
-#[derive(Debug)]
 pub enum Receipt {
     /// Nothing durable was needed: ack at once.
     Done,
     /// Resolves once the message is committed (its log seq, 0 when only
     /// delivered or retained) and fanned out, or refused.
     Pending(oneshot::Receiver<Result<Seq, PublishError>>),
+    /// Like `Pending`, then until the upstreams of its routes with
+    /// `ack = "upstream-confirmed"` forwarded it (`progress.rs`).
+    Confirming(Pin<Box<dyn Future<Output = ReceiptResult> + Send>>),
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Receipt::Done => f.write_str("Done"),
+            Receipt::Pending(rx) => f.debug_tuple("Pending").field(rx).finish(),
+            Receipt::Confirming(_) => f.write_str("Confirming"),
+        }
+    }
 }
 
 /// Outcome of a receipt: the log position, if the message was logged.
@@ -36,6 +49,7 @@ impl Future for Receipt {
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(PublishError::Closed),
             }),
+            Receipt::Confirming(confirming) => confirming.as_mut().poll(cx),
         }
     }
 }

@@ -25,13 +25,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use edge_config::AckPoint;
 use edge_store::{Placement, Retain, Seq, Store};
 use futures::stream::{FuturesOrdered, StreamExt};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::error::PublishError;
 use crate::level::{Over, QueueLevel};
 use crate::message::{Message, QoS};
+use crate::progress::Progress;
 use crate::receipt::Receipt;
 use crate::retained::RetainedIndex;
 use crate::route::Routes;
@@ -87,6 +89,8 @@ pub struct RouterOptions {
     /// policy; counted: `session_queue_bytes`). An empty queue takes one
     /// message of any size.
     pub max_session_queue_bytes: u64,
+    /// The upstreams' positions, for routes with `ack = "upstream-confirmed"`.
+    pub progress: Progress,
 }
 
 impl Default for RouterOptions {
@@ -95,6 +99,7 @@ impl Default for RouterOptions {
             session_expiry: Duration::from_secs(2 * 3600),
             max_session_queue: 100_000,
             max_session_queue_bytes: 64 << 20,
+            progress: Progress::default(),
         }
     }
 }
@@ -406,6 +411,11 @@ impl Router {
         } else {
             None
         };
+        let positions = if log {
+            self.upstream_confirmations(topics())
+        } else {
+            Vec::new()
+        };
         let (reply, rx) = oneshot::channel();
         let retain = message.retain;
         let message = Arc::new(message);
@@ -426,7 +436,40 @@ impl Router {
             .send(dispatch)
             .await
             .map_err(|_| PublishError::Closed)?;
-        Ok((Receipt::Pending(rx), refused, matched))
+        let receipt = if positions.is_empty() {
+            Receipt::Pending(rx)
+        } else {
+            Receipt::Confirming(Box::pin(async move {
+                let logged = Receipt::Pending(rx).await?;
+                if let Some(seq) = logged {
+                    crate::progress::confirmed(positions, seq).await?;
+                }
+                Ok(logged)
+            }))
+        };
+        Ok((receipt, refused, matched))
+    }
+
+    /// The positions of the upstreams whose routes take a message on
+    /// `topics` with `ack = "upstream-confirmed"`, each once.
+    fn upstream_confirmations<'t>(
+        &self,
+        topics: impl Iterator<Item = &'t str>,
+    ) -> Vec<watch::Receiver<Seq>> {
+        let mut upstreams: Vec<&str> = Vec::new();
+        for topic in topics {
+            for route in self.inner.routes.matching(topic) {
+                if route.ack == AckPoint::UpstreamConfirmed
+                    && !upstreams.contains(&&*route.upstream)
+                {
+                    upstreams.push(&route.upstream);
+                }
+            }
+        }
+        upstreams
+            .into_iter()
+            .filter_map(|u| self.inner.options.progress.receiver(u))
+            .collect()
     }
 
     /// The sessions `topics` go to, once each at the highest QoS any of

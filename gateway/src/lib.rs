@@ -221,6 +221,7 @@ impl Gateway {
         let id = resolve_id(&store, config.gateway.id.as_deref()).await?;
         tracing::info!(id = %id, "gateway identity");
         let routes = routes(&config.routes)?;
+        let progress = edge_core::Progress::new(config.upstreams.iter().map(|u| u.name.as_str()));
         let router = Router::start(
             store.clone(),
             routes.clone(),
@@ -228,6 +229,7 @@ impl Gateway {
                 session_expiry: config.mqtt.session_expiry,
                 max_session_queue: config.mqtt.max_session_queue.get(),
                 max_session_queue_bytes: config.mqtt.max_session_queue_bytes,
+                progress: progress.clone(),
             },
         )
         .await
@@ -289,7 +291,8 @@ impl Gateway {
                     "forwarding"
                 );
             }
-            let replicator = Replicator::new(upstream.clone(), own, store.clone(), id.clone());
+            let replicator = Replicator::new(upstream.clone(), own, store.clone(), id.clone())
+                .with_progress(progress.sender(&upstream.name));
             links.push((upstream.name.clone(), replicator.link()));
             upstream_tasks.spawn(replicator.run(upstream_stop.clone()));
         }

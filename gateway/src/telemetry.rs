@@ -106,6 +106,14 @@ fn describe() {
         "1 while the upstream link is connected."
     );
     describe_gauge!(
+        "edge_upstream_state",
+        "1 for the upstream's state (down, up, stalled: backlog and link present, nothing confirmed for confirm_timeout), 0 for the others."
+    );
+    describe_gauge!(
+        "edge_upstream_node_up",
+        "1 for the broker node the upstream link is on."
+    );
+    describe_gauge!(
         "edge_upstream_backlog_messages",
         "Logged messages not yet confirmed by the upstream."
     );
@@ -229,7 +237,8 @@ async fn render_metrics(State(state): State<HttpState>) -> String {
 /// a supervisor restarting on them would only make things worse. 503 once
 /// the store has failed (a restart is the recovery). The AMQP listener's
 /// address and connection count follow, the MQTT over WebSocket listener's
-/// address and path, then each upstream link.
+/// address and path, then each upstream: `up`, `down` or `stalled` (see
+/// `edge_upstream::LinkState`) and the node it is on or trying.
 async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
     let failure = state.store_failure.borrow().clone();
     let full = *state.store.full().borrow();
@@ -251,8 +260,13 @@ async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
         body.push_str(&format!("mqtt websocket {addr}: path {path}\n"));
     }
     for (name, link) in &state.links {
-        let state = if link.is_up() { "up" } else { "down" };
-        body.push_str(&format!("upstream {name}: {state}\n"));
+        let node = link.node();
+        let on = if node.is_empty() {
+            String::new()
+        } else {
+            format!(" ({node})")
+        };
+        body.push_str(&format!("upstream {name}: {}{on}\n", link.state().as_str()));
     }
     (status, body)
 }

@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod http;
 pub mod mqtt;
 pub mod pki;
+pub mod proxy;
 pub mod rabbit;
 
 use std::future::Future;

@@ -147,6 +147,8 @@ async fn main() -> anyhow::Result<()> {
         reconnect_max: Duration::from_secs(2),
         confirm_timeout: Duration::from_secs(10),
         tls: Default::default(),
+        return_to_first: false,
+        max_replay_rate: None,
     };
     let route = |name: &str, filter: &str, key: &str| {
         Route::new(edge_config::RouteConfig {
@@ -159,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
             priority: 0,
             ttl: Some(Duration::from_secs(3600)),
             persistent: true,
+            ack: edge_config::AckPoint::Persisted,
         })
     };
     let routes = Routes::new(vec![

@@ -1,12 +1,20 @@
 //! Getting a link to the upstream: each broker node in turn, exponential
 //! back-off with jitter between failures, forever (until shutdown).
 //!
+//! After a link drops, the next attempt goes to the next node (a cluster
+//! rolling its nodes is ridden out on the others). With `return_to_first`
+//! each round starts at the first node again, and while linked to another
+//! node the forwarder probes the first one every `reconnect_max` and moves
+//! back once it answers. Each node has `edge_upstream_node_up` and
+//! `edge_upstream_connects_total{node, result}`, labelled `host:port`.
+//!
 //! An `amqps://` node is reached over TLS with the upstream's own rustls
 //! configuration ([`crate::tls`]: trust, client certificate, server name),
 //! built once per upstream. A failed handshake is a failed attempt like any
 //! other (logged with its reason, counted, retried with back-off); it never
 //! falls back to plain TCP.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +23,13 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::AsyncTcpStream;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Connection, ConnectionProperties};
+use metrics::{Counter, Gauge};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::LinkError;
+use crate::health::{LinkStatus, node_label};
 use crate::tls::TlsClient;
 
 /// Longest wait for one connection attempt (TCP, TLS, AMQP handshake, channel).
@@ -75,6 +85,8 @@ pub(crate) struct Link {
     pub channel: Channel,
     /// The URI without password.
     pub uri: String,
+    /// The node's place in the upstream's list (0: the first).
+    pub node: usize,
 }
 
 impl Link {
@@ -149,6 +161,7 @@ impl Link {
             connection,
             channel,
             uri: redact(uri),
+            node: 0,
         })
     }
 
@@ -175,27 +188,65 @@ impl Link {
 #[derive(Debug)]
 pub(crate) struct Connector {
     upstream: String,
-    uris: Vec<String>,
-    next_uri: usize,
+    nodes: Vec<Node>,
+    next_node: usize,
+    return_to_first: bool,
     backoff: Backoff,
     connection_name: String,
     /// For `amqps://` nodes; `None` when the upstream has none.
-    tls: Option<TlsClient>,
+    tls: Option<Arc<TlsClient>>,
+    status: LinkStatus,
+}
+
+/// One broker node of an upstream, with its metrics.
+#[derive(Debug)]
+struct Node {
+    uri: String,
+    label: String,
+    up: Gauge,
+    connects_ok: Counter,
+    connects_failed: Counter,
 }
 
 impl Connector {
-    pub(crate) fn new(config: &UpstreamConfig, gateway_id: &str) -> Connector {
+    pub(crate) fn new(config: &UpstreamConfig, gateway_id: &str, status: LinkStatus) -> Connector {
+        let upstream = config.name.clone();
+        let nodes = config
+            .uris
+            .iter()
+            .map(|uri| {
+                let label = node_label(uri);
+                let counter = |result: &'static str| {
+                    metrics::counter!("edge_upstream_connects_total",
+                        "upstream" => upstream.clone(), "node" => label.clone(), "result" => result)
+                };
+                let node = Node {
+                    uri: uri.clone(),
+                    up: metrics::gauge!("edge_upstream_node_up",
+                        "upstream" => upstream.clone(), "node" => label.clone()),
+                    connects_ok: counter("ok"),
+                    connects_failed: counter("error"),
+                    label,
+                };
+                node.up.set(0.0);
+                node.connects_ok.increment(0);
+                node.connects_failed.increment(0);
+                node
+            })
+            .collect();
         Connector {
-            upstream: config.name.clone(),
-            uris: config.uris.clone(),
-            next_uri: 0,
+            upstream,
+            nodes,
+            next_node: 0,
+            return_to_first: config.return_to_first,
             backoff: Backoff::new(config.reconnect_min, config.reconnect_max),
             connection_name: format!("edge-gateway {gateway_id} upstream {}", config.name),
             tls: config
                 .uris
                 .iter()
                 .any(|uri| uri.starts_with("amqps://"))
-                .then(|| TlsClient::new(&config.name, &config.tls)),
+                .then(|| Arc::new(TlsClient::new(&config.name, &config.tls))),
+            status,
         }
     }
 
@@ -214,42 +265,113 @@ impl Connector {
         }
     }
 
+    /// The link on node `node` is gone.
+    pub(crate) fn link_down(&mut self, node: usize) {
+        if let Some(n) = self.nodes.get(node) {
+            n.up.set(0.0);
+        }
+        // With return_to_first every round of attempts starts at the first
+        // node; otherwise the next node is tried first.
+        self.next_node = if self.return_to_first { 0 } else { node + 1 };
+    }
+
+    /// Linked to a node other than the first, which is to be preferred.
+    pub(crate) fn wants_first(&self, link: &Link) -> bool {
+        self.return_to_first && link.node != 0 && !self.nodes.is_empty()
+    }
+
+    /// One attempt on the first node, for a return to it; its outcome is
+    /// logged, not counted as a failure of the upstream.
+    pub(crate) fn probe_first(&self) -> impl Future<Output = Option<Link>> + Send + 'static {
+        let attempt = self.attempt(0);
+        let upstream = self.upstream.clone();
+        let label = self
+            .nodes
+            .first()
+            .map(|n| n.label.clone())
+            .unwrap_or_default();
+        async move {
+            match attempt.await {
+                Ok(link) => Some(link),
+                Err(error) => {
+                    debug!(upstream = %upstream, node = %label, %error,
+                        "first node still unavailable; staying on the current one");
+                    None
+                }
+            }
+        }
+    }
+
+    /// Moved back to the first node over `link`, leaving `from`.
+    pub(crate) fn returned(&mut self, link: &Link, from: usize) {
+        if let Some(n) = self.nodes.get(from) {
+            n.up.set(0.0);
+        }
+        self.linked(link);
+    }
+
+    fn linked(&self, link: &Link) {
+        let node = &self.nodes[link.node];
+        node.connects_ok.increment(1);
+        node.up.set(1.0);
+        self.status.set_node(&node.label);
+        info!(upstream = %self.upstream, node = %node.label, uri = %link.uri, "upstream link up");
+    }
+
+    /// A connect attempt on node `index` (bounded by `CONNECT_TIMEOUT`).
+    fn attempt(
+        &self,
+        index: usize,
+    ) -> impl Future<Output = Result<Link, LinkError>> + Send + 'static {
+        let uri = self
+            .nodes
+            .get(index)
+            .map(|n| n.uri.clone())
+            .unwrap_or_default();
+        let properties = ConnectionProperties::default()
+            .with_connection_name(self.connection_name.as_str().into());
+        let tls = self.tls.clone();
+        async move {
+            let open = Link::open(&uri, properties, tls.as_deref());
+            match tokio::time::timeout(CONNECT_TIMEOUT, open).await {
+                Ok(Ok(mut link)) => {
+                    link.node = index;
+                    Ok(link)
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(LinkError::ConnectTimeout(CONNECT_TIMEOUT)),
+            }
+        }
+    }
+
     /// Connects to the next node, retrying forever; `None` on shutdown.
     pub(crate) async fn connect(&mut self, shutdown: &CancellationToken) -> Option<Link> {
         loop {
-            if self.uris.is_empty() {
+            if self.nodes.is_empty() {
                 warn!(upstream = %self.upstream, "no broker URI configured; not forwarding");
                 shutdown.cancelled().await;
                 return None;
             }
-            let uri = self.uris[self.next_uri % self.uris.len()].clone();
-            self.next_uri = (self.next_uri + 1) % self.uris.len();
-            let properties = ConnectionProperties::default()
-                .with_connection_name(self.connection_name.as_str().into());
-            let attempt = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                Link::open(&uri, properties, self.tls.as_ref()),
-            );
+            let index = self.next_node % self.nodes.len();
+            self.next_node = (index + 1) % self.nodes.len();
+            self.status.set_node(&self.nodes[index].label);
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return None,
-                r = attempt => r,
+                r = self.attempt(index) => r,
             };
             let error = match result {
-                Ok(Ok(link)) => {
-                    metrics::counter!("edge_upstream_connects_total",
-                        "upstream" => self.upstream.clone(), "result" => "ok")
-                    .increment(1);
-                    info!(upstream = %self.upstream, uri = %link.uri, "upstream link up");
+                Ok(link) => {
+                    self.linked(&link);
                     return Some(link);
                 }
-                Ok(Err(e)) => e,
-                Err(_) => LinkError::ConnectTimeout(CONNECT_TIMEOUT),
+                Err(error) => error,
             };
-            metrics::counter!("edge_upstream_connects_total",
-                "upstream" => self.upstream.clone(), "result" => "error")
-            .increment(1);
+            let node = &self.nodes[index];
+            node.connects_failed.increment(1);
+            self.status
+                .attempt_failed(matches!(error, LinkError::ConnectTimeout(_)));
             let delay = self.backoff.next_delay(&mut rand::rng());
-            warn!(upstream = %self.upstream, uri = %redact(&uri), %error,
+            warn!(upstream = %self.upstream, node = %node.label, uri = %redact(&node.uri), %error,
                 retry_in_ms = delay.as_millis() as u64, "cannot connect to upstream broker");
             tokio::select! {
                 _ = shutdown.cancelled() => return None,

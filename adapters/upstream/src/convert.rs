@@ -8,7 +8,8 @@
 //! `x-gateway-message-id` is `<gateway id>:<seq>`: stable across
 //! reconnects and restarts, so a duplicate can be recognised downstream.
 //! `message_id` is the publisher's own when it set one (an AMQP
-//! application keeps its ids end to end), else that same gateway id. The
+//! application keeps its ids end to end), else that same gateway id.
+//! `priority` is the publisher's own, else the route's when it is above 0. The
 //! original MQTT topic travels in `x-mqtt-topic` so the lossless topic
 //! mapping can always be undone.
 //!
@@ -151,6 +152,11 @@ pub(crate) fn to_publish(
     own.expires_at_ms = None;
     // Upstream, the route decides (DESIGN.md: persistent unless it says not).
     own.persistent = route.persistent;
+    // A publisher's own priority (an AMQP application's) is kept; else the
+    // route's, so a central priority queue orders like the drain does.
+    if own.priority.is_none() && route.priority > 0 {
+        own.priority = Some(route.priority);
+    }
     let app_id = own.app_id.take();
     let user_id = own.user_id.take();
     let mut properties = amqp::to_amqp(&own, now_ms)?;
@@ -209,6 +215,7 @@ mod tests {
             priority: 0,
             ttl,
             persistent,
+            ack: edge_config::AckPoint::Persisted,
         })
     }
 
@@ -367,5 +374,22 @@ mod tests {
             lifetime_of(Some(Duration::from_secs(1)), &m, 1_700_000_000_123),
             Lifetime::Expired
         );
+    }
+
+    #[test]
+    fn the_route_sets_the_priority_unless_the_publisher_did() {
+        let mut r = route(None, true);
+        let mut config = (*r).clone();
+        config.priority = 7;
+        r = Route::new(config);
+        let mut m = record();
+        let out = to_publish("gw", 1, &m, &r, Lifetime::Unlimited).expect("convertible");
+        assert_eq!(*out.properties.priority(), Some(7));
+        m.properties.priority = Some(2);
+        let out = to_publish("gw", 1, &m, &r, Lifetime::Unlimited).expect("convertible");
+        assert_eq!(*out.properties.priority(), Some(2), "the publisher's own");
+        let out = to_publish("gw", 1, &record(), &route(None, true), Lifetime::Unlimited)
+            .expect("convertible");
+        assert_eq!(*out.properties.priority(), None, "priority 0 sets none");
     }
 }

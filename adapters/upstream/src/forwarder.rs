@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use edge_auth::TokenBucket;
 use edge_core::{Message, Route, Routes};
 use edge_store::{Entry, Record, Seq, Store};
 use futures_util::FutureExt;
@@ -19,12 +21,13 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::connector::{Connector, Link};
 use crate::convert::{self, Lifetime, Publish};
 use crate::cursor::CursorFlusher;
 use crate::error::LinkError;
+use crate::health::{LinkState, LinkStatus};
 use crate::metrics::UpstreamMetrics;
 use crate::summary::{Expired, Parked};
 use edge_core::window::Window;
@@ -115,6 +118,25 @@ type Publishing<'l> =
 /// loop; resolves to those still missing.
 type Check<'l> = Pin<Box<dyn Future<Output = BTreeSet<String>> + Send + 'l>>;
 
+/// An attempt on the first node while linked to another (`return_to_first`).
+type Probe = Pin<Box<dyn Future<Output = Option<Link>> + Send>>;
+
+/// How a session ended without link trouble.
+pub(crate) enum End {
+    Shutdown,
+    /// The first node answers again: the confirms outstanding were
+    /// collected (within a bound) and forwarding goes on over this link.
+    Return(Box<Link>),
+}
+
+/// Waits for the probe in progress; never resolves without one.
+async fn probe_done(probe: &mut Option<Probe>) -> Option<Link> {
+    match probe {
+        Some(probe) => probe.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Waits for the check in progress; never resolves without one.
 async fn check_done(check: &mut Option<Check<'_>>) -> BTreeSet<String> {
     match check {
@@ -200,10 +222,18 @@ struct Session<'l> {
     /// Replayed records in the window: original seq (of the message id) →
     /// log seq, to find the record a returned message names.
     replayed: HashMap<Seq, Seq>,
+    /// `max_replay_rate`: tokens for publishes.
+    cap: Option<TokenBucket>,
+    /// Publishing waits until then (the cap's tokens are owed).
+    paced_until: Option<tokio::time::Instant>,
+    /// The attempt on the first node in progress, and when the last began.
+    probe: Option<Probe>,
+    probed_at: Instant,
 }
 
 impl Session<'_> {
-    fn new(start: Seq, missing: BTreeSet<String>) -> Self {
+    fn new(start: Seq, missing: BTreeSet<String>, cap: Option<NonZeroU32>) -> Self {
+        let now = Instant::now();
         Session {
             window: Window::new(start),
             buffer: VecDeque::new(),
@@ -217,6 +247,14 @@ impl Session<'_> {
             checked_at: Instant::now(),
             check: None,
             replayed: HashMap::new(),
+            // A tenth of a second's worth may go at once.
+            cap: cap.map(|rate| {
+                let rate = f64::from(rate.get());
+                TokenBucket::new(rate, (rate / 10.0).max(1.0), now)
+            }),
+            paced_until: None,
+            probe: None,
+            probed_at: now,
         }
     }
 }
@@ -230,6 +268,14 @@ pub(crate) struct Forwarder {
     pub(crate) max_in_flight: usize,
     pub(crate) confirm_timeout: Duration,
     pub(crate) metrics: UpstreamMetrics,
+    /// The link's state, as `/healthz` reports it.
+    pub(crate) status: LinkStatus,
+    /// `max_replay_rate`.
+    pub(crate) replay_cap: Option<NonZeroU32>,
+    /// How often the first node is probed while linked to another.
+    pub(crate) return_check: Duration,
+    /// Where `position` is published for `ack = "upstream-confirmed"`.
+    pub(crate) progress: Option<tokio::sync::watch::Sender<Seq>>,
     pub(crate) flusher: CursorFlusher,
     /// First seq not done (the in-memory cursor); shared with the reporter.
     pub(crate) position: Arc<AtomicU64>,
@@ -243,6 +289,9 @@ impl Forwarder {
     fn set_position(&self, next: Seq) {
         self.position.store(next, Ordering::Relaxed);
         self.flusher.set(next);
+        if let Some(progress) = &self.progress {
+            progress.send_replace(next);
+        }
     }
 
     /// Room in the window for one more record: fewer than `max_in_flight`
@@ -252,15 +301,16 @@ impl Forwarder {
             && s.window.slots() < self.max_in_flight.saturating_add(SLOT_ALLOWANCE)
     }
 
-    /// Forwards over one link until shutdown (`Ok`) or link trouble (`Err`).
+    /// Forwards over one link until shutdown or a return to the first node
+    /// (`Ok`) or link trouble (`Err`).
     pub(crate) async fn session(
         &mut self,
         link: &Link,
         connector: &mut Connector,
         shutdown: &CancellationToken,
-    ) -> Result<(), LinkError> {
+    ) -> Result<End, LinkError> {
         let missing = self.check_exchanges(link).await;
-        let mut s = Session::new(self.position(), missing);
+        let mut s = Session::new(self.position(), missing, self.replay_cap);
         let result = self.pump(link, connector, shutdown, &mut s).await;
         if matches!(result, Err(ref e) if !matches!(e, LinkError::Park { .. })) {
             // Keep what was confirmed before the failure, so fewer
@@ -279,7 +329,7 @@ impl Forwarder {
         connector: &mut Connector,
         shutdown: &CancellationToken,
         s: &mut Session<'l>,
-    ) -> Result<(), LinkError> {
+    ) -> Result<End, LinkError> {
         let mut committed = self.store.committed();
         let mut committed_open = true;
         let mut tick = tokio::time::interval(TICK);
@@ -289,7 +339,11 @@ impl Forwarder {
             // parked without a publish must not keep confirms, the timer
             // and shutdown waiting.
             let mut left = TURN_MAX_RECORDS;
-            while left > 0 && self.has_room(s) && !shutdown.is_cancelled() {
+            while left > 0
+                && self.has_room(s)
+                && s.paced_until.is_none()
+                && !shutdown.is_cancelled()
+            {
                 if s.buffer.is_empty() {
                     s.expired.log(&self.name);
                     let last_committed = *committed.borrow_and_update();
@@ -311,13 +365,14 @@ impl Forwarder {
                 left -= 1;
             }
             self.settle(s).await?;
-            let more = left == 0;
+            let more = left == 0 && s.paced_until.is_none();
             let idle = s.buffer.is_empty() && self.has_room(s);
+            let paced_until = s.paced_until;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    self.drain(s).await;
-                    return Ok(());
+                    self.drain(s, "shutdown").await;
+                    return Ok(End::Shutdown);
                 }
                 Some((seq, result)) = s.publishing.next(), if !s.publishing.is_empty() => {
                     self.on_confirm(s, seq, result)?;
@@ -325,6 +380,18 @@ impl Forwarder {
                 }
                 still = check_done(&mut s.check), if s.check.is_some() => {
                     self.checked(s, still);
+                }
+                first = probe_done(&mut s.probe), if s.probe.is_some() => {
+                    s.probe = None;
+                    s.probed_at = Instant::now();
+                    if let Some(first) = first {
+                        self.drain(s, "return to the first node").await;
+                        return Ok(End::Return(Box::new(first)));
+                    }
+                }
+                () = tokio::time::sleep_until(paced_until.unwrap_or_else(tokio::time::Instant::now)),
+                    if paced_until.is_some() => {
+                    s.paced_until = None;
                 }
                 changed = committed.changed(), if idle && committed_open => {
                     committed_open = changed.is_ok();
@@ -337,6 +404,12 @@ impl Forwarder {
                     }
                     if !s.missing.is_empty() && s.checked_at.elapsed() >= EXCHANGE_RECHECK {
                         self.start_check(link, s);
+                    }
+                    if s.probe.is_none()
+                        && connector.wants_first(link)
+                        && s.probed_at.elapsed() >= self.return_check
+                    {
+                        s.probe = Some(Box::pin(connector.probe_first()));
                     }
                     // Confirms already in count before the watchdog judges.
                     self.harvest(s, connector)?;
@@ -353,7 +426,16 @@ impl Forwarder {
                     s.blocked = blocked;
                     let waited = s.last_progress.elapsed();
                     if s.window.in_flight() > 0 && waited > self.confirm_timeout {
+                        if self.status.set(LinkState::Stalled) != LinkState::Stalled {
+                            warn!(upstream = %self.name, waited_ms = waited.as_millis() as u64,
+                                in_flight = s.window.in_flight(),
+                                "upstream stalled: link up, nothing confirmed; rebuilding it");
+                        }
                         return Err(LinkError::Watchdog { waited, in_flight: s.window.in_flight() });
+                    }
+                    if s.window.in_flight() == 0 && idle {
+                        // Nothing to forward: no stall either.
+                        self.progressed();
                     }
                 }
                 // The turn stopped on its bound: go on after the above had
@@ -372,8 +454,16 @@ impl Forwarder {
         }
         if any {
             connector.link_healthy();
+            self.progressed();
         }
         Ok(())
+    }
+
+    /// Forward progress: a stalled link is up again.
+    fn progressed(&self) {
+        if self.status.progress() {
+            info!(upstream = %self.name, cursor = self.position(), "upstream moving again");
+        }
     }
 
     /// Reads the next batch into the buffer; false when there is nothing
@@ -483,6 +573,14 @@ impl Forwarder {
         if let Some(original) = original {
             s.replayed.insert(original, seq);
         }
+        if let Some(cap) = &mut s.cap {
+            // Publish now, owing the token when there is none: the next
+            // publish waits until it is paid.
+            let now = tokio::time::Instant::now();
+            if let Err(wait) = cap.take(1.0, now.into_std()) {
+                s.paced_until = Some(now + wait);
+            }
+        }
         let publishing = start_publish(&link.channel, seq, publish, message.payload);
         let published_at = Instant::now();
         if s.window.in_flight() == 0 {
@@ -591,22 +689,22 @@ impl Forwarder {
         result
     }
 
-    /// Shutdown: publish nothing more, wait briefly for the outstanding
-    /// confirms, settle what is done.
-    async fn drain(&mut self, s: &mut Session<'_>) {
+    /// Shutdown or a move to another link (`why`): publish nothing more,
+    /// wait briefly for the outstanding confirms, settle what is done.
+    async fn drain(&mut self, s: &mut Session<'_>, why: &str) {
         let deadline = tokio::time::sleep(SHUTDOWN_CONFIRM_WAIT);
         tokio::pin!(deadline);
         while s.window.in_flight() > 0 {
             tokio::select! {
                 _ = &mut deadline => {
                     warn!(upstream = %self.name, in_flight = s.window.in_flight(),
-                        "shutdown: confirms still outstanding; they will be forwarded again");
+                        "{why}: confirms still outstanding; they will be forwarded again");
                     break;
                 }
                 next = s.publishing.next() => {
                     let Some((seq, result)) = next else { break };
                     if let Err(error) = self.on_confirm(s, seq, result) {
-                        warn!(upstream = %self.name, %error, "shutdown: link failed while draining");
+                        warn!(upstream = %self.name, %error, "{why}: link failed while draining");
                         break;
                     }
                 }
@@ -614,7 +712,7 @@ impl Forwarder {
         }
         s.expired.log(&self.name);
         if let Err(error) = self.settle(s).await {
-            warn!(upstream = %self.name, %error, "shutdown: cannot settle confirmed messages");
+            warn!(upstream = %self.name, %error, "{why}: cannot settle confirmed messages");
         }
         s.parked.log(&self.name);
     }

@@ -15,6 +15,7 @@ mod cursor;
 mod error;
 mod exchanges;
 mod forwarder;
+mod health;
 mod metrics;
 mod replicator;
 mod summary;
@@ -22,5 +23,6 @@ mod tls;
 
 pub use convert::PUBLISHER_HEADER;
 pub use error::LinkError;
-pub use replicator::{LinkStatus, Replicator};
+pub use health::{LinkState, LinkStatus};
+pub use replicator::Replicator;
 pub use tls::{TlsError, TlsFailure};

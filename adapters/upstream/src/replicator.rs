@@ -30,7 +30,7 @@
 //!   route of this upstream matches (bounded work per second).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use edge_config::UpstreamConfig;
@@ -41,22 +41,10 @@ use tracing::{error, info, warn};
 
 use crate::connector::{Backoff, Connector};
 use crate::cursor::CursorFlusher;
-use crate::forwarder::Forwarder;
+use crate::error::LinkError;
+use crate::forwarder::{End, Forwarder};
+use crate::health::{LinkState, LinkStatus};
 use crate::metrics::{UpstreamMetrics, spawn_reporter};
-
-/// Whether an upstream link is up; cheap to clone.
-#[derive(Debug, Clone, Default)]
-pub struct LinkStatus(Arc<AtomicBool>);
-
-impl LinkStatus {
-    pub fn is_up(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    fn set(&self, up: bool) {
-        self.0.store(up, Ordering::Relaxed);
-    }
-}
 
 /// Forwards the log to one upstream. See the module documentation.
 #[derive(Debug)]
@@ -66,6 +54,7 @@ pub struct Replicator {
     store: Store,
     gateway_id: String,
     link: LinkStatus,
+    progress: Option<tokio::sync::watch::Sender<Seq>>,
 }
 
 impl Replicator {
@@ -79,15 +68,23 @@ impl Replicator {
     ) -> Replicator {
         let routes = routes.of_upstream(&config.name);
         Replicator {
-            config,
             routes,
             store,
             gateway_id,
-            link: LinkStatus::default(),
+            link: LinkStatus::new(&config.name),
+            config,
+            progress: None,
         }
     }
 
-    /// A cheap handle telling whether the link is up.
+    /// Publishes the forwarder's position (the first seq not done) on
+    /// `progress`, for routes with `ack = "upstream-confirmed"`.
+    pub fn with_progress(mut self, progress: Option<tokio::sync::watch::Sender<Seq>>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// A cheap handle telling the link's state.
     pub fn link(&self) -> LinkStatus {
         self.link.clone()
     }
@@ -119,38 +116,60 @@ impl Replicator {
             max_in_flight: self.config.max_in_flight.get(),
             confirm_timeout: self.config.confirm_timeout,
             metrics,
+            status: self.link.clone(),
+            replay_cap: self.config.max_replay_rate,
+            progress: self.progress,
+            return_check: self.config.reconnect_max,
             flusher: CursorFlusher::spawn(self.store.clone(), name.clone(), start),
             position,
         };
-        let mut connector = Connector::new(&self.config, &self.gateway_id);
+        if let Some(progress) = &forwarder.progress {
+            progress.send_replace(start);
+        }
+        let mut connector = Connector::new(&self.config, &self.gateway_id, self.link.clone());
         // While the link is down the forwarder still moves its cursor over
         // records none of its routes take (see `Forwarder::while_down`).
-        while let Some(link) = forwarder.while_down(connector.connect(&shutdown)).await {
-            self.link.set(true);
+        let mut next = forwarder.while_down(connector.connect(&shutdown)).await;
+        while let Some(link) = next.take() {
+            self.link.link_up();
             forwarder.metrics.link_up(true);
             let outcome = forwarder.session(&link, &mut connector, &shutdown).await;
-            self.link.set(false);
             forwarder.metrics.link_up(false);
             match outcome {
-                Ok(()) => {
+                Ok(End::Shutdown) => {
+                    self.link.set(LinkState::Down);
                     link.close("edge-gateway shutting down").await;
                     info!(upstream = %name, cursor = forwarder.position(), "upstream link closed");
                     break;
+                }
+                Ok(End::Return(first)) => {
+                    info!(upstream = %name, from = %link.uri, to = %first.uri,
+                        resume_from = forwarder.position(), "returning to the first node");
+                    let from = link.node;
+                    link.close("edge-gateway returns to the first node").await;
+                    connector.returned(&first, from);
+                    next = Some(*first);
                 }
                 Err(error) => {
                     if error.is_nack() {
                         forwarder.metrics.nack();
                     }
+                    // A stall (the watchdog) stays reported until progress.
+                    if !matches!(error, LinkError::Watchdog { .. }) {
+                        self.link.set(LinkState::Down);
+                    }
                     warn!(upstream = %name, uri = %link.uri, %error,
                         resume_from = forwarder.position(),
                         "upstream link dropped; reconnecting");
+                    connector.link_down(link.node);
                     link.close("edge-gateway link error").await;
-                    if !forwarder.while_down(connector.pause(&shutdown)).await {
-                        break;
+                    if forwarder.while_down(connector.pause(&shutdown)).await {
+                        next = forwarder.while_down(connector.connect(&shutdown)).await;
                     }
                 }
             }
         }
+        self.link.set(LinkState::Down);
         forwarder.flusher.finish().await;
         let _ = reporter.await;
     }

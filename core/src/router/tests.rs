@@ -42,6 +42,7 @@ fn route(filter: &str) -> Route {
         priority: 0,
         ttl: None,
         persistent: true,
+        ack: edge_config::AckPoint::Persisted,
     })
 }
 
@@ -816,4 +817,57 @@ async fn a_session_keeps_its_own_expiry() {
     assert_eq!(ids, ["long"]);
     let decoded = crate::session::tests_decode_expiry(&stored[0].1);
     assert_eq!(decoded, Some(SessionExpiry::Never));
+}
+
+#[tokio::test]
+async fn an_upstream_confirmed_route_acknowledges_once_its_upstream_is_past_the_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut confirmed = route("alarms/#");
+    let mut config = (*confirmed).clone();
+    config.ack = edge_config::AckPoint::UpstreamConfirmed;
+    confirmed = Route::new(config);
+    let progress = Progress::new(["up"]);
+    let position = progress.sender("up").expect("known upstream");
+    let router = Router::with_options(
+        store(dir.path()),
+        Routes::new(vec![confirmed, route("data/#")]),
+        RouterOptions {
+            progress,
+            ..RouterOptions::default()
+        },
+    );
+    // The persisted route acknowledges at the commit, whatever the upstream.
+    let data = publish(&router, msg("data/1", QoS::AtLeastOnce)).await;
+    assert!(data.is_some());
+
+    let mut receipt = router
+        .publish(msg("alarms/1", QoS::AtLeastOnce))
+        .await
+        .expect("publish");
+    let seq = router
+        .store()
+        .committed()
+        .wait_for(|c| *c > data.unwrap_or(0))
+        .await
+        .map(|c| *c)
+        .expect("store open");
+    // Committed, but the upstream has not passed it: no acknowledgement.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut receipt)
+            .await
+            .is_err(),
+        "acknowledged before the upstream confirmed"
+    );
+    position.send_replace(seq);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut receipt)
+            .await
+            .is_err(),
+        "the position must be PAST the message"
+    );
+    position.send_replace(seq + 1);
+    let acked = tokio::time::timeout(WAIT, receipt)
+        .await
+        .expect("acknowledged once confirmed");
+    assert_eq!(acked.expect("accepted"), Some(seq));
 }

@@ -39,6 +39,7 @@ mod security_tls_close;
 mod sessions;
 mod shared;
 mod tls;
+mod uplink;
 mod upstream_faults;
 mod websocket;
 

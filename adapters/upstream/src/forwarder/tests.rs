@@ -3,6 +3,8 @@ use std::num::NonZeroUsize;
 use edge_core::Route;
 use edge_store::StoreOptions;
 
+use crate::health::LinkStatus;
+
 use super::*;
 
 fn record(topic: &str) -> Record {
@@ -27,6 +29,7 @@ fn forwarder(store: &Store, filter: &str) -> Forwarder {
         priority: 0,
         ttl: None,
         persistent: true,
+        ack: edge_config::AckPoint::Persisted,
     });
     let start = store.cursor("central").unwrap();
     Forwarder {
@@ -37,6 +40,10 @@ fn forwarder(store: &Store, filter: &str) -> Forwarder {
         max_in_flight: 16,
         confirm_timeout: Duration::from_secs(5),
         metrics: UpstreamMetrics::new("central"),
+        status: LinkStatus::new("central"),
+        replay_cap: None,
+        return_check: Duration::from_secs(30),
+        progress: None,
         flusher: CursorFlusher::spawn(store.clone(), "central".into(), start),
         position: Arc::new(AtomicU64::new(start)),
     }
@@ -145,7 +152,7 @@ async fn parks_of_a_settled_prefix_share_a_commit_and_are_marked() {
     for i in 0..5 {
         seqs.push(store.append(record(&format!("up/{i}"))).await.unwrap());
     }
-    let mut s = Session::new(seqs[0], BTreeSet::new());
+    let mut s = Session::new(seqs[0], BTreeSet::new(), None);
     for &seq in &seqs {
         // A replay of seq 2 parked again keeps its original seq.
         let original = (seq == seqs[4]).then_some(2);
