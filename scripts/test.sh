@@ -27,7 +27,8 @@ command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 # Debian's own Python (/usr/bin/python3) with paho-mqtt: the tests run it
 # by that path, whatever python3 is first on PATH.
 /usr/bin/python3 -c 'import paho.mqtt' >/dev/null 2>&1 || missing+=(python3-paho-mqtt)
-# amqps:// loads the system's roots (rustls-native-certs) and fails without any.
+# amqps:// upstreams without tls_ca_file trust the system's roots
+# (rustls-native-certs); the TLS tests load them.
 [ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 # pika, the AMQP client most local applications use, against the gateway's
 # AMQP listener.

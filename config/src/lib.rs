@@ -268,7 +268,8 @@ pub struct UpstreamConfig {
     pub reconnect_max: Duration,
     /// Backlog present, link up, no confirm for this long: rebuild the channel.
     pub confirm_timeout: Duration,
-    /// For `amqps://` nodes: extra trusted CA and a client identity.
+    /// For `amqps://` nodes: what to trust, the client identity, the name
+    /// to verify.
     pub tls: UpstreamTls,
     /// Linked to a node other than the first: probe the first every
     /// `reconnect_max` and move back to it once it answers.
@@ -278,14 +279,23 @@ pub struct UpstreamConfig {
     pub max_replay_rate: Option<NonZeroU32>,
 }
 
-/// TLS material of an upstream, read from the files the config names
-/// (`tls_ca_file`, `tls_cert_file`, `tls_key_file`) when it is checked.
+/// TLS settings of an upstream, with the files the config names
+/// (`tls_ca_file`, `tls_cert_file`, `tls_key_file`) read and checked to
+/// hold PEM certificates and a key when the config is checked.
 #[derive(Clone, Default)]
 pub struct UpstreamTls {
-    /// PEM certificates trusted besides the system's roots.
+    /// PEM certificates of the CAs trusted to sign the broker's certificate.
     pub ca_pem: Option<String>,
-    /// PEM certificate chain and PKCS#8 PEM key for mutual TLS.
+    /// Trust the system's root certificates too (`tls_system_roots`; by
+    /// default only when no `tls_ca_file` is given, so that a private CA is
+    /// not widened to every public one).
+    pub system_roots: bool,
+    /// PEM certificate chain and PEM private key for mutual TLS.
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// `tls_server_name`: the name sent as SNI and verified against the
+    /// broker's certificate instead of each URI's host (a DNS name or an IP
+    /// address).
+    pub server_name: Option<String>,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -293,7 +303,9 @@ impl std::fmt::Debug for UpstreamTls {
         // Never the key.
         f.debug_struct("UpstreamTls")
             .field("ca", &self.ca_pem.as_ref().map(|_| "(set)"))
+            .field("system_roots", &self.system_roots)
             .field("identity", &self.identity.as_ref().map(|_| "(set)"))
+            .field("server_name", &self.server_name)
             .finish()
     }
 }

@@ -134,6 +134,8 @@ pub struct RawUpstream {
     pub tls_ca_file: Option<String>,
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
+    pub tls_system_roots: Option<bool>,
+    pub tls_server_name: Option<String>,
     pub password_file: Option<String>,
     pub password_env: Option<String>,
     pub return_to_first: Option<bool>,

@@ -709,14 +709,15 @@ fn with_password(c: &mut Checker, i: usize, uris: &[String], password: &str) -> 
     out
 }
 
-/// The upstream's TLS files, read now, so that a missing or unreadable one
-/// is a config problem (with its key), not a failure at the first connect.
+/// The upstream's TLS settings, with its files read and parsed now, so that
+/// a missing, unreadable or wrong file is a config problem (with its key),
+/// not a failure at the first connect.
 fn upstream_tls(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamTls {
     let key = |field: &str| format!("upstream[{i}].{field}");
-    let mut read = |field: &str, path: &Option<String>, what: &str| -> Option<Vec<u8>> {
+    let mut read = |field: &str, path: &Option<String>, what: &str, valid: fn(&[u8]) -> bool| {
         let path = path.as_ref()?;
         match std::fs::read(path) {
-            Ok(bytes) if String::from_utf8_lossy(&bytes).contains("-----BEGIN ") => Some(bytes),
+            Ok(bytes) if valid(&bytes) => Some(bytes),
             Ok(_) => {
                 c.problem(
                     key(field),
@@ -735,16 +736,23 @@ fn upstream_tls(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamTls {
             }
         }
     };
-    let ca = read("tls_ca_file", &u.tls_ca_file, "CA certificates");
+    let ca = read(
+        "tls_ca_file",
+        &u.tls_ca_file,
+        "one or more CA certificates",
+        holds_certificates,
+    );
     let cert = read(
         "tls_cert_file",
         &u.tls_cert_file,
         "the client certificate chain",
+        holds_certificates,
     );
     let private = read(
         "tls_key_file",
         &u.tls_key_file,
-        "the client's PKCS#8 private key",
+        "the client's private key (PKCS#8, PKCS#1 or SEC1)",
+        holds_private_key,
     );
     let identity = match (cert, private, &u.tls_cert_file, &u.tls_key_file) {
         (Some(cert), Some(private), _, _) => Some((cert, private)),
@@ -766,10 +774,55 @@ fn upstream_tls(c: &mut Checker, i: usize, u: &RawUpstream) -> UpstreamTls {
         }
         _ => None,
     };
+    // A private CA alone by default: adding the system's public roots to it
+    // would let any public CA vouch for the broker.
+    let system_roots = u.tls_system_roots.unwrap_or(u.tls_ca_file.is_none());
+    if !system_roots && u.tls_ca_file.is_none() {
+        c.problem(
+            key("tls_system_roots"),
+            Some("false".into()),
+            "true, or tls_ca_file set (otherwise no broker certificate can be trusted)",
+        );
+    }
+    let server_name = u.tls_server_name.as_ref().and_then(|name| {
+        if rustls_pki_types::ServerName::try_from(name.as_str()).is_ok() {
+            Some(name.clone())
+        } else {
+            c.problem(
+                key("tls_server_name"),
+                Some(name.clone()),
+                "a DNS name (\"broker.example.com\") or an IP address, as in the broker's certificate",
+            );
+            None
+        }
+    });
     UpstreamTls {
         ca_pem: ca.map(|b| String::from_utf8_lossy(&b).into_owned()),
+        system_roots,
         identity,
+        server_name,
     }
+}
+
+/// At least one PEM certificate, and nothing unparsable among them.
+fn holds_certificates(pem: &[u8]) -> bool {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        if cert.is_err() {
+            return false;
+        }
+        count += 1;
+    }
+    count > 0
+}
+
+/// A PEM private key of a kind rustls can use.
+fn holds_private_key(pem: &[u8]) -> bool {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    PrivateKeyDer::from_pem_slice(pem).is_ok()
 }
 
 /// `uri` with the password of its user information replaced by `***`, for
@@ -1191,6 +1244,29 @@ mod tests {
         ))
     }
 
+    /// The keys of the upstream's three TLS files, in problem order.
+    const TLS_FILE_KEYS: [&str; 3] = [
+        "upstream[0].tls_ca_file",
+        "upstream[0].tls_cert_file",
+        "upstream[0].tls_key_file",
+    ];
+
+    fn problem_keys(err: &ConfigError) -> Vec<&str> {
+        err.problems().iter().map(|p| p.key.as_str()).collect()
+    }
+
+    /// `dir/name` holding one PEM block of `label` (a placeholder body: the
+    /// check parses PEM, not DER).
+    fn pem_file(dir: &std::path::Path, name: &str, label: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!("-----BEGIN {label}-----\nAAAA\n-----END {label}-----\n"),
+        )
+        .expect("write");
+        path
+    }
+
     #[test]
     fn passwords_come_from_a_file_or_the_environment_not_the_uri() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1235,12 +1311,7 @@ mod tests {
     #[test]
     fn amqps_uris_take_tls_files_read_when_checked() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(
-            &ca,
-            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-        )
-        .expect("write");
+        let ca = pem_file(dir.path(), "ca.pem", "CERTIFICATE");
         let not_pem = dir.path().join("notes.txt");
         std::fs::write(&not_pem, "hello").expect("write");
         let c = central(
@@ -1266,17 +1337,77 @@ mod tests {
             &format!("tls_ca_file = \"/nonexistent/ca.pem\"\ntls_cert_file = {not_pem:?}"),
         )
         .expect_err("bad TLS files");
-        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(
-            keys,
-            [
-                "upstream[0].tls_ca_file",
-                "upstream[0].tls_cert_file",
-                "upstream[0].tls_key_file"
-            ],
-            "{err}"
-        );
+        assert_eq!(problem_keys(&err), TLS_FILE_KEYS, "{err}");
         assert!(!err.to_string().contains("s3cret"));
+    }
+
+    #[test]
+    fn system_roots_by_default_only_without_a_ca_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = pem_file(dir.path(), "ca.pem", "CERTIFICATE");
+        let amqps = r#""amqps://edge@10.0.0.2:5671/%2f""#;
+        let tls = |extra: &str| central(amqps, extra).map(|c| c.upstreams[0].tls.clone());
+
+        let public = tls("").expect("no TLS keys");
+        assert!(public.system_roots && public.ca_pem.is_none());
+        let private = tls(&format!("tls_ca_file = {ca:?}")).expect("a CA file");
+        assert!(!private.system_roots && private.ca_pem.is_some());
+        let both = tls(&format!("tls_ca_file = {ca:?}\ntls_system_roots = true")).expect("both");
+        assert!(both.system_roots && both.ca_pem.is_some());
+
+        let err = tls("tls_system_roots = false").expect_err("nothing trusted");
+        assert_eq!(err.problems()[0].key, "upstream[0].tls_system_roots");
+        assert!(err.to_string().contains("tls_ca_file"), "{err}");
+    }
+
+    #[test]
+    fn tls_server_name_is_a_dns_name_or_an_ip_address() {
+        let amqps = r#""amqps://edge@10.0.0.2:5671/%2f""#;
+        for name in ["broker.example.com", "broker-1", "10.0.0.2", "::1"] {
+            let c = central(amqps, &format!("tls_server_name = {name:?}")).expect(name);
+            assert_eq!(c.upstreams[0].tls.server_name.as_deref(), Some(name));
+        }
+        assert_eq!(
+            central(amqps, "").expect("valid").upstreams[0]
+                .tls
+                .server_name,
+            None
+        );
+        for bad in ["", "broker example", "http://broker", "a..b"] {
+            let err = central(amqps, &format!("tls_server_name = {bad:?}")).expect_err(bad);
+            assert_eq!(
+                err.problems()[0].key,
+                "upstream[0].tls_server_name",
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_files_must_hold_what_their_key_says() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_only = pem_file(dir.path(), "client.key", "PRIVATE KEY");
+        let cert_only = pem_file(dir.path(), "client.pem", "CERTIFICATE");
+        let amqps = r#""amqps://edge@10.0.0.2:5671/%2f""#;
+        let c = central(
+            amqps,
+            &format!("tls_cert_file = {cert_only:?}\ntls_key_file = {key_only:?}"),
+        )
+        .expect("a certificate and a key");
+        assert!(c.upstreams[0].tls.identity.is_some());
+        assert!(
+            !format!("{:?}", c.upstreams[0].tls).contains("PRIVATE"),
+            "the key is never printed"
+        );
+        // Swapped: a key where certificates belong and the other way round.
+        let err = central(
+            amqps,
+            &format!(
+                "tls_ca_file = {key_only:?}\ntls_cert_file = {key_only:?}\ntls_key_file = {cert_only:?}"
+            ),
+        )
+        .expect_err("swapped files");
+        assert_eq!(problem_keys(&err), TLS_FILE_KEYS, "{err}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! A throw-away public key infrastructure for the TLS tests (rcgen): a test
-//! CA, a server certificate for `127.0.0.1` and `localhost`, client
-//! certificates with a chosen common name and subjectAltName, an expired
-//! client certificate, and a second, unrelated CA. Everything is PEM and can
-//! be written to a directory for the gateway's `[tls]` files.
+//! CA, server certificates (for `127.0.0.1` and `localhost`, or chosen
+//! names), client certificates with a chosen common name and
+//! subjectAltName, expired ones, and a second, unrelated CA. Everything is
+//! PEM and can be written to a directory for the gateway's `[tls]` files.
 
 use std::path::{Path, PathBuf};
 
@@ -100,6 +100,39 @@ impl Ca {
         )
     }
 
+    /// A server certificate with common name `common_name`, valid for
+    /// `names` only (DNS names or IP addresses).
+    pub fn server_for(&self, common_name: &str, names: &[&str]) -> Result<CertKey> {
+        self.leaf(
+            common_name,
+            names,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            |_| {},
+        )
+    }
+
+    /// A server certificate for `names` that expired years ago (valid 2001
+    /// to 2002).
+    pub fn expired_server(&self, common_name: &str, names: &[&str]) -> Result<CertKey> {
+        self.server_with(common_name, names, expired)
+    }
+
+    /// A server certificate for `names` with `tweak` applied to its
+    /// parameters (validity dates, ...) before it is signed.
+    pub fn server_with(
+        &self,
+        common_name: &str,
+        names: &[&str],
+        tweak: impl FnOnce(&mut CertificateParams),
+    ) -> Result<CertKey> {
+        self.leaf(
+            common_name,
+            names,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            tweak,
+        )
+    }
+
     /// A client certificate with common name `common_name` and these
     /// subjectAltNames (DNS names, or IP addresses).
     pub fn client(&self, common_name: &str, alt_names: &[&str]) -> Result<CertKey> {
@@ -117,10 +150,7 @@ impl Ca {
             common_name,
             &[],
             ExtendedKeyUsagePurpose::ClientAuth,
-            |params| {
-                params.not_before = date_time_ymd(2001, 1, 1);
-                params.not_after = date_time_ymd(2002, 1, 1);
-            },
+            expired,
         )
     }
 
@@ -138,6 +168,12 @@ impl CertKey {
             key: write(dir, &format!("{name}.key"), &self.key_pem)?,
         })
     }
+}
+
+/// Valid from 2001 to 2002 only.
+fn expired(params: &mut CertificateParams) {
+    params.not_before = date_time_ymd(2001, 1, 1);
+    params.not_after = date_time_ymd(2002, 1, 1);
 }
 
 fn write(dir: &Path, file: &str, contents: &str) -> Result<PathBuf> {

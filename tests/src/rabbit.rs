@@ -32,6 +32,10 @@ pub struct RabbitNode {
     base: PathBuf,
     /// `RABBITMQ_CONFIG_FILE`, when the node has one.
     config_file: Option<PathBuf>,
+    /// `RABBITMQ_ADVANCED_CONFIG_FILE`, when the node has one (Erlang
+    /// terms, for settings `rabbitmq.conf` cannot express, such as a
+    /// certificate per SNI name).
+    advanced_config: Option<PathBuf>,
     /// Removes `base` when a dedicated node is dropped.
     _dir: Option<tempfile::TempDir>,
     running: bool,
@@ -68,7 +72,7 @@ impl RabbitNode {
 
     /// Allocates name, ports and directories without starting anything.
     pub fn create(label: &str) -> Result<RabbitNode> {
-        RabbitNode::create_with(label, &[], None)
+        RabbitNode::create_with(label, &[], None, &|_| None)
     }
 
     /// Like [`RabbitNode::dedicated`], with `files` (name, contents) in the
@@ -80,8 +84,20 @@ impl RabbitNode {
         files: &[(&str, &[u8])],
         conf: impl Fn(&Path, u16) -> String,
     ) -> Result<(RabbitNode, u16)> {
+        RabbitNode::dedicated_with_advanced(label, files, conf, |_: &Path| None)
+    }
+
+    /// Like [`RabbitNode::dedicated_with`], and an `advanced.config` made by
+    /// `advanced` from the node's directory when it returns one.
+    pub fn dedicated_with_advanced(
+        label: &str,
+        files: &[(&str, &[u8])],
+        conf: impl Fn(&Path, u16) -> String,
+        advanced: impl Fn(&Path) -> Option<String>,
+    ) -> Result<(RabbitNode, u16)> {
         let port = free_port()?;
-        let mut node = RabbitNode::create_with(label, files, Some(&|dir: &Path| conf(dir, port)))?;
+        let mut node =
+            RabbitNode::create_with(label, files, Some(&|dir: &Path| conf(dir, port)), &advanced)?;
         node.start()?;
         Ok((node, port))
     }
@@ -90,6 +106,7 @@ impl RabbitNode {
         label: &str,
         files: &[(&str, &[u8])],
         conf: Option<&dyn Fn(&Path) -> String>,
+        advanced: &dyn Fn(&Path) -> Option<String>,
     ) -> Result<RabbitNode> {
         let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
@@ -115,6 +132,14 @@ impl RabbitNode {
             }
             None => None,
         };
+        let advanced_config = match advanced(&base) {
+            Some(terms) => {
+                let path = base.join("advanced.config");
+                std::fs::write(&path, terms).context("writing advanced.config")?;
+                Some(path)
+            }
+            None => None,
+        };
         if is_root() {
             ensure_shared_cookie()?;
             // The Debian wrapper drops to the `rabbitmq` user.
@@ -133,6 +158,7 @@ impl RabbitNode {
             dist_port: free_port()?,
             base,
             config_file,
+            advanced_config,
             _dir: Some(dir),
             running: false,
         };
@@ -174,6 +200,9 @@ impl RabbitNode {
             .stdin(Stdio::null());
         if let Some(path) = &self.config_file {
             cmd.env("RABBITMQ_CONFIG_FILE", path);
+        }
+        if let Some(path) = &self.advanced_config {
+            cmd.env("RABBITMQ_ADVANCED_CONFIG_FILE", path);
         }
     }
 

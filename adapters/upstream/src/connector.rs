@@ -8,19 +8,20 @@
 //! back once it answers. Each node has `edge_upstream_node_up` and
 //! `edge_upstream_connects_total{node, result}`, labelled `host:port`.
 //!
-//! An `amqps://` node is reached over TLS (rustls with the ring provider):
-//! the server's certificate is verified against the system's roots and the
-//! upstream's `tls_ca_file`, for the URI's host name; with `tls_cert_file`
-//! and `tls_key_file` the gateway presents a client certificate. A failed
-//! handshake is a failed attempt like any other (logged with its reason,
-//! retried with back-off); it never falls back to plain TCP.
+//! An `amqps://` node is reached over TLS with the upstream's own rustls
+//! configuration ([`crate::tls`]: trust, client certificate, server name),
+//! built once per upstream. A failed handshake is a failed attempt like any
+//! other (logged with its reason, counted, retried with back-off); it never
+//! falls back to plain TCP.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use edge_config::UpstreamConfig;
 use lapin::options::ConfirmSelectOptions;
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::AsyncTcpStream;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Connection, ConnectionProperties};
 use metrics::{Counter, Gauge};
 use rand::Rng;
@@ -29,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::LinkError;
 use crate::health::{LinkStatus, node_label};
+use crate::tls::TlsClient;
 
 /// Longest wait for one connection attempt (TCP, TLS, AMQP handshake, channel).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,18 +90,64 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// Connects to `uri` (TCP, then TLS for `amqps://` with `tls`), opens a
+    /// channel and puts it in confirm mode. A failure that rustls explains
+    /// is a [`LinkError::Tls`].
     async fn open(
         uri: &str,
         properties: ConnectionProperties,
-        tls: OwnedTLSConfig,
-    ) -> Result<Link, lapin::Error> {
-        let runtime = lapin::runtime::default_runtime()?;
-        let connection = Connection::connect_with_config(uri, properties, tls, runtime).await?;
+        tls: Option<&TlsClient>,
+    ) -> Result<Link, LinkError> {
+        let parsed: AMQPUri = uri.parse().map_err(|e: String| {
+            // The parser may quote the URI, password and all.
+            let e = e.replace(uri, &redact(uri));
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+            LinkError::Connect(e.into())
+        })?;
+        let attempt = match (&parsed.scheme, tls) {
+            (AMQPScheme::AMQP, _) => None,
+            (AMQPScheme::AMQPS, Some(tls)) => Some(Arc::new(tls.attempt(&parsed.authority.host)?)),
+            (AMQPScheme::AMQPS, None) => {
+                // Connector::new builds a TlsClient whenever a URI is amqps.
+                let e = std::io::Error::other("amqps:// node without a TLS configuration");
+                return Err(LinkError::Connect(e.into()));
+            }
+        };
+        let failed = |e: lapin::Error| match tls.zip(attempt.as_deref()) {
+            Some((tls, attempt)) => match tls.failure(&e, attempt) {
+                Some(tls) => LinkError::Tls(tls),
+                None => LinkError::Connect(e),
+            },
+            None => LinkError::Connect(e),
+        };
+        let runtime = lapin::runtime::default_runtime().map_err(LinkError::Connect)?;
+        let handshake = attempt.clone();
+        // The transport, made by lapin's I/O loop: TCP, then the TLS
+        // handshake for amqps://.
+        let connection = Connection::connector(
+            parsed,
+            runtime,
+            async move |uri, runtime| {
+                let addrs =
+                    runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
+                let stream = AsyncTcpStream::connect(&runtime, addrs).await?;
+                let Some(attempt) = &handshake else {
+                    return Ok(stream);
+                };
+                let (connector, server_name) = attempt.connector();
+                let stream = stream.into_rustls(connector, server_name).await?;
+                attempt.handshake_done();
+                Ok(stream)
+            },
+            properties,
+        )
+        .await
+        .map_err(failed)?;
         let channel = match connection.create_channel().await {
             Ok(c) => c,
             Err(e) => {
                 let _ = connection.close(0, "channel failed".into()).await;
-                return Err(e);
+                return Err(failed(e));
             }
         };
         if let Err(e) = channel
@@ -107,7 +155,7 @@ impl Link {
             .await
         {
             let _ = connection.close(0, "confirm.select failed".into()).await;
-            return Err(e);
+            return Err(failed(e));
         }
         Ok(Link {
             connection,
@@ -145,7 +193,8 @@ pub(crate) struct Connector {
     return_to_first: bool,
     backoff: Backoff,
     connection_name: String,
-    tls: OwnedTLSConfig,
+    /// For `amqps://` nodes; `None` when the upstream has none.
+    tls: Option<Arc<TlsClient>>,
     status: LinkStatus,
 }
 
@@ -192,17 +241,11 @@ impl Connector {
             return_to_first: config.return_to_first,
             backoff: Backoff::new(config.reconnect_min, config.reconnect_max),
             connection_name: format!("edge-gateway {gateway_id} upstream {}", config.name),
-            tls: OwnedTLSConfig {
-                identity: config
-                    .tls
-                    .identity
-                    .as_ref()
-                    .map(|(pem, key)| OwnedIdentity::PKCS8 {
-                        pem: pem.clone(),
-                        key: key.clone(),
-                    }),
-                cert_chain: config.tls.ca_pem.clone(),
-            },
+            tls: config
+                .uris
+                .iter()
+                .any(|uri| uri.starts_with("amqps://"))
+                .then(|| Arc::new(TlsClient::new(&config.name, &config.tls))),
             status,
         }
     }
@@ -289,12 +332,13 @@ impl Connector {
             .with_connection_name(self.connection_name.as_str().into());
         let tls = self.tls.clone();
         async move {
-            match tokio::time::timeout(CONNECT_TIMEOUT, Link::open(&uri, properties, tls)).await {
+            let open = Link::open(&uri, properties, tls.as_deref());
+            match tokio::time::timeout(CONNECT_TIMEOUT, open).await {
                 Ok(Ok(mut link)) => {
                     link.node = index;
                     Ok(link)
                 }
-                Ok(Err(e)) => Err(LinkError::Connect(e)),
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err(LinkError::ConnectTimeout(CONNECT_TIMEOUT)),
             }
         }

@@ -2,6 +2,8 @@ use std::time::Duration;
 
 use edge_store::{Seq, StoreError};
 
+use crate::tls::TlsError;
+
 /// Why a link to the upstream was given up. Every variant ends the
 /// connection; forwarding resumes after a reconnect from the first
 /// unconfirmed seq, with the same message ids.
@@ -9,6 +11,10 @@ use edge_store::{Seq, StoreError};
 pub enum LinkError {
     #[error("connect failed: {0}")]
     Connect(#[source] lapin::Error),
+    /// The TLS handshake (or the TLS setup) failed; never retried in
+    /// plain TCP.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
     #[error("connect timed out after {0:?}")]
     ConnectTimeout(Duration),
     #[error("publish of seq {seq} failed: {source}")]

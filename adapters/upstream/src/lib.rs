@@ -19,8 +19,10 @@ mod health;
 mod metrics;
 mod replicator;
 mod summary;
+mod tls;
 
 pub use convert::PUBLISHER_HEADER;
 pub use error::LinkError;
 pub use health::{LinkState, LinkStatus};
 pub use replicator::Replicator;
+pub use tls::{TlsError, TlsFailure};

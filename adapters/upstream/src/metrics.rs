@@ -11,8 +11,25 @@ use metrics::{Counter, Gauge, Histogram};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::tls::TlsFailure;
+
 /// Every `reason` of `edge_messages_parked_total`.
 pub(crate) const PARK_REASONS: [&str; 3] = ["exchange_not_found", "unconvertible", "unroutable"];
+
+/// `edge_upstream_tls_failures_total{upstream, reason}`: one counter per
+/// [`TlsFailure`], all registered at zero so that alerts can be written
+/// before the first failure.
+pub(crate) fn tls_failure_counters(upstream: &str) -> Vec<(TlsFailure, Counter)> {
+    TlsFailure::ALL
+        .iter()
+        .map(|&reason| {
+            let counter = metrics::counter!("edge_upstream_tls_failures_total",
+                "upstream" => upstream.to_string(), "reason" => reason.label());
+            counter.increment(0);
+            (reason, counter)
+        })
+        .collect()
+}
 
 /// How often backlog figures are refreshed.
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
