@@ -43,6 +43,9 @@ pub(crate) const GATEWAY_ID_KEY: &str = "gateway_id";
 /// The live figures ([`Stats`]), kept with every commit so that opening a
 /// large store does not scan it.
 pub(crate) const STATS_KEY: &str = "stats";
+/// The journal's id and the epoch it writes now (two u64 LE; `journal.rs`):
+/// the frames of earlier epochs are in the database.
+pub(crate) const JOURNAL_KEY: &str = "journal";
 /// The id the next new queue gets (u64 LE).
 pub(crate) const NEXT_QUEUE_KEY: &str = "next_queue_id";
 pub(crate) const SCHEMA_VERSION: u32 = 2;

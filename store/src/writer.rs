@@ -2,8 +2,10 @@
 //!
 //! It takes one op from the inbox, drains whatever else is pending (up to the
 //! batch limits), applies all of it in one write transaction (`apply.rs`),
-//! commits with `Durability::Immediate` (one fsync per batch), and only then
-//! completes the replies. Seqs are assigned here, in inbox order. Disk space
+//! makes it durable — one frame appended to the journal and synced, then a
+//! `Durability::None` redb commit; or, without a journal and at each
+//! checkpoint, a `Durability::Immediate` commit (`journal.rs`) — and only
+//! then completes the replies. Seqs are assigned here, in inbox order. Disk space
 //! is `disk.rs`.
 
 mod apply;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::dead::Meta;
+use crate::journal::Journal;
 use crate::tables::{Loaded, Stats};
 use crate::{AppendError, FullReason, Retain, Seq, Shared, StoreError, StoreStats, space};
 
@@ -263,6 +266,10 @@ pub(crate) struct Writer {
     refused_in_batch: Option<FullReason>,
     /// When the free space was last read while idle and refusing.
     room_checked: Instant,
+    /// The write-ahead journal; `None`: every batch is a durable redb commit.
+    journal: Option<Journal>,
+    /// The next batch is a checkpoint (the writer is stopping).
+    checkpoint_due: bool,
 }
 
 /// The filesystem as the writer last saw it (see `space.rs`).
@@ -279,7 +286,12 @@ struct Disk {
 }
 
 impl Writer {
-    pub(crate) fn new(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, loaded: Loaded) -> Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        rx: mpsc::Receiver<Op>,
+        loaded: Loaded,
+        journal: Option<Journal>,
+    ) -> Writer {
         Writer {
             shared,
             rx,
@@ -301,6 +313,8 @@ impl Writer {
             disk: Disk::default(),
             refused_in_batch: None,
             room_checked: Instant::now(),
+            journal,
+            checkpoint_due: false,
         }
     }
 
@@ -346,6 +360,12 @@ impl Writer {
         }
         // Ops still queued behind a close resolve as `Closed` when dropped.
         self.rx.close();
+        // The last handle went without a close: fold the journal now, so
+        // the next open has nothing to replay.
+        if close_reply.is_none() && self.journal.as_ref().is_some_and(|j| j.used() > 0) {
+            self.checkpoint_due = true;
+            self.commit_batch(Vec::new());
+        }
         tracing::debug!(next_seq = self.state.next_seq, "Store writer stopped.");
         if let Some(reply) = close_reply {
             // The database goes with the close, not with the last handle
@@ -406,7 +426,7 @@ impl Writer {
     /// Applies `ops` in one transaction; returns the close reply if the batch
     /// held a close.
     fn commit_batch(&mut self, ops: Vec<Op>) -> Option<oneshot::Sender<()>> {
-        if ops.is_empty() && !self.must_retire(&self.state) {
+        if ops.is_empty() && !self.must_retire(&self.state) && !self.checkpoint_due {
             self.retire_pending = false;
             return None;
         }
