@@ -49,8 +49,8 @@ use redb::{
 };
 
 use crate::tables::{
-    CURSORS, DEAD_LETTERS, DEDUP, DEFINITIONS, JOURNAL_KEY, LOG, META, QUEUE_ENTRIES, QUEUES, REFS,
-    REPLAYS, RETAINED, SESSIONS,
+    AGES, CURSORS, DEAD_LETTERS, DEDUP, DEFINITIONS, JOURNAL_KEY, LOG, META, QUEUE_ENTRIES, QUEUES,
+    REFS, REPLAYS, RETAINED, SESSIONS,
 };
 
 /// Bytes of the journal file. A batch whose frame does not fit in what is
@@ -399,6 +399,7 @@ pub(crate) enum TableId {
     Queues = 10,
     Sessions = 11,
     Definitions = 12,
+    Ages = 13,
 }
 
 /// An entry removed by [`Recorded::pop_first`].
@@ -510,6 +511,7 @@ pub(crate) struct Tables<'t> {
     pub(crate) queues: Recorded<'t, &'static str, u64>,
     pub(crate) sessions: Recorded<'t, &'static str, &'static [u8]>,
     pub(crate) definitions: Recorded<'t, &'static str, &'static [u8]>,
+    pub(crate) ages: Recorded<'t, u64, u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -528,6 +530,7 @@ impl<'t> Tables<'t> {
             queues: Recorded::new(txn.open_table(QUEUES)?, T::Queues, c),
             sessions: Recorded::new(txn.open_table(SESSIONS)?, T::Sessions, c),
             definitions: Recorded::new(txn.open_table(DEFINITIONS)?, T::Definitions, c),
+            ages: Recorded::new(txn.open_table(AGES)?, T::Ages, c),
         })
     }
 
@@ -551,6 +554,7 @@ impl<'t> Tables<'t> {
                 10 => put(&mut self.queues.table, &change)?,
                 11 => put(&mut self.sessions.table, &change)?,
                 12 => put(&mut self.definitions.table, &change)?,
+                13 => put(&mut self.ages.table, &change)?,
                 _ => return Err(damaged()),
             }
         }

@@ -20,6 +20,7 @@
 //! | `definitions`   | `&str` key           | an adapter's own definitions (AMQP exchanges, queues, bindings), opaque here |
 //! | `dead_letters`  | `u64` seq parked at  | typed dead letter + record (`dead.rs`)      |
 //! | `replays`       | `u64` seq            | replay mark of a replayed dead letter       |
+//! | `ages`          | `u64` append time (unix ms) | `u64`: first seq appended then (one entry per `max(1 s, max_age / 1000)` of appends; kept only with `max_age`) |
 //! | `meta`          | `&str`               | `schema_version` (`u32` LE, 2), `retired_below` (`u64` LE), `gateway_id`, `stats` (six `u64` LE: live messages/bytes, dead letters/bytes, retained/bytes), `next_queue_id`, `journal` (journal id, current epoch: two `u64` LE) |
 //!
 //! The store gives records no meaning: it never parses a message's
@@ -73,6 +74,18 @@
 //!   log records are deleted instead until the append fits (cursors below
 //!   the new first record move up to it; queue entries of a dropped record
 //!   read as gone; `retired_below` is raised so no seq is reused).
+//! - **Age.** With [`StoreOptions::max_age`], log records appended longer
+//!   ago than it are dropped whether an upstream forwarded them or not
+//!   (`writer/age.rs`): cursors below the first record kept move up to it,
+//!   `retired_below` rises, each dropped record is counted in
+//!   `edge_messages_dropped_total{reason="max_age"}` and the sweep is logged
+//!   (summarised) with the count. A record that a durable queue entry
+//!   references is kept for that queue (its owner's expiry bounds it); only
+//!   the log's side ages out. Append times are kept coarsely, one `ages`
+//!   entry per `max(1 s, max_age / 1000)`: a record is dropped between
+//!   `max_age` and `max_age` + that step after its append. The writer sweeps
+//!   with every batch and, while idle, every step (a ticker thread queues a
+//!   tick; a tick that finds nothing due commits nothing).
 //! - Replay appends a dead letter's record to the log again under a new seq,
 //!   with a [`Replay`] mark naming the upstreams that parked it and its
 //!   original seq, so that only they forward it, under its original message
@@ -257,6 +270,9 @@ pub struct StoreOptions {
     /// it every append is refused. 0 turns the check off. Only stores
     /// opened on a directory check it.
     pub min_free: u64,
+    /// Log records older than this (by append time) are dropped, forwarded
+    /// or not (see "Age" above). `None`: no age bound.
+    pub max_age: Option<std::time::Duration>,
 }
 
 /// The policy at the quota.
@@ -318,6 +334,8 @@ pub(crate) struct Shared {
     /// Write transactions committed since open.
     pub(crate) commits: AtomicU64,
     pub(crate) committed: watch::Sender<Seq>,
+    /// Milliseconds since the Unix epoch: the append times `max_age` goes by.
+    pub(crate) clock: Clock,
     /// Set when a commit failed: redb refuses every later write after an
     /// I/O error, so the store is unusable until reopened.
     pub(crate) failure: watch::Sender<Option<String>>,
@@ -326,6 +344,14 @@ pub(crate) struct Shared {
 }
 
 pub(crate) type Reopen = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+pub(crate) type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock in milliseconds since the Unix epoch (0 before it).
+fn system_clock() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 impl Shared {
     /// The open database (a cheap clone of its handle).
@@ -351,6 +377,7 @@ impl std::fmt::Debug for Shared {
 struct Source {
     reopen: Option<Reopen>,
     data_dir: Option<PathBuf>,
+    clock: Clock,
 }
 
 /// Owned by the `Arc` all [`Store`] clones share; dropping it stops the writer.
@@ -431,6 +458,7 @@ impl Store {
         let source = Source {
             reopen: Some(Box::new(move || Database::create(&reopen_path))),
             data_dir: Some(data_dir.to_path_buf()),
+            clock: Arc::new(system_clock),
         };
         let journal = open_journal(&data_dir.join(JOURNAL_FILE))?;
         Store::start(db, path, source, options, first_seq, journal)
@@ -463,6 +491,28 @@ impl Store {
         Ok(aside)
     }
 
+    /// [`Store::open`] with a clock of the test's own (milliseconds since
+    /// the Unix epoch), for `max_age` tests.
+    #[cfg(test)]
+    pub(crate) fn open_with_clock(
+        data_dir: &Path,
+        options: StoreOptions,
+        clock: Clock,
+    ) -> Result<Store, OpenError> {
+        let path = data_dir.join(DB_FILE);
+        let db = Database::create(&path).map_err(|source| OpenError::Database {
+            path: path.clone(),
+            source,
+        })?;
+        let source = Source {
+            reopen: None,
+            data_dir: None,
+            clock,
+        };
+        let journal = open_journal(&data_dir.join(JOURNAL_FILE))?;
+        Store::start(db, path, source, options, 1, journal)
+    }
+
     /// Opens the store on a caller-supplied redb backend (benches, fault
     /// tests). `label` names it in errors.
     pub fn open_with_backend(
@@ -474,6 +524,7 @@ impl Store {
         let source = Source {
             reopen: None,
             data_dir: None,
+            clock: Arc::new(system_clock),
         };
         Store::start(db, label.to_path_buf(), source, options, 1, None)
     }
@@ -499,6 +550,7 @@ impl Store {
         let source = Source {
             reopen: None,
             data_dir: None,
+            clock: Arc::new(system_clock),
         };
         Store::start(db, label.to_path_buf(), source, options, 1, Some(journal))
     }
@@ -522,6 +574,7 @@ impl Store {
         let source = Source {
             reopen: Some(Box::new(open)),
             data_dir: None,
+            clock: Arc::new(system_clock),
         };
         Store::start(db, label.to_path_buf(), source, options, 1, None)
     }
@@ -542,7 +595,8 @@ impl Store {
                     || matches!(&e, redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData),
             })?;
         }
-        let loaded = tables::init(&db, &options.cursors, first_seq).map_err(|e| match e {
+        let age_now = options.max_age.map(|_| (source.clock)());
+        let loaded = tables::init(&db, &options.cursors, first_seq, age_now).map_err(|e| match e {
             tables::InitError::UnknownSchema { found } => OpenError::UnknownSchema {
                 path: path.clone(),
                 found,
@@ -579,10 +633,12 @@ impl Store {
         }
         zero_failure_counters();
         let (tx, rx) = mpsc::channel(options.inbox_capacity.get());
+        let options_max_age = options.max_age;
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(Arc::new(db))),
             reopen: source.reopen,
             data_dir: source.data_dir,
+            clock: source.clock,
             full: watch::Sender::new(None),
             stats: Mutex::new(stats),
             commits: AtomicU64::new(0),
@@ -590,6 +646,9 @@ impl Store {
             failure: watch::Sender::new(None),
             options,
         });
+        if let Some(max_age) = options_max_age {
+            writer::age::start_ticker(tx.downgrade(), max_age);
+        }
         let writer = Writer::new(Arc::clone(&shared), rx, loaded, journal);
         let (exit_tx, exited) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -1057,7 +1116,7 @@ fn zero_failure_counters() {
     for reason in [FullReason::Quota, FullReason::Disk] {
         metrics::counter!("edge_store_rejected_total", "reason" => reason.label()).increment(0);
     }
-    for reason in ["store_full", "drop_oldest"] {
+    for reason in ["store_full", "drop_oldest", "max_age"] {
         metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(0);
     }
 }

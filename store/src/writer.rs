@@ -8,10 +8,11 @@
 //! then completes the replies. Seqs are assigned here, in inbox order. Disk space
 //! is `disk.rs`.
 
+pub(crate) mod age;
 mod apply;
 mod disk;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -147,6 +148,8 @@ pub(crate) enum Op {
     Close {
         reply: oneshot::Sender<()>,
     },
+    /// From the `max_age` ticker: sweep if anything is due.
+    Tick,
 }
 
 impl Op {
@@ -226,6 +229,10 @@ struct State {
     /// The ids in `queues`: an append makes entries in these only.
     queue_ids: BTreeSet<u64>,
     next_queue_id: u64,
+    /// The `ages` table (`age.rs`), oldest first.
+    marks: VecDeque<(u64, Seq)>,
+    /// Records below it were swept for age (those queues hold stay).
+    aged_below: Seq,
 }
 
 impl State {
@@ -270,6 +277,8 @@ pub(crate) struct Writer {
     journal: Option<Journal>,
     /// The next batch is a checkpoint (the writer is stopping).
     checkpoint_due: bool,
+    /// The clock when the current batch began (unix ms).
+    now: u64,
 }
 
 /// The filesystem as the writer last saw it (see `space.rs`).
@@ -305,6 +314,8 @@ impl Writer {
                 queue_ids: loaded.queues.values().copied().collect(),
                 queues: loaded.queues,
                 next_queue_id: loaded.next_queue_id,
+                marks: loaded.marks,
+                aged_below: 0,
             },
             // Retirement may have been cut short before a restart.
             retire_pending: true,
@@ -315,6 +326,7 @@ impl Writer {
             room_checked: Instant::now(),
             journal,
             checkpoint_due: false,
+            now: 0,
         }
     }
 
@@ -426,8 +438,16 @@ impl Writer {
     /// Applies `ops` in one transaction; returns the close reply if the batch
     /// held a close.
     fn commit_batch(&mut self, ops: Vec<Op>) -> Option<oneshot::Sender<()>> {
-        if ops.is_empty() && !self.must_retire(&self.state) && !self.checkpoint_due {
-            self.retire_pending = false;
+        self.now = (self.shared.clock)();
+        let ticks_only = ops.iter().all(|op| matches!(op, Op::Tick));
+        if ticks_only
+            && !self.must_retire(&self.state)
+            && !self.checkpoint_due
+            && self.expired_below(&self.state).is_none()
+        {
+            if ops.is_empty() {
+                self.retire_pending = false;
+            }
             return None;
         }
         let started = Instant::now();
@@ -610,5 +630,6 @@ fn fail_op(op: Op, msg: &str, close: &mut Option<oneshot::Sender<()>>) {
             let _ = reply.send(Err(err()));
         }
         Op::Close { reply } => *close = Some(reply),
+        Op::Tick => {}
     }
 }

@@ -53,7 +53,8 @@ impl Writer {
             for op in ops.by_ref() {
                 self.apply_op(&mut t, op, next, pending, close, appended, &mut refused)?;
             }
-            more = self.retire(&mut t, next)?;
+            let aged_more = self.age_out(&mut t, next)?;
+            more = self.retire(&mut t, next)? || aged_more;
             t.meta.insert(STATS_KEY, next.stats.encode().as_slice())?;
             checkpoint = match &self.journal {
                 None => None,
@@ -271,6 +272,7 @@ impl Writer {
                 pending.push(Pending::Done(reply));
             }
             Op::Close { reply } => *close = Some(reply),
+            Op::Tick => {}
         }
         Ok(())
     }
@@ -377,6 +379,7 @@ impl Writer {
     ) -> Result<Seq, redb::Error> {
         let seq = next.next_seq;
         t.log.insert(seq, bytes)?;
+        self.mark_append(t, next, seq)?;
         next.next_seq += 1;
         next.stats.live_bytes += bytes.len() as u64;
         next.stats.live_messages += 1;
@@ -416,7 +419,7 @@ impl Writer {
         Ok(())
     }
 
-    fn log_remove(
+    pub(super) fn log_remove(
         &self,
         t: &mut Tables<'_>,
         next: &mut State,
@@ -453,9 +456,28 @@ impl Writer {
             return Ok(false);
         }
         let below = self.retire_below(next);
+        let (upto, doomed) = self.delete_unheld(t, next, next.retired_upto, below)?;
+        next.retired_upto = upto;
+        next.first_seq = t.log.first()?.map_or(0, |(k, _)| k.value());
+        if let Some(last) = doomed.last() {
+            raise_retired_below(t, last + 1)?;
+        }
+        Ok(self.must_retire(next))
+    }
+
+    /// Deletes the log records in `from..below` that no queue entry holds,
+    /// examining at most [`RETIRE_PER_TXN`]. Returns where it stopped
+    /// (`below` when it got there) and the seqs deleted.
+    pub(super) fn delete_unheld(
+        &self,
+        t: &mut Tables<'_>,
+        next: &mut State,
+        from: Seq,
+        below: Seq,
+    ) -> Result<(Seq, Vec<Seq>), redb::Error> {
         let mut upto = below;
         let mut doomed = Vec::new();
-        for (examined, entry) in t.log.range(next.retired_upto..below)?.enumerate() {
+        for (examined, entry) in t.log.range(from..below)?.enumerate() {
             let (k, _) = entry?;
             let seq = k.value();
             if examined >= RETIRE_PER_TXN {
@@ -466,22 +488,10 @@ impl Writer {
                 doomed.push(seq);
             }
         }
-        for seq in &doomed {
-            self.log_remove(t, next, *seq)?;
+        for &seq in &doomed {
+            self.log_remove(t, next, seq)?;
         }
-        next.retired_upto = upto;
-        next.first_seq = t.log.first()?.map_or(0, |(k, _)| k.value());
-        if let Some(last) = doomed.last() {
-            let old = t
-                .meta
-                .get(RETIRED_BELOW_KEY)?
-                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-                .map_or(0, u64::from_le_bytes);
-            let floor = (last + 1).max(old);
-            t.meta
-                .insert(RETIRED_BELOW_KEY, floor.to_le_bytes().as_slice())?;
-        }
-        Ok(self.must_retire(next))
+        Ok((upto, doomed))
     }
 
     /// `when_full = drop-oldest`: deletes the oldest log records until `len`
@@ -538,6 +548,21 @@ impl Writer {
         });
         Ok(())
     }
+}
+
+/// Raises `retired_below` in `meta` to `floor` (never lowers it): seqs
+/// below it are never handed out again.
+pub(super) fn raise_retired_below(t: &mut Tables<'_>, floor: Seq) -> Result<(), redb::Error> {
+    let old = t
+        .meta
+        .get(RETIRED_BELOW_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map_or(0, u64::from_le_bytes);
+    if floor > old {
+        t.meta
+            .insert(RETIRED_BELOW_KEY, floor.to_le_bytes().as_slice())?;
+    }
+    Ok(())
 }
 
 /// What an append adds to the bytes counted toward the quota: its record in
