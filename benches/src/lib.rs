@@ -67,6 +67,7 @@ pub fn options() -> StoreOptions {
         cursors: Vec::new(),
         when_full: Default::default(),
         min_free: 0,
+        max_age: None,
     }
 }
 

@@ -248,6 +248,9 @@ pub struct StoreConfig {
     /// Free space kept on the data directory's filesystem: below it the
     /// store refuses data rather than filling the disk.
     pub min_free: u64,
+    /// Log records older than this are dropped, forwarded or not; `None`:
+    /// no age bound.
+    pub max_age: Option<Duration>,
     pub when_full: WhenFull,
     pub on_corrupt: OnCorrupt,
     /// Most appends in one group commit.

@@ -116,6 +116,7 @@ pub struct RawLimits {
 pub struct RawStore {
     pub max_bytes: Option<String>,
     pub min_free: Option<String>,
+    pub max_age: Option<String>,
     pub when_full: Option<String>,
     pub on_corrupt: Option<String>,
     pub batch_max_messages: Option<i64>,

@@ -402,6 +402,21 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .ok()
         .and_then(NonZeroUsize::new)
         .unwrap_or(NonZeroUsize::MIN);
+    let max_age = s
+        .max_age
+        .as_deref()
+        .map(|t| c.duration("store.max_age", Some(t), t));
+    // (A value that is no duration at all has its problem already.)
+    if s.max_age
+        .as_deref()
+        .is_some_and(|t| humantime::parse_duration(t).is_ok_and(|d| d < Duration::from_secs(1)))
+    {
+        c.problem(
+            "store.max_age",
+            s.max_age.clone(),
+            "a duration of at least 1s, or no max_age key for no age bound",
+        );
+    }
     let store = StoreConfig {
         max_bytes: c.size(
             "store.max_bytes",
@@ -413,6 +428,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             s.min_free.as_deref(),
             defaults::STORE_MIN_FREE,
         ),
+        max_age,
         when_full,
         on_corrupt,
         batch_max_messages: c.non_zero(
@@ -1150,6 +1166,20 @@ mod tests {
             ]
         );
         assert!(err.to_string().contains("from 1s to 1h"), "{err}");
+    }
+
+    #[test]
+    fn store_max_age_is_off_by_default_a_duration_and_at_least_a_second() {
+        let c = Config::parse("").expect("valid");
+        assert_eq!(c.store.max_age, None);
+        let c = Config::parse("[store]\nmax_age = \"7days\"\n").expect("valid");
+        assert_eq!(c.store.max_age, Some(Duration::from_secs(7 * 86_400)));
+        for bad in ["0s", "500ms", "a week"] {
+            let err =
+                Config::parse(&format!("[store]\nmax_age = \"{bad}\"\n")).expect_err("invalid");
+            let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(keys, ["store.max_age"], "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ fn options() -> StoreOptions {
         cursors: vec!["central".into(), "backup".into()],
         when_full: WhenFull::Reject,
         min_free: 0,
+        max_age: None,
     }
 }
 

@@ -207,6 +207,7 @@ impl Gateway {
         let options = StoreOptions {
             max_bytes: config.store.max_bytes,
             min_free: config.store.min_free,
+            max_age: config.store.max_age,
             batch_max_messages: config.store.batch_max_messages,
             batch_max_bytes: config.store.batch_max_bytes,
             inbox_capacity: NonZeroUsize::new(STORE_INBOX).unwrap_or(NonZeroUsize::MIN),

@@ -40,7 +40,7 @@ impl BackendCounters {
 /// counting only).
 #[derive(Debug)]
 pub struct SlowSyncBackend {
-    inner: FileBackend,
+    inner: Box<dyn StorageBackend>,
     sync_delay: Duration,
     counters: Arc<BackendCounters>,
 }
@@ -55,7 +55,18 @@ impl SlowSyncBackend {
             .truncate(false)
             .open(path)?;
         Ok(SlowSyncBackend {
-            inner: FileBackend::new(file)?,
+            inner: Box::new(FileBackend::new(file)?),
+            sync_delay,
+            counters: Arc::default(),
+        })
+    }
+
+    /// Opens (creating if missing) a journal file at `path` the way
+    /// [`crate::Store::open`] does (`O_DIRECT` on Linux), for
+    /// [`crate::Store::open_with_journal`].
+    pub fn open_journal(path: &Path, sync_delay: Duration) -> std::io::Result<SlowSyncBackend> {
+        Ok(SlowSyncBackend {
+            inner: Box::new(crate::journal::DirectFile::open(path)?),
             sync_delay,
             counters: Arc::default(),
         })

@@ -4,7 +4,8 @@
 //!
 //! # What persists (schema 2)
 //!
-//! One redb database, `<data_dir>/edge.redb`:
+//! One redb database, `<data_dir>/edge.redb`, and its write-ahead journal,
+//! `<data_dir>/edge.journal` (see "Recovery"):
 //!
 //! | table           | key                  | value                                       |
 //! |-----------------|----------------------|---------------------------------------------|
@@ -19,7 +20,8 @@
 //! | `definitions`   | `&str` key           | an adapter's own definitions (AMQP exchanges, queues, bindings), opaque here |
 //! | `dead_letters`  | `u64` seq parked at  | typed dead letter + record (`dead.rs`)      |
 //! | `replays`       | `u64` seq            | replay mark of a replayed dead letter       |
-//! | `meta`          | `&str`               | `schema_version` (`u32` LE, 2), `retired_below` (`u64` LE), `gateway_id`, `stats` (six `u64` LE: live messages/bytes, dead letters/bytes, retained/bytes), `next_queue_id` |
+//! | `ages`          | `u64` append time (unix ms) | `u64`: first seq appended then (one entry per `max(1 s, max_age / 1000)` of appends; kept only with `max_age`) |
+//! | `meta`          | `&str`               | `schema_version` (`u32` LE, 2), `retired_below` (`u64` LE), `gateway_id`, `stats` (six `u64` LE: live messages/bytes, dead letters/bytes, retained/bytes), `next_queue_id`, `journal` (journal id, current epoch: two `u64` LE) |
 //!
 //! The store gives records no meaning: it never parses a message's
 //! headers. What it needs itself (who parked a record, which seq its
@@ -39,8 +41,9 @@
 //!   order queued.
 //! - An append is acknowledged (its [`Commit`] resolves `Ok(seq)`) only after
 //!   the write transaction holding it — with its queue entries and its
-//!   retained-table change — committed with `Durability::Immediate`. A batch
-//!   whose commit fails acknowledges nothing.
+//!   retained-table change — is durable: its journal frame synced, or (a
+//!   checkpoint, or no journal) committed with `Durability::Immediate`. A
+//!   batch whose commit fails acknowledges nothing.
 //! - A cursor is the next seq its owner has to forward: everything below it is
 //!   done. It never moves backwards and never past the next seq to be
 //!   assigned. The cursors named in [`StoreOptions::cursors`] are created at
@@ -71,6 +74,18 @@
 //!   log records are deleted instead until the append fits (cursors below
 //!   the new first record move up to it; queue entries of a dropped record
 //!   read as gone; `retired_below` is raised so no seq is reused).
+//! - **Age.** With [`StoreOptions::max_age`], log records appended longer
+//!   ago than it are dropped whether an upstream forwarded them or not
+//!   (`writer/age.rs`): cursors below the first record kept move up to it,
+//!   `retired_below` rises, each dropped record is counted in
+//!   `edge_messages_dropped_total{reason="max_age"}` and the sweep is logged
+//!   (summarised) with the count. A record that a durable queue entry
+//!   references is kept for that queue (its owner's expiry bounds it); only
+//!   the log's side ages out. Append times are kept coarsely, one `ages`
+//!   entry per `max(1 s, max_age / 1000)`: a record is dropped between
+//!   `max_age` and `max_age` + that step after its append. The writer sweeps
+//!   with every batch and, while idle, every step (a ticker thread queues a
+//!   tick; a tick that finds nothing due commits nothing).
 //! - Replay appends a dead letter's record to the log again under a new seq,
 //!   with a [`Replay`] mark naming the upstreams that parked it and its
 //!   original seq, so that only they forward it, under its original message
@@ -78,13 +93,53 @@
 //!
 //! # Recovery
 //!
-//! Opening is recovery: redb commits are atomic, so the database holds exactly
-//! the committed batches (entries, references, retained changes and stats
-//! included). Open migrates an older schema, creates missing tables, drops
+//! **Choice: a write-ahead journal in front of redb** (`journal.rs`), because
+//! a durable redb commit rewrites ~9 pages (36 KiB) however little changed,
+//! and touching fewer pages cannot go below the path from the log's leaf
+//! to the header (~5 pages, 20 KiB). Each group commit is applied to redb
+//! in one write transaction as before, but committed with
+//! `Durability::None` (redb keeps it in memory: readers see it, the file is
+//! not written); every key the batch inserted or removed, in order, is
+//! appended to `<data_dir>/edge.journal` as one CRC-checked frame and
+//! `fdatasync`ed *before* that commit, and only then is the batch
+//! acknowledged. So "acknowledged = fsynced" holds: for the journal frame.
+//! The journal file is filled with zeros once when created, then rewritten
+//! in place, so its syncs write data pages and no metadata.
+//!
+//! A **checkpoint** folds the journal into the database: a batch committed
+//! with `Durability::Immediate` that also records, in `meta["journal"]`,
+//! the journal id and the next *epoch*; the next epoch's frames overwrite
+//! the file from its start. A batch is a checkpoint when its frame would
+//! not fit in what is left of [`JOURNAL_BYTES`], when it closes the store,
+//! and when the writer stops on the last handle's drop. A store opened on a
+//! caller's backend without a journal ([`Store::open_with_backend`])
+//! commits every batch with `Durability::Immediate`, as before.
+//!
+//! **The recovery rule.** redb commits are atomic, and after a crash the
+//! database is as of its last durable commit, the last checkpoint, or of
+//! some later commit if redb wrote more. Opening replays the frames of the
+//! epoch in `meta["journal"]`, from the start of the journal file, up to
+//! the first frame that is torn (CRC), missing, out of order or of another
+//! epoch or database, and commits the result as a checkpoint before
+//! anything else. Frames hold blind writes (this key now has this value,
+//! or none), so replaying the epoch's frames onto the database as of any
+//! commit of that epoch gives the state after the last whole frame: every
+//! acknowledged batch (its frame was synced), each seq once, never one
+//! batch without the other. A crash during a frame write loses only that
+//! unacknowledged batch; during a checkpoint, the database stays at the
+//! previous one and the epoch's frames are replayed; after a checkpoint
+//! and before the next frame, the new epoch has no frame and the old ones
+//! no longer match. Frames carry the journal id drawn for their database,
+//! so a journal beside a fresh database (the old one moved aside,
+//! [`Store::move_aside`], which moves the journal with it) replays nothing.
+//!
+//! Then open migrates an older schema, creates missing tables, drops
 //! unconfigured cursors and loads the figures from `meta`, the referenced
-//! seqs from `refs` and the queue names; there is no replay step. A commit
-//! that runs out of disk space is refused as full and the database is
-//! reopened (`space.rs`), which is the same recovery.
+//! seqs from `refs` and the queue names. A durable commit that runs out of
+//! disk space is refused as full and the database is reopened (`space.rs`),
+//! then the journal is replayed onto it: the same recovery. The journal
+//! itself never grows (no room to fill it at creation: the store runs
+//! without one, every batch durable in redb, and says so at WARN).
 //!
 //! # Concurrency
 //!
@@ -100,6 +155,7 @@
 mod backend;
 mod dead;
 mod error;
+mod journal;
 mod migrate;
 mod reader;
 mod record;
@@ -118,6 +174,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use backend::{BackendCounters, SlowSyncBackend};
 pub use dead::{Parked, Replay};
 pub use error::{AppendError, FullReason, OpenError, StoreError};
+pub use journal::JOURNAL_FILE;
+
+/// Bytes of the journal file [`Store::open`] uses (see "Recovery").
+pub const JOURNAL_BYTES: u64 = journal::CAPACITY;
 pub use record::Record;
 
 use writer::{DeadLetterAction, Op, Writer};
@@ -210,6 +270,9 @@ pub struct StoreOptions {
     /// it every append is refused. 0 turns the check off. Only stores
     /// opened on a directory check it.
     pub min_free: u64,
+    /// Log records older than this (by append time) are dropped, forwarded
+    /// or not (see "Age" above). `None`: no age bound.
+    pub max_age: Option<std::time::Duration>,
 }
 
 /// The policy at the quota.
@@ -271,6 +334,8 @@ pub(crate) struct Shared {
     /// Write transactions committed since open.
     pub(crate) commits: AtomicU64,
     pub(crate) committed: watch::Sender<Seq>,
+    /// Milliseconds since the Unix epoch: the append times `max_age` goes by.
+    pub(crate) clock: Clock,
     /// Set when a commit failed: redb refuses every later write after an
     /// I/O error, so the store is unusable until reopened.
     pub(crate) failure: watch::Sender<Option<String>>,
@@ -279,6 +344,14 @@ pub(crate) struct Shared {
 }
 
 pub(crate) type Reopen = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+pub(crate) type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock in milliseconds since the Unix epoch (0 before it).
+fn system_clock() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 impl Shared {
     /// The open database (a cheap clone of its handle).
@@ -304,6 +377,7 @@ impl std::fmt::Debug for Shared {
 struct Source {
     reopen: Option<Reopen>,
     data_dir: Option<PathBuf>,
+    clock: Clock,
 }
 
 /// Owned by the `Arc` all [`Store`] clones share; dropping it stops the writer.
@@ -375,16 +449,19 @@ impl Store {
             source,
         })?;
         let path = data_dir.join(DB_FILE);
-        let db = Database::create(&path).map_err(|source| OpenError::Database {
+        let mut db = Database::create(&path).map_err(|source| OpenError::Database {
             path: path.clone(),
             source,
         })?;
+        compact_if_mostly_free(&mut db, &path);
         let reopen_path = path.clone();
         let source = Source {
             reopen: Some(Box::new(move || Database::create(&reopen_path))),
             data_dir: Some(data_dir.to_path_buf()),
+            clock: Arc::new(system_clock),
         };
-        Store::start(db, path, source, options, first_seq)
+        let journal = open_journal(&data_dir.join(JOURNAL_FILE))?;
+        Store::start(db, path, source, options, first_seq, journal)
     }
 
     /// Renames a damaged database file in `data_dir` to
@@ -403,7 +480,37 @@ impl Store {
             n += 1;
         }
         std::fs::rename(&path, &aside)?;
+        // The journal goes with its database: its frames may hold the last
+        // acknowledged batches (they never replay onto another database).
+        let mut journal_aside = aside.clone().into_os_string();
+        journal_aside.push(".journal");
+        match std::fs::rename(data_dir.join(JOURNAL_FILE), journal_aside) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         Ok(aside)
+    }
+
+    /// [`Store::open`] with a clock of the test's own (milliseconds since
+    /// the Unix epoch), for `max_age` tests.
+    #[cfg(test)]
+    pub(crate) fn open_with_clock(
+        data_dir: &Path,
+        options: StoreOptions,
+        clock: Clock,
+    ) -> Result<Store, OpenError> {
+        let path = data_dir.join(DB_FILE);
+        let db = Database::create(&path).map_err(|source| OpenError::Database {
+            path: path.clone(),
+            source,
+        })?;
+        let source = Source {
+            reopen: None,
+            data_dir: None,
+            clock,
+        };
+        let journal = open_journal(&data_dir.join(JOURNAL_FILE))?;
+        Store::start(db, path, source, options, 1, journal)
     }
 
     /// Opens the store on a caller-supplied redb backend (benches, fault
@@ -413,17 +520,39 @@ impl Store {
         label: &Path,
         options: StoreOptions,
     ) -> Result<Store, OpenError> {
-        let db = Database::builder()
-            .create_with_backend(backend)
-            .map_err(|source| OpenError::Database {
-                path: label.to_path_buf(),
-                source,
-            })?;
+        let db = create_with_backend(backend, label)?;
         let source = Source {
             reopen: None,
             data_dir: None,
+            clock: Arc::new(system_clock),
         };
-        Store::start(db, label.to_path_buf(), source, options, 1)
+        Store::start(db, label.to_path_buf(), source, options, 1, None)
+    }
+
+    /// Like [`Store::open_with_backend`], with the write-ahead journal on
+    /// `journal` (`journal_bytes` long; see "Recovery"), as
+    /// [`Store::open`] has it on a file (benches, crash tests).
+    pub fn open_with_journal(
+        backend: impl StorageBackend,
+        journal: impl StorageBackend,
+        journal_bytes: u64,
+        label: &Path,
+        options: StoreOptions,
+    ) -> Result<Store, OpenError> {
+        let db = create_with_backend(backend, label)?;
+        let journal = journal::Journal::new(Box::new(journal), journal_bytes).map_err(|e| {
+            OpenError::Init {
+                path: label.to_path_buf(),
+                message: format!("cannot prepare the journal: {e}"),
+                corrupt: false,
+            }
+        })?;
+        let source = Source {
+            reopen: None,
+            data_dir: None,
+            clock: Arc::new(system_clock),
+        };
+        Store::start(db, label.to_path_buf(), source, options, 1, Some(journal))
     }
 
     /// Like [`Store::open_with_backend`], with a function that makes a new
@@ -445,8 +574,9 @@ impl Store {
         let source = Source {
             reopen: Some(Box::new(open)),
             data_dir: None,
+            clock: Arc::new(system_clock),
         };
-        Store::start(db, label.to_path_buf(), source, options, 1)
+        Store::start(db, label.to_path_buf(), source, options, 1, None)
     }
 
     fn start(
@@ -455,8 +585,18 @@ impl Store {
         source: Source,
         options: StoreOptions,
         first_seq: Seq,
+        mut journal: Option<journal::Journal>,
     ) -> Result<Store, OpenError> {
-        let loaded = tables::init(&db, &options.cursors, first_seq).map_err(|e| match e {
+        if let Some(journal) = journal.as_mut() {
+            journal::recover(&db, journal).map_err(|e| OpenError::Init {
+                path: path.clone(),
+                message: format!("replaying the journal: {e}"),
+                corrupt: matches!(e, redb::Error::Corrupted(_))
+                    || matches!(&e, redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData),
+            })?;
+        }
+        let age_now = options.max_age.map(|_| (source.clock)());
+        let loaded = tables::init(&db, &options.cursors, first_seq, age_now).map_err(|e| match e {
             tables::InitError::UnknownSchema { found } => OpenError::UnknownSchema {
                 path: path.clone(),
                 found,
@@ -493,10 +633,12 @@ impl Store {
         }
         zero_failure_counters();
         let (tx, rx) = mpsc::channel(options.inbox_capacity.get());
+        let options_max_age = options.max_age;
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(Arc::new(db))),
             reopen: source.reopen,
             data_dir: source.data_dir,
+            clock: source.clock,
             full: watch::Sender::new(None),
             stats: Mutex::new(stats),
             commits: AtomicU64::new(0),
@@ -504,7 +646,10 @@ impl Store {
             failure: watch::Sender::new(None),
             options,
         });
-        let writer = Writer::new(Arc::clone(&shared), rx, loaded);
+        if let Some(max_age) = options_max_age {
+            writer::age::start_ticker(tx.downgrade(), max_age);
+        }
+        let writer = Writer::new(Arc::clone(&shared), rx, loaded, journal);
         let (exit_tx, exited) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("edge-store-writer".into())
@@ -877,6 +1022,92 @@ impl Store {
     }
 }
 
+/// A database on a caller's backend; `label` names it in errors.
+fn create_with_backend(backend: impl StorageBackend, label: &Path) -> Result<Database, OpenError> {
+    Database::builder()
+        .create_with_backend(backend)
+        .map_err(|source| OpenError::Database {
+            path: label.to_path_buf(),
+            source,
+        })
+}
+
+/// Files smaller than this are never compacted: the gain is not worth a
+/// rewrite of the file.
+const COMPACT_MIN_FILE: u64 = 8 << 20;
+
+/// At open, before any transaction: compacts the database when less than
+/// half of its file is in use (the rest is pages freed by retirement that
+/// redb would reuse, but that an operator sees as a large file after a
+/// long outage drained). redb compacts only with no transaction open at
+/// all, which is only true here. A failed compaction leaves a consistent
+/// database (redb commits each step) and is logged; the store opens anyway.
+fn compact_if_mostly_free(db: &mut Database, path: &Path) {
+    let file_len = std::fs::metadata(path).map_or(0, |m| m.len());
+    if file_len < COMPACT_MIN_FILE {
+        return;
+    }
+    let used = || -> Result<u64, redb::Error> {
+        let txn = db.begin_write()?;
+        let stats = txn.stats();
+        txn.abort()?;
+        let stats = stats?;
+        Ok(stats.allocated_pages() * stats.page_size() as u64)
+    };
+    let used = match used() {
+        Ok(u) => u,
+        Err(error) => {
+            tracing::warn!(%error, "Cannot read the store's page figures; not compacting.");
+            return;
+        }
+    };
+    if used.saturating_mul(2) >= file_len {
+        return;
+    }
+    match db.compact() {
+        Ok(_) => {
+            let after = std::fs::metadata(path).map_or(0, |m| m.len());
+            tracing::info!(
+                before = file_len,
+                after,
+                in_use = used,
+                "Store file compacted at open (it was mostly free pages)."
+            );
+        }
+        Err(error) => tracing::warn!(%error, "Store compaction failed; opening uncompacted."),
+    }
+}
+
+/// Opens (creating and zero-filling) the journal at `path`. When the
+/// filesystem has no room to fill it, the store works without (every batch
+/// then a durable redb commit): a journal not yet filled was never
+/// written, so it holds no frame to replay. Any other failure fails the
+/// open, since the file may hold acknowledged batches.
+fn open_journal(path: &Path) -> Result<Option<journal::Journal>, OpenError> {
+    let open = || -> std::io::Result<journal::Journal> {
+        let file = journal::DirectFile::open(path)?;
+        journal::Journal::new(Box::new(file), journal::CAPACITY)
+    };
+    match open() {
+        Ok(j) => Ok(Some(j)),
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) =>
+        {
+            tracing::warn!(path = %path.display(), %error,
+                "No room for the store journal: every group commit is a durable database commit (more bytes written per message).");
+            Ok(None)
+        }
+        Err(error) => Err(OpenError::Init {
+            path: path.to_path_buf(),
+            message: format!("cannot open the journal: {error}"),
+            corrupt: false,
+        }),
+    }
+}
+
 /// The store's failure counters exist at zero from the start, so that an
 /// alert on them can be written before the first failure.
 fn zero_failure_counters() {
@@ -885,7 +1116,7 @@ fn zero_failure_counters() {
     for reason in [FullReason::Quota, FullReason::Disk] {
         metrics::counter!("edge_store_rejected_total", "reason" => reason.label()).increment(0);
     }
-    for reason in ["store_full", "drop_oldest"] {
+    for reason in ["store_full", "drop_oldest", "max_age"] {
         metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(0);
     }
 }

@@ -31,6 +31,9 @@ pub(crate) const QUEUE_ENTRIES: TableDefinition<(u64, u64), u32> =
 pub(crate) const DEDUP: TableDefinition<&str, u64> = TableDefinition::new("dedup");
 /// seq -> number of queue entries referencing it (absent: none).
 pub(crate) const REFS: TableDefinition<u64, u32> = TableDefinition::new("refs");
+/// append time (unix ms) -> first seq appended then: where `store.max_age`
+/// finds the records old enough to drop (see `writer/age.rs`).
+pub(crate) const AGES: TableDefinition<u64, u64> = TableDefinition::new("ages");
 /// key -> value; holds [`SCHEMA_KEY`].
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -43,6 +46,9 @@ pub(crate) const GATEWAY_ID_KEY: &str = "gateway_id";
 /// The live figures ([`Stats`]), kept with every commit so that opening a
 /// large store does not scan it.
 pub(crate) const STATS_KEY: &str = "stats";
+/// The journal's id and the epoch it writes now (two u64 LE; `journal.rs`):
+/// the frames of earlier epochs are in the database.
+pub(crate) const JOURNAL_KEY: &str = "journal";
 /// The id the next new queue gets (u64 LE).
 pub(crate) const NEXT_QUEUE_KEY: &str = "next_queue_id";
 pub(crate) const SCHEMA_VERSION: u32 = 2;
@@ -106,6 +112,8 @@ pub(crate) struct Loaded {
     pub next_queue_id: u64,
     /// Every record below this seq that no queue references was retired.
     pub retired_upto: Seq,
+    /// The `ages` table, oldest first.
+    pub marks: std::collections::VecDeque<(u64, Seq)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,10 +144,16 @@ fn meta_u64(meta: &redb::Table<&str, &[u8]>, key: &str) -> Result<Option<u64>, I
 /// A store created by this call starts its seqs at `first_seq` (recorded as
 /// `retired_below`), so a store that replaces a lost one does not hand out
 /// the seqs — and message ids — of its predecessor again.
+///
+/// `age_now` is the clock when `max_age` is set: records older than the
+/// first `ages` entry (appended while it was not set) count as appended
+/// now. Without it the `ages` table is emptied, since appends will not be
+/// timed.
 pub(crate) fn init(
     db: &Database,
     configured: &[String],
     first_seq: Seq,
+    age_now: Option<u64>,
 ) -> Result<Loaded, InitError> {
     let txn = db.begin_write().map_err(redb_err)?;
     let loaded = {
@@ -187,6 +201,12 @@ pub(crate) fn init(
         txn.open_table(DEFINITIONS).map_err(redb_err)?;
         txn.open_table(QUEUE_ENTRIES).map_err(redb_err)?;
         txn.open_table(DEDUP).map_err(redb_err)?;
+        let mut ages = txn.open_table(AGES).map_err(redb_err)?;
+        let mut marks = std::collections::VecDeque::new();
+        for entry in ages.iter().map_err(redb_err)? {
+            let (k, v) = entry.map_err(redb_err)?;
+            marks.push_back((k.value(), v.value()));
+        }
 
         let log = txn.open_table(LOG).map_err(redb_err)?;
         let first = log.first().map_err(redb_err)?.map(|(k, _)| k.value());
@@ -264,6 +284,20 @@ pub(crate) fn init(
             }
         }
         let retired_upto = retired_upto.min(kept.values().copied().min().unwrap_or(0));
+        match (age_now, first) {
+            (None, _) => {
+                while ages.pop_first().map_err(redb_err)?.is_some() {}
+                marks.clear();
+            }
+            (Some(now), Some(first)) if marks.front().is_none_or(|m| m.1 > first) => {
+                let at = marks
+                    .front()
+                    .map_or(now, |m| m.0.saturating_sub(1).min(now));
+                ages.insert(at, first).map_err(redb_err)?;
+                marks.push_front((at, first));
+            }
+            _ => {}
+        }
         Loaded {
             first_seq: first.unwrap_or(0),
             next_seq,
@@ -273,6 +307,7 @@ pub(crate) fn init(
             queues,
             next_queue_id,
             retired_upto,
+            marks,
         }
     };
     txn.commit().map_err(redb_err)?;

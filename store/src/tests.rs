@@ -1,11 +1,14 @@
 use std::num::NonZeroUsize;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::*;
 use disk::{Disk, Fault};
 
 mod disk;
+mod journal;
 mod model;
 
 pub(super) fn options(max_bytes: u64, cursors: &[&str]) -> StoreOptions {
@@ -18,6 +21,7 @@ pub(super) fn options(max_bytes: u64, cursors: &[&str]) -> StoreOptions {
         cursors: cursors.iter().map(|c| c.to_string()).collect(),
         when_full: Default::default(),
         min_free: 0,
+        max_age: None,
     }
 }
 
@@ -640,6 +644,7 @@ async fn drop_oldest_makes_room_moves_cursors_and_never_reuses_seqs() {
         retire_without_cursors: false,
         when_full: WhenFull::DropOldest,
         min_free: 0,
+        max_age: None,
         ..options(3 * size, &["up"])
     };
     let store = Store::open(dir.path(), opts()).expect("open");
@@ -1072,4 +1077,142 @@ async fn without_cursors_a_gateway_store_keeps_only_what_queues_reference() {
     let store = Store::open(dir.path(), options(u64::MAX, &[])).unwrap();
     append_to(&store, record(101, 10), Vec::new()).await;
     assert_eq!(store.stats().live_messages, 1);
+}
+
+/// Fill to ~2 MB, move the cursor to the end, wait for retirement to
+/// delete everything, 20 times: redb reuses the freed pages, so the file
+/// stays near the peak of live data instead of growing by it every cycle.
+/// Reopening a file that is then mostly free compacts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_churn_keeps_the_file_bounded_and_a_mostly_free_file_is_compacted_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(DB_FILE);
+    let len = || std::fs::metadata(&file).unwrap().len();
+    const CYCLES: u64 = 20;
+    const PER_CYCLE: u64 = 2000;
+    const PAYLOAD: usize = 1000;
+    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    let mut peak_live = 0u64;
+    let mut largest = 0u64;
+    let mut n = 0u64;
+    for _ in 0..CYCLES {
+        let mut commits = Vec::new();
+        for _ in 0..PER_CYCLE {
+            n += 1;
+            commits.push(store.submit(record(n, PAYLOAD)).await.unwrap());
+            if commits.len() == 500 {
+                for c in commits.drain(..) {
+                    c.await.unwrap();
+                }
+            }
+        }
+        for c in commits {
+            c.await.unwrap();
+        }
+        peak_live = peak_live.max(store.stats().live_bytes);
+        largest = largest.max(len());
+        let end = store.stats().next_seq;
+        store.advance_cursor("up", end).await.unwrap();
+        // Retirement continues while the writer is idle; a bounded wait.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.stats().live_messages > 0 {
+            assert!(std::time::Instant::now() < deadline, "retirement stalled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        largest = largest.max(len());
+    }
+    let bound = 2 * peak_live + (4 << 20);
+    assert!(
+        largest <= bound,
+        "file grew to {largest} bytes over {CYCLES} cycles of {peak_live} live bytes (bound {bound})"
+    );
+    println!("churn: peak live {peak_live} B, largest file {largest} B");
+
+    // A backlog drained: the file is mostly free pages. Reopening compacts.
+    for _ in 0..(6 * PER_CYCLE) {
+        n += 1;
+        store.submit(record(n, PAYLOAD)).await.unwrap();
+    }
+    let last = store.append(record(n + 1, PAYLOAD)).await.unwrap();
+    let full = len();
+    store.advance_cursor("up", last).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while store.stats().live_messages > 1 {
+        assert!(std::time::Instant::now() < deadline, "retirement stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.close().await.unwrap();
+    let before = len();
+    let store = Store::open(dir.path(), options(u64::MAX, &["up"])).unwrap();
+    let after = len();
+    println!("compaction: file {full} B full, {before} B drained, {after} B after reopening");
+    assert!(
+        after < full / 4 && after <= before,
+        "reopening a drained {before}-byte file left {after} bytes"
+    );
+    assert_eq!(all(&store).len(), 1, "the live record is kept");
+}
+
+/// A clock the test moves, in milliseconds since the Unix epoch.
+fn manual_clock(start: u64) -> (Arc<AtomicU64>, Clock) {
+    let now = Arc::new(AtomicU64::new(start));
+    let read = Arc::clone(&now);
+    (now, Arc::new(move || read.load(Ordering::SeqCst)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_age_drops_old_records_forwarded_or_not_and_keeps_what_a_queue_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = 1_000_000_000;
+    let (now, clock) = manual_clock(t0);
+    let opts = StoreOptions {
+        max_age: Some(Duration::from_secs(10)),
+        ..options(u64::MAX, &["a", "b"])
+    };
+    let store = Store::open_with_clock(dir.path(), opts.clone(), Arc::clone(&clock)).unwrap();
+    let q = store.create_queue("q").await.unwrap();
+    store.append(record(1, 10)).await.unwrap();
+    assert_eq!(append_to(&store, record(2, 10), vec![q]).await, 2);
+    store.append(record(3, 10)).await.unwrap();
+    // Upstream "a" forwarded 1 and 2, "b" nothing.
+    store.advance_cursor("a", 3).await.unwrap();
+    now.store(t0 + 5_000, Ordering::SeqCst);
+    store.append(record(4, 10)).await.unwrap();
+    store.append(record(5, 10)).await.unwrap();
+    // 1..=3 are under 10 s old plus the 1 s step: kept.
+    now.store(t0 + 10_999, Ordering::SeqCst);
+    store.append(record(6, 10)).await.unwrap();
+    let seqs = |s: &Store| all(s).into_iter().map(|(seq, _)| seq).collect::<Vec<_>>();
+    assert_eq!(seqs(&store), vec![1, 2, 3, 4, 5, 6]);
+    // Now they are old enough: the next batch drops 1 and 3, forwarded or
+    // not; 2 stays for the queue, and both cursors move over them.
+    now.store(t0 + 11_000, Ordering::SeqCst);
+    store.append(record(7, 10)).await.unwrap();
+    assert_eq!(seqs(&store), vec![2, 4, 5, 6, 7]);
+    assert_eq!(store.cursor("a").unwrap(), 4);
+    assert_eq!(store.cursor("b").unwrap(), 4);
+    let queued = store.queue_entries(q, 0, 10).unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].record.as_ref().map(number), Some(2));
+    assert_eq!(store.stats().live_messages, 5);
+    store.close().await.unwrap();
+
+    // The append times survive a reopen, and the idle writer sweeps on its
+    // own: 4 and 5 go at t0 + 5 s + 1 s step + 10 s, with no append.
+    let store = Store::open_with_clock(dir.path(), opts, clock).unwrap();
+    now.store(t0 + 16_000, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while seqs(&store) != vec![2, 6, 7] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not swept while idle: {:?}",
+            seqs(&store)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.cursor("b").unwrap(), 6);
+    assert!(
+        store.append(record(8, 10)).await.unwrap() > 7,
+        "no seq reused"
+    );
 }

@@ -2,14 +2,17 @@
 //!
 //! It takes one op from the inbox, drains whatever else is pending (up to the
 //! batch limits), applies all of it in one write transaction (`apply.rs`),
-//! commits with `Durability::Immediate` (one fsync per batch), and only then
-//! completes the replies. Seqs are assigned here, in inbox order. Disk space
+//! makes it durable — one frame appended to the journal and synced, then a
+//! `Durability::None` redb commit; or, without a journal and at each
+//! checkpoint, a `Durability::Immediate` commit (`journal.rs`) — and only
+//! then completes the replies. Seqs are assigned here, in inbox order. Disk space
 //! is `disk.rs`.
 
+pub(crate) mod age;
 mod apply;
 mod disk;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::dead::Meta;
+use crate::journal::Journal;
 use crate::tables::{Loaded, Stats};
 use crate::{AppendError, FullReason, Retain, Seq, Shared, StoreError, StoreStats, space};
 
@@ -144,6 +148,8 @@ pub(crate) enum Op {
     Close {
         reply: oneshot::Sender<()>,
     },
+    /// From the `max_age` ticker: sweep if anything is due.
+    Tick,
 }
 
 impl Op {
@@ -223,6 +229,10 @@ struct State {
     /// The ids in `queues`: an append makes entries in these only.
     queue_ids: BTreeSet<u64>,
     next_queue_id: u64,
+    /// The `ages` table (`age.rs`), oldest first.
+    marks: VecDeque<(u64, Seq)>,
+    /// Records below it were swept for age (those queues hold stay).
+    aged_below: Seq,
 }
 
 impl State {
@@ -263,6 +273,12 @@ pub(crate) struct Writer {
     refused_in_batch: Option<FullReason>,
     /// When the free space was last read while idle and refusing.
     room_checked: Instant,
+    /// The write-ahead journal; `None`: every batch is a durable redb commit.
+    journal: Option<Journal>,
+    /// The next batch is a checkpoint (the writer is stopping).
+    checkpoint_due: bool,
+    /// The clock when the current batch began (unix ms).
+    now: u64,
 }
 
 /// The filesystem as the writer last saw it (see `space.rs`).
@@ -279,7 +295,12 @@ struct Disk {
 }
 
 impl Writer {
-    pub(crate) fn new(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, loaded: Loaded) -> Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        rx: mpsc::Receiver<Op>,
+        loaded: Loaded,
+        journal: Option<Journal>,
+    ) -> Writer {
         Writer {
             shared,
             rx,
@@ -293,6 +314,8 @@ impl Writer {
                 queue_ids: loaded.queues.values().copied().collect(),
                 queues: loaded.queues,
                 next_queue_id: loaded.next_queue_id,
+                marks: loaded.marks,
+                aged_below: 0,
             },
             // Retirement may have been cut short before a restart.
             retire_pending: true,
@@ -301,6 +324,9 @@ impl Writer {
             disk: Disk::default(),
             refused_in_batch: None,
             room_checked: Instant::now(),
+            journal,
+            checkpoint_due: false,
+            now: 0,
         }
     }
 
@@ -346,6 +372,12 @@ impl Writer {
         }
         // Ops still queued behind a close resolve as `Closed` when dropped.
         self.rx.close();
+        // The last handle went without a close: fold the journal now, so
+        // the next open has nothing to replay.
+        if close_reply.is_none() && self.journal.as_ref().is_some_and(|j| j.used() > 0) {
+            self.checkpoint_due = true;
+            self.commit_batch(Vec::new());
+        }
         tracing::debug!(next_seq = self.state.next_seq, "Store writer stopped.");
         if let Some(reply) = close_reply {
             // The database goes with the close, not with the last handle
@@ -406,8 +438,16 @@ impl Writer {
     /// Applies `ops` in one transaction; returns the close reply if the batch
     /// held a close.
     fn commit_batch(&mut self, ops: Vec<Op>) -> Option<oneshot::Sender<()>> {
-        if ops.is_empty() && !self.must_retire(&self.state) {
-            self.retire_pending = false;
+        self.now = (self.shared.clock)();
+        let ticks_only = ops.iter().all(|op| matches!(op, Op::Tick));
+        if ticks_only
+            && !self.must_retire(&self.state)
+            && !self.checkpoint_due
+            && self.expired_below(&self.state).is_none()
+        {
+            if ops.is_empty() {
+                self.retire_pending = false;
+            }
             return None;
         }
         let started = Instant::now();
@@ -590,5 +630,6 @@ fn fail_op(op: Op, msg: &str, close: &mut Option<oneshot::Sender<()>>) {
             let _ = reply.send(Err(err()));
         }
         Op::Close { reply } => *close = Some(reply),
+        Op::Tick => {}
     }
 }

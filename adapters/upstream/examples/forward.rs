@@ -137,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             retire_without_cursors: false,
             when_full: Default::default(),
             min_free: 0,
+            max_age: None,
         },
     )?;
     let config = UpstreamConfig {

@@ -22,6 +22,7 @@ fn store_with(dir: &std::path::Path, max_bytes: u64) -> Store {
             cursors: vec![],
             when_full: Default::default(),
             min_free: 0,
+            max_age: None,
         },
     )
     .expect("open store")

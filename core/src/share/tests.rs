@@ -23,6 +23,7 @@ fn store(dir: &std::path::Path) -> Store {
             cursors: vec![],
             when_full: Default::default(),
             min_free: 0,
+            max_age: None,
         },
     )
     .expect("open store")

@@ -14,6 +14,8 @@
 //! - [`Disk::restart`] is the power coming back: the file holds what
 //!   survived ([`Kept`]), the fault is gone, and a new backend on the disk
 //!   is a process opening the file again.
+//! - [`Disk::sibling`] is a second file on the same disk (the journal
+//!   beside the database): one power, one fault, for both.
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -69,11 +71,17 @@ impl Change {
     }
 }
 
+/// One file's bytes.
 #[derive(Debug, Default)]
-struct File {
+struct Bytes {
     written: Vec<u8>,
     synced: Vec<u8>,
     unsynced: Vec<Change>,
+}
+
+#[derive(Debug, Default)]
+struct File {
+    files: Vec<Bytes>,
     fault: Fault,
     /// Writes and syncs still let through before the power is cut.
     power_left: Option<u64>,
@@ -100,15 +108,41 @@ impl File {
     }
 }
 
-/// A simulated disk; clones share it.
-#[derive(Debug, Clone, Default)]
+/// A simulated disk (one file of it); clones share it.
+#[derive(Debug, Clone)]
 pub(super) struct Disk {
     file: Arc<(Mutex<File>, Condvar)>,
+    index: usize,
+}
+
+impl Default for Disk {
+    fn default() -> Disk {
+        let file = File {
+            files: vec![Bytes::default()],
+            ..File::default()
+        };
+        Disk {
+            file: Arc::new((Mutex::new(file), Condvar::new())),
+            index: 0,
+        }
+    }
 }
 
 impl Disk {
     fn lock(&self) -> MutexGuard<'_, File> {
         self.file.0.lock().unwrap()
+    }
+
+    /// Another file on this disk, under the same power and fault.
+    pub(super) fn sibling(&self) -> Disk {
+        let mut file = self.lock();
+        file.files.push(Bytes::default());
+        let index = file.files.len() - 1;
+        drop(file);
+        Disk {
+            file: Arc::clone(&self.file),
+            index,
+        }
     }
 
     /// A redb backend on this disk's file.
@@ -135,19 +169,22 @@ impl Disk {
     /// old backend (the store was dropped).
     pub(super) fn restart(&self, kept: Kept) {
         let mut file = self.lock();
-        let unsynced = std::mem::take(&mut file.unsynced);
-        match kept {
-            Kept::Synced => {}
-            Kept::Written => file.synced = file.written.clone(),
-            Kept::Torn(seed) => {
-                for (n, change) in unsynced.iter().enumerate() {
-                    if coin(seed, n as u64) {
-                        change.apply(&mut file.synced);
+        for (i, bytes) in file.files.iter_mut().enumerate() {
+            let unsynced = std::mem::take(&mut bytes.unsynced);
+            match kept {
+                Kept::Synced => {}
+                Kept::Written => bytes.synced = bytes.written.clone(),
+                Kept::Torn(seed) => {
+                    let seed = seed.wrapping_add((i as u64) << 40);
+                    for (n, change) in unsynced.iter().enumerate() {
+                        if coin(seed, n as u64) {
+                            change.apply(&mut bytes.synced);
+                        }
                     }
                 }
             }
+            bytes.written = bytes.synced.clone();
         }
-        file.written = file.synced.clone();
         file.fault = Fault::None;
         file.power_left = None;
         drop(file);
@@ -171,13 +208,13 @@ pub(super) struct DiskBackend {
 
 impl redb::StorageBackend for DiskBackend {
     fn len(&self) -> io::Result<u64> {
-        Ok(self.disk.lock().written.len() as u64)
+        Ok(self.disk.lock().files[self.disk.index].written.len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
         let file = self.disk.lock();
         let start = offset as usize;
-        let bytes = file
+        let bytes = file.files[self.disk.index]
             .written
             .get(start..start + out.len())
             .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
@@ -189,8 +226,9 @@ impl redb::StorageBackend for DiskBackend {
         let mut file = self.disk.lock();
         if file.fault != Fault::PowerCut {
             let change = Change::SetLen(len);
-            change.apply(&mut file.written);
-            file.unsynced.push(change);
+            let bytes = &mut file.files[self.disk.index];
+            change.apply(&mut bytes.written);
+            bytes.unsynced.push(change);
         }
         Ok(())
     }
@@ -204,9 +242,9 @@ impl redb::StorageBackend for DiskBackend {
         if file.fault == Fault::FailSync {
             return Err(io::Error::other("injected fsync failure"));
         }
-        let File {
+        let Bytes {
             synced, unsynced, ..
-        } = &mut *file;
+        } = &mut file.files[self.disk.index];
         for change in unsynced.drain(..) {
             change.apply(synced);
         }
@@ -217,8 +255,9 @@ impl redb::StorageBackend for DiskBackend {
         let mut file = self.disk.lock();
         file.admit("write")?;
         let change = Change::Write(offset, data.to_vec());
-        change.apply(&mut file.written);
-        file.unsynced.push(change);
+        let bytes = &mut file.files[self.disk.index];
+        change.apply(&mut bytes.written);
+        bytes.unsynced.push(change);
         Ok(())
     }
 }

@@ -2,32 +2,34 @@
 
 use std::collections::BTreeSet;
 
-use redb::{ReadableTable, Table, WriteTransaction};
+use redb::{Durability, ReadableTable};
 use tokio::sync::oneshot;
 
 use super::{AppendOp, DROPPED, DeadLetterAction, Op, Pending, RETIRE_PER_TXN, State, Writer};
 use crate::dead::{self, Replay};
-use crate::tables::{
-    CURSORS, DEAD_LETTERS, DEDUP, DEFINITIONS, GATEWAY_ID_KEY, LOG, META, NEXT_QUEUE_KEY,
-    QUEUE_ENTRIES, QUEUES, REFS, REPLAYS, RETAINED, RETIRED_BELOW_KEY, SESSIONS, STATS_KEY,
-};
+use crate::journal::{Changes, Tables};
+use crate::tables::{GATEWAY_ID_KEY, JOURNAL_KEY, NEXT_QUEUE_KEY, RETIRED_BELOW_KEY, STATS_KEY};
 use crate::{AppendError, Retain, Seq, StoreError, WhenFull};
 
-/// The tables a batch writes, opened once per transaction.
-struct Tables<'t> {
-    log: Table<'t, u64, &'static [u8]>,
-    cursors: Table<'t, &'static str, u64>,
-    dead: Table<'t, u64, &'static [u8]>,
-    replays: Table<'t, u64, &'static [u8]>,
-    retained: Table<'t, &'static str, &'static [u8]>,
-    entries: Table<'t, (u64, u64), u32>,
-    refs: Table<'t, u64, u32>,
-    dedup: Table<'t, &'static str, u64>,
-    meta: Table<'t, &'static str, &'static [u8]>,
+/// An error that must not be taken for "out of space" (which makes the
+/// writer refuse the batch and reopen redb): the batch is in the journal
+/// already, so it will be back after a restart.
+fn after_journal(e: impl Into<redb::Error>) -> redb::Error {
+    match e.into() {
+        redb::Error::Io(io) => redb::Error::Io(std::io::Error::other(io.to_string())),
+        other => other,
+    }
 }
 
 impl Writer {
     /// Writes the batch and commits. Returns whether retirement was cut short.
+    ///
+    /// With a journal, the transaction commits with `Durability::None` once
+    /// its changes are synced in the journal; a batch whose changes do not
+    /// fit in the journal's epoch, one that closes the store, or one after
+    /// [`Writer::checkpoint_due`] is a checkpoint instead: committed with
+    /// `Durability::Immediate` and starting the next epoch in the same
+    /// commit.
     pub(super) fn apply(
         &mut self,
         ops: &mut std::vec::IntoIter<Op>,
@@ -41,44 +43,56 @@ impl Writer {
             .db()
             .map_err(|e| redb::Error::Io(std::io::Error::other(e.to_string())))?;
         let mut txn = db.begin_write()?;
-        txn.set_durability(redb::Durability::Immediate)?;
+        let changes = Changes::default();
         let more;
+        let checkpoint;
         {
-            let mut t = Tables {
-                log: txn.open_table(LOG)?,
-                cursors: txn.open_table(CURSORS)?,
-                dead: txn.open_table(DEAD_LETTERS)?,
-                replays: txn.open_table(REPLAYS)?,
-                retained: txn.open_table(RETAINED)?,
-                entries: txn.open_table(QUEUE_ENTRIES)?,
-                refs: txn.open_table(REFS)?,
-                dedup: txn.open_table(DEDUP)?,
-                meta: txn.open_table(META)?,
-            };
+            let c = &changes;
+            let mut t = Tables::open(&txn, c)?;
             let mut refused = false;
             for op in ops.by_ref() {
-                self.apply_op(
-                    &txn,
-                    &mut t,
-                    op,
-                    next,
-                    pending,
-                    close,
-                    appended,
-                    &mut refused,
-                )?;
+                self.apply_op(&mut t, op, next, pending, close, appended, &mut refused)?;
             }
-            more = self.retire(&mut t, next)?;
+            let aged_more = self.age_out(&mut t, next)?;
+            more = self.retire(&mut t, next)? || aged_more;
             t.meta.insert(STATS_KEY, next.stats.encode().as_slice())?;
+            checkpoint = match &self.journal {
+                None => None,
+                Some(j) if self.checkpoint_due || close.is_some() || !j.fits(c.borrow().len()) => {
+                    Some(j.next_epoch_value())
+                }
+                Some(_) => None,
+            };
+            if let Some(epoch) = &checkpoint {
+                t.meta.insert(JOURNAL_KEY, epoch.as_slice())?;
+            }
         }
-        txn.commit()?;
+        match self.journal.as_mut() {
+            Some(journal) if checkpoint.is_none() => {
+                txn.set_durability(Durability::None)?;
+                if let Err(e) = journal.append(&changes.borrow()) {
+                    // Dropping the transaction rolls it back.
+                    return Err(redb::Error::Io(std::io::Error::other(format!(
+                        "store journal: {e}"
+                    ))));
+                }
+                txn.commit().map_err(after_journal)?;
+            }
+            journal => {
+                txn.set_durability(Durability::Immediate)?;
+                txn.commit()?;
+                if let Some(journal) = journal {
+                    journal.start_next_epoch();
+                    self.checkpoint_due = false;
+                }
+            }
+        }
         Ok(more)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn apply_op(
         &mut self,
-        txn: &WriteTransaction,
         t: &mut Tables<'_>,
         op: Op,
         next: &mut State,
@@ -187,7 +201,7 @@ impl Writer {
                     None => {
                         let id = next.next_queue_id;
                         next.next_queue_id += 1;
-                        txn.open_table(QUEUES)?.insert(name.as_str(), id)?;
+                        t.queues.insert(name.as_str(), id)?;
                         t.meta
                             .insert(NEXT_QUEUE_KEY, next.next_queue_id.to_le_bytes().as_slice())?;
                         next.queues.insert(name, id);
@@ -200,7 +214,7 @@ impl Writer {
             Op::DeleteQueue { name, reply } => {
                 if let Some(id) = next.queues.remove(&name) {
                     next.queue_ids.remove(&id);
-                    txn.open_table(QUEUES)?.remove(name.as_str())?;
+                    t.queues.remove(name.as_str())?;
                     let seqs: Vec<Seq> = t
                         .entries
                         .range((id, 0)..=(id, u64::MAX))?
@@ -226,21 +240,19 @@ impl Writer {
                 pending.push(Pending::Done(reply));
             }
             Op::PutSession { id, value, reply } => {
-                txn.open_table(SESSIONS)?
-                    .insert(id.as_str(), value.as_slice())?;
+                t.sessions.insert(id.as_str(), value.as_slice())?;
                 pending.push(Pending::Done(reply));
             }
             Op::DeleteSession { id, reply } => {
-                txn.open_table(SESSIONS)?.remove(id.as_str())?;
+                t.sessions.remove(id.as_str())?;
                 pending.push(Pending::Done(reply));
             }
             Op::PutDefinition { key, value, reply } => {
-                txn.open_table(DEFINITIONS)?
-                    .insert(key.as_str(), value.as_slice())?;
+                t.definitions.insert(key.as_str(), value.as_slice())?;
                 pending.push(Pending::Done(reply));
             }
             Op::DeleteDefinition { key, reply } => {
-                txn.open_table(DEFINITIONS)?.remove(key.as_str())?;
+                t.definitions.remove(key.as_str())?;
                 pending.push(Pending::Done(reply));
             }
             Op::ReleaseDedup { key, prefix, reply } => {
@@ -260,6 +272,7 @@ impl Writer {
                 pending.push(Pending::Done(reply));
             }
             Op::Close { reply } => *close = Some(reply),
+            Op::Tick => {}
         }
         Ok(())
     }
@@ -366,6 +379,7 @@ impl Writer {
     ) -> Result<Seq, redb::Error> {
         let seq = next.next_seq;
         t.log.insert(seq, bytes)?;
+        self.mark_append(t, next, seq)?;
         next.next_seq += 1;
         next.stats.live_bytes += bytes.len() as u64;
         next.stats.live_messages += 1;
@@ -405,7 +419,7 @@ impl Writer {
         Ok(())
     }
 
-    fn log_remove(
+    pub(super) fn log_remove(
         &self,
         t: &mut Tables<'_>,
         next: &mut State,
@@ -442,9 +456,28 @@ impl Writer {
             return Ok(false);
         }
         let below = self.retire_below(next);
+        let (upto, doomed) = self.delete_unheld(t, next, next.retired_upto, below)?;
+        next.retired_upto = upto;
+        next.first_seq = t.log.first()?.map_or(0, |(k, _)| k.value());
+        if let Some(last) = doomed.last() {
+            raise_retired_below(t, last + 1)?;
+        }
+        Ok(self.must_retire(next))
+    }
+
+    /// Deletes the log records in `from..below` that no queue entry holds,
+    /// examining at most [`RETIRE_PER_TXN`]. Returns where it stopped
+    /// (`below` when it got there) and the seqs deleted.
+    pub(super) fn delete_unheld(
+        &self,
+        t: &mut Tables<'_>,
+        next: &mut State,
+        from: Seq,
+        below: Seq,
+    ) -> Result<(Seq, Vec<Seq>), redb::Error> {
         let mut upto = below;
         let mut doomed = Vec::new();
-        for (examined, entry) in t.log.range(next.retired_upto..below)?.enumerate() {
+        for (examined, entry) in t.log.range(from..below)?.enumerate() {
             let (k, _) = entry?;
             let seq = k.value();
             if examined >= RETIRE_PER_TXN {
@@ -455,22 +488,10 @@ impl Writer {
                 doomed.push(seq);
             }
         }
-        for seq in &doomed {
-            self.log_remove(t, next, *seq)?;
+        for &seq in &doomed {
+            self.log_remove(t, next, seq)?;
         }
-        next.retired_upto = upto;
-        next.first_seq = t.log.first()?.map_or(0, |(k, _)| k.value());
-        if let Some(last) = doomed.last() {
-            let old = t
-                .meta
-                .get(RETIRED_BELOW_KEY)?
-                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-                .map_or(0, u64::from_le_bytes);
-            let floor = (last + 1).max(old);
-            t.meta
-                .insert(RETIRED_BELOW_KEY, floor.to_le_bytes().as_slice())?;
-        }
-        Ok(self.must_retire(next))
+        Ok((upto, doomed))
     }
 
     /// `when_full = drop-oldest`: deletes the oldest log records until `len`
@@ -527,6 +548,21 @@ impl Writer {
         });
         Ok(())
     }
+}
+
+/// Raises `retired_below` in `meta` to `floor` (never lowers it): seqs
+/// below it are never handed out again.
+pub(super) fn raise_retired_below(t: &mut Tables<'_>, floor: Seq) -> Result<(), redb::Error> {
+    let old = t
+        .meta
+        .get(RETIRED_BELOW_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map_or(0, u64::from_le_bytes);
+    if floor > old {
+        t.meta
+            .insert(RETIRED_BELOW_KEY, floor.to_le_bytes().as_slice())?;
+    }
+    Ok(())
 }
 
 /// What an append adds to the bytes counted toward the quota: its record in

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{DISK, Op, Pending, REOPEN_WAIT, Writer, fail_op};
-use crate::{AppendError, FullReason, Seq, space};
+use super::{DISK, Disk, Op, Pending, REOPEN_WAIT, Writer, fail_op};
+use crate::{AppendError, FullReason, Seq, Shared, space};
 
 impl Writer {
     /// Reads the filesystem's free space before a batch of appends.
@@ -137,6 +137,14 @@ impl Writer {
         loop {
             match reopen() {
                 Ok(db) => {
+                    // The reopened database is at its last checkpoint: the
+                    // journal brings back what was acknowledged since.
+                    if let Some(journal) = self.journal.as_mut()
+                        && let Err(e) = crate::journal::recover(&db, journal)
+                    {
+                        let what = "cannot replay the store journal after reopening";
+                        return reopen_failed(&mut self.disk, &self.shared, &e, what);
+                    }
                     *slot = Some(Arc::new(db));
                     self.disk.closed = false;
                     self.retire_pending = true;
@@ -148,18 +156,24 @@ impl Writer {
                 }
                 Err(e) => {
                     let e = redb::Error::from(e);
-                    if space::is_no_space(&e) || matches!(e, redb::Error::DatabaseAlreadyOpen) {
-                        self.disk.closed = true;
-                        return false;
-                    }
-                    let msg = format!("cannot reopen the store after running out of space: {e}");
-                    tracing::error!(error = %e, "Cannot reopen the store after running out of space; it takes no more writes.");
-                    metrics::counter!("edge_store_commit_failures_total").increment(1);
-                    self.shared.failure.send_replace(Some(msg));
-                    self.disk.closed = true;
-                    return false;
+                    let what = "cannot reopen the store after running out of space";
+                    return reopen_failed(&mut self.disk, &self.shared, &e, what);
                 }
             }
         }
     }
+}
+
+/// The database stays closed: for now when the disk is still full (the
+/// next batch tries again), for good otherwise (the store failed). Returns
+/// false, what [`Writer::reopen`] returns then.
+fn reopen_failed(disk: &mut Disk, shared: &Shared, e: &redb::Error, what: &str) -> bool {
+    disk.closed = true;
+    if space::is_no_space(e) || matches!(e, redb::Error::DatabaseAlreadyOpen) {
+        return false;
+    }
+    tracing::error!(error = %e, "{what}; the store takes no more writes.");
+    metrics::counter!("edge_store_commit_failures_total").increment(1);
+    shared.failure.send_replace(Some(format!("{what}: {e}")));
+    false
 }

@@ -142,6 +142,7 @@ fn store_options(options: &Options) -> Result<StoreOptions> {
         retire_without_cursors: false,
         when_full: Default::default(),
         min_free: 0,
+        max_age: None,
     })
 }
 

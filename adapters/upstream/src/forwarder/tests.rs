@@ -88,6 +88,7 @@ fn options() -> StoreOptions {
         retire_without_cursors: false,
         when_full: Default::default(),
         min_free: 0,
+        max_age: None,
     }
 }
 
