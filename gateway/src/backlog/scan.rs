@@ -124,8 +124,10 @@ pub fn scan(
             name: u.name.clone(),
             cursor: Some(cursor),
             link: u.link.map(str::to_string),
-            routes: own[&u.name]
-                .iter()
+            routes: own
+                .get(&u.name)
+                .into_iter()
+                .flat_map(Routes::iter)
                 .map(|r| RouteBacklog::new(&r.name))
                 .collect(),
             unreadable: 0,
@@ -165,7 +167,10 @@ fn count_entry(report: &mut Report, cursors: &[Seq], own: &HashMap<String, Route
             u.unreadable += 1;
             continue;
         };
-        let Some(route) = route_of(&own[&u.name], &u.name, entry, &message.topic) else {
+        let Some(route) = own
+            .get(&u.name)
+            .and_then(|routes| route_of(routes, &u.name, entry, &message.topic))
+        else {
             continue;
         };
         let Some(bucket) = u.routes.iter_mut().find(|b| b.route == route.name) else {
