@@ -1,5 +1,6 @@
-//! `edge-gateway [--config FILE]`, `edge-gateway check-config FILE` and
-//! `edge-gateway passwd FILE USER [--stdin] [--delete]`.
+//! `edge-gateway [--config FILE]`, `edge-gateway check-config FILE`,
+//! `edge-gateway passwd FILE USER [--stdin] [--delete]` and
+//! `edge-gateway backlog [replay|purge] ...` (`backlog/command.rs`).
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ const EXIT_FAILURE: u8 = 1;
 struct Cli {
     /// TOML configuration file; without it the embedded defaults are used
     /// (MQTT on 127.0.0.1:1883, metrics on 127.0.0.1:9183, data in ./data, no upstream).
-    #[arg(long, short, value_name = "FILE")]
+    #[arg(long, short, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -38,6 +39,12 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Per upstream and route: messages still to forward, their bytes and
+    /// oldest age, the cursor, the link state and the parked dead letters;
+    /// `replay` / `purge` dead letters (of one route with --route). Asks a
+    /// running gateway (--admin URL) or reads a stopped one's data directory
+    /// (--data-dir DIR, read-only for the backlog).
+    Backlog(crate::backlog::BacklogArgs),
     /// Add a user to a password file or change its password (prompted twice,
     /// or one line from stdin with --stdin); --delete removes the user.
     Passwd {
@@ -66,6 +73,7 @@ pub fn cli_main() -> ExitCode {
             stdin,
             delete,
         }) => passwd(&file, &user, stdin, delete),
+        Some(Command::Backlog(args)) => crate::backlog::run_command(args, cli.config.as_deref()),
         None => run(cli.config.as_deref()),
     }
 }

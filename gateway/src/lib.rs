@@ -10,6 +10,7 @@
 //! acks of what is already committed → stop the replicators (they wait briefly for
 //! outstanding confirms and persist their cursors) → close the store.
 
+pub mod backlog;
 mod cli;
 pub mod security;
 mod telemetry;
@@ -99,6 +100,25 @@ fn clock_seed() -> u64 {
         .map(|d| d.as_micros() as u64)
         .unwrap_or(1)
         .max(1)
+}
+
+/// How the gateway opens its store: the configured quota and batching,
+/// one cursor per configured upstream (others are dropped at open).
+pub(crate) fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        max_bytes: config.store.max_bytes,
+        min_free: config.store.min_free,
+        max_age: config.store.max_age,
+        batch_max_messages: config.store.batch_max_messages,
+        batch_max_bytes: config.store.batch_max_bytes,
+        inbox_capacity: NonZeroUsize::new(STORE_INBOX).unwrap_or(NonZeroUsize::MIN),
+        cursors: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+        retire_without_cursors: true,
+        when_full: match config.store.when_full {
+            edge_config::WhenFull::Reject => edge_store::WhenFull::Reject,
+            edge_config::WhenFull::DropOldest => edge_store::WhenFull::DropOldest,
+        },
+    }
 }
 
 /// Outcome of one attempt to open the store.
@@ -204,21 +224,11 @@ impl Gateway {
             None => None,
         };
 
-        let options = StoreOptions {
-            max_bytes: config.store.max_bytes,
-            min_free: config.store.min_free,
-            max_age: config.store.max_age,
-            batch_max_messages: config.store.batch_max_messages,
-            batch_max_bytes: config.store.batch_max_bytes,
-            inbox_capacity: NonZeroUsize::new(STORE_INBOX).unwrap_or(NonZeroUsize::MIN),
-            cursors: config.upstreams.iter().map(|u| u.name.clone()).collect(),
-            retire_without_cursors: true,
-            when_full: match config.store.when_full {
-                edge_config::WhenFull::Reject => edge_store::WhenFull::Reject,
-                edge_config::WhenFull::DropOldest => edge_store::WhenFull::DropOldest,
-            },
-        };
-        let store = open_store(&config.gateway.data_dir, options, config.store.on_corrupt)?;
+        let store = open_store(
+            &config.gateway.data_dir,
+            store_options(&config),
+            config.store.on_corrupt,
+        )?;
         let id = resolve_id(&store, config.gateway.id.as_deref()).await?;
         tracing::info!(id = %id, "gateway identity");
         let routes = routes(&config.routes)?;
@@ -316,6 +326,7 @@ impl Gateway {
                 store.clone(),
                 handle,
                 links,
+                routes.clone(),
                 store.failure(),
                 telemetry::Listeners {
                     amqp: amqp_health,

@@ -1,22 +1,27 @@
 //! Logs (tracing) and the HTTP endpoint with `/metrics` and `/healthz`
-//! (HTTPS with `metrics.tls`), and the admin endpoints (`/dead-letters`):
-//! with `auth.admin_users`, only those users (HTTP basic authentication
-//! against the password file); without, only loopback clients.
+//! (HTTPS with `metrics.tls`), and the admin endpoints (`/backlog`,
+//! `/dead-letters`): with `auth.admin_users`, only those users (HTTP basic
+//! authentication against the password file); without, only loopback
+//! clients.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router as HttpRouter;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{get, post};
 use edge_amqp::OpenConnections;
+use edge_core::Routes;
 use edge_upstream::LinkStatus;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::backlog::{self, DeadLetterAction, UpstreamRef};
 
 /// Default log filter. lapin logs a dropped upstream link at ERROR from
 /// its I/O loop; the replicator already reports it at WARN with context,
@@ -156,6 +161,10 @@ struct HttpState {
     store: edge_store::Store,
     metrics: PrometheusHandle,
     links: Vec<(String, LinkStatus)>,
+    /// Every configured route, and each upstream's own (for `/backlog` and
+    /// the dead letters of one route).
+    routes: Routes,
+    own_routes: Arc<HashMap<String, Routes>>,
     store_failure: tokio::sync::watch::Receiver<Option<String>>,
     amqp: Option<(SocketAddr, OpenConnections)>,
     mqtt_ws: Option<(SocketAddr, String)>,
@@ -193,15 +202,21 @@ pub async fn serve(
     store: edge_store::Store,
     metrics: PrometheusHandle,
     links: Vec<(String, LinkStatus)>,
+    routes: Routes,
     store_failure: tokio::sync::watch::Receiver<Option<String>>,
     listeners: Listeners,
     admin: Admin,
     shutdown: CancellationToken,
 ) {
     let tls = admin.tls.clone();
+    let own_routes = Arc::new(backlog::routes_by_upstream(
+        links.iter().map(|(name, _)| name.as_str()),
+        &routes,
+    ));
     let app = HttpRouter::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
+        .route("/backlog", get(get_backlog))
         .route("/dead-letters", get(list_dead_letters))
         .route("/dead-letters/replay", post(replay_dead_letters))
         .route("/dead-letters/purge", post(purge_dead_letters))
@@ -210,6 +225,8 @@ pub async fn serve(
             store,
             metrics,
             links,
+            routes,
+            own_routes,
             store_failure,
             amqp: listeners.amqp,
             mqtt_ws: listeners.mqtt_ws,
@@ -266,15 +283,14 @@ async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
         } else {
             format!(" ({node})")
         };
-        body.push_str(&format!("upstream {name}: {}{on}\n", link.state().as_str()));
+        let state = backlog::link_state(link);
+        body.push_str(&format!("upstream {name}: {state}{on}\n"));
     }
     (status, body)
 }
 
 /// Dead letters listed per request at most (each is decoded whole).
 const DEAD_LETTER_PAGE: usize = 100;
-/// Dead letters replayed or purged per store operation (one commit).
-const DEAD_LETTER_CHUNK: usize = 1000;
 
 /// HTTPS: each connection's TLS handshake, then HTTP/1.1 on it.
 async fn serve_https(
@@ -423,70 +439,124 @@ async fn list_dead_letters(
     }
 }
 
-/// `POST /dead-letters/replay`: every dead letter goes back into the log
-/// (new seqs) to be forwarded again, e.g. after a missing exchange or
-/// binding was created.
+/// `?route=R` of the replay and purge endpoints.
+#[derive(Debug, serde::Deserialize)]
+struct RouteQuery {
+    route: Option<String>,
+}
+
+/// `POST /dead-letters/replay[?route=R]`: the dead letters (of that route)
+/// go back into the log (new seqs) to be forwarded again by the upstreams
+/// that parked them, e.g. after a missing exchange or binding was created.
 async fn replay_dead_letters(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     State(state): State<HttpState>,
+    Query(query): Query<RouteQuery>,
     headers: HeaderMap,
 ) -> (StatusCode, String) {
     if let Err(refused) = admin_only(&state.admin, peer, &headers).await {
         return refused;
     }
-    drain_dead_letters(&state.store, "replayed", |store, max| async move {
-        store.replay_dead_letters(max).await
-    })
-    .await
+    dead_letter_request(&state, query.route, DeadLetterAction::Replay).await
 }
 
-/// `POST /dead-letters/purge`: deletes every dead letter.
+/// `POST /dead-letters/purge[?route=R]`: deletes the dead letters (of that route).
 async fn purge_dead_letters(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     State(state): State<HttpState>,
+    Query(query): Query<RouteQuery>,
     headers: HeaderMap,
 ) -> (StatusCode, String) {
     if let Err(refused) = admin_only(&state.admin, peer, &headers).await {
         return refused;
     }
-    drain_dead_letters(&state.store, "purged", |store, max| async move {
-        store.purge_dead_letters(max).await
-    })
-    .await
+    dead_letter_request(&state, query.route, DeadLetterAction::Purge).await
 }
 
-async fn drain_dead_letters<F, Fut>(
-    store: &edge_store::Store,
-    verb: &str,
-    step: F,
-) -> (StatusCode, String)
-where
-    F: Fn(edge_store::Store, usize) -> Fut,
-    Fut: std::future::Future<Output = Result<u64, edge_store::StoreError>>,
-{
-    // Only what is parked now: replayed messages that get parked again
-    // (the cause is not fixed yet) wait for the next request.
-    let present = store.stats().dead_letters;
-    let mut total = 0u64;
-    while total < present {
-        match step(
-            store.clone(),
-            (present - total).min(DEAD_LETTER_CHUNK as u64) as usize,
-        )
-        .await
-        {
-            Ok(0) => break,
-            Ok(n) => total += n,
-            Err(e) => {
-                return (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("{verb} {total}, then: {e}\n"),
-                );
-            }
-        }
+/// Answers `<verb> <count>`; 400 for a route that is not configured.
+async fn dead_letter_request(
+    state: &HttpState,
+    route: Option<String>,
+    action: DeadLetterAction,
+) -> (StatusCode, String) {
+    if let Some(route) = &route
+        && let Err(e) = backlog::check_route(&state.routes, route)
+    {
+        return (StatusCode::BAD_REQUEST, format!("{e}\n"));
     }
-    tracing::warn!(count = total, "dead letters {verb} on request");
-    (StatusCode::OK, format!("{verb} {total}\n"))
+    let verb = action.verb();
+    match backlog::act_on_dead_letters(
+        &state.store,
+        state.own_routes.clone(),
+        route.clone(),
+        action,
+    )
+    .await
+    {
+        Ok(total) => {
+            tracing::warn!(
+                count = total,
+                route = route.as_deref().unwrap_or("(all)"),
+                "dead letters {verb} on request"
+            );
+            (StatusCode::OK, format!("{verb} {total}\n"))
+        }
+        Err((total, e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{verb} {total}, then: {e:#}\n"),
+        ),
+    }
+}
+
+/// `GET /backlog`: per upstream its cursor and link state, per route of it
+/// the messages still to forward (count, bytes, oldest age) and the parked
+/// dead letters, as JSON ([`backlog::Report`]). Scans the log from the
+/// smallest cursor on a blocking thread, in bounded chunks.
+async fn get_backlog(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+) -> (StatusCode, HeaderMap, String) {
+    let mut json = HeaderMap::new();
+    json.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    if let Err((status, body)) = admin_only(&state.admin, peer, &headers).await {
+        return (status, HeaderMap::new(), body);
+    }
+    let upstreams: Vec<UpstreamRef> = state
+        .links
+        .iter()
+        .map(|(name, link)| UpstreamRef {
+            name: name.clone(),
+            link: Some(backlog::link_state(link)),
+        })
+        .collect();
+    let (store, routes) = (state.store.clone(), state.routes.clone());
+    let scanned = tokio::task::spawn_blocking(move || {
+        backlog::scan(
+            &store,
+            &upstreams,
+            &routes,
+            "admin",
+            edge_core::message::now_ms(),
+        )
+    })
+    .await;
+    match scanned {
+        Ok(Ok(report)) => (StatusCode::OK, json, report.to_json()),
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            HeaderMap::new(),
+            format!("{e}\n"),
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            HeaderMap::new(),
+            format!("{e}\n"),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,29 @@ impl OpenError {
     /// Whether the database file itself is damaged — as opposed to locked
     /// by another process, unreadable for lack of permission, or written by
     /// a build with another schema. Only damage justifies moving it aside.
+    /// Whether another handle holds the database (the running gateway).
+    pub fn is_in_use(&self) -> bool {
+        matches!(
+            self,
+            OpenError::Database {
+                source: redb::DatabaseError::DatabaseAlreadyOpen,
+                ..
+            }
+        )
+    }
+
+    /// Whether a read-only open was refused because the file was not closed
+    /// cleanly: the repair a normal open makes is needed first.
+    pub fn needs_repair(&self) -> bool {
+        matches!(
+            self,
+            OpenError::Database {
+                source: redb::DatabaseError::RepairAborted,
+                ..
+            }
+        )
+    }
+
     pub fn is_corruption(&self) -> bool {
         match self {
             OpenError::Database {

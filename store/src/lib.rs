@@ -151,12 +151,17 @@
 //! transactions and never wait for the writer. The thread stops on
 //! [`Store::close`] or when the last handle is dropped; dropping the last
 //! handle joins it, which waits for the batch in flight (one commit).
+//!
+//! A stopped gateway's store can be inspected with [`ReadOnlyStore`]
+//! (`read_only.rs`): redb's read-only open, no writer, no open-time change;
+//! redb refuses it while a [`Store`] holds the file.
 
 mod backend;
 mod dead;
 mod error;
 mod journal;
 mod migrate;
+mod read_only;
 mod reader;
 mod record;
 mod space;
@@ -178,6 +183,7 @@ pub use journal::JOURNAL_FILE;
 
 /// Bytes of the journal file [`Store::open`] uses (see "Recovery").
 pub const JOURNAL_BYTES: u64 = journal::CAPACITY;
+pub use read_only::ReadOnlyStore;
 pub use record::Record;
 
 use writer::{DeadLetterAction, Op, Writer};
@@ -940,7 +946,15 @@ impl Store {
 
     /// Deletes up to `max` dead letters, oldest first; returns how many.
     pub async fn purge_dead_letters(&self, max: usize) -> Result<u64, StoreError> {
-        self.dead_letter_op(DeadLetterAction::Purge, max).await
+        self.dead_letter_op(DeadLetterAction::Purge, max, None)
+            .await
+    }
+
+    /// Deletes the dead letters parked at these seqs (ones not parked are
+    /// skipped), in one commit; returns how many.
+    pub async fn purge_dead_letters_at(&self, seqs: Vec<Seq>) -> Result<u64, StoreError> {
+        self.dead_letter_op(DeadLetterAction::Purge, seqs.len(), Some(seqs))
+            .await
     }
 
     /// Appends the records of up to `max` dead letters to the log again
@@ -949,18 +963,34 @@ impl Store {
     /// the upstreams that parked it forward it again, under its original
     /// message id.
     pub async fn replay_dead_letters(&self, max: usize) -> Result<u64, StoreError> {
-        self.dead_letter_op(DeadLetterAction::Replay, max).await
+        self.dead_letter_op(DeadLetterAction::Replay, max, None)
+            .await
+    }
+
+    /// Like [`Store::replay_dead_letters`] for the dead letters parked at
+    /// these seqs (in the order given; ones not parked are skipped), in one
+    /// commit. The operator's selection (a route's dead letters) is made by
+    /// the caller, who knows what records mean.
+    pub async fn replay_dead_letters_at(&self, seqs: Vec<Seq>) -> Result<u64, StoreError> {
+        self.dead_letter_op(DeadLetterAction::Replay, seqs.len(), Some(seqs))
+            .await
     }
 
     async fn dead_letter_op(
         &self,
         action: DeadLetterAction,
         max: usize,
+        only: Option<Vec<Seq>>,
     ) -> Result<u64, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Op::DeadLetters { action, max, reply })
-            .await
-            .map_err(|()| StoreError::Closed)?;
+        self.send(Op::DeadLetters {
+            action,
+            max,
+            only,
+            reply,
+        })
+        .await
+        .map_err(|()| StoreError::Closed)?;
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 

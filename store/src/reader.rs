@@ -10,12 +10,12 @@ use crate::tables::{
 };
 use crate::{DeadLetter, Entry, QueueEntry, Record, Seq, StoreError};
 
-fn read_err(e: impl Into<redb::Error>) -> StoreError {
+pub(crate) fn read_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Read(e.into().to_string())
 }
 
 pub(crate) fn read(
-    db: &Database,
+    db: &impl ReadableDatabase,
     from: Seq,
     max_messages: usize,
     max_bytes: usize,
@@ -50,7 +50,7 @@ pub(crate) fn read(
 /// A cursor never set reads as the first seq in the log, or as `next_seq()`
 /// (called after the snapshot was taken) when the log is empty.
 pub(crate) fn cursor(
-    db: &Database,
+    db: &impl ReadableDatabase,
     name: &str,
     next_seq: impl FnOnce() -> Seq,
 ) -> Result<Seq, StoreError> {
@@ -65,7 +65,7 @@ pub(crate) fn cursor(
 }
 
 pub(crate) fn dead_letters(
-    db: &Database,
+    db: &impl ReadableDatabase,
     from: Seq,
     max: usize,
 ) -> Result<Vec<DeadLetter>, StoreError> {
@@ -92,7 +92,10 @@ pub(crate) fn dead_letters(
 }
 
 /// A UTF-8 value of the `meta` table.
-pub(crate) fn meta_string(db: &Database, key: &str) -> Result<Option<String>, StoreError> {
+pub(crate) fn meta_string(
+    db: &impl ReadableDatabase,
+    key: &str,
+) -> Result<Option<String>, StoreError> {
     let txn = db.begin_read().map_err(read_err)?;
     let meta = txn.open_table(META).map_err(read_err)?;
     let value = meta.get(key).map_err(read_err)?;

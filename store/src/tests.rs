@@ -10,6 +10,7 @@ use disk::{Disk, Fault};
 mod disk;
 mod journal;
 mod model;
+mod operator;
 
 pub(super) fn options(max_bytes: u64, cursors: &[&str]) -> StoreOptions {
     StoreOptions {

@@ -88,10 +88,12 @@ pub(crate) enum Op {
         record: bytes::Bytes,
         reply: Done,
     },
-    /// Purges or replays up to `max` dead letters, oldest first.
+    /// Purges or replays up to `max` dead letters, oldest first; with
+    /// `only`, just those seqs (in the order given; absent ones skipped).
     DeadLetters {
         action: DeadLetterAction,
         max: usize,
+        only: Option<Vec<Seq>>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     /// Records the gateway's identity in `meta`.

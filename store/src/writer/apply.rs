@@ -161,13 +161,26 @@ impl Writer {
                 next.stats.dead_bytes += value.len() as u64;
                 pending.push(Pending::Done(reply));
             }
-            Op::DeadLetters { action, max, reply } => {
+            Op::DeadLetters {
+                action,
+                max,
+                only,
+                reply,
+            } => {
                 let mut done = 0u64;
+                let mut only = only.map(Vec::into_iter);
                 while (done as usize) < max {
-                    let value = match t.dead.pop_first()? {
-                        Some((_, value)) => value.value().to_vec(),
-                        None => break,
+                    let taken = match only.as_mut() {
+                        None => t.dead.pop_first()?.map(|(_, v)| v.value().to_vec()),
+                        Some(seqs) => match seqs.next() {
+                            None => break,
+                            Some(seq) => match t.dead.remove(seq)? {
+                                Some(v) => Some(v.value().to_vec()),
+                                None => continue,
+                            },
+                        },
                     };
+                    let Some(value) = taken else { break };
                     next.stats.dead_letters = next.stats.dead_letters.saturating_sub(1);
                     next.stats.dead_bytes =
                         next.stats.dead_bytes.saturating_sub(value.len() as u64);

@@ -188,7 +188,10 @@ fn parked_ids(gw: &TestGateway) -> anyhow::Result<BTreeSet<String>> {
         .collect())
 }
 
-async fn declare_exchange(conn: &lapin::Connection, exchange: &str) -> anyhow::Result<()> {
+pub(crate) async fn declare_exchange(
+    conn: &lapin::Connection,
+    exchange: &str,
+) -> anyhow::Result<()> {
     let channel = conn.create_channel().await?;
     channel
         .exchange_declare(

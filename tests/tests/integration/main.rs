@@ -12,6 +12,7 @@ mod amqp_exchanges;
 mod amqp_frames;
 mod amqp_queue_mix;
 mod amqp_tools;
+mod backlog;
 mod chains;
 mod config;
 mod corrupt;
