@@ -163,6 +163,9 @@ pub(crate) struct Inner {
     pub store: Store,
     pub routes: Routes,
     pub options: RouterOptions,
+    /// Some route has `ack = "upstream-confirmed"` (else publishes skip
+    /// looking for one).
+    pub confirming: bool,
     pub registry: RwLock<Registry>,
     pub retained: RwLock<RetainedIndex>,
     pub next_id: AtomicU64,
@@ -219,10 +222,12 @@ impl Router {
         }
         metrics::counter!("edge_shared_redistributed_total").increment(0);
         let (dispatch, rx) = mpsc::channel(DISPATCH_QUEUE);
+        let confirming = routes.iter().any(|r| r.ack == AckPoint::UpstreamConfirmed);
         let inner = Arc::new(Inner {
             store,
             routes,
             options,
+            confirming,
             registry: RwLock::new(Registry::default()),
             retained: RwLock::new(RetainedIndex::default()),
             next_id: AtomicU64::new(1),
@@ -411,7 +416,7 @@ impl Router {
         } else {
             None
         };
-        let positions = if log {
+        let positions = if log && self.inner.confirming {
             self.upstream_confirmations(topics())
         } else {
             Vec::new()
