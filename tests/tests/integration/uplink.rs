@@ -5,15 +5,17 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use edge_tests::amqp::{AmqpQueue, QueueSpec};
 use edge_tests::http::{get, metric};
 use edge_tests::proxy::Proxy;
-use edge_tests::{Publisher, RabbitNode, Received, TestGateway, unique, wait_for};
+use edge_tests::{PublishReport, Publisher, RabbitNode, Received, TestGateway, unique, wait_for};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
+use tokio::task::JoinHandle;
 
 use crate::{LONG, SHORT, blocking, check_order_and_identity, parse_payload, payload};
 
@@ -68,6 +70,37 @@ fn counters(received: &[Received]) -> Result<BTreeSet<u64>> {
     Ok(out)
 }
 
+/// Publishes `count` QoS 1 messages `meter:<from + i>` on `<prefix>/meter/1`
+/// from a new client, awaiting their PUBACKs.
+async fn publish_meter(gw: &TestGateway, prefix: &str, from: u64, count: u64) -> PublishReport {
+    let topic = format!("{prefix}/meter/1");
+    Publisher::new(gw.mqtt_addr(), &unique("meter"))
+        .run(count, LONG, move |i| {
+            (topic.clone(), payload("meter", from + i))
+        })
+        .await
+}
+
+/// A publisher sending `meter:<i>` on `<prefix>/meter/1` with `inflight`
+/// unacknowledged at most, until its stop flag is set; its PUBACK counter.
+fn publish_meter_until_stopped(
+    gw: &TestGateway,
+    prefix: &str,
+    inflight: u16,
+) -> (JoinHandle<PublishReport>, Arc<AtomicBool>, Arc<AtomicU64>) {
+    let publisher = Publisher::new(gw.mqtt_addr(), &unique("meter")).inflight(inflight);
+    let (stop, acked) = (publisher.stop_flag(), publisher.acked_counter());
+    let topic = format!("{prefix}/meter/1");
+    let publishing = tokio::spawn(async move {
+        publisher
+            .run(u64::MAX, LONG, move |i| {
+                (topic.clone(), payload("meter", i))
+            })
+            .await
+    });
+    (publishing, stop, acked)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_node_stopping_fails_over_to_the_next_and_back_without_loss() -> Result<()> {
     // Both nodes boot at once.
@@ -107,16 +140,7 @@ async fn a_cluster_node_stopping_fails_over_to_the_next_and_back_without_loss() 
     wait_health(metrics, "cluster", &format!("up ({a})")).await?;
 
     // Sustained publishing through all that follows.
-    let publisher = Publisher::new(gw.mqtt_addr(), &unique("meter")).inflight(4);
-    let (stop, acked) = (publisher.stop_flag(), publisher.acked_counter());
-    let topic = format!("{prefix}/meter/1");
-    let publishing = tokio::spawn(async move {
-        publisher
-            .run(u64::MAX, LONG, move |i| {
-                (topic.clone(), payload("meter", i))
-            })
-            .await
-    });
+    let (publishing, stop, acked) = publish_meter_until_stopped(&gw, &prefix, 4);
     let until_acked = |n: u64| {
         let acked = acked.clone();
         wait_for("more PUBACKs", LONG, move || {
@@ -218,26 +242,14 @@ async fn a_blackholed_link_is_reported_stalled_and_rebuilt_by_the_watchdog() -> 
         .start()
         .await?;
     let metrics = gw.metrics_addr().expect("metrics on");
-    let topic = format!("{prefix}/meter/1");
-    let publish = |from: u64, count: u64| {
-        let topic = topic.clone();
-        let addr = gw.mqtt_addr();
-        async move {
-            Publisher::new(addr, &unique("meter"))
-                .run(count, LONG, move |i| {
-                    (topic.clone(), payload("meter", from + i))
-                })
-                .await
-        }
-    };
     wait_health(metrics, "central", &format!("up ({})", proxy.addr())).await?;
-    let report = publish(0, 20).await;
+    let report = publish_meter(&gw, &prefix, 0, 20).await;
     assert!(report.all_acked(20), "{report:?}");
     let mut received = queue.take(20, SHORT).await?;
 
     // The path swallows everything: the socket stays up, nothing moves.
     proxy.set_blackhole(true);
-    let report = publish(20, 100).await;
+    let report = publish_meter(&gw, &prefix, 20, 100).await;
     assert!(
         report.all_acked(100),
         "the local store still acknowledges: {report:?}"
@@ -367,10 +379,7 @@ async fn a_replay_rate_cap_spreads_the_backlog_drain() -> Result<()> {
         .route("all", &format!("{prefix}/#"), "central")
         .start()
         .await?;
-    let topic = format!("{prefix}/meter/1");
-    let report = Publisher::new(gw.mqtt_addr(), &unique("meter"))
-        .run(BACKLOG, LONG, move |i| (topic.clone(), payload("meter", i)))
-        .await;
+    let report = publish_meter(&gw, &prefix, 0, BACKLOG).await;
     assert!(report.all_acked(BACKLOG), "{report:?}");
 
     proxy.set_refusing(false);
@@ -424,16 +433,7 @@ async fn ten_broker_crashes_under_load_lose_nothing() -> Result<()> {
         .route("all", &format!("{prefix}/#"), "central")
         .start()
         .await?;
-    let publisher = Publisher::new(gw.mqtt_addr(), &unique("meter")).inflight(8);
-    let stop = publisher.stop_flag();
-    let topic = format!("{prefix}/meter/1");
-    let publishing = tokio::spawn(async move {
-        publisher
-            .run(u64::MAX, LONG, move |i| {
-                (topic.clone(), payload("meter", i))
-            })
-            .await
-    });
+    let (publishing, stop, _) = publish_meter_until_stopped(&gw, &prefix, 8);
     for crash in 0..CRASHES {
         // Forwarding has resumed since the last crash before the next one.
         let before = forwarded(&gw, "central").await;
@@ -484,10 +484,7 @@ async fn forwarding_to_a_quorum_queue_is_confirmed_after_its_raft_commit() -> Re
         .route("all", &format!("{prefix}/#"), "central")
         .start()
         .await?;
-    let topic = format!("{prefix}/meter/1");
-    let report = Publisher::new(gw.mqtt_addr(), &unique("meter"))
-        .run(COUNT, LONG, move |i| (topic.clone(), payload("meter", i)))
-        .await;
+    let report = publish_meter(&gw, &prefix, 0, COUNT).await;
     assert!(report.all_acked(COUNT), "{report:?}");
     let received = queue.take(COUNT as usize, LONG).await?;
     let per_publisher = check_order_and_identity(gw.id(), &received)?;
