@@ -108,4 +108,18 @@ impl Routes {
     pub fn first_match(&self, topic: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.matches(topic))
     }
+
+    /// The distinct priorities of `upstream`'s routes, highest first: its
+    /// forwarder's lanes (see `edge-upstream`'s `lanes.rs`).
+    pub fn priorities(&self, upstream: &str) -> Vec<u8> {
+        let mut priorities: Vec<u8> = self
+            .routes
+            .iter()
+            .filter(|r| r.upstream == upstream)
+            .map(|r| r.priority)
+            .collect();
+        priorities.sort_unstable_by(|a, b| b.cmp(a));
+        priorities.dedup();
+        priorities
+    }
 }

@@ -417,7 +417,7 @@ impl Router {
             None
         };
         let positions = if log && self.inner.confirming {
-            self.upstream_confirmations(topics())
+            self.upstream_confirmations(&message.topic, topics())
         } else {
             Vec::new()
         };
@@ -456,9 +456,11 @@ impl Router {
     }
 
     /// The positions of the upstreams whose routes take a message on
-    /// `topics` with `ack = "upstream-confirmed"`, each once.
+    /// `topics` with `ack = "upstream-confirmed"`, each once: of the lane
+    /// that forwards a message on its `own` topic.
     fn upstream_confirmations<'t>(
         &self,
+        own: &str,
         topics: impl Iterator<Item = &'t str>,
     ) -> Vec<watch::Receiver<Seq>> {
         let mut upstreams: Vec<&str> = Vec::new();
@@ -473,7 +475,17 @@ impl Router {
         }
         upstreams
             .into_iter()
-            .filter_map(|u| self.inner.options.progress.receiver(u))
+            .filter_map(|u| {
+                // The lane that forwards it: the priority of the upstream's
+                // first route matching the message's own topic.
+                let lane = self
+                    .inner
+                    .routes
+                    .matching(own)
+                    .find(|r| r.upstream == u)
+                    .map(|r| r.priority);
+                self.inner.options.progress.receiver(u, lane)
+            })
             .collect()
     }
 

@@ -104,6 +104,17 @@ fn clock_seed() -> u64 {
 
 /// How the gateway opens its store: the configured quota and batching,
 /// one cursor per configured upstream (others are dropped at open).
+/// Every durable cursor the upstreams own: one each and one per priority
+/// lane (`edge_upstream::cursor_names`).
+pub(crate) fn upstream_cursors(config: &Config) -> Vec<String> {
+    let routes = Routes::from_config(&config.routes);
+    config
+        .upstreams
+        .iter()
+        .flat_map(|u| edge_upstream::cursor_names(&u.name, &routes))
+        .collect()
+}
+
 pub(crate) fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
         max_bytes: config.store.max_bytes,
@@ -112,7 +123,7 @@ pub(crate) fn store_options(config: &Config) -> StoreOptions {
         batch_max_messages: config.store.batch_max_messages,
         batch_max_bytes: config.store.batch_max_bytes,
         inbox_capacity: NonZeroUsize::new(STORE_INBOX).unwrap_or(NonZeroUsize::MIN),
-        cursors: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+        cursors: upstream_cursors(config),
         retire_without_cursors: true,
         when_full: match config.store.when_full {
             edge_config::WhenFull::Reject => edge_store::WhenFull::Reject,
@@ -232,7 +243,12 @@ impl Gateway {
         let id = resolve_id(&store, config.gateway.id.as_deref()).await?;
         tracing::info!(id = %id, "gateway identity");
         let routes = routes(&config.routes)?;
-        let progress = edge_core::Progress::new(config.upstreams.iter().map(|u| u.name.as_str()));
+        let progress = edge_core::Progress::new(
+            config
+                .upstreams
+                .iter()
+                .map(|u| (u.name.as_str(), routes.priorities(&u.name))),
+        );
         let router = Router::start(
             store.clone(),
             routes.clone(),
@@ -303,7 +319,7 @@ impl Gateway {
                 );
             }
             let replicator = Replicator::new(upstream.clone(), own, store.clone(), id.clone())
-                .with_progress(progress.sender(&upstream.name));
+                .with_progress(progress.clone());
             links.push((upstream.name.clone(), replicator.link()));
             upstream_tasks.spawn(replicator.run(upstream_stop.clone()));
         }

@@ -28,6 +28,7 @@ use crate::convert::{self, Lifetime, Publish};
 use crate::cursor::CursorFlusher;
 use crate::error::LinkError;
 use crate::health::{LinkState, LinkStatus};
+use crate::lanes::Lane;
 use crate::metrics::UpstreamMetrics;
 use crate::summary::{Expired, Parked};
 use edge_core::window::Window;
@@ -109,10 +110,12 @@ struct Park {
 
 /// One publish from the moment its frames are queued until the broker
 /// confirms it: the write of the frames by lapin's I/O loop, then the
-/// publisher confirm. Resolves to the seq and the confirmation, or to the
-/// link error that stopped it.
-type Publishing<'l> =
-    Pin<Box<dyn Future<Output = (Seq, Result<Confirmation, LinkError>)> + Send + 'l>>;
+/// publisher confirm. Resolves to its lane, the seq and the confirmation,
+/// or to the link error that stopped it.
+type Publishing<'l> = Pin<Box<dyn Future<Output = Confirmed> + Send + 'l>>;
+
+/// A publish's lane (index), seq and outcome.
+type Confirmed = (usize, Seq, Result<Confirmation, LinkError>);
 
 /// A check of the exchanges found missing, running beside the forwarding
 /// loop; resolves to those still missing.
@@ -145,7 +148,7 @@ async fn check_done(check: &mut Option<Check<'_>>) -> BTreeSet<String> {
     }
 }
 
-/// Starts the publish of `seq`.
+/// Starts the publish of `seq` in lane `lane`.
 ///
 /// lapin's `basic_publish` does its real work on the FIRST poll, without
 /// suspending: it checks the channel, registers the next delivery tag for
@@ -158,6 +161,7 @@ async fn check_done(check: &mut Option<Check<'_>>) -> BTreeSet<String> {
 /// the other outstanding publishes.
 fn start_publish<'l>(
     channel: &'l Channel,
+    lane: usize,
     seq: Seq,
     publish: Publish,
     payload: Bytes,
@@ -183,7 +187,7 @@ fn start_publish<'l>(
                 .map_err(|source| LinkError::Confirm { seq, source }),
             Err(source) => Err(LinkError::Publish { seq, source }),
         };
-        (seq, outcome)
+        (lane, seq, outcome)
     });
     // The no-op waker is enough: the future goes into a FuturesUnordered,
     // which polls every newly added future again with its own waker.
@@ -198,12 +202,18 @@ fn start_publish<'l>(
     }
 }
 
-/// Per-link state; dropped with the link.
-struct Session<'l> {
+/// A lane's per-link state.
+struct LaneSession {
     window: Window<InFlight>,
     /// Read from the log, not yet published.
     buffer: VecDeque<Entry>,
     read_from: Seq,
+}
+
+/// Per-link state; dropped with the link.
+struct Session<'l> {
+    /// As [`Forwarder::lanes`], highest priority first.
+    lanes: Vec<LaneSession>,
     /// The outstanding publishes (frames queued, not yet confirmed).
     publishing: FuturesUnordered<Publishing<'l>>,
     /// Last confirm, or the publish that started a wait for one.
@@ -232,12 +242,20 @@ struct Session<'l> {
 }
 
 impl Session<'_> {
-    fn new(start: Seq, missing: BTreeSet<String>, cap: Option<NonZeroU32>) -> Self {
+    fn new(
+        starts: impl Iterator<Item = Seq>,
+        missing: BTreeSet<String>,
+        cap: Option<NonZeroU32>,
+    ) -> Self {
         let now = Instant::now();
         Session {
-            window: Window::new(start),
-            buffer: VecDeque::new(),
-            read_from: start,
+            lanes: starts
+                .map(|start| LaneSession {
+                    window: Window::new(start),
+                    buffer: VecDeque::new(),
+                    read_from: start,
+                })
+                .collect(),
             publishing: FuturesUnordered::new(),
             last_progress: Instant::now(),
             blocked: false,
@@ -256,6 +274,21 @@ impl Session<'_> {
             probe: None,
             probed_at: now,
         }
+    }
+
+    /// Published records of every lane waiting for their confirm.
+    fn in_flight(&self) -> usize {
+        self.lanes.iter().map(|l| l.window.in_flight()).sum()
+    }
+
+    /// Whether no lane holds records read and not yet published.
+    fn nothing_buffered(&self) -> bool {
+        self.lanes.iter().all(|l| l.buffer.is_empty())
+    }
+
+    /// The lane whose window holds `seq`.
+    fn lane_holding(&mut self, seq: Seq) -> Option<&mut InFlight> {
+        self.lanes.iter_mut().find_map(|l| l.window.get_mut(seq))
     }
 }
 
@@ -277,8 +310,11 @@ pub(crate) struct Forwarder {
     /// Where `position` is published for `ack = "upstream-confirmed"`.
     pub(crate) progress: Option<tokio::sync::watch::Sender<Seq>>,
     pub(crate) flusher: CursorFlusher,
-    /// First seq not done (the in-memory cursor); shared with the reporter.
+    /// First seq not done (the in-memory cursor, the lowest of the lanes');
+    /// shared with the reporter.
     pub(crate) position: Arc<AtomicU64>,
+    /// The priority lanes, highest first; at least one (`lanes.rs`).
+    pub(crate) lanes: Vec<Lane>,
 }
 
 impl Forwarder {
@@ -286,19 +322,39 @@ impl Forwarder {
         self.position.load(Ordering::Relaxed)
     }
 
-    fn set_position(&self, next: Seq) {
-        self.position.store(next, Ordering::Relaxed);
-        self.flusher.set(next);
-        if let Some(progress) = &self.progress {
-            progress.send_replace(next);
+    /// Moves `lane` to `next` (if that is forward) and the upstream's
+    /// position to the lowest lane's.
+    fn set_lane_position(&mut self, lane: usize, next: Seq) {
+        if let Some(l) = self.lanes.get_mut(lane) {
+            l.set_position(next);
+        }
+        let lowest = self.lanes.iter().map(|l| l.position).min().unwrap_or(next);
+        if lowest > self.position() {
+            self.position.store(lowest, Ordering::Relaxed);
+            self.flusher.set(lowest);
+            if let Some(progress) = &self.progress {
+                progress.send_replace(lowest);
+            }
         }
     }
 
-    /// Room in the window for one more record: fewer than `max_in_flight`
-    /// pending, and the slots within their bound.
-    fn has_room(&self, s: &Session<'_>) -> bool {
-        s.window.in_flight() < self.max_in_flight
-            && s.window.slots() < self.max_in_flight.saturating_add(SLOT_ALLOWANCE)
+    /// Whether a record on `route` belongs to lane `lane` (with one lane,
+    /// every record does).
+    fn in_lane(&self, lane: usize, route: &Route) -> bool {
+        self.lanes.len() == 1
+            || self
+                .lanes
+                .get(lane)
+                .is_some_and(|l| l.priority == route.priority)
+    }
+
+    /// Room for one more record in `lane`: fewer than `max_in_flight`
+    /// pending over all lanes, and the lane's slots within their bound.
+    fn has_room(&self, s: &Session<'_>, lane: usize) -> bool {
+        s.in_flight() < self.max_in_flight
+            && s.lanes.get(lane).is_some_and(|l| {
+                l.window.slots() < self.max_in_flight.saturating_add(SLOT_ALLOWANCE)
+            })
     }
 
     /// Forwards over one link until shutdown or a return to the first node
@@ -310,7 +366,8 @@ impl Forwarder {
         shutdown: &CancellationToken,
     ) -> Result<End, LinkError> {
         let missing = self.check_exchanges(link).await;
-        let mut s = Session::new(self.position(), missing, self.replay_cap);
+        let starts = self.lanes.iter().map(|l| l.position);
+        let mut s = Session::new(starts, missing, self.replay_cap);
         let result = self.pump(link, connector, shutdown, &mut s).await;
         if matches!(result, Err(ref e) if !matches!(e, LinkError::Park { .. })) {
             // Keep what was confirmed before the failure, so fewer
@@ -338,35 +395,40 @@ impl Forwarder {
             // Bounded work per turn: a long run of records skipped or
             // parked without a publish must not keep confirms, the timer
             // and shutdown waiting.
+            //
+            // Lanes in priority order: a lower lane gets the slots a higher
+            // one leaves because it has nothing (more) to read now.
             let mut left = TURN_MAX_RECORDS;
-            while left > 0
-                && self.has_room(s)
-                && s.paced_until.is_none()
-                && !shutdown.is_cancelled()
-            {
-                if s.buffer.is_empty() {
-                    s.expired.log(&self.name);
-                    let last_committed = *committed.borrow_and_update();
-                    if !self.refill(s, last_committed).await {
+            for lane in 0..s.lanes.len() {
+                while left > 0
+                    && self.has_room(s, lane)
+                    && s.paced_until.is_none()
+                    && !shutdown.is_cancelled()
+                {
+                    if s.lanes[lane].buffer.is_empty() {
+                        s.expired.log(&self.name);
+                        let last_committed = *committed.borrow_and_update();
+                        if !self.refill(s, lane, last_committed).await {
+                            break;
+                        }
+                        // Confirms that came in while reading.
+                        self.harvest(s, connector)?;
+                        continue;
+                    }
+                    let Some(entry) = s.lanes[lane].buffer.pop_front() else {
+                        break;
+                    };
+                    if self.must_wait_for_check(link, s, &entry) {
+                        s.lanes[lane].buffer.push_front(entry);
                         break;
                     }
-                    // Confirms that came in while reading.
-                    self.harvest(s, connector)?;
-                    continue;
+                    self.forward(link, s, lane, entry)?;
+                    left -= 1;
                 }
-                let Some(entry) = s.buffer.pop_front() else {
-                    break;
-                };
-                if self.must_wait_for_check(link, s, &entry) {
-                    s.buffer.push_front(entry);
-                    break;
-                }
-                self.forward(link, s, entry)?;
-                left -= 1;
             }
             self.settle(s).await?;
             let more = left == 0 && s.paced_until.is_none();
-            let idle = s.buffer.is_empty() && self.has_room(s);
+            let idle = s.nothing_buffered() && (0..s.lanes.len()).any(|l| self.has_room(s, l));
             let paced_until = s.paced_until;
             tokio::select! {
                 biased;
@@ -374,8 +436,8 @@ impl Forwarder {
                     self.drain(s, "shutdown").await;
                     return Ok(End::Shutdown);
                 }
-                Some((seq, result)) = s.publishing.next(), if !s.publishing.is_empty() => {
-                    self.on_confirm(s, seq, result)?;
+                Some((lane, seq, result)) = s.publishing.next(), if !s.publishing.is_empty() => {
+                    self.on_confirm(s, lane, seq, result)?;
                     self.harvest(s, connector)?;
                 }
                 still = check_done(&mut s.check), if s.check.is_some() => {
@@ -418,22 +480,22 @@ impl Forwarder {
                         // Confirms cannot come while the broker blocks us,
                         // and a new connection would be blocked as well.
                         s.last_progress = Instant::now();
-                        if !s.blocked && s.window.in_flight() > 0 {
-                            warn!(upstream = %self.name, in_flight = s.window.in_flight(),
+                        if !s.blocked && s.in_flight() > 0 {
+                            warn!(upstream = %self.name, in_flight = s.in_flight(),
                                 "broker blocks publishing (resource alarm); waiting");
                         }
                     }
                     s.blocked = blocked;
                     let waited = s.last_progress.elapsed();
-                    if s.window.in_flight() > 0 && waited > self.confirm_timeout {
+                    let in_flight = s.in_flight();
+                    if in_flight > 0 && waited > self.confirm_timeout {
                         if self.status.set(LinkState::Stalled) != LinkState::Stalled {
                             warn!(upstream = %self.name, waited_ms = waited.as_millis() as u64,
-                                in_flight = s.window.in_flight(),
-                                "upstream stalled: link up, nothing confirmed; rebuilding it");
+                                in_flight, "upstream stalled: link up, nothing confirmed; rebuilding it");
                         }
-                        return Err(LinkError::Watchdog { waited, in_flight: s.window.in_flight() });
+                        return Err(LinkError::Watchdog { waited, in_flight });
                     }
-                    if s.window.in_flight() == 0 && idle {
+                    if in_flight == 0 && idle {
                         // Nothing to forward: no stall either.
                         self.progressed();
                     }
@@ -448,8 +510,8 @@ impl Forwarder {
     /// Handles the confirms that are already in, without waiting.
     fn harvest(&mut self, s: &mut Session<'_>, connector: &mut Connector) -> Result<(), LinkError> {
         let mut any = false;
-        while let Some(Some((seq, result))) = s.publishing.next().now_or_never() {
-            self.on_confirm(s, seq, result)?;
+        while let Some(Some((lane, seq, result))) = s.publishing.next().now_or_never() {
+            self.on_confirm(s, lane, seq, result)?;
             any = true;
         }
         if any {
@@ -466,11 +528,14 @@ impl Forwarder {
         }
     }
 
-    /// Reads the next batch into the buffer; false when there is nothing
-    /// (more) to read now.
-    async fn refill(&mut self, s: &mut Session<'_>, last_committed: Seq) -> bool {
+    /// Reads the next batch into `lane`'s buffer; false when there is
+    /// nothing (more) to read now.
+    async fn refill(&mut self, s: &mut Session<'_>, lane: usize, last_committed: Seq) -> bool {
         let max = READ_MAX_MESSAGES.min(self.max_in_flight.max(64));
-        let from = s.read_from;
+        let Some(l) = s.lanes.get_mut(lane) else {
+            return false;
+        };
+        let from = l.read_from;
         if from > last_committed {
             return false;
         }
@@ -481,8 +546,8 @@ impl Forwarder {
                 let Some(last) = batch.last().map(|e| e.seq) else {
                     return false;
                 };
-                s.read_from = last + 1;
-                s.buffer.extend(batch);
+                l.read_from = last + 1;
+                l.buffer.extend(batch);
                 true
             }
             Ok(Err(error)) => {
@@ -496,14 +561,19 @@ impl Forwarder {
         }
     }
 
-    /// Starts the publish of one record, or settles it at once (no route,
-    /// expired, unconvertible).
+    /// Starts the publish of one record of `lane`, or settles it at once
+    /// (no route, another lane's, expired, unconvertible).
     fn forward<'l>(
         &mut self,
         link: &'l Link,
         s: &mut Session<'l>,
+        lane: usize,
         entry: Entry,
     ) -> Result<(), LinkError> {
+        let Some(l) = s.lanes.get_mut(lane) else {
+            return Ok(());
+        };
+        let window = &mut l.window;
         let message = match Message::from_record(&entry.record) {
             Ok(message) => message,
             Err(error) => {
@@ -511,12 +581,13 @@ impl Forwarder {
                     "record in the log is unreadable; skipped, it cannot be forwarded");
                 metrics::counter!("edge_messages_dropped_total", "reason" => "unreadable")
                     .increment(1);
-                s.window.skip(entry.seq);
+                window.skip(entry.seq);
                 return Ok(());
             }
         };
-        let Some(route) = route_for(&self.routes, &self.name, &entry, &message.topic) else {
-            s.window.skip(entry.seq);
+        let route = route_for(&self.routes, &self.name, &entry, &message.topic);
+        let Some(route) = route.filter(|r| self.in_lane(lane, r)) else {
+            window.skip(entry.seq);
             return Ok(());
         };
         let Entry {
@@ -530,7 +601,7 @@ impl Forwarder {
         if lifetime == Lifetime::Expired {
             self.metrics.expired(&route.name, 1);
             s.expired.note(&route.name, seq);
-            s.window.skip(seq);
+            window.skip(seq);
             return Ok(());
         }
         let route_name = route.name.clone();
@@ -556,7 +627,7 @@ impl Forwarder {
         let publish = match converted {
             Ok(p) => p,
             Err(park) => {
-                s.window.push_done(
+                window.push_done(
                     seq,
                     InFlight {
                         record,
@@ -581,12 +652,15 @@ impl Forwarder {
                 s.paced_until = Some(now + wait);
             }
         }
-        let publishing = start_publish(&link.channel, seq, publish, message.payload);
+        let publishing = start_publish(&link.channel, lane, seq, publish, message.payload);
         let published_at = Instant::now();
-        if s.window.in_flight() == 0 {
+        if s.in_flight() == 0 {
             s.last_progress = published_at;
         }
-        s.window.push(
+        let Some(window) = s.lanes.get_mut(lane).map(|l| &mut l.window) else {
+            return Ok(());
+        };
+        window.push(
             seq,
             InFlight {
                 record,
@@ -604,6 +678,7 @@ impl Forwarder {
     fn on_confirm(
         &mut self,
         s: &mut Session<'_>,
+        lane: usize,
         seq: Seq,
         result: Result<Confirmation, LinkError>,
     ) -> Result<(), LinkError> {
@@ -625,7 +700,7 @@ impl Forwarder {
                 message.reply_code,
                 message.reply_text,
             );
-            match s.window.get_mut(target) {
+            match s.lane_holding(target) {
                 Some(item) => {
                     item.park = Some(Park {
                         kind: "unroutable",
@@ -636,7 +711,8 @@ impl Forwarder {
                     "broker returned a message that is no longer in flight"),
             }
         }
-        if let Some(item) = s.window.confirm(seq) {
+        let confirmed = s.lanes.get_mut(lane).and_then(|l| l.window.confirm(seq));
+        if let Some(item) = confirmed {
             self.metrics.confirmed(item.published_at.elapsed());
         }
         s.last_progress = Instant::now();
@@ -649,42 +725,50 @@ impl Forwarder {
     async fn settle(&mut self, s: &mut Session<'_>) -> Result<(), LinkError> {
         let mut parks = Vec::new();
         let mut notes = Vec::new();
-        while let Some((seq, item)) = s.window.pop_done() {
-            let Some(item) = item else { continue };
-            if let Some(original) = item.original.filter(|o| s.replayed.get(o) == Some(&seq)) {
-                s.replayed.remove(&original);
-            }
-            match item.park {
-                None => self.metrics.forwarded(&item.route),
-                Some(park) => {
-                    let record = item.record;
-                    let topic = item.topic;
-                    let parked = edge_store::Parked {
-                        upstream: self.name.clone(),
-                        original_seq: item.original.unwrap_or(seq),
-                        reason: park.reason.clone(),
-                    };
-                    parks.push(self.store.park(seq, record, parked));
-                    notes.push((seq, item.route, topic, park));
+        for (lane, l) in s.lanes.iter_mut().enumerate() {
+            while let Some((seq, item)) = l.window.pop_done() {
+                let Some(item) = item else { continue };
+                if let Some(original) = item.original.filter(|o| s.replayed.get(o) == Some(&seq)) {
+                    s.replayed.remove(&original);
+                }
+                match item.park {
+                    None => self.metrics.forwarded(&item.route),
+                    Some(park) => {
+                        let parked = edge_store::Parked {
+                            upstream: self.name.clone(),
+                            original_seq: item.original.unwrap_or(seq),
+                            reason: park.reason.clone(),
+                        };
+                        parks.push(self.store.park(seq, item.record, parked));
+                        notes.push((lane, seq, item.route, item.topic, park));
+                    }
                 }
             }
         }
         let mut result = Ok(());
-        if !parks.is_empty() {
-            let parked = join_all(parks).await;
-            for ((seq, route, topic, park), parked) in notes.into_iter().zip(parked) {
-                if let Err(source) = parked {
-                    // The cursor stays on the first record not parked.
-                    self.set_position(seq);
-                    result = Err(LinkError::Park { seq, source });
-                    break;
-                }
-                self.metrics.parked(park.kind);
-                s.parked.note(&route, park.kind, seq, &topic, &park.reason);
+        // A lane whose park failed stays on the first record not parked.
+        let mut held: Vec<(usize, Seq)> = Vec::new();
+        let parked = join_all(parks).await;
+        for ((lane, seq, route, topic, park), parked) in notes.into_iter().zip(parked) {
+            if held.iter().any(|(l, _)| *l == lane) {
+                continue;
             }
+            if let Err(source) = parked {
+                held.push((lane, seq));
+                if result.is_ok() {
+                    result = Err(LinkError::Park { seq, source });
+                }
+                continue;
+            }
+            self.metrics.parked(park.kind);
+            s.parked.note(&route, park.kind, seq, &topic, &park.reason);
         }
-        if result.is_ok() && s.window.next() > self.position() {
-            self.set_position(s.window.next());
+        for lane in 0..s.lanes.len() {
+            let next = match held.iter().find(|(l, _)| *l == lane) {
+                Some((_, seq)) => *seq,
+                None => s.lanes[lane].window.next(),
+            };
+            self.set_lane_position(lane, next);
         }
         result
     }
@@ -694,16 +778,16 @@ impl Forwarder {
     async fn drain(&mut self, s: &mut Session<'_>, why: &str) {
         let deadline = tokio::time::sleep(SHUTDOWN_CONFIRM_WAIT);
         tokio::pin!(deadline);
-        while s.window.in_flight() > 0 {
+        while s.in_flight() > 0 {
             tokio::select! {
                 _ = &mut deadline => {
-                    warn!(upstream = %self.name, in_flight = s.window.in_flight(),
+                    warn!(upstream = %self.name, in_flight = s.in_flight(),
                         "{why}: confirms still outstanding; they will be forwarded again");
                     break;
                 }
                 next = s.publishing.next() => {
-                    let Some((seq, result)) = next else { break };
-                    if let Err(error) = self.on_confirm(s, seq, result) {
+                    let Some((lane, seq, result)) = next else { break };
+                    if let Err(error) = self.on_confirm(s, lane, seq, result) {
                         warn!(upstream = %self.name, %error, "{why}: link failed while draining");
                         break;
                     }

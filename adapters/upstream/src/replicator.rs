@@ -44,6 +44,7 @@ use crate::cursor::CursorFlusher;
 use crate::error::LinkError;
 use crate::forwarder::{End, Forwarder};
 use crate::health::{LinkState, LinkStatus};
+use crate::lanes::{Lane, lane_cursor};
 use crate::metrics::{UpstreamMetrics, spawn_reporter};
 
 /// Forwards the log to one upstream. See the module documentation.
@@ -54,7 +55,7 @@ pub struct Replicator {
     store: Store,
     gateway_id: String,
     link: LinkStatus,
-    progress: Option<tokio::sync::watch::Sender<Seq>>,
+    progress: Option<edge_core::Progress>,
 }
 
 impl Replicator {
@@ -77,10 +78,10 @@ impl Replicator {
         }
     }
 
-    /// Publishes the forwarder's position (the first seq not done) on
-    /// `progress`, for routes with `ack = "upstream-confirmed"`.
-    pub fn with_progress(mut self, progress: Option<tokio::sync::watch::Sender<Seq>>) -> Self {
-        self.progress = progress;
+    /// Publishes the forwarder's position (the first seq not done) and its
+    /// lanes' in `progress`, for routes with `ack = "upstream-confirmed"`.
+    pub fn with_progress(mut self, progress: edge_core::Progress) -> Self {
+        self.progress = Some(progress);
         self
     }
 
@@ -96,11 +97,15 @@ impl Replicator {
         let name = self.config.name.clone();
         let metrics = UpstreamMetrics::new(&name);
         metrics.link_up(false);
-        let Some(start) = initial_cursor(&self.store, &name, &shutdown).await else {
+        let Some(own) = initial_cursor(&self.store, &name, &shutdown).await else {
             return;
         };
+        let Some(lanes) = self.lanes(own, &shutdown).await else {
+            return;
+        };
+        let start = lanes.iter().map(|l| l.position).min().unwrap_or(own);
         info!(upstream = %name, cursor = start, routes = self.routes.iter().count(),
-            "upstream forwarder starting");
+            lanes = lanes.len(), "upstream forwarder starting");
         let position = Arc::new(AtomicU64::new(start));
         let reporter = spawn_reporter(
             self.store.clone(),
@@ -118,11 +123,18 @@ impl Replicator {
             metrics,
             status: self.link.clone(),
             replay_cap: self.config.max_replay_rate,
-            progress: self.progress,
+            progress: self.progress.as_ref().and_then(|p| p.sender(&name)),
             return_check: self.config.reconnect_max,
-            flusher: CursorFlusher::spawn(self.store.clone(), name.clone(), start),
+            flusher: CursorFlusher::spawn(self.store.clone(), name.clone(), own),
             position,
+            lanes,
         };
+        forwarder.flusher.set(start);
+        for lane in &forwarder.lanes {
+            if let Some(progress) = &lane.progress {
+                progress.send_replace(lane.position);
+            }
+        }
         if let Some(progress) = &forwarder.progress {
             progress.send_replace(start);
         }
@@ -171,7 +183,45 @@ impl Replicator {
         }
         self.link.set(LinkState::Down);
         forwarder.flusher.finish().await;
+        for lane in forwarder.lanes {
+            lane.finish().await;
+        }
         let _ = reporter.await;
+    }
+
+    /// The lanes (`lanes.rs`), each from the higher of its cursor and the
+    /// upstream's `own`; none on shutdown.
+    async fn lanes(&self, own: Seq, shutdown: &CancellationToken) -> Option<Vec<Lane>> {
+        let name = &self.config.name;
+        let priorities = self.routes.priorities(name);
+        if priorities.len() <= 1 {
+            return Some(vec![Lane {
+                priority: priorities.first().copied().unwrap_or(0),
+                position: own,
+                flusher: None,
+                progress: None,
+            }]);
+        }
+        let mut lanes = Vec::with_capacity(priorities.len());
+        for priority in priorities {
+            let cursor = lane_cursor(name, priority);
+            let stored = initial_cursor(&self.store, &cursor, shutdown).await?;
+            let position = stored.max(own);
+            let flusher = CursorFlusher::spawn(self.store.clone(), cursor, stored);
+            // A new lane cursor sits at the log's first record: up to the
+            // upstream's, so it does not hold retirement back.
+            flusher.set(position);
+            lanes.push(Lane {
+                priority,
+                position,
+                flusher: Some(flusher),
+                progress: self
+                    .progress
+                    .as_ref()
+                    .and_then(|p| p.lane_sender(name, priority)),
+            });
+        }
+        Some(lanes)
     }
 }
 

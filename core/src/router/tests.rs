@@ -827,7 +827,7 @@ async fn an_upstream_confirmed_route_acknowledges_once_its_upstream_is_past_the_
     let mut config = (*confirmed).clone();
     config.ack = edge_config::AckPoint::UpstreamConfirmed;
     confirmed = Route::new(config);
-    let progress = Progress::new(["up"]);
+    let progress = Progress::new([("up", vec![0])]);
     let position = progress.sender("up").expect("known upstream");
     let router = Router::with_options(
         store(dir.path()),
@@ -870,5 +870,45 @@ async fn an_upstream_confirmed_route_acknowledges_once_its_upstream_is_past_the_
     let acked = tokio::time::timeout(WAIT, receipt)
         .await
         .expect("acknowledged once confirmed");
+    assert_eq!(acked.expect("accepted"), Some(seq));
+}
+
+#[tokio::test]
+async fn an_upstream_confirmed_route_waits_for_its_own_lane_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = (*route("alarms/#")).clone();
+    config.ack = edge_config::AckPoint::UpstreamConfirmed;
+    config.priority = 9;
+    let alarms = Route::new(config);
+    let progress = Progress::new([("up", vec![9, 0])]);
+    let all = progress.sender("up").expect("known upstream");
+    let high = progress.lane_sender("up", 9).expect("a lane of priority 9");
+    assert!(progress.lane_sender("up", 5).is_none(), "no route has 5");
+    let router = Router::with_options(
+        store(dir.path()),
+        Routes::new(vec![alarms, route("data/#")]),
+        RouterOptions {
+            progress,
+            ..RouterOptions::default()
+        },
+    );
+    let receipt = router
+        .publish(msg("alarms/1", QoS::AtLeastOnce))
+        .await
+        .expect("publish");
+    let seq = router
+        .store()
+        .committed()
+        .wait_for(|c| *c > 0)
+        .await
+        .map(|c| *c)
+        .expect("store open");
+    // The low lane (a backlog) holds the upstream's own position back; the
+    // lane of priority 9 passing the message is what acknowledges it.
+    all.send_replace(0);
+    high.send_replace(seq + 1);
+    let acked = tokio::time::timeout(WAIT, receipt)
+        .await
+        .expect("acknowledged once its lane confirmed");
     assert_eq!(acked.expect("accepted"), Some(seq));
 }

@@ -226,14 +226,22 @@ fn offline_backlog(dir: &Path, config: &Config) -> anyhow::Result<Report> {
     )?)
 }
 
-/// The stored cursors the configuration does not name (its routes are
-/// then unknown here).
+/// The stored cursors of upstreams the configuration does not name (their
+/// routes are then unknown here). A priority lane's cursor of a configured
+/// upstream is not one: the upstream's own cursor is never past it.
 fn unconfigured_cursors(store: &ReadOnlyStore, config: &Config) -> anyhow::Result<Vec<String>> {
+    let lane_of_configured = |name: &str| {
+        config.upstreams.iter().any(|u| {
+            name.strip_prefix(u.name.as_str())
+                .is_some_and(|rest| rest.starts_with("/priority-"))
+        })
+    };
     Ok(store
         .cursors()?
         .into_iter()
         .map(|(name, _)| name)
         .filter(|name| !config.upstreams.iter().any(|u| &u.name == name))
+        .filter(|name| !lane_of_configured(name))
         .collect())
 }
 

@@ -1,9 +1,10 @@
 //! The one computation behind `GET /backlog` and the offline
 //! `edge-gateway backlog --data-dir`: the log read from the smallest cursor
 //! on in bounded chunks, each record counted for every upstream whose
-//! cursor it is at or past, under the route that upstream's replicator
-//! would forward it by; then the dead letters, by parking upstream and
-//! route. Blocking (store read transactions): call it off the async threads.
+//! cursor it is at or past (the cursor of the priority lane that forwards
+//! it, when the upstream has lanes), under the route that upstream's
+//! replicator would forward it by; then the dead letters, by parking
+//! upstream and route. Blocking (store read transactions): call it off the async threads.
 
 use std::collections::HashMap;
 
@@ -119,7 +120,18 @@ pub fn scan(
     let mut cursors = Vec::with_capacity(upstreams.len());
     for u in upstreams {
         let cursor = view.cursor(&u.name)?;
-        cursors.push(cursor);
+        let priorities = own
+            .get(&u.name)
+            .map(|r| r.priorities(&u.name))
+            .unwrap_or_default();
+        let mut lanes = Vec::new();
+        if priorities.len() > 1 {
+            for p in priorities {
+                let lane = view.cursor(&edge_upstream::lane_cursor(&u.name, p))?;
+                lanes.push((p, lane.max(cursor)));
+            }
+        }
+        cursors.push(Cursors { own: cursor, lanes });
         report.upstreams.push(UpstreamBacklog {
             name: u.name.clone(),
             cursor: Some(cursor),
@@ -133,7 +145,7 @@ pub fn scan(
             unreadable: 0,
         });
     }
-    if let Some(mut from) = cursors.iter().copied().min() {
+    if let Some(mut from) = cursors.iter().map(|c| c.own).min() {
         loop {
             let chunk = view.read(from, SCAN_MESSAGES, SCAN_BYTES)?;
             let Some(last) = chunk.last() else { break };
@@ -156,11 +168,32 @@ pub fn scan(
     Ok(report)
 }
 
+/// An upstream's cursor and, with priority lanes, each lane's.
+struct Cursors {
+    own: Seq,
+    lanes: Vec<(u8, Seq)>,
+}
+
+impl Cursors {
+    /// The cursor that a record on a route of `priority` is counted from.
+    fn of(&self, priority: u8) -> Seq {
+        self.lanes
+            .iter()
+            .find(|(p, _)| *p == priority)
+            .map_or(self.own, |(_, c)| *c)
+    }
+}
+
 /// Counts one log record for each upstream whose cursor it is at or past.
-fn count_entry(report: &mut Report, cursors: &[Seq], own: &HashMap<String, Routes>, entry: &Entry) {
+fn count_entry(
+    report: &mut Report,
+    cursors: &[Cursors],
+    own: &HashMap<String, Routes>,
+    entry: &Entry,
+) {
     let message = Message::from_record(&entry.record).ok();
     for (u, cursor) in report.upstreams.iter_mut().zip(cursors) {
-        if entry.seq < *cursor {
+        if entry.seq < cursor.own {
             continue;
         }
         let Some(message) = &message else {
@@ -173,6 +206,9 @@ fn count_entry(report: &mut Report, cursors: &[Seq], own: &HashMap<String, Route
         else {
             continue;
         };
+        if entry.seq < cursor.of(route.priority) {
+            continue;
+        }
         let Some(bucket) = u.routes.iter_mut().find(|b| b.route == route.name) else {
             continue;
         };

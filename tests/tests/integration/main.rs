@@ -31,6 +31,7 @@ mod mqtt5;
 mod observability;
 mod paho;
 mod pika;
+mod priority;
 mod quota;
 mod retained;
 mod security_abuse;

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 
+use edge_store::Seq;
 use tracing::debug;
 
 use super::{
@@ -27,15 +28,32 @@ impl Forwarder {
         }
     }
 
-    /// Moves the cursor over the leading run of records that no route of
-    /// this upstream matches, looking at most at `max` records. Stops at
-    /// the first record that needs forwarding, and at anything it cannot
+    /// Moves each lane's cursor over the leading run of records it does
+    /// not take (no route of this upstream matches, or the first match is
+    /// another lane's), looking at most at `max` records per lane. Stops at
+    /// the first record the lane has to forward, and at anything it cannot
     /// read (the next link handles that).
     pub(crate) async fn skip_unmatched(&mut self, max: usize) {
-        let start = self.position();
+        for lane in 0..self.lanes.len() {
+            let Some(start) = self.lanes.get(lane).map(|l| l.position) else {
+                continue;
+            };
+            let from = self.skip_from(lane, start, max).await;
+            if from > start {
+                debug!(upstream = %self.name, lane_priority = self.lanes[lane].priority,
+                    from = start, to = from,
+                    "link down: cursor moved over messages this lane does not take");
+                self.set_lane_position(lane, from);
+            }
+        }
+    }
+
+    /// The first seq at or after `start` that lane `lane` has to forward,
+    /// within `max` records.
+    async fn skip_from(&self, lane: usize, start: Seq, max: usize) -> Seq {
         let mut from = start;
         let mut left = max;
-        'read: while left > 0 {
+        while left > 0 {
             let store = self.store.clone();
             let n = left.min(READ_MAX_MESSAGES);
             let batch = match tokio::task::spawn_blocking(move || {
@@ -48,17 +66,13 @@ impl Forwarder {
             };
             left = left.saturating_sub(batch.len());
             for entry in &batch {
-                if route_of_entry(&self.routes, &self.name, entry).is_some() {
-                    from = entry.seq;
-                    break 'read;
+                let route = route_of_entry(&self.routes, &self.name, entry);
+                if route.is_some_and(|r| self.in_lane(lane, r)) {
+                    return entry.seq;
                 }
                 from = entry.seq + 1;
             }
         }
-        if from > start {
-            debug!(upstream = %self.name, from = start, to = from,
-                "link down: cursor moved over messages no route of this upstream takes");
-            self.set_position(from);
-        }
+        from
     }
 }

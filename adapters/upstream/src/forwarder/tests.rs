@@ -46,6 +46,12 @@ fn forwarder(store: &Store, filter: &str) -> Forwarder {
         progress: None,
         flusher: CursorFlusher::spawn(store.clone(), "central".into(), start),
         position: Arc::new(AtomicU64::new(start)),
+        lanes: vec![Lane {
+            priority: 0,
+            position: start,
+            flusher: None,
+            progress: None,
+        }],
     }
 }
 
@@ -153,7 +159,7 @@ async fn parks_of_a_settled_prefix_share_a_commit_and_are_marked() {
     for i in 0..5 {
         seqs.push(store.append(record(&format!("up/{i}"))).await.unwrap());
     }
-    let mut s = Session::new(seqs[0], BTreeSet::new(), None);
+    let mut s = Session::new(std::iter::once(seqs[0]), BTreeSet::new(), None);
     for &seq in &seqs {
         // A replay of seq 2 parked again keeps its original seq.
         let original = (seq == seqs[4]).then_some(2);
@@ -168,7 +174,7 @@ async fn parks_of_a_settled_prefix_share_a_commit_and_are_marked() {
                 reason: format!("no queue for {seq}"),
             }),
         };
-        assert!(s.window.push_done(seq, item));
+        assert!(s.lanes[0].window.push_done(seq, item));
     }
     let commits = store.commits();
     f.settle(&mut s).await.unwrap();
