@@ -335,6 +335,29 @@ pub struct RouteConfig {
     pub persistent: bool,
     /// When a publisher's message on this route is acknowledged.
     pub ack: AckPoint,
+    /// Declare `exchange` (durable, of this type) on the upstream after
+    /// each connect, before checking it exists; `None`: only check.
+    pub declare_exchange: Option<ExchangeType>,
+}
+
+/// The type of an exchange the gateway declares upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeType {
+    Direct,
+    Fanout,
+    Topic,
+    Headers,
+}
+
+impl ExchangeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeType::Direct => "direct",
+            ExchangeType::Fanout => "fanout",
+            ExchangeType::Topic => "topic",
+            ExchangeType::Headers => "headers",
+        }
+    }
 }
 
 /// When the gateway acknowledges a message to its publisher (MQTT PUBACK /

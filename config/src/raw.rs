@@ -157,4 +157,5 @@ pub struct RawRoute {
     pub ttl: Option<String>,
     pub persistent: Option<bool>,
     pub ack: Option<String>,
+    pub declare_exchange: Option<String>,
 }

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use crate::raw::{RawAmqp, RawConfig, RawRoute, RawUpstream};
 use crate::{
-    AckPoint, AmqpConfig, Config, ConfigError, GatewayConfig, LocalSource, MetricsConfig,
-    MqttConfig, OnCorrupt, Problem, RouteConfig, StoreConfig, UpstreamConfig, UpstreamTls,
-    WhenFull, defaults,
+    AckPoint, AmqpConfig, Config, ConfigError, ExchangeType, GatewayConfig, LocalSource,
+    MetricsConfig, MqttConfig, OnCorrupt, Problem, RouteConfig, StoreConfig, UpstreamConfig,
+    UpstreamTls, WhenFull, defaults,
 };
 
 const MILLI: Duration = Duration::from_millis(1);
@@ -921,6 +921,27 @@ fn route(c: &mut Checker, i: usize, r: &RawRoute, upstreams: &HashSet<String>) -
             "a non-zero duration, or no ttl key for no expiry",
         );
     }
+    let declare_exchange = r.declare_exchange.as_deref().map(|kind| {
+        c.choice(
+            &key("declare_exchange"),
+            Some(kind),
+            &[
+                ("topic", ExchangeType::Topic),
+                ("direct", ExchangeType::Direct),
+                ("fanout", ExchangeType::Fanout),
+                ("headers", ExchangeType::Headers),
+            ],
+        )
+    });
+    if declare_exchange.is_some() && (exchange.is_empty() || exchange.starts_with("amq.")) {
+        c.problem(
+            key("declare_exchange"),
+            r.declare_exchange.clone(),
+            format!(
+                "no declare_exchange for exchange {exchange:?}: the default and amq.* exchanges exist on every broker and cannot be declared (remove the key)"
+            ),
+        );
+    }
     RouteConfig {
         name,
         filter,
@@ -939,6 +960,7 @@ fn route(c: &mut Checker, i: usize, r: &RawRoute, upstreams: &HashSet<String>) -
                 ("upstream-confirmed", AckPoint::UpstreamConfirmed),
             ],
         ),
+        declare_exchange,
     }
 }
 
@@ -1032,6 +1054,33 @@ mod tests {
         ] {
             let err = route(lines).expect_err(lines).to_string();
             assert!(err.contains(problem), "{lines:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn declare_exchange_takes_an_exchange_type_and_a_declarable_name() {
+        let route = |lines: &str| {
+            Config::parse(&format!(
+                "[[upstream]]\nname = \"central\"\nuris = [\"amqp://127.0.0.1:5672/%2f\"]\n\
+                 [[route]]\nname = \"r\"\nfilter = \"#\"\nupstream = \"central\"\n{lines}\n"
+            ))
+        };
+        let c = route("exchange = \"site\"\ndeclare_exchange = \"fanout\"").expect("valid");
+        assert_eq!(c.routes[0].declare_exchange, Some(ExchangeType::Fanout));
+        assert_eq!(route("").expect("valid").routes[0].declare_exchange, None);
+        for (lines, allowed) in [
+            (
+                "exchange = \"site\"\ndeclare_exchange = \"queue\"",
+                "\"topic\" or \"direct\" or \"fanout\" or \"headers\"",
+            ),
+            ("declare_exchange = \"topic\"", "amq.*"),
+            ("exchange = \"\"\ndeclare_exchange = \"topic\"", "amq.*"),
+        ] {
+            let err = route(lines).expect_err(lines).to_string();
+            assert!(
+                err.contains("route[0].declare_exchange") && err.contains(allowed),
+                "{lines:?}: {err}"
+            );
         }
     }
 

@@ -163,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
             ttl: Some(Duration::from_secs(3600)),
             persistent: true,
             ack: edge_config::AckPoint::Persisted,
+            declare_exchange: None,
         })
     };
     let routes = Routes::new(vec![

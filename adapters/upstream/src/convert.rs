@@ -216,6 +216,7 @@ mod tests {
             ttl,
             persistent,
             ack: edge_config::AckPoint::Persisted,
+            declare_exchange: None,
         })
     }
 

@@ -1,8 +1,10 @@
-//! Whether the exchanges of the routes exist on the upstream broker.
+//! Whether the exchanges of the routes exist on the upstream broker, and
+//! their declaration for routes with `declare_exchange`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use edge_config::ExchangeType;
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ExchangeKind};
@@ -90,7 +92,83 @@ pub(crate) async fn missing(
     missing
 }
 
+/// Why the declare of an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DeclareError {
+    /// 403 ACCESS_REFUSED: the user lacks the configure permission.
+    #[error("access refused: {0}")]
+    AccessRefused(String),
+    /// 406 PRECONDITION_FAILED: it exists with another type or arguments.
+    #[error("it exists with another type or arguments: {0}")]
+    Mismatch(String),
+    #[error(transparent)]
+    Other(#[from] CheckError),
+}
+
+impl DeclareError {
+    /// For the metric's `reason` label.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            DeclareError::AccessRefused(_) => "access_refused",
+            DeclareError::Mismatch(_) => "mismatch",
+            DeclareError::Other(_) => "error",
+        }
+    }
+}
+
+/// Declares `exchange` durable, of `kind`, on a channel of its own (the
+/// broker closes that channel when it refuses). Gives up after `timeout`.
+pub(crate) async fn declare(
+    connection: &Connection,
+    exchange: &str,
+    kind: ExchangeType,
+    timeout: Duration,
+) -> Result<(), DeclareError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let channel = tokio::time::timeout_at(deadline, connection.create_channel())
+        .await
+        .map_err(|_| CheckError::Timeout(timeout))?
+        .map_err(CheckError::from)?;
+    let kind = match kind {
+        ExchangeType::Direct => ExchangeKind::Direct,
+        ExchangeType::Fanout => ExchangeKind::Fanout,
+        ExchangeType::Topic => ExchangeKind::Topic,
+        ExchangeType::Headers => ExchangeKind::Headers,
+    };
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let declared = channel.exchange_declare(exchange.into(), kind, options, FieldTable::default());
+    match tokio::time::timeout_at(deadline, declared).await {
+        Ok(Ok(())) => {
+            close(&channel, "exchange declared").await;
+            Ok(())
+        }
+        Ok(Err(error)) => Err(match reply_code(&error) {
+            Some(403) => DeclareError::AccessRefused(error.to_string()),
+            Some(406) => DeclareError::Mismatch(error.to_string()),
+            _ => {
+                close(&channel, "exchange declare failed").await;
+                CheckError::Broker(error).into()
+            }
+        }),
+        Err(_) => {
+            close(&channel, "exchange declare timed out").await;
+            Err(CheckError::Timeout(timeout).into())
+        }
+    }
+}
+
+/// The AMQP reply code of a broker's channel or connection close.
+fn reply_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some(e.get_id()),
+        _ => None,
+    }
+}
+
 /// The broker's 404 NOT_FOUND (channel closed for a missing exchange).
 pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
-    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
+    reply_code(error) == Some(404)
 }

@@ -95,6 +95,7 @@ mod tests {
             ttl: None,
             persistent: true,
             ack: edge_config::AckPoint::Persisted,
+            declare_exchange: None,
         })
     }
 

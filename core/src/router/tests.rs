@@ -44,6 +44,7 @@ fn route(filter: &str) -> Route {
         ttl: None,
         persistent: true,
         ack: edge_config::AckPoint::Persisted,
+        declare_exchange: None,
     })
 }
 

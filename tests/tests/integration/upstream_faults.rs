@@ -177,3 +177,110 @@ async fn a_down_link_does_not_hold_messages_none_of_its_routes_take() -> anyhow:
     gw.shutdown().await?;
     Ok(())
 }
+
+/// Whether `exchange` exists on the broker at `uri` (a passive declare).
+async fn exchange_exists(uri: &str, exchange: &str) -> anyhow::Result<bool> {
+    let conn = connect(uri).await?;
+    let channel = conn.create_channel().await?;
+    let options = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let found = channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            options,
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(200, "checked".into()).await;
+    Ok(found)
+}
+
+/// A gateway whose route `<prefix>/#` to `central` (at `uri`) declares
+/// `exchange` as a topic exchange.
+fn declaring(uri: &str, prefix: &str, exchange: &str) -> edge_tests::TestGatewayBuilder {
+    TestGateway::builder()
+        .upstream("central", &[uri.to_string()])
+        .route_with(
+            "declaring",
+            &format!("{prefix}/#"),
+            "central",
+            &[
+                ("exchange", &format!("{exchange:?}")),
+                ("declare_exchange", "\"topic\""),
+            ],
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_declares_its_exchange_and_forwards_to_it() -> anyhow::Result<()> {
+    let uri = crate::shared_node().await?.amqp_uri();
+    let prefix = unique("declare");
+    let exchange = unique("declared-exchange");
+    assert!(!exchange_exists(&uri, &exchange).await?);
+    let gw = declaring(&uri, &prefix, &exchange).start().await?;
+    wait_for("the gateway to declare the exchange", SHORT, || async {
+        exchange_exists(&uri, &exchange).await.ok()?.then_some(())
+    })
+    .await?;
+    let spec = QueueSpec {
+        exchange: exchange.clone(),
+        ..QueueSpec::topic(&format!("{prefix}.#"))
+    };
+    let mut queue = AmqpQueue::open(&uri, &spec).await?;
+    publish(&gw, &format!("{prefix}/1"), "declared", PER_ROUTE).await;
+    let got = queue.take(PER_ROUTE as usize, SHORT).await?;
+    let per_publisher = check_order_and_identity(gw.id(), &got)?;
+    assert_eq!(
+        per_publisher["declared"],
+        (0..PER_ROUTE).collect::<Vec<_>>()
+    );
+
+    queue.delete().await?;
+    let conn = connect(&uri).await?;
+    conn.create_channel()
+        .await?
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_declare_is_reported_and_its_route_parks() -> anyhow::Result<()> {
+    let node = crate::shared_node().await?;
+    let prefix = unique("refused");
+    let exchange = unique("undeclarable");
+    // A user who may write and read but configure nothing.
+    let user = unique("noconf");
+    let ctl_user = user.clone();
+    crate::blocking(move || {
+        node.ctl(&["add_user", &ctl_user, "secret"])?;
+        node.ctl(&["set_permissions", "-p", "/", &ctl_user, "^$", ".*", ".*"])
+    })
+    .await?;
+    let uri = format!("amqp://{user}:secret@127.0.0.1:{}/%2f", node.amqp_port());
+    let gw = declaring(&uri, &prefix, &exchange).start().await?;
+    publish(&gw, &format!("{prefix}/1"), "refused", PER_ROUTE).await;
+    let refusals = wait_for("the refused declare on /metrics", SHORT, || async {
+        let text = gw.metrics().await.ok()?;
+        let labels = [
+            &format!("exchange=\"{exchange}\"")[..],
+            "reason=\"access_refused\"",
+        ];
+        metric(&text, "edge_upstream_declare_failures_total", &labels)
+    })
+    .await?;
+    assert!(refusals >= 1.0);
+    // Not declared, so missing: its messages are parked, not lost.
+    wait_for("the route's messages parked", SHORT, || async {
+        (parked_for(&gw, &exchange).len() as u64 == PER_ROUTE).then_some(())
+    })
+    .await?;
+    assert!(!exchange_exists(&node.amqp_uri(), &exchange).await?);
+    gw.shutdown().await?;
+    crate::blocking(move || node.ctl(&["delete_user", &user])).await
+}

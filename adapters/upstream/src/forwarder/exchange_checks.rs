@@ -5,16 +5,18 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use edge_store::Entry;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{Forwarder, PARK_RECHECK, Session, route_of_entry};
 use crate::connector::Link;
-use crate::exchanges;
+use crate::exchanges::{self, CHECK_TIMEOUT};
 
 impl Forwarder {
-    /// After a connect: which route exchanges are missing. Logged at ERROR
-    /// once per route and connect; their records are parked.
+    /// After a connect: declares the exchanges of routes with
+    /// `declare_exchange`, then finds which route exchanges are missing.
+    /// Logged at ERROR once per route and connect; their records are parked.
     pub(super) async fn check_exchanges(&self, link: &Link) -> BTreeSet<String> {
+        self.declare_exchanges(link).await;
         let exchanges = self.routes.iter().map(|r| r.exchange.clone()).collect();
         let missing = exchanges::missing(self.name.clone(), &link.connection, exchanges).await;
         for route in self.routes.iter().filter(|r| missing.contains(&r.exchange)) {
@@ -23,6 +25,47 @@ impl Forwarder {
                  in the dead-letter table until it exists");
         }
         missing
+    }
+
+    /// Declares each exchange a route asks for, once per connect. A refusal
+    /// is logged at ERROR with what to fix and counted
+    /// (`edge_upstream_declare_failures_total{upstream,exchange,reason}`);
+    /// the check that follows then tells whether the exchange exists anyway.
+    async fn declare_exchanges(&self, link: &Link) {
+        let mut declared = BTreeSet::new();
+        for route in self.routes.iter() {
+            let Some(kind) = route.declare_exchange else {
+                continue;
+            };
+            if !declared.insert(route.exchange.clone()) {
+                continue;
+            }
+            let outcome =
+                exchanges::declare(&link.connection, &route.exchange, kind, CHECK_TIMEOUT).await;
+            let Err(error) = outcome else {
+                info!(upstream = %self.name, exchange = %route.exchange, kind = kind.as_str(),
+                    "exchange declared on the upstream broker");
+                continue;
+            };
+            metrics::counter!("edge_upstream_declare_failures_total",
+                "upstream" => self.name.clone(), "exchange" => route.exchange.clone(),
+                "reason" => error.reason())
+            .increment(1);
+            match &error {
+                exchanges::DeclareError::AccessRefused(_) => error!(upstream = %self.name,
+                    route = %route.name, exchange = %route.exchange, %error,
+                    "cannot declare the exchange: the upstream user lacks the configure \
+                     permission on it (grant it, or create the exchange centrally and remove \
+                     declare_exchange); forwarding to it if it exists"),
+                exchanges::DeclareError::Mismatch(_) => error!(upstream = %self.name,
+                    route = %route.name, exchange = %route.exchange, kind = kind.as_str(),
+                    %error, "the exchange exists with another type or arguments than \
+                     declare_exchange says; forwarding to it as it is"),
+                exchanges::DeclareError::Other(_) => warn!(upstream = %self.name,
+                    exchange = %route.exchange, %error,
+                    "cannot declare the exchange; checking whether it exists"),
+            }
+        }
     }
 
     /// While connected: starts a check of the missing exchanges (unless one

@@ -30,6 +30,7 @@ fn forwarder(store: &Store, filter: &str) -> Forwarder {
         ttl: None,
         persistent: true,
         ack: edge_config::AckPoint::Persisted,
+        declare_exchange: None,
     });
     let start = store.cursor("central").unwrap();
     Forwarder {
