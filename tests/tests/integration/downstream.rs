@@ -357,6 +357,68 @@ async fn a_message_id_published_twice_is_delivered_once() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_queue_is_retried_until_it_exists_or_declared_with_declare() -> Result<()> {
+    let node = shared_node().await?;
+    let prefix = unique("late");
+    let missing = QueueSpec::topic(&format!("{prefix}.missing.#")).durable();
+    let declared = QueueSpec::topic(&format!("{prefix}.declared.#")).durable();
+    let (late, own) = (unique("late"), unique("own"));
+    let gw = TestGateway::builder()
+        .upstream("central", &[node.amqp_uri()])
+        .downstream(&late, "central", &missing.name, &[])
+        .downstream(&own, "central", &declared.name, &[("declare", "true")])
+        .start()
+        .await?;
+    // The gateway declared its own queue (durable): binding it is enough.
+    linked(&gw, &own).await?;
+    AmqpQueue::declare(&node.amqp_uri(), &declared).await?;
+    let late_ok = format!("downstream=\"{late}\"");
+    wait_for("retries against the missing queue", SHORT, || async {
+        let text = gw.metrics().await.ok()?;
+        let ok = sample(
+            &text,
+            "edge_downstream_connects_total",
+            &[&late_ok, "result=\"ok\""],
+        );
+        let down = sample(
+            &text,
+            "edge_downstream_state",
+            &[&late_ok, "state=\"down\""],
+        );
+        (ok >= 2.0 && down == 1.0).then_some(())
+    })
+    .await?;
+
+    let mut sub =
+        MqttSubscriber::connect(gw.mqtt_addr(), &unique("dev"), &[&format!("{prefix}/#")]).await?;
+    let central = Central::open(&node.amqp_uri()).await?;
+    central
+        .command(&format!("{prefix}.declared.cmd"), "to-own", "o-1")
+        .await?;
+    let p = sub.recv(SHORT).await?;
+    assert_eq!(p.topic, format!("{prefix}/declared/cmd"));
+    assert_eq!(&p.payload[..], b"to-own");
+
+    // Once the queue exists, the next attempt consumes it.
+    AmqpQueue::declare(&node.amqp_uri(), &missing).await?;
+    central
+        .command(&format!("{prefix}.missing.cmd"), "to-late", "l-1")
+        .await?;
+    let p = sub.recv(LONG).await?;
+    assert_eq!(p.topic, format!("{prefix}/missing/cmd"));
+    assert_eq!(&p.payload[..], b"to-late");
+    linked(&gw, &late).await?;
+
+    gw.shutdown().await?;
+    central
+        .channel
+        .queue_delete(missing.name.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    central.delete_queue(&declared.name).await?;
+    Ok(())
+}
+
 /// Commands sent while the device is away.
 const COMMANDS: usize = 300;
 /// The gateway aborts after this many local commits, each before its ack.
