@@ -1398,6 +1398,8 @@ mod tests {
         let c = Config::load(&path).expect("example config validates");
         assert_eq!(c.gateway.id.as_deref(), Some("edge-01"));
         assert_eq!(c.routes[0].upstream, "central");
+        assert_eq!(c.downstreams[0].upstream, "central");
+        assert_eq!(c.downstreams[0].queue, "edge.site1.commands");
     }
 
     /// A config of one upstream "central" with `uris` (TOML list items) and

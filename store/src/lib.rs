@@ -14,7 +14,7 @@
 //! | `queues`        | `&str` name          | `u64` queue id                              |
 //! | `queue_entries` | `(u64 queue, u64 seq)` | `u32` owner state (0 = queued)            |
 //! | `refs`          | `u64` seq            | `u32`: queue entries referencing the record |
-//! | `dedup`         | `&str` key           | `u64` seq of the append that recorded it (a publisher's idempotency key, e.g. an MQTT QoS 2 packet id awaiting PUBREL) |
+//! | `dedup`         | `&str` key           | `u64` seq of the append that recorded it (a publisher's idempotency key: an MQTT QoS 2 packet id awaiting PUBREL, `session/<client id>/<packet id>`; a downstream's `message_id`, `downstream/<name>/<message_id>`) |
 //! | `retained`      | `&str` topic         | encoded [`Record`]                          |
 //! | `sessions`      | `&str` client id     | the owner's encoding (opaque here)          |
 //! | `definitions`   | `&str` key           | an adapter's own definitions (AMQP exchanges, queues, bindings), opaque here |
