@@ -141,6 +141,7 @@ async fn a_command_reaches_mqtt_subscribers_on_its_mapped_topic_or_its_header_to
         .with_correlation_id("req-1".into())
         .with_reply_to(ShortString::from(format!("replies/{prefix}")))
         .with_content_type("text/plain".into())
+        .with_expiration("60000".into())
         .with_headers(headers(&[("op", "reboot")]));
     central
         .publish(&format!("{prefix}.dev%2E1.cmd"), b"reboot", props)
@@ -158,6 +159,11 @@ async fn a_command_reaches_mqtt_subscribers_on_its_mapped_topic_or_its_header_to
         Some(format!("replies/{prefix}").as_str())
     );
     assert_eq!(props5.content_type.as_deref(), Some("text/plain"));
+    let expiry = props5.message_expiry_interval.context("message expiry")?;
+    assert!(
+        (55..=60).contains(&expiry),
+        "AMQP expiration 60000 ms is the MQTT 5 expiry: {expiry} s"
+    );
     assert!(
         props5
             .user_properties
