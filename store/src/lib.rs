@@ -1013,6 +1013,12 @@ impl Store {
         self.shared().failure.subscribe()
     }
 
+    /// The quota on live bytes ([`StoreOptions::max_bytes`]): a record
+    /// above it can never be stored.
+    pub fn max_bytes(&self) -> u64 {
+        self.shared().options.max_bytes
+    }
+
     /// Watch of refusals: `Some(reason)` while appends are refused because
     /// the quota or the disk is full, `None` again once one is accepted or
     /// a commit (a cursor advance, a queue acknowledgement) left room for

@@ -25,13 +25,16 @@
 //! after it: acknowledged if that commit succeeded, returned to the queue
 //! if it failed. A failed commit (store full or failed) drops the link
 //! after what is under way has settled; its delivery and every
-//! unacknowledged one go back to the queue, and consuming resumes after
-//! the back-off (no hot redelivery loop while the store is full).
+//! unacknowledged one go back to the queue, and consuming resumes once the
+//! store takes messages again (when it was full), after the back-off: no
+//! hot redelivery loop while the store is full. The back-off restarts from
+//! its minimum only once a commit proved link and store.
 //!
 //! **What is not published.** A message nobody local takes is still
 //! acknowledged (`edge_downstream_unmatched_total`, DEBUG). A message whose
 //! topic cannot be mapped (no `x-mqtt-topic` and an empty routing key, an
-//! invalid topic) or that the store cannot hold is rejected without requeue
+//! invalid topic) or that the store can never hold (a field too long for
+//! the format, larger than the whole quota) is rejected without requeue
 //! (dead-lettered centrally if the queue has a DLX), with a WARN line and
 //! `edge_downstream_rejected_total{reason}`.
 //!
@@ -197,6 +200,10 @@ impl Downstream {
                     warn!(upstream = %self.upstream.name, queue = %self.config.queue, %error,
                         "downstream link lost; unacknowledged deliveries go back to the queue");
                     link.close("downstream link lost").await;
+                    let full = matches!(error, DownstreamError::Publish(PublishError::Full { .. }));
+                    if full && !self.room(&shutdown).await {
+                        break;
+                    }
                     if !connector.pause(&shutdown).await {
                         break;
                     }
@@ -206,6 +213,24 @@ impl Downstream {
         self.status.set(LinkState::Down);
         while let Some(result) = state.releases.next().await {
             released(result);
+        }
+    }
+
+    /// Waits until the store takes appends again (it refused one for
+    /// room); false on shutdown.
+    async fn room(&self, shutdown: &CancellationToken) -> bool {
+        let mut full = self.router.store().full();
+        info!(queue = %self.config.queue, "store full: consuming resumes once it takes messages again");
+        loop {
+            if full.borrow_and_update().is_none() {
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                changed = full.changed() => if changed.is_err() {
+                    return false;
+                },
+            }
         }
     }
 
@@ -304,7 +329,6 @@ impl Downstream {
             Ok(consumer) => consumer,
             Err(e) => return consume_failed(e),
         };
-        connector.link_healthy();
         info!(upstream = %self.upstream.name, node = %self.status.node(), queue, "consuming");
 
         let mut settling: FuturesOrdered<Settling> = FuturesOrdered::new();
@@ -315,8 +339,12 @@ impl Downstream {
                 biased;
                 _ = shutdown.cancelled() => break Ended::Shutdown,
                 Some(settled) = settling.next(), if !settling.is_empty() => {
-                    if let Err(e) = self.settle(channel, state, settled).await {
-                        break Ended::Lost(e);
+                    match self.settle(channel, state, settled).await {
+                        // A commit proves the link (and the store): the
+                        // next failure backs off from the minimum again.
+                        Ok(true) => connector.link_healthy(),
+                        Ok(false) => {}
+                        Err(e) => break Ended::Lost(e),
                     }
                 }
                 Some(result) = state.releases.next(), if !state.releases.is_empty() => {
@@ -390,6 +418,10 @@ impl Downstream {
                 None
             }
         };
+        // Less than the record will take: one above the whole quota can
+        // never be stored.
+        let least_bytes = (topic.len() + delivery.data.len()) as u64;
+        let quota = self.router.store().max_bytes();
         let message = convert::from_delivery(
             &self.config.name,
             topic,
@@ -402,7 +434,7 @@ impl Downstream {
             Ok((receipt, matched)) => Box::pin(async move {
                 let outcome = match receipt.await {
                     Ok(_) => Outcome::Committed { matched },
-                    Err(e) => failed(e),
+                    Err(e) => failed(e, least_bytes, quota),
                 };
                 Settled {
                     tag,
@@ -410,17 +442,18 @@ impl Downstream {
                     outcome,
                 }
             }),
-            Err(e) => settled(message_id, failed(e)),
+            Err(e) => settled(message_id, failed(e, least_bytes, quota)),
         }
     }
 
-    /// Acknowledges, rejects or returns one delivery by its outcome.
+    /// Acknowledges, rejects or returns one delivery by its outcome; true
+    /// when it was committed.
     async fn settle(
         &self,
         channel: &Channel,
         state: &mut State,
         settled: Settled,
-    ) -> Result<(), DownstreamError> {
+    ) -> Result<bool, DownstreamError> {
         let Settled {
             tag,
             message_id,
@@ -436,18 +469,18 @@ impl Downstream {
                         "no local session or route took the message; acknowledged"
                     );
                 }
-                ack(channel, tag).await
+                ack(channel, tag).await.map(|()| true)
             }
             Outcome::Duplicate => {
                 let id = message_id.as_deref().unwrap_or("");
                 if state.window.contains(id) {
                     state.metrics.duplicates.increment(1);
                     debug!(message_id = id, "duplicate suppressed");
-                    ack(channel, tag).await
+                    ack(channel, tag).await.map(|()| false)
                 } else {
                     // The commit of the first copy failed: this one is
                     // published after its redelivery.
-                    reject(channel, tag, true).await
+                    reject(channel, tag, true).await.map(|()| false)
                 }
             }
             Outcome::Rejected { reason, error } => {
@@ -458,7 +491,7 @@ impl Downstream {
                 warn!(queue = %self.config.queue, reason, %error,
                     message_id = message_id.as_deref().unwrap_or(""),
                     "downstream message rejected without requeue (dead-lettered if the queue has a DLX)");
-                reject(channel, tag, false).await
+                reject(channel, tag, false).await.map(|()| false)
             }
             Outcome::Failed(error) => {
                 if let Some(id) = &message_id {
@@ -470,10 +503,17 @@ impl Downstream {
     }
 }
 
-/// A publish that failed: a message the store cannot hold is rejected, any
-/// other failure (full, failed, closing) returns it to the queue.
-fn failed(error: PublishError) -> Outcome {
+/// A publish that failed: a message the store can never hold (a field too
+/// long for the format, larger than the whole quota) is rejected, any other
+/// failure (full, failed, closing) returns it to the queue.
+fn failed(error: PublishError, least_bytes: u64, quota: u64) -> Outcome {
     match error {
+        PublishError::Full { .. } if least_bytes > quota => Outcome::Rejected {
+            reason: "unstorable",
+            error: format!(
+                "{least_bytes} bytes or more, above the whole store quota ({quota} bytes)"
+            ),
+        },
         PublishError::Invalid(e) => Outcome::Rejected {
             reason: "unstorable",
             error: e.to_string(),

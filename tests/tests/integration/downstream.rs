@@ -425,6 +425,50 @@ async fn a_missing_queue_is_retried_until_it_exists_or_declared_with_declare() -
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_larger_than_the_store_quota_is_rejected_not_retried_forever() -> Result<()> {
+    let node = shared_node().await?;
+    let prefix = unique("huge");
+    let queue = command_queue(&node.amqp_uri(), &prefix).await?;
+    let name = unique("commands");
+    let gw = TestGateway::builder()
+        .set("store.max_bytes", "\"64KiB\"")
+        .upstream("central", &[node.amqp_uri()])
+        .downstream(&name, "central", &queue, &[])
+        .start()
+        .await?;
+    linked(&gw, &name).await?;
+    let mut sub =
+        MqttSubscriber::connect(gw.mqtt_addr(), &unique("dev"), &[&format!("{prefix}/#")]).await?;
+    let central = Central::open(&node.amqp_uri()).await?;
+    let huge = vec![b'x'; 128 * 1024];
+    let p = BasicProperties::default().with_message_id("h-1".into());
+    central.publish(&format!("{prefix}.fw"), &huge, p).await?;
+    central
+        .command(&format!("{prefix}.cmd"), "small", "h-2")
+        .await?;
+    let got = sub.recv(SHORT).await?;
+    assert_eq!(
+        &got.payload[..],
+        b"small",
+        "the huge one never reaches a device"
+    );
+    let label = format!("downstream=\"{name}\"");
+    let text = gw.metrics().await?;
+    assert_eq!(
+        sample(
+            &text,
+            "edge_downstream_rejected_total",
+            &[&label, "reason=\"unstorable\""]
+        ),
+        1.0
+    );
+
+    gw.shutdown().await?;
+    central.delete_queue(&queue).await?;
+    Ok(())
+}
+
 /// Commands sent while the device is away.
 const COMMANDS: usize = 300;
 /// The gateway aborts after this many local commits, each before its ack.
