@@ -469,6 +469,108 @@ async fn a_command_larger_than_the_store_quota_is_rejected_not_retried_forever()
     Ok(())
 }
 
+/// Commands drained in one go by the throughput test.
+const BACKLOG: usize = 5_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_commands_drains_complete_and_in_order() -> Result<()> {
+    let node = shared_node().await?;
+    let prefix = unique("drain");
+    // Filled before the downstream can consume it: the queue does not
+    // exist yet, so the downstream retries until it does.
+    let spec = QueueSpec::topic(&format!("{prefix}.#")).durable();
+    let name = unique("commands");
+    let gw = TestGateway::builder()
+        .upstream("central", &[node.amqp_uri()])
+        .downstream(&name, "central", &spec.name, &[("dedup_window", "1000")])
+        .start()
+        .await?;
+    let mut sub =
+        MqttSubscriber::connect(gw.mqtt_addr(), &unique("dev"), &[&format!("{prefix}/#")]).await?;
+    let central = Central::open(&node.amqp_uri()).await?;
+    central
+        .channel
+        .queue_declare(
+            spec.name.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let mut confirms = Vec::with_capacity(BACKLOG);
+    for n in 0..BACKLOG {
+        let p = BasicProperties::default()
+            .with_message_id(ShortString::from(format!("b-{n}")))
+            .with_delivery_mode(2);
+        confirms.push(
+            central
+                .channel
+                .basic_publish(
+                    "".into(),
+                    spec.name.as_str().into(),
+                    BasicPublishOptions::default(),
+                    format!("{n:06}").as_bytes(),
+                    p.with_headers(headers(&[("x-mqtt-topic", &format!("{prefix}/dev/cmd"))])),
+                )
+                .await?,
+        );
+    }
+    for confirm in confirms {
+        if !confirm.await?.is_ack() {
+            bail!("central broker nacked a command");
+        }
+    }
+    let first = sub.recv(LONG).await?;
+    let started = std::time::Instant::now();
+    let mut last = String::from_utf8_lossy(&first.payload).into_owned();
+    assert_eq!(last, "000000");
+    for n in 1..BACKLOG {
+        let p = sub.recv(SHORT).await?;
+        let body = String::from_utf8_lossy(&p.payload).into_owned();
+        assert_eq!(body, format!("{n:06}"), "after {last}");
+        last = body;
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "downstream drain: {BACKLOG} commands (QoS 1, prefetch 100) to an MQTT subscriber in {elapsed:.2?} ({:.0} msg/s)",
+        (BACKLOG - 1) as f64 / elapsed.as_secs_f64()
+    );
+    // The window keeps the newest 1,000 ids in the store, no more.
+    let store = gw.store().clone();
+    let prefix_key = format!("downstream/{name}/");
+    let kept = wait_for("the dedup window trimmed to 1,000", SHORT, || {
+        let (store, prefix_key) = (store.clone(), prefix_key.clone());
+        async move {
+            let keys = tokio::task::spawn_blocking(move || store.dedup_keys(&prefix_key))
+                .await
+                .ok()?
+                .ok()?;
+            (keys.len() == 1000).then_some(keys)
+        }
+    })
+    .await?;
+    assert!(
+        kept.iter().all(|(k, _)| k
+            .strip_prefix(&prefix_key)
+            .and_then(|id| id.strip_prefix("b-"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| n >= BACKLOG - 1000)),
+        "the newest ids are kept"
+    );
+    let text = gw.metrics().await?;
+    let label = format!("downstream=\"{name}\"");
+    assert_eq!(
+        sample(&text, "edge_downstream_duplicates_total", &[&label]),
+        0.0
+    );
+
+    gw.shutdown().await?;
+    central.delete_queue(&spec.name).await?;
+    Ok(())
+}
+
 /// Commands sent while the device is away.
 const COMMANDS: usize = 300;
 /// The gateway aborts after this many local commits, each before its ack.
