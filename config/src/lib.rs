@@ -38,6 +38,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Central queues consumed and published locally (`[[downstream]]`).
+    pub downstreams: Vec<DownstreamConfig>,
     pub auth: AuthConfig,
     /// `None` without a `[tls]` section (then no TLS listener may be set).
     pub tls: Option<TlsConfig>,
@@ -360,6 +362,29 @@ impl ExchangeType {
     }
 }
 
+/// A central queue whose messages the gateway publishes locally
+/// (`[[downstream]]`): commands from central to devices.
+#[derive(Debug, Clone)]
+pub struct DownstreamConfig {
+    /// Unique among downstreams; metrics label and dedup key prefix.
+    pub name: String,
+    /// Name of the `[[upstream]]` whose nodes, credentials and TLS settings
+    /// are used (over a connection of the downstream's own).
+    pub upstream: String,
+    /// The central queue consumed.
+    pub queue: String,
+    /// Declare the queue (durable) instead of requiring that it exists.
+    pub declare: bool,
+    /// Prepended to the topic each message maps to.
+    pub topic_prefix: String,
+    /// QoS of the local publish: 0, 1 or 2.
+    pub qos: u8,
+    /// Unacknowledged deliveries at most (`basic.qos` prefetch count).
+    pub prefetch: NonZeroU16,
+    /// Message ids remembered for duplicate suppression.
+    pub dedup_window: NonZeroUsize,
+}
+
 /// When the gateway acknowledges a message to its publisher (MQTT PUBACK /
 /// PUBREC, AMQP confirm).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -417,6 +442,9 @@ pub mod defaults {
     pub const CONFIRM_TIMEOUT: &str = "30s";
     pub const EXCHANGE: &str = "amq.topic";
     pub const ROUTING_KEY: &str = "{topic}";
+    pub const DOWNSTREAM_QOS: u8 = 1;
+    pub const DOWNSTREAM_PREFETCH: usize = 100;
+    pub const DOWNSTREAM_DEDUP_WINDOW: usize = 10_000;
     pub const MAX_CONNECTIONS_PER_SOURCE: usize = 256;
     pub const CONNECTION_RATE_PER_SOURCE: f64 = 100.0;
     pub const RATE_GRACE: &str = "10s";

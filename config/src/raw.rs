@@ -26,6 +26,8 @@ pub struct RawConfig {
     pub upstreams: Vec<RawUpstream>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
+    #[serde(default, rename = "downstream")]
+    pub downstreams: Vec<RawDownstream>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,4 +160,17 @@ pub struct RawRoute {
     pub persistent: Option<bool>,
     pub ack: Option<String>,
     pub declare_exchange: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDownstream {
+    pub name: Option<String>,
+    pub upstream: Option<String>,
+    pub queue: Option<String>,
+    pub declare: Option<bool>,
+    pub topic_prefix: Option<String>,
+    pub qos: Option<i64>,
+    pub prefetch: Option<i64>,
+    pub dedup_window: Option<i64>,
 }

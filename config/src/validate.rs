@@ -8,11 +8,11 @@ use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::raw::{RawAmqp, RawConfig, RawRoute, RawUpstream};
+use crate::raw::{RawAmqp, RawConfig, RawDownstream, RawRoute, RawUpstream};
 use crate::{
-    AckPoint, AmqpConfig, Config, ConfigError, ExchangeType, GatewayConfig, LocalSource,
-    MetricsConfig, MqttConfig, OnCorrupt, Problem, RouteConfig, StoreConfig, UpstreamConfig,
-    UpstreamTls, WhenFull, defaults,
+    AckPoint, AmqpConfig, Config, ConfigError, DownstreamConfig, ExchangeType, GatewayConfig,
+    LocalSource, MetricsConfig, MqttConfig, OnCorrupt, Problem, RouteConfig, StoreConfig,
+    UpstreamConfig, UpstreamTls, WhenFull, defaults,
 };
 
 const MILLI: Duration = Duration::from_millis(1);
@@ -468,6 +468,20 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         routes.push(route);
     }
 
+    let mut downstreams = Vec::new();
+    let mut downstream_names = HashSet::new();
+    for (i, d) in raw.downstreams.iter().enumerate() {
+        let down = downstream(&mut c, i, d, &names);
+        if !down.name.is_empty() && !downstream_names.insert(down.name.clone()) {
+            c.problem(
+                format!("downstream[{i}].name"),
+                Some(down.name.clone()),
+                "a name not used by another [[downstream]]",
+            );
+        }
+        downstreams.push(down);
+    }
+
     let tls = security::tls(&mut c, &raw.tls);
     let auth = security::auth(&mut c, &raw.auth);
     let limits = security::limits(&mut c, &raw.limits);
@@ -479,6 +493,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         store,
         upstreams,
         routes,
+        downstreams,
         auth,
         tls,
         limits,
@@ -866,17 +881,7 @@ fn route(c: &mut Checker, i: usize, r: &RawRoute, upstreams: &HashSet<String>) -
     if local.is_none() && !is_valid_filter(&filter) {
         c.problem(key("filter"), r.filter.clone(), "an MQTT topic filter such as \"sensors/+/temp\" or \"#\" ('#' only as the last level, '+' only as a whole level), or local_exchange instead");
     }
-    let upstream = r.upstream.clone().unwrap_or_default();
-    if !upstreams.contains(&upstream) {
-        let mut known: Vec<&str> = upstreams.iter().map(String::as_str).collect();
-        known.sort_unstable();
-        let allowed = if known.is_empty() {
-            "the name of an [[upstream]] (none is configured)".to_string()
-        } else {
-            format!("one of the configured upstreams: {}", known.join(", "))
-        };
-        c.problem(key("upstream"), r.upstream.clone(), allowed);
-    }
+    let upstream = known_upstream(c, &key("upstream"), r.upstream.as_deref(), upstreams);
     let exchange = r
         .exchange
         .clone()
@@ -961,6 +966,88 @@ fn route(c: &mut Checker, i: usize, r: &RawRoute, upstreams: &HashSet<String>) -
             ],
         ),
         declare_exchange,
+    }
+}
+
+/// The name of a configured upstream (a problem otherwise, listing them).
+fn known_upstream(
+    c: &mut Checker,
+    key: &str,
+    value: Option<&str>,
+    upstreams: &HashSet<String>,
+) -> String {
+    let upstream = value.unwrap_or_default().to_string();
+    if !upstreams.contains(&upstream) {
+        let mut known: Vec<&str> = upstreams.iter().map(String::as_str).collect();
+        known.sort_unstable();
+        let allowed = if known.is_empty() {
+            "the name of an [[upstream]] (none is configured)".to_string()
+        } else {
+            format!("one of the configured upstreams: {}", known.join(", "))
+        };
+        c.problem(key, value.map(str::to_string), allowed);
+    }
+    upstream
+}
+
+/// Longest MQTT topic (a two-byte length on the wire).
+const MAX_TOPIC_BYTES: usize = 65_535;
+
+fn downstream(
+    c: &mut Checker,
+    i: usize,
+    d: &RawDownstream,
+    upstreams: &HashSet<String>,
+) -> DownstreamConfig {
+    let key = |field: &str| format!("downstream[{i}].{field}");
+    let name = c.name(&key("name"), d.name.as_deref());
+    let upstream = known_upstream(c, &key("upstream"), d.upstream.as_deref(), upstreams);
+    let queue = d.queue.clone().unwrap_or_default();
+    if queue.is_empty() || queue.len() > 255 {
+        c.problem(
+            key("queue"),
+            d.queue.clone(),
+            "is required: the name of a queue on the upstream broker, 1 to 255 bytes",
+        );
+    }
+    let topic_prefix = d.topic_prefix.clone().unwrap_or_default();
+    if topic_prefix.contains(['+', '#', '\0']) || topic_prefix.len() > MAX_TOPIC_BYTES {
+        c.problem(
+            key("topic_prefix"),
+            d.topic_prefix.clone(),
+            "the start of an MQTT topic name such as \"site1/\" (no '+', '#' or NUL)",
+        );
+    }
+    let qos = match d.qos.unwrap_or(i64::from(defaults::DOWNSTREAM_QOS)) {
+        q @ 0..=2 => q as u8,
+        q => {
+            c.problem(key("qos"), Some(q.to_string()), "0, 1 or 2");
+            defaults::DOWNSTREAM_QOS
+        }
+    };
+    let prefetch = c.non_zero(
+        &key("prefetch"),
+        d.prefetch,
+        defaults::DOWNSTREAM_PREFETCH,
+        usize::from(u16::MAX),
+    );
+    DownstreamConfig {
+        name,
+        upstream,
+        queue,
+        declare: d.declare.unwrap_or(false),
+        topic_prefix,
+        qos,
+        prefetch: u16::try_from(prefetch.get())
+            .ok()
+            .and_then(NonZeroU16::new)
+            .unwrap_or(NonZeroU16::MIN),
+        dedup_window: c.non_zero(
+            &key("dedup_window"),
+            d.dedup_window,
+            defaults::DOWNSTREAM_DEDUP_WINDOW,
+            10_000_000,
+        ),
     }
 }
 
@@ -1285,6 +1372,53 @@ mod tests {
     }
 
     #[test]
+    fn downstreams_take_defaults_and_name_every_bad_value() {
+        let central = "[[upstream]]\nname = \"central\"\nuris = [\"amqp://h\"]\n";
+        let c = Config::parse(&format!(
+            "{central}[[downstream]]\nname = \"commands\"\nupstream = \"central\"\nqueue = \"edge.site1.commands\"\n"
+        ))
+        .expect("valid");
+        let d = &c.downstreams[0];
+        assert_eq!(d.queue, "edge.site1.commands");
+        assert!(!d.declare);
+        assert_eq!(d.topic_prefix, "");
+        assert_eq!(d.qos, 1);
+        assert_eq!(d.prefetch.get(), 100);
+        assert_eq!(d.dedup_window.get(), 10_000);
+
+        let err = Config::parse(&format!(
+            "{central}[[downstream]]\nname = \"a b\"\nupstream = \"nowhere\"\n\
+             topic_prefix = \"site/+/\"\nqos = 3\nprefetch = 0\ndedup_window = -1\n\
+             [[downstream]]\nname = \"twice\"\nupstream = \"central\"\nqueue = \"q\"\n\
+             [[downstream]]\nname = \"twice\"\nupstream = \"central\"\nqueue = \"q\"\n"
+        ))
+        .expect_err("invalid");
+        assert_eq!(
+            problem_keys(&err),
+            [
+                "downstream[0].name",
+                "downstream[0].upstream",
+                "downstream[0].queue",
+                "downstream[0].topic_prefix",
+                "downstream[0].qos",
+                "downstream[0].prefetch",
+                "downstream[0].dedup_window",
+                "downstream[2].name",
+            ],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("one of the configured upstreams: central"),
+            "{text}"
+        );
+        assert!(text.contains("0, 1 or 2"), "{text}");
+        let err = Config::parse("[[downstream]]\nname = \"d\"\nqueue = \"q\"\nretries = 1\n")
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("retries"), "{err}");
+    }
+
+    #[test]
     fn routes_resolve_against_upstreams() {
         let c = Config::parse(
             r#"
@@ -1313,6 +1447,8 @@ mod tests {
         let c = Config::load(&path).expect("example config validates");
         assert_eq!(c.gateway.id.as_deref(), Some("edge-01"));
         assert_eq!(c.routes[0].upstream, "central");
+        assert_eq!(c.downstreams[0].upstream, "central");
+        assert_eq!(c.downstreams[0].queue, "edge.site1.commands");
     }
 
     /// A config of one upstream "central" with `uris` (TOML list items) and

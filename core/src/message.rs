@@ -67,7 +67,8 @@ impl Protocol {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Origin {
     pub protocol: Protocol,
-    /// MQTT client id, AMQP connection name, or upstream name.
+    /// MQTT client id, AMQP connection name, or the name of the
+    /// downstream that consumed it from an upstream broker.
     pub publisher: Arc<str>,
 }
 

@@ -4,11 +4,14 @@
 //! Start: open the store (its cursors are the configured upstreams) → build
 //! the router from the routes → bind the MQTT, AMQP and metrics listeners
 //! (so a bad address fails before anything runs) → spawn the MQTT and AMQP
-//! servers and one replicator per upstream.
+//! servers, one replicator per upstream and one downstream consumer per
+//! downstream.
 //!
-//! Shutdown: stop the MQTT and AMQP listeners and let connections send the
-//! acks of what is already committed → stop the replicators (they wait briefly for
-//! outstanding confirms and persist their cursors) → close the store.
+//! Shutdown: stop the MQTT and AMQP listeners and the downstreams (inputs
+//! all: connections send the acks of what is already committed, downstreams
+//! acknowledge upstream what committed) → stop the replicators (they wait
+//! briefly for outstanding confirms and persist their cursors) → close the
+//! store.
 
 pub mod backlog;
 mod cli;
@@ -26,7 +29,7 @@ use edge_config::{Config, OnCorrupt};
 use edge_core::{Route, Router, RouterOptions, Routes};
 use edge_mqtt::MqttListener;
 use edge_store::{Store, StoreOptions};
-use edge_upstream::Replicator;
+use edge_upstream::{Downstream, Replicator};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -303,6 +306,23 @@ impl Gateway {
         if let Some(amqp) = amqp {
             listener_tasks.spawn(amqp.run(router.clone(), listeners_stop.clone()));
         }
+        // Downstreams are inputs like the listeners: they stop with them.
+        let mut downstream_links = Vec::new();
+        for down in &config.downstreams {
+            // Validation checked that the upstream exists.
+            let Some(upstream) = config.upstreams.iter().find(|u| u.name == down.upstream) else {
+                continue;
+            };
+            tracing::info!(
+                downstream = %down.name, upstream = %upstream.name, queue = %down.queue,
+                topic_prefix = %down.topic_prefix, qos = down.qos,
+                "publishing downstream commands locally"
+            );
+            let downstream =
+                Downstream::new(down.clone(), upstream.clone(), router.clone(), id.clone());
+            downstream_links.push((down.name.clone(), downstream.link()));
+            listener_tasks.spawn(downstream.run(listeners_stop.clone()));
+        }
         listener_tasks.spawn(mqtt.run(router, listeners_stop.clone()));
         listener_tasks.close();
 
@@ -347,6 +367,7 @@ impl Gateway {
                 telemetry::Listeners {
                     amqp: amqp_health,
                     mqtt_ws: mqtt_ws_addr.map(|addr| (addr, config.mqtt.ws_path.clone())),
+                    downstreams: downstream_links,
                 },
                 telemetry::Admin {
                     tls: config
@@ -464,7 +485,7 @@ impl Gateway {
             .await
             .is_err()
         {
-            tracing::warn!(grace = ?self.grace, "MQTT and AMQP connections did not finish within their share of the grace period");
+            tracing::warn!(grace = ?self.grace, "MQTT and AMQP connections and downstreams did not finish within their share of the grace period");
         }
         self.upstream_stop.cancel();
         if tokio::time::timeout_at(upstream_deadline, self.upstream_tasks.wait())

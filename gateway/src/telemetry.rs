@@ -168,6 +168,7 @@ struct HttpState {
     store_failure: tokio::sync::watch::Receiver<Option<String>>,
     amqp: Option<(SocketAddr, OpenConnections)>,
     mqtt_ws: Option<(SocketAddr, String)>,
+    downstreams: Vec<(String, LinkStatus)>,
 }
 
 /// The listeners `/healthz` reports on besides MQTT's TCP one.
@@ -177,6 +178,8 @@ pub struct Listeners {
     pub amqp: Option<(SocketAddr, OpenConnections)>,
     /// MQTT over WebSocket: address and path.
     pub mqtt_ws: Option<(SocketAddr, String)>,
+    /// Each downstream's link.
+    pub downstreams: Vec<(String, LinkStatus)>,
 }
 
 /// Who may use the admin endpoints, and the certificate for HTTPS.
@@ -230,6 +233,7 @@ pub async fn serve(
             store_failure,
             amqp: listeners.amqp,
             mqtt_ws: listeners.mqtt_ws,
+            downstreams: listeners.downstreams,
         });
     if let Some(tls) = tls {
         serve_https(listener, app, tls, shutdown).await;
@@ -255,7 +259,8 @@ async fn render_metrics(State(state): State<HttpState>) -> String {
 /// the store has failed (a restart is the recovery). The AMQP listener's
 /// address and connection count follow, the MQTT over WebSocket listener's
 /// address and path, then each upstream: `up`, `down` or `stalled` (see
-/// `edge_upstream::LinkState`) and the node it is on or trying.
+/// `edge_upstream::LinkState`) and the node it is on or trying, then each
+/// downstream likewise (`up` or `down`).
 async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
     let failure = state.store_failure.borrow().clone();
     let full = *state.store.full().borrow();
@@ -285,6 +290,18 @@ async fn healthz(State(state): State<HttpState>) -> (StatusCode, String) {
         };
         let state = backlog::link_state(link);
         body.push_str(&format!("upstream {name}: {state}{on}\n"));
+    }
+    for (name, link) in &state.downstreams {
+        let node = link.node();
+        let on = if node.is_empty() {
+            String::new()
+        } else {
+            format!(" ({node})")
+        };
+        body.push_str(&format!(
+            "downstream {name}: {}{on}\n",
+            link.state().as_str()
+        ));
     }
     (status, body)
 }

@@ -14,7 +14,7 @@
 //! | `queues`        | `&str` name          | `u64` queue id                              |
 //! | `queue_entries` | `(u64 queue, u64 seq)` | `u32` owner state (0 = queued)            |
 //! | `refs`          | `u64` seq            | `u32`: queue entries referencing the record |
-//! | `dedup`         | `&str` key           | `u64` seq of the append that recorded it (a publisher's idempotency key, e.g. an MQTT QoS 2 packet id awaiting PUBREL) |
+//! | `dedup`         | `&str` key           | `u64` seq of the append that recorded it (a publisher's idempotency key: an MQTT QoS 2 packet id awaiting PUBREL, `session/<client id>/<packet id>`; a downstream's `message_id`, `downstream/<name>/<message_id>`) |
 //! | `retained`      | `&str` topic         | encoded [`Record`]                          |
 //! | `sessions`      | `&str` client id     | the owner's encoding (opaque here)          |
 //! | `definitions`   | `&str` key           | an adapter's own definitions (AMQP exchanges, queues, bindings), opaque here |
@@ -1011,6 +1011,12 @@ impl Store {
     /// the process) is the recovery, and the gateway exits for it.
     pub fn failure(&self) -> watch::Receiver<Option<String>> {
         self.shared().failure.subscribe()
+    }
+
+    /// The quota on live bytes ([`StoreOptions::max_bytes`]): a record
+    /// above it can never be stored.
+    pub fn max_bytes(&self) -> u64 {
+        self.shared().options.max_bytes
     }
 
     /// Watch of refusals: `Some(reason)` while appends are refused because

@@ -24,6 +24,9 @@ pub struct TestGatewayBuilder {
     settings: Vec<(String, String, String)>,
     upstreams: Vec<String>,
     routes: Vec<String>,
+    downstreams: Vec<String>,
+    /// Environment of a child gateway (`spawn`).
+    env: Vec<(String, String)>,
     root: Option<tempfile::TempDir>,
 }
 
@@ -47,6 +50,7 @@ pub struct GatewayProcess {
     amqp_port: u16,
     metrics_port: u16,
     id: String,
+    env: Vec<(String, String)>,
 }
 
 impl Default for TestGatewayBuilder {
@@ -56,6 +60,8 @@ impl Default for TestGatewayBuilder {
             settings: Vec::new(),
             upstreams: Vec::new(),
             routes: Vec::new(),
+            downstreams: Vec::new(),
+            env: Vec::new(),
             root: None,
         }
     }
@@ -156,6 +162,36 @@ impl TestGatewayBuilder {
         self
     }
 
+    /// A `[[downstream]]` consuming `queue` over `upstream`'s nodes, with
+    /// extra `key = raw TOML value` lines (`declare`, `topic_prefix`, `qos`,
+    /// `prefetch`, `dedup_window`).
+    pub fn downstream(
+        mut self,
+        name: &str,
+        upstream: &str,
+        queue: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let mut t = format!(
+            "[[downstream]]\nname = {}\nupstream = {}\nqueue = {}\n",
+            quote(name),
+            quote(upstream),
+            quote(queue)
+        );
+        for (k, v) in extra {
+            let _ = writeln!(t, "{k} = {v}");
+        }
+        self.downstreams.push(t);
+        self
+    }
+
+    /// An environment variable of a child gateway (`spawn`), such as a
+    /// test seam of `gateway-under-test`.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// Reuse a directory (its `data/` holds the store) from an earlier gateway.
     pub fn root(mut self, root: tempfile::TempDir) -> Self {
         self.root = Some(root);
@@ -213,7 +249,12 @@ impl TestGatewayBuilder {
             }
             text.push('\n');
         }
-        for t in self.upstreams.iter().chain(&self.routes) {
+        for t in self
+            .upstreams
+            .iter()
+            .chain(&self.routes)
+            .chain(&self.downstreams)
+        {
             let _ = writeln!(text, "{t}");
         }
         text
@@ -275,6 +316,7 @@ impl TestGatewayBuilder {
             amqp_port,
             metrics_port,
             id: self.id.clone(),
+            env: std::mem::take(&mut self.env),
         };
         process.start().await?;
         Ok(process)
@@ -389,6 +431,7 @@ impl GatewayProcess {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -451,6 +494,26 @@ impl GatewayProcess {
         tokio::time::timeout(timeout, child.wait())
             .await
             .map_err(|_| anyhow!("gateway did not exit within {timeout:?} of SIGTERM"))?
+            .context("waiting for the gateway")
+    }
+
+    /// Leaves `key` out of the environment of the next start.
+    pub fn remove_env(&mut self, key: &str) {
+        self.env.retain(|(k, _)| k != key);
+    }
+
+    /// Waits (bounded) for the child to exit by itself, as a test seam
+    /// makes it; its exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("gateway is not running")?;
+        tokio::time::timeout(timeout, child.wait())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "gateway did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                )
+            })?
             .context("waiting for the gateway")
     }
 

@@ -208,24 +208,77 @@ struct Node {
     connects_failed: Counter,
 }
 
+/// Whose link a connector opens: its metrics and its connection name.
+#[derive(Debug, Clone, Copy)]
+enum Owner<'a> {
+    /// The upstream's forwarder: `edge_upstream_node_up{upstream, node}`,
+    /// `edge_upstream_connects_total{upstream, node, result}`.
+    Forwarder,
+    /// A downstream over its upstream's nodes, on a connection of its own:
+    /// `edge_downstream_node_up{downstream, node}`,
+    /// `edge_downstream_connects_total{downstream, node, result}`.
+    Downstream(&'a str),
+}
+
 impl Connector {
     pub(crate) fn new(config: &UpstreamConfig, gateway_id: &str, status: LinkStatus) -> Connector {
+        Connector::build(config, gateway_id, status, Owner::Forwarder)
+    }
+
+    /// Links for the downstream `downstream` over `config`'s nodes, TLS
+    /// and back-off, with metrics of its own.
+    pub(crate) fn downstream(
+        config: &UpstreamConfig,
+        downstream: &str,
+        gateway_id: &str,
+        status: LinkStatus,
+    ) -> Connector {
+        Connector::build(config, gateway_id, status, Owner::Downstream(downstream))
+    }
+
+    fn build(
+        config: &UpstreamConfig,
+        gateway_id: &str,
+        status: LinkStatus,
+        owner: Owner<'_>,
+    ) -> Connector {
         let upstream = config.name.clone();
         let nodes = config
             .uris
             .iter()
             .map(|uri| {
                 let label = node_label(uri);
-                let counter = |result: &'static str| {
-                    metrics::counter!("edge_upstream_connects_total",
-                        "upstream" => upstream.clone(), "node" => label.clone(), "result" => result)
+                let (up, connects_ok, connects_failed) = match owner {
+                    Owner::Forwarder => {
+                        let counter = |result: &'static str| {
+                            metrics::counter!("edge_upstream_connects_total",
+                                "upstream" => upstream.clone(), "node" => label.clone(), "result" => result)
+                        };
+                        (
+                            metrics::gauge!("edge_upstream_node_up",
+                                "upstream" => upstream.clone(), "node" => label.clone()),
+                            counter("ok"),
+                            counter("error"),
+                        )
+                    }
+                    Owner::Downstream(name) => {
+                        let counter = |result: &'static str| {
+                            metrics::counter!("edge_downstream_connects_total",
+                                "downstream" => name.to_string(), "node" => label.clone(), "result" => result)
+                        };
+                        (
+                            metrics::gauge!("edge_downstream_node_up",
+                                "downstream" => name.to_string(), "node" => label.clone()),
+                            counter("ok"),
+                            counter("error"),
+                        )
+                    }
                 };
                 let node = Node {
                     uri: uri.clone(),
-                    up: metrics::gauge!("edge_upstream_node_up",
-                        "upstream" => upstream.clone(), "node" => label.clone()),
-                    connects_ok: counter("ok"),
-                    connects_failed: counter("error"),
+                    up,
+                    connects_ok,
+                    connects_failed,
                     label,
                 };
                 node.up.set(0.0);
@@ -240,7 +293,10 @@ impl Connector {
             next_node: 0,
             return_to_first: config.return_to_first,
             backoff: Backoff::new(config.reconnect_min, config.reconnect_max),
-            connection_name: format!("edge-gateway {gateway_id} upstream {}", config.name),
+            connection_name: match owner {
+                Owner::Forwarder => format!("edge-gateway {gateway_id} upstream {}", config.name),
+                Owner::Downstream(name) => format!("edge-gateway {gateway_id} downstream {name}"),
+            },
             tls: config
                 .uris
                 .iter()

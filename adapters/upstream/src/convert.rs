@@ -13,6 +13,14 @@
 //! original MQTT topic travels in `x-mqtt-topic` so the lossless topic
 //! mapping can always be undone.
 //!
+//! Downstream, the other way: a delivery from a central queue becomes a
+//! local [`Message`] ([`topic_of_delivery`], [`from_delivery`]). Its topic
+//! is the `x-mqtt-topic` header when there is one, else its routing key
+//! mapped back by the exact inverse of the forward mapping
+//! ([`edge_core::topic::from_routing_key`], next to
+//! [`edge_core::topic::to_routing_key`]), after the downstream's
+//! `topic_prefix`. Its properties come through the core's one AMQP mapping.
+//!
 //! Dead letters: a parked record keeps, in the store's typed columns, the
 //! upstreams that parked it and the seq of its message id. A replay appends
 //! it under a new seq with that mark ([`edge_store::Replay`]); then only the
@@ -22,7 +30,10 @@
 
 use std::time::Duration;
 
-use edge_core::{Message, Route, amqp, topic::MQTT_TOPIC_HEADER};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use edge_core::{Message, Origin, Protocol, QoS, Route, amqp, topic, topic::MQTT_TOPIC_HEADER};
 use edge_store::Seq;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, LongString, ShortString};
@@ -195,6 +206,89 @@ pub(crate) fn to_publish(
         routing_key,
         properties,
     })
+}
+
+/// Why a delivery from a downstream queue cannot be published locally
+/// (it is rejected without requeue: dead-lettered if the queue has a DLX).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Unmappable {
+    #[error("no x-mqtt-topic header and an empty routing key")]
+    NoTopic,
+    #[error("the x-mqtt-topic header is not a string")]
+    TopicHeaderNotText,
+    #[error("routing key {0:?} does not map back to an MQTT topic")]
+    RoutingKey(String),
+    #[error("{0:?} is not a valid MQTT topic name")]
+    InvalidTopic(String),
+}
+
+impl Unmappable {
+    /// Its `reason` in `edge_downstream_rejected_total`.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Unmappable::NoTopic => "no_topic",
+            _ => "invalid_topic",
+        }
+    }
+}
+
+/// The local topic of a delivery: `topic_prefix` then the `x-mqtt-topic`
+/// header, or else the routing key mapped back.
+pub(crate) fn topic_of_delivery(
+    topic_prefix: &str,
+    routing_key: &str,
+    properties: &BasicProperties,
+) -> Result<String, Unmappable> {
+    let header = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(MQTT_TOPIC_HEADER));
+    let mapped = match header {
+        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes())
+            .map_err(|_| Unmappable::TopicHeaderNotText)?
+            .to_string(),
+        Some(AMQPValue::ShortString(s)) => s.as_str().to_string(),
+        Some(_) => return Err(Unmappable::TopicHeaderNotText),
+        None if routing_key.is_empty() => return Err(Unmappable::NoTopic),
+        None => topic::from_routing_key(routing_key)
+            .ok_or_else(|| Unmappable::RoutingKey(routing_key.to_string()))?,
+    };
+    let topic = format!("{topic_prefix}{mapped}");
+    // MQTT carries a topic's length in two bytes.
+    if !topic::is_valid_topic(&topic) || topic.len() > usize::from(u16::MAX) {
+        return Err(Unmappable::InvalidTopic(topic));
+    }
+    Ok(topic)
+}
+
+/// The local message of a delivery on `topic`, published by the downstream
+/// `downstream` at `qos`, received at `now_ms`. AMQP properties map as
+/// everywhere (`expiration` → expiry, `correlation_id` / `reply_to` →
+/// correlation data / response topic, headers → user properties); the
+/// `x-mqtt-topic` header, spent on the topic, is not passed on.
+pub(crate) fn from_delivery(
+    downstream: &str,
+    topic: String,
+    qos: QoS,
+    payload: Vec<u8>,
+    properties: &BasicProperties,
+    now_ms: u64,
+) -> Message {
+    let mut own = amqp::from_amqp(properties, now_ms);
+    own.headers.retain(|(k, _)| &**k != MQTT_TOPIC_HEADER);
+    own.persistent |= qos != QoS::AtMostOnce;
+    Message {
+        topic: topic.into(),
+        payload: Bytes::from(payload),
+        qos,
+        retain: false,
+        origin: Origin {
+            protocol: Protocol::Upstream,
+            publisher: Arc::from(downstream),
+        },
+        timestamp_ms: now_ms,
+        properties: own,
+    }
 }
 
 #[cfg(test)]
@@ -374,6 +468,116 @@ mod tests {
         assert_eq!(
             lifetime_of(Some(Duration::from_secs(1)), &m, 1_700_000_000_123),
             Lifetime::Expired
+        );
+    }
+
+    fn with_header(key: &str, value: AMQPValue) -> BasicProperties {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(ShortString::from(key), value);
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn a_forwarded_topic_maps_back_from_its_routing_key() {
+        let plain = route(None, true);
+        let mut config = (*plain).clone();
+        config.routing_key = "{topic}".into();
+        let plain = Route::new(config);
+        for t in [
+            "cmd/dev-1/reboot",
+            "spBv1.0/g/NCMD/node",
+            "a/*/b",
+            "a/x*y/%2E/100%",
+            "level.with.dots/and%percent",
+            "/leading/and/trailing/",
+            "*/%2A/%",
+        ] {
+            assert!(topic::is_valid_topic(t), "{t:?}");
+            let key = plain.routing_key_for(t);
+            let back = topic_of_delivery("", &key, &BasicProperties::default());
+            assert_eq!(back.as_deref(), Ok(t), "via {key:?}");
+        }
+        assert_eq!(
+            topic_of_delivery("site1/", "cmd.dev-1", &BasicProperties::default()).as_deref(),
+            Ok("site1/cmd/dev-1")
+        );
+    }
+
+    #[test]
+    fn the_topic_header_wins_and_bad_topics_are_named() {
+        let header = with_header(MQTT_TOPIC_HEADER, AMQPValue::LongString("cmd/a.b".into()));
+        assert_eq!(
+            topic_of_delivery("p/", "ignored.key", &header).as_deref(),
+            Ok("p/cmd/a.b")
+        );
+        let none = BasicProperties::default();
+        assert_eq!(topic_of_delivery("", "", &none), Err(Unmappable::NoTopic));
+        assert_eq!(
+            topic_of_delivery("", "a.%2X", &none),
+            Err(Unmappable::RoutingKey("a.%2X".into()))
+        );
+        assert_eq!(
+            topic_of_delivery("", "a.+", &none),
+            Err(Unmappable::RoutingKey("a.+".into()))
+        );
+        let wildcard = with_header(MQTT_TOPIC_HEADER, AMQPValue::LongString("cmd/#".into()));
+        assert_eq!(
+            topic_of_delivery("", "k", &wildcard),
+            Err(Unmappable::InvalidTopic("cmd/#".into()))
+        );
+        let number = with_header(MQTT_TOPIC_HEADER, AMQPValue::LongInt(7));
+        assert_eq!(
+            topic_of_delivery("", "k", &number),
+            Err(Unmappable::TopicHeaderNotText)
+        );
+        assert_eq!(Unmappable::NoTopic.reason(), "no_topic");
+        assert_eq!(
+            Unmappable::RoutingKey(String::new()).reason(),
+            "invalid_topic"
+        );
+    }
+
+    #[test]
+    fn a_delivery_keeps_its_properties_but_not_the_topic_header() {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            ShortString::from(MQTT_TOPIC_HEADER),
+            AMQPValue::LongString("cmd/x".into()),
+        );
+        headers.insert(
+            ShortString::from("op"),
+            AMQPValue::LongString("reboot".into()),
+        );
+        let p = BasicProperties::default()
+            .with_headers(headers)
+            .with_content_type("application/json".into())
+            .with_correlation_id("req-1".into())
+            .with_reply_to("replies/gw".into())
+            .with_message_id("m-1".into())
+            .with_expiration("5000".into());
+        let m = from_delivery(
+            "commands",
+            "cmd/x".into(),
+            QoS::AtLeastOnce,
+            b"{}".to_vec(),
+            &p,
+            1_000,
+        );
+        assert_eq!(&*m.topic, "cmd/x");
+        assert_eq!(m.payload, Bytes::from_static(b"{}"));
+        assert_eq!(m.qos, QoS::AtLeastOnce);
+        assert_eq!(m.origin.protocol, Protocol::Upstream);
+        assert_eq!(&*m.origin.publisher, "commands");
+        let own = &m.properties;
+        assert_eq!(own.content_type.as_deref(), Some("application/json"));
+        assert_eq!(own.correlation, Some(Bytes::from_static(b"req-1")));
+        assert_eq!(own.reply_to.as_deref(), Some("replies/gw"));
+        assert_eq!(own.message_id.as_deref(), Some("m-1"));
+        assert_eq!(own.expires_at_ms, Some(6_000));
+        assert!(own.persistent);
+        assert_eq!(
+            own.headers,
+            vec![("op".into(), Value::Str("reboot".into()))]
         );
     }
 

@@ -54,3 +54,43 @@ impl LinkError {
         matches!(self, LinkError::Nack { .. })
     }
 }
+
+/// Why a downstream gave up its link. Every variant ends the connection;
+/// its unacknowledged deliveries go back to the queue, and consuming
+/// resumes after a reconnect (redeliveries of what was already committed
+/// are recognised by their `message_id`).
+#[derive(Debug, thiserror::Error)]
+pub enum DownstreamError {
+    #[error("connect failed: {0}")]
+    Connect(#[from] LinkError),
+    #[error(
+        "queue {queue:?} does not exist on the upstream broker (declare it there, or set declare = true)"
+    )]
+    QueueMissing { queue: String },
+    #[error("cannot declare or check queue {queue:?}: {source}")]
+    Queue {
+        queue: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("cannot consume from queue {queue:?}: {source}")]
+    Consume {
+        queue: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("delivery failed: {0}")]
+    Delivery(#[source] lapin::Error),
+    #[error("the broker cancelled the consumer (queue deleted?)")]
+    Cancelled,
+    #[error("cannot acknowledge delivery {tag}: {source}")]
+    Ack {
+        tag: u64,
+        #[source]
+        source: lapin::Error,
+    },
+    /// The local store refused the message (full, failed, closing): the
+    /// delivery goes back to the queue.
+    #[error("local publish refused: {0}")]
+    Publish(#[source] edge_core::PublishError),
+}

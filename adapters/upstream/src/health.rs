@@ -63,10 +63,23 @@ struct Inner {
 
 impl LinkStatus {
     pub fn new(upstream: &str) -> LinkStatus {
-        let gauges = LinkState::ALL.map(|state| {
+        LinkStatus::with_gauges(LinkState::ALL.map(|state| {
             metrics::gauge!("edge_upstream_state",
                 "upstream" => upstream.to_string(), "state" => state.as_str())
-        });
+        }))
+    }
+
+    /// The link of a downstream (its own connection to its upstream's
+    /// broker), mirrored in `edge_downstream_state{downstream, state}`. A
+    /// downstream's link is `up` or `down`: it never stalls.
+    pub fn downstream(downstream: &str) -> LinkStatus {
+        LinkStatus::with_gauges(LinkState::ALL.map(|state| {
+            metrics::gauge!("edge_downstream_state",
+                "downstream" => downstream.to_string(), "state" => state.as_str())
+        }))
+    }
+
+    fn with_gauges(gauges: [Gauge; 3]) -> LinkStatus {
         let status = LinkStatus {
             inner: Arc::new(Inner {
                 state: AtomicU8::new(LinkState::Down as u8),

@@ -8,10 +8,15 @@
 //! counted. On link trouble it reconnects to the configured nodes in turn,
 //! with exponential back-off and jitter, and republishes from the cursor
 //! with the same `message_id`s (`<gateway id>:<seq>`).
+//!
+//! The other way, one [`Downstream`] per configured downstream consumes a
+//! central queue and publishes each message locally through the router,
+//! acknowledging it upstream only once it is committed (`downstream.rs`).
 
 mod connector;
 mod convert;
 mod cursor;
+mod downstream;
 mod error;
 mod exchanges;
 mod forwarder;
@@ -23,7 +28,8 @@ mod summary;
 mod tls;
 
 pub use convert::PUBLISHER_HEADER;
-pub use error::LinkError;
+pub use downstream::{Downstream, abort_after_downstream_commits};
+pub use error::{DownstreamError, LinkError};
 pub use health::{LinkState, LinkStatus};
 pub use lanes::{cursor_names, lane_cursor};
 pub use replicator::Replicator;

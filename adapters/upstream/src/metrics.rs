@@ -240,3 +240,57 @@ mod tests {
         assert_eq!(backlog(&stats(0, 1, 0), 0), (0, 0));
     }
 }
+
+/// Every `reason` of `edge_downstream_rejected_total`: the mapping's, and
+/// a message the store cannot hold (a field too long for the format).
+pub(crate) const DOWNSTREAM_REJECT_REASONS: [&str; 3] = ["no_topic", "invalid_topic", "unstorable"];
+
+/// The counters of one downstream, registered at zero (for alerts).
+#[derive(Debug)]
+pub(crate) struct DownstreamMetrics {
+    /// `edge_downstream_received_total{downstream}`: every delivery.
+    pub received: Counter,
+    /// `edge_downstream_duplicates_total{downstream}`: deliveries whose
+    /// `message_id` was in the window (acked, not published).
+    pub duplicates: Counter,
+    /// `edge_downstream_without_id_total{downstream}`: published without
+    /// duplicate suppression (no `message_id`).
+    pub without_id: Counter,
+    /// `edge_downstream_unmatched_total{downstream}`: published, taken by
+    /// no session and no route (acked all the same).
+    pub unmatched: Counter,
+    /// `edge_downstream_rejected_total{downstream, reason}`.
+    rejected: Vec<(&'static str, Counter)>,
+}
+
+impl DownstreamMetrics {
+    pub(crate) fn new(downstream: &str) -> DownstreamMetrics {
+        let d = downstream.to_string();
+        let counter = |name: &'static str| {
+            let c = metrics::counter!(name, "downstream" => d.clone());
+            c.increment(0);
+            c
+        };
+        DownstreamMetrics {
+            received: counter("edge_downstream_received_total"),
+            duplicates: counter("edge_downstream_duplicates_total"),
+            without_id: counter("edge_downstream_without_id_total"),
+            unmatched: counter("edge_downstream_unmatched_total"),
+            rejected: DOWNSTREAM_REJECT_REASONS
+                .iter()
+                .map(|&reason| {
+                    let c = metrics::counter!("edge_downstream_rejected_total",
+                        "downstream" => d.clone(), "reason" => reason);
+                    c.increment(0);
+                    (reason, c)
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn rejected(&self, reason: &str) {
+        if let Some((_, c)) = self.rejected.iter().find(|(r, _)| *r == reason) {
+            c.increment(1);
+        }
+    }
+}

@@ -19,6 +19,7 @@ mod corrupt;
 mod crash;
 mod dead_letters;
 mod disk_full;
+mod downstream;
 mod flood;
 mod forward;
 mod harness;
