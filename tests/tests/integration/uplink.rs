@@ -366,6 +366,54 @@ async fn an_upstream_confirmed_route_acks_only_once_the_broker_confirmed() -> Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp_publishers_confirm_waits_for_the_broker_on_an_upstream_confirmed_route()
+-> Result<()> {
+    let (proxy, prefix, mut queue) = behind_a_proxy("ackpoint-amqp", true).await?;
+    let gw = TestGateway::builder()
+        .upstream("central", &[proxy.amqp_uri()])
+        .route_with(
+            "alarms",
+            &format!("{prefix}/alarms/#"),
+            "central",
+            &[("ack", "\"upstream-confirmed\"")],
+        )
+        .start()
+        .await?;
+    let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await?;
+    // amq.topic is the MQTT topic space: key `<prefix>.alarms.1` is topic
+    // `<prefix>/alarms/1`.
+    let confirm = channel
+        .basic_publish(
+            "amq.topic".into(),
+            format!("{prefix}.alarms.1").as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"smoke",
+            lapin::BasicProperties::default(),
+        )
+        .await?;
+    let mut confirm = Box::pin(confirm);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), &mut confirm)
+            .await
+            .is_err(),
+        "confirmed while the upstream broker was unreachable"
+    );
+    proxy.set_refusing(false);
+    let confirmation = tokio::time::timeout(LONG, confirm).await??;
+    assert!(confirmation.is_ack(), "{confirmation:?}");
+    let got = queue.next(SHORT).await?;
+    assert_eq!(got.body, b"smoke");
+    conn.close(200, "done".into()).await?;
+    queue.delete().await?;
+    gw.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_rate_cap_spreads_the_backlog_drain() -> Result<()> {
     const BACKLOG: u64 = 300;
     const RATE: u64 = 100;
