@@ -164,6 +164,7 @@ mod migrate;
 mod read_only;
 mod reader;
 mod record;
+mod salvage;
 mod space;
 mod tables;
 mod writer;
@@ -185,6 +186,7 @@ pub use journal::JOURNAL_FILE;
 pub const JOURNAL_BYTES: u64 = journal::CAPACITY;
 pub use read_only::ReadOnlyStore;
 pub use record::Record;
+pub use salvage::{SALVAGE_FILE, Salvage, SalvageError, TableSalvage};
 
 use writer::{DeadLetterAction, Op, Writer};
 
@@ -455,6 +457,7 @@ impl Store {
             source,
         })?;
         let path = data_dir.join(DB_FILE);
+        adopt_salvaged(data_dir)?;
         let mut db = Database::create(&path).map_err(|source| OpenError::Database {
             path: path.clone(),
             source,
@@ -495,6 +498,51 @@ impl Store {
             _ => {}
         }
         Ok(aside)
+    }
+
+    /// Salvages the damaged database in `data_dir` (see `salvage.rs`):
+    /// copies every entry that can still be read, range by range around
+    /// the damage, with the journal's frames that replay, into a fresh
+    /// database; then moves the damaged file and its journal aside
+    /// ([`Store::move_aside`], kept for forensics) and puts the fresh one
+    /// in its place, for [`Store::open`] to open. No seq below `first_seq`
+    /// or below any seq of the damaged store is handed out afterwards.
+    /// Counts go to `edge_store_salvaged_total{table}` and
+    /// `edge_store_salvage_lost_total{table}`. Blocking; call it only with
+    /// no store open on `data_dir`. On error the damaged file is where it
+    /// was.
+    pub fn salvage(data_dir: &Path, first_seq: Seq) -> Result<Salvage, SalvageError> {
+        let io = |what: &'static str| {
+            move |source: std::io::Error| SalvageError::Io {
+                path: data_dir.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        let partial = data_dir.join(SALVAGE_FILE);
+        match std::fs::remove_file(&partial) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io("removing an unfinished salvage")(e));
+            }
+            _ => {}
+        }
+        let mut damaged =
+            salvage::Damaged::file(&data_dir.join(DB_FILE), &data_dir.join(JOURNAL_FILE))?;
+        let target = Database::create(&partial).map_err(|source| SalvageError::Target {
+            path: partial.clone(),
+            source: source.into(),
+        })?;
+        let mut report = salvage::salvage(&mut damaged, &target, first_seq)?;
+        drop(target);
+        drop(damaged);
+        let aside = Store::move_aside(data_dir).map_err(io("moving the damaged store aside"))?;
+        std::fs::rename(&partial, data_dir.join(DB_FILE))
+            .map_err(io("putting the salvaged store in place"))?;
+        std::fs::File::open(data_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io("syncing the data directory"))?;
+        report.moved_to = Some(aside);
+        Ok(report)
     }
 
     /// [`Store::open`] with a clock of the test's own (milliseconds since
@@ -1062,6 +1110,28 @@ fn create_with_backend(backend: impl StorageBackend, label: &Path) -> Result<Dat
         })
 }
 
+/// A salvage interrupted between moving the damaged file aside and
+/// renaming the salvaged one into place left `edge.redb.salvage` and no
+/// `edge.redb`: the salvaged file is the store (it is complete, since the
+/// damaged file is moved only after the salvage committed).
+fn adopt_salvaged(data_dir: &Path) -> Result<(), OpenError> {
+    let path = data_dir.join(DB_FILE);
+    let salvaged = data_dir.join(SALVAGE_FILE);
+    if path.exists() || !salvaged.exists() {
+        return Ok(());
+    }
+    std::fs::rename(&salvaged, &path).map_err(|e| OpenError::Init {
+        path: path.clone(),
+        message: format!(
+            "cannot put the salvaged store {} in place: {e}",
+            salvaged.display()
+        ),
+        corrupt: false,
+    })?;
+    tracing::warn!(path = %path.display(), "Took the store salvaged by an interrupted start.");
+    Ok(())
+}
+
 /// Files smaller than this are never compacted: the gain is not worth a
 /// rewrite of the file.
 const COMPACT_MIN_FILE: u64 = 8 << 20;
@@ -1145,6 +1215,10 @@ fn zero_failure_counters() {
     metrics::counter!("edge_store_commit_failures_total").increment(0);
     for reason in [FullReason::Quota, FullReason::Disk] {
         metrics::counter!("edge_store_rejected_total", "reason" => reason.label()).increment(0);
+    }
+    for table in salvage::TABLES {
+        metrics::counter!("edge_store_salvaged_total", "table" => table).increment(0);
+        metrics::counter!("edge_store_salvage_lost_total", "table" => table).increment(0);
     }
     for reason in ["store_full", "drop_oldest", "max_age"] {
         metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(0);

@@ -1,0 +1,219 @@
+//! Salvage of a damaged store (`salvage.rs`, issue 9): pages of a closed
+//! store's file are mangled (bit rot, a disk that lost writes), the open
+//! fails on them, and salvage must keep every entry that is not on a
+//! damaged page, with its seq, and never hand out one of the old seqs
+//! again.
+
+use std::collections::BTreeSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+
+use super::{number, options, parked, record};
+use crate::salvage;
+use crate::{DB_FILE, JOURNAL_FILE, Placement, SALVAGE_FILE, Seq, Store, StoreOptions};
+
+/// redb's page size: the unit of damage.
+const PAGE: usize = 4096;
+const RECORDS: u64 = 2_000;
+const PAYLOAD: usize = 200;
+
+/// A store in `dir` with `RECORDS` records at seqs 1..=RECORDS, the
+/// cursor "up" at 301, a session, a definition, a dead letter, the
+/// gateway id, a queue holding seqs 10..20 and a dedup key; closed.
+async fn fill(dir: &Path, opts: StoreOptions) {
+    let store = Store::open(dir, opts).unwrap();
+    store.set_gateway_id("gw-salvage").await.unwrap();
+    let queue = store.create_queue("q").await.unwrap();
+    let mut commits = Vec::new();
+    for n in 1..=RECORDS {
+        let placement = Placement {
+            log: true,
+            queues: if (10..20).contains(&n) {
+                vec![queue]
+            } else {
+                vec![]
+            },
+            dedup: (n == 7).then(|| "client/7".to_string()),
+            ..Placement::default()
+        };
+        commits.push(
+            store
+                .submit_with(record(n, PAYLOAD), placement)
+                .await
+                .unwrap(),
+        );
+    }
+    for (n, commit) in (1..).zip(commits) {
+        assert_eq!(commit.await.unwrap(), n, "seqs follow the numbers");
+    }
+    store.advance_cursor("up", 301).await.unwrap();
+    store
+        .put_session("client", b"session".to_vec())
+        .await
+        .unwrap();
+    store
+        .put_definition("exchange/x", b"direct".to_vec())
+        .await
+        .unwrap();
+    store
+        .park(5, record(5, PAYLOAD), parked("up", 5, "rejected"))
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+}
+
+/// The pages of `bytes` that contain `needle`.
+fn pages_holding(bytes: &[u8], needle: &[u8]) -> Vec<usize> {
+    let mut pages: Vec<usize> = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(at, _)| at / PAGE)
+        .collect();
+    pages.dedup();
+    pages
+}
+
+/// Damages the pages of the database file in `dir` holding records
+/// `numbers` (every copy: redb leaves old versions of pages in free
+/// space) by flipping all their bytes; returns the record numbers any
+/// damaged page held.
+fn damage_pages_of(dir: &Path, numbers: &[u64]) -> BTreeSet<u64> {
+    let path = dir.join(DB_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mut pages = Vec::new();
+    for &n in numbers {
+        pages.extend(pages_holding(&bytes, record(n, PAYLOAD).bytes()));
+    }
+    let held: BTreeSet<u64> = (1..=RECORDS)
+        .filter(|&n| {
+            let r = record(n, PAYLOAD);
+            pages.iter().any(|&p| {
+                let page = &bytes[p * PAGE..((p + 1) * PAGE).min(bytes.len())];
+                page.windows(r.bytes().len()).any(|w| w == &r.bytes()[..])
+            })
+        })
+        .collect();
+    for &p in &pages {
+        let end = ((p + 1) * PAGE).min(bytes.len());
+        for b in &mut bytes[p * PAGE..end] {
+            *b ^= 0xFF;
+        }
+    }
+    std::fs::write(&path, bytes).unwrap();
+    held
+}
+
+/// Opening the store fails (an error that says damage, or a panic inside
+/// the storage engine).
+fn assert_open_fails_on_damage(dir: &Path) {
+    let opened = salvage::quietly(|| {
+        catch_unwind(AssertUnwindSafe(|| {
+            Store::open(dir, options(u64::MAX, &["up"]))
+        }))
+    });
+    match opened {
+        Ok(Ok(_)) => panic!("the damaged store opened"),
+        Ok(Err(e)) => assert!(e.is_corruption(), "not reported as damage: {e}"),
+        Err(_) => {}
+    }
+}
+
+#[tokio::test]
+async fn salvage_keeps_every_record_off_the_damaged_pages_with_its_seq() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    fill(dir, options(u64::MAX, &["up"])).await;
+    // The first record's page (the open reads it) and one in the middle.
+    let on_damaged = damage_pages_of(dir, &[10, 1_000]);
+    assert!(
+        on_damaged.len() < 200,
+        "a few pages hold a few dozen records"
+    );
+    assert_open_fails_on_damage(dir);
+
+    let report = Store::salvage(dir, 1).unwrap();
+    let aside = report.moved_to.clone().unwrap();
+    assert!(aside.exists(), "the damaged file is kept");
+    assert!(!dir.join(SALVAGE_FILE).exists());
+    let mut aside_journal = aside.clone().into_os_string();
+    aside_journal.push(".journal");
+    assert!(Path::new(&aside_journal).exists() && !dir.join(JOURNAL_FILE).exists());
+    let store = Store::open(dir, options(u64::MAX, &["up"])).unwrap();
+    let entries = store.read(0, usize::MAX, usize::MAX).unwrap();
+    let mut found = BTreeSet::new();
+    for e in &entries {
+        assert_eq!(number(&e.record), e.seq, "record {} moved", e.seq);
+        assert_eq!(e.record, record(e.seq, PAYLOAD), "record {} changed", e.seq);
+        found.insert(e.seq);
+    }
+    // The cursor at 301 retired the records below it but the queue's.
+    for n in (10..20).chain(301..=RECORDS) {
+        assert!(
+            found.contains(&n) || on_damaged.contains(&n),
+            "record {n} was on no damaged page and is gone"
+        );
+    }
+    assert!(
+        !found.contains(&10) && !found.contains(&1_000),
+        "the damaged pages were read"
+    );
+    let lost = (RECORDS - 300 + 10) - entries.len() as u64;
+    let log = report.table("log").unwrap();
+    assert_eq!(log.salvaged, entries.len() as u64);
+    assert_eq!(
+        log.lost, lost,
+        "lost = the store's own figures minus the salvaged"
+    );
+    assert!(log.damaged >= 1, "{report:?}");
+
+    assert_eq!(store.cursor("up").unwrap(), 301, "the cursor is kept");
+    assert_eq!(store.gateway_id().unwrap().as_deref(), Some("gw-salvage"));
+    assert_eq!(
+        store.sessions().unwrap(),
+        vec![("client".to_string(), b"session".to_vec())]
+    );
+    assert_eq!(
+        store.definitions("").unwrap(),
+        vec![("exchange/x".to_string(), b"direct".to_vec())]
+    );
+    let dead = store.dead_letters(0, 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].seq, &dead[0].reason), (5, &"rejected".to_string()));
+    assert_eq!(
+        store.dedup_keys("client/").unwrap(),
+        vec![("client/7".to_string(), 7)]
+    );
+    let queues = store.queues().unwrap();
+    assert_eq!(queues.len(), 1);
+    let queued: Vec<Seq> = store
+        .queue_entries(queues[0].1, 0, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        queued,
+        (10..20).collect::<Vec<_>>(),
+        "the queue's entries are kept"
+    );
+    let with_record = store.queue_entries(queues[0].1, 0, 100).unwrap();
+    for e in &with_record {
+        assert_eq!(
+            e.record.is_some(),
+            found.contains(&e.seq),
+            "entry {} and the log disagree",
+            e.seq
+        );
+    }
+
+    let stats = store.stats();
+    assert_eq!(
+        stats.live_messages,
+        entries.len() as u64,
+        "figures counted again"
+    );
+    let next = store.append(record(RECORDS + 1, PAYLOAD)).await.unwrap();
+    assert!(next > RECORDS, "seq {next} was the damaged store's");
+    assert_eq!(next, report.next_seq);
+}
