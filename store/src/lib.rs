@@ -5,7 +5,9 @@
 //! # What persists (schema 2)
 //!
 //! One redb database, `<data_dir>/edge.redb`, and its write-ahead journal,
-//! `<data_dir>/edge.journal` (see "Recovery"):
+//! `<data_dir>/edge.journal` (see "Recovery"); after damage, the file
+//! kept aside, `edge.redb.corrupt-<unix seconds>[.<n>]` (and `.journal`),
+//! and, while a salvage runs, `edge.redb.salvage`:
 //!
 //! | table           | key                  | value                                       |
 //! |-----------------|----------------------|---------------------------------------------|
@@ -140,6 +142,26 @@
 //! then the journal is replayed onto it: the same recovery. The journal
 //! itself never grows (no room to fill it at creation: the store runs
 //! without one, every batch durable in redb, and says so at WARN).
+//!
+//! **The salvage rule** (damage, not a crash: [`Store::salvage`],
+//! `salvage.rs`). A database that redb reports as corrupted, or panics
+//! reading, is salvaged rather than dropped: opened read-only (a file that
+//! needs a repair is repaired in memory, over a copy-on-write view), every
+//! table is copied into a fresh database range by range, each read inside
+//! `catch_unwind`; a failed range is narrowed by binary search down to
+//! single keys, so a damaged page loses the keys on it and no others
+//! (name-keyed tables are read from both ends instead). Entries keep their
+//! keys, so records keep their seqs and cursors their positions. Then the
+//! epoch named in the salvaged `meta["journal"]` is replayed from the
+//! damaged store's journal by the recovery rule above (blind writes onto
+//! what was salvaged: they can only restore keys); without that entry the
+//! journal is not replayed. `refs` is rebuilt from the queue entries (queue
+//! entries of a lost queue are dropped), the figures are counted again,
+//! and `retired_below` is raised to the highest of the old
+//! `retired_below`, one past every salvaged seq, every cursor and the
+//! caller's seed, so that no seq of the damaged store, even one on a lost
+//! page, is handed out again. Only then is the damaged file moved aside
+//! (kept unchanged) and the salvaged one renamed into its place.
 //!
 //! # Concurrency
 //!
