@@ -168,6 +168,7 @@ fn open_store(
             lost = %salvage.summary(|t| t.lost),
             damaged_stretches = %salvage.summary(|t| t.damaged),
             journal_frames = salvage.journal_frames,
+            contained_panics = salvage.panics,
             next_seq = salvage.next_seq,
             "store file is damaged: what could be read was salvaged into a fresh store (forwarded as before), the damaged file moved aside; the lost entries are not forwarded"
         ),

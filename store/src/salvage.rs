@@ -45,17 +45,13 @@
 //! of their queue.
 
 mod overlay;
+mod report;
 mod scan;
+mod source;
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
 
-use redb::{
-    Database, DatabaseError, Key, ReadOnlyDatabase, ReadTransaction, ReadableDatabase,
-    ReadableTable, StorageBackend, TableDefinition, Value,
-};
+use redb::{Database, Key, ReadableDatabase, ReadableTable, TableDefinition, Value};
 
 use crate::tables::{
     self, AGES, CURSORS, DEAD_LETTERS, DEDUP, DEFINITIONS, JOURNAL_KEY, LOG, META, NEXT_QUEUE_KEY,
@@ -65,7 +61,9 @@ use crate::tables::{
 use crate::{Seq, journal};
 use scan::{Raw, Scanned};
 
-pub(crate) use overlay::Overlay;
+pub use report::{Salvage, SalvageError, TableSalvage};
+use source::Reader;
+pub(crate) use source::{Damaged, quietly};
 
 /// Name of the database being salvaged into, beside the damaged one.
 pub const SALVAGE_FILE: &str = "edge.redb.salvage";
@@ -86,248 +84,6 @@ pub const TABLES: [&str; 12] = [
     "dedup",
     "ages",
 ];
-
-/// What one table gave up.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TableSalvage {
-    pub table: &'static str,
-    /// Entries copied from the damaged database.
-    pub salvaged: u64,
-    /// Entries lost (see the module documentation for what is counted).
-    pub lost: u64,
-    /// Stretches of keys that could not be read.
-    pub damaged: u64,
-}
-
-/// The outcome of a salvage.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Salvage {
-    /// One per table of [`TABLES`], in that order.
-    pub tables: Vec<TableSalvage>,
-    /// Journal frames applied to what was salvaged.
-    pub journal_frames: usize,
-    /// No seq below this is handed out by the salvaged store.
-    pub next_seq: Seq,
-    /// Reads the storage engine panicked in (each one contained).
-    pub panics: u64,
-    /// Where the damaged file was moved (by [`crate::Store::salvage`]).
-    pub moved_to: Option<PathBuf>,
-}
-
-impl Salvage {
-    pub fn table(&self, name: &str) -> Option<&TableSalvage> {
-        self.tables.iter().find(|t| t.table == name)
-    }
-
-    pub fn salvaged(&self) -> u64 {
-        self.tables.iter().map(|t| t.salvaged).sum()
-    }
-
-    pub fn lost(&self) -> u64 {
-        self.tables.iter().map(|t| t.lost).sum()
-    }
-
-    /// `table=count` for every table with a count, e.g. `log=46000 cursors=2`
-    /// (`-` when there is none): the log line's fields.
-    pub fn summary(&self, count: impl Fn(&TableSalvage) -> u64) -> String {
-        let parts: Vec<String> = self
-            .tables
-            .iter()
-            .filter(|t| count(t) > 0)
-            .map(|t| format!("{}={}", t.table, count(t)))
-            .collect();
-        if parts.is_empty() {
-            "-".to_string()
-        } else {
-            parts.join(" ")
-        }
-    }
-}
-
-/// Why a salvage could not be made. The damaged file is then left where
-/// it is (the caller moves it aside without salvage).
-#[derive(Debug, thiserror::Error)]
-pub enum SalvageError {
-    /// Not even the database header and table directory can be read.
-    #[error("cannot read the damaged store {path} at all: {source}")]
-    Unreadable {
-        path: PathBuf,
-        #[source]
-        source: DatabaseError,
-    },
-    /// The damaged store records another schema version: its tables are
-    /// not this build's to copy.
-    #[error(
-        "the damaged store {path} has schema version {found}; salvage reads version {SCHEMA_VERSION}"
-    )]
-    Schema { path: PathBuf, found: String },
-    #[error("cannot write the salvaged store {path}: {source}")]
-    Target {
-        path: PathBuf,
-        #[source]
-        source: redb::Error,
-    },
-    #[error("salvaging the store in {path}: {what}: {source}")]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-type Opener = Box<dyn Fn() -> Result<SourceDb, DatabaseError>>;
-
-/// The damaged database, as salvage reads it: how to (re)open it, and its
-/// journal with the journal's length.
-pub(crate) struct Damaged {
-    pub(crate) label: PathBuf,
-    pub(crate) open: Opener,
-    pub(crate) journal: Option<(Box<dyn StorageBackend>, u64)>,
-}
-
-impl Damaged {
-    /// The damaged file at `path`, and its journal if there is one.
-    pub(crate) fn file(path: &Path, journal: &Path) -> Result<Damaged, SalvageError> {
-        let db_path = path.to_path_buf();
-        let journal = match std::fs::File::open(journal) {
-            Ok(file) => {
-                let backend =
-                    redb::backends::FileBackend::new(file).map_err(|e| SalvageError::Io {
-                        path: journal.to_path_buf(),
-                        what: "opening the journal",
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-                let overlay =
-                    Overlay::new(Box::new(backend)).map_err(|source| SalvageError::Io {
-                        path: journal.to_path_buf(),
-                        what: "reading the journal",
-                        source,
-                    })?;
-                Some((
-                    Box::new(overlay) as Box<dyn StorageBackend>,
-                    journal::CAPACITY,
-                ))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(SalvageError::Io {
-                    path: journal.to_path_buf(),
-                    what: "opening the journal",
-                    source,
-                });
-            }
-        };
-        Ok(Damaged {
-            label: path.to_path_buf(),
-            open: Box::new(move || open_file(&db_path)),
-            journal,
-        })
-    }
-}
-
-/// The damaged database file opened for reading: redb's read-only open,
-/// or, when it refuses because the file needs a repair, a normal open on
-/// an [`Overlay`] of the read-only file (the repair stays in memory).
-fn open_file(path: &Path) -> Result<SourceDb, DatabaseError> {
-    match ReadOnlyDatabase::open(path) {
-        Ok(db) => Ok(SourceDb::ReadOnly(db)),
-        Err(DatabaseError::RepairAborted) => {
-            let file = std::fs::File::open(path)?;
-            let overlay = Overlay::new(Box::new(redb::backends::FileBackend::new(file)?))?;
-            Ok(SourceDb::Copy(
-                Database::builder().create_with_backend(overlay)?,
-            ))
-        }
-        Err(e) => Err(e),
-    }
-}
-
-pub(crate) enum SourceDb {
-    ReadOnly(ReadOnlyDatabase),
-    /// A database on an [`Overlay`]: its writes never reach the file.
-    Copy(Database),
-}
-
-impl SourceDb {
-    fn begin_read(&self) -> Result<ReadTransaction, redb::TransactionError> {
-        match self {
-            SourceDb::ReadOnly(db) => db.begin_read(),
-            SourceDb::Copy(db) => db.begin_read(),
-        }
-    }
-}
-
-/// The damaged database as `scan.rs` reads it: reopened after a panic.
-struct Reader<'d> {
-    open: &'d Opener,
-    db: Option<SourceDb>,
-    suspect: bool,
-}
-
-impl Reader<'_> {
-    fn reopen(&mut self) -> Result<(), DatabaseError> {
-        // The old handle first: it may hold the file's lock.
-        let old = self.db.take();
-        quietly(|| drop(catch_unwind(AssertUnwindSafe(move || drop(old)))));
-        let opened = quietly(|| catch_unwind(AssertUnwindSafe(|| (self.open)())));
-        match opened {
-            Ok(Ok(db)) => {
-                self.db = Some(db);
-                self.suspect = false;
-                Ok(())
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(DatabaseError::Storage(redb::StorageError::Corrupted(
-                "the storage engine panicked while opening the file".into(),
-            ))),
-        }
-    }
-}
-
-impl scan::Source for Reader<'_> {
-    fn begin(&mut self) -> Option<ReadTransaction> {
-        if (self.suspect || self.db.is_none()) && self.reopen().is_err() {
-            return None;
-        }
-        let db = self.db.as_ref()?;
-        match quietly(|| catch_unwind(AssertUnwindSafe(|| db.begin_read()))) {
-            Ok(Ok(txn)) => Some(txn),
-            _ => {
-                self.suspect = true;
-                None
-            }
-        }
-    }
-
-    fn suspect(&mut self) {
-        self.suspect = true;
-    }
-}
-
-thread_local! {
-    /// Set while this thread reads a damaged database: its panics are
-    /// expected and counted, not printed one by one.
-    static QUIET: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` with this thread's panic messages silenced (other threads'
-/// still reach the previous hook).
-pub(super) fn quietly<T>(f: impl FnOnce() -> T) -> T {
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !QUIET.with(Cell::get) {
-                previous(info);
-            }
-        }));
-    });
-    let was = QUIET.with(|q| q.replace(true));
-    let out = f();
-    QUIET.with(|q| q.set(was));
-    out
-}
 
 /// Copies what can be read of `damaged` into `target` (a new, empty
 /// database), replays its journal onto it and makes it consistent (see

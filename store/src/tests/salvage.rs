@@ -282,3 +282,61 @@ async fn salvage_replays_the_journal_frames_that_replay_and_leaves_the_file_as_i
     let next = store.append(record(101, PAYLOAD)).await.unwrap();
     assert_eq!(next, seed, "seqs 60..=100 were acknowledged: never again");
 }
+
+/// A name-keyed table cannot be bisected: it is read from both ends, so a
+/// damaged page in its middle loses the sessions on that page only.
+#[tokio::test]
+async fn a_damaged_page_in_the_middle_of_the_sessions_loses_only_its_sessions() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let store = Store::open(dir, options(u64::MAX, &[])).unwrap();
+    let value = |i: u32| format!("session-{i:04}-{}", "x".repeat(150)).into_bytes();
+    for i in 0..300u32 {
+        store
+            .put_session(&format!("client-{i:04}"), value(i))
+            .await
+            .unwrap();
+    }
+    store.close().await.unwrap();
+
+    let path = dir.join(DB_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let pages = pages_holding(&bytes, &value(150));
+    let on_damaged: BTreeSet<u32> = (0..300)
+        .filter(|&i| {
+            pages.iter().any(|&p| {
+                bytes[p * PAGE..((p + 1) * PAGE).min(bytes.len())]
+                    .windows(value(i).len())
+                    .any(|w| w == &value(i)[..])
+            })
+        })
+        .collect();
+    let len = bytes.len();
+    for &p in &pages {
+        for b in &mut bytes[p * PAGE..((p + 1) * PAGE).min(len)] {
+            *b ^= 0xFF;
+        }
+    }
+    std::fs::write(&path, bytes).unwrap();
+
+    let report = Store::salvage(dir, 1).unwrap();
+    let store = Store::open(dir, options(u64::MAX, &[])).unwrap();
+    let sessions = store.sessions().unwrap();
+    let found: BTreeSet<u32> = sessions
+        .iter()
+        .map(|(id, v)| {
+            let i: u32 = id.trim_start_matches("client-").parse().unwrap();
+            assert_eq!(v, &value(i), "session {id} changed");
+            i
+        })
+        .collect();
+    assert!(!found.contains(&150), "the damaged page was read");
+    for i in 0..300 {
+        assert!(
+            found.contains(&i) || on_damaged.contains(&i),
+            "session {i} was on no damaged page and is gone"
+        );
+    }
+    let t = report.table("sessions").unwrap();
+    assert_eq!((t.salvaged, t.damaged, t.lost), (found.len() as u64, 1, 1));
+}
