@@ -554,9 +554,17 @@ impl Store {
             path: partial.clone(),
             source: source.into(),
         })?;
-        let mut report = salvage::salvage(&mut damaged, &target, first_seq)?;
+        let salvaged = salvage::salvage(&mut damaged, &target, first_seq);
         drop(target);
         drop(damaged);
+        let mut report = match salvaged {
+            Ok(report) => report,
+            Err(e) => {
+                // Nothing half-made is left to be taken for a store.
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
         let aside = Store::move_aside(data_dir).map_err(io("moving the damaged store aside"))?;
         std::fs::rename(&partial, data_dir.join(DB_FILE))
             .map_err(io("putting the salvaged store in place"))?;

@@ -340,3 +340,36 @@ async fn a_damaged_page_in_the_middle_of_the_sessions_loses_only_its_sessions() 
     let t = report.table("sessions").unwrap();
     assert_eq!((t.salvaged, t.damaged, t.lost), (found.len() as u64, 1, 1));
 }
+
+/// A start killed between moving the damaged file aside and renaming the
+/// salvaged one into place: the next open takes the salvaged file.
+#[tokio::test]
+async fn an_open_takes_a_finished_salvage_left_without_its_rename() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let store = Store::open(dir, options(u64::MAX, &[])).unwrap();
+    assert_eq!(store.append(record(1, PAYLOAD)).await.unwrap(), 1);
+    store.close().await.unwrap();
+    std::fs::rename(dir.join(DB_FILE), dir.join(SALVAGE_FILE)).unwrap();
+
+    let store = Store::open(dir, options(u64::MAX, &[])).unwrap();
+    let entries = store.read(0, 10, usize::MAX).unwrap();
+    assert_eq!(entries.len(), 1, "the salvaged file is the store");
+    assert!(!dir.join(SALVAGE_FILE).exists());
+}
+
+/// Nothing readable (not a redb file at all): an error, the damaged file
+/// where it was, and no half-made salvage left behind.
+#[test]
+fn an_unreadable_file_is_an_error_and_stays_in_place() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    std::fs::write(dir.join(DB_FILE), vec![0xAB_u8; 64 * 1024]).unwrap();
+    let err = Store::salvage(dir, 1).expect_err("garbage has nothing to salvage");
+    assert!(
+        matches!(err, crate::SalvageError::Unreadable { .. }),
+        "{err}"
+    );
+    assert!(dir.join(DB_FILE).exists());
+    assert!(!dir.join(SALVAGE_FILE).exists());
+}
