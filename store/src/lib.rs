@@ -527,8 +527,11 @@ impl Store {
     /// the damage, with the journal's frames that replay, into a fresh
     /// database; then moves the damaged file and its journal aside
     /// ([`Store::move_aside`], kept for forensics) and puts the fresh one
-    /// in its place, for [`Store::open`] to open. No seq below `first_seq`
-    /// or below any seq of the damaged store is handed out afterwards.
+    /// in its place, for [`Store::open`] to open. No seq below `first_seq`,
+    /// or below any seq salvaged or recorded by the damaged store, is handed
+    /// out afterwards. The newest records may be on a lost page, so
+    /// `first_seq` should be above any seq the damaged store could have
+    /// used: the gateway passes its clock seed (see [`Store::open_seeded`]).
     /// Counts go to `edge_store_salvaged_total{table}` and
     /// `edge_store_salvage_lost_total{table}`. Blocking; call it only with
     /// no store open on `data_dir`. On error the damaged file is where it

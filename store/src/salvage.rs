@@ -38,7 +38,10 @@
 //! damaged store's own figures (`meta["stats"]`, as of its last journal
 //! frame) were readable: those figures minus what is there now. Otherwise,
 //! and for `replays`, it is the seqs skipped over in damaged stretches (an
-//! upper bound: a seq may never have been in the table); for the other
+//! upper bound: a seq may never have been in the table; a stretch that runs
+//! to the end of the table, whose size is unknowable, is not counted: see
+//! `damaged`, and only the seed is then known to be above the lost seqs);
+//! for the other
 //! tables it is the number of damaged stretches (each lost at least one
 //! key; a name-keyed table loses everything between its first and last
 //! damaged page), plus, for `queue_entries`, the entries dropped for want

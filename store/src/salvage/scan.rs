@@ -53,7 +53,8 @@ pub(super) struct Scanned {
     /// Stretches of keys that could not be read.
     pub stretches: u64,
     /// Key values inside those stretches that were not read (seq-keyed
-    /// tables only; for the log, the seq gaps).
+    /// tables only; for the log, the seq gaps), not counting a stretch that
+    /// runs to the end of the table.
     pub skipped: u128,
     /// Reads that panicked.
     pub panics: u64,
@@ -331,11 +332,11 @@ pub(super) fn seq_table<K: NumKey, V: Value + 'static>(
         let restart = restart_after(source, def, failed, &mut scanned.panics);
         let below = backward(source, def, failed, restart, &mut scanned.panics);
         // Key values in [failed, restart) not read: for the log, seq gaps.
-        let width = match restart {
-            Some(r) => r - failed,
-            None => (K::MAX - failed).saturating_add(1),
-        };
-        scanned.skipped += width.saturating_sub(below.len() as u128);
+        // A stretch running to the end of the table has no upper bound to
+        // count a gap from: it counts as a stretch only.
+        if let Some(r) = restart {
+            scanned.skipped += (r - failed).saturating_sub(below.len() as u128);
+        }
         scanned.entries += below.len() as u64;
         if !below.is_empty() {
             sink(below)?;
