@@ -117,6 +117,16 @@
 //! caller's backend without a journal ([`Store::open_with_backend`])
 //! commits every batch with `Durability::Immediate`, as before.
 //!
+//! Checkpoints (and the opening transaction) are committed with redb's
+//! quick repair: two-phase (two syncs) and recording the allocator state,
+//! so that after a crash redb opens the file without a repair, and a file
+//! with a damaged page can still be opened to salvage it (redb's repair
+//! refuses such a file whole). The check the repair made is made instead
+//! by the open itself, when the journal holds frames of the current epoch
+//! (the last run did not end with its closing checkpoint: a crash): every
+//! page's checksum is verified (`check_integrity`) before the replay, and
+//! a failure is damage ([`OpenError::is_corruption`]), salvaged below.
+//!
 //! **The recovery rule.** redb commits are atomic, and after a crash the
 //! database is as of its last durable commit, the last checkpoint, or of
 //! some later commit if redb wrote more. Opening replays the frames of the
@@ -667,13 +677,16 @@ impl Store {
     }
 
     fn start(
-        db: Database,
+        mut db: Database,
         path: PathBuf,
         source: Source,
         options: StoreOptions,
         first_seq: Seq,
         mut journal: Option<journal::Journal>,
     ) -> Result<Store, OpenError> {
+        if let Some(journal) = journal.as_ref() {
+            check_after_crash(&mut db, journal, &path)?;
+        }
         if let Some(journal) = journal.as_mut() {
             journal::recover(&db, journal).map_err(|e| OpenError::Init {
                 path: path.clone(),
@@ -1141,6 +1154,42 @@ fn create_with_backend(backend: impl StorageBackend, label: &Path) -> Result<Dat
             path: label.to_path_buf(),
             source,
         })
+}
+
+/// After a crash (the journal holds frames: the last run did not end with
+/// its closing checkpoint), verifies every page's checksum before the
+/// journal is replayed. Checkpoints record redb's allocator state, so redb
+/// opens such a file without the repair that would have verified it; a
+/// page a lying disk lost must still be found here, at open, where the
+/// damage is salvaged, and not by a reader later.
+fn check_after_crash(
+    db: &mut Database,
+    journal: &journal::Journal,
+    path: &Path,
+) -> Result<(), OpenError> {
+    let damaged = |message: String| OpenError::Init {
+        path: path.to_path_buf(),
+        message,
+        corrupt: true,
+    };
+    let crashed = journal::pending(db, journal).map_err(|e| OpenError::Init {
+        path: path.to_path_buf(),
+        message: format!("reading the journal epoch: {e}"),
+        corrupt: matches!(e, redb::Error::Corrupted(_))
+            || matches!(&e, redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData),
+    })?;
+    if !crashed {
+        return Ok(());
+    }
+    // A check that failed and was "repaired" rolled the last checkpoint
+    // back: damage too (salvage copies what is left and replays the journal).
+    match db.check_integrity() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(damaged(
+            "checksums after a crash: failed (redb rolled the last checkpoint back)".into(),
+        )),
+        Err(e) => Err(damaged(format!("checksums after a crash: {e}"))),
+    }
 }
 
 /// A salvage interrupted between moving the damaged file aside and

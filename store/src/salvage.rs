@@ -3,8 +3,13 @@
 //!
 //! The damaged file is opened read-only (redb's read-only open; a file
 //! that was not closed cleanly, which that open refuses, is opened through
-//! a copy-on-write [`overlay`] that keeps redb's repair in memory), so it
-//! is kept byte for byte for forensics. Each table is copied range by
+//! a copy-on-write [`overlay`] that keeps whatever redb writes in memory),
+//! so it is kept byte for byte for forensics. After a crash such a file
+//! opens without a repair, since checkpoints record the allocator state
+//! (see "Recovery" in `lib.rs`); one whose last commit did not (written by
+//! an older build) is repaired in memory, and redb's repair refuses a file
+//! with a damaged page: that one cannot be salvaged
+//! ([`SalvageError::Unreadable`]). Each table is copied range by
 //! range around the pages that cannot be read (`scan.rs`), into a new
 //! database `edge.redb.salvage` beside it. Then:
 //!
