@@ -3,13 +3,15 @@
 //! refusal to start with `on_corrupt = "refuse"`.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context;
 use std::path::Path;
 
 use edge_tests::amqp::{AmqpQueue, QueueSpec};
 use edge_tests::mqtt::publish_one;
 use edge_tests::{Publisher, TestGateway, unique};
 
-use crate::{LONG, message_seq, parse_payload, payload, shared_node};
+use crate::{LONG, gateway_bin, message_seq, parse_payload, payload, shared_node};
 
 /// redb's page size: the unit of damage.
 const PAGE: usize = 4096;
@@ -231,5 +233,95 @@ async fn a_damaged_store_is_salvaged_and_its_acknowledged_messages_reach_the_bro
         "new message seq {newest:?}, old store went up to {highest_old}"
     );
     gw.shutdown().await?;
+    Ok(())
+}
+
+/// Issue 9's own case: the gateway is killed (`kill -9`: the store file is
+/// not closed, its newest batches are in the journal only) and then a page
+/// of the file is found damaged. The restarted gateway finds the damage at
+/// open, salvages the file and the journal, says so in one ERROR line with
+/// the counts, and forwards every PUBACKed message that was not on the
+/// damaged page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_whose_store_lost_a_page_forwards_the_rest_after_restart()
+-> anyhow::Result<()> {
+    const KILLED: u64 = 12_000;
+    let node = shared_node().await?;
+    let prefix = unique("salvage-kill");
+    let nowhere = "amqp://guest:guest@127.0.0.1:1/%2f".to_string();
+    let mut gw = TestGateway::builder()
+        .upstream("central", std::slice::from_ref(&nowhere))
+        .route("telemetry", &format!("{prefix}/#"), "central")
+        .spawn(gateway_bin())
+        .await?;
+    let topic = format!("{prefix}/dev/data");
+    let publish = {
+        let topic = topic.clone();
+        move |i| (topic.clone(), payload("killed", i))
+    };
+    let report = Publisher::new(gw.mqtt_addr(), &unique("dev"))
+        .run(KILLED, LONG, publish)
+        .await;
+    assert!(report.all_acked(KILLED), "publisher: {report:?}");
+    gw.kill().await?;
+
+    // A message the checkpoints folded into the file (not only in the
+    // journal): its page is lost.
+    let damaged = damage_pages_holding(&gw.data_dir(), &[payload("killed", 1_000)])?;
+    let maybe_lost: BTreeSet<u64> = (0..KILLED)
+        .filter(|&i| {
+            let p = payload("killed", i);
+            damaged
+                .iter()
+                .any(|page| page.windows(p.len()).any(|w| w == &p[..]))
+        })
+        .collect();
+    assert!(
+        maybe_lost.len() < 200,
+        "one page holds a few dozen messages"
+    );
+
+    let mut queue =
+        AmqpQueue::open(&node.amqp_uri(), &QueueSpec::topic(&format!("{prefix}.#"))).await?;
+    let config = std::fs::read_to_string(gw.config_path())?;
+    anyhow::ensure!(
+        config.contains(&nowhere),
+        "the upstream is not in the config"
+    );
+    std::fs::write(gw.config_path(), config.replace(&nowhere, &node.amqp_uri()))?;
+    gw.restart().await?;
+
+    let must: BTreeSet<u64> = (0..KILLED).filter(|i| !maybe_lost.contains(i)).collect();
+    let mut got = BTreeSet::new();
+    queue
+        .take_until(LONG, |so_far| {
+            for m in so_far {
+                if let Ok((_, i)) = parse_payload(&m.body) {
+                    got.insert(i);
+                }
+            }
+            must.is_subset(&got)
+        })
+        .await?;
+    assert!(
+        !got.contains(&1_000),
+        "message 1000 was on the damaged page only"
+    );
+    let log = std::fs::read_to_string(gw.log_path())?;
+    let line = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("salvaged="))
+        .with_context(|| format!("no salvage ERROR line in the log:\n{}", gw.log()))?;
+    eprintln!("{line}");
+    // The batches after the last checkpoint were in the journal only.
+    let frames: u64 = line
+        .split("journal_frames=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no journal_frames in {line:?}"))?;
+    assert!(frames > 0, "the journal was not replayed: {line}");
+    assert!(line.contains("lost=") && line.contains("log="), "{line}");
+    gw.kill().await?;
     Ok(())
 }
