@@ -172,6 +172,13 @@ fn open_store(
             next_seq = salvage.next_seq,
             "store file is damaged: what could be read was salvaged into a fresh store (forwarded as before), the damaged file moved aside; the lost entries are not forwarded"
         ),
+        // A salvage that failed after moving the file aside (its last
+        // rename) left the finished salvage for the open to take.
+        Err(error) if !data_dir.join(edge_store::DB_FILE).exists() => tracing::error!(
+            damage = %damage,
+            salvage = %error,
+            "store file is damaged: salvaged and moved aside, but the salvaged file could not be renamed into place; the open that follows takes it"
+        ),
         Err(error) => {
             let aside = Store::move_aside(data_dir).with_context(|| {
                 format!("moving the damaged store in {} aside", data_dir.display())
