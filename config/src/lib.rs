@@ -236,8 +236,10 @@ pub enum WhenFull {
 /// or of another schema).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnCorrupt {
-    /// Rename it to `edge.redb.corrupt-<unix seconds>`, log at ERROR, count
-    /// it, and start on a fresh store: the gateway keeps accepting data.
+    /// Salvage what can still be read into a fresh store, rename the
+    /// damaged file to `edge.redb.corrupt-<unix seconds>`, log at ERROR with
+    /// the counts, count it, and start: the gateway keeps accepting data
+    /// and forwards what was salvaged.
     MoveAside,
     /// Refuse to start.
     Refuse,

@@ -173,14 +173,38 @@ fn open_store(
             data_dir.display()
         );
     }
-    let aside = Store::move_aside(data_dir)
-        .with_context(|| format!("moving the damaged store in {} aside", data_dir.display()))?;
     metrics::counter!("edge_store_corruptions_total").increment(1);
-    tracing::error!(
-        damage = %damage,
-        moved_to = %aside.display(),
-        "store file is damaged: moved aside, starting on a fresh store; messages in the old file are not forwarded"
-    );
+    match Store::salvage(data_dir, clock_seed()) {
+        Ok(salvage) => tracing::error!(
+            damage = %damage,
+            moved_to = %salvage.moved_to.as_deref().unwrap_or(data_dir).display(),
+            salvaged = %salvage.summary(|t| t.salvaged),
+            lost = %salvage.summary(|t| t.lost),
+            damaged_stretches = %salvage.summary(|t| t.damaged),
+            journal_frames = salvage.journal_frames,
+            contained_panics = salvage.panics,
+            next_seq = salvage.next_seq,
+            "store file is damaged: what could be read was salvaged into a fresh store (forwarded as before), the damaged file moved aside; the lost entries are not forwarded"
+        ),
+        // A salvage that failed after moving the file aside (its last
+        // rename) left the finished salvage for the open to take.
+        Err(error) if !data_dir.join(edge_store::DB_FILE).exists() => tracing::error!(
+            damage = %damage,
+            salvage = %error,
+            "store file is damaged: salvaged and moved aside, but the salvaged file could not be renamed into place; the open that follows takes it"
+        ),
+        Err(error) => {
+            let aside = Store::move_aside(data_dir).with_context(|| {
+                format!("moving the damaged store in {} aside", data_dir.display())
+            })?;
+            tracing::error!(
+                damage = %damage,
+                salvage = %error,
+                moved_to = %aside.display(),
+                "store file is damaged and nothing could be salvaged: moved aside, starting on a fresh store; messages in the old file are not forwarded"
+            );
+        }
+    }
     match try_open(data_dir, options) {
         Opened::Store(store) => Ok(store),
         Opened::Failed(e) => Err(e).with_context(context),

@@ -333,7 +333,8 @@ fn crc32c(crc: u32, bytes: &[u8]) -> u32 {
 /// writes that epoch from the file's start. Returns the frames replayed.
 /// Run at open, and after the database was reopened (out of space).
 pub(crate) fn recover(db: &Database, journal: &mut Journal) -> Result<usize, redb::Error> {
-    let txn = db.begin_write()?;
+    let mut txn = db.begin_write()?;
+    txn.set_quick_repair(true);
     let found = {
         let meta = txn.open_table(META)?;
         meta.get(JOURNAL_KEY)?.and_then(|v| {
@@ -369,6 +370,28 @@ pub(crate) fn recover(db: &Database, journal: &mut Journal) -> Result<usize, red
         );
     }
     Ok(frames.len())
+}
+
+/// Whether the journal holds frames of the epoch `db` names: the last run
+/// ended without its closing checkpoint (a crash).
+pub(crate) fn pending(db: &Database, journal: &Journal) -> Result<bool, redb::Error> {
+    use redb::ReadableDatabase;
+    let txn = db.begin_read()?;
+    let meta = match txn.open_table(META) {
+        Ok(meta) => meta,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let found = meta.get(JOURNAL_KEY)?.and_then(|v| {
+        let v = v.value();
+        let id = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+        let epoch = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
+        Some((id, epoch))
+    });
+    match found {
+        Some((id, epoch)) => Ok(!journal.frames(id, epoch)?.is_empty()),
+        None => Ok(false),
+    }
 }
 
 /// A journal id unlikely to be any other database's: the clock's

@@ -5,7 +5,9 @@
 //! # What persists (schema 2)
 //!
 //! One redb database, `<data_dir>/edge.redb`, and its write-ahead journal,
-//! `<data_dir>/edge.journal` (see "Recovery"):
+//! `<data_dir>/edge.journal` (see "Recovery"); after damage, the file
+//! kept aside, `edge.redb.corrupt-<unix seconds>[.<n>]` (and `.journal`),
+//! and, while a salvage runs, `edge.redb.salvage`:
 //!
 //! | table           | key                  | value                                       |
 //! |-----------------|----------------------|---------------------------------------------|
@@ -115,6 +117,16 @@
 //! caller's backend without a journal ([`Store::open_with_backend`])
 //! commits every batch with `Durability::Immediate`, as before.
 //!
+//! Checkpoints (and the opening transaction) are committed with redb's
+//! quick repair: two-phase (two syncs) and recording the allocator state,
+//! so that after a crash redb opens the file without a repair, and a file
+//! with a damaged page can still be opened to salvage it (redb's repair
+//! refuses such a file whole). The check the repair made is made instead
+//! by the open itself, when the journal holds frames of the current epoch
+//! (the last run did not end with its closing checkpoint: a crash): every
+//! page's checksum is verified (`check_integrity`) before the replay, and
+//! a failure is damage ([`OpenError::is_corruption`]), salvaged below.
+//!
 //! **The recovery rule.** redb commits are atomic, and after a crash the
 //! database is as of its last durable commit, the last checkpoint, or of
 //! some later commit if redb wrote more. Opening replays the frames of the
@@ -141,6 +153,26 @@
 //! itself never grows (no room to fill it at creation: the store runs
 //! without one, every batch durable in redb, and says so at WARN).
 //!
+//! **The salvage rule** (damage, not a crash: [`Store::salvage`],
+//! `salvage.rs`). A database that redb reports as corrupted, or panics
+//! reading, is salvaged rather than dropped: opened read-only (a file that
+//! needs a repair is repaired in memory, over a copy-on-write view), every
+//! table is copied into a fresh database range by range, each read inside
+//! `catch_unwind`; a failed range is narrowed by binary search down to
+//! single keys, so a damaged page loses the keys on it and no others
+//! (name-keyed tables are read from both ends instead). Entries keep their
+//! keys, so records keep their seqs and cursors their positions. Then the
+//! epoch named in the salvaged `meta["journal"]` is replayed from the
+//! damaged store's journal by the recovery rule above (blind writes onto
+//! what was salvaged: they can only restore keys); without that entry the
+//! journal is not replayed. `refs` is rebuilt from the queue entries (queue
+//! entries of a lost queue are dropped), the figures are counted again,
+//! and `retired_below` is raised to the highest of the old
+//! `retired_below`, one past every salvaged seq, every cursor and the
+//! caller's seed, so that no seq of the damaged store, even one on a lost
+//! page, is handed out again. Only then is the damaged file moved aside
+//! (kept unchanged) and the salvaged one renamed into its place.
+//!
 //! # Concurrency
 //!
 //! One named thread (`edge-store-writer`) owns every write transaction and
@@ -164,6 +196,7 @@ mod migrate;
 mod read_only;
 mod reader;
 mod record;
+mod salvage;
 mod space;
 mod tables;
 mod writer;
@@ -185,6 +218,7 @@ pub use journal::JOURNAL_FILE;
 pub const JOURNAL_BYTES: u64 = journal::CAPACITY;
 pub use read_only::ReadOnlyStore;
 pub use record::Record;
+pub use salvage::{SALVAGE_FILE, Salvage, SalvageError, TableSalvage};
 
 use writer::{DeadLetterAction, Op, Writer};
 
@@ -455,6 +489,7 @@ impl Store {
             source,
         })?;
         let path = data_dir.join(DB_FILE);
+        adopt_salvaged(data_dir)?;
         let mut db = Database::create(&path).map_err(|source| OpenError::Database {
             path: path.clone(),
             source,
@@ -495,6 +530,62 @@ impl Store {
             _ => {}
         }
         Ok(aside)
+    }
+
+    /// Salvages the damaged database in `data_dir` (see `salvage.rs`):
+    /// copies every entry that can still be read, range by range around
+    /// the damage, with the journal's frames that replay, into a fresh
+    /// database; then moves the damaged file and its journal aside
+    /// ([`Store::move_aside`], kept for forensics) and puts the fresh one
+    /// in its place, for [`Store::open`] to open. No seq below `first_seq`,
+    /// or below any seq salvaged or recorded by the damaged store, is handed
+    /// out afterwards. The newest records may be on a lost page, so
+    /// `first_seq` should be above any seq the damaged store could have
+    /// used: the gateway passes its clock seed (see [`Store::open_seeded`]).
+    /// Counts go to `edge_store_salvaged_total{table}` and
+    /// `edge_store_salvage_lost_total{table}`. Blocking; call it only with
+    /// no store open on `data_dir`. On error the damaged file is where it
+    /// was.
+    pub fn salvage(data_dir: &Path, first_seq: Seq) -> Result<Salvage, SalvageError> {
+        let io = |what: &'static str| {
+            move |source: std::io::Error| SalvageError::Io {
+                path: data_dir.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        let partial = data_dir.join(SALVAGE_FILE);
+        match std::fs::remove_file(&partial) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io("removing an unfinished salvage")(e));
+            }
+            _ => {}
+        }
+        let mut damaged =
+            salvage::Damaged::file(&data_dir.join(DB_FILE), &data_dir.join(JOURNAL_FILE))?;
+        let target = Database::create(&partial).map_err(|source| SalvageError::Target {
+            path: partial.clone(),
+            source: source.into(),
+        })?;
+        let salvaged = salvage::salvage(&mut damaged, &target, first_seq);
+        drop(target);
+        drop(damaged);
+        let mut report = match salvaged {
+            Ok(report) => report,
+            Err(e) => {
+                // Nothing half-made is left to be taken for a store.
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
+        let aside = Store::move_aside(data_dir).map_err(io("moving the damaged store aside"))?;
+        std::fs::rename(&partial, data_dir.join(DB_FILE))
+            .map_err(io("putting the salvaged store in place"))?;
+        std::fs::File::open(data_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io("syncing the data directory"))?;
+        report.moved_to = Some(aside);
+        Ok(report)
     }
 
     /// [`Store::open`] with a clock of the test's own (milliseconds since
@@ -586,13 +677,16 @@ impl Store {
     }
 
     fn start(
-        db: Database,
+        mut db: Database,
         path: PathBuf,
         source: Source,
         options: StoreOptions,
         first_seq: Seq,
         mut journal: Option<journal::Journal>,
     ) -> Result<Store, OpenError> {
+        if let Some(journal) = journal.as_ref() {
+            check_after_crash(&mut db, journal, &path)?;
+        }
         if let Some(journal) = journal.as_mut() {
             journal::recover(&db, journal).map_err(|e| OpenError::Init {
                 path: path.clone(),
@@ -1068,6 +1162,64 @@ fn create_with_backend(backend: impl StorageBackend, label: &Path) -> Result<Dat
         })
 }
 
+/// After a crash (the journal holds frames: the last run did not end with
+/// its closing checkpoint), verifies every page's checksum before the
+/// journal is replayed. Checkpoints record redb's allocator state, so redb
+/// opens such a file without the repair that would have verified it; a
+/// page a lying disk lost must still be found here, at open, where the
+/// damage is salvaged, and not by a reader later.
+fn check_after_crash(
+    db: &mut Database,
+    journal: &journal::Journal,
+    path: &Path,
+) -> Result<(), OpenError> {
+    let damaged = |message: String| OpenError::Init {
+        path: path.to_path_buf(),
+        message,
+        corrupt: true,
+    };
+    let crashed = journal::pending(db, journal).map_err(|e| OpenError::Init {
+        path: path.to_path_buf(),
+        message: format!("reading the journal epoch: {e}"),
+        corrupt: matches!(e, redb::Error::Corrupted(_))
+            || matches!(&e, redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData),
+    })?;
+    if !crashed {
+        return Ok(());
+    }
+    // A check that failed and was "repaired" rolled the last checkpoint
+    // back: damage too (salvage copies what is left and replays the journal).
+    match db.check_integrity() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(damaged(
+            "checksums after a crash: failed (redb rolled the last checkpoint back)".into(),
+        )),
+        Err(e) => Err(damaged(format!("checksums after a crash: {e}"))),
+    }
+}
+
+/// A salvage interrupted between moving the damaged file aside and
+/// renaming the salvaged one into place left `edge.redb.salvage` and no
+/// `edge.redb`: the salvaged file is the store (it is complete, since the
+/// damaged file is moved only after the salvage committed).
+fn adopt_salvaged(data_dir: &Path) -> Result<(), OpenError> {
+    let path = data_dir.join(DB_FILE);
+    let salvaged = data_dir.join(SALVAGE_FILE);
+    if path.exists() || !salvaged.exists() {
+        return Ok(());
+    }
+    std::fs::rename(&salvaged, &path).map_err(|e| OpenError::Init {
+        path: path.clone(),
+        message: format!(
+            "cannot put the salvaged store {} in place: {e}",
+            salvaged.display()
+        ),
+        corrupt: false,
+    })?;
+    tracing::warn!(path = %path.display(), "Took the store salvaged by an interrupted start.");
+    Ok(())
+}
+
 /// Files smaller than this are never compacted: the gain is not worth a
 /// rewrite of the file.
 const COMPACT_MIN_FILE: u64 = 8 << 20;
@@ -1151,6 +1303,10 @@ fn zero_failure_counters() {
     metrics::counter!("edge_store_commit_failures_total").increment(0);
     for reason in [FullReason::Quota, FullReason::Disk] {
         metrics::counter!("edge_store_rejected_total", "reason" => reason.label()).increment(0);
+    }
+    for table in salvage::TABLES {
+        metrics::counter!("edge_store_salvaged_total", "table" => table).increment(0);
+        metrics::counter!("edge_store_salvage_lost_total", "table" => table).increment(0);
     }
     for reason in ["store_full", "drop_oldest", "max_age"] {
         metrics::counter!("edge_messages_dropped_total", "reason" => reason).increment(0);

@@ -155,7 +155,9 @@ pub(crate) fn init(
     first_seq: Seq,
     age_now: Option<u64>,
 ) -> Result<Loaded, InitError> {
-    let txn = db.begin_write().map_err(redb_err)?;
+    let mut txn = db.begin_write().map_err(redb_err)?;
+    // Like a checkpoint (`writer/apply.rs`): the allocator state recorded.
+    txn.set_quick_repair(true);
     let loaded = {
         let found = {
             let meta = txn.open_table(META).map_err(redb_err)?;

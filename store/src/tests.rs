@@ -11,6 +11,7 @@ mod disk;
 mod journal;
 mod model;
 mod operator;
+mod salvage;
 
 pub(super) fn options(max_bytes: u64, cursors: &[&str]) -> StoreOptions {
     StoreOptions {

@@ -160,6 +160,11 @@ impl Disk {
         self.lock().power_left = Some(calls);
     }
 
+    /// The file's bytes as they are now (what a read sees).
+    pub(super) fn contents(&self) -> Vec<u8> {
+        self.lock().files[self.index].written.clone()
+    }
+
     pub(super) fn power_is_cut(&self) -> bool {
         self.lock().fault == Fault::PowerCut
     }

@@ -80,6 +80,9 @@ impl Writer {
             }
             journal => {
                 txn.set_durability(Durability::Immediate)?;
+                if journal.is_some() {
+                    txn.set_quick_repair(true);
+                }
                 txn.commit()?;
                 if let Some(journal) = journal {
                     journal.start_next_epoch();
