@@ -1031,6 +1031,21 @@ fn downstream(
         defaults::DOWNSTREAM_PREFETCH,
         usize::from(u16::MAX),
     );
+    let dedup_window = c.non_zero(
+        &key("dedup_window"),
+        d.dedup_window,
+        defaults::DOWNSTREAM_DEDUP_WINDOW,
+        10_000_000,
+    );
+    if dedup_window < prefetch {
+        // A duplicate settled after its id left the window would look
+        // like one whose first copy failed to commit, and go back.
+        c.problem(
+            key("dedup_window"),
+            Some(dedup_window.to_string()),
+            format!("at least prefetch ({prefetch}): every unacknowledged delivery's id must stay in the window"),
+        );
+    }
     DownstreamConfig {
         name,
         upstream,
@@ -1042,12 +1057,7 @@ fn downstream(
             .ok()
             .and_then(NonZeroU16::new)
             .unwrap_or(NonZeroU16::MIN),
-        dedup_window: c.non_zero(
-            &key("dedup_window"),
-            d.dedup_window,
-            defaults::DOWNSTREAM_DEDUP_WINDOW,
-            10_000_000,
-        ),
+        dedup_window,
     }
 }
 
@@ -1416,6 +1426,13 @@ mod tests {
         let err = Config::parse("[[downstream]]\nname = \"d\"\nqueue = \"q\"\nretries = 1\n")
             .expect_err("unknown key");
         assert!(err.to_string().contains("retries"), "{err}");
+        let err = Config::parse(&format!(
+            "{central}[[downstream]]\nname = \"d\"\nupstream = \"central\"\nqueue = \"q\"\n\
+             prefetch = 500\ndedup_window = 100\n"
+        ))
+        .expect_err("a window smaller than prefetch");
+        assert_eq!(problem_keys(&err), ["downstream[0].dedup_window"], "{err}");
+        assert!(err.to_string().contains("at least prefetch (500)"), "{err}");
     }
 
     #[test]

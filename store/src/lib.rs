@@ -490,6 +490,10 @@ impl Store {
         })?;
         let path = data_dir.join(DB_FILE);
         adopt_salvaged(data_dir)?;
+        let journal = open_journal(&data_dir.join(JOURNAL_FILE))?;
+        if let Some(journal) = journal.as_ref() {
+            check_after_crash(&path, journal)?;
+        }
         let mut db = Database::create(&path).map_err(|source| OpenError::Database {
             path: path.clone(),
             source,
@@ -501,7 +505,6 @@ impl Store {
             data_dir: Some(data_dir.to_path_buf()),
             clock: Arc::new(system_clock),
         };
-        let journal = open_journal(&data_dir.join(JOURNAL_FILE))?;
         Store::start(db, path, source, options, first_seq, journal)
     }
 
@@ -677,16 +680,13 @@ impl Store {
     }
 
     fn start(
-        mut db: Database,
+        db: Database,
         path: PathBuf,
         source: Source,
         options: StoreOptions,
         first_seq: Seq,
         mut journal: Option<journal::Journal>,
     ) -> Result<Store, OpenError> {
-        if let Some(journal) = journal.as_ref() {
-            check_after_crash(&mut db, journal, &path)?;
-        }
         if let Some(journal) = journal.as_mut() {
             journal::recover(&db, journal).map_err(|e| OpenError::Init {
                 path: path.clone(),
@@ -1168,17 +1168,30 @@ fn create_with_backend(backend: impl StorageBackend, label: &Path) -> Result<Dat
 /// opens such a file without the repair that would have verified it; a
 /// page a lying disk lost must still be found here, at open, where the
 /// damage is salvaged, and not by a reader later.
-fn check_after_crash(
-    db: &mut Database,
-    journal: &journal::Journal,
-    path: &Path,
-) -> Result<(), OpenError> {
+///
+/// The check runs on a copy-on-write view of the file, before the store
+/// opens it: redb "repairs" a file whose check fails by rolling it back to
+/// the previous commit, and that must not reach the file (salvage reads
+/// the last checkpoint's pages and replays the journal on them). A file
+/// the view cannot open is left to the real open to judge.
+fn check_after_crash(path: &Path, journal: &journal::Journal) -> Result<(), OpenError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let view = (|| -> Result<Database, redb::DatabaseError> {
+        let file = std::fs::File::open(path)?;
+        let overlay = salvage::Overlay::new(Box::new(redb::backends::FileBackend::new(file)?))?;
+        Database::builder().create_with_backend(overlay)
+    })();
+    let Ok(db) = view else {
+        return Ok(());
+    };
     let damaged = |message: String| OpenError::Init {
         path: path.to_path_buf(),
         message,
         corrupt: true,
     };
-    let crashed = journal::pending(db, journal).map_err(|e| OpenError::Init {
+    let crashed = journal::pending(&db, journal).map_err(|e| OpenError::Init {
         path: path.to_path_buf(),
         message: format!("reading the journal epoch: {e}"),
         corrupt: matches!(e, redb::Error::Corrupted(_))
@@ -1187,8 +1200,10 @@ fn check_after_crash(
     if !crashed {
         return Ok(());
     }
-    // A check that failed and was "repaired" rolled the last checkpoint
-    // back: damage too (salvage copies what is left and replays the journal).
+    // A check that failed and was "repaired" (in the view only) rolled the
+    // last checkpoint back: damage too (salvage copies what is left of the
+    // untouched file and replays the journal).
+    let mut db = db;
     match db.check_integrity() {
         Ok(true) => Ok(()),
         Ok(false) => Err(damaged(

@@ -69,6 +69,7 @@ use crate::tables::{
 use crate::{Seq, journal};
 use scan::{Raw, Scanned};
 
+pub(crate) use overlay::Overlay;
 pub use report::{Salvage, SalvageError, TableSalvage};
 use source::Reader;
 pub(crate) use source::{Damaged, quietly};

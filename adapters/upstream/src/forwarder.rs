@@ -348,13 +348,13 @@ impl Forwarder {
                 .is_some_and(|l| l.priority == route.priority)
     }
 
-    /// Room for one more record in `lane`: fewer than `max_in_flight`
-    /// pending over all lanes, and the lane's slots within their bound.
-    fn has_room(&self, s: &Session<'_>, lane: usize) -> bool {
-        s.in_flight() < self.max_in_flight
-            && s.lanes.get(lane).is_some_and(|l| {
-                l.window.slots() < self.max_in_flight.saturating_add(SLOT_ALLOWANCE)
-            })
+    /// Room for one more record in `lane`'s window: its slots within
+    /// their bound. (A publish also needs fewer than `max_in_flight`
+    /// pending over all lanes: [`Forwarder::forward`] checks.)
+    fn has_slots(&self, s: &Session<'_>, lane: usize) -> bool {
+        s.lanes
+            .get(lane)
+            .is_some_and(|l| l.window.slots() < self.max_in_flight.saturating_add(SLOT_ALLOWANCE))
     }
 
     /// Forwards over one link until shutdown or a return to the first node
@@ -396,18 +396,24 @@ impl Forwarder {
             // parked without a publish must not keep confirms, the timer
             // and shutdown waiting.
             //
-            // Lanes in priority order: a lower lane gets the slots a higher
-            // one leaves because it has nothing (more) to read now.
+            // Lanes in priority order: a lower lane gets the publish slots
+            // a higher one leaves because it has nothing (more) to read
+            // now; it still passes the records that are not its own while
+            // the higher ones fill `max_in_flight`, so its cursor (and
+            // retirement) does not stand still behind them.
+            //
+            // One look at the committed seq per turn, for every lane: a
+            // commit after it wakes the loop again (`changed` below).
+            let last_committed = *committed.borrow_and_update();
             let mut left = TURN_MAX_RECORDS;
             for lane in 0..s.lanes.len() {
                 while left > 0
-                    && self.has_room(s, lane)
+                    && self.has_slots(s, lane)
                     && s.paced_until.is_none()
                     && !shutdown.is_cancelled()
                 {
                     if s.lanes[lane].buffer.is_empty() {
                         s.expired.log(&self.name);
-                        let last_committed = *committed.borrow_and_update();
                         if !self.refill(s, lane, last_committed).await {
                             break;
                         }
@@ -418,17 +424,23 @@ impl Forwarder {
                     let Some(entry) = s.lanes[lane].buffer.pop_front() else {
                         break;
                     };
-                    if self.must_wait_for_check(link, s, &entry) {
+                    if self.must_wait_for_check(link, s, lane, &entry) {
                         s.lanes[lane].buffer.push_front(entry);
                         break;
                     }
-                    self.forward(link, s, lane, entry)?;
+                    if let Some(entry) = self.forward(link, s, lane, entry)? {
+                        // To be published, and every publish slot is taken.
+                        s.lanes[lane].buffer.push_front(entry);
+                        break;
+                    }
                     left -= 1;
                 }
             }
             self.settle(s).await?;
             let more = left == 0 && s.paced_until.is_none();
-            let idle = s.nothing_buffered() && (0..s.lanes.len()).any(|l| self.has_room(s, l));
+            // Some lane would read more if there were more: wake on a commit.
+            let idle =
+                (0..s.lanes.len()).any(|l| s.lanes[l].buffer.is_empty() && self.has_slots(s, l));
             let paced_until = s.paced_until;
             tokio::select! {
                 biased;
@@ -495,7 +507,7 @@ impl Forwarder {
                         }
                         return Err(LinkError::Watchdog { waited, in_flight });
                     }
-                    if in_flight == 0 && idle {
+                    if in_flight == 0 && s.nothing_buffered() {
                         // Nothing to forward: no stall either.
                         self.progressed();
                     }
@@ -562,16 +574,19 @@ impl Forwarder {
     }
 
     /// Starts the publish of one record of `lane`, or settles it at once
-    /// (no route, another lane's, expired, unconvertible).
+    /// (no route, another lane's, expired, unconvertible). Gives the entry
+    /// back when it is to be published and `max_in_flight` publishes are
+    /// pending already.
     fn forward<'l>(
         &mut self,
         link: &'l Link,
         s: &mut Session<'l>,
         lane: usize,
         entry: Entry,
-    ) -> Result<(), LinkError> {
+    ) -> Result<Option<Entry>, LinkError> {
+        let full = s.in_flight() >= self.max_in_flight;
         let Some(l) = s.lanes.get_mut(lane) else {
-            return Ok(());
+            return Ok(None);
         };
         let window = &mut l.window;
         let message = match Message::from_record(&entry.record) {
@@ -582,30 +597,39 @@ impl Forwarder {
                 metrics::counter!("edge_messages_dropped_total", "reason" => "unreadable")
                     .increment(1);
                 window.skip(entry.seq);
-                return Ok(());
+                return Ok(None);
             }
         };
         let route = route_for(&self.routes, &self.name, &entry, &message.topic);
         let Some(route) = route.filter(|r| self.in_lane(lane, r)) else {
             window.skip(entry.seq);
-            return Ok(());
+            return Ok(None);
         };
         let Entry {
             seq,
             record,
             replay,
         } = entry;
-        let original = replay.map(|r| r.original_seq);
+        let original = replay.as_ref().map(|r| r.original_seq);
         let now = now_ms();
         let lifetime = convert::lifetime_of(route.ttl, &message, now);
         if lifetime == Lifetime::Expired {
             self.metrics.expired(&route.name, 1);
             s.expired.note(&route.name, seq);
             window.skip(seq);
-            return Ok(());
+            return Ok(None);
+        }
+        let missing = s.missing.contains(&route.exchange);
+        if full && !missing {
+            // (Before converting: it would be done again.)
+            return Ok(Some(Entry {
+                seq,
+                record,
+                replay,
+            }));
         }
         let route_name = route.name.clone();
-        let converted = if s.missing.contains(&route.exchange) {
+        let converted = if missing {
             Err(Park {
                 kind: "exchange_not_found",
                 reason: format!("exchange {:?} not found", route.exchange),
@@ -638,7 +662,7 @@ impl Forwarder {
                         park: Some(park),
                     },
                 );
-                return Ok(());
+                return Ok(None);
             }
         };
         if let Some(original) = original {
@@ -658,7 +682,7 @@ impl Forwarder {
             s.last_progress = published_at;
         }
         let Some(window) = s.lanes.get_mut(lane).map(|l| &mut l.window) else {
-            return Ok(());
+            return Ok(None);
         };
         window.push(
             seq,
@@ -672,7 +696,7 @@ impl Forwarder {
             },
         );
         s.publishing.push(publishing);
-        Ok(())
+        Ok(None)
     }
 
     fn on_confirm(

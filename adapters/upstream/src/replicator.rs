@@ -204,7 +204,7 @@ impl Replicator {
         }
         let mut lanes = Vec::with_capacity(priorities.len());
         for priority in priorities {
-            let cursor = lane_cursor(name, priority);
+            let cursor = lane_cursor(name, priority, &self.routes);
             let stored = initial_cursor(&self.store, &cursor, shutdown).await?;
             let position = stored.max(own);
             let flusher = CursorFlusher::spawn(self.store.clone(), cursor, stored);

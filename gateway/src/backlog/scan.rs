@@ -127,7 +127,8 @@ pub fn scan(
         let mut lanes = Vec::new();
         if priorities.len() > 1 {
             for p in priorities {
-                let lane = view.cursor(&edge_upstream::lane_cursor(&u.name, p))?;
+                let routes = own.get(&u.name).cloned().unwrap_or_default();
+                let lane = view.cursor(&edge_upstream::lane_cursor(&u.name, p, &routes))?;
                 lanes.push((p, lane.max(cursor)));
             }
         }

@@ -514,9 +514,15 @@ async fn a_crashed_store_with_a_damaged_page_is_salvaged_with_its_journal() {
             *b ^= 0xFF;
         }
     }
-    std::fs::write(dir.join(DB_FILE), bytes).unwrap();
+    std::fs::write(dir.join(DB_FILE), &bytes).unwrap();
     std::fs::write(dir.join(JOURNAL_FILE), journal.contents()).unwrap();
     assert_open_fails_on_damage(dir);
+    // The check that found the damage changed nothing in the file: what
+    // salvage reads is what the crash left.
+    assert!(
+        std::fs::read(dir.join(DB_FILE)).unwrap() == bytes,
+        "the failed open rewrote the damaged file"
+    );
 
     let report = Store::salvage(dir, 1).unwrap();
     assert!(report.journal_frames > 0, "{report:?}");

@@ -95,12 +95,15 @@ impl Forwarder {
         &self,
         link: &'l Link,
         s: &mut Session<'l>,
+        lane: usize,
         entry: &Entry,
     ) -> bool {
         if s.missing.is_empty() {
             return false;
         }
-        let Some(route) = route_of_entry(&self.routes, &self.name, entry) else {
+        let route = route_of_entry(&self.routes, &self.name, entry);
+        // Another lane's record is only passed here: no check needed.
+        let Some(route) = route.filter(|r| self.in_lane(lane, r)) else {
             return false;
         };
         if !s.missing.contains(&route.exchange) {
