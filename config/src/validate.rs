@@ -465,6 +465,26 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 "a name not used by another [[route]]",
             );
         }
+        // One exchange of an upstream, one type to declare it with.
+        let declared_otherwise = routes.iter().find(|other: &&RouteConfig| {
+            other.upstream == route.upstream
+                && other.exchange == route.exchange
+                && other.declare_exchange.is_some()
+                && route.declare_exchange.is_some()
+                && other.declare_exchange != route.declare_exchange
+        });
+        if let (Some(other), Some(kind)) = (declared_otherwise, route.declare_exchange) {
+            c.problem(
+                format!("route[{i}].declare_exchange"),
+                Some(kind.as_str().to_string()),
+                format!(
+                    "{:?}, the type route {:?} declares exchange {:?} with (one exchange has one type)",
+                    other.declare_exchange.map_or("", ExchangeType::as_str),
+                    other.name,
+                    route.exchange,
+                ),
+            );
+        }
         routes.push(route);
     }
 
@@ -1171,11 +1191,17 @@ mod tests {
                 "\"topic\" or \"direct\" or \"fanout\" or \"headers\"",
             ),
             ("declare_exchange = \"topic\"", "amq.*"),
+            (
+                "exchange = \"site\"\ndeclare_exchange = \"topic\"\n\
+                 [[route]]\nname = \"s\"\nfilter = \"#\"\nupstream = \"central\"\n\
+                 exchange = \"site\"\ndeclare_exchange = \"direct\"",
+                "one exchange has one type",
+            ),
             ("exchange = \"\"\ndeclare_exchange = \"topic\"", "amq.*"),
         ] {
             let err = route(lines).expect_err(lines).to_string();
             assert!(
-                err.contains("route[0].declare_exchange") && err.contains(allowed),
+                err.contains("].declare_exchange") && err.contains(allowed),
                 "{lines:?}: {err}"
             );
         }
