@@ -49,8 +49,8 @@ use redb::{
 };
 
 use crate::tables::{
-    AGES, CURSORS, DEAD_LETTERS, DEDUP, DEFINITIONS, JOURNAL_KEY, LOG, META, QUEUE_ENTRIES, QUEUES,
-    REFS, REPLAYS, RETAINED, SESSIONS,
+    AGES, CLOSED_KEY, CURSORS, DEAD_LETTERS, DEDUP, DEFINITIONS, JOURNAL_KEY, LOG, META,
+    QUEUE_ENTRIES, QUEUES, REFS, REPLAYS, RETAINED, SESSIONS,
 };
 
 /// Bytes of the journal file. A batch whose frame does not fit in what is
@@ -128,11 +128,6 @@ impl Journal {
     /// Whether a frame of `changes` fits in what is left of this epoch.
     pub(crate) fn fits(&self, changes: usize) -> bool {
         self.offset + Self::frame_len(changes) <= self.capacity
-    }
-
-    /// Bytes written in this epoch.
-    pub(crate) fn used(&self) -> u64 {
-        self.offset
     }
 
     /// The `meta` value a checkpoint records: this journal's id and the
@@ -355,6 +350,8 @@ pub(crate) fn recover(db: &Database, journal: &mut Journal) -> Result<usize, red
             .meta
             .table
             .insert(JOURNAL_KEY, epoch_value(id, epoch + 1).as_slice())?;
+        // Running: a crash from now on is found at the next open.
+        tables.meta.table.remove(CLOSED_KEY)?;
     }
     txn.commit()?;
     journal.id = id;
@@ -372,8 +369,10 @@ pub(crate) fn recover(db: &Database, journal: &mut Journal) -> Result<usize, red
     Ok(frames.len())
 }
 
-/// Whether the journal holds frames of the epoch `db` names: the last run
-/// ended without its closing checkpoint (a crash).
+/// Whether the last run ended without its closing checkpoint (a crash):
+/// the store is not marked closed (`meta["closed"]`, set by a clean close's
+/// checkpoint, removed at open), or the journal holds frames of the epoch
+/// `db` names. A store never opened (no `meta`) did not crash.
 pub(crate) fn pending(db: &Database, journal: &Journal) -> Result<bool, redb::Error> {
     use redb::ReadableDatabase;
     let txn = db.begin_read()?;
@@ -388,6 +387,9 @@ pub(crate) fn pending(db: &Database, journal: &Journal) -> Result<bool, redb::Er
         let epoch = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
         Some((id, epoch))
     });
+    if meta.get(CLOSED_KEY)?.is_none() {
+        return Ok(true);
+    }
     match found {
         Some((id, epoch)) => Ok(!journal.frames(id, epoch)?.is_empty()),
         None => Ok(false),

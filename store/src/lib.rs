@@ -23,7 +23,7 @@
 //! | `dead_letters`  | `u64` seq parked at  | typed dead letter + record (`dead.rs`)      |
 //! | `replays`       | `u64` seq            | replay mark of a replayed dead letter       |
 //! | `ages`          | `u64` append time (unix ms) | `u64`: first seq appended then (one entry per `max(1 s, max_age / 1000)` of appends; kept only with `max_age`) |
-//! | `meta`          | `&str`               | `schema_version` (`u32` LE, 2), `retired_below` (`u64` LE), `gateway_id`, `stats` (six `u64` LE: live messages/bytes, dead letters/bytes, retained/bytes), `next_queue_id`, `journal` (journal id, current epoch: two `u64` LE) |
+//! | `meta`          | `&str`               | `schema_version` (`u32` LE, 2), `retired_below` (`u64` LE), `gateway_id`, `stats` (six `u64` LE: live messages/bytes, dead letters/bytes, retained/bytes), `next_queue_id`, `journal` (journal id, current epoch: two `u64` LE), `closed` (present from a clean close's checkpoint until the next open) |
 //!
 //! The store gives records no meaning: it never parses a message's
 //! headers. What it needs itself (who parked a record, which seq its
@@ -122,10 +122,13 @@
 //! so that after a crash redb opens the file without a repair, and a file
 //! with a damaged page can still be opened to salvage it (redb's repair
 //! refuses such a file whole). The check the repair made is made instead
-//! by the open itself, when the journal holds frames of the current epoch
-//! (the last run did not end with its closing checkpoint: a crash): every
-//! page's checksum is verified (`check_integrity`) before the replay, and
-//! a failure is damage ([`OpenError::is_corruption`]), salvaged below.
+//! by the open itself after a crash — the store is not marked `closed`
+//! (a clean close's checkpoint sets the mark, the opening transaction
+//! removes it), or the journal holds frames of the current epoch: every
+//! page's checksum is verified (`check_integrity`, on a copy-on-write view
+//! of the file, so that redb's rollback of a failed check never reaches
+//! it) before the replay, and a failure is damage
+//! ([`OpenError::is_corruption`]), salvaged below.
 //!
 //! **The recovery rule.** redb commits are atomic, and after a crash the
 //! database is as of its last durable commit, the last checkpoint, or of
@@ -696,7 +699,8 @@ impl Store {
             })?;
         }
         let age_now = options.max_age.map(|_| (source.clock)());
-        let loaded = tables::init(&db, &options.cursors, first_seq, age_now).map_err(|e| match e {
+        let journaled = journal.is_some();
+        let loaded = tables::init(&db, &options.cursors, first_seq, age_now, journaled).map_err(|e| match e {
             tables::InitError::UnknownSchema { found } => OpenError::UnknownSchema {
                 path: path.clone(),
                 found,
@@ -1162,9 +1166,9 @@ fn create_with_backend(backend: impl StorageBackend, label: &Path) -> Result<Dat
         })
 }
 
-/// After a crash (the journal holds frames: the last run did not end with
-/// its closing checkpoint), verifies every page's checksum before the
-/// journal is replayed. Checkpoints record redb's allocator state, so redb
+/// After a crash (the store is not marked `closed`, or the journal holds
+/// frames: the last run did not end with its closing checkpoint), verifies
+/// every page's checksum before the journal is replayed. Checkpoints record redb's allocator state, so redb
 /// opens such a file without the repair that would have verified it; a
 /// page a lying disk lost must still be found here, at open, where the
 /// damage is salvaged, and not by a reader later.

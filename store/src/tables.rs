@@ -49,6 +49,9 @@ pub(crate) const STATS_KEY: &str = "stats";
 /// The journal's id and the epoch it writes now (two u64 LE; `journal.rs`):
 /// the frames of earlier epochs are in the database.
 pub(crate) const JOURNAL_KEY: &str = "journal";
+/// Present (one byte, 1) from a clean close's checkpoint until the next
+/// open: its absence at open means the last run crashed.
+pub(crate) const CLOSED_KEY: &str = "closed";
 /// The id the next new queue gets (u64 LE).
 pub(crate) const NEXT_QUEUE_KEY: &str = "next_queue_id";
 pub(crate) const SCHEMA_VERSION: u32 = 2;
@@ -154,10 +157,13 @@ pub(crate) fn init(
     configured: &[String],
     first_seq: Seq,
     age_now: Option<u64>,
+    journaled: bool,
 ) -> Result<Loaded, InitError> {
     let mut txn = db.begin_write().map_err(redb_err)?;
-    // Like a checkpoint (`writer/apply.rs`): the allocator state recorded.
-    txn.set_quick_repair(true);
+    // With a journal, like a checkpoint (`writer/apply.rs`): the allocator
+    // state recorded, so a crash right after opening leaves a file that a
+    // salvage can read.
+    txn.set_quick_repair(journaled);
     let loaded = {
         let found = {
             let meta = txn.open_table(META).map_err(redb_err)?;

@@ -279,6 +279,9 @@ pub(crate) struct Writer {
     journal: Option<Journal>,
     /// The next batch is a checkpoint (the writer is stopping).
     checkpoint_due: bool,
+    /// The last batch of the writer's run: its checkpoint marks the store
+    /// closed cleanly (`meta["closed"]`).
+    closing: bool,
     /// The clock when the current batch began (unix ms).
     now: u64,
 }
@@ -328,6 +331,7 @@ impl Writer {
             room_checked: Instant::now(),
             journal,
             checkpoint_due: false,
+            closing: false,
             now: 0,
         }
     }
@@ -376,8 +380,10 @@ impl Writer {
         self.rx.close();
         // The last handle went without a close: fold the journal now, so
         // the next open has nothing to replay.
-        if close_reply.is_none() && self.journal.as_ref().is_some_and(|j| j.used() > 0) {
+        // Always, with a journal: that checkpoint marks the close clean.
+        if close_reply.is_none() && self.journal.is_some() {
             self.checkpoint_due = true;
+            self.closing = true;
             self.commit_batch(Vec::new());
         }
         tracing::debug!(next_seq = self.state.next_seq, "Store writer stopped.");

@@ -546,3 +546,24 @@ async fn a_crashed_store_with_a_damaged_page_is_salvaged_with_its_journal() {
     let next = store.append(record(MANY + 1, PAYLOAD)).await.unwrap();
     assert!(next > MANY, "seq {next} reused");
 }
+
+#[tokio::test]
+async fn a_crash_before_the_first_batch_of_a_run_still_gets_its_checksums_checked() {
+    let root = tempfile::tempdir().unwrap();
+    let (dir, crashed) = (root.path().join("live"), root.path().join("crashed"));
+    fill(&dir, options(u64::MAX, &["up"])).await;
+    // The next run has opened the store and written nothing yet: the
+    // journal holds no frame of the current epoch. The files as they are
+    // now are what a crash at this point leaves.
+    let store = Store::open(&dir, options(u64::MAX, &["up"])).unwrap();
+    std::fs::create_dir_all(&crashed).unwrap();
+    for file in [DB_FILE, JOURNAL_FILE] {
+        std::fs::copy(dir.join(file), crashed.join(file)).unwrap();
+    }
+    store.close().await.unwrap();
+    // A page the disk did not really write is found at open, not later by
+    // a reader.
+    let held = damage_pages_of(&crashed, &[1_000]);
+    assert!(held.contains(&1_000));
+    assert_open_fails_on_damage(&crashed);
+}

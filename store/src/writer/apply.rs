@@ -8,7 +8,9 @@ use tokio::sync::oneshot;
 use super::{AppendOp, DROPPED, DeadLetterAction, Op, Pending, RETIRE_PER_TXN, State, Writer};
 use crate::dead::{self, Replay};
 use crate::journal::{Changes, Tables};
-use crate::tables::{GATEWAY_ID_KEY, JOURNAL_KEY, NEXT_QUEUE_KEY, RETIRED_BELOW_KEY, STATS_KEY};
+use crate::tables::{
+    CLOSED_KEY, GATEWAY_ID_KEY, JOURNAL_KEY, NEXT_QUEUE_KEY, RETIRED_BELOW_KEY, STATS_KEY,
+};
 use crate::{AppendError, Retain, Seq, StoreError, WhenFull};
 
 /// An error that must not be taken for "out of space" (which makes the
@@ -65,6 +67,9 @@ impl Writer {
             };
             if let Some(epoch) = &checkpoint {
                 t.meta.insert(JOURNAL_KEY, epoch.as_slice())?;
+                if close.is_some() || self.closing {
+                    t.meta.insert(CLOSED_KEY, [1u8].as_slice())?;
+                }
             }
         }
         match self.journal.as_mut() {
