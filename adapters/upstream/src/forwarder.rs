@@ -89,6 +89,16 @@ fn route_of_entry<'r>(routes: &'r Routes, upstream: &str, entry: &Entry) -> Opti
     route_for(routes, upstream, entry, &message.topic)
 }
 
+/// What [`Forwarder::forward`] did with a record.
+enum Forwarded {
+    /// Published, or settled here (expired, parked, unreadable).
+    Done,
+    /// Not this lane's (or no route's): passed as done for it.
+    Passed,
+    /// To be published, but `max_in_flight` publishes are pending: given back.
+    Full(Entry),
+}
+
 /// A record in the window.
 #[derive(Debug)]
 struct InFlight {
@@ -404,10 +414,18 @@ impl Forwarder {
             //
             // One look at the committed seq per turn, for every lane: a
             // commit after it wakes the loop again (`changed` below).
+            //
+            // Records a lane only passes (another lane's) count against a
+            // budget of its own per turn, so a higher lane scanning past a
+            // lower lane's backlog does not hold the lower one's publishes
+            // back until the scan ends.
             let last_committed = *committed.borrow_and_update();
             let mut left = TURN_MAX_RECORDS;
+            let mut scanned_out = false;
             for lane in 0..s.lanes.len() {
+                let mut passes = TURN_MAX_RECORDS;
                 while left > 0
+                    && passes > 0
                     && self.has_slots(s, lane)
                     && s.paced_until.is_none()
                     && !shutdown.is_cancelled()
@@ -428,16 +446,20 @@ impl Forwarder {
                         s.lanes[lane].buffer.push_front(entry);
                         break;
                     }
-                    if let Some(entry) = self.forward(link, s, lane, entry)? {
-                        // To be published, and every publish slot is taken.
-                        s.lanes[lane].buffer.push_front(entry);
-                        break;
+                    match self.forward(link, s, lane, entry)? {
+                        Forwarded::Done => left -= 1,
+                        Forwarded::Passed => passes -= 1,
+                        Forwarded::Full(entry) => {
+                            // Every publish slot is taken.
+                            s.lanes[lane].buffer.push_front(entry);
+                            break;
+                        }
                     }
-                    left -= 1;
                 }
+                scanned_out |= passes == 0;
             }
             self.settle(s).await?;
-            let more = left == 0 && s.paced_until.is_none();
+            let more = (left == 0 || scanned_out) && s.paced_until.is_none();
             // Some lane would read more if there were more: wake on a commit.
             let idle =
                 (0..s.lanes.len()).any(|l| s.lanes[l].buffer.is_empty() && self.has_slots(s, l));
@@ -583,10 +605,10 @@ impl Forwarder {
         s: &mut Session<'l>,
         lane: usize,
         entry: Entry,
-    ) -> Result<Option<Entry>, LinkError> {
+    ) -> Result<Forwarded, LinkError> {
         let full = s.in_flight() >= self.max_in_flight;
         let Some(l) = s.lanes.get_mut(lane) else {
-            return Ok(None);
+            return Ok(Forwarded::Done);
         };
         let window = &mut l.window;
         let message = match Message::from_record(&entry.record) {
@@ -597,13 +619,13 @@ impl Forwarder {
                 metrics::counter!("edge_messages_dropped_total", "reason" => "unreadable")
                     .increment(1);
                 window.skip(entry.seq);
-                return Ok(None);
+                return Ok(Forwarded::Done);
             }
         };
         let route = route_for(&self.routes, &self.name, &entry, &message.topic);
         let Some(route) = route.filter(|r| self.in_lane(lane, r)) else {
             window.skip(entry.seq);
-            return Ok(None);
+            return Ok(Forwarded::Passed);
         };
         let Entry {
             seq,
@@ -617,12 +639,12 @@ impl Forwarder {
             self.metrics.expired(&route.name, 1);
             s.expired.note(&route.name, seq);
             window.skip(seq);
-            return Ok(None);
+            return Ok(Forwarded::Done);
         }
         let missing = s.missing.contains(&route.exchange);
         if full && !missing {
             // (Before converting: it would be done again.)
-            return Ok(Some(Entry {
+            return Ok(Forwarded::Full(Entry {
                 seq,
                 record,
                 replay,
@@ -662,7 +684,7 @@ impl Forwarder {
                         park: Some(park),
                     },
                 );
-                return Ok(None);
+                return Ok(Forwarded::Done);
             }
         };
         if let Some(original) = original {
@@ -682,7 +704,7 @@ impl Forwarder {
             s.last_progress = published_at;
         }
         let Some(window) = s.lanes.get_mut(lane).map(|l| &mut l.window) else {
-            return Ok(None);
+            return Ok(Forwarded::Done);
         };
         window.push(
             seq,
@@ -696,7 +718,7 @@ impl Forwarder {
             },
         );
         s.publishing.push(publishing);
-        Ok(None)
+        Ok(Forwarded::Done)
     }
 
     fn on_confirm(

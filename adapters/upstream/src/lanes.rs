@@ -12,6 +12,9 @@
 //! something to forward, so a lower lane gets slots only while every
 //! higher one has nothing (more) to read, and a live message of a high
 //! lane waits behind at most the lower lanes' publishes already in flight.
+//! (Passing another lane's records has a budget of its own per turn: a
+//! high lane scanning past a long low-priority backlog lets the low lane
+//! publish meanwhile instead of after the whole scan.)
 //!
 //! Each lane has a durable cursor, `<upstream>/priority-<N>/<mapping>`;
 //! the upstream's own cursor is the lowest of them, so retirement, the
