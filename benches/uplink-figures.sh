@@ -15,8 +15,10 @@
 #
 # 1. `amqp-load publish` against RabbitMQ: PUBLISHERS publishers, WINDOW
 #    unconfirmed each, PAYLOAD-byte persistent messages into a durable queue
-#    through the default exchange; once for RMQ_SECONDS and once for
-#    BACKLOG messages (the same volume as the drain).
+#    through the default exchange; for RMQ_SECONDS at the start and just
+#    before and after every drain (the drain's ratio is to the mean of those
+#    two: the machine is shared, its load moves), and once for BACKLOG
+#    messages (the same volume as the drain).
 # 2. Per item W:P of DRAIN_CASES (W the gateway's upstream.max_in_flight, P
 #    the priority of the alarm route; P = 0 puts both routes in one lane, the
 #    drain as it was before priority lanes): the
@@ -317,9 +319,14 @@ COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
 echo "loadavg_start=$(loadavg) rabbitmq=$RMQ_VERSION commit=$COMMIT payload=$PAYLOAD backlog=$BACKLOG cores=$(nproc)"
 
 # 1. RabbitMQ's own rate.
-line=$("$AMQP_LOAD" --uri "$RMQ_URI" --payload "$PAYLOAD" --queue uplink-rmq --timeout 600 \
-    publish --publishers "$PUBLISHERS" --window "$WINDOW" --seconds "$RMQ_SECONDS")
-echo "case=rabbitmq-timed $line loadavg=$(loadavg)" | tee -a "$WORK/lines"
+rabbitmq_timed() { # when
+    local line
+    line=$("$AMQP_LOAD" --uri "$RMQ_URI" --payload "$PAYLOAD" --queue uplink-rmq --timeout 600 \
+        publish --publishers "$PUBLISHERS" --window "$WINDOW" --seconds "$RMQ_SECONDS")
+    echo "case=rabbitmq-timed when=$1 $line loadavg=$(loadavg)" | tee -a "$WORK/lines"
+    rmqctl purge_queue uplink-rmq >/dev/null
+}
+rabbitmq_timed start
 line=$("$AMQP_LOAD" --uri "$RMQ_URI" --payload "$PAYLOAD" --queue uplink-rmq --timeout 900 \
     publish --publishers "$PUBLISHERS" --window "$WINDOW" --seconds 900 --count "$BACKLOG")
 echo "case=rabbitmq-backlog $line loadavg=$(loadavg)" | tee -a "$WORK/lines"
@@ -329,6 +336,7 @@ rmqctl purge_queue uplink-rmq >/dev/null
 for item in $DRAIN_CASES; do
     W=${item%%:*} P=${item##*:}
     rmqctl purge_queue uplink-bulk >/dev/null
+    rabbitmq_timed "before-drain-$W-$P"
     rmqctl stop_app >/dev/null
     start_gateway "$GATEWAY" "drain-$W-$P" "$RMQ_PORT" "$W" "$P"
     fill "after" | tee -a "$WORK/lines"
@@ -372,6 +380,8 @@ for item in $DRAIN_CASES; do
     depth=$(rmqctl -q list_queues name messages | awk '$1 == "uplink-bulk" {print $2}')
     stop_gateway
     BG_PIDS=()
+    rmqctl purge_queue uplink-bulk >/dev/null
+    rabbitmq_timed "after-drain-$W-$P"
     python3 - "$poll" "$BACKLOG" "$t_back0" "$t_back" "$t_alarm0" "$t_alarm1" "$(cat "$arrival")" \
         "$W" "$depth" "$((io_after - io_before))" "$(loadavg)" "$(cat "$opened")" "$P" <<'PY' | tee -a "$WORK/lines"
 import sys
@@ -427,11 +437,13 @@ python3 - "$WORK/lines" <<'PY'
 import statistics, sys
 rows = [dict(kv.split("=", 1) for kv in l.split() if "=" in kv) for l in open(sys.argv[1])]
 get = lambda case, **kw: [r for r in rows if r["case"] == case and all(r.get(k) == v for k, v in kw.items())]
-rmq = {r["case"]: float(r["msgs_per_s"]) for r in rows if r["case"].startswith("rabbitmq")}
-best = max(rmq.values())
+timed = [r for r in rows if r["case"] == "rabbitmq-timed"]
+backlog = [float(r["msgs_per_s"]) for r in rows if r["case"] == "rabbitmq-backlog"]
 print("== summary")
-print(f"rabbitmq publish+confirm, {rows[0]['publishers']} publishers x window {rows[0]['window']}: "
-      + ", ".join(f"{k}={v:.0f}" for k, v in rmq.items()) + f" msgs/s (best {best:.0f})")
+print(f"rabbitmq publish+confirm, {timed[0]['publishers']} publishers x window {timed[0]['window']}, "
+      f"{timed[0]['seconds']} s runs: " + ", ".join(f"{r['when']}={float(r['msgs_per_s']):.0f}" for r in timed)
+      + f" msgs/s; {backlog[0] if backlog else 0:.0f} msgs/s for the backlog's volume")
+adjacent = lambda w, p: [float(r["msgs_per_s"]) for r in timed if r["when"].endswith(f"drain-{w}-{p}")]
 def num(x):
     try:
         return float(x)
@@ -441,8 +453,11 @@ for r in get("drain"):
     d = float(r["msgs_per_s"])
     alarm = num(r["alarm_publish_to_arrival_ms"])
     share = "?" if alarm is None else f"{alarm / (float(r['drain_seconds']) * 1000):.4f}"
-    print(f"drain max_in_flight={r['max_in_flight']} alarm_priority={r['alarm_priority']}: {d:.0f} msgs/s = {d / best:.2f}x the best rabbitmq rate "
-          + "(" + ", ".join(f"{d / v:.2f}x {k}" for k, v in rmq.items()) + "); "
+    near = adjacent(r["max_in_flight"], r["alarm_priority"])
+    ref = statistics.mean(near)
+    print(f"drain max_in_flight={r['max_in_flight']} alarm_priority={r['alarm_priority']}: {d:.0f} msgs/s = "
+          f"{d / ref:.2f}x rabbitmq's own rate around it (mean of {', '.join(f'{x:.0f}' for x in near)}), "
+          f"{d / backlog[0]:.2f}x its backlog-volume run; "
           f"broker port open -> link up {r['port_open_to_link_ms']} ms, -> first confirm "
           f"{r['port_open_to_first_confirm_ms']} ms (link up -> first confirm {r['link_to_first_confirm_ms']} ms); "
           f"alarm publish -> in its queue {r['alarm_publish_to_arrival_ms']} ms "
