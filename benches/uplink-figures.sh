@@ -10,6 +10,8 @@
 #
 #   benches/uplink-figures.sh
 #   BEFORE_BIN=/path/to/release benches/uplink-figures.sh   # + "before" disk figures
+#   RMQ_ONE=3 benches/uplink-figures.sh   # only RabbitMQ: 1 publisher vs 4, 3 rounds
+#   DRAIN_CASES="1000:9 1000:0" TRICKLE=0 RMQ_VOLUME=0 benches/uplink-figures.sh  # drains only
 #
 # Phases:
 #
@@ -35,8 +37,11 @@
 #    every bulk message confirmed); an event's time is that of the first
 #    sample that shows it (so up to POLL_MS late). ALARM_DELAY seconds after the link came
 #    up, `mosquitto_pub -q 1` publishes one message on alarms/site-1 (route
-#    "alarm", priority P, -> durable queue uplink-alarm, where `amqp-consume`
-#    waits and stamps its arrival).
+#    "alarm", priority P, -> durable queue uplink-alarm, purged first, where
+#    `amqp-consume` waits and stamps its arrival; afterwards that queue must
+#    be empty and the gateway must have forwarded exactly one alarm, both
+#    printed). Also the CPU the gateway and RabbitMQ's node used from the
+#    link coming up to the last confirm (% of one core).
 # 3. Disk: write_bytes of /proc/<gateway pid>/io around the fill above (the
 #    upstream down: every message stays in the log) and around a trickle of
 #    TRICKLE messages at 1/s from one QoS 1 client into a fresh gateway whose
@@ -60,8 +65,10 @@ FILL_PUBLISHERS=${FILL_PUBLISHERS:-4}
 FILL_INFLIGHT=${FILL_INFLIGHT:-100}
 ALARM_DELAY=${ALARM_DELAY:-3}
 POLL_MS=${POLL_MS:-20}
-TRICKLE=${TRICKLE:-61}
+TRICKLE=${TRICKLE:-61} # 0: no trickle
 BEFORE_BIN=${BEFORE_BIN:-}
+RMQ_ONE=${RMQ_ONE:-}
+RMQ_VOLUME=${RMQ_VOLUME:-1} # 0: skip RabbitMQ's BACKLOG-message run
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
@@ -141,6 +148,8 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg | tr ' ' ','; }
 now() { date +%s.%N; }
 rmqctl() { env "${RMQ_ENV[@]}" timeout 120 rabbitmqctl -n "$RMQ_NODE" "$@"; }
 write_bytes() { awk '/^write_bytes:/ {print $2}' "/proc/$1/io"; }
+# CPU time of a process, all threads, in clock ticks (utime + stime).
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
 # write_bytes of pid once it has not moved for 2 s (at most 60 s).
 settled_write_bytes() {
@@ -327,15 +336,30 @@ rabbitmq_timed() { # when
     rmqctl purge_queue uplink-rmq >/dev/null
 }
 rabbitmq_timed start
-line=$("$AMQP_LOAD" --uri "$RMQ_URI" --payload "$PAYLOAD" --queue uplink-rmq --timeout 900 \
-    publish --publishers "$PUBLISHERS" --window "$WINDOW" --seconds 900 --count "$BACKLOG")
-echo "case=rabbitmq-backlog $line loadavg=$(loadavg)" | tee -a "$WORK/lines"
-rmqctl purge_queue uplink-rmq >/dev/null
+if [[ -n $RMQ_ONE ]]; then
+    # Context: RabbitMQ with the gateway's shape of link, one connection
+    # and one channel (rounds alternating with the 4-publisher figure).
+    for round in $(seq 1 "$RMQ_ONE"); do
+        line=$("$AMQP_LOAD" --uri "$RMQ_URI" --payload "$PAYLOAD" --queue uplink-rmq --timeout 600 \
+            publish --publishers 1 --window "$WINDOW" --seconds "$RMQ_SECONDS")
+        echo "case=rabbitmq-one when=round-$round $line loadavg=$(loadavg)" | tee -a "$WORK/lines"
+        rmqctl purge_queue uplink-rmq >/dev/null
+        rabbitmq_timed "round-$round"
+    done
+    exit 0
+fi
+if [[ $RMQ_VOLUME == 1 ]]; then
+    line=$("$AMQP_LOAD" --uri "$RMQ_URI" --payload "$PAYLOAD" --queue uplink-rmq --timeout 900 \
+        publish --publishers "$PUBLISHERS" --window "$WINDOW" --seconds 900 --count "$BACKLOG")
+    echo "case=rabbitmq-backlog $line loadavg=$(loadavg)" | tee -a "$WORK/lines"
+    rmqctl purge_queue uplink-rmq >/dev/null
+fi
 
 # 2. Backlog drain, per max_in_flight.
 for item in $DRAIN_CASES; do
     W=${item%%:*} P=${item##*:}
     rmqctl purge_queue uplink-bulk >/dev/null
+    rmqctl purge_queue uplink-alarm >/dev/null
     rabbitmq_timed "before-drain-$W-$P"
     rmqctl stop_app >/dev/null
     start_gateway "$GATEWAY" "drain-$W-$P" "$RMQ_PORT" "$W" "$P"
@@ -368,6 +392,9 @@ for item in $DRAIN_CASES; do
         awk '$2 == 1 {found=1} END {exit !found}' "$poll" 2>/dev/null && break
         sleep 0.05
     done
+    # CPU from the link coming up to the last confirm.
+    rmq_pid=$(cat "$RMQ_DIR/pid")
+    gw_cpu0=$(cpu_ticks "$GW_PID") rmq_cpu0=$(cpu_ticks "$rmq_pid")
     sleep "$ALARM_DELAY"
     t_alarm0=$(now)
     mosquitto_pub -h 127.0.0.1 -p "$GW_MQTT" -q 1 -i "uplink-alarm-$W-$P" -t alarms/site-1 -m alarm
@@ -377,15 +404,24 @@ for item in $DRAIN_CASES; do
     fi
     wait "$poller" || true
     io_after=$(write_bytes "$GW_PID")
+    gw_cpu=$(($(cpu_ticks "$GW_PID") - gw_cpu0)) rmq_cpu=$(($(cpu_ticks "$rmq_pid") - rmq_cpu0))
     depth=$(rmqctl -q list_queues name messages | awk '$1 == "uplink-bulk" {print $2}')
+    # Should be 0: the one alarm was taken by the consumer (a stale or
+    # duplicate one would be here, and would have been taken instead).
+    alarm_depth=$(rmqctl -q list_queues name messages | awk '$1 == "uplink-alarm" {print $2}')
+    alarm_forwarded=$(curl -s "http://127.0.0.1:$GW_METRICS/metrics" |
+        awk '/^edge_messages_forwarded_total\{.*route="alarm"/ {n += $2} END {print n + 0}')
     stop_gateway
     BG_PIDS=()
     rmqctl purge_queue uplink-bulk >/dev/null
     rabbitmq_timed "after-drain-$W-$P"
     python3 - "$poll" "$BACKLOG" "$t_back0" "$t_back" "$t_alarm0" "$t_alarm1" "$(cat "$arrival")" \
-        "$W" "$depth" "$((io_after - io_before))" "$(loadavg)" "$(cat "$opened")" "$P" <<'PY' | tee -a "$WORK/lines"
+        "$W" "$depth" "$((io_after - io_before))" "$(loadavg)" "$(cat "$opened")" "$P" \
+        "$gw_cpu" "$rmq_cpu" "$(getconf CLK_TCK)" "$alarm_depth" "$alarm_forwarded" <<'PY' | tee -a "$WORK/lines"
 import sys
 poll, backlog, back0, back, alarm0, alarm1, arrival, w, depth, io, load, opened, p = sys.argv[1:14]
+gw_cpu, rmq_cpu, hz = (int(x) for x in sys.argv[14:17])
+alarm_depth, alarm_forwarded = sys.argv[17:19]
 backlog = int(backlog)
 back0, back, alarm0, alarm1, opened = map(float, (back0, back, alarm0, alarm1, opened))
 rows = [l.split() for l in open(poll)]
@@ -412,24 +448,31 @@ print(f"case=drain max_in_flight={w} alarm_priority={p} msgs_per_s={drain:.0f} d
       f"alarm_puback_ms={ms(alarm1 - alarm0)} "
       f"alarm_publish_to_forwarded_sample_ms={ms(None if alarm_seen is None else alarm_seen - alarm0)} "
       f"alarm_after_link_ms={ms(alarm0 - link)} backlog_waiting_at_alarm={waiting} "
-      f"queue_depth={depth} drain_write_bytes_per_msg={int(io) / backlog:.1f} loadavg={load}")
+      f"gateway_cpu_pct={100 * gw_cpu / hz / (last - link):.0f} "
+      f"rabbitmq_cpu_pct={100 * rmq_cpu / hz / (last - link):.0f} "
+      f"queue_depth={depth} alarm_queue_depth_after={alarm_depth} alarm_forwarded={alarm_forwarded} "
+      f"drain_write_bytes_per_msg={int(io) / backlog:.1f} loadavg={load}")
 PY
 done
 
 # 3. Disk per message, trickle (and the older gateway).
-rmqctl purge_queue uplink-bulk >/dev/null
-start_gateway "$GATEWAY" trickle "$RMQ_PORT" 1000
-trickle "after" | tee -a "$WORK/lines"
-stop_gateway
+if ((TRICKLE > 0)); then
+    rmqctl purge_queue uplink-bulk >/dev/null
+    start_gateway "$GATEWAY" trickle "$RMQ_PORT" 1000
+    trickle "after" | tee -a "$WORK/lines"
+    stop_gateway
+fi
 if [[ -n $BEFORE_BIN ]]; then
     before_port=$(free_port) # nothing listens: the upstream stays down
     start_gateway "$BEFORE_BIN/edge-gateway" before-fill "$before_port" 1000
     fill "before" | tee -a "$WORK/lines"
     stop_gateway
-    rmqctl purge_queue uplink-bulk >/dev/null
-    start_gateway "$BEFORE_BIN/edge-gateway" before-trickle "$RMQ_PORT" 1000
-    trickle "before" | tee -a "$WORK/lines"
-    stop_gateway
+    if ((TRICKLE > 0)); then
+        rmqctl purge_queue uplink-bulk >/dev/null
+        start_gateway "$BEFORE_BIN/edge-gateway" before-trickle "$RMQ_PORT" 1000
+        trickle "before" | tee -a "$WORK/lines"
+        stop_gateway
+    fi
 fi
 echo "loadavg_end=$(loadavg)"
 
@@ -442,7 +485,7 @@ backlog = [float(r["msgs_per_s"]) for r in rows if r["case"] == "rabbitmq-backlo
 print("== summary")
 print(f"rabbitmq publish+confirm, {timed[0]['publishers']} publishers x window {timed[0]['window']}, "
       f"{timed[0]['seconds']} s runs: " + ", ".join(f"{r['when']}={float(r['msgs_per_s']):.0f}" for r in timed)
-      + f" msgs/s; {backlog[0] if backlog else 0:.0f} msgs/s for the backlog's volume")
+      + (f" msgs/s; {backlog[0]:.0f} msgs/s for the backlog's volume" if backlog else " msgs/s"))
 adjacent = lambda w, p: [float(r["msgs_per_s"]) for r in timed if r["when"].endswith(f"drain-{w}-{p}")]
 def num(x):
     try:
@@ -457,7 +500,8 @@ for r in get("drain"):
     ref = statistics.mean(near)
     print(f"drain max_in_flight={r['max_in_flight']} alarm_priority={r['alarm_priority']}: {d:.0f} msgs/s = "
           f"{d / ref:.2f}x rabbitmq's own rate around it (mean of {', '.join(f'{x:.0f}' for x in near)}), "
-          f"{d / backlog[0]:.2f}x its backlog-volume run; "
+          + (f"{d / backlog[0]:.2f}x its backlog-volume run; " if backlog else "")
+          + f"cpu gateway {r['gateway_cpu_pct']} %, rabbitmq {r['rabbitmq_cpu_pct']} % of one core; "
           f"broker port open -> link up {r['port_open_to_link_ms']} ms, -> first confirm "
           f"{r['port_open_to_first_confirm_ms']} ms (link up -> first confirm {r['link_to_first_confirm_ms']} ms); "
           f"alarm publish -> in its queue {r['alarm_publish_to_arrival_ms']} ms "
