@@ -10,7 +10,7 @@
 #
 #   benches/uplink-figures.sh
 #   BEFORE_BIN=/path/to/release benches/uplink-figures.sh   # + "before" disk figures
-#   RMQ_ONE=3 benches/uplink-figures.sh   # only RabbitMQ: 1 publisher vs 4, 3 rounds
+#   RMQ_ONE=3 benches/uplink-figures.sh   # only RabbitMQ: 1 publisher vs 4, 3 rounds, with its CPU
 #   DRAIN_CASES="1000:9 1000:0" TRICKLE=0 RMQ_VOLUME=0 benches/uplink-figures.sh  # drains only
 #
 # Phases:
@@ -328,22 +328,27 @@ COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
 echo "loadavg_start=$(loadavg) rabbitmq=$RMQ_VERSION commit=$COMMIT payload=$PAYLOAD backlog=$BACKLOG cores=$(nproc)"
 
 # 1. RabbitMQ's own rate.
-rabbitmq_timed() { # when
-    local line
+# rabbitmq_publish CASE WHEN PUBLISHERS: one timed run, with the CPU
+# RabbitMQ's node used over it (% of one core).
+rabbitmq_publish() {
+    local line cpu0 t0 cpu t
+    cpu0=$(cpu_ticks "$(cat "$RMQ_DIR/pid")") t0=$(now)
     line=$("$AMQP_LOAD" --uri "$RMQ_URI" --payload "$PAYLOAD" --queue uplink-rmq --timeout 600 \
-        publish --publishers "$PUBLISHERS" --window "$WINDOW" --seconds "$RMQ_SECONDS")
-    echo "case=rabbitmq-timed when=$1 $line loadavg=$(loadavg)" | tee -a "$WORK/lines"
+        publish --publishers "$3" --window "$WINDOW" --seconds "$RMQ_SECONDS")
+    cpu=$(($(cpu_ticks "$(cat "$RMQ_DIR/pid")") - cpu0)) t=$(now)
+    echo "case=$1 when=$2 $line rabbitmq_cpu_pct=$(python3 -c "print(f'{100 * $cpu / $(getconf CLK_TCK) / ($t - $t0):.0f}')") loadavg=$(loadavg)" |
+        tee -a "$WORK/lines"
     rmqctl purge_queue uplink-rmq >/dev/null
+}
+rabbitmq_timed() { # when
+    rabbitmq_publish rabbitmq-timed "$1" "$PUBLISHERS"
 }
 rabbitmq_timed start
 if [[ -n $RMQ_ONE ]]; then
     # Context: RabbitMQ with the gateway's shape of link, one connection
     # and one channel (rounds alternating with the 4-publisher figure).
     for round in $(seq 1 "$RMQ_ONE"); do
-        line=$("$AMQP_LOAD" --uri "$RMQ_URI" --payload "$PAYLOAD" --queue uplink-rmq --timeout 600 \
-            publish --publishers 1 --window "$WINDOW" --seconds "$RMQ_SECONDS")
-        echo "case=rabbitmq-one when=round-$round $line loadavg=$(loadavg)" | tee -a "$WORK/lines"
-        rmqctl purge_queue uplink-rmq >/dev/null
+        rabbitmq_publish rabbitmq-one "round-$round" 1
         rabbitmq_timed "round-$round"
     done
     exit 0
