@@ -361,11 +361,12 @@ if [[ $RMQ_VOLUME == 1 ]]; then
 fi
 
 # 2. Backlog drain, per max_in_flight.
+N=0
 for item in $DRAIN_CASES; do
-    W=${item%%:*} P=${item##*:}
+    W=${item%%:*} P=${item##*:} N=$((N + 1))
     rmqctl purge_queue uplink-bulk >/dev/null
     rmqctl purge_queue uplink-alarm >/dev/null
-    rabbitmq_timed "before-drain-$W-$P"
+    rabbitmq_timed "before-drain-$N-$W-$P"
     rmqctl stop_app >/dev/null
     start_gateway "$GATEWAY" "drain-$W-$P" "$RMQ_PORT" "$W" "$P"
     fill "after" | tee -a "$WORK/lines"
@@ -419,14 +420,14 @@ for item in $DRAIN_CASES; do
     stop_gateway
     BG_PIDS=()
     rmqctl purge_queue uplink-bulk >/dev/null
-    rabbitmq_timed "after-drain-$W-$P"
+    rabbitmq_timed "after-drain-$N-$W-$P"
     python3 - "$poll" "$BACKLOG" "$t_back0" "$t_back" "$t_alarm0" "$t_alarm1" "$(cat "$arrival")" \
         "$W" "$depth" "$((io_after - io_before))" "$(loadavg)" "$(cat "$opened")" "$P" \
-        "$gw_cpu" "$rmq_cpu" "$(getconf CLK_TCK)" "$alarm_depth" "$alarm_forwarded" <<'PY' | tee -a "$WORK/lines"
+        "$gw_cpu" "$rmq_cpu" "$(getconf CLK_TCK)" "$alarm_depth" "$alarm_forwarded" "$N" <<'PY' | tee -a "$WORK/lines"
 import sys
 poll, backlog, back0, back, alarm0, alarm1, arrival, w, depth, io, load, opened, p = sys.argv[1:14]
 gw_cpu, rmq_cpu, hz = (int(x) for x in sys.argv[14:17])
-alarm_depth, alarm_forwarded = sys.argv[17:19]
+alarm_depth, alarm_forwarded, n = sys.argv[17:20]
 backlog = int(backlog)
 back0, back, alarm0, alarm1, opened = map(float, (back0, back, alarm0, alarm1, opened))
 rows = [l.split() for l in open(poll)]
@@ -445,7 +446,7 @@ if arrival is not None:
     waiting = backlog - (seen[-1] if seen else 0)
 ms = lambda x: "none" if x is None else f"{x * 1000:.0f}"
 drain = backlog / (last - link)
-print(f"case=drain max_in_flight={w} alarm_priority={p} msgs_per_s={drain:.0f} drain_seconds={last - link:.3f} "
+print(f"case=drain n={n} max_in_flight={w} alarm_priority={p} msgs_per_s={drain:.0f} drain_seconds={last - link:.3f} "
       f"start_app_seconds={back - back0:.3f} port_open_after_start_app_ms={ms(opened - back0)} "
       f"port_open_to_link_ms={ms(link - opened)} port_open_to_first_confirm_ms={ms(first - opened)} "
       f"link_to_first_confirm_ms={ms(first - link)} link_up_window_ms={ms(None if link_down_last is None else link - link_down_last)} "
@@ -491,7 +492,7 @@ print("== summary")
 print(f"rabbitmq publish+confirm, {timed[0]['publishers']} publishers x window {timed[0]['window']}, "
       f"{timed[0]['seconds']} s runs: " + ", ".join(f"{r['when']}={float(r['msgs_per_s']):.0f}" for r in timed)
       + (f" msgs/s; {backlog[0]:.0f} msgs/s for the backlog's volume" if backlog else " msgs/s"))
-adjacent = lambda w, p: [float(r["msgs_per_s"]) for r in timed if r["when"].endswith(f"drain-{w}-{p}")]
+adjacent = lambda n, w, p: [float(r["msgs_per_s"]) for r in timed if r["when"].endswith(f"drain-{n}-{w}-{p}")]
 def num(x):
     try:
         return float(x)
@@ -501,7 +502,7 @@ for r in get("drain"):
     d = float(r["msgs_per_s"])
     alarm = num(r["alarm_publish_to_arrival_ms"])
     share = "?" if alarm is None else f"{alarm / (float(r['drain_seconds']) * 1000):.4f}"
-    near = adjacent(r["max_in_flight"], r["alarm_priority"])
+    near = adjacent(r["n"], r["max_in_flight"], r["alarm_priority"])
     ref = statistics.mean(near)
     print(f"drain max_in_flight={r['max_in_flight']} alarm_priority={r['alarm_priority']}: {d:.0f} msgs/s = "
           f"{d / ref:.2f}x rabbitmq's own rate around it (mean of {', '.join(f'{x:.0f}' for x in near)}), "
