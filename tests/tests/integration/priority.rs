@@ -4,6 +4,7 @@
 //! waiting for it), and order within each route holds.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use edge_gateway::backlog::Report;
@@ -195,6 +196,10 @@ async fn live_high_priority_traffic_overtakes_a_low_priority_backlog() -> Result
     );
     let per_route = check_order_and_identity(gw.id(), &received)?;
     assert_eq!(per_route.get("data").map(Vec::len), Some(BACKLOG as usize));
+    // Nothing was forwarded twice: no copy of the alarm (or of anything)
+    // follows the drain.
+    let extra = queue.next(Duration::from_secs(2)).await;
+    assert!(extra.is_err(), "a message after the drain: {extra:?}");
     client.disconnect().await?;
     queue.delete().await?;
     gw.shutdown().await?;
