@@ -120,15 +120,11 @@ pub fn scan(
     let mut cursors = Vec::with_capacity(upstreams.len());
     for u in upstreams {
         let cursor = view.cursor(&u.name)?;
-        let priorities = own
-            .get(&u.name)
-            .map(|r| r.priorities(&u.name))
-            .unwrap_or_default();
         let mut lanes = Vec::new();
-        if priorities.len() > 1 {
-            for p in priorities {
-                let routes = own.get(&u.name).cloned().unwrap_or_default();
-                let lane = view.cursor(&edge_upstream::lane_cursor(&u.name, p, &routes))?;
+        if let Some(routes) = own.get(&u.name) {
+            let priorities = routes.priorities(&u.name);
+            for &p in priorities.iter().filter(|_| priorities.len() > 1) {
+                let lane = view.cursor(&edge_upstream::lane_cursor(&u.name, p, routes))?;
                 lanes.push((p, lane.max(cursor)));
             }
         }

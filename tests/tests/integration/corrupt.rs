@@ -76,6 +76,19 @@ async fn on_corrupt_refuse_keeps_the_file_and_does_not_start() -> anyhow::Result
     Ok(())
 }
 
+/// The counters `0..count` of `publisher`'s payloads that one of the
+/// `damaged` pages held (they may be lost).
+fn held_by(damaged: &[Vec<u8>], publisher: &str, count: u64) -> BTreeSet<u64> {
+    (0..count)
+        .filter(|&i| {
+            let p = payload(publisher, i);
+            damaged
+                .iter()
+                .any(|page| page.windows(p.len()).any(|w| w == &p[..]))
+        })
+        .collect()
+}
+
 /// Flips every byte of the pages of the store file in `data` that hold a
 /// copy of one of `needles`; returns the damaged pages' bytes as they were.
 fn damage_pages_holding(data: &Path, needles: &[Vec<u8>]) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -150,14 +163,7 @@ async fn a_damaged_store_is_salvaged_and_its_acknowledged_messages_reach_the_bro
 
     // The first message's page (the open reads it) and one in the middle.
     let damaged = damage_pages_holding(&data, &[payload("salvage", 0), payload("salvage", 1_000)])?;
-    let maybe_lost: BTreeSet<u64> = (0..MESSAGES)
-        .filter(|&i| {
-            let p = payload("salvage", i);
-            damaged
-                .iter()
-                .any(|page| page.windows(p.len()).any(|w| w == &p[..]))
-        })
-        .collect();
+    let maybe_lost = held_by(&damaged, "salvage", MESSAGES);
     assert!(
         maybe_lost.len() < 200,
         "two pages hold a few dozen messages"
@@ -268,14 +274,7 @@ async fn a_killed_gateway_whose_store_lost_a_page_forwards_the_rest_after_restar
     // A message the checkpoints folded into the file (not only in the
     // journal): its page is lost.
     let damaged = damage_pages_holding(&gw.data_dir(), &[payload("killed", 1_000)])?;
-    let maybe_lost: BTreeSet<u64> = (0..KILLED)
-        .filter(|&i| {
-            let p = payload("killed", i);
-            damaged
-                .iter()
-                .any(|page| page.windows(p.len()).any(|w| w == &p[..]))
-        })
-        .collect();
+    let maybe_lost = held_by(&damaged, "killed", KILLED);
     assert!(
         maybe_lost.len() < 200,
         "one page holds a few dozen messages"

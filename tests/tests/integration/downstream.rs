@@ -15,7 +15,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use edge_tests::amqp::{AmqpQueue, QueueSpec, connect};
 use edge_tests::http::metric;
 use edge_tests::mqtt::options;
-use edge_tests::{GatewayProcess, MqttSubscriber, TestGateway, unique, wait_for};
+use edge_tests::{
+    GatewayProcess, MqttSubscriber, TestGateway, TestGatewayBuilder, unique, wait_for,
+};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -113,6 +115,21 @@ async fn linked(gw: &TestGateway, name: &str) -> Result<()> {
     .await
 }
 
+/// A gateway whose downstream `name` consumes `queue` of the broker at
+/// `uri` (its upstream `central`), with `keys` besides.
+fn consuming(uri: &str, name: &str, queue: &str, keys: &[(&str, &str)]) -> TestGatewayBuilder {
+    TestGateway::builder()
+        .upstream("central", &[uri.to_string()])
+        .downstream(name, "central", queue, keys)
+}
+
+/// Starts `builder` and waits until its downstream `name` is up.
+async fn start_linked(builder: TestGatewayBuilder, name: &str) -> Result<TestGateway> {
+    let gw = builder.start().await?;
+    linked(&gw, name).await?;
+    Ok(gw)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_reaches_mqtt_subscribers_on_its_mapped_topic_or_its_header_topic() -> Result<()>
 {
@@ -120,12 +137,16 @@ async fn a_command_reaches_mqtt_subscribers_on_its_mapped_topic_or_its_header_to
     let prefix = unique("down");
     let queue = command_queue(&node.amqp_uri(), &prefix).await?;
     let name = unique("commands");
-    let gw = TestGateway::builder()
-        .upstream("central", &[node.amqp_uri()])
-        .downstream(&name, "central", &queue, &[("topic_prefix", "\"site1/\"")])
-        .start()
-        .await?;
-    linked(&gw, &name).await?;
+    let gw = start_linked(
+        consuming(
+            &node.amqp_uri(),
+            &name,
+            &queue,
+            &[("topic_prefix", "\"site1/\"")],
+        ),
+        &name,
+    )
+    .await?;
     let mut v311 = MqttSubscriber::connect(
         gw.mqtt_addr(),
         &unique("dev"),
@@ -235,12 +256,7 @@ async fn an_offline_persistent_session_gets_its_command_after_reconnecting() -> 
     let prefix = unique("offline");
     let queue = command_queue(&node.amqp_uri(), &prefix).await?;
     let name = unique("commands");
-    let gw = TestGateway::builder()
-        .upstream("central", &[node.amqp_uri()])
-        .downstream(&name, "central", &queue, &[])
-        .start()
-        .await?;
-    linked(&gw, &name).await?;
+    let gw = start_linked(consuming(&node.amqp_uri(), &name, &queue, &[]), &name).await?;
     let device = unique("device");
     let filter = format!("{prefix}/{device}/cmd/#");
     let (client, mut eventloop) = persistent(gw.mqtt_addr(), &device).await?;
@@ -300,12 +316,7 @@ async fn a_message_id_published_twice_is_delivered_once() -> Result<()> {
     let prefix = unique("dup");
     let queue = command_queue(&node.amqp_uri(), &prefix).await?;
     let name = unique("commands");
-    let gw = TestGateway::builder()
-        .upstream("central", &[node.amqp_uri()])
-        .downstream(&name, "central", &queue, &[])
-        .start()
-        .await?;
-    linked(&gw, &name).await?;
+    let gw = start_linked(consuming(&node.amqp_uri(), &name, &queue, &[]), &name).await?;
     let mut sub =
         MqttSubscriber::connect(gw.mqtt_addr(), &unique("dev"), &[&format!("{prefix}/#")]).await?;
     let central = Central::open(&node.amqp_uri()).await?;
@@ -339,13 +350,11 @@ async fn a_message_id_published_twice_is_delivered_once() -> Result<()> {
 
     // The window outlives the gateway: a resend after a restart is caught.
     let root = gw.shutdown().await?;
-    let gw = TestGateway::builder()
-        .upstream("central", &[node.amqp_uri()])
-        .downstream(&name, "central", &queue, &[])
-        .root(root)
-        .start()
-        .await?;
-    linked(&gw, &name).await?;
+    let gw = start_linked(
+        consuming(&node.amqp_uri(), &name, &queue, &[]).root(root),
+        &name,
+    )
+    .await?;
     let mut sub =
         MqttSubscriber::connect(gw.mqtt_addr(), &unique("dev"), &[&format!("{prefix}/#")]).await?;
     central.command(&key, "open-valve", "cmd-17").await?;
@@ -431,13 +440,11 @@ async fn a_command_larger_than_the_store_quota_is_rejected_not_retried_forever()
     let prefix = unique("huge");
     let queue = command_queue(&node.amqp_uri(), &prefix).await?;
     let name = unique("commands");
-    let gw = TestGateway::builder()
-        .set("store.max_bytes", "\"64KiB\"")
-        .upstream("central", &[node.amqp_uri()])
-        .downstream(&name, "central", &queue, &[])
-        .start()
-        .await?;
-    linked(&gw, &name).await?;
+    let gw = start_linked(
+        consuming(&node.amqp_uri(), &name, &queue, &[]).set("store.max_bytes", "\"64KiB\""),
+        &name,
+    )
+    .await?;
     let mut sub =
         MqttSubscriber::connect(gw.mqtt_addr(), &unique("dev"), &[&format!("{prefix}/#")]).await?;
     let central = Central::open(&node.amqp_uri()).await?;

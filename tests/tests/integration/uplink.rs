@@ -297,10 +297,10 @@ async fn a_blackholed_link_is_reported_stalled_and_rebuilt_by_the_watchdog() -> 
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_confirmed_route_acks_only_once_the_broker_confirmed() -> Result<()> {
-    let (proxy, prefix, mut queue) = behind_a_proxy("ackpoint", true).await?;
-    let gw = TestGateway::builder()
+/// A gateway whose route `alarms` (`<prefix>/alarms/#`) to `central`
+/// (through `proxy`) acknowledges once the broker confirmed.
+fn confirmed_alarms(proxy: &Proxy, prefix: &str) -> edge_tests::TestGatewayBuilder {
+    TestGateway::builder()
         .upstream("central", &[proxy.amqp_uri()])
         .route_with(
             "alarms",
@@ -308,6 +308,12 @@ async fn an_upstream_confirmed_route_acks_only_once_the_broker_confirmed() -> Re
             "central",
             &[("ack", "\"upstream-confirmed\"")],
         )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_confirmed_route_acks_only_once_the_broker_confirmed() -> Result<()> {
+    let (proxy, prefix, mut queue) = behind_a_proxy("ackpoint", true).await?;
+    let gw = confirmed_alarms(&proxy, &prefix)
         .route("data", &format!("{prefix}/data/#"), "central")
         .start()
         .await?;
@@ -369,16 +375,7 @@ async fn an_upstream_confirmed_route_acks_only_once_the_broker_confirmed() -> Re
 async fn an_amqp_publishers_confirm_waits_for_the_broker_on_an_upstream_confirmed_route()
 -> Result<()> {
     let (proxy, prefix, mut queue) = behind_a_proxy("ackpoint-amqp", true).await?;
-    let gw = TestGateway::builder()
-        .upstream("central", &[proxy.amqp_uri()])
-        .route_with(
-            "alarms",
-            &format!("{prefix}/alarms/#"),
-            "central",
-            &[("ack", "\"upstream-confirmed\"")],
-        )
-        .start()
-        .await?;
+    let gw = confirmed_alarms(&proxy, &prefix).start().await?;
     let conn = edge_tests::amqp::connect(&gw.amqp_uri()).await?;
     let channel = conn.create_channel().await?;
     channel
