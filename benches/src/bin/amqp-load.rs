@@ -7,7 +7,20 @@
 //!   exchange into the durable queue `--queue` (declared durable and purged
 //!   first; nobody consumes), each keeping up to `--window` unconfirmed.
 //!   Runs `--seconds` (or until `--count` in total are confirmed);
-//!   msgs/s = confirmed / elapsed.
+//!   msgs/s = confirmed / elapsed. `--shape` says what each publish carries
+//!   besides its body (issue 9's drain gap: which part of the gateway's
+//!   publish costs RabbitMQ):
+//!   - `plain` (default): delivery_mode 2 and nothing else;
+//!   - `mandatory`: `plain` with the `mandatory` flag;
+//!   - `ids`: `plain` with `message_id` "gw-0123456789abcdef:<n>" (n counts
+//!     up per publisher from 1234567), `app_id` "gw-0123456789abcdef" and a
+//!     timestamp (now, in seconds), as the gateway sets them;
+//!   - `headers`: `ids` with the gateway's three headers:
+//!     `x-gateway-message-id` (the `message_id`), `x-mqtt-topic` "load/3",
+//!     `x-publisher` "mqtt-load-3", all long strings;
+//!   - `gateway`: `headers` with `mandatory`: what the gateway's forwarder
+//!     sends for a bulk-route message (`adapters/upstream/src/convert.rs`,
+//!     `to_publish`).
 //! - `consume`: fills the durable queue with `--fill` persistent confirmed
 //!   messages (not timed), then one consumer with manual ack and
 //!   `basic.qos(--prefetch)` acknowledges each delivery until it has them
@@ -18,14 +31,14 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 #[derive(Debug, Parser)]
@@ -47,6 +60,50 @@ struct Args {
     mode: Mode,
 }
 
+/// What a publish carries besides its body (the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Shape {
+    Plain,
+    Mandatory,
+    Ids,
+    Headers,
+    Gateway,
+}
+
+/// The gateway id the `ids`, `headers` and `gateway` shapes use (about as
+/// long as a generated one, e.g. "raspberrypi-3fa9c1d0").
+const GATEWAY_ID: &str = "gw-0123456789abcdef";
+
+impl Shape {
+    fn mandatory(self) -> bool {
+        matches!(self, Shape::Mandatory | Shape::Gateway)
+    }
+
+    /// The properties of the publish numbered `n`.
+    fn properties(self, n: u64) -> BasicProperties {
+        let plain = BasicProperties::default().with_delivery_mode(2);
+        if matches!(self, Shape::Plain | Shape::Mandatory) {
+            return plain;
+        }
+        let id = format!("{GATEWAY_ID}:{n}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut properties = plain
+            .with_timestamp(now)
+            .with_app_id(ShortString::from(GATEWAY_ID));
+        if matches!(self, Shape::Headers | Shape::Gateway) {
+            let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
+            let mut headers = FieldTable::default();
+            headers.insert(ShortString::from("x-gateway-message-id"), text(&id));
+            headers.insert(ShortString::from("x-mqtt-topic"), text("load/3"));
+            headers.insert(ShortString::from("x-publisher"), text("mqtt-load-3"));
+            properties = properties.with_headers(headers);
+        }
+        properties.with_message_id(ShortString::from(id))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Mode {
     Publish {
@@ -60,6 +117,9 @@ enum Mode {
         /// Stop after this many confirmed (in total) instead.
         #[arg(long)]
         count: Option<usize>,
+        /// What each publish carries besides its body (the module doc).
+        #[arg(long, value_enum, default_value_t = Shape::Plain)]
+        shape: Shape,
     },
     Consume {
         #[arg(long, default_value_t = 50_000)]
@@ -115,6 +175,7 @@ async fn run(args: Args) -> anyhow::Result<String> {
             window,
             seconds,
             count,
+            shape,
         } => {
             declare(&args.uri, &args.queue, true).await?;
             let (confirmed, elapsed) = publish(
@@ -125,11 +186,15 @@ async fn run(args: Args) -> anyhow::Result<String> {
                 window,
                 Duration::from_secs_f64(seconds),
                 count,
+                shape,
             )
             .await?;
             Ok(format!(
-                "mode=publish publishers={publishers} window={window} confirmed={confirmed} \
-                 seconds={:.3} msgs_per_s={:.0}",
+                "mode=publish shape={} publishers={publishers} window={window} \
+                 confirmed={confirmed} seconds={:.3} msgs_per_s={:.0}",
+                shape
+                    .to_possible_value()
+                    .map_or_else(String::new, |v| v.get_name().to_string()),
                 elapsed.as_secs_f64(),
                 confirmed as f64 / elapsed.as_secs_f64()
             ))
@@ -144,6 +209,7 @@ async fn run(args: Args) -> anyhow::Result<String> {
                 1000,
                 Duration::from_secs(args.timeout),
                 Some(fill),
+                Shape::Plain,
             )
             .await?;
             if filled < fill {
@@ -201,6 +267,7 @@ async fn declare(uri: &str, queue: &str, purge: bool) -> anyhow::Result<u32> {
     Ok(depth)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn publish(
     uri: &str,
     queue: &str,
@@ -209,6 +276,7 @@ async fn publish(
     window: usize,
     duration: Duration,
     count: Option<usize>,
+    shape: Shape,
 ) -> anyhow::Result<(usize, Duration)> {
     let mut channels = Vec::with_capacity(publishers);
     for _ in 0..publishers {
@@ -226,7 +294,9 @@ async fn publish(
     for (_, channel) in &channels {
         let channel = channel.clone();
         let queue = queue.to_string();
-        tasks.spawn(async move { publisher(channel, queue, payload, window, deadline, per).await });
+        tasks.spawn(async move {
+            publisher(channel, queue, payload, window, deadline, per, shape).await
+        });
     }
     let mut confirmed = 0;
     while let Some(result) = tasks.join_next().await {
@@ -248,8 +318,13 @@ async fn publisher(
     window: usize,
     deadline: Instant,
     count: Option<usize>,
+    shape: Shape,
 ) -> anyhow::Result<usize> {
     let body = vec![b'x'; payload];
+    let options = BasicPublishOptions {
+        mandatory: shape.mandatory(),
+        immediate: false,
+    };
     let mut pending = FuturesUnordered::new();
     let mut sent = 0;
     let mut acked = 0;
@@ -260,9 +335,9 @@ async fn publisher(
                 .basic_publish(
                     "".into(),
                     queue.as_str().into(),
-                    BasicPublishOptions::default(),
+                    options,
                     &body,
-                    BasicProperties::default().with_delivery_mode(2),
+                    shape.properties(1_234_567 + sent as u64),
                 )
                 .await?;
             pending.push(confirm);
