@@ -50,7 +50,12 @@
 //!   done. It never moves backwards and never past the next seq to be
 //!   assigned. The cursors named in [`StoreOptions::cursors`] are created at
 //!   open (at the first record) and others deleted; more can be created
-//!   (at the next seq) and dropped at run time.
+//!   (at the next seq) and dropped at run time. A lazy move
+//!   ([`Store::advance_cursor_lazily`], the forwarders') gets no commit of
+//!   its own: the writer holds it for the next batch with other work, at
+//!   most [`CURSOR_DELAY`], and not at all while the store is full
+//!   (`writer/defer.rs`); a crash loses at most that much of a cursor's
+//!   progress, which means messages forwarded again, never lost.
 //! - **Reference rule.** A message fanned out to N durable queues is stored
 //!   once: each queue holds an entry `(queue, seq)` and `refs[seq]` counts
 //!   them (a queue named twice gets one entry, a deleted one none). A
@@ -219,6 +224,10 @@ pub use journal::JOURNAL_FILE;
 
 /// Bytes of the journal file [`Store::open`] uses (see "Recovery").
 pub const JOURNAL_BYTES: u64 = journal::CAPACITY;
+
+/// Longest a [`Store::advance_cursor_lazily`] move waits for another
+/// batch to commit with.
+pub const CURSOR_DELAY: std::time::Duration = writer::defer::CURSOR_DELAY;
 pub use read_only::ReadOnlyStore;
 pub use record::Record;
 pub use salvage::{SALVAGE_FILE, Salvage, SalvageError, TableSalvage};
@@ -753,7 +762,8 @@ impl Store {
         if let Some(max_age) = options_max_age {
             writer::age::start_ticker(tx.downgrade(), max_age);
         }
-        let writer = Writer::new(Arc::clone(&shared), rx, loaded, journal);
+        let alarm = writer::defer::Alarm::start(tx.downgrade());
+        let writer = Writer::new(Arc::clone(&shared), rx, loaded, journal, alarm);
         let (exit_tx, exited) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("edge-store-writer".into())
@@ -847,6 +857,23 @@ impl Store {
         self.done_op(|reply| Op::AdvanceCursor {
             name: name.to_string(),
             next,
+            lazy: false,
+            reply,
+        })
+        .await
+    }
+
+    /// [`Store::advance_cursor`] without a commit of its own: the move
+    /// rides in the next group commit that has other work, or commits
+    /// within [`CURSOR_DELAY`] at the latest (at once while the store is
+    /// full: the move makes room), and resolves once durable. For a
+    /// forwarder, whose cursor's durability only saves re-forwarding after
+    /// a crash: a trickle then costs one commit per message, not two.
+    pub async fn advance_cursor_lazily(&self, name: &str, next: Seq) -> Result<(), StoreError> {
+        self.done_op(|reply| Op::AdvanceCursor {
+            name: name.to_string(),
+            next,
+            lazy: true,
             reply,
         })
         .await

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::*;
 use disk::{Disk, Fault};
 
+mod defer;
 mod disk;
 mod journal;
 mod model;

@@ -10,6 +10,7 @@
 
 pub(crate) mod age;
 mod apply;
+pub(crate) mod defer;
 mod disk;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -71,6 +72,8 @@ pub(crate) enum Op {
     AdvanceCursor {
         name: String,
         next: Seq,
+        /// May wait for another batch to commit with (`defer.rs`).
+        lazy: bool,
         reply: Done,
     },
     /// Creates a cursor at the next seq (no-op if it exists).
@@ -284,6 +287,12 @@ pub(crate) struct Writer {
     closing: bool,
     /// The clock when the current batch began (unix ms).
     now: u64,
+    /// Lazy cursor moves held for the next batch (`defer.rs`), and since
+    /// when.
+    deferred: Vec<Op>,
+    deferred_since: Option<Instant>,
+    /// Wakes the writer when held moves are due; `None`: nothing is held.
+    alarm: Option<Arc<defer::Alarm>>,
 }
 
 /// The filesystem as the writer last saw it (see `space.rs`).
@@ -305,6 +314,7 @@ impl Writer {
         rx: mpsc::Receiver<Op>,
         loaded: Loaded,
         journal: Option<Journal>,
+        alarm: Option<Arc<defer::Alarm>>,
     ) -> Writer {
         Writer {
             shared,
@@ -333,6 +343,9 @@ impl Writer {
             checkpoint_due: false,
             closing: false,
             now: 0,
+            deferred: Vec::new(),
+            deferred_since: None,
+            alarm,
         }
     }
 
@@ -345,7 +358,8 @@ impl Writer {
                 match self.rx.try_recv() {
                     Ok(op) => op,
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        self.commit_batch(Vec::new());
+                        let batch = self.with_deferred(Vec::new());
+                        self.commit_batch(batch);
                         continue;
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
@@ -353,6 +367,12 @@ impl Writer {
             } else if self.shared.full.borrow().is_some() {
                 match self.rx.try_recv() {
                     Ok(op) => op,
+                    Err(mpsc::error::TryRecvError::Empty) if !self.deferred.is_empty() => {
+                        // Held moves make the room.
+                        let batch = self.with_deferred(Vec::new());
+                        self.commit_batch(batch);
+                        continue;
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => {
                         self.recheck_room();
                         std::thread::sleep(FULL_POLL);
@@ -371,20 +391,28 @@ impl Writer {
             self.drain(&mut batch, &mut bytes);
             self.linger(&mut batch, &mut bytes);
             self.last_batch = batch.len();
+            let batch = self.defer(batch);
+            if batch.is_empty() {
+                continue;
+            }
             close_reply = self.commit_batch(batch);
             if close_reply.is_some() {
                 break;
             }
+        }
+        if let Some(alarm) = &self.alarm {
+            alarm.stop();
         }
         // Ops still queued behind a close resolve as `Closed` when dropped.
         self.rx.close();
         // The last handle went without a close: fold the journal now, so
         // the next open has nothing to replay.
         // Always, with a journal: that checkpoint marks the close clean.
-        if close_reply.is_none() && self.journal.is_some() {
+        if close_reply.is_none() && (self.journal.is_some() || !self.deferred.is_empty()) {
             self.checkpoint_due = true;
             self.closing = true;
-            self.commit_batch(Vec::new());
+            let batch = self.with_deferred(Vec::new());
+            self.commit_batch(batch);
         }
         tracing::debug!(next_seq = self.state.next_seq, "Store writer stopped.");
         if let Some(reply) = close_reply {

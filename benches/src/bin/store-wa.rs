@@ -12,7 +12,8 @@
 //!   journal) per message; **syncs**: `sync_data` calls.
 //!
 //! "backlog": no cursor, every record stays (an upstream that is down);
-//! "forwarded": a cursor follows the acknowledgements, as a forwarder does
+//! "forwarded": a cursor follows the acknowledgements, lazily (its moves
+//! ride in the next append's commit, `advance_cursor_lazily`), as a forwarder does
 //! when the upstream is up, so records are retired soon after they land.
 //!
 //! `cargo run --release -p edge-benches --bin store-wa [-- TRICKLE BURST_ROUNDS]`
@@ -102,11 +103,20 @@ async fn run(store: &Store, load: Load, forwarded: bool) -> anyhow::Result<u64> 
     let payload = Bytes::from(vec![0xA5; PAYLOAD]);
     match load {
         Load::Trickle(n) => {
+            // As a forwarder does: the cursor moves lazily, in the
+            // background, and rides in the next append's commit.
+            let mut moves = Vec::new();
             for i in 0..n {
                 let seq = store.append(record(0, i, &payload)).await?;
                 if forwarded {
-                    store.advance_cursor("up", seq + 1).await?;
+                    let store = store.clone();
+                    moves.push(tokio::spawn(async move {
+                        store.advance_cursor_lazily("up", seq + 1).await
+                    }));
                 }
+            }
+            for m in moves {
+                m.await??;
             }
             Ok(n)
         }
@@ -126,7 +136,7 @@ async fn run(store: &Store, load: Load, forwarded: bool) -> anyhow::Result<u64> 
                             last = c.await?;
                         }
                         if forwarded {
-                            store.advance_cursor("up", last + 1).await?;
+                            store.advance_cursor_lazily("up", last + 1).await?;
                         }
                     }
                     anyhow::Ok(())

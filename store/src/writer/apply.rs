@@ -115,6 +115,7 @@ impl Writer {
                 name,
                 next: to,
                 reply,
+                ..
             } => {
                 let Some(old) = next.cursors.get(&name).copied() else {
                     let _ = reply.send(Err(StoreError::UnknownCursor { name }));
