@@ -41,7 +41,10 @@ use lapin::types::{AMQPValue, LongString, ShortString};
 /// Header carrying the publisher of the original message (MQTT client id).
 pub const PUBLISHER_HEADER: &str = "x-publisher";
 
-/// Header carrying `<gateway id>:<seq>`, whatever `message_id` says.
+/// Header carrying `<gateway id>:<seq>` when `message_id` is the
+/// publisher's own (an AMQP application's); otherwise `message_id` is that
+/// id and the header is left out: a header table costs the central broker
+/// for every entry (benches/RESULTS.md, "Publish shapes").
 pub const GATEWAY_ID_HEADER: &str = "x-gateway-message-id";
 
 /// How much of its lifetime a message has left at forwarding time.
@@ -174,10 +177,12 @@ pub(crate) fn to_publish(
     let mut headers = properties.headers().clone().unwrap_or_default();
     let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
     let gateway_message_id = message_id(gateway_id, id_seq);
-    headers.insert(
-        ShortString::from(GATEWAY_ID_HEADER),
-        text(&gateway_message_id),
-    );
+    if own.message_id.is_some() {
+        headers.insert(
+            ShortString::from(GATEWAY_ID_HEADER),
+            text(&gateway_message_id),
+        );
+    }
     headers.insert(ShortString::from(MQTT_TOPIC_HEADER), text(&message.topic));
     headers.insert(
         ShortString::from(PUBLISHER_HEADER),
@@ -374,6 +379,11 @@ mod tests {
         );
         assert_eq!(header(props, PUBLISHER_HEADER), Some(&b"dev-1"[..]));
         assert_eq!(header(props, "unit"), Some(&b"C"[..]));
+        assert_eq!(
+            header(props, GATEWAY_ID_HEADER),
+            None,
+            "message_id is the gateway's id: no header repeats it"
+        );
     }
 
     #[test]
@@ -451,6 +461,7 @@ mod tests {
             Some(7),
             "the gateway id rides along"
         );
+        assert_eq!(header(props, GATEWAY_ID_HEADER), Some(&b"gw:7"[..]));
         assert_eq!(text(props.correlation_id()).as_deref(), Some("req-9"));
         assert_eq!(text(props.reply_to()).as_deref(), Some("replies"));
         assert_eq!(
