@@ -20,7 +20,17 @@
 //!     `x-publisher` "mqtt-load-3", all long strings;
 //!   - `gateway`: `headers` with `mandatory`: what the gateway's forwarder
 //!     sends for a bulk-route message (`adapters/upstream/src/convert.rs`,
-//!     `to_publish`).
+//!     `to_publish`);
+//!   - `topic`: `ids` with only `x-mqtt-topic` of the three headers;
+//!   - `topic-publisher`: `ids` with `x-mqtt-topic` and `x-publisher` (the
+//!     three headers less `x-gateway-message-id`, which repeats `message_id`);
+//!   - `gateway-lean`: `topic-publisher` with `mandatory`: what the gateway
+//!     would send without the redundant `x-gateway-message-id`;
+//!   - `one-header`: `ids` with a single header `h`, the long string "x":
+//!     whether it is the table's existence or its size that costs.
+//!
+//!   Every header value is a long string, with the same values in every
+//!   shape that sends that header.
 //! - `consume`: fills the durable queue with `--fill` persistent confirmed
 //!   messages (not timed), then one consumer with manual ack and
 //!   `basic.qos(--prefetch)` acknowledges each delivery until it has them
@@ -68,15 +78,19 @@ enum Shape {
     Ids,
     Headers,
     Gateway,
+    Topic,
+    TopicPublisher,
+    GatewayLean,
+    OneHeader,
 }
 
-/// The gateway id the `ids`, `headers` and `gateway` shapes use (about as
+/// The gateway id every shape but `plain` and `mandatory` uses (about as
 /// long as a generated one, e.g. "raspberrypi-3fa9c1d0").
 const GATEWAY_ID: &str = "gw-0123456789abcdef";
 
 impl Shape {
     fn mandatory(self) -> bool {
-        matches!(self, Shape::Mandatory | Shape::Gateway)
+        matches!(self, Shape::Mandatory | Shape::Gateway | Shape::GatewayLean)
     }
 
     /// The properties of the publish numbered `n`.
@@ -92,15 +106,37 @@ impl Shape {
         let mut properties = plain
             .with_timestamp(now)
             .with_app_id(ShortString::from(GATEWAY_ID));
-        if matches!(self, Shape::Headers | Shape::Gateway) {
-            let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
-            let mut headers = FieldTable::default();
-            headers.insert(ShortString::from("x-gateway-message-id"), text(&id));
-            headers.insert(ShortString::from("x-mqtt-topic"), text("load/3"));
-            headers.insert(ShortString::from("x-publisher"), text("mqtt-load-3"));
+        if let Some(headers) = self.headers(&id) {
             properties = properties.with_headers(headers);
         }
         properties.with_message_id(ShortString::from(id))
+    }
+
+    /// The header table of a publish whose `message_id` is `id`; `None` for
+    /// the shapes that send no table (`plain`, `mandatory`, `ids`).
+    fn headers(self, id: &str) -> Option<FieldTable> {
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
+        let mut headers = FieldTable::default();
+        // Which of the gateway's three headers: (x-gateway-message-id,
+        // x-publisher); x-mqtt-topic is in every shape that has them.
+        let (message_id, publisher) = match self {
+            Shape::Plain | Shape::Mandatory | Shape::Ids => return None,
+            Shape::OneHeader => {
+                headers.insert(ShortString::from("h"), text("x"));
+                return Some(headers);
+            }
+            Shape::Topic => (false, false),
+            Shape::TopicPublisher | Shape::GatewayLean => (false, true),
+            Shape::Headers | Shape::Gateway => (true, true),
+        };
+        if message_id {
+            headers.insert(ShortString::from("x-gateway-message-id"), text(id));
+        }
+        headers.insert(ShortString::from("x-mqtt-topic"), text("load/3"));
+        if publisher {
+            headers.insert(ShortString::from("x-publisher"), text("mqtt-load-3"));
+        }
+        Some(headers)
     }
 }
 
