@@ -54,8 +54,10 @@
 //!   ([`Store::advance_cursor_lazily`], the forwarders') gets no commit of
 //!   its own: the writer holds it for the next batch with other work, at
 //!   most [`CURSOR_DELAY`], and not at all while the store is full
-//!   (`writer/defer.rs`); a crash loses at most that much of a cursor's
-//!   progress, which means messages forwarded again, never lost.
+//!   (`writer/defer.rs`); a crash loses at most that much of the progress
+//!   it records, which means messages forwarded again, never lost. In a
+//!   batch, records the cursor moves ahead of an append retire before
+//!   that append is weighed against the quota.
 //! - **Reference rule.** A message fanned out to N durable queues is stored
 //!   once: each queue holds an entry `(queue, seq)` and `refs[seq]` counts
 //!   them (a queue named twice gets one entry, a deleted one none). A
@@ -868,7 +870,8 @@ impl Store {
     /// within [`CURSOR_DELAY`] at the latest (at once while the store is
     /// full: the move makes room), and resolves once durable. For a
     /// forwarder, whose cursor's durability only saves re-forwarding after
-    /// a crash: a trickle then costs one commit per message, not two.
+    /// a crash: a trickle then costs one commit per message, not one more
+    /// per cursor that moves.
     pub async fn advance_cursor_lazily(&self, name: &str, next: Seq) -> Result<(), StoreError> {
         self.done_op(|reply| Op::AdvanceCursor {
             name: name.to_string(),

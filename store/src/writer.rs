@@ -295,6 +295,16 @@ pub(crate) struct Writer {
     alarm: Option<Arc<defer::Alarm>>,
 }
 
+impl Drop for Writer {
+    /// The alarm thread goes with the writer, however the writer ends (a
+    /// panic, or a writer thread that never started).
+    fn drop(&mut self) {
+        if let Some(alarm) = &self.alarm {
+            alarm.stop();
+        }
+    }
+}
+
 /// The filesystem as the writer last saw it (see `space.rs`).
 #[derive(Debug, Default)]
 struct Disk {
@@ -399,9 +409,6 @@ impl Writer {
             if close_reply.is_some() {
                 break;
             }
-        }
-        if let Some(alarm) = &self.alarm {
-            alarm.stop();
         }
         // Ops still queued behind a close resolve as `Closed` when dropped.
         self.rx.close();

@@ -4,11 +4,11 @@
 //! (`edge_core::amqp`), then the gateway adds its own: `app_id` is the
 //! gateway id (the publisher's goes in `x-app-id`), `user_id` moves to
 //! `x-user-id` (a broker checks `user_id` against the connection's user),
-//! `timestamp` is the publisher's or the receive time, and
-//! `x-gateway-message-id` is `<gateway id>:<seq>`: stable across
-//! reconnects and restarts, so a duplicate can be recognised downstream.
-//! `message_id` is the publisher's own when it set one (an AMQP
-//! application keeps its ids end to end), else that same gateway id.
+//! `timestamp` is the publisher's or the receive time, and `message_id`
+//! is `<gateway id>:<seq>`: stable across reconnects and restarts, so a
+//! duplicate can be recognised downstream. When the publisher set its own
+//! `message_id` (an AMQP application keeps its ids end to end), that one is
+//! kept and the gateway's goes in `x-gateway-message-id` instead.
 //! `priority` is the publisher's own, else the route's when it is above 0. The
 //! original MQTT topic travels in `x-mqtt-topic` so the lossless topic
 //! mapping can always be undone.

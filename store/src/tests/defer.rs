@@ -101,3 +101,27 @@ async fn a_held_move_is_committed_by_the_close_and_survives_it() {
     assert_eq!(store.cursor("up").unwrap(), first + 1);
     assert_eq!(store.stats().live_messages, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_counts_the_room_a_held_move_makes() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = record(0, 100).encoded_len() as u64;
+    let store = Store::open(dir.path(), options(2 * size, &["up"])).unwrap();
+    let first = store.append(record(1, 100)).await.unwrap();
+    let second = store.append(record(2, 100)).await.unwrap();
+    // At the quota, nothing refused yet: the move is held.
+    let moving = {
+        let store = store.clone();
+        tokio::spawn(async move { store.advance_cursor_lazily("up", first + 1).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(store.full().borrow().is_none());
+    // It commits with this append, and the record it retires makes the room.
+    let third = store
+        .append(record(3, 100))
+        .await
+        .expect("the held move's room counts for the append in its batch");
+    moving.await.unwrap().unwrap();
+    let seqs: Vec<Seq> = all(&store).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(seqs, vec![second, third]);
+}

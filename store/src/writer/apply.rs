@@ -52,7 +52,17 @@ impl Writer {
             let c = &changes;
             let mut t = Tables::open(&txn, c)?;
             let mut refused = false;
+            let mut moved = false;
             for op in ops.by_ref() {
+                let moves = matches!(op, Op::AdvanceCursor { .. });
+                if moved && !moves {
+                    // The room the cursor moves ahead of this op make (held
+                    // ones lead the batch) counts for it and the appends
+                    // after it: retire first, or an append would be refused
+                    // (or, with drop-oldest, drop what was just confirmed).
+                    self.retire(&mut t, next)?;
+                }
+                moved = moves;
                 self.apply_op(&mut t, op, next, pending, close, appended, &mut refused)?;
             }
             let aged_more = self.age_out(&mut t, next)?;

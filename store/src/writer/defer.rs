@@ -8,12 +8,14 @@
 //! makes room.
 //!
 //! Why: with the upstream up, every message costs an append and, a moment
-//! later, the move of the cursor past it — two group commits, two journal
-//! blocks synced, for one message. A cursor's durability only saves
+//! later, the move of its cursor past it (and of each priority lane's
+//! cursor: with two lanes, three group commits, three journal blocks synced
+//! for one message). A cursor's durability only saves
 //! re-forwarding after a crash (the same message ids again, never a loss),
 //! so the move can ride in the next message's commit: one commit per
-//! message for a trickle. What a crash can cost is at most
-//! `CURSOR_DELAY` of confirmed messages forwarded again.
+//! message for a trickle. What a crash can cost is a few seconds of
+//! confirmed messages forwarded again (a forwarder's next move waits for
+//! its previous one: `adapters/upstream/src/cursor.rs`).
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -128,7 +130,8 @@ impl Writer {
             && !due
             && !self.closing
             && self.shared.full.borrow().is_none()
-            && batch.iter().all(deferrable);
+            && batch.iter().all(deferrable)
+            && !(batch.iter().any(|op| matches!(op, Op::Tick)) && self.ticks_commit());
         if !hold {
             return self.with_deferred(batch);
         }
@@ -146,6 +149,14 @@ impl Writer {
         }
         // Ticks still go to the writer: an age sweep may be due.
         ticks
+    }
+
+    /// Whether a batch of ticks alone commits (retirement, a checkpoint
+    /// or an age sweep is due): then held moves go with it.
+    fn ticks_commit(&self) -> bool {
+        self.must_retire(&self.state)
+            || self.checkpoint_due
+            || self.expired_below(&self.state).is_some()
     }
 
     /// `batch` with every held cursor move in front of it.
