@@ -11,7 +11,7 @@
 #   benches/uplink-figures.sh
 #   BEFORE_BIN=/path/to/release benches/uplink-figures.sh   # + "before" disk figures
 #   RMQ_ONE=3 benches/uplink-figures.sh   # only RabbitMQ: 1 publisher vs 4, 3 rounds, with its CPU
-#   DRAIN_CASES="1000:9 1000:0" TRICKLE=0 RMQ_VOLUME=0 benches/uplink-figures.sh  # drains only
+#   DRAIN_CASES="1000:9 1000:0" TRICKLE=0 BURST_UP=0 RMQ_VOLUME=0 benches/uplink-figures.sh  # drains only
 #
 # Phases:
 #
@@ -20,7 +20,10 @@
 #    through the default exchange; for RMQ_SECONDS at the start and just
 #    before and after every drain (the drain's ratio is to the mean of those
 #    two: the machine is shared, its load moves), and once for BACKLOG
-#    messages (the same volume as the drain).
+#    messages (the same volume as the drain). Each timed run is followed by
+#    one with `--shape GATEWAY_SHAPE` (gateway-lean: the properties, header
+#    table and mandatory flag the gateway publishes with), the rate RabbitMQ
+#    takes the gateway's own messages at.
 # 2. Per item W:P of DRAIN_CASES (W the gateway's upstream.max_in_flight, P
 #    the priority of the alarm route; P = 0 puts both routes in one lane, the
 #    drain as it was before priority lanes): the
@@ -43,7 +46,9 @@
 #    printed). Also the CPU the gateway and RabbitMQ's node used from the
 #    link coming up to the last confirm (% of one core).
 # 3. Disk: write_bytes of /proc/<gateway pid>/io around the fill above (the
-#    upstream down: every message stays in the log) and around a trickle of
+#    upstream down: every message stays in the log), around a burst of
+#    BURST_UP messages the same way into a fresh gateway whose upstream is
+#    up (read once it counts all of them forwarded), and around a trickle of
 #    TRICKLE messages at 1/s from one QoS 1 client into a fresh gateway whose
 #    upstream is up (each message is forwarded and retired). A reading is
 #    taken once write_bytes has not moved for 2 s. The gateways' logs go
@@ -66,9 +71,13 @@ FILL_INFLIGHT=${FILL_INFLIGHT:-100}
 ALARM_DELAY=${ALARM_DELAY:-3}
 POLL_MS=${POLL_MS:-20}
 TRICKLE=${TRICKLE:-61} # 0: no trickle
+BURST_UP=${BURST_UP:-400000} # 0: no burst with the upstream up
 BEFORE_BIN=${BEFORE_BIN:-}
 RMQ_ONE=${RMQ_ONE:-}
 RMQ_VOLUME=${RMQ_VOLUME:-1} # 0: skip RabbitMQ's BACKLOG-message run
+# amqp-load's shape of what the gateway publishes (properties, headers,
+# mandatory); each RabbitMQ run is repeated with it. "": plain runs only.
+GATEWAY_SHAPE=${GATEWAY_SHAPE-gateway-lean}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
@@ -82,7 +91,7 @@ if [[ -n $BEFORE_BIN && ! -x $BEFORE_BIN/edge-gateway ]]; then
     echo "no $BEFORE_BIN/edge-gateway" >&2
     exit 1
 fi
-for t in mosquitto_pub amqp-consume amqp-declare-queue rabbitmq-server rabbitmqctl python3; do
+for t in mosquitto_pub amqp-consume amqp-declare-queue rabbitmq-server rabbitmqctl python3 curl; do
     command -v "$t" >/dev/null || { echo "$t is needed" >&2; exit 1; }
 done
 ulimit -n 65536 2>/dev/null || true
@@ -309,6 +318,46 @@ fill() { # label: BACKLOG QoS 1 messages into the gateway; prints the result lin
     echo "case=fill gateway=$1 $line write_bytes=$((after - before)) bytes_per_msg=$(python3 -c "print(f'{($after - $before) / $n:.1f}')") loadavg=$(loadavg)"
 }
 
+# wait_forwarded N SECONDS: until the gateway counts N bulk messages forwarded.
+wait_forwarded() {
+    local deadline=$((SECONDS + $2)) n
+    while ((SECONDS < deadline)); do
+        n=$(curl -s "http://127.0.0.1:$GW_METRICS/metrics" |
+            awk '/^edge_messages_forwarded_total\{.*route="bulk"/ {n += $2} END {print n + 0}')
+        ((n >= $1)) && return 0
+        sleep 0.2
+    done
+    echo "only $n of $1 forwarded after $2 s" >&2
+    return 1
+}
+
+# wait_retired SECONDS: until the gateway's log is empty (every message
+# forwarded and its cursor move committed: that commit is lazy, up to a few
+# seconds late, and belongs in the reading).
+wait_retired() {
+    local deadline=$((SECONDS + $1)) n
+    while ((SECONDS < deadline)); do
+        n=$(curl -s "http://127.0.0.1:$GW_METRICS/metrics" |
+            awk '/^edge_store_live_messages / {print $2}')
+        [[ $n == 0 ]] && return 0
+        sleep 0.2
+    done
+    echo "still $n messages in the log after $1 s" >&2
+    return 1
+}
+
+burst_up() { # label: BURST_UP QoS 1 messages with the upstream up (each forwarded and retired)
+    local per=$((BURST_UP / FILL_PUBLISHERS))
+    local n=$((per * FILL_PUBLISHERS)) before after line
+    before=$(settled_write_bytes "$GW_PID")
+    line=$("$MQTT_LOAD" --port "$GW_MQTT" --publishers "$FILL_PUBLISHERS" --messages "$per" \
+        --payload "$PAYLOAD" --qos 1 --inflight "$FILL_INFLIGHT" --timeout 900)
+    wait_forwarded "$n" 600
+    wait_retired 60
+    after=$(settled_write_bytes "$GW_PID")
+    echo "case=burst-up gateway=$1 $line write_bytes=$((after - before)) bytes_per_msg=$(python3 -c "print(f'{($after - $before) / $n:.1f}')") loadavg=$(loadavg)"
+}
+
 trickle() { # label: TRICKLE messages at 1/s, upstream up
     local before after line idle0 idle1
     idle0=$(settled_write_bytes "$GW_PID")
@@ -317,6 +366,7 @@ trickle() { # label: TRICKLE messages at 1/s, upstream up
     before=$idle1
     line=$("$MQTT_LOAD" --port "$GW_MQTT" --publishers 1 --messages "$TRICKLE" --rate 1 \
         --payload "$PAYLOAD" --qos 1 --timeout $((TRICKLE + 60)))
+    wait_retired 60
     after=$(settled_write_bytes "$GW_PID")
     echo "case=trickle gateway=$1 upstream=up $line idle_write_bytes_10s=$((idle1 - idle0)) write_bytes=$((after - before)) bytes_per_msg=$(python3 -c "print(f'{($after - $before) / $TRICKLE:.1f}')") loadavg=$(loadavg)"
 }
@@ -328,20 +378,24 @@ COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
 echo "loadavg_start=$(loadavg) rabbitmq=$RMQ_VERSION commit=$COMMIT payload=$PAYLOAD backlog=$BACKLOG cores=$(nproc)"
 
 # 1. RabbitMQ's own rate.
-# rabbitmq_publish CASE WHEN PUBLISHERS: one timed run, with the CPU
-# RabbitMQ's node used over it (% of one core).
+# rabbitmq_publish CASE WHEN PUBLISHERS [SHAPE]: one timed run (amqp-load
+# --shape SHAPE, plain by default), with the CPU RabbitMQ's node used over
+# it (% of one core).
 rabbitmq_publish() {
     local line cpu0 t0 cpu t
     cpu0=$(cpu_ticks "$(cat "$RMQ_DIR/pid")") t0=$(now)
     line=$("$AMQP_LOAD" --uri "$RMQ_URI" --payload "$PAYLOAD" --queue uplink-rmq --timeout 600 \
-        publish --publishers "$3" --window "$WINDOW" --seconds "$RMQ_SECONDS")
+        publish --publishers "$3" --window "$WINDOW" --seconds "$RMQ_SECONDS" --shape "${4:-plain}")
     cpu=$(($(cpu_ticks "$(cat "$RMQ_DIR/pid")") - cpu0)) t=$(now)
     echo "case=$1 when=$2 $line rabbitmq_cpu_pct=$(python3 -c "print(f'{100 * $cpu / $(getconf CLK_TCK) / ($t - $t0):.0f}')") loadavg=$(loadavg)" |
         tee -a "$WORK/lines"
     rmqctl purge_queue uplink-rmq >/dev/null
 }
-rabbitmq_timed() { # when
+rabbitmq_timed() { # when: RabbitMQ's own rate, and with the gateway's messages
     rabbitmq_publish rabbitmq-timed "$1" "$PUBLISHERS"
+    if [[ -n $GATEWAY_SHAPE ]]; then
+        rabbitmq_publish rabbitmq-shaped "$1" "$PUBLISHERS" "$GATEWAY_SHAPE"
+    fi
 }
 rabbitmq_timed start
 if [[ -n $RMQ_ONE ]]; then
@@ -461,7 +515,15 @@ print(f"case=drain n={n} max_in_flight={w} alarm_priority={p} msgs_per_s={drain:
 PY
 done
 
-# 3. Disk per message, trickle (and the older gateway).
+# 3. Disk per message, a burst with the upstream up, a trickle (and the
+# older gateway).
+if ((BURST_UP > 0)); then
+    rmqctl purge_queue uplink-bulk >/dev/null
+    start_gateway "$GATEWAY" burst-up "$RMQ_PORT" 1000
+    burst_up "after" | tee -a "$WORK/lines"
+    stop_gateway
+    rmqctl purge_queue uplink-bulk >/dev/null
+fi
 if ((TRICKLE > 0)); then
     rmqctl purge_queue uplink-bulk >/dev/null
     start_gateway "$GATEWAY" trickle "$RMQ_PORT" 1000
@@ -492,7 +554,11 @@ print("== summary")
 print(f"rabbitmq publish+confirm, {timed[0]['publishers']} publishers x window {timed[0]['window']}, "
       f"{timed[0]['seconds']} s runs: " + ", ".join(f"{r['when']}={float(r['msgs_per_s']):.0f}" for r in timed)
       + (f" msgs/s; {backlog[0]:.0f} msgs/s for the backlog's volume" if backlog else " msgs/s"))
-adjacent = lambda n, w, p: [float(r["msgs_per_s"]) for r in timed if r["when"].endswith(f"drain-{n}-{w}-{p}")]
+shaped = [r for r in rows if r["case"] == "rabbitmq-shaped"]
+if shaped:
+    print(f"rabbitmq with the gateway's messages (--shape {shaped[0]['shape']}): "
+          + ", ".join(f"{r['when']}={float(r['msgs_per_s']):.0f}" for r in shaped) + " msgs/s")
+adjacent = lambda n, w, p, runs=timed: [float(r["msgs_per_s"]) for r in runs if r["when"].endswith(f"drain-{n}-{w}-{p}")]
 def num(x):
     try:
         return float(x)
@@ -504,6 +570,11 @@ for r in get("drain"):
     share = "?" if alarm is None else f"{alarm / (float(r['drain_seconds']) * 1000):.4f}"
     near = adjacent(r["n"], r["max_in_flight"], r["alarm_priority"])
     ref = statistics.mean(near)
+    same = adjacent(r["n"], r["max_in_flight"], r["alarm_priority"], shaped)
+    if same:
+        print(f"drain max_in_flight={r['max_in_flight']} alarm_priority={r['alarm_priority']}: "
+              f"{d / statistics.mean(same):.2f}x rabbitmq publishing the gateway's messages around it "
+              f"(mean of {', '.join(f'{x:.0f}' for x in same)})")
     print(f"drain max_in_flight={r['max_in_flight']} alarm_priority={r['alarm_priority']}: {d:.0f} msgs/s = "
           f"{d / ref:.2f}x rabbitmq's own rate around it (mean of {', '.join(f'{x:.0f}' for x in near)}), "
           + (f"{d / backlog[0]:.2f}x its backlog-volume run; " if backlog else "")
@@ -512,7 +583,7 @@ for r in get("drain"):
           f"{r['port_open_to_first_confirm_ms']} ms (link up -> first confirm {r['link_to_first_confirm_ms']} ms); "
           f"alarm publish -> in its queue {r['alarm_publish_to_arrival_ms']} ms "
           f"(= {share} of the drain time) with {r['backlog_waiting_at_alarm']} backlog messages still waiting")
-for case in ("fill", "trickle"):
+for case in ("fill", "burst-up", "trickle"):
     by = {}
     for r in get(case):
         by.setdefault(r["gateway"], []).append(float(r["bytes_per_msg"]))
