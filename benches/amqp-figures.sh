@@ -11,6 +11,8 @@
 # median over rounds. Prints key=value lines, then a summary.
 set -euo pipefail
 export PATH=$PATH:/usr/sbin
+source "$(dirname "$0")/lib.sh"
+WAIT_PORT_STEP=0.2
 
 ROUNDS=${ROUNDS:-3}
 SECONDS_PER_LOAD=${SECONDS_PER_LOAD:-5}
@@ -40,24 +42,10 @@ RMQ_ENV=()
 
 stop_servers() {
     if [[ -n $GW_PID ]]; then
-        kill -TERM "$GW_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$GW_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$GW_PID" 2>/dev/null || true
-        wait "$GW_PID" 2>/dev/null || true
+        stop_pid "$GW_PID" 100
         GW_PID=""
     fi
-    if [[ -n $RMQ_NODE ]]; then
-        local pid=""
-        [[ -f $RMQ_DIR/pid ]] && pid=$(cat "$RMQ_DIR/pid" 2>/dev/null || true)
-        env "${RMQ_ENV[@]}" timeout 60 rabbitmqctl -n "$RMQ_NODE" stop "$RMQ_DIR/pid" >/dev/null 2>&1 || true
-        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        RMQ_NODE=""
-    fi
+    stop_rabbitmq
 }
 cleanup() {
     stop_servers
@@ -65,22 +53,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-wait_port() { # port seconds
-    local deadline=$((SECONDS + $2))
-    while ((SECONDS < deadline)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    echo "nothing listens on 127.0.0.1:$1 after $2 s" >&2
-    return 1
-}
-loadavg() { cut -d' ' -f1-3 /proc/loadavg | tr ' ' ','; }
 
 start_gateway() {
     local dir=$WORK/gateway
@@ -112,42 +84,8 @@ EOF
     GW_URI="amqp://guest:guest@127.0.0.1:$amqp/%2f"
 }
 
-start_rabbitmq() {
-    mkdir -p "$RMQ_DIR/mnesia" "$RMQ_DIR/log" "$RMQ_DIR/home"
-    local amqp dist
-    amqp=$(free_port) dist=$(free_port)
-    echo '[].' >"$RMQ_DIR/enabled_plugins"
-    cat >"$RMQ_DIR/rabbitmq.conf" <<EOF
-listeners.tcp.1 = 127.0.0.1:$amqp
-EOF
-    if [[ $(id -u) -eq 0 ]]; then
-        chown -R rabbitmq:rabbitmq "$RMQ_DIR"
-    fi
-    RMQ_NODE="amqpfig-$$@localhost"
-    RMQ_ENV=(
-        RABBITMQ_NODENAME="$RMQ_NODE"
-        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
-        RABBITMQ_NODE_PORT="$amqp"
-        RABBITMQ_DIST_PORT="$dist"
-        RABBITMQ_MNESIA_BASE="$RMQ_DIR/mnesia"
-        RABBITMQ_LOG_BASE="$RMQ_DIR/log"
-        RABBITMQ_PID_FILE="$RMQ_DIR/pid"
-        RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins"
-        RABBITMQ_CONFIG_FILE="$RMQ_DIR/rabbitmq.conf"
-        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-        ERL_EPMD_ADDRESS=127.0.0.1
-        HOME="$RMQ_DIR/home"
-    )
-    env "${RMQ_ENV[@]}" rabbitmq-server -detached >"$WORK/rabbitmq-start.log" 2>&1
-    env "${RMQ_ENV[@]}" timeout 90 rabbitmqctl -n "$RMQ_NODE" wait "$RMQ_DIR/pid" --timeout 60 >/dev/null
-    wait_port "$amqp" 30
-    RMQ_URI="amqp://guest:guest@127.0.0.1:$amqp/%2f"
-    RMQ_PID=$(cat "$RMQ_DIR/pid")
-    RMQ_VERSION=$(env "${RMQ_ENV[@]}" timeout 30 rabbitmqctl -n "$RMQ_NODE" -q version 2>/dev/null || echo "?")
-}
-
 start_gateway
-start_rabbitmq
+start_rabbitmq amqpfig
 echo "loadavg_start=$(loadavg) rabbitmq=$RMQ_VERSION payload=$PAYLOAD rounds=$ROUNDS seconds=$SECONDS_PER_LOAD"
 
 run() { # kind args... -> prints the result line with kind, round, loadavg

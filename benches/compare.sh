@@ -40,6 +40,8 @@
 #   snapshot, not a per-message fsync. Nobody subscribes there, so messages
 #   are dropped after routing.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+WAIT_PORT_STEP=0.2
 
 ROUNDS=${ROUNDS:-1}
 PROTO=${PROTO:-v4}
@@ -107,24 +109,10 @@ RMQ_ENV=()
 
 stop_server() {
     if [[ -n $SERVER_PID ]]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$SERVER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
+        stop_pid "$SERVER_PID" 100
         SERVER_PID=""
     fi
-    if [[ -n $RMQ_NODE ]]; then
-        local pid=""
-        [[ -f $RMQ_DIR/pid ]] && pid=$(cat "$RMQ_DIR/pid" 2>/dev/null || true)
-        env "${RMQ_ENV[@]}" timeout 60 rabbitmqctl -n "$RMQ_NODE" stop "$RMQ_DIR/pid" >/dev/null 2>&1 || true
-        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        RMQ_NODE=""
-    fi
+    stop_rabbitmq
 }
 
 cleanup() {
@@ -137,22 +125,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_port() { # port seconds
-    local deadline=$((SECONDS + $2))
-    while ((SECONDS < deadline)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    echo "nothing listens on 127.0.0.1:$1 after $2 s" >&2
-    return 1
-}
 
 start_gateway() {
     local dir=$WORK/gateway
@@ -204,6 +176,8 @@ EOF
     wait_port "$PORT" 30
 }
 
+# Its own RabbitMQ, not lib.sh's: the MQTT plugin and listener and the
+# durable sink; stop_rabbitmq (lib.sh) stops it.
 RMQ_DIR=""
 start_rabbitmq() {
     RMQ_DIR=$WORK/rabbitmq
@@ -266,7 +240,7 @@ after_load_rabbitmq() {
 # CPU time (user + system, clock ticks) the server process has used so far;
 # empty for RabbitMQ (detached, several processes).
 CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() {
+server_cpu_ticks() {
     if [[ -n $SERVER_PID && -r /proc/$SERVER_PID/stat ]]; then
         awk '{ print $14 + $15 }' "/proc/$SERVER_PID/stat"
     fi
@@ -282,7 +256,7 @@ run_loads() { # target round
         if [[ $PROTO == v4 ]]; then
             extra=(--subscribers "${subs:-0}" --rate "${rate:-0}")
         fi
-        cpu0=$(cpu_ticks)
+        cpu0=$(server_cpu_ticks)
         # In the background, so a signal runs the EXIT trap at once.
         "$LOAD" --port "$PORT" --publishers "$pubs" --messages "$msgs" --payload "$PAYLOAD" \
             --qos "$qos" --timeout "$TIMEOUT" --label "$target" --inflight "$INFLIGHT" \
@@ -291,7 +265,7 @@ run_loads() { # target round
         if wait "$LOAD_PID"; then
             LOAD_PID=""
             line=$(cat "$WORK/line")
-            cpu1=$(cpu_ticks)
+            cpu1=$(server_cpu_ticks)
             if [[ -n $cpu0 && -n $cpu1 ]]; then
                 line="$line server_cpu_ms=$(((cpu1 - cpu0) * 1000 / CLK_TCK))"
             fi

@@ -18,6 +18,7 @@
 # each run's ratio to `plain` with the same publishers in the same round.
 set -euo pipefail
 export PATH=$PATH:/usr/sbin
+source "$(dirname "$0")/lib.sh"
 
 PAYLOAD=${PAYLOAD:-100}
 WINDOW=${WINDOW:-1000}
@@ -41,75 +42,12 @@ RMQ_NODE=""
 RMQ_DIR=$WORK/rabbitmq
 RMQ_ENV=()
 
-stop_rabbitmq() {
-    if [[ -n $RMQ_NODE ]]; then
-        local pid=""
-        [[ -f $RMQ_DIR/pid ]] && pid=$(cat "$RMQ_DIR/pid" 2>/dev/null || true)
-        env "${RMQ_ENV[@]}" timeout 60 rabbitmqctl -n "$RMQ_NODE" stop "$RMQ_DIR/pid" >/dev/null 2>&1 || true
-        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        RMQ_NODE=""
-    fi
-}
 cleanup() {
     stop_rabbitmq
     [[ -n ${KEEP_WORK:-} ]] && echo "kept $WORK" >&2 || rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-wait_port() { # port seconds
-    local deadline=$((SECONDS + $2))
-    while ((SECONDS < deadline)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "nothing listens on 127.0.0.1:$1 after $2 s" >&2
-    return 1
-}
-loadavg() { cut -d' ' -f1-3 /proc/loadavg | tr ' ' ','; }
-now() { date +%s.%N; }
-rmqctl() { env "${RMQ_ENV[@]}" timeout 120 rabbitmqctl -n "$RMQ_NODE" "$@"; }
-# CPU time of a process, all threads, in clock ticks (utime + stime).
-cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
-
-# As benches/uplink-figures.sh's start_rabbitmq.
-start_rabbitmq() {
-    mkdir -p "$RMQ_DIR/mnesia" "$RMQ_DIR/log" "$RMQ_DIR/home"
-    local dist
-    RMQ_PORT=$(free_port) dist=$(free_port)
-    echo '[].' >"$RMQ_DIR/enabled_plugins"
-    echo "listeners.tcp.1 = 127.0.0.1:$RMQ_PORT" >"$RMQ_DIR/rabbitmq.conf"
-    if [[ $(id -u) -eq 0 ]]; then
-        chown -R rabbitmq:rabbitmq "$RMQ_DIR"
-    fi
-    RMQ_NODE="shapes-$$@localhost"
-    RMQ_ENV=(
-        RABBITMQ_NODENAME="$RMQ_NODE"
-        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
-        RABBITMQ_NODE_PORT="$RMQ_PORT"
-        RABBITMQ_DIST_PORT="$dist"
-        RABBITMQ_MNESIA_BASE="$RMQ_DIR/mnesia"
-        RABBITMQ_LOG_BASE="$RMQ_DIR/log"
-        RABBITMQ_PID_FILE="$RMQ_DIR/pid"
-        RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins"
-        RABBITMQ_CONFIG_FILE="$RMQ_DIR/rabbitmq.conf"
-        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-        ERL_EPMD_ADDRESS=127.0.0.1
-        HOME="$RMQ_DIR/home"
-    )
-    env "${RMQ_ENV[@]}" rabbitmq-server -detached >"$WORK/rabbitmq-start.log" 2>&1
-    rmqctl wait "$RMQ_DIR/pid" --timeout 60 >/dev/null
-    wait_port "$RMQ_PORT" 30
-    RMQ_URI="amqp://guest:guest@127.0.0.1:$RMQ_PORT/%2f"
-    RMQ_VERSION=$(rmqctl -q version 2>/dev/null || echo "?")
-}
 
 # run ROUND SHAPE PUBLISHERS: one timed run with RabbitMQ's CPU over it.
 run() {
@@ -126,7 +64,7 @@ run() {
     rmqctl purge_queue shapes >/dev/null
 }
 
-start_rabbitmq
+start_rabbitmq shapes
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
 echo "loadavg_start=$(loadavg) rabbitmq=$RMQ_VERSION commit=$COMMIT payload=$PAYLOAD window=$WINDOW seconds=$RMQ_SECONDS cores=$(nproc)"
 # rotated LIST N: the words of LIST, starting at the Nth (from 0, wrapping).

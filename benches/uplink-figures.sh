@@ -59,6 +59,7 @@
 # Prints key=value lines, then a summary.
 set -euo pipefail
 export PATH=$PATH:/usr/sbin
+source "$(dirname "$0")/lib.sh"
 
 PAYLOAD=${PAYLOAD:-100}
 BACKLOG=${BACKLOG:-1000000}
@@ -106,13 +107,7 @@ RMQ_ENV=()
 
 stop_gateway() {
     if [[ -n $GW_PID ]]; then
-        kill -TERM "$GW_PID" 2>/dev/null || true
-        for _ in $(seq 1 200); do
-            kill -0 "$GW_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$GW_PID" 2>/dev/null || true
-        wait "$GW_PID" 2>/dev/null || true
+        stop_pid "$GW_PID" 200
         GW_PID=""
     fi
 }
@@ -122,15 +117,7 @@ stop_all() {
     done
     BG_PIDS=()
     stop_gateway
-    if [[ -n $RMQ_NODE ]]; then
-        local pid=""
-        [[ -f $RMQ_DIR/pid ]] && pid=$(cat "$RMQ_DIR/pid" 2>/dev/null || true)
-        env "${RMQ_ENV[@]}" timeout 60 rabbitmqctl -n "$RMQ_NODE" stop "$RMQ_DIR/pid" >/dev/null 2>&1 || true
-        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        RMQ_NODE=""
-    fi
+    stop_rabbitmq
 }
 cleanup() {
     stop_all
@@ -139,26 +126,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-wait_port() { # port seconds
-    local deadline=$((SECONDS + $2))
-    while ((SECONDS < deadline)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "nothing listens on 127.0.0.1:$1 after $2 s" >&2
-    return 1
-}
-loadavg() { cut -d' ' -f1-3 /proc/loadavg | tr ' ' ','; }
-now() { date +%s.%N; }
-rmqctl() { env "${RMQ_ENV[@]}" timeout 120 rabbitmqctl -n "$RMQ_NODE" "$@"; }
 write_bytes() { awk '/^write_bytes:/ {print $2}' "/proc/$1/io"; }
-# CPU time of a process, all threads, in clock ticks (utime + stime).
-cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
 # write_bytes of pid once it has not moved for 2 s (at most 60 s).
 settled_write_bytes() {
@@ -176,37 +144,6 @@ settled_write_bytes() {
         fi
     done
     echo "$last"
-}
-
-start_rabbitmq() {
-    mkdir -p "$RMQ_DIR/mnesia" "$RMQ_DIR/log" "$RMQ_DIR/home"
-    local dist
-    RMQ_PORT=$(free_port) dist=$(free_port)
-    echo '[].' >"$RMQ_DIR/enabled_plugins"
-    echo "listeners.tcp.1 = 127.0.0.1:$RMQ_PORT" >"$RMQ_DIR/rabbitmq.conf"
-    if [[ $(id -u) -eq 0 ]]; then
-        chown -R rabbitmq:rabbitmq "$RMQ_DIR"
-    fi
-    RMQ_NODE="uplinkfig-$$@localhost"
-    RMQ_ENV=(
-        RABBITMQ_NODENAME="$RMQ_NODE"
-        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
-        RABBITMQ_NODE_PORT="$RMQ_PORT"
-        RABBITMQ_DIST_PORT="$dist"
-        RABBITMQ_MNESIA_BASE="$RMQ_DIR/mnesia"
-        RABBITMQ_LOG_BASE="$RMQ_DIR/log"
-        RABBITMQ_PID_FILE="$RMQ_DIR/pid"
-        RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins"
-        RABBITMQ_CONFIG_FILE="$RMQ_DIR/rabbitmq.conf"
-        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-        ERL_EPMD_ADDRESS=127.0.0.1
-        HOME="$RMQ_DIR/home"
-    )
-    env "${RMQ_ENV[@]}" rabbitmq-server -detached >"$WORK/rabbitmq-start.log" 2>&1
-    rmqctl wait "$RMQ_DIR/pid" --timeout 60 >/dev/null
-    wait_port "$RMQ_PORT" 30
-    RMQ_URI="amqp://guest:guest@127.0.0.1:$RMQ_PORT/%2f"
-    RMQ_VERSION=$(rmqctl -q version 2>/dev/null || echo "?")
 }
 
 # start_gateway BIN NAME UPSTREAM_PORT MAX_IN_FLIGHT [ALARM_PRIORITY]: a
@@ -371,7 +308,7 @@ trickle() { # label: TRICKLE messages at 1/s, upstream up
     echo "case=trickle gateway=$1 upstream=up $line idle_write_bytes_10s=$((idle1 - idle0)) write_bytes=$((after - before)) bytes_per_msg=$(python3 -c "print(f'{($after - $before) / $TRICKLE:.1f}')") loadavg=$(loadavg)"
 }
 
-start_rabbitmq
+start_rabbitmq uplinkfig
 amqp-declare-queue -u "$RMQ_URI" -d -q uplink-bulk >/dev/null
 amqp-declare-queue -u "$RMQ_URI" -d -q uplink-alarm >/dev/null
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
