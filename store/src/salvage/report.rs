@@ -22,7 +22,7 @@ pub struct TableSalvage {
 /// The outcome of a salvage.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Salvage {
-    /// One per table of [`TABLES`], in that order.
+    /// One per table of the salvage order (`salvage::TABLES`), in that order.
     pub tables: Vec<TableSalvage>,
     /// Journal frames applied to what was salvaged.
     pub journal_frames: usize,
