@@ -223,10 +223,15 @@ impl RabbitNode {
         let started = Instant::now();
         if let Err(first) = self.boot() {
             eprintln!(
-                "rabbit: node {} did not come up ({first:#}); startup output: {}; trying again",
+                "rabbit: node {} did not come up ({first:#}); startup output: {}; its log ends: {}; trying again",
                 self.name,
-                std::fs::read_to_string(self.base.join("startup.out")).unwrap_or_default()
+                std::fs::read_to_string(self.base.join("startup.out")).unwrap_or_default(),
+                self.log_tail(30)
             );
+            // The failed attempt's beam may still run (its application
+            // stopped, the node up): it would hold the name and the ports
+            // the second attempt needs.
+            self.kill_failed_boot();
             self.boot()?;
         }
         self.running = true;
@@ -329,6 +334,44 @@ impl RabbitNode {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.wait_port_closed(Duration::from_secs(30))
+    }
+
+    /// Kills the beam process of a boot that did not come up, if any,
+    /// and waits (at most 30 s) for it to go.
+    fn kill_failed_boot(&self) {
+        let Ok(pid) = self.os_pid() else { return };
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Path::new(&format!("/proc/{pid}")).exists()
+            && !is_zombie(pid)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.wait_port_closed(Duration::from_secs(10));
+    }
+
+    /// The last `lines` lines of the node's log files (for a failed boot).
+    fn log_tail(&self, lines: usize) -> String {
+        let Ok(dir) = std::fs::read_dir(self.base.join("log")) else {
+            return String::new();
+        };
+        let mut tail = String::new();
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log")
+                && let Ok(text) = std::fs::read_to_string(&path)
+            {
+                let all: Vec<&str> = text.lines().collect();
+                let from = all.len().saturating_sub(lines);
+                tail.push_str(&format!(
+                    "\n[{}]\n{}",
+                    path.display(),
+                    all[from..].join("\n")
+                ));
+            }
+        }
+        tail
     }
 
     /// The beam process id, from the node's pid file.
