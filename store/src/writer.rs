@@ -25,8 +25,10 @@ use crate::journal::Journal;
 use crate::tables::{Loaded, Stats};
 use crate::{AppendError, FullReason, Retain, Seq, Shared, StoreError, StoreStats, space};
 
-/// Most log records deleted in one transaction, so one commit stays short;
-/// the rest is retired by the following transactions.
+/// Most log records one retirement pass deletes (a transaction makes at
+/// most two: one before its first append behind cursor moves, one at its
+/// end), so one commit stays short; the rest is retired by the following
+/// transactions.
 pub(crate) const RETIRE_PER_TXN: usize = 10_000;
 /// Longest wait for stragglers when a batch came out much smaller than the
 /// one before (see [`Writer::linger`]).
@@ -401,6 +403,8 @@ impl Writer {
             self.drain(&mut batch, &mut bytes);
             self.linger(&mut batch, &mut bytes);
             self.last_batch = batch.len();
+            // The clock `defer` weighs an age sweep by.
+            self.now = (self.shared.clock)();
             let batch = self.defer(batch);
             if batch.is_empty() {
                 continue;

@@ -337,17 +337,13 @@ impl RabbitNode {
     }
 
     /// Kills the beam process of a boot that did not come up, if any,
-    /// and waits (at most 30 s) for it to go.
+    /// and waits (at most 10 s) for its port to close. Found by its node
+    /// name (unique per test process), not by the pid file: the boot may
+    /// not have written one, or may have died and left a pid since reused.
     fn kill_failed_boot(&self) {
-        let Ok(pid) = self.os_pid() else { return };
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Path::new(&format!("/proc/{pid}")).exists()
-            && !is_zombie(pid)
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let _ = Command::new("pkill")
+            .args(["-9", "-f", "--", &self.name])
+            .status();
         let _ = self.wait_port_closed(Duration::from_secs(10));
     }
 

@@ -53,16 +53,19 @@ impl Writer {
             let mut t = Tables::open(&txn, c)?;
             let mut refused = false;
             let mut moved = false;
+            let mut retired_early = false;
             for op in ops.by_ref() {
-                let moves = matches!(op, Op::AdvanceCursor { .. });
-                if moved && !moves {
-                    // The room the cursor moves ahead of this op make (held
-                    // ones lead the batch) counts for it and the appends
-                    // after it: retire first, or an append would be refused
+                if moved && !retired_early && matches!(op, Op::Append(_)) {
+                    // The room the cursor moves ahead of this append make
+                    // (held ones lead the batch) counts for it and the
+                    // appends after it: retire first, or it would be refused
                     // (or, with drop-oldest, drop what was just confirmed).
+                    // Once per batch: a transaction retires at most two
+                    // passes of RETIRE_PER_TXN.
                     self.retire(&mut t, next)?;
+                    retired_early = true;
                 }
-                moved = moves;
+                moved |= matches!(op, Op::AdvanceCursor { .. });
                 self.apply_op(&mut t, op, next, pending, close, appended, &mut refused)?;
             }
             let aged_more = self.age_out(&mut t, next)?;
