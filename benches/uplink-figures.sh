@@ -255,33 +255,33 @@ fill() { # label: BACKLOG QoS 1 messages into the gateway; prints the result lin
     echo "case=fill gateway=$1 $line write_bytes=$((after - before)) bytes_per_msg=$(python3 -c "print(f'{($after - $before) / $n:.1f}')") loadavg=$(loadavg)"
 }
 
-# wait_forwarded N SECONDS: until the gateway counts N bulk messages forwarded.
-wait_forwarded() {
-    local deadline=$((SECONDS + $2)) n
+# gateway_metric REGEX: the sum of the gateway's /metrics samples whose
+# line (name and labels) matches REGEX (0 when none does).
+gateway_metric() {
+    curl -s "http://127.0.0.1:$GW_METRICS/metrics" |
+        awk -v re="$1" '$0 ~ re {n += $NF} END {print n + 0}'
+}
+
+# wait_metric REGEX OP VALUE SECONDS: until gateway_metric REGEX OP VALUE
+# holds (OP an arithmetic comparison, e.g. ">=", "=="); says what it saw.
+wait_metric() {
+    local deadline=$((SECONDS + $4)) n
     while ((SECONDS < deadline)); do
-        n=$(curl -s "http://127.0.0.1:$GW_METRICS/metrics" |
-            awk '/^edge_messages_forwarded_total\{.*route="bulk"/ {n += $2} END {print n + 0}')
-        ((n >= $1)) && return 0
+        n=$(gateway_metric "$1")
+        (("$n" $2 $3)) && return 0
         sleep 0.2
     done
-    echo "only $n of $1 forwarded after $2 s" >&2
+    echo "$1 is $n after $4 s, not $2 $3" >&2
     return 1
 }
+
+# wait_forwarded N SECONDS: until the gateway counts N bulk messages forwarded.
+wait_forwarded() { wait_metric '^edge_messages_forwarded_total\{.*route="bulk"' ">=" "$1" "$2"; }
 
 # wait_retired SECONDS: until the gateway's log is empty (every message
 # forwarded and its cursor move committed: that commit is lazy, up to a few
 # seconds late, and belongs in the reading).
-wait_retired() {
-    local deadline=$((SECONDS + $1)) n
-    while ((SECONDS < deadline)); do
-        n=$(curl -s "http://127.0.0.1:$GW_METRICS/metrics" |
-            awk '/^edge_store_live_messages / {print $2}')
-        [[ $n == 0 ]] && return 0
-        sleep 0.2
-    done
-    echo "still $n messages in the log after $1 s" >&2
-    return 1
-}
+wait_retired() { wait_metric '^edge_store_live_messages ' "==" 0 "$1"; }
 
 burst_up() { # label: BURST_UP QoS 1 messages with the upstream up (each forwarded and retired)
     local per=$((BURST_UP / FILL_PUBLISHERS))
@@ -406,8 +406,7 @@ for item in $DRAIN_CASES; do
     # Should be 0: the one alarm was taken by the consumer (a stale or
     # duplicate one would be here, and would have been taken instead).
     alarm_depth=$(rmqctl -q list_queues name messages | awk '$1 == "uplink-alarm" {print $2}')
-    alarm_forwarded=$(curl -s "http://127.0.0.1:$GW_METRICS/metrics" |
-        awk '/^edge_messages_forwarded_total\{.*route="alarm"/ {n += $2} END {print n + 0}')
+    alarm_forwarded=$(gateway_metric '^edge_messages_forwarded_total\{.*route="alarm"')
     stop_gateway
     BG_PIDS=()
     rmqctl purge_queue uplink-bulk >/dev/null
