@@ -48,13 +48,16 @@
 # 3. Disk: write_bytes of /proc/<gateway pid>/io around the fill above (the
 #    upstream down: every message stays in the log), around a burst of
 #    BURST_UP messages the same way into a fresh gateway whose upstream is
-#    up (read once it counts all of them forwarded), and around a trickle of
+#    up (read once it counts all of them forwarded and the log is empty:
+#    a burst faster than the uplink, most of it a backlog), around the same
+#    messages in BURST_ROUNDS short bursts (each forwarded and retired
+#    before the next: spikes the uplink absorbs), and around a trickle of
 #    TRICKLE messages at 1/s from one QoS 1 client into a fresh gateway whose
 #    upstream is up (each message is forwarded and retired). A reading is
 #    taken once write_bytes has not moved for 2 s. The gateways' logs go
 #    through a pipe to `cat`, so their lines are not counted as theirs.
 #    With BEFORE_BIN (a release dir holding an older edge-gateway) the same
-#    fill and trickle run on that binary too.
+#    fill, bursts and trickle run on that binary too.
 #
 # Prints key=value lines, then a summary.
 set -euo pipefail
@@ -73,6 +76,7 @@ ALARM_DELAY=${ALARM_DELAY:-3}
 POLL_MS=${POLL_MS:-20}
 TRICKLE=${TRICKLE:-61} # 0: no trickle
 BURST_UP=${BURST_UP:-400000} # 0: no burst with the upstream up
+BURST_ROUNDS=${BURST_ROUNDS:-40} # the same messages again as this many short bursts (0, 1: not)
 BEFORE_BIN=${BEFORE_BIN:-}
 RMQ_ONE=${RMQ_ONE:-}
 RMQ_VOLUME=${RMQ_VOLUME:-1} # 0: skip RabbitMQ's BACKLOG-message run
@@ -283,16 +287,21 @@ wait_forwarded() { wait_metric '^edge_messages_forwarded_total\{.*route="bulk"' 
 # seconds late, and belongs in the reading).
 wait_retired() { wait_metric '^edge_store_live_messages ' "==" 0 "$1"; }
 
-burst_up() { # label: BURST_UP QoS 1 messages with the upstream up (each forwarded and retired)
-    local per=$((BURST_UP / FILL_PUBLISHERS))
-    local n=$((per * FILL_PUBLISHERS)) before after line
+burst_up() { # label ROUNDS: BURST_UP QoS 1 messages with the upstream up, in ROUNDS bursts
+    # (each round forwarded and retired before the next)
+    local rounds=$2 per=$((BURST_UP / FILL_PUBLISHERS / $2))
+    local n=$((per * FILL_PUBLISHERS * $2)) before after line case=burst-up
+    ((rounds > 1)) && case=bursts-up
     before=$(settled_write_bytes "$GW_PID")
-    line=$("$MQTT_LOAD" --port "$GW_MQTT" --publishers "$FILL_PUBLISHERS" --messages "$per" \
-        --payload "$PAYLOAD" --qos 1 --inflight "$FILL_INFLIGHT" --timeout 900)
-    wait_forwarded "$n" 600
-    wait_retired 60
+    for r in $(seq 1 "$rounds"); do
+        line=$("$MQTT_LOAD" --port "$GW_MQTT" --publishers "$FILL_PUBLISHERS" --messages "$per" \
+            --payload "$PAYLOAD" --qos 1 --inflight "$FILL_INFLIGHT" --timeout 900)
+        wait_forwarded $((per * FILL_PUBLISHERS * r)) 600
+        wait_retired 60
+    done
     after=$(settled_write_bytes "$GW_PID")
-    echo "case=burst-up gateway=$1 $line write_bytes=$((after - before)) bytes_per_msg=$(python3 -c "print(f'{($after - $before) / $n:.1f}')") loadavg=$(loadavg)"
+    # $line is the last round's mqtt-load result; the bytes are all rounds'.
+    echo "case=$case gateway=$1 rounds=$rounds total_messages=$n last_round: $line write_bytes=$((after - before)) bytes_per_msg=$(python3 -c "print(f'{($after - $before) / $n:.1f}')") loadavg=$(loadavg)"
 }
 
 trickle() { # label: TRICKLE messages at 1/s, upstream up
@@ -454,11 +463,23 @@ done
 # 3. Disk per message, a burst with the upstream up, a trickle (and the
 # older gateway).
 if ((BURST_UP > 0)); then
-    rmqctl purge_queue uplink-bulk >/dev/null
-    start_gateway "$GATEWAY" burst-up "$RMQ_PORT" 1000
-    burst_up "after" | tee -a "$WORK/lines"
-    stop_gateway
-    rmqctl purge_queue uplink-bulk >/dev/null
+    cases=1
+    ((BURST_ROUNDS > 1 && BURST_UP / FILL_PUBLISHERS / BURST_ROUNDS > 0)) && cases="1 $BURST_ROUNDS"
+    for rounds in $cases; do
+        rmqctl purge_queue uplink-bulk >/dev/null
+        start_gateway "$GATEWAY" burst-up "$RMQ_PORT" 1000
+        burst_up "after" "$rounds" | tee -a "$WORK/lines"
+        stop_gateway
+        rmqctl purge_queue uplink-bulk >/dev/null
+    done
+    if [[ -n $BEFORE_BIN ]]; then
+        for rounds in $cases; do
+            start_gateway "$BEFORE_BIN/edge-gateway" before-burst-up "$RMQ_PORT" 1000
+            burst_up "before" "$rounds" | tee -a "$WORK/lines"
+            stop_gateway
+            rmqctl purge_queue uplink-bulk >/dev/null
+        done
+    fi
 fi
 if ((TRICKLE > 0)); then
     rmqctl purge_queue uplink-bulk >/dev/null
@@ -519,7 +540,7 @@ for r in get("drain"):
           f"{r['port_open_to_first_confirm_ms']} ms (link up -> first confirm {r['link_to_first_confirm_ms']} ms); "
           f"alarm publish -> in its queue {r['alarm_publish_to_arrival_ms']} ms "
           f"(= {share} of the drain time) with {r['backlog_waiting_at_alarm']} backlog messages still waiting")
-for case in ("fill", "burst-up", "trickle"):
+for case in ("fill", "burst-up", "bursts-up", "trickle"):
     by = {}
     for r in get(case):
         by.setdefault(r["gateway"], []).append(float(r["bytes_per_msg"]))

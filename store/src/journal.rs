@@ -16,17 +16,20 @@
 //! The file is written full of zeros once, when it is created, and then
 //! only overwritten in place from its start, epoch after epoch: a sync
 //! then writes the data pages and no file metadata (size, extents). Every
-//! write is of whole [`BLOCK`]s (the block holding the end of the last
-//! frame is written again with the next one), and on Linux the file is
-//! opened with `O_DIRECT` ([`DirectFile`]): through the page cache, a
-//! kernel with large folios (ext4 on 6.x) writes back the whole folio a
-//! small write dirtied — up to 2 MiB for 300 bytes — where the journal
-//! means to write one 4 KiB block.
+//! frame starts at a [`BLOCK`] boundary and is written as whole blocks,
+//! padded with zeros, so that no write ever touches a block holding an
+//! acknowledged frame: a write torn by a power cut can lose only the
+//! batch it was writing. On Linux the file is opened with `O_DIRECT`
+//! ([`DirectFile`]): through the page cache, a kernel with large folios
+//! (ext4 on 6.x) writes back the whole folio a small write dirtied — up to
+//! 2 MiB for 300 bytes — where the journal means to write one 4 KiB block.
 //!
 //! # Frame
 //!
 //! `magic u32 | journal id u64 | epoch u64 | index u64 | len u32 | crc u32 | changes[len]`,
-//! little-endian; `index` counts the frames of the epoch from 0 and `crc`
+//! little-endian, then zeros up to the next block boundary, where the next
+//! frame starts (frames of the first format, [`MAGIC_V1`], follow each
+//! other unpadded); `index` counts the frames of the epoch from 0 and `crc`
 //! (CRC-32C) covers the fields before it and the changes. The journal id
 //! is drawn when the database first gets a journal and kept in its `meta`,
 //! so frames left in the file by another database (one moved aside as
@@ -34,11 +37,30 @@
 //!
 //! # Changes
 //!
-//! `table u8 | kind u8 (1 insert, 2 remove) | key_len u32 | key | [value_len u32 | value]`:
-//! redb's own encoding of keys and values. Every change is a blind write
-//! (a key gets a value, or no value), so replaying frames `0..m` of an
-//! epoch onto the database as of any of its commits in that epoch gives
-//! the state after frame `m - 1`, whichever of them redb had made durable.
+//! `table u8 | kind u8 | ...`, in redb's own encoding of keys and values,
+//! lengths as LEB128 varints:
+//!
+//! - 1, insert: `key_len | key | value_len | value`;
+//! - 2, remove: `key_len | key`;
+//! - 3, insert next: `value_len | value`, under the key after the previous
+//!   change's (an insert into the same table of an 8-byte key, read as a
+//!   little-endian `u64`, plus one): the log's appends in a batch;
+//! - 4, remove run: `count u32` (little-endian, fixed so that the writer
+//!   extends it in place), the `count` keys after the previous change's
+//!   (a remove in the same table of an 8-byte key): a retirement's
+//!   deletes.
+//!
+//! Kinds 3 and 4 only abbreviate kinds 1 and 2: a key is never inferred
+//! from a table's contents. Every change is a blind write (a key gets a
+//! value, or no value), so replaying frames `0..m` of an epoch onto the
+//! database as of any of its commits in that epoch gives the state after
+//! frame `m - 1`, whichever of them redb had made durable.
+//!
+//! Frames of the first format (magic [`MAGIC_V1`]: kinds 1 and 2 only,
+//! lengths as `u32`, unpadded) are still replayed, so that a journal left
+//! by an older gateway is not lost to an upgrade; new frames are always of
+//! the second. (An older gateway stops its replay at a frame of the
+//! second format: downgrade only after a clean stop.)
 
 use std::cell::RefCell;
 use std::io;
@@ -55,17 +77,22 @@ use crate::tables::{
 
 /// Bytes of the journal file. A batch whose frame does not fit in what is
 /// left of the epoch is a checkpoint instead of a frame.
-pub(crate) const CAPACITY: u64 = 1 << 20;
+pub(crate) const CAPACITY: u64 = 4 << 20;
 /// Unit of the journal's writes (offsets and lengths), and their memory
 /// alignment for `O_DIRECT`.
 pub(crate) const BLOCK: usize = 4096;
 /// Name of the journal file inside the data directory.
 pub const JOURNAL_FILE: &str = "edge.journal";
 
-const MAGIC: u32 = 0x4a47_4445;
+/// Magic of a frame whose changes are in the first format (fixed `u32`
+/// lengths, no runs): replayed, never written.
+const MAGIC_V1: u32 = 0x4a47_4445;
+const MAGIC: u32 = 0x4a47_4446;
 const HEADER: usize = 4 + 8 + 8 + 8 + 4 + 4;
 const INSERT: u8 = 1;
 const REMOVE: u8 = 2;
+const INSERT_NEXT: u8 = 3;
+const REMOVE_RUN: u8 = 4;
 
 /// The journal of an open store, owned by the writer.
 pub(crate) struct Journal {
@@ -73,11 +100,8 @@ pub(crate) struct Journal {
     capacity: u64,
     id: u64,
     epoch: u64,
-    /// Where the next frame goes.
+    /// Where the next frame goes: a block boundary.
     offset: u64,
-    /// The bytes of the block holding `offset`, before it: written again,
-    /// with the next frame after them.
-    tail: Vec<u8>,
     /// Index of the next frame in this epoch.
     index: u64,
 }
@@ -94,20 +118,38 @@ impl std::fmt::Debug for Journal {
 
 impl Journal {
     /// A journal on `io`, `capacity` bytes long: zero-filled (and synced)
-    /// up to that length if it is shorter. Its epoch is set by [`recover`].
+    /// up to that length if it is shorter. A file that already holds a
+    /// journal (a smaller one, an older gateway's) and has no room to grow
+    /// keeps its length: its frames must still be replayed, and it works
+    /// on at that size. Its epoch is set by [`recover`].
     pub(crate) fn new(io: Box<dyn StorageBackend>, capacity: u64) -> io::Result<Journal> {
-        let capacity = capacity.div_ceil(BLOCK as u64).max(1) * BLOCK as u64;
+        let mut capacity = capacity.div_ceil(BLOCK as u64).max(1) * BLOCK as u64;
         let len = io.len()?;
         if len < capacity {
-            let zeros = vec![0u8; 64 << 10];
             // Whole blocks from the start of the one the file ends in.
-            let mut at = len / BLOCK as u64 * BLOCK as u64;
-            while at < capacity {
-                let n = (capacity - at).min(zeros.len() as u64);
-                io.write(at, &zeros[..n as usize])?;
-                at += n;
+            let kept = len / BLOCK as u64 * BLOCK as u64;
+            let grown = (|| {
+                let zeros = vec![0u8; 64 << 10];
+                let mut at = kept;
+                while at < capacity {
+                    let n = (capacity - at).min(zeros.len() as u64);
+                    io.write(at, &zeros[..n as usize])?;
+                    at += n;
+                }
+                io.sync_data()
+            })();
+            match grown {
+                Ok(()) => {}
+                Err(e) if kept > 0 && is_out_of_space(&e) => {
+                    tracing::warn!(
+                        bytes = kept,
+                        error = %e,
+                        "No room to grow the store journal: it keeps its present size (checkpoints come sooner)."
+                    );
+                    capacity = kept;
+                }
+                Err(e) => return Err(e),
             }
-            io.sync_data()?;
         }
         Ok(Journal {
             io,
@@ -115,14 +157,13 @@ impl Journal {
             id: 0,
             epoch: 0,
             offset: 0,
-            tail: Vec::new(),
             index: 0,
         })
     }
 
-    /// Bytes a frame of `changes` takes.
+    /// Bytes a frame of `changes` takes in the file, padding included.
     pub(crate) fn frame_len(changes: usize) -> u64 {
-        (HEADER + changes) as u64
+        (HEADER + changes).next_multiple_of(BLOCK) as u64
     }
 
     /// Whether a frame of `changes` fits in what is left of this epoch.
@@ -140,18 +181,11 @@ impl Journal {
     /// durable. On error nothing is acknowledged and the frame may be torn
     /// (replay stops at it).
     pub(crate) fn append(&mut self, changes: &[u8]) -> io::Result<()> {
-        let frame = encode_frame(self.id, self.epoch, self.index, changes);
-        let start = self.offset - self.tail.len() as u64;
-        let mut blocks =
-            Vec::with_capacity((self.tail.len() + frame.len()).next_multiple_of(BLOCK));
-        blocks.extend_from_slice(&self.tail);
-        blocks.extend_from_slice(&frame);
-        let tail = blocks[blocks.len() / BLOCK * BLOCK..].to_vec();
-        blocks.resize(blocks.len().next_multiple_of(BLOCK), 0);
-        self.io.write(start, &blocks)?;
+        let mut frame = encode_frame(self.id, self.epoch, self.index, changes);
+        frame.resize(frame.len().next_multiple_of(BLOCK), 0);
+        self.io.write(self.offset, &frame)?;
         self.io.sync_data()?;
         self.offset += frame.len() as u64;
-        self.tail = tail;
         self.index += 1;
         Ok(())
     }
@@ -160,21 +194,29 @@ impl Journal {
     pub(crate) fn start_next_epoch(&mut self) {
         self.epoch += 1;
         self.offset = 0;
-        self.tail.clear();
         self.index = 0;
     }
 
     /// The frames of `id` / `epoch` from the start of the file, up to the
     /// first that is missing, torn or of another epoch.
-    fn frames(&self, id: u64, epoch: u64) -> io::Result<Vec<Vec<u8>>> {
+    fn frames(&self, id: u64, epoch: u64) -> io::Result<Vec<Frame>> {
         let len = self.io.len()?.min(self.capacity);
         let mut all = vec![0u8; len as usize];
         self.io.read(0, &mut all)?;
         let mut out = Vec::new();
         let mut at = 0usize;
-        while let Some(changes) = decode_frame(&all[at..], id, epoch, out.len() as u64) {
+        while let Some((format, changes)) = all
+            .get(at..)
+            .and_then(|rest| decode_frame(rest, id, epoch, out.len() as u64))
+        {
             at += HEADER + changes.len();
-            out.push(changes.to_vec());
+            if format == Format::V2 {
+                at = at.next_multiple_of(BLOCK);
+            }
+            out.push(Frame {
+                format,
+                changes: changes.to_vec(),
+            });
         }
         Ok(out)
     }
@@ -259,6 +301,14 @@ impl StorageBackend for DirectFile {
     }
 }
 
+/// Whether `e` says the filesystem is out of space (or of quota).
+pub(crate) fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
 fn epoch_value(id: u64, epoch: u64) -> [u8; 16] {
     let mut v = [0u8; 16];
     v[..8].copy_from_slice(&id.to_le_bytes());
@@ -279,22 +329,42 @@ fn encode_frame(id: u64, epoch: u64, index: u64, changes: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// The changes of the frame at the start of `bytes`, if it is whole and is
-/// frame `index` of `id` / `epoch`.
-fn decode_frame(bytes: &[u8], id: u64, epoch: u64, index: u64) -> Option<&[u8]> {
+/// The format of a frame's changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// [`MAGIC_V1`]: kinds 1 and 2, `u32` lengths.
+    V1,
+    /// [`MAGIC`]: the four kinds, varint lengths.
+    V2,
+}
+
+/// A frame read back from the journal.
+struct Frame {
+    format: Format,
+    changes: Vec<u8>,
+}
+
+/// The format and changes of the frame at the start of `bytes`, if it is
+/// whole and is frame `index` of `id` / `epoch`.
+fn decode_frame(bytes: &[u8], id: u64, epoch: u64, index: u64) -> Option<(Format, &[u8])> {
     let u32_at = |i: usize| -> Option<u32> {
         Some(u32::from_le_bytes(bytes.get(i..i + 4)?.try_into().ok()?))
     };
     let u64_at = |i: usize| -> Option<u64> {
         Some(u64::from_le_bytes(bytes.get(i..i + 8)?.try_into().ok()?))
     };
-    if u32_at(0)? != MAGIC || u64_at(4)? != id || u64_at(12)? != epoch || u64_at(20)? != index {
+    let format = match u32_at(0)? {
+        MAGIC => Format::V2,
+        MAGIC_V1 => Format::V1,
+        _ => return None,
+    };
+    if u64_at(4)? != id || u64_at(12)? != epoch || u64_at(20)? != index {
         return None;
     }
     let len = u32_at(28)? as usize;
     let crc = u32_at(32)?;
     let changes = bytes.get(HEADER..HEADER.checked_add(len)?)?;
-    (crc32c(crc32c(0, &bytes[..32]), changes) == crc).then_some(changes)
+    (crc32c(crc32c(0, &bytes[..32]), changes) == crc).then_some((format, changes))
 }
 
 /// CRC-32C (Castagnoli), bit by bit through a 256-entry table built on
@@ -343,8 +413,8 @@ pub(crate) fn recover(db: &Database, journal: &mut Journal) -> Result<usize, red
     let frames = journal.frames(id, epoch)?;
     {
         let mut tables = Tables::open(&txn, &Changes::default())?;
-        for changes in &frames {
-            tables.apply(changes)?;
+        for frame in &frames {
+            tables.apply(frame)?;
         }
         tables
             .meta
@@ -357,7 +427,6 @@ pub(crate) fn recover(db: &Database, journal: &mut Journal) -> Result<usize, red
     journal.id = id;
     journal.epoch = epoch + 1;
     journal.offset = 0;
-    journal.tail.clear();
     journal.index = 0;
     if !frames.is_empty() {
         tracing::info!(
@@ -431,7 +500,121 @@ pub(crate) enum TableId {
 type Popped<'a, K, V> = (AccessGuard<'a, K>, AccessGuard<'a, V>);
 
 /// The changes of the batch being applied, shared by its tables.
-pub(crate) type Changes = Rc<RefCell<Vec<u8>>>;
+pub(crate) type Changes = Rc<RefCell<ChangeLog>>;
+
+/// A batch's changes, encoded as a frame holds them (see "Changes").
+#[derive(Debug, Default)]
+pub(crate) struct ChangeLog {
+    bytes: Vec<u8>,
+    /// The last change, when a run can continue it.
+    run: Option<Run>,
+}
+
+/// The last change of a [`ChangeLog`], of an 8-byte key.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    table: u8,
+    /// [`INSERT`] or [`REMOVE`].
+    kind: u8,
+    /// The last key of the run, as a little-endian `u64`.
+    key: u64,
+    /// Where the count of a [`REMOVE_RUN`] is, once there is one.
+    count_at: Option<usize>,
+}
+
+impl ChangeLog {
+    /// The encoded changes.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Appends one change (`value`: `None` for a remove).
+    fn push(&mut self, table: TableId, key: &[u8], value: Option<&[u8]>) {
+        let table = table as u8;
+        let key8 = <[u8; 8]>::try_from(key).ok().map(u64::from_le_bytes);
+        let kind = if value.is_some() { INSERT } else { REMOVE };
+        let follows = match (self.run, key8) {
+            (Some(run), Some(k)) => {
+                run.table == table && run.kind == kind && run.key.checked_add(1) == Some(k)
+            }
+            _ => false,
+        };
+        if let (true, Some(run), Some(k)) = (follows, self.run.as_mut(), key8) {
+            match value {
+                Some(value) => {
+                    self.bytes.extend_from_slice(&[table, INSERT_NEXT]);
+                    put_varint(&mut self.bytes, value.len());
+                    self.bytes.extend_from_slice(value);
+                    run.key = k;
+                    return;
+                }
+                None => {
+                    let count = match run.count_at {
+                        Some(at) => self
+                            .bytes
+                            .get(at..at + 4)
+                            .and_then(|b| b.try_into().ok())
+                            .map(u32::from_le_bytes),
+                        None => Some(0),
+                    };
+                    if let Some(count) = count.and_then(|c| c.checked_add(1)) {
+                        let at = match run.count_at {
+                            Some(at) => at,
+                            None => {
+                                self.bytes.extend_from_slice(&[table, REMOVE_RUN]);
+                                self.bytes.extend_from_slice(&[0; 4]);
+                                self.bytes.len() - 4
+                            }
+                        };
+                        self.bytes[at..at + 4].copy_from_slice(&count.to_le_bytes());
+                        run.count_at = Some(at);
+                        run.key = k;
+                        return;
+                    }
+                }
+            }
+        }
+        self.bytes.extend_from_slice(&[table, kind]);
+        put_varint(&mut self.bytes, key.len());
+        self.bytes.extend_from_slice(key);
+        if let Some(value) = value {
+            put_varint(&mut self.bytes, value.len());
+            self.bytes.extend_from_slice(value);
+        }
+        self.run = key8.map(|key| Run {
+            table,
+            kind,
+            key,
+            count_at: None,
+        });
+    }
+}
+
+/// Appends `n` as an unsigned LEB128 varint.
+fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Reads an unsigned LEB128 varint (at most 10 bytes) from the start of
+/// `bytes`: its value and the bytes after it.
+fn take_varint(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let mut n: u64 = 0;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        n |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        if b & 0x80 == 0 {
+            return Some((usize::try_from(n).ok()?, &bytes[i + 1..]));
+        }
+    }
+    None
+}
 
 /// A redb table of the writer's transaction that records every change it
 /// makes into the batch's [`Changes`]. Reads go to the table itself
@@ -459,7 +642,6 @@ impl<'t, K: Key + 'static, V: Value + 'static> Recorded<'t, K, V> {
         record(
             &self.changes,
             self.id,
-            INSERT,
             K::as_bytes(key.borrow()).as_ref(),
             Some(V::as_bytes(value.borrow()).as_ref()),
         );
@@ -476,7 +658,6 @@ impl<'t, K: Key + 'static, V: Value + 'static> Recorded<'t, K, V> {
             record(
                 &self.changes,
                 self.id,
-                REMOVE,
                 K::as_bytes(key.borrow()).as_ref(),
                 None,
             );
@@ -491,7 +672,6 @@ impl<'t, K: Key + 'static, V: Value + 'static> Recorded<'t, K, V> {
             record(
                 &self.changes,
                 self.id,
-                REMOVE,
                 K::as_bytes(&k.value()).as_ref(),
                 None,
             );
@@ -501,16 +681,8 @@ impl<'t, K: Key + 'static, V: Value + 'static> Recorded<'t, K, V> {
 }
 
 /// Appends one change to `changes`.
-fn record(changes: &Changes, table: TableId, kind: u8, key: &[u8], value: Option<&[u8]>) {
-    let mut c = changes.borrow_mut();
-    c.push(table as u8);
-    c.push(kind);
-    c.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    c.extend_from_slice(key);
-    if let Some(value) = value {
-        c.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        c.extend_from_slice(value);
-    }
+fn record(changes: &Changes, table: TableId, key: &[u8], value: Option<&[u8]>) {
+    changes.borrow_mut().push(table, key, value);
 }
 
 impl<'t, K: Key + 'static, V: Value + 'static> std::ops::Deref for Recorded<'t, K, V> {
@@ -561,30 +733,28 @@ impl<'t> Tables<'t> {
 
     /// Applies one frame's changes. A frame that does not parse was not
     /// written by this store (its CRC matched): refused as corruption.
-    fn apply(&mut self, mut changes: &[u8]) -> Result<(), redb::Error> {
-        let damaged = || redb::Error::Corrupted("store journal frame does not parse".into());
-        while !changes.is_empty() {
-            let (change, rest) = parse(changes).ok_or_else(damaged)?;
-            changes = rest;
-            match change.table {
-                1 => put(&mut self.log.table, &change)?,
-                2 => put(&mut self.cursors.table, &change)?,
-                3 => put(&mut self.dead.table, &change)?,
-                4 => put(&mut self.replays.table, &change)?,
-                5 => put(&mut self.retained.table, &change)?,
-                6 => put(&mut self.entries.table, &change)?,
-                7 => put(&mut self.refs.table, &change)?,
-                8 => put(&mut self.dedup.table, &change)?,
-                9 => put(&mut self.meta.table, &change)?,
-                10 => put(&mut self.queues.table, &change)?,
-                11 => put(&mut self.sessions.table, &change)?,
-                12 => put(&mut self.definitions.table, &change)?,
-                13 => put(&mut self.ages.table, &change)?,
-                _ => return Err(damaged()),
-            }
-        }
-        Ok(())
+    fn apply(&mut self, frame: &Frame) -> Result<(), redb::Error> {
+        for_each_change(frame.format, &frame.changes, |change| match change.table {
+            1 => put(&mut self.log.table, &change),
+            2 => put(&mut self.cursors.table, &change),
+            3 => put(&mut self.dead.table, &change),
+            4 => put(&mut self.replays.table, &change),
+            5 => put(&mut self.retained.table, &change),
+            6 => put(&mut self.entries.table, &change),
+            7 => put(&mut self.refs.table, &change),
+            8 => put(&mut self.dedup.table, &change),
+            9 => put(&mut self.meta.table, &change),
+            10 => put(&mut self.queues.table, &change),
+            11 => put(&mut self.sessions.table, &change),
+            12 => put(&mut self.definitions.table, &change),
+            13 => put(&mut self.ages.table, &change),
+            _ => Err(damaged()),
+        })
     }
+}
+
+fn damaged() -> redb::Error {
+    redb::Error::Corrupted("store journal frame does not parse".into())
 }
 
 struct Change<'a> {
@@ -594,37 +764,93 @@ struct Change<'a> {
     value: Option<&'a [u8]>,
 }
 
-fn parse(bytes: &[u8]) -> Option<(Change<'_>, &[u8])> {
-    let table = *bytes.first()?;
-    let kind = *bytes.get(1)?;
-    let take = |at: usize| -> Option<(&[u8], usize)> {
-        let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
-        let start = at + 4;
-        Some((bytes.get(start..start.checked_add(len)?)?, start + len))
-    };
-    let (key, end) = take(2)?;
-    match kind {
-        INSERT => {
-            let (value, end) = take(end)?;
-            Some((
-                Change {
-                    table,
-                    key,
-                    value: Some(value),
-                },
-                &bytes[end..],
-            ))
+/// The field at the start of `bytes` (a length, then that many bytes):
+/// the field and the bytes it took with its length.
+fn take_field(format: Format, bytes: &[u8]) -> Option<(&[u8], usize)> {
+    let (n, skip) = match format {
+        Format::V1 => (
+            u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        Format::V2 => {
+            let (n, rest) = take_varint(bytes)?;
+            (n, bytes.len() - rest.len())
         }
-        REMOVE => Some((
-            Change {
-                table,
-                key,
-                value: None,
-            },
-            &bytes[end..],
-        )),
-        _ => None,
+    };
+    let end = skip.checked_add(n)?;
+    Some((bytes.get(skip..end)?, end))
+}
+
+/// Calls `f` with every change of a frame's `changes`, in order, runs
+/// spelled out key by key.
+fn for_each_change(
+    format: Format,
+    mut bytes: &[u8],
+    mut f: impl FnMut(Change<'_>) -> Result<(), redb::Error>,
+) -> Result<(), redb::Error> {
+    let take = |bytes| take_field(format, bytes);
+    // The last change, when it has an 8-byte key: (table, kind, key).
+    let mut last: Option<(u8, u8, u64)> = None;
+    while !bytes.is_empty() {
+        let (&table, rest) = bytes.split_first().ok_or_else(damaged)?;
+        let (&kind, rest) = rest.split_first().ok_or_else(damaged)?;
+        let runs = format == Format::V2;
+        match kind {
+            INSERT | REMOVE => {
+                let (key, used) = take(rest).ok_or_else(damaged)?;
+                let mut rest = &rest[used..];
+                let value = if kind == INSERT {
+                    let (value, used) = take(rest).ok_or_else(damaged)?;
+                    rest = &rest[used..];
+                    Some(value)
+                } else {
+                    None
+                };
+                f(Change { table, key, value })?;
+                last = <[u8; 8]>::try_from(key)
+                    .ok()
+                    .map(|k| (table, kind, u64::from_le_bytes(k)));
+                bytes = rest;
+            }
+            INSERT_NEXT if runs => {
+                let key = match last {
+                    Some((t, INSERT, k)) if t == table => k.checked_add(1).ok_or_else(damaged)?,
+                    _ => return Err(damaged()),
+                };
+                let (value, used) = take(rest).ok_or_else(damaged)?;
+                f(Change {
+                    table,
+                    key: &key.to_le_bytes(),
+                    value: Some(value),
+                })?;
+                last = Some((table, INSERT, key));
+                bytes = &rest[used..];
+            }
+            REMOVE_RUN if runs => {
+                let first = match last {
+                    Some((t, REMOVE, k)) if t == table => k,
+                    _ => return Err(damaged()),
+                };
+                let count = rest
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_le_bytes)
+                    .ok_or_else(damaged)?;
+                let end = first.checked_add(u64::from(count)).ok_or_else(damaged)?;
+                for key in (first..end).map(|k| k + 1) {
+                    f(Change {
+                        table,
+                        key: &key.to_le_bytes(),
+                        value: None,
+                    })?;
+                }
+                last = Some((table, REMOVE, end));
+                bytes = &rest[4..];
+            }
+            _ => return Err(damaged()),
+        }
     }
+    Ok(())
 }
 
 fn put<K: Key + 'static, V: Value + 'static>(
@@ -657,7 +883,10 @@ mod tests {
     #[test]
     fn a_frame_decodes_only_whole_and_with_its_id_epoch_and_index() {
         let frame = encode_frame(7, 3, 2, b"changes");
-        assert_eq!(decode_frame(&frame, 7, 3, 2), Some(&b"changes"[..]));
+        assert_eq!(
+            decode_frame(&frame, 7, 3, 2),
+            Some((Format::V2, &b"changes"[..]))
+        );
         assert_eq!(decode_frame(&frame, 8, 3, 2), None, "another database");
         assert_eq!(decode_frame(&frame, 7, 4, 2), None, "another epoch");
         assert_eq!(decode_frame(&frame, 7, 3, 1), None, "out of order");
@@ -670,5 +899,214 @@ mod tests {
         let last = torn.len() - 1;
         torn[last] ^= 1;
         assert_eq!(decode_frame(&torn, 7, 3, 2), None, "torn");
+    }
+
+    /// Every change of `log`, spelled out.
+    fn spelled(format: Format, bytes: &[u8]) -> Vec<(u8, Vec<u8>, Option<Vec<u8>>)> {
+        let mut out = Vec::new();
+        for_each_change(format, bytes, |c| {
+            out.push((c.table, c.key.to_vec(), c.value.map(<[u8]>::to_vec)));
+            Ok(())
+        })
+        .expect("parses");
+        out
+    }
+
+    #[test]
+    fn runs_abbreviate_consecutive_keys_and_spell_out_as_written() {
+        let seq = |n: u64| n.to_le_bytes().to_vec();
+        let mut written: Vec<(TableId, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        // Appends 10..20 to the log, a cursor between, removes 10..15 and
+        // 17, a remove of 18 in another table, a string key of 8 bytes,
+        // a gap, and a run at u64::MAX (no key after it).
+        for k in 10..20 {
+            written.push((TableId::Log, seq(k), Some(vec![k as u8; 3])));
+        }
+        written.push((TableId::Cursors, b"up".to_vec(), Some(seq(15))));
+        for k in 10..15 {
+            written.push((TableId::Log, seq(k), None));
+        }
+        written.push((TableId::Log, seq(17), None));
+        written.push((TableId::Refs, seq(18), None));
+        written.push((TableId::Log, seq(19), None));
+        written.push((TableId::Sessions, b"client-1".to_vec(), Some(b"s".to_vec())));
+        written.push((TableId::Sessions, b"client-2".to_vec(), None));
+        written.push((TableId::Log, seq(u64::MAX - 1), Some(vec![])));
+        written.push((TableId::Log, seq(u64::MAX), Some(vec![1])));
+        written.push((TableId::Log, seq(u64::MAX - 1), None));
+        written.push((TableId::Log, seq(u64::MAX), None));
+        let mut log = ChangeLog::default();
+        for (table, key, value) in &written {
+            log.push(*table, key, value.as_deref());
+        }
+        let expected: Vec<_> = written
+            .iter()
+            .map(|(t, k, v)| (*t as u8, k.clone(), v.clone()))
+            .collect();
+        assert_eq!(spelled(Format::V2, log.as_bytes()), expected);
+        // A run costs a follow-on append 2 bytes and its value's length,
+        // a follow-on remove nothing.
+        let mut appends = ChangeLog::default();
+        for k in 10..20 {
+            appends.push(TableId::Log, &seq(k), Some(&[0; 3]));
+        }
+        assert_eq!(appends.len(), (2 + 1 + 8 + 1 + 3) + 9 * (2 + 1 + 3));
+        let mut removes = ChangeLog::default();
+        for k in 10..1000 {
+            removes.push(TableId::Log, &seq(k), None);
+        }
+        assert_eq!(removes.len(), (2 + 1 + 8) + (2 + 4));
+    }
+
+    #[test]
+    fn a_frame_of_the_first_format_is_still_read() {
+        // table 1, insert, u32 key length, key, u32 value length, value;
+        // then a remove of the same key.
+        let mut v1 = vec![1u8, INSERT];
+        v1.extend_from_slice(&8u32.to_le_bytes());
+        v1.extend_from_slice(&7u64.to_le_bytes());
+        v1.extend_from_slice(&2u32.to_le_bytes());
+        v1.extend_from_slice(b"hi");
+        v1.extend_from_slice(&[1u8, REMOVE]);
+        v1.extend_from_slice(&8u32.to_le_bytes());
+        v1.extend_from_slice(&7u64.to_le_bytes());
+        let mut frame = encode_frame(7, 3, 0, &v1);
+        frame[..4].copy_from_slice(&MAGIC_V1.to_le_bytes());
+        let crc = crc32c(crc32c(0, &frame[..32]), &v1);
+        frame[32..36].copy_from_slice(&crc.to_le_bytes());
+        let (format, changes) = decode_frame(&frame, 7, 3, 0).expect("whole");
+        assert_eq!(format, Format::V1);
+        assert_eq!(
+            spelled(format, changes),
+            vec![
+                (1, 7u64.to_le_bytes().to_vec(), Some(b"hi".to_vec())),
+                (1, 7u64.to_le_bytes().to_vec(), None)
+            ]
+        );
+        // A run in a first-format frame, or one with nothing to follow,
+        // does not parse.
+        let run = [1u8, REMOVE_RUN, 1, 0, 0, 0];
+        assert!(for_each_change(Format::V1, &run, |_| Ok(())).is_err());
+        assert!(for_each_change(Format::V2, &run, |_| Ok(())).is_err());
+        assert!(for_each_change(Format::V2, &[1u8, INSERT_NEXT, 0], |_| Ok(())).is_err());
+    }
+
+    #[test]
+    fn varints_round_trip_and_refuse_overlong_input() {
+        for n in [0usize, 1, 127, 128, 300, 16_383, 16_384, u32::MAX as usize] {
+            let mut out = Vec::new();
+            put_varint(&mut out, n);
+            out.push(0xee);
+            assert_eq!(take_varint(&out), Some((n, &[0xee][..])), "{n}");
+        }
+        assert_eq!(take_varint(&[0x80; 11]), None);
+        assert_eq!(take_varint(&[0x80]), None);
+    }
+
+    /// A journal file in memory that keeps every write's place.
+    #[derive(Debug, Default)]
+    struct Recording {
+        bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        writes: std::sync::Arc<std::sync::Mutex<Vec<(u64, usize)>>>,
+        /// Writes past this many bytes fail as a full disk.
+        room: Option<u64>,
+    }
+
+    impl StorageBackend for Recording {
+        fn len(&self) -> io::Result<u64> {
+            Ok(self.bytes.lock().unwrap().len() as u64)
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            let bytes = self.bytes.lock().unwrap();
+            out.copy_from_slice(&bytes[offset as usize..offset as usize + out.len()]);
+            Ok(())
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.bytes.lock().unwrap().resize(len as usize, 0);
+            Ok(())
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            if self
+                .room
+                .is_some_and(|room| offset + data.len() as u64 > room)
+            {
+                return Err(io::Error::from(io::ErrorKind::StorageFull));
+            }
+            let mut bytes = self.bytes.lock().unwrap();
+            let end = offset as usize + data.len();
+            if bytes.len() < end {
+                bytes.resize(end, 0);
+            }
+            bytes[offset as usize..end].copy_from_slice(data);
+            self.writes.lock().unwrap().push((offset, data.len()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn frames_start_on_blocks_and_no_write_touches_an_earlier_frame() {
+        let file = Recording::default();
+        let writes = std::sync::Arc::clone(&file.writes);
+        let mut journal = Journal::new(Box::new(file), 64 * BLOCK as u64).unwrap();
+        journal.id = 9;
+        journal.epoch = 1;
+        writes.lock().unwrap().clear(); // the zero fill
+        let frames: Vec<Vec<u8>> = vec![vec![1; 10], vec![2; BLOCK], vec![3; 3 * BLOCK + 5]];
+        for f in &frames {
+            assert!(journal.fits(f.len()));
+            journal.append(f).unwrap();
+        }
+        let writes = writes.lock().unwrap().clone();
+        let mut end = 0;
+        for (&(offset, len), f) in writes.iter().zip(&frames) {
+            assert_eq!(offset, end, "each frame is written after the last");
+            assert!(offset.is_multiple_of(BLOCK as u64) && len.is_multiple_of(BLOCK));
+            assert_eq!(len as u64, Journal::frame_len(f.len()));
+            end = offset + len as u64;
+        }
+        assert_eq!(journal.offset, end);
+        let read: Vec<Vec<u8>> = journal
+            .frames(9, 1)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.changes)
+            .collect();
+        assert_eq!(read, frames);
+        // What is left: 64 blocks less the 1 + 2 + 4 written.
+        assert!(journal.fits(57 * BLOCK - HEADER));
+        assert!(!journal.fits(57 * BLOCK - HEADER + 1));
+    }
+
+    #[test]
+    fn a_journal_that_cannot_grow_keeps_its_size_and_its_frames() {
+        // An older, smaller journal with a frame in it, on a full disk.
+        let small = Recording::default();
+        let written = std::sync::Arc::clone(&small.bytes);
+        let mut old = Journal::new(Box::new(small), 4 * BLOCK as u64).unwrap();
+        old.id = 5;
+        old.epoch = 2;
+        old.append(b"acknowledged").unwrap();
+        let bytes = written.lock().unwrap().clone();
+        let full = Recording {
+            bytes: std::sync::Arc::new(std::sync::Mutex::new(bytes)),
+            room: Some(4 * BLOCK as u64),
+            ..Recording::default()
+        };
+        let journal = Journal::new(Box::new(full), 64 * BLOCK as u64).unwrap();
+        assert_eq!(journal.capacity, 4 * BLOCK as u64);
+        let frames = journal.frames(5, 2).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].changes, b"acknowledged");
+        // A new journal with no room at all is refused (the store then
+        // runs without one: nothing was ever written to it).
+        let empty = Recording {
+            room: Some(0),
+            ..Recording::default()
+        };
+        let refused = Journal::new(Box::new(empty), 64 * BLOCK as u64).unwrap_err();
+        assert!(is_out_of_space(&refused), "{refused}");
     }
 }

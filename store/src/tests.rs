@@ -1124,7 +1124,10 @@ async fn long_churn_keeps_the_file_bounded_and_a_mostly_free_file_is_compacted_a
         }
         largest = largest.max(len());
     }
-    let bound = 2 * peak_live + (4 << 20);
+    // Pages freed while an epoch runs are reused once its checkpoint has
+    // committed: the file's slack is bounded by what one journal's worth of
+    // batches frees.
+    let bound = 2 * peak_live + crate::JOURNAL_BYTES + (4 << 20);
     assert!(
         largest <= bound,
         "file grew to {largest} bytes over {CYCLES} cycles of {peak_live} live bytes (bound {bound})"

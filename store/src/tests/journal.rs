@@ -8,11 +8,11 @@ use super::disk::{Disk, Kept};
 use super::{number, options, record};
 use crate::{Seq, Store, StoreOptions};
 
-/// A journal this small makes a checkpoint every ~20 appends (a frame of
-/// one 48-byte record is ~170 bytes: header, the record, the figures), so
-/// a run of 60 crosses every step several times: frame, checkpoint (fold),
-/// next epoch overwriting the last.
-const SMALL_JOURNAL: u64 = 4096;
+/// A journal this small holds 8 frames (each takes a block of its own), so
+/// every 9th batch is a checkpoint and a run of 60 crosses every step
+/// several times: frame, checkpoint (fold), next epoch overwriting the
+/// last.
+const SMALL_JOURNAL: u64 = 8 * 4096;
 
 fn open(db: &Disk, journal: &Disk, capacity: u64, opts: StoreOptions) -> Store {
     Store::open_with_journal(

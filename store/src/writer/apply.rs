@@ -88,7 +88,7 @@ impl Writer {
         match self.journal.as_mut() {
             Some(journal) if checkpoint.is_none() => {
                 txn.set_durability(Durability::None)?;
-                if let Err(e) = journal.append(&changes.borrow()) {
+                if let Err(e) = journal.append(changes.borrow().as_bytes()) {
                     // Dropping the transaction rolls it back.
                     return Err(redb::Error::Io(std::io::Error::other(format!(
                         "store journal: {e}"

@@ -265,10 +265,20 @@ async fn a_killed_gateway_whose_store_lost_a_page_forwards_the_rest_after_restar
         let topic = topic.clone();
         move |i| (topic.clone(), payload("killed", i))
     };
+    // The first half, then a clean stop: its checkpoint folds them into
+    // the file. The second half is in the journal only when the kill comes.
+    const HALF: u64 = KILLED / 2;
     let report = Publisher::new(gw.mqtt_addr(), &unique("dev"))
-        .run(KILLED, LONG, publish)
+        .run(HALF, LONG, publish.clone())
         .await;
-    assert!(report.all_acked(KILLED), "publisher: {report:?}");
+    assert!(report.all_acked(HALF), "publisher: {report:?}");
+    let status = gw.terminate(LONG).await?;
+    anyhow::ensure!(status.success(), "the gateway's clean stop: {status}");
+    gw.restart().await?;
+    let report = Publisher::new(gw.mqtt_addr(), &unique("dev"))
+        .run(HALF, LONG, move |i| publish(HALF + i))
+        .await;
+    assert!(report.all_acked(HALF), "publisher: {report:?}");
     gw.kill().await?;
 
     // A message the checkpoints folded into the file (not only in the
