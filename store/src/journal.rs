@@ -138,6 +138,12 @@ impl Journal {
                 }
                 io.sync_data()
             })();
+            if grown.is_err() {
+                // Give back what the partial fill took (best effort): the
+                // database may need it, and the next open must see the
+                // journal's own length again.
+                let _ = io.set_len(len);
+            }
             match grown {
                 Ok(()) => {}
                 Err(e) if kept > 0 && is_out_of_space(&e) => {
@@ -1060,6 +1066,7 @@ mod tests {
             journal.append(f).unwrap();
         }
         let writes = writes.lock().unwrap().clone();
+        assert_eq!(writes.len(), frames.len(), "one write per frame");
         let mut end = 0;
         for (&(offset, len), f) in writes.iter().zip(&frames) {
             assert_eq!(offset, end, "each frame is written after the last");
@@ -1108,5 +1115,91 @@ mod tests {
         };
         let refused = Journal::new(Box::new(empty), 64 * BLOCK as u64).unwrap_err();
         assert!(is_out_of_space(&refused), "{refused}");
+        // A fill that gets part of the way gives the space back.
+        // (It writes 64 KiB at a time: the first write fits, the second not.)
+        let partial = Recording {
+            room: Some(20 * BLOCK as u64),
+            ..Recording::default()
+        };
+        let bytes = std::sync::Arc::clone(&partial.bytes);
+        let writes = std::sync::Arc::clone(&partial.writes);
+        assert!(Journal::new(Box::new(partial), 64 * BLOCK as u64).is_err());
+        assert_eq!(
+            writes.lock().unwrap().len(),
+            1,
+            "part of the fill was written"
+        );
+        assert_eq!(
+            bytes.lock().unwrap().len(),
+            0,
+            "the partial fill is released"
+        );
+    }
+
+    #[test]
+    fn packed_frames_of_the_first_format_are_walked_in_order() {
+        // Two first-format frames back to back, as an older gateway wrote
+        // them (no padding), then zeros.
+        let v1_frame = |index: u64, key: u64| {
+            let mut changes = vec![1u8, INSERT];
+            changes.extend_from_slice(&8u32.to_le_bytes());
+            changes.extend_from_slice(&key.to_le_bytes());
+            changes.extend_from_slice(&1u32.to_le_bytes());
+            changes.push(key as u8);
+            let mut frame = encode_frame(4, 8, index, &changes);
+            frame[..4].copy_from_slice(&MAGIC_V1.to_le_bytes());
+            let crc = crc32c(crc32c(0, &frame[..32]), &changes);
+            frame[32..36].copy_from_slice(&crc.to_le_bytes());
+            frame
+        };
+        let mut bytes = v1_frame(0, 10);
+        bytes.extend(v1_frame(1, 11));
+        bytes.resize(4 * BLOCK, 0);
+        let file = Recording {
+            bytes: std::sync::Arc::new(std::sync::Mutex::new(bytes)),
+            ..Recording::default()
+        };
+        let journal = Journal::new(Box::new(file), 4 * BLOCK as u64).unwrap();
+        let frames = journal.frames(4, 8).unwrap();
+        let keys: Vec<_> = frames
+            .iter()
+            .flat_map(|f| {
+                assert_eq!(f.format, Format::V1);
+                spelled(f.format, &f.changes)
+            })
+            .map(|(_, key, value)| (key, value))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                (10u64.to_le_bytes().to_vec(), Some(vec![10])),
+                (11u64.to_le_bytes().to_vec(), Some(vec![11]))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_run_at_the_last_key_neither_wraps_nor_panics() {
+        // A remove of u64::MAX, then a run of 0 after it: nothing more;
+        // a run of 1 after it would wrap, and does not parse.
+        let mut bytes = vec![1u8, REMOVE, 8];
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        let mut empty_run = bytes.clone();
+        empty_run.extend_from_slice(&[1, REMOVE_RUN, 0, 0, 0, 0]);
+        assert_eq!(spelled(Format::V2, &empty_run).len(), 1);
+        let mut wrapping = bytes;
+        wrapping.extend_from_slice(&[1, REMOVE_RUN, 1, 0, 0, 0]);
+        assert!(for_each_change(Format::V2, &wrapping, |_| Ok(())).is_err());
+        // And the writer starts a new change rather than wrap.
+        let mut log = ChangeLog::default();
+        log.push(TableId::Log, &u64::MAX.to_le_bytes(), None);
+        log.push(TableId::Log, &0u64.to_le_bytes(), None);
+        assert_eq!(
+            spelled(Format::V2, log.as_bytes()),
+            vec![
+                (1, u64::MAX.to_le_bytes().to_vec(), None),
+                (1, 0u64.to_le_bytes().to_vec(), None)
+            ]
+        );
     }
 }

@@ -121,7 +121,7 @@
 //! forwarded and retired within an epoch are never written to the database
 //! file at all (their pages are freed before the checkpoint writes them):
 //! a burst forwarded as it arrives costs ~1.2× its encoded records,
-//! ~1.9× the payload of a 100-byte message (`benches/RESULTS.md`). A
+//! ~1.96× the payload of a 100-byte message (`benches/RESULTS.md`). A
 //! backlog (the upstream away) is written twice, once to the journal and
 //! once to the database at the checkpoint, ~2.2× its records: writing it
 //! once would need the log to live in the journal's own segments beside
