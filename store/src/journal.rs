@@ -138,23 +138,20 @@ impl Journal {
                 }
                 io.sync_data()
             })();
-            if grown.is_err() {
+            if let Err(e) = grown {
                 // Give back what the partial fill took (best effort): the
                 // database may need it, and the next open must see the
                 // journal's own length again.
                 let _ = io.set_len(len);
-            }
-            match grown {
-                Ok(()) => {}
-                Err(e) if kept > 0 && is_out_of_space(&e) => {
-                    tracing::warn!(
-                        bytes = kept,
-                        error = %e,
-                        "No room to grow the store journal: it keeps its present size (checkpoints come sooner)."
-                    );
-                    capacity = kept;
+                if kept == 0 || !crate::space::is_io_no_space(&e) {
+                    return Err(e);
                 }
-                Err(e) => return Err(e),
+                tracing::warn!(
+                    bytes = kept,
+                    error = %e,
+                    "No room to grow the store journal: it keeps its present size (checkpoints come sooner)."
+                );
+                capacity = kept;
             }
         }
         Ok(Journal {
@@ -305,14 +302,6 @@ impl StorageBackend for DirectFile {
         self.file
             .write_all_at(&buf[start..start + data.len()], offset)
     }
-}
-
-/// Whether `e` says the filesystem is out of space (or of quota).
-pub(crate) fn is_out_of_space(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-    )
 }
 
 fn epoch_value(id: u64, epoch: u64) -> [u8; 16] {
@@ -524,7 +513,9 @@ struct Run {
     kind: u8,
     /// The last key of the run, as a little-endian `u64`.
     key: u64,
-    /// Where the count of a [`REMOVE_RUN`] is, once there is one.
+    /// The keys a [`REMOVE_RUN`] after the first remove covers, and where
+    /// its count is written, once there is one.
+    count: u32,
     count_at: Option<usize>,
 }
 
@@ -543,13 +534,11 @@ impl ChangeLog {
         let table = table as u8;
         let key8 = <[u8; 8]>::try_from(key).ok().map(u64::from_le_bytes);
         let kind = if value.is_some() { INSERT } else { REMOVE };
-        let follows = match (self.run, key8) {
-            (Some(run), Some(k)) => {
-                run.table == table && run.kind == kind && run.key.checked_add(1) == Some(k)
-            }
-            _ => false,
-        };
-        if let (true, Some(run), Some(k)) = (follows, self.run.as_mut(), key8) {
+        if let (Some(run), Some(k)) = (self.run.as_mut(), key8)
+            && run.table == table
+            && run.kind == kind
+            && run.key.checked_add(1) == Some(k)
+        {
             match value {
                 Some(value) => {
                     self.bytes.extend_from_slice(&[table, INSERT_NEXT]);
@@ -558,30 +547,19 @@ impl ChangeLog {
                     run.key = k;
                     return;
                 }
-                None => {
-                    let count = match run.count_at {
-                        Some(at) => self
-                            .bytes
-                            .get(at..at + 4)
-                            .and_then(|b| b.try_into().ok())
-                            .map(u32::from_le_bytes),
-                        None => Some(0),
-                    };
-                    if let Some(count) = count.and_then(|c| c.checked_add(1)) {
-                        let at = match run.count_at {
-                            Some(at) => at,
-                            None => {
-                                self.bytes.extend_from_slice(&[table, REMOVE_RUN]);
-                                self.bytes.extend_from_slice(&[0; 4]);
-                                self.bytes.len() - 4
-                            }
-                        };
-                        self.bytes[at..at + 4].copy_from_slice(&count.to_le_bytes());
-                        run.count_at = Some(at);
-                        run.key = k;
-                        return;
-                    }
+                None if run.count < u32::MAX => {
+                    let at = *run.count_at.get_or_insert_with(|| {
+                        self.bytes
+                            .extend_from_slice(&[table, REMOVE_RUN, 0, 0, 0, 0]);
+                        self.bytes.len() - 4
+                    });
+                    run.count += 1;
+                    self.bytes[at..at + 4].copy_from_slice(&run.count.to_le_bytes());
+                    run.key = k;
+                    return;
                 }
+                // A full run: a plain remove starts the next.
+                None => {}
             }
         }
         self.bytes.extend_from_slice(&[table, kind]);
@@ -595,6 +573,7 @@ impl ChangeLog {
             table,
             kind,
             key,
+            count: 0,
             count_at: None,
         });
     }
@@ -771,20 +750,16 @@ struct Change<'a> {
 }
 
 /// The field at the start of `bytes` (a length, then that many bytes):
-/// the field and the bytes it took with its length.
-fn take_field(format: Format, bytes: &[u8]) -> Option<(&[u8], usize)> {
-    let (n, skip) = match format {
+/// the field and the bytes after it.
+fn take_field(format: Format, bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (n, rest) = match format {
         Format::V1 => (
             u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize,
-            4,
+            bytes.get(4..)?,
         ),
-        Format::V2 => {
-            let (n, rest) = take_varint(bytes)?;
-            (n, bytes.len() - rest.len())
-        }
+        Format::V2 => take_varint(bytes)?,
     };
-    let end = skip.checked_add(n)?;
-    Some((bytes.get(skip..end)?, end))
+    (n <= rest.len()).then(|| rest.split_at(n))
 }
 
 /// Calls `f` with every change of a frame's `changes`, in order, runs
@@ -794,20 +769,19 @@ fn for_each_change(
     mut bytes: &[u8],
     mut f: impl FnMut(Change<'_>) -> Result<(), redb::Error>,
 ) -> Result<(), redb::Error> {
-    let take = |bytes| take_field(format, bytes);
+    let take = |bytes| take_field(format, bytes).ok_or_else(damaged);
+    let runs = format == Format::V2;
     // The last change, when it has an 8-byte key: (table, kind, key).
     let mut last: Option<(u8, u8, u64)> = None;
     while !bytes.is_empty() {
         let (&table, rest) = bytes.split_first().ok_or_else(damaged)?;
         let (&kind, rest) = rest.split_first().ok_or_else(damaged)?;
-        let runs = format == Format::V2;
         match kind {
             INSERT | REMOVE => {
-                let (key, used) = take(rest).ok_or_else(damaged)?;
-                let mut rest = &rest[used..];
+                let (key, mut rest) = take(rest)?;
                 let value = if kind == INSERT {
-                    let (value, used) = take(rest).ok_or_else(damaged)?;
-                    rest = &rest[used..];
+                    let (value, after) = take(rest)?;
+                    rest = after;
                     Some(value)
                 } else {
                     None
@@ -823,14 +797,14 @@ fn for_each_change(
                     Some((t, INSERT, k)) if t == table => k.checked_add(1).ok_or_else(damaged)?,
                     _ => return Err(damaged()),
                 };
-                let (value, used) = take(rest).ok_or_else(damaged)?;
+                let (value, rest) = take(rest)?;
                 f(Change {
                     table,
                     key: &key.to_le_bytes(),
                     value: Some(value),
                 })?;
                 last = Some((table, INSERT, key));
-                bytes = &rest[used..];
+                bytes = rest;
             }
             REMOVE_RUN if runs => {
                 let first = match last {
@@ -1114,7 +1088,7 @@ mod tests {
             ..Recording::default()
         };
         let refused = Journal::new(Box::new(empty), 64 * BLOCK as u64).unwrap_err();
-        assert!(is_out_of_space(&refused), "{refused}");
+        assert!(crate::space::is_io_no_space(&refused), "{refused}");
         // A fill that gets part of the way gives the space back.
         // (It writes 64 KiB at a time: the first write fits, the second not.)
         let partial = Recording {

@@ -1344,7 +1344,7 @@ fn open_journal(path: &Path) -> Result<Option<journal::Journal>, OpenError> {
     };
     match open() {
         Ok(j) => Ok(Some(j)),
-        Err(error) if journal::is_out_of_space(&error) => {
+        Err(error) if space::is_io_no_space(&error) => {
             tracing::warn!(path = %path.display(), %error,
                 "No room for the store journal: every group commit is a durable database commit (more bytes written per message).");
             Ok(None)

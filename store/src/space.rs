@@ -26,15 +26,15 @@ pub(crate) fn available(dir: &Path) -> io::Result<u64> {
 
 /// Whether `e` says the filesystem (or the user's disk quota) is full.
 pub(crate) fn is_no_space(e: &redb::Error) -> bool {
-    match e {
-        redb::Error::Io(io) => {
-            matches!(
-                io.kind(),
-                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-            )
-        }
-        _ => false,
-    }
+    matches!(e, redb::Error::Io(io) if is_io_no_space(io))
+}
+
+/// Whether an I/O error says the filesystem (or the quota) is full.
+pub(crate) fn is_io_no_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// At open: warns when `max_bytes` is more than the filesystem can hold
